@@ -1,0 +1,153 @@
+"""d2seg's configuration: one ``add_d2seg_config`` adding every key, and ``get_cfg``.
+
+Config files may inherit detectron2's model-zoo configs without copying them::
+
+    _BASE_: "zoo://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+
+``zoo://`` resolves to the config files shipped inside the installed detectron2 package
+(``detectron2/model_zoo/configs``), so d2seg configs follow whatever detectron2 version is
+installed. Only configs loaded through :func:`d2seg.config.get_cfg` understand the prefix.
+"""
+from __future__ import annotations
+
+import os
+from typing import IO
+
+from detectron2.config import CfgNode as _D2CfgNode
+from detectron2.config import get_cfg as _d2_get_cfg
+
+__all__ = ["CfgNode", "add_d2seg_config", "get_cfg", "ZOO_PREFIX"]
+
+ZOO_PREFIX = "zoo://"
+
+
+class CfgNode(_D2CfgNode):
+    """detectron2's CfgNode that also resolves ``_BASE_: "zoo://<path in the model zoo>"``."""
+
+    @classmethod
+    def _open_cfg(cls, filename: str) -> IO[str]:
+        # fvcore joins a relative _BASE_ with the including file's folder, so a zoo base arrives
+        # as "<folder>/zoo://COCO-.../x.yaml" and a base *inside* the zoo file as
+        # "<folder>/zoo://COCO-.../../Base-RCNN-FPN.yaml": both resolve below.
+        if ZOO_PREFIX in str(filename):
+            from detectron2 import model_zoo
+
+            rel = os.path.normpath(str(filename).split(ZOO_PREFIX, 1)[1])
+            try:
+                filename = model_zoo.get_config_file(rel)
+            except RuntimeError as e:
+                raise FileNotFoundError(
+                    f"_BASE_ '{ZOO_PREFIX}{rel}' is not a config of the installed detectron2 "
+                    f"model zoo: {e}"
+                ) from e
+        return super()._open_cfg(filename)
+
+
+def add_d2seg_config(cfg: _D2CfgNode) -> None:
+    """Add every d2seg config key, with its default, to ``cfg`` (in place).
+
+    Idempotent: calling it twice leaves ``cfg`` unchanged the second time.
+    """
+    if "D2SEG" in cfg:
+        return
+    CN = type(cfg)  # children of the same class, so that yaml merges type-check
+    cfg.D2SEG = CN()
+
+    # --- synthetic "shapes" catalogs (d2seg/data/shapes.py) -------------------------------
+    # The six shapes_* datasets are (re-)registered from these values by train_net's setup().
+    cfg.D2SEG.SHAPES = CN()
+    cfg.D2SEG.SHAPES.NUM_TRAIN = 1000
+    cfg.D2SEG.SHAPES.NUM_VAL = 100
+    cfg.D2SEG.SHAPES.IMAGE_SIZE = 256
+    cfg.D2SEG.SHAPES.MAX_OBJECTS = 6
+    cfg.D2SEG.SHAPES.SEED = 0
+
+    # --- data loading ------------------------------------------------------------------------
+    # "" = detectron2's DatasetMapper; "sem_seg" = d2seg.data.SemSegDatasetMapper.
+    cfg.INPUT.DATASET_MAPPER_NAME = ""
+
+    # --- training -----------------------------------------------------------------------------
+    # Number of validation images visualized (prediction beside ground truth) after evaluation.
+    cfg.TEST.NUM_VIS = 0
+
+    # --- semantic segmentation (d2seg/modeling) ---------------------------------------------
+    # Documented in docs/semantic.md. detectron2's DeepLab keys (MODEL.SEM_SEG_HEAD.ASPP_*,
+    # PROJECT_FEATURES/CHANNELS, MODEL.RESNETS.RES4_DILATION/RES5_MULTI_GRID/STEM_TYPE,
+    # INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ...) are reused as they are.
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    add_deeplab_config(cfg)
+    cfg.MODEL.RESNETS.STEM_TYPE = "basic"  # detectron2's default stem unless a config says so
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"  # only read by detectron2's DeepLab heads
+    # DeepLab / ASPP: image-level pooling branch on or off (rates: SEM_SEG_HEAD.ASPP_DILATIONS).
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_IMAGE_POOLING = True
+    # Inputs are padded to a multiple of this; -1 = the backbone's size_divisibility, or 32
+    # when the backbone reports none. Outputs are cropped back to the input size.
+    cfg.MODEL.SEM_SEG_HEAD.SIZE_DIVISIBILITY = -1
+
+    # U-Net (meta-architecture "UNet"; backbone "build_unet_backbone" or any detectron2 one).
+    cfg.MODEL.UNET = CN()
+    cfg.MODEL.UNET.DEPTH = 4  # down-sampling levels
+    cfg.MODEL.UNET.BASE_CHANNELS = 64  # channels of the first level, doubled per level
+    cfg.MODEL.UNET.NORM = "BN"  # "", "BN", "GN", "SyncBN", ... (detectron2's get_norm)
+    cfg.MODEL.UNET.CONV_BIAS = True  # bias in the 3x3 convs even with a norm (classic U-Net)
+    cfg.MODEL.UNET.UPSAMPLE = "transposed"  # "transposed" or "bilinear" (+ 1x1 conv)
+    # Encoder features the decoder uses, shallow to deep; [] = all of the backbone's outputs.
+    cfg.MODEL.UNET.IN_FEATURES = []
+    # Output channels of each decoder stage, deep to shallow; [] = the skip feature's channels.
+    cfg.MODEL.UNET.DECODER_CHANNELS = []
+
+    # PSPNet (meta-architecture "PSPNet").
+    cfg.MODEL.PSP = CN()
+    cfg.MODEL.PSP.IN_FEATURE = "res5"
+    cfg.MODEL.PSP.BINS = [1, 2, 3, 6]
+    cfg.MODEL.PSP.POOL_CHANNELS = 512  # channels of each pyramid branch
+    cfg.MODEL.PSP.CONVS_DIM = 512  # channels of the 3x3 conv after the pyramid concat
+    cfg.MODEL.PSP.DROPOUT = 0.1
+    cfg.MODEL.PSP.AUX_IN_FEATURE = "res4"  # "" disables the auxiliary head
+    cfg.MODEL.PSP.AUX_CONVS_DIM = 256
+    cfg.MODEL.PSP.AUX_LOSS_WEIGHT = 0.4
+
+    # Losses of every d2seg head (and of "SemSegFPNLossHead"): sum of WEIGHTS[i] * NAMES[i].
+    # Names: "CE" (class-weighted cross-entropy; binary: BCE), "BCE" (binary only), "Dice",
+    # "Focal", "Tversky". One output channel (SEM_SEG_HEAD.NUM_CLASSES = 1) = binary/sigmoid.
+    cfg.MODEL.SEM_SEG_LOSS = CN()
+    cfg.MODEL.SEM_SEG_LOSS.NAMES = ["CE"]
+    cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = [1.0]
+    cfg.MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS = []  # CE weight per class ([bg, fg] if binary); []=1
+    cfg.MODEL.SEM_SEG_LOSS.SMOOTH = 1.0  # Dice / Tversky smoothing
+    cfg.MODEL.SEM_SEG_LOSS.FOCAL_GAMMA = 2.0
+    cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = []  # [] none; [a] binary positive weight; [a_c] per class
+    cfg.MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA = 0.3  # weight of false positives
+    cfg.MODEL.SEM_SEG_LOSS.TVERSKY_BETA = 0.7  # weight of false negatives
+
+    # Post-processing at inference (d2seg meta-architectures). Applied at the original size;
+    # "sem_seg" then holds the one-hot post-processed map, "sem_seg_logits" the raw logits.
+    cfg.MODEL.SEM_SEG_POSTPROCESS = CN()
+    cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = False
+    cfg.MODEL.SEM_SEG_POSTPROCESS.THRESHOLD = 0.5  # foreground prob. (1 or 2 classes only)
+    cfg.MODEL.SEM_SEG_POSTPROCESS.OPEN_KERNEL = 0  # 0 = off; else odd kernel side
+    cfg.MODEL.SEM_SEG_POSTPROCESS.CLOSE_KERNEL = 0
+    cfg.MODEL.SEM_SEG_POSTPROCESS.MIN_AREA = 0  # remove components smaller than N pixels
+    cfg.MODEL.SEM_SEG_POSTPROCESS.KEEP_LARGEST = False
+    cfg.MODEL.SEM_SEG_POSTPROCESS.CLASSES = []  # classes the ops apply to; [] = all but BACKGROUND
+    cfg.MODEL.SEM_SEG_POSTPROCESS.BACKGROUND = 0  # class given to removed pixels
+
+    # d2seg.data.sem_seg_mapper.SemSegDatasetMapper (INPUT.DATASET_MAPPER_NAME = "sem_seg").
+    # INPUT.RANDOM_FLIP also accepts "both" (independent horizontal and vertical flips).
+    cfg.INPUT.RANDOM_ROT90 = False  # random multiples of 90 degrees (square crops advised)
+    cfg.INPUT.FG_CROP = CN()
+    cfg.INPUT.FG_CROP.ENABLED = False  # needs INPUT.CROP.ENABLED
+    cfg.INPUT.FG_CROP.PROB = 0.5  # share of crops centred on a foreground pixel
+    cfg.INPUT.FG_CROP.CLASSES = []  # foreground classes; [] = every class but 0 and ignore
+    # DATALOADER.SAMPLER_TRAIN = "SemSegRepeatFactorTrainingSampler": repeat factors from the
+    # share of images containing each class (LVIS rule, DATALOADER.REPEAT_THRESHOLD); a class
+    # counts as present in an image from this many pixels on.
+    cfg.DATALOADER.SEM_SEG_REPEAT_MIN_PIXELS = 1
+
+
+def get_cfg() -> CfgNode:
+    """detectron2's default config plus every d2seg key, as a ``zoo://``-aware CfgNode."""
+    cfg = CfgNode(_d2_get_cfg())
+    add_d2seg_config(cfg)
+    return cfg

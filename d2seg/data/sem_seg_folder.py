@@ -1,0 +1,149 @@
+"""Semantic segmentation datasets stored as an image folder plus a mask folder.
+
+Masks are matched to images by file stem (``img/12.png`` <-> ``mask/12.png``). When the raw
+mask values are not already class ids (e.g. 0/255 masks), ``label_map`` remaps them: the
+remapped masks are written once into a cache folder (keyed by a hash of the inputs) so that
+every detectron2 component (``DatasetMapper``, ``SemSegEvaluator``) reads class ids directly.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_sem_seg_folder", "register_sem_seg_folder"]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _list_by_stem(folder: str) -> Dict[str, str]:
+    out = {}
+    for p in sorted(glob.glob(os.path.join(folder, "*"))):
+        stem, ext = os.path.splitext(os.path.basename(p))
+        if ext.lower() in IMAGE_EXTS:
+            out[stem] = p
+    return out
+
+
+def _remap_cache_dir(mask_files: List[str], label_map: Dict[int, int], ignore_label: int) -> str:
+    h = hashlib.sha1()
+    for p in mask_files:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(sorted(label_map.items())).encode())
+    h.update(str(ignore_label).encode())
+    root = os.environ.get("D2SEG_DATASETS") or os.path.join(
+        os.path.expanduser("~"), ".cache", "d2seg"
+    )
+    return os.path.join(root, "remapped_masks", h.hexdigest()[:16])
+
+
+def _remap_masks(mask_files: List[str], label_map: Dict[int, int], ignore_label: int) -> List[str]:
+    """Write remapped copies of ``mask_files`` (raw value -> class id; unmapped -> ignore)."""
+    out_dir = _remap_cache_dir(mask_files, label_map, ignore_label)
+    outs = [os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")
+            for p in mask_files]
+    if os.path.isfile(os.path.join(out_dir, "done")):
+        return outs
+    lut = np.full(256, ignore_label, np.uint8)
+    for raw, cls in label_map.items():
+        lut[int(raw)] = int(cls)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".remap-", dir=os.path.dirname(out_dir))
+    try:
+        for src, dst in zip(mask_files, outs):
+            m = np.asarray(Image.open(src))
+            if m.ndim == 3:
+                m = m[..., 0]
+            if m.dtype != np.uint8:
+                raise ValueError(f"{src}: mask dtype {m.dtype} is not 8-bit; cannot remap")
+            Image.fromarray(lut[m]).save(os.path.join(tmp, os.path.basename(dst)))
+        open(os.path.join(tmp, "done"), "w").close()
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return outs
+
+
+def load_sem_seg_folder(
+    image_dir: str,
+    mask_dir: str,
+    label_map: Optional[Dict[int, int]] = None,
+    ignore_label: int = 255,
+    stems: Optional[Sequence[str]] = None,
+) -> List[dict]:
+    """Dataset dicts (``file_name``, ``sem_seg_file_name``, ``height``, ``width``, ``image_id``).
+
+    Args:
+        image_dir, mask_dir: folders; files are paired by stem.
+        label_map: raw mask value -> class id; values absent from it become ``ignore_label``.
+            None: mask values are class ids already.
+        stems: keep only these stems, in this order (e.g. a train/val split).
+    """
+    images, masks = _list_by_stem(image_dir), _list_by_stem(mask_dir)
+    if not images:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
+    if stems is None:
+        stems = [s for s in images if s in masks]
+        missing = sorted(set(images) - set(masks))
+        if missing:
+            logger.warning(f"{len(missing)} images in {image_dir} have no mask in {mask_dir}, "
+                           f"e.g. {missing[:3]}; they are left out")
+    else:
+        stems = [str(s) for s in stems]
+        for s in stems:
+            if s not in images or s not in masks:
+                raise FileNotFoundError(f"'{s}': image or mask missing in {image_dir} / {mask_dir}")
+    mask_files = [masks[s] for s in stems]
+    if label_map:
+        mask_files = _remap_masks(mask_files, label_map, ignore_label)
+    dicts = []
+    for i, (s, m) in enumerate(zip(stems, mask_files)):
+        with Image.open(images[s]) as im:
+            w, h = im.size
+        dicts.append({"file_name": images[s], "sem_seg_file_name": m, "height": h, "width": w,
+                      "image_id": s})
+    return dicts
+
+
+def register_sem_seg_folder(
+    name: str,
+    image_dir: str,
+    mask_dir: str,
+    classes: Sequence[str],
+    ignore_label: int = 255,
+    label_map: Optional[Dict[int, int]] = None,
+    stems: Optional[Sequence[str]] = None,
+    colors: Optional[Sequence[Sequence[int]]] = None,
+) -> None:
+    """Register a mask-folder dataset under ``name`` (``evaluator_type="sem_seg"``)."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(
+        name, lambda: load_sem_seg_folder(image_dir, mask_dir, label_map, ignore_label, stems)
+    )
+    meta = dict(
+        stuff_classes=list(classes),
+        ignore_label=ignore_label,
+        image_root=image_dir,
+        sem_seg_root=mask_dir,
+        evaluator_type="sem_seg",
+    )
+    if colors is not None:
+        meta["stuff_colors"] = [tuple(c) for c in colors]
+    MetadataCatalog.get(name).set(**meta)

@@ -1,0 +1,98 @@
+"""What ``tools/train_net.py`` runs: ``setup(args)`` and ``main(args)``, importable for tests.
+
+Usage is detectron2's::
+
+    python tools/train_net.py --config-file configs/... [--eval-only] [--resume]
+        [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [KEY VALUE ...]
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ..config import CfgNode, get_cfg
+from ..data.catalogs import register_shapes_from_cfg
+from .trainer import Trainer
+
+logger = logging.getLogger("d2seg")
+
+__all__ = ["setup", "main", "default_argument_parser", "launch", "run"]
+
+
+def adapt_to_hardware(cfg: CfgNode) -> None:
+    """Run where we are: CPU when CUDA is absent, and AMP only on CUDA. Logs what it changes."""
+    log = logging.getLogger("d2seg")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("MODEL.DEVICE=%s but CUDA is not available: training on CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
+        log.warning("SOLVER.AMP.ENABLED is ignored on CPU (detectron2's AMPTrainer needs CUDA)")
+        cfg.SOLVER.AMP.ENABLED = False
+
+
+def setup(args) -> CfgNode:
+    """Config from ``args.config_file`` + ``args.opts``, adapted to the hardware, frozen.
+
+    Also runs detectron2's ``default_setup`` (logging, output dir, config dump, seeding) and
+    registers the shapes catalogs with ``cfg.D2SEG.SHAPES``.
+    """
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    adapt_to_hardware(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    register_shapes_from_cfg(cfg)
+    return cfg
+
+
+def main(args) -> Optional[Dict[str, Any]]:
+    """Train (or evaluate with ``--eval-only``); return the last evaluation results.
+
+    In distributed runs, the results are returned on the main process (None elsewhere).
+    """
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        model = trainer.model
+        res = getattr(trainer, "_last_eval_results", None)
+    if comm.is_main_process():
+        if res and cfg.TEST.EXPECTED_RESULTS:
+            verify_results(cfg, res)
+        if cfg.TEST.NUM_VIS > 0 and len(cfg.DATASETS.TEST):
+            from ..utils.visualize import visualize_predictions
+
+            out = os.path.join(cfg.OUTPUT_DIR, "vis")
+            model = model.module if hasattr(model, "module") else model
+            paths = visualize_predictions(cfg, model, cfg.DATASETS.TEST[0], out, cfg.TEST.NUM_VIS)
+            logger.info("Wrote %d visualizations (prediction | ground truth) to %s", len(paths), out)
+    return res
+
+
+def run(args) -> Optional[Dict[str, Any]]:
+    """``main`` through detectron2's ``launch`` (multi-GPU / multi-machine per ``args``)."""
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,65 @@
+"""Prediction-beside-ground-truth overlays with detectron2's ``Visualizer``."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import cv2
+import numpy as np
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+__all__ = ["draw_prediction", "visualize_predictions"]
+
+
+def draw_prediction(image_rgb: np.ndarray, output: Dict, metadata, score_thresh: float = 0.5) -> np.ndarray:
+    """Overlay one model output on an RGB uint8 image (H, W, 3); returns RGB uint8.
+
+    Panoptic outputs win over instances, instances over semantic maps.
+    """
+    v = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    if "panoptic_seg" in output:
+        seg, info = output["panoptic_seg"]
+        vis = v.draw_panoptic_seg(seg.to("cpu"), info)
+    elif "instances" in output:
+        inst = output["instances"].to("cpu")
+        inst = inst[inst.scores >= score_thresh]
+        vis = v.draw_instance_predictions(inst)
+    elif "sem_seg" in output:
+        vis = v.draw_sem_seg(output["sem_seg"].argmax(dim=0).to("cpu"))
+    else:
+        raise ValueError(f"Nothing to draw in the model output (keys: {sorted(output)})")
+    return vis.get_image()
+
+
+def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_dir: str,
+                          num: int = 4) -> List[str]:
+    """Write ``num`` PNGs of ``dataset_name``: model prediction (left) | ground truth (right)."""
+    os.makedirs(out_dir, exist_ok=True)
+    metadata = MetadataCatalog.get(dataset_name)
+    dicts = DatasetCatalog.get(dataset_name)[:num]
+    was_training = model.training
+    model.eval()
+    paths = []
+    # the test-time resize of DefaultPredictor / the test loader
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    try:
+        for d in dicts:
+            img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+            rgb = utils.convert_image_to_rgb(img, cfg.INPUT.FORMAT)
+            resized = aug.get_transform(img).apply_image(img) if cfg.INPUT.MIN_SIZE_TEST else img
+            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+            with torch.no_grad():
+                out = model([{"image": tensor, "height": img.shape[0], "width": img.shape[1]}])[0]
+            pred = draw_prediction(rgb, out, metadata)
+            gt = Visualizer(rgb, metadata).draw_dataset_dict(d).get_image()
+            path = os.path.join(out_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
+            cv2.imwrite(path, np.concatenate([pred, gt], axis=1)[..., ::-1])
+            paths.append(path)
+    finally:
+        model.train(was_training)
+    return paths

@@ -1,0 +1,55 @@
+import glob
+import os
+
+import pytest
+
+import d2seg  # noqa: F401
+from d2seg.config import add_d2seg_config, get_cfg
+
+from conftest import REPO
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO) for p in CONFIGS])
+def test_every_config_loads(path):
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    assert cfg.MODEL.META_ARCHITECTURE
+    if "Base-" not in os.path.basename(path):
+        # trained from scratch: nothing to download, no frozen statistics
+        assert cfg.MODEL.WEIGHTS == ""
+        assert cfg.MODEL.RESNETS.NORM != "FrozenBN"
+        assert len(cfg.DATASETS.TRAIN) and len(cfg.DATASETS.TEST)
+
+
+def test_zoo_base_is_inherited_not_copied():
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    # values that only the model zoo's Base-RCNN-FPN.yaml sets
+    assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    assert cfg.MODEL.ROI_HEADS.IN_FEATURES == ["p2", "p3", "p4", "p5"]
+    assert cfg.MODEL.MASK_ON
+    # d2seg's overrides on top
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
+    assert cfg.MODEL.RESNETS.NORM == "GN"
+    with open(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")) as f:
+        assert "zoo://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml" in f.read()
+
+
+def test_unknown_zoo_base_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text('_BASE_: "zoo://COCO-InstanceSegmentation/no_such_config.yaml"\n')
+    with pytest.raises(FileNotFoundError, match="no_such_config.yaml"):
+        get_cfg().merge_from_file(str(p))
+
+
+def test_add_d2seg_config_is_idempotent_and_works_on_plain_detectron2_cfg():
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    cfg = d2_get_cfg()
+    add_d2seg_config(cfg)
+    n = cfg.D2SEG.SHAPES.NUM_TRAIN
+    cfg.D2SEG.SHAPES.NUM_TRAIN = n + 1
+    add_d2seg_config(cfg)
+    assert cfg.D2SEG.SHAPES.NUM_TRAIN == n + 1

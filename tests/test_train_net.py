@@ -1,0 +1,74 @@
+"""Few-iteration train + eval through train_net's own code path (d2seg.engine.main)."""
+import json
+import math
+import os
+
+import pytest
+
+import d2seg  # noqa: F401
+from d2seg.engine import default_argument_parser, main
+
+from conftest import REPO
+
+TINY = [
+    "D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", "3", "D2SEG.SHAPES.IMAGE_SIZE", "128",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128",
+    "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "2",
+    "TEST.NUM_VIS", "2",
+]
+
+
+def run(config, out, *extra, flags=()):
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO, config), *flags, "OUTPUT_DIR", str(out), *TINY, *extra]
+    )
+    return main(args)
+
+
+def test_mask_rcnn_train_eval(tmp_path):
+    res = run("configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml", tmp_path,
+              "SOLVER.MAX_ITER", "3")
+    assert set(res) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert {"AP", "AP50", "AP75"} <= set(res[task])
+        for v in res[task].values():
+            assert math.isnan(v) or 0 <= v <= 100
+    assert os.path.isfile(tmp_path / "model_final.pth")
+    assert len(os.listdir(tmp_path / "vis")) == 2
+    # the COCO results the evaluator wrote load in pycocotools
+    from pycocotools.coco import COCO
+    from detectron2.data import MetadataCatalog
+
+    preds = json.load(open(tmp_path / "inference" / "shapes_instance_val" / "coco_instances_results.json"))
+    if preds:
+        COCO(MetadataCatalog.get("shapes_instance_val").json_file).loadRes(preds)
+
+
+def test_panoptic_fpn_train_eval(tmp_path):
+    res = run("configs/Shapes-PanopticSegmentation/panoptic_fpn_R_18_cpu.yaml", tmp_path,
+              "SOLVER.MAX_ITER", "3")
+    assert {"panoptic_seg", "sem_seg", "bbox", "segm"} <= set(res)
+    pq = res["panoptic_seg"]
+    for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+        assert 0 <= pq[k] <= 100, (k, pq[k])
+    assert 0 <= res["sem_seg"]["mIoU"] <= 100
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path):
+    cfg = "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml"
+    common = ["SOLVER.CHECKPOINT_PERIOD", "2", "TEST.NUM_VIS", "0", "DATASETS.TEST", "()"]
+    run(cfg, tmp_path, "SOLVER.MAX_ITER", "4", *common)
+    with open(tmp_path / "last_checkpoint") as f:
+        assert f.read().strip() == "model_final.pth"
+    import torch
+
+    assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 3
+    run(cfg, tmp_path, "SOLVER.MAX_ITER", "6", *common, flags=["--resume"])
+    log = open(tmp_path / "log.txt").read()
+    assert "Starting training from iteration 4" in log
+    ckpt = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 5
+    # optimizer state and LR schedule are saved (and so resumed) with the weights
+    assert "optimizer" in ckpt["trainer"]["_trainer"]
+    assert "LRScheduler" in ckpt["trainer"]["hooks"]
+    assert "Loading scheduler from state_dict" in log

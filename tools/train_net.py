@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Train or evaluate any d2seg / detectron2 model; detectron2's usual command line.
+
+    python tools/train_net.py --config-file configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CFG --resume          # continue from last_checkpoint
+    python tools/train_net.py --config-file CFG --num-gpus 8      # DDP on one machine
+    python tools/train_net.py --config-file CFG --num-gpus 8 --num-machines 2 --machine-rank 0 \\
+        --dist-url tcp://<host-of-rank-0>:29500
+
+Trailing ``KEY VALUE`` pairs override config keys. Without a GPU it runs on the CPU.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import d2seg  # noqa: E402,F401  (registers datasets and models)
+from d2seg.engine import default_argument_parser, run  # noqa: E402
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    run(args)
