@@ -11,12 +11,13 @@ installed. Only configs loaded through :func:`d2seg.config.get_cfg` understand t
 from __future__ import annotations
 
 import os
-from typing import IO
+import difflib
+from typing import IO, List, Sequence
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
-__all__ = ["CfgNode", "add_d2seg_config", "get_cfg", "ZOO_PREFIX"]
+__all__ = ["CfgNode", "ConfigError", "add_d2seg_config", "get_cfg", "load_config", "ZOO_PREFIX"]
 
 ZOO_PREFIX = "zoo://"
 
@@ -145,9 +146,82 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # counts as present in an image from this many pixels on.
     cfg.DATALOADER.SEM_SEG_REPEAT_MIN_PIXELS = 1
 
+    # --- your own data, fine-tuning, predict/export, training conveniences (issue 4) ---------
+    # (owned by the own-data work)
+
+    # --- reliability (d2seg/engine) -----------------------------------------------------------
+    # Non-finite losses (d2seg/engine/train_step.py): 0 = stop at the first one with an error
+    # naming the loss, the iteration and the batch's images; N > 0 = skip up to N such steps.
+    cfg.D2SEG.NONFINITE = CN()
+    cfg.D2SEG.NONFINITE.MAX_SKIPS = 0
+    cfg.D2SEG.NONFINITE.REPORT_IMAGES = True
+    # Unreadable or corrupt training images: "fail" (error naming the file) or "skip" (warn
+    # with the file and train on another image; at most D2SEG.BAD_INPUT.MAX_SKIPS of them).
+    cfg.D2SEG.BAD_INPUT = CN()
+    cfg.D2SEG.BAD_INPUT.POLICY = "fail"
+    cfg.D2SEG.BAD_INPUT.MAX_SKIPS = 100
+    # Deterministic training: torch.use_deterministic_algorithms + cuDNN deterministic. Needs a
+    # fixed SEED (>= 0) to give identical losses across runs.
+    cfg.D2SEG.DETERMINISTIC = False
+
 
 def get_cfg() -> CfgNode:
     """detectron2's default config plus every d2seg key, as a ``zoo://``-aware CfgNode."""
     cfg = CfgNode(_d2_get_cfg())
     add_d2seg_config(cfg)
+    return cfg
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names file, key and value."""
+
+
+def _all_keys(node, prefix: str = "") -> List[str]:
+    out = []
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        out.append(full)
+        if isinstance(v, _D2CfgNode):
+            out.extend(_all_keys(v, full + "."))
+    return out
+
+
+def _explain(err: BaseException, cfg) -> str:
+    msg = str(err.args[0]) if getattr(err, "args", None) else str(err)
+    if "Non-existent" in msg and "key" in msg:  # merge_from_file (KeyError) / _list (Assert)
+        key = msg.split(":", 1)[1].strip()
+        close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"unknown config key '{key}'{hint}"
+    if isinstance(err, ValueError) and "Type mismatch" in msg:
+        return msg.replace("Type mismatch", "wrong type:")
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
+    """``get_cfg()`` merged with ``config_file`` and ``KEY VALUE`` ``opts``.
+
+    Raises:
+        ConfigError: one line naming the file (or the command line), the key and the value,
+            for a missing file, unknown key, wrong type or malformed YAML.
+    """
+    import yaml
+
+    cfg = get_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"{config_file}: no such config file")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError, TypeError, yaml.YAMLError,
+                FileNotFoundError) as e:
+            raise ConfigError(f"{config_file} (or a file in its _BASE_): {_explain(e, cfg)}") from e
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"command line overrides must be KEY VALUE pairs; got {len(opts)} "
+                          f"items: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise ConfigError(f"command line override: {_explain(e, cfg)}") from e
     return cfg

@@ -18,7 +18,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from ..config import CfgNode, get_cfg
+from ..config import CfgNode, load_config
 from ..data.catalogs import register_shapes_from_cfg
 from .trainer import Trainer
 
@@ -38,19 +38,28 @@ def adapt_to_hardware(cfg: CfgNode) -> None:
         cfg.SOLVER.AMP.ENABLED = False
 
 
+def set_deterministic(cfg: CfgNode) -> None:
+    """Deterministic kernels (``D2SEG.DETERMINISTIC``); identical runs also need ``SEED >= 0``."""
+    if cfg.SEED < 0:
+        logger.warning("D2SEG.DETERMINISTIC is set but SEED < 0: runs will still differ")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def setup(args) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts``, adapted to the hardware, frozen.
 
     Also runs detectron2's ``default_setup`` (logging, output dir, config dump, seeding) and
     registers the shapes catalogs with ``cfg.D2SEG.SHAPES``.
     """
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     adapt_to_hardware(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    if cfg.D2SEG.DETERMINISTIC:
+        set_deterministic(cfg)
     register_shapes_from_cfg(cfg)
     return cfg
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import List, Optional
 
 import numpy as np
 from PIL import Image
 
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
@@ -19,6 +20,8 @@ from detectron2.evaluation import (
 )
 
 from ..data import build as data_build
+from .checkpoint import D2SegCheckpointer
+from .train_step import GuardedAMPTrainer, GuardedSimpleTrainer
 from ..data.catalogs import prepare_dataset
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,29 @@ class Trainer(DefaultTrainer):
     Everything else (hooks, checkpointing, LR schedule, AMP through ``SOLVER.AMP.ENABLED``,
     DDP) is detectron2's.
     """
+
+    def build_hooks(self):
+        """detectron2's default hooks, plus d2seg's (see :func:`d2seg.engine.hooks.extend_hooks`)."""
+        from .hooks import extend_hooks
+
+        self._install_reliability()
+        return extend_hooks(self, super().build_hooks())
+
+    def _install_reliability(self) -> None:
+        # DefaultTrainer.__init__ builds the checkpointer and the inner trainer right before it
+        # calls build_hooks (whose PeriodicCheckpointer captures the checkpointer): replace them
+        # here by a crash-safe checkpointer and a non-finite-guarded trainer over the same
+        # model, data loader and optimizer.
+        cfg = self.cfg
+        self.checkpointer = D2SegCheckpointer(
+            self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        old = self._trainer
+        cls = GuardedAMPTrainer if isinstance(old, AMPTrainer) else GuardedSimpleTrainer
+        self._trainer = cls(old.model, old.data_loader, old.optimizer)
+        self._trainer.configure_guard(
+            cfg.D2SEG.NONFINITE.MAX_SKIPS, cfg.D2SEG.NONFINITE.REPORT_IMAGES
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):

@@ -1,0 +1,133 @@
+"""detectron2's ``SimpleTrainer`` / ``AMPTrainer`` with a guard against non-finite losses.
+
+detectron2 stops on a NaN/inf total loss with the loss dict of the main process only. d2seg's
+guard runs on every rank after ``backward`` and before ``optimizer.step`` (so a bad batch never
+reaches the weights), agrees across ranks, and either
+
+* raises ``FloatingPointError`` naming each non-finite loss, the iteration and (optionally)
+  the images of the batch, or
+* with ``D2SEG.NONFINITE.MAX_SKIPS = N > 0``, drops the step (gradients zeroed, no optimizer or
+  grad-scaler update), counts it (``nonfinite_skips`` in the event storage), and raises only
+  once more than N steps have been skipped.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GuardedSimpleTrainer", "GuardedAMPTrainer", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite."""
+
+
+class _SkipStep(Exception):
+    pass
+
+
+class _RecordingIterator:
+    """Iterates a data loader and remembers the last batch (for error reports)."""
+
+    def __init__(self, it, owner):
+        self._it, self._owner = it, owner
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        self._owner._last_batch = batch
+        return batch
+
+
+def _batch_files(batch) -> List[str]:
+    out = []
+    for d in batch if isinstance(batch, (list, tuple)) else []:
+        if isinstance(d, dict):
+            out.append(str(d.get("file_name", d.get("image_id", "?"))))
+    return out
+
+
+class _NonFiniteGuard:
+    """Mixin for detectron2's trainers; see the module docstring."""
+
+    max_skips: int = 0
+    report_images: bool = True
+    num_skipped: int = 0
+    _last_batch = None
+
+    def configure_guard(self, max_skips: int = 0, report_images: bool = True) -> None:
+        self.max_skips = int(max_skips)
+        self.report_images = bool(report_images)
+        self.num_skipped = 0
+
+    @property
+    def _data_loader_iter(self):
+        if self._data_loader_iter_obj is None:
+            self._data_loader_iter_obj = _RecordingIterator(iter(self.data_loader), self)
+        return self._data_loader_iter_obj
+
+    def _check_losses(self, loss_dict: Mapping[str, torch.Tensor]) -> None:
+        bad: Dict[str, float] = {
+            k: float(v.detach().float().sum()) for k, v in loss_dict.items()
+            if not torch.isfinite(v.detach()).all()
+        }
+        any_bad = bool(bad)
+        if comm.get_world_size() > 1:  # every rank must take the same decision
+            flag = torch.tensor([1.0 if any_bad else 0.0], device=next(iter(loss_dict.values())).device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            any_bad = bool(flag.item() > 0)
+        if not any_bad:
+            return
+        where = f"iteration {self.iter}"
+        if comm.get_world_size() > 1:
+            where += f" (rank {comm.get_rank()})"
+        what = (", ".join(f"{k}={v}" for k, v in bad.items()) if bad
+                else "a loss on another rank")
+        imgs = ""
+        if self.report_images and self._last_batch is not None:
+            imgs = f"; images in this rank's batch: {_batch_files(self._last_batch)}"
+        msg = f"Non-finite loss at {where}: {what}{imgs}"
+        if self.num_skipped < self.max_skips:
+            self.num_skipped += 1
+            logger.warning(f"{msg}. Step skipped ({self.num_skipped}/{self.max_skips} allowed "
+                           f"by D2SEG.NONFINITE.MAX_SKIPS).")
+            get_event_storage().put_scalar("nonfinite_skips", self.num_skipped, smoothing_hint=False)
+            raise _SkipStep()
+        if self.max_skips > 0:
+            msg += f". More than D2SEG.NONFINITE.MAX_SKIPS={self.max_skips} steps were non-finite"
+        raise NonFiniteLossError(msg + ". Lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, set "
+                                       "SOLVER.CLIP_GRADIENTS, or check these images.")
+
+    def _write_metrics(self, loss_dict, data_time: float, prefix: str = "",
+                       iter: Optional[int] = None) -> None:
+        # called by detectron2's run_step after backward and before optimizer.step
+        if not prefix:  # training losses (prefix is used for other metric groups)
+            self._check_losses(loss_dict)
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+    def run_step(self) -> None:
+        if self.async_write_metrics:
+            raise ValueError("D2SEG's non-finite guard needs async_write_metrics=False")
+        try:
+            super().run_step()
+        except _SkipStep:
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+class GuardedSimpleTrainer(_NonFiniteGuard, SimpleTrainer):
+    """``SimpleTrainer`` with the non-finite-loss guard."""
+
+
+class GuardedAMPTrainer(_NonFiniteGuard, AMPTrainer):
+    """``AMPTrainer`` with the non-finite-loss guard (skipped steps also skip the scaler)."""

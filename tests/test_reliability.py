@@ -1,0 +1,144 @@
+"""Crash-safe checkpoints, non-finite losses and malformed configs (train_net's code path)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import d2seg  # noqa: F401
+from d2seg.config import ConfigError, load_config
+from d2seg.engine import default_argument_parser, main
+from d2seg.engine.checkpoint import D2SegCheckpointer
+from d2seg.engine.train_step import NonFiniteLossError
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from conftest import REPO
+
+CPU_CFG = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml")
+TINY = ["D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", "2", "D2SEG.SHAPES.IMAGE_SIZE", "64",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.NUM_VIS", "0", "DATASETS.TEST", "()"]
+
+BAD_CALLS = set()  # forward calls (0-based) of ToyNaN that return a NaN loss
+
+
+@META_ARCH_REGISTRY.register()
+class ToyNaN(nn.Module):
+    """A one-conv model whose loss is NaN on the calls listed in BAD_CALLS."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.calls = 0
+
+    @property
+    def device(self):
+        return self.conv.weight.device
+
+    def forward(self, batched_inputs):
+        x = torch.stack([d["image"].float() / 255 for d in batched_inputs])
+        loss = (self.conv(x) - 0.5).pow(2).mean()
+        if self.calls in BAD_CALLS:
+            loss = loss * float("nan")
+        self.calls += 1
+        return {"loss_toy": loss}
+
+
+def _args(out, *opts):
+    return default_argument_parser().parse_args(
+        ["--config-file", CPU_CFG, "OUTPUT_DIR", str(out), *TINY,
+         "MODEL.META_ARCHITECTURE", "ToyNaN", *opts])
+
+
+def test_non_finite_loss_names_loss_iteration_and_images(tmp_path):
+    BAD_CALLS.clear()
+    BAD_CALLS.add(2)
+    with pytest.raises(NonFiniteLossError) as e:
+        main(_args(tmp_path, "SOLVER.MAX_ITER", "5"))
+    msg = str(e.value)
+    assert "iteration 2" in msg and "loss_toy=nan" in msg
+    assert msg.count(".jpg") == 2  # both images of the batch, by path
+    # the bad step never reached the weights
+    model_file = tmp_path / "model_final.pth"
+    assert not model_file.exists()
+
+
+def test_non_finite_steps_skipped_up_to_the_limit(tmp_path):
+    BAD_CALLS.clear()
+    BAD_CALLS.update({1, 3})
+    main(_args(tmp_path, "SOLVER.MAX_ITER", "5", "D2SEG.NONFINITE.MAX_SKIPS", "2"))
+    sd = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    BAD_CALLS.clear()
+    BAD_CALLS.update({0, 1, 2})
+    with pytest.raises(NonFiniteLossError, match="MAX_SKIPS=2"):
+        main(_args(tmp_path / "b", "SOLVER.MAX_ITER", "5", "D2SEG.NONFINITE.MAX_SKIPS", "2"))
+    BAD_CALLS.clear()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = nn.Linear(3, 2)
+    ck = D2SegCheckpointer(model, str(tmp_path))
+    ck.save("model_0000001")
+    good = (tmp_path / "model_0000001.pth").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        model.weight.add_(1)
+    for name in ("model_0000001", "model_0000002"):
+        with pytest.raises(KeyboardInterrupt):
+            ck.save(name)
+    monkeypatch.setattr(torch, "save", real_save)
+    # the old checkpoint is intact, no new or temporary file appeared, last_checkpoint unchanged
+    assert (tmp_path / "model_0000001.pth").read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert ck.get_checkpoint_file().endswith("model_0000001.pth")
+
+
+@pytest.mark.parametrize(
+    "opts, expect",
+    [
+        (["SOLVER.MAX_ITR", "3"], "unknown config key 'SOLVER.MAX_ITR'; did you mean SOLVER.MAX_ITER"),
+        (["SOLVER.MAX_ITER", "three"], "for config key: SOLVER.MAX_ITER"),
+        (["SOLVER.MAX_ITER"], "KEY VALUE pairs"),
+    ],
+)
+def test_bad_overrides_name_the_key(opts, expect):
+    with pytest.raises(ConfigError, match=expect.replace(".", r"\.").replace("(", r"\(")):
+        load_config(CPU_CFG, opts)
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("MODEL:\n  ROI_HEADZ:\n    NUM_CLASSES: 3\n", "unknown config key 'MODEL.ROI_HEADZ'"),
+        ("SOLVER:\n  BASE_LR: fast\n", "SOLVER.BASE_LR"),
+        ("MODEL:\n  ROI_HEADS:\n    NUM_CLASSES: [1\n", "line 3"),
+        ('_BASE_: "zoo://nope/none.yaml"\n', "nope/none.yaml"),
+    ],
+)
+def test_bad_config_files_name_file_and_key(tmp_path, text, expect):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert str(p) in str(e.value) and expect in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_train_net_reports_config_error_in_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--config-file", CPU_CFG,
+         "SOLVER.MAX_ITR", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_net.py: error:") and "SOLVER.MAX_ITR" in last
+    assert "Traceback" not in r.stderr
