@@ -147,7 +147,42 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.DATALOADER.SEM_SEG_REPEAT_MIN_PIXELS = 1
 
     # --- your own data, fine-tuning, predict/export, training conveniences (issue 4) ---------
-    # (owned by the own-data work)
+    # (owned by the own-data work; documented in docs/own_data.md)
+    cfg.D2SEG.DATASETS = CN()
+    # Datasets that train_net's setup() registers (d2seg/data/register.py). Each entry is a
+    # mapping {name, type: coco | sem_seg | coco_panoptic, paths, [val_fraction, seed], ...} or
+    # the same as one "key=value,key=value" string (command line).
+    cfg.D2SEG.DATASETS.REGISTER = []
+    # Checks of DATASETS.TRAIN + TEST before training (d2seg/data/checks.py): "error" stops on
+    # fatal problems, "warn" only logs them, "off" skips the checks (and the skipping of invalid
+    # annotations).
+    cfg.D2SEG.DATASETS.CHECK = "error"
+    # Fine-tuning (d2seg/checkpoint.py): MODEL.WEIGHTS may be a d2seg/detectron2 checkpoint, a
+    # model-zoo .pkl or a torchvision ResNet state dict; head weights of another shape are
+    # skipped. FREEZE: regexes matched (re.match) against parameter names, e.g. ["backbone\\."];
+    # matching parameters stop training and their BatchNorms become FrozenBatchNorm2d.
+    cfg.D2SEG.FINETUNE = CN()
+    cfg.D2SEG.FINETUNE.FREEZE = []
+    # Inference (d2seg/inference, tools/predict.py). Semantic models: sliding windows of SIZE
+    # (h, w) pixels (of the test-resized image; (0, 0) = whole image) overlapping by OVERLAP,
+    # logits averaged. FLIP: average with the horizontally flipped image (semantic) or
+    # detectron2's GeneralizedRCNNWithTTA with TEST.AUG.FLIP (R-CNN).
+    cfg.D2SEG.INFERENCE = CN()
+    cfg.D2SEG.INFERENCE.SLIDING_WINDOW = CN()
+    cfg.D2SEG.INFERENCE.SLIDING_WINDOW.SIZE = (0, 0)
+    cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP = 0.25
+    cfg.D2SEG.INFERENCE.FLIP = False
+    # Training conveniences (d2seg/engine/hooks.py).
+    # Validation loss on DATASETS.TEST every VAL_LOSS_PERIOD iterations and at the end
+    # (scalars "val_total_loss", "val_<loss>"); 0 = off.
+    cfg.D2SEG.VAL_LOSS_PERIOD = 0
+    # Keep OUTPUT_DIR/model_best.pth by this metric ("" = off), e.g. "segm/AP", "sem_seg/mIoU"
+    # (checked every TEST.EVAL_PERIOD) or "val_total_loss" (every VAL_LOSS_PERIOD, MODE "min").
+    cfg.D2SEG.BEST_CHECKPOINT = CN()
+    cfg.D2SEG.BEST_CHECKPOINT.METRIC = ""
+    cfg.D2SEG.BEST_CHECKPOINT.MODE = "max"
+    # Plot losses, learning rate and evaluation metrics to OUTPUT_DIR/curves.png after training.
+    cfg.D2SEG.PLOT_CURVES = True
 
     # --- reliability (d2seg/engine) -----------------------------------------------------------
     # Non-finite losses (d2seg/engine/train_step.py): 0 = stop at the first one with an error

@@ -7,8 +7,8 @@
   beside the working directory or the repository). Classes: 0 = cell, 1 = membrane (the raw
   label PNGs store membrane as 0 and cell interior as 255);
 * ``fruits_nuts_train`` / ``fruits_nuts_val`` / ``fruits_nuts_all``: the 18 fruits-and-nuts
-  photos (COCO polygons, 3 classes) from ``$D2SEG_SHARED_DATA/fruits_nuts_coco``; images 0-13
-  train, 14-17 val.
+  photos (COCO polygons, 3 classes) from ``$D2SEG_SHARED_DATA/fruits_nuts_coco``; a seeded
+  75/25 split by image, each split with its own COCO json (so COCO AP covers only the split).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def shared_data_root() -> Optional[str]:
     return None
 
 
+FRUITS_VAL_FRACTION = 0.25
 ISBI_CLASSES = ["cell", "membrane"]
 ISBI_LABEL_MAP = {255: 0, 0: 1}  # raw label PNG value -> class id
 
@@ -55,29 +56,37 @@ def _register_isbi(root: str) -> None:
 
 
 def _register_fruits_nuts(root: str) -> None:
-    import json
-
     from detectron2.data.datasets import load_coco_json
 
+    from .catalogs import _PREPARE
+    from .register import split_coco_json
+
     base = os.path.join(root, "fruits_nuts_coco")
-    json_file = os.path.join(base, "trainval.json")
+    json_all = os.path.join(base, "trainval.json")
     image_root = os.path.join(base, "images")
-    splits = {"fruits_nuts_train": range(0, 14), "fruits_nuts_val": range(14, 18),
-              "fruits_nuts_all": range(0, 18)}
-    for name, ids in splits.items():
-        ids = set(ids)
 
-        def load(name=name, ids=ids):
-            return [d for d in load_coco_json(json_file, image_root, name) if d["image_id"] in ids]
+    def split_json(name: str) -> str:
+        # COCOEvaluator scores every image of its json_file: each split needs its own json,
+        # written once into the dataset cache (seeded split, 25% val)
+        if name == "fruits_nuts_all":
+            path = json_all
+        else:
+            tr, va = split_coco_json(json_all, FRUITS_VAL_FRACTION, seed=0)
+            path = tr if name.endswith("_train") else va
+        meta = MetadataCatalog.get(name)
+        if getattr(meta, "json_file", None) is None:
+            meta.json_file = path
+        return path
 
+    for name in ("fruits_nuts_train", "fruits_nuts_val", "fruits_nuts_all"):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(
-            thing_classes=["date", "fig", "hazelnut"],
-            json_file=json_file, image_root=image_root, evaluator_type="coco",
-        )
+        DatasetCatalog.register(
+            name, lambda name=name: load_coco_json(split_json(name), image_root, name))
+        MetadataCatalog.get(name).set(thing_classes=["date", "fig", "hazelnut"],
+                                      image_root=image_root, evaluator_type="coco")
+        _PREPARE[name] = lambda name=name: split_json(name)
 
 
 def register_all_builtin() -> None:

@@ -21,6 +21,8 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .errors import guard_load
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_sem_seg_folder", "register_sem_seg_folder"]
@@ -88,6 +90,9 @@ def load_sem_seg_folder(
 ) -> List[dict]:
     """Dataset dicts (``file_name``, ``sem_seg_file_name``, ``height``, ``width``, ``image_id``).
 
+    ``height``/``width`` are read from each image's header; they are left out for an image
+    whose header cannot be read (the dataset checker and the mapper then name the file).
+
     Args:
         image_dir, mask_dir: folders; files are paired by stem.
         label_map: raw mask value -> class id; values absent from it become ``ignore_label``.
@@ -112,11 +117,14 @@ def load_sem_seg_folder(
     if label_map:
         mask_files = _remap_masks(mask_files, label_map, ignore_label)
     dicts = []
-    for i, (s, m) in enumerate(zip(stems, mask_files)):
-        with Image.open(images[s]) as im:
-            w, h = im.size
-        dicts.append({"file_name": images[s], "sem_seg_file_name": m, "height": h, "width": w,
-                      "image_id": s})
+    for s, m in zip(stems, mask_files):
+        d = {"file_name": images[s], "sem_seg_file_name": m, "image_id": s}
+        try:  # the header only; a corrupt image is reported by the checker / mapper by name
+            with Image.open(images[s]) as im:
+                d["width"], d["height"] = im.size
+        except Exception as e:  # noqa: BLE001
+            logger.warning(f"{images[s]}: cannot read the image size ({type(e).__name__}: {e})")
+        dicts.append(d)
     return dicts
 
 
@@ -134,9 +142,8 @@ def register_sem_seg_folder(
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(
-        name, lambda: load_sem_seg_folder(image_dir, mask_dir, label_map, ignore_label, stems)
-    )
+    DatasetCatalog.register(name, lambda: guard_load(
+        mask_dir, load_sem_seg_folder, image_dir, mask_dir, label_map, ignore_label, stems))
     meta = dict(
         stuff_classes=list(classes),
         ignore_label=ignore_label,
@@ -146,4 +153,6 @@ def register_sem_seg_folder(
     )
     if colors is not None:
         meta["stuff_colors"] = [tuple(c) for c in colors]
+    if label_map:
+        meta["label_map"] = {int(k): int(v) for k, v in label_map.items()}
     MetadataCatalog.get(name).set(**meta)

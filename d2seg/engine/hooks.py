@@ -1,16 +1,279 @@
-"""Training hooks d2seg adds to detectron2's defaults."""
+"""Training hooks d2seg adds to detectron2's defaults.
+
+* :class:`ValidationLoss` (``D2SEG.VAL_LOSS_PERIOD``): the training losses on
+  ``DATASETS.TEST``, logged as ``val_total_loss`` and ``val_<loss>`` (to ``metrics.json``, the
+  console and TensorBoard, like every scalar).
+* :class:`BestCheckpointer` (``D2SEG.BEST_CHECKPOINT``): detectron2's, keeping
+  ``OUTPUT_DIR/model_best.pth`` by a chosen metric without redirecting ``last_checkpoint``.
+* :class:`PlotCurves` (``D2SEG.PLOT_CURVES``): losses, learning rate and metrics drawn to
+  ``OUTPUT_DIR/curves.png`` after training (:func:`plot_metrics_json` redraws from
+  ``metrics.json``).
+
+TensorBoard event files come from detectron2's default writers (``TensorboardXWriter`` in
+``OUTPUT_DIR``): ``tensorboard --logdir OUTPUT_DIR``.
+"""
 from __future__ import annotations
 
-from typing import List
+import collections
+import json
+import logging
+import math
+import os
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from detectron2.engine import HookBase
+import torch
+from torch import nn
 
-__all__ = ["extend_hooks"]
+from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["extend_hooks", "ValidationLoss", "BestCheckpointer", "PlotCurves",
+           "build_val_loss_loader", "plot_curves", "plot_metrics_json"]
 
 
-def extend_hooks(trainer, hooks: List[HookBase]) -> List[HookBase]:
-    """Return ``hooks`` (detectron2's defaults for ``trainer``) with d2seg's hooks inserted.
+# ----------------------------------------------------------------------------------------
+# validation loss
+# ----------------------------------------------------------------------------------------
+def build_val_loss_loader(cfg, dataset_names: Sequence[str]):
+    """Loader of ``dataset_names`` with ground truth and test-time resizing only.
 
-    detectron2's writer hook (``PeriodicWriter``) stays last so that it sees every metric.
+    Semantic mapper ("sem_seg"): ``SemSegDatasetMapper(is_train=False, load_gt_in_eval=True)``;
+    otherwise detectron2's ``DatasetMapper`` in training mode (annotations kept) with the
+    ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` of inference. Invalid annotations are
+    skipped as in training (:func:`d2seg.data.checks.filter_invalid_annotations`).
     """
-    return hooks
+    from detectron2.data import DatasetMapper, build_detection_test_loader
+    from detectron2.data import get_detection_dataset_dicts
+    from detectron2.data import transforms as T
+
+    from ..data.checks import filter_invalid_annotations
+
+    if cfg.INPUT.DATASET_MAPPER_NAME == "sem_seg":
+        from ..data.sem_seg_mapper import SemSegDatasetMapper
+
+        mapper = SemSegDatasetMapper(cfg, False, load_gt_in_eval=True)
+    else:
+        augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)] \
+            if cfg.INPUT.MIN_SIZE_TEST > 0 else []
+        mapper = DatasetMapper(cfg, True, augmentations=augs)
+    dicts = get_detection_dataset_dicts(list(dataset_names), filter_empty=False)
+    dicts = filter_invalid_annotations(dicts, ",".join(dataset_names))
+    return build_detection_test_loader(dataset=dicts, mapper=mapper,
+                                       num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+
+class ValidationLoss(HookBase):
+    """Mean training losses over a validation loader, every ``period`` iterations and after the
+    last one; stored as ``val_<loss name>`` and ``val_total_loss``.
+
+    The model runs in training mode (so it computes losses) under ``torch.no_grad``, with its
+    normalisation and dropout layers in eval mode: BatchNorm statistics are used, not updated.
+    In distributed runs every process computes its shard; the means are over all images.
+    """
+
+    def __init__(self, period: int, build_loader: Callable[[], Iterable]):
+        """
+        Args:
+            period: iterations between computations; 0 = only after the last iteration.
+            build_loader: returns the validation loader (called once, lazily).
+        """
+        self._period = int(period)
+        self._build_loader = build_loader
+        self._loader = None
+
+    def _compute(self) -> Dict[str, float]:
+        if self._loader is None:
+            self._loader = self._build_loader()
+        model = self.trainer.model
+        was_training = model.training
+        model.train()
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
+                m.eval()
+        sums: Dict[str, float] = collections.defaultdict(float)
+        count = 0
+        try:
+            with torch.no_grad():
+                for batch in self._loader:
+                    losses = model(batch)
+                    for k, v in losses.items():
+                        sums[k] += float(v) * len(batch)
+                    count += len(batch)
+        finally:
+            model.train(was_training)
+        gathered = comm.all_gather((dict(sums), count)) if comm.get_world_size() > 1 \
+            else [(dict(sums), count)]
+        total = sum(c for _, c in gathered)
+        if total == 0:
+            return {}
+        keys = sorted({k for s, _ in gathered for k in s})
+        means = {f"val_{k}": sum(s.get(k, 0.0) for s, _ in gathered) / total for k in keys}
+        means["val_total_loss"] = sum(means.values())
+        return means
+
+    def _do(self) -> None:
+        means = self._compute()
+        if means:
+            self.trainer.storage.put_scalars(**means, smoothing_hint=False)
+            logger.info("Validation loss: " + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
+
+    def after_step(self):
+        nxt = self.trainer.iter + 1
+        if self._period > 0 and nxt % self._period == 0 and nxt != self.trainer.max_iter:
+            self._do()
+
+    def after_train(self):
+        if self.trainer.iter + 1 >= self.trainer.max_iter:
+            self._do()
+
+
+# ----------------------------------------------------------------------------------------
+# best checkpoint
+# ----------------------------------------------------------------------------------------
+class BestCheckpointer(hooks.BestCheckpointer):
+    """detectron2's ``BestCheckpointer`` (saves ``<file_prefix>.pth`` when the metric improves),
+    except that ``last_checkpoint`` (what ``--resume`` reads) keeps naming the last periodic
+    checkpoint, and a missing metric is reported with the metrics that do exist."""
+
+    def _best_checking(self):
+        latest = self.trainer.storage.latest()
+        if self._val_metric not in latest:
+            self._logger.warning(
+                f"D2SEG.BEST_CHECKPOINT.METRIC '{self._val_metric}' was not computed; metrics "
+                f"available: {sorted(k for k in latest if '/' in k or k.startswith('val_'))}")
+            return
+        ck = self._checkpointer
+        previous = ck.get_checkpoint_file() if ck.has_checkpoint() else None
+        super()._best_checking()
+        tag = os.path.join(ck.save_dir, "last_checkpoint")
+        if previous is not None:
+            ck.tag_last_checkpoint(os.path.basename(previous))
+        elif os.path.isfile(tag):
+            os.remove(tag)
+
+
+# ----------------------------------------------------------------------------------------
+# curves
+# ----------------------------------------------------------------------------------------
+_MAIN_METRICS = ("AP", "AP50", "mIoU", "fwIoU", "mDice", "mACC", "pACC", "PQ", "SQ", "RQ")
+
+
+def _pick_metrics(names: Iterable[str], limit: int = 8) -> List[str]:
+    names = sorted(n for n in names if "/" in n)
+    main = [n for n in names if n.rsplit("/", 1)[1] in _MAIN_METRICS]
+    return (main or names)[:limit]
+
+
+def plot_curves(series: Dict[str, List[Tuple[int, float]]], out_path: str,
+                title: str = "") -> Optional[str]:
+    """Draw loss, learning-rate and metric curves to a PNG.
+
+    Args:
+        series: scalar name -> [(iteration, value)] (detectron2 storage names: "total_loss",
+            "loss_*", "val_*", "lr", "bbox/AP", "sem_seg/mIoU", ...).
+        out_path: the PNG to write.
+
+    Returns:
+        ``out_path``, or None when there is nothing to draw.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = sorted(k for k in series if k == "total_loss" or k.startswith("loss_"))
+    val = sorted(k for k in series if k.startswith("val_"))
+    metrics = _pick_metrics(series)
+    panels = [p for p in (("losses", losses + val), ("learning rate", ["lr"] if "lr" in series
+                                                       else []), ("metrics", metrics)) if p[1]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (label, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = sorted(series[k])
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            style = "o-" if len(pts) <= 20 or "/" in k else "-"
+            style = style.replace("-", "--") if k.startswith("val_") else style
+            lw = 2.0 if k in ("total_loss", "val_total_loss") else 1.0
+            ax.plot(xs, ys, style, label=k, linewidth=lw, markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("iteration")
+        if label == "losses" and all(v > 0 for k in keys for _, v in series[k]):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path
+
+
+def plot_metrics_json(metrics_json: str, out_path: str) -> Optional[str]:
+    """:func:`plot_curves` from detectron2's ``metrics.json`` (one json record per line)."""
+    series: Dict[str, List[Tuple[int, float]]] = collections.defaultdict(list)
+    with open(metrics_json) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            rec = json.loads(line)
+            it = rec.get("iteration")
+            for k, v in rec.items():
+                if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v):
+                    series[k].append((it, float(v)))
+    return plot_curves(series, out_path, os.path.dirname(os.path.abspath(metrics_json)))
+
+
+class PlotCurves(HookBase):
+    """After training, :func:`plot_curves` of every scalar in the trainer's storage."""
+
+    def __init__(self, out_path: str):
+        self._out = out_path
+
+    def after_train(self):
+        series = {}
+        for name, buf in self.trainer.storage.histories().items():
+            pts = [(int(it), float(v)) for v, it in buf.values() if math.isfinite(float(v))]
+            if pts:
+                series[name] = pts
+        try:
+            path = plot_curves(series, self._out, os.path.dirname(self._out))
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training
+            logger.warning(f"Could not plot training curves to {self._out}: {e}")
+            return
+        if path:
+            logger.info(f"Training curves written to {path}")
+
+
+# ----------------------------------------------------------------------------------------
+def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
+    """Return ``hooks_list`` (detectron2's defaults for ``trainer``) with d2seg's hooks inserted.
+
+    Order: ... ``EvalHook``, :class:`ValidationLoss`, :class:`BestCheckpointer`,
+    :class:`PlotCurves`, then detectron2's writer hook (``PeriodicWriter``), which stays last so
+    that it sees every metric.
+    """
+    cfg = trainer.cfg
+    metric = cfg.D2SEG.BEST_CHECKPOINT.METRIC
+    extra: List[HookBase] = []
+    val_period = cfg.D2SEG.VAL_LOSS_PERIOD
+    if len(cfg.DATASETS.TEST) and (val_period > 0 or metric.startswith("val_")):
+        extra.append(ValidationLoss(
+            val_period, lambda: build_val_loss_loader(cfg, cfg.DATASETS.TEST)))
+    if comm.is_main_process():
+        if metric:
+            mode = cfg.D2SEG.BEST_CHECKPOINT.MODE
+            period = val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD
+            extra.append(BestCheckpointer(period, trainer.checkpointer, metric, mode))
+        if cfg.D2SEG.PLOT_CURVES:
+            extra.append(PlotCurves(os.path.join(cfg.OUTPUT_DIR, "curves.png")))
+    writer_at = next((i for i, h in enumerate(hooks_list) if isinstance(h, hooks.PeriodicWriter)),
+                     len(hooks_list))
+    return hooks_list[:writer_at] + extra + hooks_list[writer_at:]

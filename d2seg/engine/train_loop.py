@@ -17,9 +17,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import CfgNode, load_config
 from ..data.catalogs import register_shapes_from_cfg
+from ..data.checks import run_pre_training_checks
+from ..data.register import register_datasets_from_cfg
 from .trainer import Trainer
 
 logger = logging.getLogger("d2seg")
@@ -48,6 +51,28 @@ def set_deterministic(cfg: CfgNode) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def _fix_seed(cfg: CfgNode, resume: bool) -> None:
+    """Replace ``SEED = -1`` (random) by a concrete seed that ends up in ``config.yaml``.
+
+    The data order is a function of the seed, so a ``--resume``d run can only continue the
+    same order if it knows the seed: it reuses the one recorded in ``OUTPUT_DIR/config.yaml``.
+    All processes of a distributed run use rank 0's choice.
+    """
+    if cfg.SEED >= 0:
+        return
+    seed = -1
+    prev = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if resume and os.path.isfile(prev):
+        import yaml
+
+        with open(prev) as f:
+            seed = int((yaml.safe_load(f) or {}).get("SEED", -1))
+    if seed < 0:
+        seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
+    seed = comm.all_gather(seed)[0] if comm.get_world_size() > 1 else seed
+    cfg.SEED = seed
+
+
 def setup(args) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts``, adapted to the hardware, frozen.
 
@@ -56,11 +81,16 @@ def setup(args) -> CfgNode:
     """
     cfg = load_config(args.config_file, args.opts)
     adapt_to_hardware(cfg)
+    _fix_seed(cfg, resume=bool(getattr(args, "resume", False)))
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.D2SEG.DETERMINISTIC:
         set_deterministic(cfg)
     register_shapes_from_cfg(cfg)
+    # d2seg's own log lines (dataset checks, fine-tuning, hooks) to the console and log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2seg",
+                 abbrev_name="d2seg")
+    register_datasets_from_cfg(cfg)  # D2SEG.DATASETS.REGISTER (d2seg/data/register.py)
     return cfg
 
 
@@ -77,6 +107,7 @@ def main(args) -> Optional[Dict[str, Any]]:
         )
         res = Trainer.test(cfg, model)
     else:
+        run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         trainer.train()

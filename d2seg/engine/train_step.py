@@ -47,6 +47,9 @@ class _RecordingIterator:
     def __next__(self):
         batch = next(self._it)
         self._owner._last_batch = batch
+        callback, self._owner._after_next_batch = self._owner._after_next_batch, None
+        if callback is not None:
+            callback()
         return batch
 
 
@@ -65,6 +68,11 @@ class _NonFiniteGuard:
     report_images: bool = True
     num_skipped: int = 0
     _last_batch = None
+    _after_next_batch = None
+
+    def after_next_batch_once(self, fn) -> None:
+        """Call ``fn()`` once, right after the next batch is fetched (before the step uses it)."""
+        self._after_next_batch = fn
 
     def configure_guard(self, max_skips: int = 0, report_images: bool = True) -> None:
         self.max_skips = int(max_skips)

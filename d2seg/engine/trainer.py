@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import weakref
 from typing import List, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer
+from detectron2.engine import defaults as _d2_defaults
+from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
@@ -99,6 +103,49 @@ def build_evaluators(cfg, dataset_name: str, output_folder: Optional[str] = None
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
+def get_rng_state() -> dict:
+    """This process's python / numpy / torch (and CUDA) RNG states."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(gauss)),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned (in a distributed run every rank restores
+    the main process's states: checkpoints are written by rank 0)."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _create_ddp_model_cpu_aware(model, *, fp16_compression: bool = False, **kwargs):
+    """detectron2's ``create_ddp_model``, also for CPU models (gloo): no ``device_ids`` there.
+
+    detectron2 0.7 always passes ``device_ids=[local_rank]``, which DDP rejects for CPU modules,
+    so ``--num-gpus N`` could not train on a machine without GPUs.
+    """
+    from detectron2.utils import comm
+
+    if comm.get_world_size() > 1 and "device_ids" not in kwargs:
+        param = next(model.parameters(), None)
+        if param is not None and param.device.type == "cpu":
+            kwargs["device_ids"] = None
+    return _d2_create_ddp_model(model, fp16_compression=fp16_compression, **kwargs)
+
+
+# DefaultTrainer.__init__ looks the function up in its module at call time.
+_d2_defaults.create_ddp_model = _create_ddp_model_cpu_aware
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` that picks evaluators by ``evaluator_type`` and uses d2seg's loaders.
 
@@ -130,12 +177,59 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
+    def build_model(cls, cfg):
+        """detectron2's ``build_model``, then ``D2SEG.FINETUNE.FREEZE`` (d2seg/checkpoint.py)."""
+        from ..checkpoint import freeze_parameters
+
+        model = super().build_model(cfg)
+        freeze_parameters(model, cfg.D2SEG.FINETUNE.FREEZE)
+        return model
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's; but a new training (not resuming) loads ``MODEL.WEIGHTS`` with d2seg's
+        fine-tuning loader (torchvision ResNets; skipped head weights in one log line)."""
+        if resume and self.checkpointer.has_checkpoint():
+            super().resume_or_load(resume=True)
+            if self.start_iter > 0:  # continue the data order where the checkpoint left it
+                workers = self.cfg.DATALOADER.NUM_WORKERS
+                if (self.cfg.DATALOADER.ASPECT_RATIO_GROUPING and workers > 1
+                        and self.start_iter % workers):
+                    logger.warning(
+                        "Resuming at iteration %d: with ASPECT_RATIO_GROUPING and %d workers the "
+                        "data order continues exactly only from iterations that are multiples "
+                        "of DATALOADER.NUM_WORKERS (choose SOLVER.CHECKPOINT_PERIOD so); it is "
+                        "approximately continued here", self.start_iter, workers)
+                self._trainer.reset_data_loader(
+                    lambda: data_build.build_train_loader(self.cfg, start_iter=self.start_iter))
+            rng = getattr(self, "_loaded_rng_state", None)
+            if rng is not None:
+                # starting the data loader draws from the RNGs (worker seeds): restore them
+                # once the first batch has arrived, right before the first resumed step
+                self._trainer.after_next_batch_once(lambda: set_rng_state(rng))
+            return
+        from ..checkpoint import FinetuneCheckpointer
+
+        FinetuneCheckpointer(self.checkpointer.model).load(self.cfg.MODEL.WEIGHTS,
+                                                           checkpointables=[])
+
+    def state_dict(self):
+        """detectron2's trainer state plus the RNG states (python, numpy, torch, CUDA)."""
+        ret = super().state_dict()
+        ret["rng"] = get_rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # applied by resume_or_load once the data loader has started
+        self._loaded_rng_state = state_dict.get("rng")
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):
         return build_evaluators(cfg, dataset_name, output_folder)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return data_build.build_train_loader(cfg)
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        return data_build.build_train_loader(cfg, start_iter=start_iter)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):

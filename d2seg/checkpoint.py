@@ -1,0 +1,185 @@
+"""Fine-tuning: load ``MODEL.WEIGHTS`` into a model with other heads, and freeze parts of it.
+
+:class:`FinetuneCheckpointer` is detectron2's ``DetectionCheckpointer`` (which already reads
+d2seg/detectron2 checkpoints and model-zoo ``.pkl`` files and skips tensors whose shape
+differs) plus:
+
+* torchvision ResNet state dicts (``torchvision.models.resnet*().state_dict()`` saved with
+  ``torch.save``): keys converted to detectron2's ResNet names and placed under the model's
+  ResNet (``backbone.bottom_up.`` in R-CNN/FPN models, ``backbone.`` in DeepLab/U-Net);
+* one log line listing the weights skipped because their shape differs (a head with another
+  number of classes), instead of one warning per tensor; ``last_summary`` keeps the numbers.
+
+:func:`freeze_parameters` (``D2SEG.FINETUNE.FREEZE``) stops training parameters whose names
+match regexes and turns the BatchNorms among them into ``FrozenBatchNorm2d``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import FrozenBatchNorm2d
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FinetuneCheckpointer",
+    "is_torchvision_resnet",
+    "convert_torchvision_resnet",
+    "freeze_parameters",
+    "load_weights",
+]
+
+_TV_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
+
+
+def is_torchvision_resnet(state_dict: Dict[str, Any]) -> bool:
+    """Whether ``state_dict`` has torchvision ResNet keys (``conv1.weight``, ``layer1.0.*``)."""
+    return "conv1.weight" in state_dict and any(k.startswith("layer1.0.") for k in state_dict)
+
+
+def convert_torchvision_resnet(state_dict: Dict[str, torch.Tensor], prefix: str = ""
+                               ) -> Dict[str, torch.Tensor]:
+    """torchvision ResNet keys -> detectron2 ResNet keys (``fc.*`` and counters dropped).
+
+    ``conv1``/``bn1`` -> ``stem.conv1``/``stem.conv1.norm``; ``layerN.i.convK``/``bnK`` ->
+    ``res{N+1}.i.convK``/``convK.norm``; ``downsample.0``/``.1`` -> ``shortcut``/
+    ``shortcut.norm``. Works for BasicBlock (R18/34) and Bottleneck (R50/101/152) ResNets;
+    torchvision strides in the 3x3 conv, so use ``MODEL.RESNETS.STRIDE_IN_1X1: False``.
+
+    Args:
+        prefix: prepended to every key (where the ResNet sits in the model).
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            continue
+        if k.startswith("conv1."):
+            nk = "stem.conv1." + k[len("conv1."):]
+        elif k.startswith("bn1."):
+            nk = "stem.conv1.norm." + k[len("bn1."):]
+        else:
+            m = _TV_BLOCK.match(k)
+            if m is None:
+                raise KeyError(f"torchvision ResNet key '{k}' has no detectron2 equivalent")
+            stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
+            rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+            rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
+            rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+            nk = f"res{stage}.{block}.{rest}"
+        out[prefix + nk] = v
+    return out
+
+
+class FinetuneCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that also loads torchvision ResNets and logs skipped head
+    weights in one line. ``last_summary`` (after :meth:`load`): dict with ``file``,
+    ``format`` ("d2seg/detectron2", "torchvision-resnet", ...), ``loaded`` (number of tensors),
+    ``skipped_shape`` [(key, checkpoint shape, model shape)], ``missing``, ``unexpected``.
+    """
+
+    def __init__(self, model: nn.Module, save_dir: str = "", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.last_summary: Dict[str, Any] = {}
+        self._format = ""
+        self._file = ""
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        self._file = filename
+        loaded = super()._load_file(filename)
+        sd = loaded.get("model", {})
+        if is_torchvision_resnet(sd):
+            anchors = [k for k in self.model.state_dict() if k.endswith("stem.conv1.weight")]
+            if not anchors:
+                raise ValueError(f"{filename} is a torchvision ResNet state dict, but the model "
+                                 "has no detectron2 ResNet ('...stem.conv1.weight') to load it "
+                                 "into")
+            prefix = anchors[0][: -len("stem.conv1.weight")]
+            loaded = {"model": convert_torchvision_resnet(sd, prefix), "__author__": "torchvision"}
+            self._format = "torchvision-resnet"
+            self.logger.info(f"{filename}: torchvision ResNet state dict, loaded under "
+                             f"'{prefix}' with detectron2 key names")
+        else:
+            self._format = str(loaded.get("__author__", "d2seg/detectron2"))
+        return loaded
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        shapes = list(incompatible.incorrect_shapes)
+        model_keys = set(self.model.state_dict())
+        skipped = {k for k, _, _ in shapes}
+        missing = [k for k in incompatible.missing_keys if k in model_keys and k not in skipped]
+        self.last_summary = {
+            "file": self._file,
+            "format": self._format,
+            "loaded": len(model_keys) - len(missing) - len(shapes),
+            "skipped_shape": shapes,
+            "missing": missing,
+            "unexpected": list(incompatible.unexpected_keys),
+        }
+        if shapes:
+            self.logger.warning(
+                f"Fine-tuning: {len(shapes)} weight(s) of {self._file} skipped because their "
+                "shape differs from the model's (trained from scratch, e.g. a head with another "
+                "number of classes): " + "; ".join(
+                    f"{k} {tuple(a)}->{tuple(b)}" for k, a, b in shapes))
+        rest = type(incompatible)([k for k in incompatible.missing_keys if k not in skipped],
+                                  incompatible.unexpected_keys, [])
+        super()._log_incompatible_keys(rest)
+        self.logger.info(f"Loaded {self.last_summary['loaded']} of {len(model_keys)} model "
+                         f"tensors from {self._file} ({self._format})")
+
+
+def load_weights(model: nn.Module, path: str) -> Dict[str, Any]:
+    """Load ``path`` into ``model`` with :class:`FinetuneCheckpointer`; returns its summary."""
+    ck = FinetuneCheckpointer(model)
+    ck.load(path, checkpointables=[])
+    return ck.last_summary
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> List[str]:
+    """Freeze the parameters whose names ``re.match`` one of ``patterns``.
+
+    BatchNorm modules whose parameters are all frozen become ``FrozenBatchNorm2d`` (their
+    statistics stop updating too).
+
+    Returns:
+        Names of the frozen parameters.
+
+    Raises:
+        ValueError: a pattern matches no parameter (naming the pattern and example names).
+    """
+    if not patterns:
+        return []
+    regexes = [re.compile(p) for p in patterns]
+    names = [n for n, _ in model.named_parameters()]
+    for p, r in zip(patterns, regexes):
+        if not any(r.match(n) for n in names):
+            raise ValueError(f"D2SEG.FINETUNE.FREEZE pattern '{p}' matches no parameter; "
+                             f"parameter names look like {names[:3]} ... {names[-2:]}")
+    frozen = []
+    for n, param in model.named_parameters():
+        if any(r.match(n) for r in regexes):
+            param.requires_grad_(False)
+            frozen.append(n)
+    num_bn = 0
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and name:
+            params = list(m.parameters())
+            if params and all(not p.requires_grad for p in params):
+                _set_submodule(model, name, FrozenBatchNorm2d.convert_frozen_batchnorm(m))
+                num_bn += 1
+    numel = sum(p.numel() for n, p in model.named_parameters() if n in set(frozen))
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(f"Froze {len(frozen)} parameter tensors ({numel} of {total} weights) matching "
+                f"{list(patterns)}; {num_bn} BatchNorm layers made FrozenBatchNorm2d")
+    return frozen

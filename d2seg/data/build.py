@@ -1,0 +1,164 @@
+"""Train/test data loaders for d2seg's trainer: detectron2's builders plus d2seg's mappers.
+
+* ``cfg.INPUT.DATASET_MAPPER_NAME``: "" = detectron2's ``DatasetMapper``; "sem_seg" =
+  :class:`d2seg.data.sem_seg_mapper.SemSegDatasetMapper` (train and test).
+* ``cfg.DATALOADER.SAMPLER_TRAIN``: detectron2's samplers, plus
+  "SemSegRepeatFactorTrainingSampler" (repeat factors from label-map class frequencies).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from torch.utils.data import Sampler
+
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import (
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+)
+from detectron2.utils import comm
+
+from .safe_mapper import SafeMapper
+
+__all__ = ["build_train_loader", "build_test_loader", "build_mapper", "MAPPER_NAMES",
+           "SkipSampler", "PositionSeededMapper"]
+
+MAPPER_NAMES = ("", "sem_seg")
+SEM_SEG_REPEAT_SAMPLER = "SemSegRepeatFactorTrainingSampler"
+
+
+def build_mapper(cfg, is_train: bool):
+    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name == "":
+        return DatasetMapper(cfg, is_train)
+    if name == "sem_seg":
+        from .sem_seg_mapper import SemSegDatasetMapper
+
+        return SemSegDatasetMapper(cfg, is_train)
+    raise ValueError(f"INPUT.DATASET_MAPPER_NAME '{name}' is not one of {MAPPER_NAMES}")
+
+
+class SkipSampler(Sampler):
+    """Yield ``sampler``'s (infinite) index stream without its first ``skip`` indices.
+
+    A resumed run rebuilds its sampler from the same seed; skipping the indices the first
+    ``start_iter`` iterations consumed makes it continue the same data order. detectron2
+    shards the stream among data-loader workers in chunks of one batch, so batch ``k`` is
+    always indices ``[k*B, (k+1)*B)`` of this rank's stream, for any number of workers.
+    """
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+class PositionSeededMapper:
+    """Seed python/numpy/torch RNGs before each sample from (seed, rank, stream position).
+
+    The random augmentations of a sample then depend on where it sits in this rank's sampler
+    stream, not on the data-loader worker's RNG history, so a resumed run (which restarts its
+    workers) applies the same augmentations as the uninterrupted run. Positions follow
+    detectron2's worker sharding: chunks of ``batch_size`` indices, round-robin over workers.
+    """
+
+    def __init__(self, mapper: Callable, seed: int, batch_size: int, start: int = 0):
+        self.mapper, self.seed, self.batch, self.start = mapper, int(seed), int(batch_size), start
+        self.rank = comm.get_rank()
+        self.count = 0  # samples mapped by this process (each worker has its own copy)
+
+    def __call__(self, dataset_dict):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        k = self.count
+        self.count += 1
+        pos = self.start + ((k // self.batch) * n + w) * self.batch + k % self.batch
+        s = int(np.random.SeedSequence([self.seed, self.rank, pos]).generate_state(1)[0])
+        if info is None:  # in the training process itself: leave its RNG streams untouched
+            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        try:
+            return self.mapper(dataset_dict)
+        finally:
+            if info is None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def _build_sampler(cfg, dataset) -> Sampler:
+    """detectron2's ``DATALOADER.SAMPLER_TRAIN`` choice (plus d2seg's semantic repeat-factor
+    sampler), seeded with ``cfg.SEED`` rather than a fresh random draw so that a resumed run
+    rebuilds the same index stream."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    seed = cfg.SEED if cfg.SEED >= 0 else None
+    if name == "TrainingSampler":
+        return TrainingSampler(len(dataset), seed=seed)
+    if name == "RepeatFactorTrainingSampler":
+        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dataset, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
+        return RepeatFactorTrainingSampler(factors, seed=seed)
+    if name == "RandomSubsetTrainingSampler":
+        return RandomSubsetTrainingSampler(len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO,
+                                           seed_shuffle=seed, seed_subset=seed)
+    if name == SEM_SEG_REPEAT_SAMPLER:
+        from .sem_seg_sampler import build_sem_seg_repeat_sampler
+
+        return build_sem_seg_repeat_sampler(cfg, dataset)
+    raise ValueError(f"DATALOADER.SAMPLER_TRAIN '{name}' is not one of TrainingSampler, "
+                     f"RepeatFactorTrainingSampler, RandomSubsetTrainingSampler, "
+                     f"{SEM_SEG_REPEAT_SAMPLER}")
+
+
+def build_train_loader(cfg, start_iter: int = 0):
+    """detectron2's train loader with
+
+    * the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, wrapped in
+      :class:`~d2seg.data.safe_mapper.SafeMapper` (``D2SEG.BAD_INPUT``) and
+      :class:`PositionSeededMapper` (augmentations reproducible across resumes);
+    * the sampler of ``DATALOADER.SAMPLER_TRAIN`` (detectron2's, or
+      "SemSegRepeatFactorTrainingSampler"), seeded with ``SEED``;
+    * ``start_iter > 0`` (resuming): the sampler skips the indices of the iterations already
+      trained (:class:`SkipSampler`).
+    """
+    from detectron2.data.build import _train_loader_from_config
+
+    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    if cfg.DATALOADER.SAMPLER_TRAIN == SEM_SEG_REPEAT_SAMPLER:
+        filter_empty = False
+    dataset = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=filter_empty,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+        if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    sampler = _build_sampler(cfg, dataset)
+    per_rank = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+    mapper = SafeMapper(build_mapper(cfg, True), cfg.D2SEG.BAD_INPUT.POLICY,
+                        cfg.D2SEG.BAD_INPUT.MAX_SKIPS)
+    mapper = PositionSeededMapper(mapper, max(cfg.SEED, 0), per_rank, start_iter * per_rank)
+    # the remaining arguments as build_detection_train_loader(cfg) derives them
+    kwargs = _train_loader_from_config(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+    if start_iter > 0:
+        kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)
+    return build_detection_train_loader(**kwargs)
+
+
+def build_test_loader(cfg, dataset_name: str):
+    """detectron2's test loader for ``dataset_name`` with the configured mapper."""
+    return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))

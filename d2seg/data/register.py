@@ -1,0 +1,496 @@
+"""Register your own datasets from the config (``D2SEG.DATASETS.REGISTER``), without Python.
+
+Each entry of ``D2SEG.DATASETS.REGISTER`` describes one dataset, with the argument names of
+detectron2's own ``register_*`` functions. In a YAML config it is a mapping::
+
+    D2SEG:
+      DATASETS:
+        REGISTER:
+          - {name: fruits, type: coco,
+             json_file: ../shared/data/fruits_nuts_coco/trainval.json,
+             image_root: ../shared/data/fruits_nuts_coco/images,
+             val_fraction: 0.25}            # -> fruits_train, fruits_val (and fruits: all)
+          - {name: isbi, type: sem_seg,
+             image_root: ../shared/data/isbi2012_membrane/train/image,
+             sem_seg_root: ../shared/data/isbi2012_membrane/train/label,
+             classes: [cell, membrane], ignore_label: 255, label_map: {255: 0, 0: 1}}
+
+On train_net's command line the same entry is one ``key=value,key=value`` string (lists in
+``[a,b]``, mappings in ``{k:v,k:v}``)::
+
+    D2SEG.DATASETS.REGISTER "('name=fruits,type=coco,json_file=...,image_root=...',)"
+
+Types and their keys:
+
+* ``coco`` (instances; as detectron2's ``register_coco_instances``): ``json_file``,
+  ``image_root``. ``evaluator_type="coco"``.
+* ``sem_seg`` (image folder + mask folder, paired by file stem;
+  :func:`d2seg.data.sem_seg_folder.register_sem_seg_folder`): ``image_root``,
+  ``sem_seg_root``, ``classes``; optional ``ignore_label`` (255), ``label_map`` (raw mask value
+  -> class id; unmapped values become ``ignore_label``), ``colors``. ``evaluator_type="sem_seg"``.
+* ``coco_panoptic`` (COCO panoptic json + PNG folder): ``image_root``, ``panoptic_root``,
+  ``panoptic_json``; optional ``instances_json`` (COCO instances of the same images; derived
+  from the PNGs when absent). Registered in the "separated" format Panoptic FPN trains on
+  (instance annotations + stuff map with things = 0, stuff = 1..S, plus ``pan_seg_file_name``
+  / ``segments_info``), like detectron2's ``register_coco_panoptic_separated``;
+  ``evaluator_type="coco_panoptic_seg"``.
+
+Every type also takes ``val_fraction`` (and ``seed``, default 0): the split helper for when
+only one set exists. ``<name>_train`` and ``<name>_val`` are then registered besides ``<name>``
+(all images); COCO/panoptic splits get their own json files (written once into the dataset
+cache, ``$D2SEG_DATASETS`` or ``~/.cache/d2seg``) so that COCO evaluation sees only the split.
+Relative paths are relative to the current directory.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from .errors import DatasetLoadError, guard_load
+from .sem_seg_folder import _list_by_stem, register_sem_seg_folder
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DatasetLoadError",
+    "DATASET_TYPES",
+    "parse_dataset_spec",
+    "register_dataset",
+    "register_datasets_from_cfg",
+    "split_items",
+    "split_coco_json",
+    "registered_names",
+]
+
+DATASET_TYPES = ("coco", "sem_seg", "coco_panoptic")
+_REQUIRED = {
+    "coco": ("json_file", "image_root"),
+    "sem_seg": ("image_root", "sem_seg_root", "classes"),
+    "coco_panoptic": ("image_root", "panoptic_root", "panoptic_json"),
+}
+_OPTIONAL = {
+    "coco": (),
+    "sem_seg": ("ignore_label", "label_map", "colors"),
+    "coco_panoptic": ("instances_json",),
+}
+_COMMON = ("name", "type", "val_fraction", "seed")
+_PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json",
+              "instances_json")
+
+
+# ----------------------------------------------------------------------------------------
+# spec parsing
+# ----------------------------------------------------------------------------------------
+def _split_top_level(text: str, sep: str = ",") -> List[str]:
+    """Split on ``sep`` outside of [] and {} brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(v, (dict, list)) or v is None else v
+
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [_scalar(x) for x in _split_top_level(text[1:-1])]
+    if text.startswith("{") and text.endswith("}"):
+        out = {}
+        for item in _split_top_level(text[1:-1]):
+            if ":" not in item:
+                raise ValueError(f"'{item}' in '{text}' is not a key:value pair")
+            k, v = item.split(":", 1)
+            out[_scalar(k)] = _scalar(v)
+        return out
+    return _scalar(text)
+
+
+def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """One ``D2SEG.DATASETS.REGISTER`` entry as a validated dict with lower-case keys.
+
+    Args:
+        spec: a mapping (YAML form) or a ``"key=value,key=value"`` string (command-line form).
+
+    Returns:
+        dict with at least ``name`` and ``type`` and the type's required keys; paths are made
+        absolute, ``label_map`` keys/values are ints.
+
+    Raises:
+        ValueError: naming the entry and the missing, unknown or malformed key.
+    """
+    if isinstance(spec, str):
+        entry: Dict[str, Any] = {}
+        for item in _split_top_level(spec):
+            if "=" not in item:
+                raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{spec}': '{item}' is not "
+                                 "key=value")
+            k, v = item.split("=", 1)
+            entry[k.strip().lower()] = _value(v)
+    elif isinstance(spec, Mapping):
+        entry = {str(k).lower(): v for k, v in spec.items()}
+    else:
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry {spec!r} is neither a mapping nor a "
+                         "'key=value,...' string")
+    name = entry.get("name")
+    if not name:
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry {spec!r}: 'name' is missing")
+    kind = entry.get("type")
+    if kind not in DATASET_TYPES:
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': type={kind!r} is not one of "
+                         f"{DATASET_TYPES}")
+    missing = [k for k in _REQUIRED[kind] if entry.get(k) in (None, "", [])]
+    if missing:
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}' (type {kind}): missing "
+                         f"{missing}; needs {list(_REQUIRED[kind])}")
+    allowed = set(_COMMON) | set(_REQUIRED[kind]) | set(_OPTIONAL[kind])
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}' (type {kind}): unknown keys "
+                         f"{unknown}; allowed: {sorted(allowed)}")
+    for k in _PATH_KEYS:
+        if entry.get(k):
+            entry[k] = os.path.abspath(os.path.expanduser(str(entry[k])))
+    if kind == "sem_seg":
+        classes = entry["classes"]
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",")]
+        entry["classes"] = [str(c) for c in classes]
+        entry["ignore_label"] = int(entry.get("ignore_label", 255))
+        lm = entry.get("label_map")
+        if lm:
+            try:
+                entry["label_map"] = {int(k): int(v) for k, v in dict(lm).items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': label_map {lm!r} "
+                                 "must map integers to integers") from e
+    if entry.get("val_fraction") is not None:
+        f = float(entry["val_fraction"])
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': val_fraction={f} is not "
+                             "in (0, 1)")
+        entry["val_fraction"] = f
+    entry["seed"] = int(entry.get("seed", 0))
+    return entry
+
+
+# ----------------------------------------------------------------------------------------
+# split helper
+# ----------------------------------------------------------------------------------------
+def split_items(items: Sequence, val_fraction: float, seed: int = 0) -> Tuple[list, list]:
+    """Deterministic random split of ``items`` into (train, val), each in the input order.
+
+    ``round(len * val_fraction)`` items go to val, at least 1 and at most ``len - 1`` when there
+    are 2 or more items.
+    """
+    items = list(items)
+    n = len(items)
+    n_val = int(round(n * val_fraction))
+    if n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [x for i, x in enumerate(items) if i not in val_idx]
+    val = [x for i, x in enumerate(items) if i in val_idx]
+    return train, val
+
+
+def _cache_root() -> str:
+    return os.environ.get("D2SEG_DATASETS") or os.path.join(
+        os.path.expanduser("~"), ".cache", "d2seg")
+
+
+def _file_key(*paths: str, extra: Any = None) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_json(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def split_coco_json(json_file: str, val_fraction: float, seed: int = 0,
+                    out_dir: Optional[str] = None) -> Tuple[str, str]:
+    """Split a COCO (instances or panoptic) json by image into train and val json files.
+
+    Categories and every other top-level field are kept; ``annotations`` follow their image.
+
+    Args:
+        json_file: the json holding all images.
+        val_fraction: share of images for val (see :func:`split_items`).
+        out_dir: where to write ``train.json`` / ``val.json``; default a folder of the dataset
+            cache keyed by the input file and the split parameters (written once).
+
+    Returns:
+        (train_json, val_json) paths.
+    """
+    if out_dir is None:
+        key = _file_key(json_file, extra=[val_fraction, seed])
+        out_dir = os.path.join(_cache_root(), "splits", key)
+    tr_path, va_path = os.path.join(out_dir, "train.json"), os.path.join(out_dir, "val.json")
+    if os.path.isfile(tr_path) and os.path.isfile(va_path):
+        return tr_path, va_path
+    with open(json_file) as f:
+        data = json.load(f)
+    ids = [im["id"] for im in data["images"]]
+    tr_ids, va_ids = split_items(ids, val_fraction, seed)
+    for ids_, path in ((set(tr_ids), tr_path), (set(va_ids), va_path)):
+        part = {k: v for k, v in data.items() if k not in ("images", "annotations")}
+        part["images"] = [im for im in data["images"] if im["id"] in ids_]
+        part["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in ids_]
+        _atomic_json(part, path)
+    logger.info(f"Split {json_file}: {len(tr_ids)} train / {len(va_ids)} val images -> {out_dir}")
+    return tr_path, va_path
+
+
+# ----------------------------------------------------------------------------------------
+# registration by type
+# ----------------------------------------------------------------------------------------
+def _remove(name: str) -> None:
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def _register_coco(name: str, json_file: str, image_root: str) -> None:
+    _remove(name)
+    # detectron2's register_coco_instances, also keeping each annotation's "id" so that checks
+    # and skipped-annotation warnings can name it
+    DatasetCatalog.register(name, lambda: guard_load(
+        json_file, load_coco_json, json_file, image_root, name, extra_annotation_keys=["id"]))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                  evaluator_type="coco")
+    # thing_classes are known before the first load (predict / visualizers need them)
+    with open(json_file) as f:
+        cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
+    MetadataCatalog.get(name).set(
+        thing_classes=[c["name"] for c in cats],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
+    )
+
+
+def _panoptic_meta(categories: List[dict]) -> Dict[str, Any]:
+    """Separated-format metadata (things: 0..T-1; stuff: 0 = "things", 1..S)."""
+    things = [c for c in categories if c.get("isthing", 1)]
+    stuff = [c for c in categories if not c.get("isthing", 1)]
+    meta = {
+        "thing_classes": [c["name"] for c in things],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(things)},
+        "stuff_classes": ["things"] + [c["name"] for c in stuff],
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i + 1 for i, c in enumerate(stuff)},
+    }
+    if all("color" in c for c in categories):
+        meta["thing_colors"] = [tuple(c["color"]) for c in things]
+        meta["stuff_colors"] = [(82, 18, 128)] + [tuple(c["color"]) for c in stuff]
+    return meta
+
+
+def _convert_panoptic(panoptic_json: str, panoptic_root: str) -> Tuple[str, str]:
+    """Derive (instances json, stuff-map folder) from a COCO panoptic json + PNGs, once.
+
+    Instances: one COCO annotation per "thing" segment (RLE mask from the PNG, the segment's
+    bbox, area and iscrowd, original category id). Stuff map: stuff segments -> 1..S in
+    category-id order, thing segments -> 0, unlabelled -> 255.
+    """
+    from panopticapi.utils import rgb2id
+    from pycocotools import mask as mask_util
+
+    key = _file_key(panoptic_json, extra=os.path.abspath(panoptic_root))
+    out = os.path.join(_cache_root(), "panoptic_separated", key)
+    inst_path, sem_dir = os.path.join(out, "instances.json"), os.path.join(out, "sem_seg")
+    if os.path.isfile(inst_path):
+        return inst_path, sem_dir
+    with open(panoptic_json) as f:
+        data = json.load(f)
+    meta = _panoptic_meta(data["categories"])
+    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+    thing_ids = set(meta["thing_dataset_id_to_contiguous_id"])
+    os.makedirs(sem_dir, exist_ok=True)
+    anns = []
+    for pan in data["annotations"]:
+        png = os.path.join(panoptic_root, pan["file_name"])
+        seg = rgb2id(np.asarray(Image.open(png).convert("RGB"), dtype=np.uint32))
+        sem = np.full(seg.shape, 255, np.uint8)
+        for s in pan["segments_info"]:
+            m = seg == s["id"]
+            if s["category_id"] in thing_ids:
+                sem[m] = 0
+                rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode("ascii")
+                anns.append({
+                    "id": len(anns) + 1, "image_id": pan["image_id"],
+                    "category_id": s["category_id"], "segmentation": rle,
+                    "area": float(s.get("area", int(m.sum()))), "bbox": list(s["bbox"]),
+                    "iscrowd": int(s.get("iscrowd", 0)),
+                })
+            elif s["category_id"] in stuff_map:
+                sem[m] = stuff_map[s["category_id"]]
+        stem = os.path.splitext(pan["file_name"])[0]
+        Image.fromarray(sem).save(os.path.join(sem_dir, stem + ".png"))
+    inst = {"images": data["images"], "annotations": anns,
+            "categories": [c for c in data["categories"] if c.get("isthing", 1)]}
+    _atomic_json(inst, inst_path)
+    return inst_path, sem_dir
+
+
+def _load_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_json: str,
+                   instances_json: str, sem_seg_root: str) -> List[dict]:
+    with open(panoptic_json) as f:
+        data = json.load(f)
+    meta = _panoptic_meta(data["categories"])
+    thing_map = meta["thing_dataset_id_to_contiguous_id"]
+    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+    pan = {a["image_id"]: a for a in data["annotations"]}
+    dicts = load_coco_json(instances_json, image_root, name)
+    out = []
+    for d in dicts:
+        a = pan.get(d["image_id"])
+        if a is None:
+            logger.warning(f"{panoptic_json}: image_id {d['image_id']} ({d['file_name']}) has no "
+                           "panoptic annotation; left out")
+            continue
+        d["pan_seg_file_name"] = os.path.join(panoptic_root, a["file_name"])
+        d["sem_seg_file_name"] = os.path.join(sem_seg_root,
+                                              os.path.splitext(a["file_name"])[0] + ".png")
+        segs = copy.deepcopy(a["segments_info"])
+        for s in segs:
+            s["isthing"] = s["category_id"] in thing_map
+            s["category_id"] = (thing_map if s["isthing"] else stuff_map)[s["category_id"]]
+        d["segments_info"] = segs
+        out.append(d)
+    return out
+
+
+def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_json: str,
+                       instances_json: Optional[str]) -> None:
+    derived_inst, sem_seg_root = _convert_panoptic(panoptic_json, panoptic_root)
+    inst = instances_json or derived_inst
+    if instances_json:  # keep only the split's images of a user-given instances json
+        with open(panoptic_json) as f:
+            ids = {im["id"] for im in json.load(f)["images"]}
+        with open(instances_json) as f:
+            full = json.load(f)
+        if {im["id"] for im in full["images"]} != ids:
+            full["images"] = [im for im in full["images"] if im["id"] in ids]
+            full["annotations"] = [a for a in full["annotations"] if a["image_id"] in ids]
+            inst = os.path.join(os.path.dirname(derived_inst),
+                                f"instances_{_file_key(instances_json, panoptic_json)}.json")
+            _atomic_json(full, inst)
+    with open(panoptic_json) as f:
+        meta = _panoptic_meta(json.load(f)["categories"])
+    _remove(name)
+    DatasetCatalog.register(name, lambda: guard_load(
+        panoptic_json, _load_panoptic, name, image_root, panoptic_root, panoptic_json, inst,
+        sem_seg_root))
+    MetadataCatalog.get(name).set(
+        image_root=image_root, panoptic_root=panoptic_root, panoptic_json=panoptic_json,
+        sem_seg_root=sem_seg_root, json_file=inst, evaluator_type="coco_panoptic_seg",
+        ignore_label=255, label_divisor=1000, **meta,
+    )
+
+
+_REGISTERED: Dict[str, List[str]] = {}
+
+
+def registered_names(entry_name: str) -> List[str]:
+    """The dataset names that the entry ``entry_name`` registered (``[name, name_train, ...]``)."""
+    return list(_REGISTERED.get(entry_name, []))
+
+
+def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
+    """Register one dataset described by a ``D2SEG.DATASETS.REGISTER`` entry.
+
+    Returns:
+        The names registered: ``[name]``, plus ``name_train`` and ``name_val`` with
+        ``val_fraction``.
+    """
+    e = parse_dataset_spec(spec)
+    name, kind, frac, seed = e["name"], e["type"], e.get("val_fraction"), e["seed"]
+    for k in _PATH_KEYS:
+        if e.get(k) and not os.path.exists(e[k]):
+            raise FileNotFoundError(f"D2SEG.DATASETS.REGISTER entry '{name}': {k} "
+                                    f"'{e[k]}' does not exist")
+    main_file = {"coco": "json_file", "sem_seg": "sem_seg_root", "coco_panoptic": "panoptic_json"}
+    guard_load(e[main_file[kind]], _register_entry, e)
+    names = [name] + ([f"{name}_train", f"{name}_val"] if frac else [])
+    if kind == "sem_seg" and e.get("label_map"):
+        for n in names:  # lets the checker report raw values the map leaves out
+            MetadataCatalog.get(n).set(label_map=dict(e["label_map"]))
+    _REGISTERED[name] = names
+    logger.info(f"Registered {kind} dataset(s) {names} from D2SEG.DATASETS.REGISTER")
+    return names
+
+
+def _register_entry(e: Dict[str, Any]) -> None:
+    name, kind, frac, seed = e["name"], e["type"], e.get("val_fraction"), e["seed"]
+    if kind == "coco":
+        _register_coco(name, e["json_file"], e["image_root"])
+        if frac:
+            tr, va = split_coco_json(e["json_file"], frac, seed)
+            _register_coco(f"{name}_train", tr, e["image_root"])
+            _register_coco(f"{name}_val", va, e["image_root"])
+    elif kind == "sem_seg":
+        kw = dict(classes=e["classes"], ignore_label=e["ignore_label"],
+                  label_map=e.get("label_map"), colors=e.get("colors"))
+        register_sem_seg_folder(name, e["image_root"], e["sem_seg_root"], **kw)
+        if frac:
+            images, masks = _list_by_stem(e["image_root"]), _list_by_stem(e["sem_seg_root"])
+            stems = [s for s in images if s in masks]
+            tr, va = split_items(stems, frac, seed)
+            register_sem_seg_folder(f"{name}_train", e["image_root"], e["sem_seg_root"],
+                                    stems=tr, **kw)
+            register_sem_seg_folder(f"{name}_val", e["image_root"], e["sem_seg_root"],
+                                    stems=va, **kw)
+    else:
+        args = (e["image_root"], e["panoptic_root"])
+        _register_panoptic(name, *args, e["panoptic_json"], e.get("instances_json"))
+        if frac:
+            tr, va = split_coco_json(e["panoptic_json"], frac, seed)
+            _register_panoptic(f"{name}_train", *args, tr, e.get("instances_json"))
+            _register_panoptic(f"{name}_val", *args, va, e.get("instances_json"))
+
+
+def register_datasets_from_cfg(cfg) -> List[str]:
+    """Register every entry of ``cfg.D2SEG.DATASETS.REGISTER``; returns all names registered."""
+    names: List[str] = []
+    for spec in cfg.D2SEG.DATASETS.REGISTER:
+        names += register_dataset(spec)
+    return names

@@ -1,0 +1,124 @@
+"""``SemSegDatasetMapper``: dataset dict -> model input for semantic segmentation."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .sem_seg_transforms import ForegroundCenteredCrop, RandomRot90
+
+__all__ = ["SemSegDatasetMapper", "build_sem_seg_augmentation"]
+
+FLIP_CHOICES = ("none", "horizontal", "vertical", "both")
+
+
+def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
+    """Augmentations from ``cfg.INPUT``.
+
+    Training: ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING)``
+    (skipped when MIN_SIZE_TRAIN is 0), then if ``CROP.ENABLED`` a crop of ``CROP.TYPE`` /
+    ``CROP.SIZE`` (foreground-centred with ``FG_CROP``, else detectron2's
+    ``RandomCrop_CategoryAreaConstraint`` with ``CROP.SINGLE_CATEGORY_MAX_AREA``), flips
+    (``RANDOM_FLIP``: "none", "horizontal", "vertical" or "both") and ``RANDOM_ROT90``.
+    Inference: ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` unless MIN_SIZE_TEST is 0.
+    """
+    inp = cfg.INPUT
+    augs: List[T.Augmentation] = []
+    if not is_train:
+        if inp.MIN_SIZE_TEST > 0:
+            augs.append(T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice"))
+        return augs
+    min_sizes = inp.MIN_SIZE_TRAIN if isinstance(inp.MIN_SIZE_TRAIN, (list, tuple)) else [
+        inp.MIN_SIZE_TRAIN]
+    if any(s > 0 for s in min_sizes):
+        augs.append(T.ResizeShortestEdge(inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN,
+                                         inp.MIN_SIZE_TRAIN_SAMPLING))
+    ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    if inp.FG_CROP.ENABLED and not inp.CROP.ENABLED:
+        raise ValueError("INPUT.FG_CROP.ENABLED=True needs INPUT.CROP.ENABLED=True (it sets "
+                         "the crop size)")
+    if inp.CROP.ENABLED:
+        if inp.FG_CROP.ENABLED:
+            augs.append(ForegroundCenteredCrop(inp.CROP.TYPE, inp.CROP.SIZE, inp.FG_CROP.PROB,
+                                               list(inp.FG_CROP.CLASSES), ignore))
+        else:
+            augs.append(T.RandomCrop_CategoryAreaConstraint(
+                inp.CROP.TYPE, inp.CROP.SIZE, inp.CROP.SINGLE_CATEGORY_MAX_AREA, ignore))
+    flip = inp.RANDOM_FLIP
+    if flip not in FLIP_CHOICES:
+        raise ValueError(f"INPUT.RANDOM_FLIP must be one of {FLIP_CHOICES}, got '{flip}'")
+    if flip in ("horizontal", "both"):
+        augs.append(T.RandomFlip(horizontal=True, vertical=False))
+    if flip in ("vertical", "both"):
+        augs.append(T.RandomFlip(horizontal=False, vertical=True))
+    if inp.RANDOM_ROT90:
+        augs.append(RandomRot90())
+    return augs
+
+
+class SemSegDatasetMapper:
+    """Read the image and its label map, augment both, return the model's input dict.
+
+    Output: the dataset dict plus "image" (C, H, W) uint8 tensor and, when the dict has
+    "sem_seg_file_name" and in training (or with ``load_gt_in_eval``), "sem_seg" (H, W) int64
+    tensor. "height"/"width" keep the original size, so models predict at that size.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: Sequence[Union[T.Augmentation, T.Transform]],
+        image_format: str = "BGR",
+        load_gt_in_eval: bool = False,
+    ):
+        """
+        Args:
+            is_train: training (random augmentations, ground truth loaded) or inference.
+            augmentations: applied to image and label map together.
+            image_format: ``detection_utils.read_image`` format (e.g. "BGR", "RGB", "L").
+            load_gt_in_eval: also load "sem_seg" at inference (evaluators read the original
+                ground truth themselves, so it is off by default).
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(list(augmentations))
+        self.image_format = image_format
+        self.load_gt_in_eval = load_gt_in_eval
+        mode = "training" if is_train else "inference"
+        logging.getLogger(__name__).info(
+            f"[SemSegDatasetMapper] Augmentations used in {mode}: {list(augmentations)}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "augmentations": build_sem_seg_augmentation(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        d = copy.deepcopy(dataset_dict)
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        sem_seg: Optional[np.ndarray] = None
+        if "sem_seg_file_name" in d and (self.is_train or self.load_gt_in_eval):
+            sem_seg = utils.read_image(d["sem_seg_file_name"], "L").squeeze(2)
+        elif self.is_train:
+            raise ValueError(f"{d.get('file_name')}: no 'sem_seg_file_name' in the dataset dict; "
+                             "SemSegDatasetMapper trains on semantic segmentation datasets")
+        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        self.augmentations(aug_input)
+        image, sem_seg = aug_input.image, aug_input.sem_seg
+        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg is not None:
+            d["sem_seg"] = torch.as_tensor(np.ascontiguousarray(sem_seg).astype("long"))
+        d.pop("annotations", None)
+        return d

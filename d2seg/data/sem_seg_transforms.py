@@ -1,0 +1,107 @@
+"""Augmentations for semantic segmentation that detectron2 lacks.
+
+* :class:`ForegroundCenteredCrop`: a share of the crops centred on a foreground pixel (class
+  imbalance), the rest uniform;
+* :class:`RandomRot90` / :class:`Rot90Transform`: exact rotations by multiples of 90 degrees
+  (detectron2's ``RandomRotation`` interpolates).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from fvcore.transforms.transform import CropTransform, NoOpTransform, Transform
+
+from detectron2.data import transforms as T
+
+__all__ = ["ForegroundCenteredCrop", "RandomRot90", "Rot90Transform"]
+
+
+class ForegroundCenteredCrop(T.Augmentation):
+    """Crop of ``crop_size`` (detectron2 ``RandomCrop`` types) whose centre is, with
+    probability ``prob``, a uniformly drawn pixel of a foreground class; otherwise the crop
+    position is uniform. Near the border the window is shifted to stay inside the image, so
+    the chosen pixel is inside the crop but not always at its centre. An image without
+    foreground pixels gets a uniform crop.
+    """
+
+    def __init__(
+        self,
+        crop_type: str,
+        crop_size: Tuple[float, float],
+        prob: float = 0.5,
+        foreground_classes: Optional[Sequence[int]] = None,
+        ignore_label: int = 255,
+    ):
+        """
+        Args:
+            crop_type, crop_size: as ``detectron2.data.transforms.RandomCrop``.
+            prob: share of crops centred on foreground, in [0, 1].
+            foreground_classes: class ids counting as foreground; None or empty = every class
+                except 0 and ``ignore_label``.
+        """
+        super().__init__()
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"INPUT.FG_CROP.PROB must be in [0, 1], got {prob}")
+        self._crop = T.RandomCrop(crop_type, crop_size)
+        fg = sorted(int(c) for c in foreground_classes) if foreground_classes else None
+        self._init(dict(crop_type=crop_type, crop_size=crop_size, prob=prob,
+                        foreground_classes=fg, ignore_label=ignore_label))
+
+    def _foreground(self, sem_seg: np.ndarray) -> np.ndarray:
+        if self.foreground_classes:
+            return np.isin(sem_seg, self.foreground_classes)
+        return (sem_seg != 0) & (sem_seg != self.ignore_label)
+
+    def get_transform(self, image: np.ndarray, sem_seg: np.ndarray) -> Transform:
+        h, w = image.shape[:2]
+        ch, cw = self._crop.get_crop_size((h, w))
+        ch, cw = min(ch, h), min(cw, w)
+        if self._rand_range() < self.prob:
+            idx = np.flatnonzero(self._foreground(sem_seg))
+            if idx.size:
+                y, x = divmod(int(idx[np.random.randint(idx.size)]), w)
+                y0 = int(np.clip(y - ch // 2, 0, h - ch))
+                x0 = int(np.clip(x - cw // 2, 0, w - cw))
+                return CropTransform(x0, y0, cw, ch)
+        return CropTransform(np.random.randint(w - cw + 1), np.random.randint(h - ch + 1), cw, ch)
+
+
+class Rot90Transform(Transform):
+    """Rotate by ``k`` x 90 degrees counter-clockwise (``np.rot90``) an image of size (h, w)."""
+
+    def __init__(self, h: int, w: int, k: int):
+        super().__init__()
+        self._set_attributes(dict(h=h, w=w, k=k % 4))
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.rot90(img, self.k, axes=(0, 1)))
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return self.apply_image(segmentation)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """(N, 2) x, y in pixel-edge coordinates."""
+        coords = np.asarray(coords, dtype=np.float64).copy()
+        w, h = self.w, self.h
+        for _ in range(self.k):  # one CCW quarter turn: (x, y) -> (y, w - x); size -> (w, h)
+            coords = np.stack([coords[:, 1], w - coords[:, 0]], axis=1)
+            w, h = h, w
+        return coords
+
+    def inverse(self) -> Transform:
+        h, w = (self.w, self.h) if self.k % 2 else (self.h, self.w)
+        return Rot90Transform(h, w, (4 - self.k) % 4)
+
+
+class RandomRot90(T.Augmentation):
+    """Rotation by a uniformly drawn multiple of 90 degrees (0, 90, 180 or 270)."""
+
+    def __init__(self):
+        super().__init__()
+
+    def get_transform(self, image: np.ndarray) -> Transform:
+        k = int(np.random.randint(4))
+        if k == 0:
+            return NoOpTransform()
+        return Rot90Transform(image.shape[0], image.shape[1], k)

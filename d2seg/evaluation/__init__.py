@@ -1,0 +1,4 @@
+"""Evaluators for d2seg's tasks."""
+from .sem_seg_metrics import SemSegMetricsEvaluator
+
+__all__ = ["SemSegMetricsEvaluator"]

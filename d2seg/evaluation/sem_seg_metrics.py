@@ -1,0 +1,156 @@
+"""``SemSegMetricsEvaluator``: per-class IoU / Dice, mIoU, mDice, pixel accuracy, boundary IoU.
+
+Reported beside detectron2's ``SemSegEvaluator`` under the result key ``"sem_seg_metrics"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+
+from ..metrics import boundary_mask, confusion_matrix, segmentation_metrics
+
+__all__ = ["SemSegMetricsEvaluator"]
+
+RESULT_KEY = "sem_seg_metrics"
+
+
+class SemSegMetricsEvaluator(DatasetEvaluator):
+    """Dataset-level (pooled over all pixels) segmentation metrics, in percent.
+
+    The prediction of an image is ``output["sem_seg"].argmax(0)`` (as for detectron2's
+    ``SemSegEvaluator``), compared with the label map at the dataset's
+    ``sem_seg_file_name``; pixels labelled ``ignore_label`` are skipped.
+
+    ``evaluate()`` returns ``{"sem_seg_metrics": {...}}`` with floats: "mIoU", "mDice", "pACC",
+    "IoU-<class>", "Dice-<class>" and, with ``boundary_iou``, "mBIoU" and "BIoU-<class>".
+    All are pooled over the dataset's pixels (one confusion matrix), in percent. Empty cases
+    (see :mod:`d2seg.metrics`): a class with neither ground-truth nor predicted pixels in the
+    whole dataset is NaN and left out of the means; a class predicted but never present
+    scores 0 (detectron2's ``SemSegEvaluator`` instead leaves out every class absent from the
+    ground truth).
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        distributed: bool = True,
+        output_dir: Optional[str] = None,
+        *,
+        num_classes: Optional[int] = None,
+        ignore_label: Optional[int] = None,
+        boundary_iou: bool = True,
+        boundary_dilation_ratio: float = 0.02,
+    ):
+        """
+        Args:
+            dataset_name: a registered dataset with "sem_seg_file_name" per dict and
+                ``stuff_classes`` (and ``ignore_label``) in its metadata.
+            distributed: gather the statistics of all processes (main process returns them).
+            output_dir: if set, the results are also written to
+                ``<output_dir>/sem_seg_metrics.json``.
+            num_classes, ignore_label: override the metadata's.
+            boundary_iou: also compute Boundary IoU per class (Cheng et al., 2021), pooled.
+            boundary_dilation_ratio: boundary width as a fraction of the image diagonal.
+        """
+        self._logger = logging.getLogger(__name__)
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        meta = MetadataCatalog.get(dataset_name)
+        classes = getattr(meta, "stuff_classes", None)
+        if num_classes is None:
+            if classes is None:
+                raise ValueError(f"Dataset '{dataset_name}' has no 'stuff_classes' metadata; "
+                                 "pass num_classes")
+            num_classes = len(classes)
+        self._num_classes = int(num_classes)
+        self._class_names: List[str] = (list(classes) if classes is not None
+                                        and len(classes) == self._num_classes
+                                        else [str(i) for i in range(self._num_classes)])
+        self._ignore_label = (ignore_label if ignore_label is not None
+                              else getattr(meta, "ignore_label", 255))
+        self._gt_files = {d["file_name"]: d["sem_seg_file_name"]
+                          for d in DatasetCatalog.get(dataset_name) if "sem_seg_file_name" in d}
+        self._boundary = boundary_iou
+        self._ratio = boundary_dilation_ratio
+        self.reset()
+
+    def reset(self) -> None:
+        c = self._num_classes
+        self._cm = np.zeros((c, c), dtype=np.int64)
+        self._b_inter = np.zeros(c, dtype=np.int64)
+        self._b_union = np.zeros(c, dtype=np.int64)
+        self._num_images = 0
+
+    def _load_gt(self, inp: Dict) -> np.ndarray:
+        path = inp.get("sem_seg_file_name") or self._gt_files.get(inp["file_name"])
+        if path is None:
+            raise KeyError(f"No ground truth for '{inp['file_name']}' in dataset "
+                           f"'{self._dataset_name}'")
+        with PathManager.open(path, "rb") as f:
+            gt = np.asarray(Image.open(f), dtype=np.int64)
+        return gt[..., 0] if gt.ndim == 3 else gt
+
+    def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
+        """inputs: the model inputs ("file_name"); outputs: dicts with "sem_seg" (C, H, W)."""
+        for inp, out in zip(inputs, outputs):
+            pred = out["sem_seg"].argmax(dim=0).to("cpu").numpy().astype(np.int64)
+            gt = self._load_gt(inp)
+            if pred.shape != gt.shape:
+                raise ValueError(f"{inp['file_name']}: prediction {pred.shape} and ground truth "
+                                 f"{gt.shape} differ in size")
+            self._cm += confusion_matrix(pred, gt, self._num_classes, self._ignore_label)
+            self._num_images += 1
+            if self._boundary:
+                self._accumulate_boundary(pred, gt)
+
+    def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        valid = (gt != self._ignore_label) & (gt >= 0) & (gt < self._num_classes)
+        h, w = gt.shape
+        d = max(1, int(round(self._ratio * np.sqrt(h * h + w * w))))
+        for c in np.union1d(np.unique(pred[valid]), np.unique(gt[valid])):
+            bp = boundary_mask(pred == c, d) & valid
+            bg = boundary_mask(gt == c, d) & valid
+            self._b_inter[c] += int(np.logical_and(bp, bg).sum())
+            self._b_union[c] += int(np.logical_or(bp, bg).sum())
+
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        cm, bi, bu, n = self._cm, self._b_inter, self._b_union, self._num_images
+        if self._distributed:
+            comm.synchronize()
+            parts = comm.gather((cm, bi, bu, n), dst=0)
+            if not comm.is_main_process():
+                return {}
+            cm = sum(p[0] for p in parts)
+            bi = sum(p[1] for p in parts)
+            bu = sum(p[2] for p in parts)
+            n = sum(p[3] for p in parts)
+        if n == 0:
+            self._logger.warning(f"[SemSegMetricsEvaluator] no predictions for "
+                                 f"'{self._dataset_name}'")
+            return {}
+        res = OrderedDict(
+            (k, 100.0 * v) for k, v in segmentation_metrics(cm, self._class_names).items())
+        if self._boundary:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                biou = np.where(bu > 0, bi / np.maximum(bu, 1), np.nan)
+            res["mBIoU"] = (100.0 * float(np.nanmean(biou)) if np.isfinite(biou).any()
+                            else float("nan"))
+            for name, v in zip(self._class_names, biou):
+                res[f"BIoU-{name}"] = 100.0 * float(v)
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
+            with PathManager.open(os.path.join(self._output_dir, "sem_seg_metrics.json"), "w") as f:
+                json.dump({"num_images": int(n), **res}, f, indent=1)
+        return OrderedDict({RESULT_KEY: res})

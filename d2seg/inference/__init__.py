@@ -1,0 +1,7 @@
+"""Inference helpers: sliding-window and flip test-time augmentation for semantic models, a
+``DefaultPredictor`` that applies them, and the prediction writer behind ``tools/predict.py``."""
+from .predictor import SegPredictor, is_semantic_model
+from .sliding_window import semantic_logits, sliding_window_logits, window_starts
+
+__all__ = ["SegPredictor", "is_semantic_model", "semantic_logits", "sliding_window_logits",
+           "window_starts"]

@@ -1,0 +1,110 @@
+"""``SegPredictor``: detectron2's ``DefaultPredictor`` with d2seg's test-time options.
+
+* semantic models: sliding windows (``D2SEG.INFERENCE.SLIDING_WINDOW``) and flip averaging
+  (``D2SEG.INFERENCE.FLIP``), see :mod:`d2seg.inference.sliding_window`;
+* R-CNN models: ``D2SEG.INFERENCE.FLIP`` uses detectron2's ``GeneralizedRCNNWithTTA``
+  (horizontal flip at ``INPUT.MIN_SIZE_TEST``; ``TEST.AUG.MIN_SIZES`` adds scales when
+  ``TEST.AUG.ENABLED``);
+* weights are read with :class:`d2seg.checkpoint.FinetuneCheckpointer`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_model
+from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
+
+from ..checkpoint import FinetuneCheckpointer
+from .sliding_window import semantic_logits
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SegPredictor", "is_semantic_model"]
+
+
+def is_semantic_model(model: nn.Module) -> bool:
+    """Whether ``model`` returns only ``"sem_seg"`` (not an R-CNN / RetinaNet / Panoptic FPN)."""
+    from detectron2.modeling import RetinaNet
+
+    model = model.module if hasattr(model, "module") else model
+    return not isinstance(model, (GeneralizedRCNN, RetinaNet))
+
+
+class SegPredictor(DefaultPredictor):
+    """Like ``DefaultPredictor``: ``predictor(bgr_image (H, W, 3) uint8)`` -> the model's output
+    dict for one image at its original size ("sem_seg" (K, H, W) logits, "instances",
+    "panoptic_seg")."""
+
+    def __init__(self, cfg):
+        # DefaultPredictor.__init__, with d2seg's loader and TTA wrapper
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        if cfg.MODEL.WEIGHTS:
+            FinetuneCheckpointer(self.model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+        assert self.input_format in ["RGB", "BGR"], self.input_format
+        self.semantic = is_semantic_model(self.model)
+        inf = cfg.D2SEG.INFERENCE
+        self.window = tuple(int(s) for s in inf.SLIDING_WINDOW.SIZE)
+        self.overlap = float(inf.SLIDING_WINDOW.OVERLAP)
+        self.flip = bool(inf.FLIP)
+        self.tta_model = None
+        if self.flip and not self.semantic:
+            if isinstance(self.model, PanopticFPN) or not isinstance(self.model, GeneralizedRCNN):
+                logger.warning(f"D2SEG.INFERENCE.FLIP: no flip TTA for "
+                               f"{type(self.model).__name__} outputs; predicting without it")
+            else:
+                tcfg = self.cfg.clone()
+                tcfg.defrost()
+                tcfg.TEST.AUG.FLIP = True
+                if not tcfg.TEST.AUG.ENABLED:
+                    tcfg.TEST.AUG.MIN_SIZES = (cfg.INPUT.MIN_SIZE_TEST,)
+                    tcfg.TEST.AUG.MAX_SIZE = cfg.INPUT.MAX_SIZE_TEST
+                self.tta_model = GeneralizedRCNNWithTTA(tcfg, self.model)
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(image.astype("float32").transpose(2, 0, 1)))
+
+    @torch.no_grad()
+    def __call__(self, original_image: np.ndarray) -> Dict:
+        """
+        Args:
+            original_image: (H, W, C) uint8 image in BGR order (as cv2.imread).
+
+        Returns:
+            the model's output for the image, at the original size.
+        """
+        if self.input_format == "RGB":
+            original_image = original_image[:, :, ::-1]
+        height, width = original_image.shape[:2]
+        if self.semantic:
+            image = self.aug.get_transform(original_image).apply_image(original_image) \
+                if self.cfg.INPUT.MIN_SIZE_TEST > 0 else original_image
+            logits = semantic_logits(self.model, self._to_tensor(image).to(self.cfg.MODEL.DEVICE),
+                                     self.window, self.overlap, self.flip)
+            if tuple(logits.shape[-2:]) != (height, width):
+                logits = F.interpolate(logits[None], size=(height, width), mode="bilinear",
+                                       align_corners=False)[0]
+            return {"sem_seg": logits}
+        if self.tta_model is not None:
+            inputs = {"image": self._to_tensor(original_image), "height": height, "width": width}
+            return self.tta_model([inputs])[0]
+        image = self.aug.get_transform(original_image).apply_image(original_image)
+        inputs = {"image": self._to_tensor(image), "height": height, "width": width}
+        return self.model([inputs])[0]

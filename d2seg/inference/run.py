@@ -1,0 +1,87 @@
+"""The body of ``tools/predict.py``: config, predictor, loop with a progress bar, writer."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+
+from ..config import CfgNode, load_config
+from ..data.register import register_datasets_from_cfg
+from .predictor import SegPredictor
+from .writer import PredictionWriter, image_ids_from_coco_json, list_inputs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["predict_config", "predict_files", "predict_from_args"]
+
+
+def predict_config(config_file: str, opts: List[str], score_threshold: float = 0.5,
+                   sliding_window=None, overlap: Optional[float] = None,
+                   flip: bool = False) -> CfgNode:
+    """The config for prediction: file + opts, registrations applied, CLI options merged."""
+    cfg = load_config(config_file, opts)
+    if sliding_window:
+        cfg.D2SEG.INFERENCE.SLIDING_WINDOW.SIZE = tuple(int(s) for s in sliding_window)
+    if overlap is not None:
+        cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP = float(overlap)
+    if flip:
+        cfg.D2SEG.INFERENCE.FLIP = True
+    # as detectron2's demo: the threshold also applies inside the models
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
+    cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = score_threshold
+    if cfg.MODEL.DEVICE.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    register_datasets_from_cfg(cfg)
+    return cfg
+
+
+def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "",
+                  coco_json: str = "", score_threshold: float = 0.5,
+                  overlays: bool = True, progress: bool = True) -> Dict[str, str]:
+    """Predict every image of ``paths`` and write the outputs (see :mod:`.writer`).
+
+    Returns:
+        {kind: path written} ("instances", "sem_seg", "panoptic").
+    """
+    from tqdm import tqdm
+
+    names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+    dataset = dataset or (names[0] if names else "")
+    if dataset and dataset not in DatasetCatalog.list():
+        raise KeyError(f"dataset '{dataset}' (classes and ids of the predictions) is not "
+                       "registered; give --dataset NAME of a registered dataset or register it "
+                       "with D2SEG.DATASETS.REGISTER")
+    metadata = MetadataCatalog.get(dataset) if dataset else MetadataCatalog.get("__unused")
+    if dataset and getattr(metadata, "json_file", None) and \
+            not hasattr(metadata, "thing_dataset_id_to_contiguous_id"):
+        DatasetCatalog.get(dataset)  # load_coco_json sets the category id map
+    coco_json = coco_json or (getattr(metadata, "json_file", "") if dataset else "")
+    ids = image_ids_from_coco_json(coco_json) if coco_json and os.path.isfile(coco_json) else {}
+    predictor = SegPredictor(cfg)
+    writer = PredictionWriter(out_dir, metadata, score_threshold, ids, overlays)
+    for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
+        bgr = read_image(path, format="BGR")
+        writer.add(path, i, bgr, predictor(bgr))
+    written = writer.finish()
+    for kind, p in written.items():
+        logger.info(f"{kind} predictions of {len(paths)} images written to {p}")
+    return written
+
+
+def predict_from_args(args) -> Dict[str, str]:
+    """``tools/predict.py``'s arguments -> :func:`predict_files`."""
+    setup_logger(name="d2seg")
+    setup_logger(name="fvcore")
+    cfg = predict_config(args.config_file, args.opts, args.score_threshold, args.sliding_window,
+                         args.overlap, args.flip)
+    return predict_files(cfg, list_inputs(args.input), args.output, args.dataset, args.coco_json,
+                         args.score_threshold, not args.no_overlays)

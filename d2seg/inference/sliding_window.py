@@ -1,0 +1,85 @@
+"""Sliding-window and flip inference for semantic segmentation models.
+
+Any model following detectron2's ``SemanticSegmentor`` contract works (d2seg's ``UNet``,
+``DeepLabV3(Plus)``, ``PSPNet``, detectron2's ``SemanticSegmentor``): it is called on windows
+with ``{"image", "height", "width"}`` and returns ``[{"sem_seg": (K, h, w)}]`` logits.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["window_starts", "sliding_window_logits", "semantic_logits"]
+
+
+def window_starts(length: int, window: int, overlap: float) -> List[int]:
+    """Start offsets of windows of ``window`` pixels covering ``[0, length)``.
+
+    Consecutive windows overlap by at least ``overlap`` (a share of ``window``, in [0, 1));
+    the last window ends exactly at ``length``. One window at 0 when ``window >= length``.
+    """
+    if window >= length:
+        return [0]
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
+    stride = max(1, int(window * (1.0 - overlap)))
+    starts = list(range(0, length - window, stride))
+    starts.append(length - window)
+    return starts
+
+
+def _run(model: nn.Module, crops: List[Tensor]) -> List[Tensor]:
+    inputs = [{"image": c, "height": c.shape[-2], "width": c.shape[-1]} for c in crops]
+    return [o["sem_seg"] for o in model(inputs)]
+
+
+@torch.no_grad()
+def sliding_window_logits(model: nn.Module, image: Tensor, window: Sequence[int],
+                          overlap: float = 0.25, batch_size: int = 4) -> Tensor:
+    """Logits of ``image`` averaged over overlapping windows.
+
+    Args:
+        model: a semantic model in eval mode.
+        image: (C, H, W) tensor as the model takes it (0-255, the config's INPUT.FORMAT).
+        window: (h, w) window size; each side is capped at the image's.
+        overlap: share of the window that consecutive windows overlap.
+        batch_size: windows per forward pass.
+
+    Returns:
+        (K, H, W) float logits (the mean of the windows' logits where they overlap).
+    """
+    _, h, w = image.shape
+    wh, ww = min(int(window[0]), h), min(int(window[1]), w)
+    boxes = [(y, x) for y in window_starts(h, wh, overlap) for x in window_starts(w, ww, overlap)]
+    total = None
+    count = torch.zeros((1, h, w), dtype=torch.float32, device=image.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        outs = _run(model, [image[:, y:y + wh, x:x + ww] for y, x in chunk])
+        for (y, x), o in zip(chunk, outs):
+            o = o.float()
+            if total is None:
+                total = torch.zeros((o.shape[0], h, w), dtype=torch.float32, device=o.device)
+                count = count.to(o.device)
+            total[:, y:y + wh, x:x + ww] += o
+            count[:, y:y + wh, x:x + ww] += 1
+    return total / count
+
+
+@torch.no_grad()
+def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (0, 0),
+                    overlap: float = 0.25, flip: bool = False) -> Tensor:
+    """(K, H, W) logits of a (C, H, W) image: whole image or sliding windows (``window`` with
+    both sides > 0), optionally averaged with the horizontally flipped image's (flipped back).
+    """
+    def once(img: Tensor) -> Tensor:
+        if window and min(window) > 0 and (img.shape[-2] > window[0] or img.shape[-1] > window[1]):
+            return sliding_window_logits(model, img, window, overlap)
+        return _run(model, [img])[0].float()
+
+    logits = once(image)
+    if flip:
+        logits = (logits + once(image.flip(-1)).flip(-1)) / 2
+    return logits

@@ -1,0 +1,174 @@
+"""What ``tools/predict.py`` writes for each image, and the input listing it accepts.
+
+Under the output folder:
+
+* ``overlays/<stem>.png``: the prediction drawn on the image (detectron2's ``Visualizer``);
+* instances: ``coco_instances_results.json`` (COCO results: image_id, category_id in the
+  dataset's ids, bbox XYWH, score, RLE segmentation), loadable with pycocotools'
+  ``COCO.loadRes``; ``image_ids.json`` maps file names to the image ids used;
+* semantic: ``sem_seg/<stem>.png`` label maps (class index per pixel; 8-bit, 16-bit above 256
+  classes);
+* panoptic: ``panoptic/<stem>.png`` (COCO panoptic RGB ids) and ``panoptic.json`` (COCO
+  panoptic "annotations" with segments_info in the dataset's category ids).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+__all__ = ["list_inputs", "image_ids_from_coco_json", "PredictionWriter", "IMAGE_EXTS"]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def list_inputs(inputs: Sequence[str]) -> List[str]:
+    """Image files from paths, folders (their images, sorted) and glob patterns, deduplicated.
+
+    Raises:
+        FileNotFoundError: an input matches no image.
+    """
+    out: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(p for p in glob.glob(os.path.join(item, "*"))
+                           if p.lower().endswith(IMAGE_EXTS))
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
+                           if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTS))
+        if not found:
+            raise FileNotFoundError(f"--input '{item}' matches no image ({', '.join(IMAGE_EXTS)})")
+        out += found
+    return list(dict.fromkeys(out))
+
+
+def image_ids_from_coco_json(json_file: str) -> Dict[str, int]:
+    """file name (and base name) -> image id, from a COCO json's "images"."""
+    with open(json_file) as f:
+        images = json.load(f)["images"]
+    ids: Dict[str, int] = {}
+    for im in images:
+        ids[im["file_name"]] = im["id"]
+        ids.setdefault(os.path.basename(im["file_name"]), im["id"])
+    return ids
+
+
+class PredictionWriter:
+    """Accumulates per-image outputs and writes the files listed in the module docstring."""
+
+    def __init__(self, out_dir: str, metadata, score_threshold: float = 0.5,
+                 image_ids: Optional[Dict[str, int]] = None, overlays: bool = True):
+        """
+        Args:
+            out_dir: output folder (created).
+            metadata: the dataset metadata (classes, colors, id maps).
+            score_threshold: instances below it are neither drawn nor written.
+            image_ids: file (base) name -> COCO image id; images not in it get their index.
+            overlays: write ``overlays/*.png``.
+        """
+        self.out_dir = out_dir
+        self.metadata = metadata
+        self.score_threshold = score_threshold
+        self.image_ids = image_ids or {}
+        self.overlays = overlays
+        self.coco_results: List[dict] = []
+        self.panoptic_annotations: List[dict] = []
+        self.used_ids: Dict[str, int] = {}
+        self.kinds: set = set()
+        os.makedirs(out_dir, exist_ok=True)
+
+    def _image_id(self, path: str, index: int) -> int:
+        for key in (path, os.path.basename(path)):
+            if key in self.image_ids:
+                return self.image_ids[key]
+        return index
+
+    def add(self, path: str, index: int, bgr: np.ndarray, output: Dict) -> None:
+        """Record the model ``output`` for the image ``path`` (``bgr``: (H, W, 3) uint8)."""
+        from ..utils.visualize import draw_prediction
+
+        stem = os.path.splitext(os.path.basename(path))[0]
+        image_id = self._image_id(path, index)
+        self.used_ids[path] = image_id
+        if "instances" in output:
+            inst = output["instances"].to("cpu")
+            inst = inst[inst.scores >= self.score_threshold]
+            output = dict(output, instances=inst)
+            if "panoptic_seg" not in output:
+                self.kinds.add("instances")
+                res = instances_to_coco_json(inst, image_id)
+                rev = {v: k for k, v in getattr(self.metadata, "thing_dataset_id_to_contiguous_id",
+                                                {}).items()}
+                for r in res:
+                    r["category_id"] = rev.get(r["category_id"], r["category_id"])
+                self.coco_results += res
+        if "panoptic_seg" in output:
+            self.kinds.add("panoptic")
+            self._write_panoptic(stem, path, image_id, *output["panoptic_seg"])
+        elif "sem_seg" in output and "instances" not in output:
+            self.kinds.add("sem_seg")
+            label = output["sem_seg"].argmax(dim=0).to("cpu").numpy()
+            dtype = np.uint8 if output["sem_seg"].shape[0] <= 256 else np.uint16
+            os.makedirs(os.path.join(self.out_dir, "sem_seg"), exist_ok=True)
+            Image.fromarray(label.astype(dtype)).save(
+                os.path.join(self.out_dir, "sem_seg", stem + ".png"))
+        if self.overlays:
+            rgb = bgr[:, :, ::-1]
+            vis = draw_prediction(np.ascontiguousarray(rgb), output, self.metadata,
+                                  self.score_threshold)
+            os.makedirs(os.path.join(self.out_dir, "overlays"), exist_ok=True)
+            cv2.imwrite(os.path.join(self.out_dir, "overlays", stem + ".png"), vis[:, :, ::-1])
+
+    def _write_panoptic(self, stem: str, path: str, image_id: int, seg, segments_info) -> None:
+        from panopticapi.utils import id2rgb
+
+        seg = seg.to("cpu").numpy().astype(np.int64)
+        things = {v: k for k, v in getattr(self.metadata, "thing_dataset_id_to_contiguous_id",
+                                           {}).items()}
+        stuff = {v: k for k, v in getattr(self.metadata, "stuff_dataset_id_to_contiguous_id",
+                                          {}).items()}
+        segs = []
+        for s in segments_info or []:
+            s = dict(s)
+            cat = s["category_id"]
+            s["category_id"] = int((things if s.get("isthing") else stuff).get(cat, cat))
+            s["isthing"] = bool(s.get("isthing"))
+            s["area"] = int((seg == s["id"]).sum())
+            segs.append({k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()})
+        os.makedirs(os.path.join(self.out_dir, "panoptic"), exist_ok=True)
+        Image.fromarray(id2rgb(seg)).save(os.path.join(self.out_dir, "panoptic", stem + ".png"))
+        self.panoptic_annotations.append({"image_id": image_id, "file_name": stem + ".png",
+                                          "segments_info": segs})
+
+    def finish(self) -> Dict[str, str]:
+        """Write the json files; returns {kind: path}."""
+        written = {}
+        with open(os.path.join(self.out_dir, "image_ids.json"), "w") as f:
+            json.dump(self.used_ids, f, indent=1)
+        if "instances" in self.kinds:
+            p = os.path.join(self.out_dir, "coco_instances_results.json")
+            with open(p, "w") as f:
+                json.dump(self.coco_results, f)
+            written["instances"] = p
+        if "panoptic" in self.kinds:
+            p = os.path.join(self.out_dir, "panoptic.json")
+            m = self.metadata
+            cats = [{"id": int(d), "name": m.thing_classes[c], "isthing": 1} for d, c in
+                    getattr(m, "thing_dataset_id_to_contiguous_id", {}).items()]
+            cats += [{"id": int(d), "name": m.stuff_classes[c], "isthing": 0} for d, c in
+                     getattr(m, "stuff_dataset_id_to_contiguous_id", {}).items() if c > 0]
+            with open(p, "w") as f:
+                json.dump({"annotations": self.panoptic_annotations, "categories": cats}, f)
+            written["panoptic"] = p
+        if "sem_seg" in self.kinds:
+            written["sem_seg"] = os.path.join(self.out_dir, "sem_seg")
+        return written

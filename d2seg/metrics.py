@@ -1,0 +1,231 @@
+"""Standalone segmentation metrics for numpy arrays and torch tensors.
+
+Binary masks (``iou``, ``dice``, ``boundary_iou``) are anything whose non-zero entries mark
+the foreground: bool, integer or float arrays / tensors of the same shape (a leading batch
+dimension is simply more pixels; use ``per_image=True`` for one score per image).
+
+Empty cases, for two binary masks P (prediction) and G (ground truth):
+
+* both empty: IoU = Dice = ``empty_score`` (default 1.0: nothing to find, nothing found);
+* P empty, G not (or G empty, P not): IoU = Dice = 0.0.
+
+Label maps (``confusion_matrix`` and what derives from it) hold class ids in ``[0, C)``;
+pixels whose ground truth is ``ignore_label`` (or outside ``[0, C)``) are left out. From the
+(dataset-wide) confusion matrix:
+
+* a class with no ground-truth *and* no predicted pixel has IoU = Dice = NaN, and is left out
+  of mIoU / mDice (``nanmean``); a class predicted but absent from the ground truth scores 0;
+* pixel accuracy = correct / valid pixels; NaN when there is no valid pixel.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+
+try:  # torch is optional for the numpy functions
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+__all__ = [
+    "iou",
+    "dice",
+    "confusion_matrix",
+    "per_class_iou",
+    "per_class_dice",
+    "mean_iou",
+    "mean_dice",
+    "pixel_accuracy",
+    "boundary_mask",
+    "boundary_iou",
+    "boundary_counts",
+    "segmentation_metrics",
+]
+
+ArrayLike = Union[np.ndarray, "torch.Tensor"]
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _binary_pair(pred: ArrayLike, target: ArrayLike):
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if torch is not None and isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
+        return pred != 0, target.to(pred.device) != 0, True
+    return _to_numpy(pred) != 0, _to_numpy(target) != 0, False
+
+
+def _overlap_score(pred, target, empty_score: float, per_image: bool, dice_score: bool):
+    p, g, is_torch = _binary_pair(pred, target)
+    if per_image:
+        if p.ndim < 3:
+            raise ValueError(f"per_image=True needs (N, H, W) masks, got shape {tuple(p.shape)}")
+        dims = tuple(range(1, p.ndim))
+    else:
+        dims = None
+    if is_torch:
+        inter = (p & g).sum(dim=dims) if dims else (p & g).sum()
+        sp = p.sum(dim=dims) if dims else p.sum()
+        sg = g.sum(dim=dims) if dims else g.sum()
+        inter, sp, sg = inter.double(), sp.double(), sg.double()
+        den = (sp + sg) if dice_score else (sp + sg - inter)
+        num = 2 * inter if dice_score else inter
+        out = torch.where(den > 0, num / den.clamp_min(1), torch.full_like(den, empty_score))
+        return float(out) if not per_image else out
+    inter = np.logical_and(p, g).sum(axis=dims).astype(np.float64)
+    sp = p.sum(axis=dims).astype(np.float64)
+    sg = g.sum(axis=dims).astype(np.float64)
+    den = (sp + sg) if dice_score else (sp + sg - inter)
+    num = 2 * inter if dice_score else inter
+    out = np.where(den > 0, num / np.maximum(den, 1), empty_score)
+    return float(out) if not per_image else out
+
+
+def iou(pred: ArrayLike, target: ArrayLike, *, empty_score: float = 1.0,
+        per_image: bool = False):
+    """Intersection over union |P & G| / |P | G| of two binary masks.
+
+    Args:
+        pred, target: same-shape numpy arrays or torch tensors; non-zero = foreground.
+        empty_score: the value when both masks are empty.
+        per_image: masks are (N, ...): return one score per image (array / tensor of N).
+    Returns:
+        a float in [0, 1] (or N of them with ``per_image``). Prediction empty and target not
+        (or the reverse): 0.0.
+    """
+    return _overlap_score(pred, target, empty_score, per_image, dice_score=False)
+
+
+def dice(pred: ArrayLike, target: ArrayLike, *, empty_score: float = 1.0,
+         per_image: bool = False):
+    """Dice coefficient 2 |P & G| / (|P| + |G|) of two binary masks (= F1 score).
+
+    Same arguments and empty-case rules as :func:`iou`.
+    """
+    return _overlap_score(pred, target, empty_score, per_image, dice_score=True)
+
+
+def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int,
+                     ignore_label: Optional[int] = 255) -> np.ndarray:
+    """(C, C) int64 matrix, rows = ground-truth class, columns = predicted class.
+
+    Pixels whose target is ``ignore_label`` or outside ``[0, C)`` are skipped; a prediction
+    outside ``[0, C)`` on a valid pixel raises.
+    """
+    p = _to_numpy(pred).astype(np.int64).ravel()
+    g = _to_numpy(target).astype(np.int64).ravel()
+    if p.shape != g.shape:
+        raise ValueError(f"pred has {p.size} pixels, target {g.size}")
+    valid = (g >= 0) & (g < num_classes)
+    if ignore_label is not None:
+        valid &= g != ignore_label
+    p, g = p[valid], g[valid]
+    if p.size and (p.min() < 0 or p.max() >= num_classes):
+        raise ValueError(f"predicted label outside [0, {num_classes}): {p.min()}..{p.max()}")
+    return np.bincount(g * num_classes + p, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def _tp_fp_fn(cm: np.ndarray):
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    return tp, cm.sum(0) - tp, cm.sum(1) - tp
+
+
+def per_class_iou(cm: np.ndarray) -> np.ndarray:
+    """IoU per class from a confusion matrix; NaN for a class neither present nor predicted."""
+    tp, fp, fn = _tp_fp_fn(cm)
+    den = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, tp / den, np.nan)
+
+
+def per_class_dice(cm: np.ndarray) -> np.ndarray:
+    """Dice per class from a confusion matrix; NaN for a class neither present nor predicted."""
+    tp, fp, fn = _tp_fp_fn(cm)
+    den = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2 * tp / den, np.nan)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean of :func:`per_class_iou` over the classes where it is defined (NaN if none)."""
+    return _nanmean(per_class_iou(cm))
+
+
+def mean_dice(cm: np.ndarray) -> float:
+    """Mean of :func:`per_class_dice` over the classes where it is defined (NaN if none)."""
+    return _nanmean(per_class_dice(cm))
+
+
+def pixel_accuracy(cm: np.ndarray) -> float:
+    """Correct pixels / valid pixels; NaN without valid pixels."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total > 0 else float("nan")
+
+
+def boundary_mask(mask: ArrayLike, dilation: int) -> np.ndarray:
+    """Pixels of a binary (H, W) mask within ``dilation`` pixels of its contour.
+
+    The mask minus its erosion by a (2d+1)-square; the image border counts as background
+    (padding with zeros), as in Boundary IoU (Cheng et al., CVPR 2021).
+    """
+    import cv2
+
+    m = (_to_numpy(mask) != 0).astype(np.uint8)
+    if m.ndim != 2:
+        raise ValueError(f"boundary_mask takes an (H, W) mask, got shape {m.shape}")
+    d = max(int(dilation), 1)
+    padded = cv2.copyMakeBorder(m, d, d, d, d, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((2 * d + 1, 2 * d + 1), np.uint8))[d:-d, d:-d]
+    return (m - eroded).astype(bool)
+
+
+def _boundary_dilation(shape, dilation_ratio: float) -> int:
+    h, w = shape[-2:]
+    return max(1, int(round(dilation_ratio * np.sqrt(h * h + w * w))))
+
+
+def boundary_counts(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float = 0.02):
+    """(intersection, union) pixel counts of the boundary regions of two (H, W) binary masks."""
+    p, g = _to_numpy(pred) != 0, _to_numpy(target) != 0
+    if p.shape != g.shape:
+        raise ValueError(f"pred shape {p.shape} != target shape {g.shape}")
+    d = _boundary_dilation(p.shape, dilation_ratio)
+    bp, bg = boundary_mask(p, d), boundary_mask(g, d)
+    return int(np.logical_and(bp, bg).sum()), int(np.logical_or(bp, bg).sum())
+
+
+def boundary_iou(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float = 0.02,
+                 empty_score: float = 1.0) -> float:
+    """Boundary IoU of two (H, W) binary masks (Cheng et al., 2021).
+
+    IoU of the two masks' boundary regions: pixels within d = ``dilation_ratio`` x image
+    diagonal (at least 1 pixel) of each contour, inside the mask. Empty cases as :func:`iou`.
+    """
+    inter, union = boundary_counts(pred, target, dilation_ratio=dilation_ratio)
+    return inter / union if union > 0 else float(empty_score)
+
+
+def segmentation_metrics(cm: np.ndarray, class_names: Optional[Sequence[str]] = None
+                         ) -> Dict[str, float]:
+    """Flat dict of fractions from a confusion matrix: mIoU, mDice, pACC, IoU-<c>, Dice-<c>."""
+    n = np.asarray(cm).shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    ious, dices = per_class_iou(cm), per_class_dice(cm)
+    out = {"mIoU": mean_iou(cm), "mDice": mean_dice(cm), "pACC": pixel_accuracy(cm)}
+    for name, i, d in zip(names, ious, dices):
+        out[f"IoU-{name}"] = float(i)
+        out[f"Dice-{name}"] = float(d)
+    return out

@@ -1,0 +1,61 @@
+"""What every d2seg semantic segmentation head shares: the forward protocol and the losses."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..losses import SemSegLoss
+
+__all__ = ["SemSegHeadBase", "resize_logits"]
+
+
+def resize_logits(logits: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear resize of (N, K, h, w) logits to ``size`` (a no-op when already there)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class SemSegHeadBase(nn.Module):
+    """Base of d2seg's heads, following detectron2's ``SemSegFPNHead`` protocol.
+
+    Subclasses implement ``layers(features) -> (N, K, H / s, W / s)`` logits, where
+    s = ``self.common_stride`` and K = ``num_classes`` (K = 1: binary, sigmoid).
+
+    ``forward(features, targets)``:
+
+    * training: ``targets`` (N, H, W) long at the (padded) input resolution, ``ignore_value``
+      where unlabelled; returns ``(None, dict of losses)`` with the logits upsampled to the
+      targets' size before the loss.
+    * inference: returns ``((N, K, H, W) logits upsampled by s, {})``.
+    """
+
+    def __init__(self, *, num_classes: int, ignore_value: int, common_stride: int,
+                 loss: Optional[SemSegLoss] = None):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+        self.common_stride = int(common_stride)
+        self.loss = loss if loss is not None else SemSegLoss(ignore_index=ignore_value)
+
+    def layers(self, features: Dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: Dict[str, Tensor], targets: Optional[Tensor] = None):
+        logits = self.layers(features)
+        if self.training:
+            if targets is None:
+                raise ValueError(f"{type(self).__name__} needs targets ('sem_seg') in training")
+            return None, self.losses(logits, targets)
+        if self.common_stride > 1:
+            logits = F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear",
+                                   align_corners=False)
+        return logits, {}
+
+    def losses(self, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        logits = resize_logits(logits.float(), targets.shape[-2:])
+        return self.loss(logits, targets)

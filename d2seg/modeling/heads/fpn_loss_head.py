@@ -1,0 +1,45 @@
+"""detectron2's Semantic FPN head trained with d2seg's losses (``"SemSegFPNLossHead"``).
+
+Use with detectron2's own ``SemanticSegmentor`` to compare Semantic FPN with d2seg's models
+under the same loss (``MODEL.SEM_SEG_LOSS``); ``"SemSegFPNHead"`` keeps detectron2's plain CE.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from torch import Tensor
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
+
+from ..losses import SemSegLoss
+
+__all__ = ["SemSegFPNLossHead"]
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class SemSegFPNLossHead(SemSegFPNHead):
+    """``SemSegFPNHead`` (same layers and outputs) whose ``losses`` is a :class:`SemSegLoss`.
+
+    Training returns ``(None, {"loss_sem_seg_<name>": ...})``; inference (N, C, H, W) logits.
+    """
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, loss: SemSegLoss, **kwargs):
+        super().__init__(input_shape, **kwargs)
+        self.loss = loss
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        ret.pop("loss_weight", None)  # applied inside SemSegLoss
+        ret["loss"] = SemSegLoss(cfg)
+        return ret
+
+    def losses(self, predictions: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        predictions = F.interpolate(predictions.float(), size=targets.shape[-2:],
+                                    mode="bilinear", align_corners=False)
+        return self.loss(predictions, targets)

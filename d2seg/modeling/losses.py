@@ -1,0 +1,367 @@
+"""Semantic segmentation losses: soft Dice, Focal, Tversky, class-weighted cross-entropy.
+
+Every function takes raw ``logits`` and integer ``targets``:
+
+* multi-class: ``logits`` (N, C, H, W) with C >= 2, softmax over C; ``targets`` (N, H, W)
+  long with values in ``[0, C)`` or ``ignore_index``;
+* binary: ``logits`` (N, 1, H, W) (or (N, H, W)), sigmoid; ``targets`` (N, H, W) with 1 for
+  foreground, 0 for background, or ``ignore_index``.
+
+Pixels equal to ``ignore_index`` contribute nothing (neither to numerators nor denominators).
+Each function returns a scalar tensor. Region losses (Dice, Tversky) pool the counts over the
+batch and the pixels of each class ("batch Dice"), then average over classes.
+
+:class:`SemSegLoss` combines named losses with weights, as chosen in
+``cfg.MODEL.SEM_SEG_LOSS`` (e.g. CE+Dice, BCE+Dice, Focal+Dice, Tversky).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import sigmoid_focal_loss as _tv_sigmoid_focal_loss
+
+from detectron2.config import configurable
+
+__all__ = [
+    "soft_dice_loss",
+    "tversky_loss",
+    "focal_loss",
+    "cross_entropy_loss",
+    "SemSegLoss",
+    "LOSS_NAMES",
+]
+
+LOSS_NAMES = ("CE", "BCE", "Dice", "Focal", "Tversky")
+
+
+def _binary_logits(logits: Tensor) -> Tensor:
+    if logits.dim() == 4:
+        if logits.shape[1] != 1:
+            raise ValueError(f"binary logits must have 1 channel, got shape {tuple(logits.shape)}")
+        logits = logits[:, 0]
+    return logits
+
+
+def _is_binary(logits: Tensor) -> bool:
+    return logits.dim() == 3 or logits.shape[1] == 1
+
+
+def _check_targets(logits: Tensor, targets: Tensor) -> None:
+    spatial = logits.shape[-2:]
+    if targets.shape[-2:] != spatial or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match logits of shape "
+            f"{tuple(logits.shape)}"
+        )
+
+
+def _check_binary_targets(valid_targets: Tensor) -> None:
+    if bool((valid_targets > 1).any()) or bool((valid_targets < 0).any()):
+        bad = valid_targets[(valid_targets > 1) | (valid_targets < 0)][0].item()
+        raise ValueError(f"binary (one-channel) logits need targets 0, 1 or the ignore value; "
+                         f"got {bad} (set MODEL.SEM_SEG_HEAD.NUM_CLASSES >= 2 for classes)")
+
+
+def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
+    """(probs, onehot, valid) as (N, K, H, W), (N, K, H, W), (N, 1, H, W) float tensors.
+
+    K = C for multi-class (softmax) and K = 1 for binary (sigmoid, the foreground channel).
+    """
+    _check_targets(logits, targets)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    if _is_binary(logits):
+        _check_binary_targets(safe)
+        probs = torch.sigmoid(_binary_logits(logits).float()).unsqueeze(1)
+        onehot = (safe == 1).unsqueeze(1).float()
+    else:
+        c = logits.shape[1]
+        if bool((safe >= c).any()) or bool((safe < 0).any()):
+            bad = safe[(safe >= c) | (safe < 0)][0].item()
+            raise ValueError(f"target value {bad} is outside [0, {c}) and not ignore_index "
+                             f"({ignore_index})")
+        probs = F.softmax(logits.float(), dim=1)
+        onehot = F.one_hot(safe, c).permute(0, 3, 1, 2).float()
+    return probs, onehot, valid.unsqueeze(1).float()
+
+
+def _region_index(tp: Tensor, fp: Tensor, fn: Tensor, a: float, b: float, smooth: float) -> Tensor:
+    """Per-class Tversky index (TP + s) / (TP + a FP + b FN + s); 1 for a class with no
+    predicted and no true pixel (0/0)."""
+    num = tp + smooth
+    den = tp + a * fp + b * fn + smooth
+    empty = den <= 0
+    return torch.where(empty, torch.ones_like(num), num / den.clamp_min(1e-12))
+
+
+def _counts(logits: Tensor, targets: Tensor, ignore_index: int, classes: Optional[Sequence[int]]):
+    probs, onehot, valid = _probs_and_onehot(logits, targets, ignore_index)
+    probs = probs * valid
+    onehot = onehot * valid
+    dims = (0, 2, 3)
+    tp = (probs * onehot).sum(dims)
+    fp = (probs * (1 - onehot)).sum(dims)
+    fn = ((1 - probs) * onehot).sum(dims)
+    if classes is not None:
+        idx = torch.as_tensor(list(classes), device=tp.device, dtype=torch.long)
+        tp, fp, fn = tp[idx], fp[idx], fn[idx]
+    return tp, fp, fn
+
+
+def soft_dice_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = 255,
+    smooth: float = 1.0,
+    classes: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """Soft Dice loss ``1 - mean_c (2 TP_c + s) / (2 TP_c + FP_c + FN_c + s)``.
+
+    ``TP_c = sum p_c y_c``, ``FP_c = sum p_c (1 - y_c)``, ``FN_c = sum (1 - p_c) y_c`` over the
+    batch's valid pixels, with p the softmax (multi-class) or sigmoid (binary, one channel:
+    only the foreground Dice) probabilities and y the one-hot targets.
+
+    Args:
+        logits: (N, C, H, W) or binary (N, 1, H, W) raw scores.
+        targets: (N, H, W) integer class ids (binary: 0/1), ``ignore_index`` ignored.
+        smooth: added to numerator and denominator. With ``smooth > 0`` a class absent from
+            the targets scores about 1 while little probability falls on it; with
+            ``smooth = 0`` it scores 0 as soon as any probability falls on it (only an exact
+            0 / 0 scores 1).
+        classes: multi-class only: average over these class ids instead of all.
+    Returns:
+        scalar tensor in [0, 1].
+    """
+    tp, fp, fn = _counts(logits, targets, ignore_index, classes)
+    dice = _region_index(2 * tp, fp, fn, 1.0, 1.0, smooth)
+    return 1.0 - dice.mean()
+
+
+def tversky_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 0.3,
+    beta: float = 0.7,
+    ignore_index: int = 255,
+    smooth: float = 1.0,
+    classes: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """Tversky loss ``1 - mean_c (TP_c + s) / (TP_c + alpha FP_c + beta FN_c + s)``.
+
+    ``alpha`` weighs false positives and ``beta`` false negatives; ``alpha = beta = 0.5`` is
+    the soft Dice loss (with Dice's smoothing ``2 * smooth``). Shapes and counts as in
+    :func:`soft_dice_loss`.
+    """
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"Tversky alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+    tp, fp, fn = _counts(logits, targets, ignore_index, classes)
+    return 1.0 - _region_index(tp, fp, fn, alpha, beta, smooth).mean()
+
+
+def focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: Union[None, float, Sequence[float]] = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """Focal loss, averaged over valid pixels.
+
+    * binary (one channel): ``torchvision.ops.sigmoid_focal_loss`` with ``alpha`` (a float in
+      [0, 1] weighting positives, ``1 - alpha`` negatives; None or < 0 = no weighting);
+    * multi-class: ``-alpha_y (1 - p_y)^gamma log p_y`` with p the softmax; ``alpha`` None
+      (all 1), a float (all classes), or one float per class.
+
+    ``gamma = 0`` and no alpha gives the (binary) cross-entropy.
+
+    Returns:
+        scalar tensor; 0 when no pixel is valid.
+    """
+    _check_targets(logits, targets)
+    valid = targets != ignore_index
+    if _is_binary(logits):
+        _check_binary_targets(targets[valid])
+        x = _binary_logits(logits).float()[valid]
+        y = (targets[valid] == 1).float()
+        if isinstance(alpha, (list, tuple)):
+            if len(alpha) != 1:
+                raise ValueError(f"binary focal loss takes one alpha, got {list(alpha)}")
+            alpha = alpha[0]
+        a = -1.0 if alpha is None else float(alpha)
+        if x.numel() == 0:
+            return logits.sum() * 0.0
+        return _tv_sigmoid_focal_loss(x, y, alpha=a, gamma=gamma, reduction="mean")
+    c = logits.shape[1]
+    logp = F.log_softmax(logits.float(), dim=1)
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)[valid]
+    if logp_t.numel() == 0:
+        return logits.sum() * 0.0
+    loss = -((1.0 - logp_t.exp()).clamp_min(0) ** gamma) * logp_t
+    if alpha is not None:
+        if isinstance(alpha, (int, float)):
+            loss = loss * float(alpha)
+        else:
+            if len(alpha) != c:
+                raise ValueError(f"focal alpha has {len(alpha)} values for {c} classes: "
+                                 f"{list(alpha)}")
+            a = torch.as_tensor(list(alpha), dtype=loss.dtype, device=loss.device)
+            loss = loss * a[safe[valid]]
+    return loss.mean()
+
+
+def cross_entropy_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """Class-weighted cross-entropy, averaged over valid pixels.
+
+    * multi-class: ``F.cross_entropy(weight=class_weights)`` (the weighted mean
+      ``sum w_y (-log p_y) / sum w_y``, as PyTorch defines it);
+    * binary: ``F.binary_cross_entropy_with_logits`` with per-pixel weight
+      ``class_weights[target]`` (``class_weights = [w_background, w_foreground]``), normalised
+      the same way (weighted mean).
+    """
+    _check_targets(logits, targets)
+    if _is_binary(logits):
+        valid = targets != ignore_index
+        _check_binary_targets(targets[valid])
+        x = _binary_logits(logits).float()[valid]
+        y = (targets[valid] == 1).float()
+        if x.numel() == 0:
+            return logits.sum() * 0.0
+        if class_weights is None or len(class_weights) == 0:
+            return F.binary_cross_entropy_with_logits(x, y)
+        if len(class_weights) != 2:
+            raise ValueError(f"binary cross-entropy takes 2 class weights [background, "
+                             f"foreground], got {list(class_weights)}")
+        w = torch.where(y > 0.5, float(class_weights[1]), float(class_weights[0]))
+        return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * w).sum() / w.sum()
+    weight = None
+    if class_weights is not None and len(class_weights) > 0:
+        if len(class_weights) != logits.shape[1]:
+            raise ValueError(f"{len(class_weights)} class weights for {logits.shape[1]} classes: "
+                             f"{list(class_weights)}")
+        weight = torch.as_tensor(list(class_weights), dtype=torch.float32, device=logits.device)
+    if not bool((targets != ignore_index).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets.long(), weight=weight, ignore_index=ignore_index)
+
+
+class SemSegLoss(nn.Module):
+    """Weighted sum of named losses; returns one entry per loss so each is logged.
+
+    ``forward(logits, targets)`` with logits (N, C, H, W) (C = 1: binary) and targets
+    (N, H, W) at the same resolution returns ``{f"{prefix}_{name.lower()}": weight * loss}``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        names: Sequence[str] = ("CE",),
+        weights: Optional[Sequence[float]] = None,
+        ignore_index: int = 255,
+        class_weights: Optional[Sequence[float]] = None,
+        smooth: float = 1.0,
+        focal_gamma: float = 2.0,
+        focal_alpha: Union[None, float, Sequence[float]] = None,
+        tversky_alpha: float = 0.3,
+        tversky_beta: float = 0.7,
+        loss_weight: float = 1.0,
+        prefix: str = "loss_sem_seg",
+    ):
+        """
+        Args:
+            names: losses among ``LOSS_NAMES`` ("CE", "BCE", "Dice", "Focal", "Tversky").
+            weights: one per name (default all 1).
+            ignore_index: target value ignored by every loss.
+            class_weights: for "CE"/"BCE" (see :func:`cross_entropy_loss`).
+            smooth: Dice/Tversky smoothing.
+            focal_gamma, focal_alpha: see :func:`focal_loss`.
+            tversky_alpha, tversky_beta: see :func:`tversky_loss`.
+            loss_weight: multiplies every term (``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``).
+            prefix: key prefix of the returned dict.
+        """
+        super().__init__()
+        names = list(names)
+        if not names:
+            raise ValueError("MODEL.SEM_SEG_LOSS.NAMES is empty: name at least one loss")
+        canon = {n.lower(): n for n in LOSS_NAMES}
+        for n in names:
+            if n.lower() not in canon:
+                raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES: unknown loss '{n}'; choose from "
+                                 f"{list(LOSS_NAMES)}")
+        if len({n.lower() for n in names}) != len(names):
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES has duplicates: {names}")
+        weights = [1.0] * len(names) if weights is None or len(weights) == 0 else list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.WEIGHTS {weights} must have one value per "
+                             f"name in MODEL.SEM_SEG_LOSS.NAMES {names}")
+        self.names: List[str] = [canon[n.lower()] for n in names]
+        self.weights = [float(w) for w in weights]
+        self.ignore_index = ignore_index
+        self.class_weights = list(class_weights) if class_weights else None
+        self.smooth = smooth
+        self.focal_gamma = focal_gamma
+        self.focal_alpha = focal_alpha
+        self.tversky_alpha = tversky_alpha
+        self.tversky_beta = tversky_beta
+        self.loss_weight = loss_weight
+        self.prefix = prefix
+
+    @classmethod
+    def from_config(cls, cfg, prefix: str = "loss_sem_seg"):
+        c = cfg.MODEL.SEM_SEG_LOSS
+        alpha = list(c.FOCAL_ALPHA)
+        return {
+            "names": list(c.NAMES),
+            "weights": list(c.WEIGHTS),
+            "ignore_index": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "class_weights": list(c.CLASS_WEIGHTS),
+            "smooth": c.SMOOTH,
+            "focal_gamma": c.FOCAL_GAMMA,
+            "focal_alpha": None if not alpha else (alpha[0] if len(alpha) == 1 else alpha),
+            "tversky_alpha": c.TVERSKY_ALPHA,
+            "tversky_beta": c.TVERSKY_BETA,
+            "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
+            "prefix": prefix,
+        }
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{w} * {n}" for n, w in zip(self.names, self.weights))
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        """logits (N, C, H, W), targets (N, H, W) -> dict of weighted scalar losses."""
+        binary = _is_binary(logits)
+        out: Dict[str, Tensor] = {}
+        for name, w in zip(self.names, self.weights):
+            if name in ("CE", "BCE"):
+                if name == "BCE" and not binary:
+                    raise ValueError(
+                        "MODEL.SEM_SEG_LOSS.NAMES: 'BCE' needs one output channel "
+                        f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES = 1), got {logits.shape[1]}; use 'CE'"
+                    )
+                loss = cross_entropy_loss(logits, targets, class_weights=self.class_weights,
+                                          ignore_index=self.ignore_index)
+            elif name == "Dice":
+                loss = soft_dice_loss(logits, targets, ignore_index=self.ignore_index,
+                                      smooth=self.smooth)
+            elif name == "Focal":
+                loss = focal_loss(logits, targets, gamma=self.focal_gamma, alpha=self.focal_alpha,
+                                  ignore_index=self.ignore_index)
+            else:  # Tversky
+                loss = tversky_loss(logits, targets, alpha=self.tversky_alpha,
+                                    beta=self.tversky_beta, ignore_index=self.ignore_index,
+                                    smooth=self.smooth)
+            out[f"{self.prefix}_{name.lower()}"] = loss * (w * self.loss_weight)
+        return out

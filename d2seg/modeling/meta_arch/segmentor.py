@@ -1,0 +1,152 @@
+"""The encoder-decoder meta-architecture that d2seg's semantic models share."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import Backbone, build_backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from ..heads.base import resize_logits
+from ..postprocessing import SemSegPostProcessor
+
+__all__ = ["EncoderDecoderSegmentor", "binary_to_two_class_logits"]
+
+
+def binary_to_two_class_logits(logits: Tensor) -> Tensor:
+    """(1, H, W) sigmoid logit z -> (2, H, W) logits [0, z].
+
+    Their softmax is [1 - sigmoid(z), sigmoid(z)] and their argmax thresholds at 0.5, so
+    detectron2's evaluators (which argmax ``sem_seg``) work on binary models unchanged.
+    """
+    return torch.cat([torch.zeros_like(logits), logits], dim=0)
+
+
+class EncoderDecoderSegmentor(nn.Module):
+    """detectron2's ``SemanticSegmentor`` contract for a backbone + d2seg head.
+
+    Subclasses (registered meta-architectures) set ``head_class``; ``from_config`` builds the
+    backbone with ``build_backbone(cfg)`` and the head with ``head_class(cfg, shapes)``.
+
+    ``forward(batched_inputs)`` takes a list of dicts (from ``DatasetMapper`` or
+    ``SemSegDatasetMapper``) with "image" (C, H, W) in 0-255 and, in training, "sem_seg"
+    (H, W) long; optional "height", "width" (output size, default the input size). Images
+    are normalised, padded to a multiple of ``size_divisibility`` (targets with the ignore
+    value) and batched.
+
+    Returns:
+        * training: dict of scalar losses (``loss_sem_seg_<name>``, ``loss_aux_<name>``).
+        * inference: list (one per image) of dicts with "sem_seg": (K, height, width) logits
+          at the image's original size (padding cropped, then bilinearly resized, with
+          ``sem_seg_postprocess``), K = ``num_classes``, or K = 2 for a binary model
+          (logits [0, z], see :func:`binary_to_two_class_logits`). With a ``postprocessor``,
+          "sem_seg" holds the one-hot (float) post-processed label map and "sem_seg_logits"
+          the raw logits.
+    """
+
+    head_class = None  # set by subclasses
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        size_divisibility: int = -1,
+        postprocessor: Optional[SemSegPostProcessor] = None,
+    ):
+        """
+        Args:
+            backbone: a detectron2 backbone producing the head's input features.
+            sem_seg_head: a head following :class:`~d2seg.modeling.heads.SemSegHeadBase`'s
+                protocol (``ignore_value``, ``num_classes``, forward(features, targets)).
+            pixel_mean, pixel_std: per-channel normalisation of the 0-255 input.
+            size_divisibility: pad inputs to a multiple of this; -1 = the backbone's
+                ``size_divisibility``, or 32 when it reports none. Must be a multiple of the
+                backbone's own.
+            postprocessor: optional post-processing applied at inference.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"MODEL.PIXEL_MEAN {pixel_mean} and MODEL.PIXEL_STD {pixel_std} "
+                             "differ in length")
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        own = int(getattr(backbone, "size_divisibility", 0) or 0)
+        if size_divisibility is None or size_divisibility < 0:
+            size_divisibility = own or 32
+        if own and size_divisibility % own:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.SIZE_DIVISIBILITY={size_divisibility} is not a "
+                             f"multiple of the backbone's size_divisibility {own}")
+        self.size_divisibility = int(size_divisibility)
+        self.postprocessor = postprocessor
+
+    @classmethod
+    def from_config(cls, cfg):
+        if cls.head_class is None:
+            raise TypeError(f"{cls.__name__} has no head_class")
+        backbone = build_backbone(cfg)
+        post = SemSegPostProcessor(cfg) if cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED else None
+        return {
+            "backbone": backbone,
+            "sem_seg_head": cls.head_class(cfg, backbone.output_shape()),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.MODEL.SEM_SEG_HEAD.SIZE_DIVISIBILITY,
+            "postprocessor": post,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise and pad the images: an ImageList (N, C, Hpad, Wpad) + original sizes."""
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """See the class docstring for inputs and what train / eval mode return."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        if self.training:
+            if "sem_seg" not in batched_inputs[0]:
+                raise ValueError("training inputs need 'sem_seg' (use a sem_seg dataset and "
+                                 "INPUT.DATASET_MAPPER_NAME 'sem_seg' or detectron2's mapper)")
+            targets = ImageList.from_tensors(
+                [x["sem_seg"].to(self.device) for x in batched_inputs],
+                self.size_divisibility, self.sem_seg_head.ignore_value,
+            ).tensor
+            _, losses = self.sem_seg_head(features, targets)
+            return losses
+        logits, _ = self.sem_seg_head(features, None)
+        logits = resize_logits(logits, images.tensor.shape[-2:])
+        return self.postprocess(logits, batched_inputs, images.image_sizes)
+
+    def postprocess(self, logits: Tensor, batched_inputs: List[Dict],
+                    image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """(N, K, Hpad, Wpad) logits -> per image {"sem_seg": (K', h, w)} at original size."""
+        out = []
+        for result, inp, size in zip(logits, batched_inputs, image_sizes):
+            h = inp.get("height", size[0])
+            w = inp.get("width", size[1])
+            r = sem_seg_postprocess(result, size, h, w)
+            if r.shape[0] == 1:
+                r = binary_to_two_class_logits(r)
+            if self.postprocessor is None:
+                out.append({"sem_seg": r})
+            else:
+                label = self.postprocessor(r)
+                onehot = F.one_hot(label, r.shape[0]).permute(2, 0, 1).to(r.dtype)
+                out.append({"sem_seg": onehot, "sem_seg_logits": r})
+        return out

@@ -1,0 +1,210 @@
+"""tools/check_dataset.py and the pre-training checks on deliberately broken copies of the real
+data (made in a temporary folder; the shared data is never modified)."""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d2seg  # noqa: F401
+from detectron2.data import DatasetCatalog
+
+from d2seg.config import load_config
+from d2seg.data.checks import (
+    DatasetCheckError,
+    check_dataset,
+    filter_invalid_annotations,
+    run_pre_training_checks,
+)
+from d2seg.data.register import register_dataset
+from d2seg.engine import default_argument_parser, main
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import check_dataset as check_tool  # noqa: E402
+
+
+def _problems(report, code):
+    return [p for p in report.problems if p.code == code]
+
+
+@pytest.fixture
+def fruits_copy(shared_data, tmp_path):
+    """A writable copy of fruits_nuts_coco: (json dict, json path, image dir)."""
+    src = os.path.join(shared_data, "fruits_nuts_coco")
+    img_dir = tmp_path / "images"
+    shutil.copytree(os.path.join(src, "images"), img_dir)
+    data = json.load(open(os.path.join(src, "trainval.json")))
+    return data, tmp_path / "trainval.json", img_dir
+
+
+def _write(data, path):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_clean_real_data_has_no_fatal_problem(shared_data):
+    r = check_dataset("fruits_nuts_all")
+    assert r.ok and r.num_images == 18 and r.num_annotations == 165
+    assert r.class_counts == {0: 71, 1: 41, 2: 53}  # date 71, fig 41, hazelnut 53
+    assert r.num_classes_implied == 3
+    r = check_dataset("isbi2012_membrane_train")
+    assert r.ok and r.kind == "sem_seg" and r.num_classes_implied == 2
+    share = r.class_counts[1] / sum(r.class_counts.values())
+    assert 0.15 < share < 0.3  # membrane is about 22% of the pixels
+
+
+def test_coco_json_level_problems(fruits_copy):
+    data, path, img_dir = fruits_copy
+    anns = data["annotations"]
+    anns[5]["id"] = anns[4]["id"]  # duplicated annotation id
+    anns[7]["category_id"] = 9  # not in the category list
+    data["images"][3]["id"] = data["images"][2]["id"]  # duplicated image id
+    register_dataset(f"name=broken_json,type=coco,json_file={_write(data, path)},"
+                     f"image_root={img_dir}")
+    r = check_dataset("broken_json")
+    assert not r.ok
+    (dup,) = _problems(r, "duplicate_annotation_id")
+    assert dup.ann_id == anns[4]["id"] and dup.value == 2 and dup.file == str(path)
+    (cat,) = _problems(r, "unknown_category_id")
+    assert cat.ann_id == anns[7]["id"] and cat.value == 9
+    assert cat.file == data["images"][[im["id"] for im in data["images"]].index(
+        anns[7]["image_id"])]["file_name"]
+    (img,) = _problems(r, "duplicate_image_id")
+    assert img.ann_id == data["images"][2]["id"]
+
+
+def test_image_and_geometry_problems(fruits_copy):
+    data, path, img_dir = fruits_copy
+    by_file = {im["file_name"]: im for im in data["images"]}
+    anns_of = {}
+    for a in data["annotations"]:
+        anns_of.setdefault(a["image_id"], []).append(a)
+    # corrupt (truncated) image, missing image, image whose recorded size is wrong
+    raw = open(img_dir / "1.jpg", "rb").read()
+    (img_dir / "1.jpg").write_bytes(raw[: len(raw) // 3])
+    os.remove(img_dir / "2.jpg")
+    by_file["3.jpg"]["height"] = 500
+    # annotations of image 0: degenerate polygon, zero-area polygon, box outside, box partly out
+    a0 = anns_of[by_file["0.jpg"]["id"]]
+    a0[0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0]]  # 2 points: dropped by detectron2's loader
+    a0[1]["segmentation"] = [[10.0, 10.0, 20.0, 20.0, 30.0, 30.0]]  # collinear: zero area
+    a0[2]["bbox"] = [900.0, 700.0, 20.0, 20.0]  # entirely outside the 800x600 image
+    a0[3]["bbox"] = [790.0, 100.0, 40.0, 20.0]  # partly outside
+    a0[4]["bbox"] = [10.0, 10.0, 0.0, 5.0]  # zero width
+    register_dataset(f"name=broken_imgs,type=coco,json_file={_write(data, path)},"
+                     f"image_root={img_dir}")
+    r = check_dataset("broken_imgs")
+    assert not r.ok
+    (c,) = _problems(r, "corrupt_image")
+    assert c.file.endswith("1.jpg") and c.severity == "error"
+    (m,) = _problems(r, "missing_image")
+    assert m.file.endswith("2.jpg")
+    (s,) = _problems(r, "image_size_mismatch")
+    assert s.file.endswith("3.jpg") and s.value == "800x600" and "800x500" in s.message
+    (d,) = _problems(r, "degenerate_polygon")
+    assert d.ann_id == a0[0]["id"] and d.severity == "skip" and d.value == [4]
+    (z,) = _problems(r, "zero_area_polygon")
+    assert z.ann_id == a0[1]["id"] and z.severity == "skip"
+    (o,) = _problems(r, "box_outside_image")
+    assert o.ann_id == a0[2]["id"] and o.value == [900.0, 700.0, 20.0, 20.0]
+    (p,) = [x for x in _problems(r, "box_partly_outside_image") if x.file.endswith("/0.jpg")]
+    assert p.ann_id == a0[3]["id"] and p.severity == "warning"
+    (b,) = _problems(r, "degenerate_box")
+    assert b.ann_id == a0[4]["id"] and b.severity == "skip"
+    # the training filter drops exactly the "skip" annotations the loader kept
+    dicts = DatasetCatalog.get("broken_imgs")
+    before = sum(len(x["annotations"]) for x in dicts)
+    after = sum(len(x["annotations"]) for x in filter_invalid_annotations(dicts, "broken_imgs"))
+    assert before == 164 and before - after == 3  # zero-area polygon, box outside, zero width
+    # the command-line tool: exit status 1, every problem printed with file, id and value
+    out_json = path.parent / "report.json"
+    rc = check_tool.main(["--dataset", "broken_imgs", "--json", str(out_json)])
+    assert rc == 1
+    rep = json.load(open(out_json))[0]
+    assert {p["code"] for p in rep["problems"]} >= {"corrupt_image", "missing_image",
+                                                     "box_outside_image"}
+
+
+@pytest.fixture
+def isbi_copy(shared_data, tmp_path):
+    """8 ISBI slices with masks already as class ids (0 cell, 1 membrane)."""
+    src = os.path.join(shared_data, "isbi2012_membrane", "train")
+    img, lab, raw = tmp_path / "image", tmp_path / "label", tmp_path / "raw"
+    for d in (img, lab, raw):
+        d.mkdir()
+    for i in range(8):
+        shutil.copy(os.path.join(src, "image", f"{i}.png"), img / f"{i}.png")
+        m = np.asarray(Image.open(os.path.join(src, "label", f"{i}.png")))
+        Image.fromarray(m).save(raw / f"{i}.png")
+        Image.fromarray((m == 0).astype(np.uint8)).save(lab / f"{i}.png")
+    return img, lab, raw
+
+
+def test_semantic_mask_problems(isbi_copy):
+    img, lab, raw = isbi_copy
+    m = np.asarray(Image.open(lab / "1.png")).copy()
+    m[:2, :3] = 7  # 6 pixels outside [0, 2)
+    Image.fromarray(m).save(lab / "1.png")
+    Image.fromarray(np.zeros((256, 512), np.uint8)).save(lab / "2.png")  # wrong size
+    (img / "3.png").write_bytes(b"not a png")  # corrupt image
+    register_dataset(f"name=broken_isbi,type=sem_seg,image_root={img},sem_seg_root={lab},"
+                     "classes=[cell,membrane]")
+    # the folder loader itself cannot open 3.png: reported, not raised
+    (f,) = check_dataset("broken_isbi").errors
+    assert f.code == "load_failed" and str(img / "3.png") in f.message
+    (img / "3.png").unlink()
+    shutil.copy(img / "4.png", img / "3.png")
+    with open(img / "3.png", "r+b") as f:  # truncated PNG: header readable, pixels not
+        f.truncate(os.path.getsize(img / "3.png") // 2)
+    r = check_dataset("broken_isbi")
+    (o,) = _problems(r, "label_out_of_range")
+    assert o.file == str(lab / "1.png") and o.value == 7 and "6 pixels" in o.message
+    (s,) = _problems(r, "mask_size_mismatch")
+    assert s.file == str(lab / "2.png") and s.value == "512x256"
+    (c,) = _problems(r, "corrupt_image")
+    assert c.file == str(img / "3.png")
+    assert r.num_classes_implied == 8  # the data (label 7) implies 8 classes
+
+
+def test_unmapped_raw_values_are_reported(isbi_copy):
+    img, _, raw = isbi_copy
+    m = np.asarray(Image.open(raw / "0.png")).copy()
+    m[10:20, 10:20] = 128  # e.g. an anti-aliased edge: not in label_map
+    Image.fromarray(m).save(raw / "0.png")
+    register_dataset(f"name=isbi_map,type=sem_seg,image_root={img},sem_seg_root={raw},"
+                     "classes=[cell,membrane],label_map={255:0,0:1}")
+    r = check_dataset("isbi_map")
+    assert r.ok
+    (u,) = _problems(r, "unmapped_mask_value")
+    assert u.value == 128 and u.file == str(raw / "0.png") and "100 pixels" in u.message
+
+
+def test_num_classes_mismatch_stops_training(shared_data, tmp_path):
+    cfg = load_config(os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                   "mask_rcnn_R_18_FPN_cpu.yaml"),
+                      ["DATASETS.TRAIN", "('fruits_nuts_train',)", "DATASETS.TEST", "()",
+                       "MODEL.ROI_HEADS.NUM_CLASSES", "2", "D2SEG.DATASETS.REGISTER", "[]"])
+    with pytest.raises(DatasetCheckError, match="MODEL.ROI_HEADS.NUM_CLASSES=2 but the data has 3"):
+        run_pre_training_checks(cfg)
+    cfg.D2SEG.DATASETS.CHECK = "warn"
+    (r,) = run_pre_training_checks(cfg)
+    assert _problems(r, "num_classes_mismatch")[0].severity == "error"
+
+
+def test_train_net_refuses_broken_data_before_training(fruits_copy, tmp_path):
+    data, path, img_dir = fruits_copy
+    os.remove(img_dir / "5.jpg")
+    spec = f"name=broken_train,type=coco,json_file={_write(data, path)},image_root={img_dir}"
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                      "mask_rcnn_R_18_FPN_cpu.yaml"),
+        "OUTPUT_DIR", str(tmp_path / "out"), "D2SEG.DATASETS.REGISTER", str((spec,)),
+        "DATASETS.TRAIN", "('broken_train',)", "DATASETS.TEST", "()"])
+    with pytest.raises(DatasetCheckError, match="5.jpg"):
+        main(args)
+    assert not os.path.exists(tmp_path / "out" / "model_final.pth")

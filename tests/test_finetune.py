@@ -1,0 +1,184 @@
+"""Fine-tuning: MODEL.WEIGHTS into a model with another number of classes, torchvision ResNets,
+model-zoo .pkl files, freezing (d2seg/checkpoint.py and Trainer.build_model/resume_or_load)."""
+import logging
+import os
+import pickle
+
+import pytest
+import torch
+
+import d2seg  # noqa: F401
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import build_model, build_resnet_backbone
+
+from d2seg.checkpoint import (
+    FinetuneCheckpointer,
+    convert_torchvision_resnet,
+    freeze_parameters,
+    load_weights,
+)
+from d2seg.config import load_config
+from d2seg.engine import Trainer, default_argument_parser, main
+
+from conftest import REPO
+
+CFG = os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml")
+HEAD_KEYS = {
+    "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+    "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+    "roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias",
+}
+
+
+def _cfg(*opts):
+    return load_config(CFG, ["MODEL.DEVICE", "cpu", "D2SEG.DATASETS.REGISTER", "[]", *opts])
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def fvcore_log():
+    h = _Capture()
+    lg = logging.getLogger("fvcore.common.checkpoint")
+    lg.addHandler(h)
+    old = lg.level
+    lg.setLevel(logging.INFO)
+    yield h.records
+    lg.removeHandler(h)
+    lg.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def five_class_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(_cfg("MODEL.ROI_HEADS.NUM_CLASSES", "5"))
+    path = tmp_path_factory.mktemp("ck") / "five.pth"
+    torch.save({"model": model.state_dict(), "iteration": 7}, path)
+    return str(path), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_head_with_other_class_count_is_skipped_in_one_line(five_class_ckpt, fvcore_log):
+    path, sd5 = five_class_ckpt
+    torch.manual_seed(1)
+    model = build_model(_cfg())  # 3 classes
+    summary = load_weights(model, path)
+    assert {k for k, _, _ in summary["skipped_shape"]} == HEAD_KEYS
+    assert summary["missing"] == [] and summary["unexpected"] == []
+    sd3 = model.state_dict()
+    assert summary["loaded"] == len(sd3) - len(HEAD_KEYS)
+    for k, v in sd3.items():
+        if k not in HEAD_KEYS:
+            assert torch.equal(v, sd5[k]), k
+    lines = [r.getMessage() for r in fvcore_log if "shape differs" in r.getMessage()]
+    assert len(lines) == 1
+    assert "roi_heads.box_predictor.cls_score.weight (6, 512)->(4, 512)" in lines[0]
+    # no per-tensor warnings of fvcore on top of the one line
+    assert not [r for r in fvcore_log if "Skip loading parameter" in r.getMessage()]
+
+
+def test_model_zoo_pkl_format(five_class_ckpt, tmp_path):
+    _, sd5 = five_class_ckpt
+    pkl = tmp_path / "zoo.pkl"
+    with open(pkl, "wb") as f:  # detectron2 model-zoo layout: numpy arrays + __author__
+        pickle.dump({"model": {k: v.numpy() for k, v in sd5.items()},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    model = build_model(_cfg())
+    summary = load_weights(model, str(pkl))
+    assert {k for k, _, _ in summary["skipped_shape"]} == HEAD_KEYS
+    k = "backbone.bottom_up.res3.0.conv1.weight"
+    assert torch.equal(model.state_dict()[k], sd5[k])
+
+
+def test_torchvision_resnet18_state_dict(tmp_path):
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():  # make BN statistics non-trivial
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "resnet18_torchvision.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model(_cfg("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1",
+                             "False"))
+    ck = FinetuneCheckpointer(model)
+    ck.load(str(path), checkpointables=[])
+    s = ck.last_summary
+    assert s["format"] == "torchvision-resnet" and s["skipped_shape"] == []
+    assert not [k for k in s["missing"] if ".bottom_up." in k]
+    assert s["unexpected"] == []
+    sd, tvsd = model.state_dict(), tv.state_dict()
+    pairs = {
+        "backbone.bottom_up.stem.conv1.weight": "conv1.weight",
+        "backbone.bottom_up.stem.conv1.norm.running_mean": "bn1.running_mean",
+        "backbone.bottom_up.res2.1.conv2.weight": "layer1.1.conv2.weight",
+        "backbone.bottom_up.res3.0.shortcut.weight": "layer2.0.downsample.0.weight",
+        "backbone.bottom_up.res3.0.shortcut.norm.running_var": "layer2.0.downsample.1.running_var",
+        "backbone.bottom_up.res5.1.conv1.norm.weight": "layer4.1.bn1.weight",
+    }
+    for d2k, tvk in pairs.items():
+        assert torch.equal(sd[d2k], tvsd[tvk]), d2k
+    n_tv = len([k for k in tvsd if not k.startswith("fc.") and "num_batches" not in k])
+    assert s["loaded"] >= n_tv
+
+
+def test_torchvision_bottleneck_keys_match_detectron2_resnet50():
+    import torchvision
+
+    cfg = _cfg("MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+               "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.OUT_FEATURES", "['res5']")
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    converted = convert_torchvision_resnet(torchvision.models.resnet50(weights=None).state_dict())
+    assert set(converted) == set(backbone.state_dict())
+    for k, v in backbone.state_dict().items():
+        assert converted[k].shape == v.shape, k
+
+
+def test_freeze_parameters_and_optimizer():
+    cfg = _cfg("MODEL.RESNETS.NORM", "BN")
+    model = build_model(cfg)
+    n_params = len([p for p in model.parameters() if p.requires_grad])
+    frozen = freeze_parameters(model, [r"backbone\.bottom_up\.(stem|res2)\."])
+    assert frozen and all(n.startswith(("backbone.bottom_up.stem.", "backbone.bottom_up.res2."))
+                          for n in frozen)
+    assert isinstance(model.backbone.bottom_up.stem.conv1.norm, FrozenBatchNorm2d)
+    assert isinstance(model.backbone.bottom_up.res3[0].conv1.norm, torch.nn.BatchNorm2d)
+    assert not any(p.requires_grad for p in model.backbone.bottom_up.res2.parameters())
+    opt = Trainer.build_optimizer(cfg, model)
+    in_opt = sum(len(g["params"]) for g in opt.param_groups)
+    assert in_opt == len([p for p in model.parameters() if p.requires_grad])
+    assert in_opt < n_params - len([f for f in frozen if "norm" not in f])
+    with pytest.raises(ValueError, match="'backbone.nope' matches no parameter"):
+        freeze_parameters(model, ["backbone.nope"])
+
+
+def test_finetune_through_train_net(five_class_ckpt, shared_data, tmp_path):
+    """2 iterations of train_net's code path from the 5-class checkpoint, backbone frozen."""
+    path, sd5 = five_class_ckpt
+    args = default_argument_parser().parse_args([
+        "--config-file", CFG, "OUTPUT_DIR", str(tmp_path),
+        "DATASETS.TRAIN", "('fruits_nuts_train',)", "DATASETS.TEST", "()",
+        "D2SEG.DATASETS.REGISTER", "[]", "MODEL.WEIGHTS", path,
+        "D2SEG.FINETUNE.FREEZE", r"('backbone\.',)", "SOLVER.MAX_ITER", "2",
+        "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "400",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.NUM_VIS", "0", "D2SEG.PLOT_CURVES", "False",
+    ])
+    main(args)
+    final = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    for k in ("backbone.bottom_up.stem.conv1.weight", "backbone.fpn_output3.weight"):
+        assert torch.equal(final[k], sd5[k]), k  # frozen: as loaded
+    assert final["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    k = "roi_heads.box_head.fc1.weight" if "roi_heads.box_head.fc1.weight" in final else \
+        "proposal_generator.rpn_head.conv.weight"
+    assert not torch.equal(final[k], sd5[k])  # trained
+    log = open(tmp_path / "log.txt").read()
+    assert log.count("skipped because their shape differs") == 1
+    assert "Froze" in log

@@ -1,0 +1,158 @@
+"""d2seg's training hooks (d2seg/engine/hooks.py) in isolation; the same hooks inside a real
+training run are checked in test_real_data.py."""
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import d2seg  # noqa: F401
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import hooks as d2hooks
+from detectron2.utils.events import EventStorage
+
+from d2seg.config import get_cfg
+from d2seg.engine.hooks import (
+    BestCheckpointer,
+    PlotCurves,
+    ValidationLoss,
+    extend_hooks,
+    plot_metrics_json,
+)
+
+
+class ToyModel(nn.Module):
+    """Returns {"loss_a": mean(bn(x)^2), "loss_b": 2} in training; BN and dropout inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.drop = nn.Dropout(0.5)
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, batch):
+        x = torch.stack([b["x"] for b in batch])
+        y = self.drop(self.bn(x)) * self.w
+        assert self.training
+        return {"loss_a": (y ** 2).mean(), "loss_b": torch.tensor(2.0)}
+
+
+def _trainer(model, it=9, max_iter=20):
+    return SimpleNamespace(model=model, storage=EventStorage(it), iter=it, max_iter=max_iter)
+
+
+def test_validation_loss_uses_eval_norm_and_restores_mode():
+    torch.manual_seed(0)
+    model = ToyModel().train()
+    model.bn.running_mean.fill_(0.5)
+    data = [[{"x": torch.randn(3)} for _ in range(2)] for _ in range(3)]
+    hook = ValidationLoss(10, lambda: data)
+    hook.trainer = _trainer(model)
+    with hook.trainer.storage:
+        hook.after_step()  # iteration 9 -> 10th: computed
+        latest = hook.trainer.storage.latest()
+    assert model.training and model.bn.training and model.drop.training
+    assert torch.all(model.bn.running_mean == 0.5)  # statistics not updated
+    with torch.no_grad():
+        model.eval()
+        xs = torch.stack([b["x"] for batch in data for b in batch])
+        expect = (model.bn(xs) ** 2).mean().item()
+    assert latest["val_loss_a"][0] == pytest.approx(expect, rel=1e-5)
+    assert latest["val_loss_b"][0] == pytest.approx(2.0)
+    assert latest["val_total_loss"][0] == pytest.approx(expect + 2.0, rel=1e-5)
+    hook2 = ValidationLoss(10, lambda: data)
+    hook2.trainer = _trainer(model, it=4)
+    with hook2.trainer.storage:
+        hook2.after_step()  # not a multiple of the period
+        assert "val_total_loss" not in hook2.trainer.storage.latest()
+
+
+def test_best_checkpointer_keeps_last_checkpoint(tmp_path, caplog):
+    model = nn.Linear(2, 2)
+    ck = DetectionCheckpointer(model, str(tmp_path))
+    ck.save("model_0000009")
+    hook = BestCheckpointer(10, ck, "val_total_loss", "min")
+    hook.trainer = _trainer(model)
+    with hook.trainer.storage as st:
+        st.put_scalars(val_total_loss=3.0, smoothing_hint=False)
+        hook._best_checking()
+        assert os.path.isfile(tmp_path / "model_best.pth")
+        assert open(tmp_path / "last_checkpoint").read() == "model_0000009.pth"
+        with torch.no_grad():
+            model.weight.fill_(7)
+        st.put_scalars(val_total_loss=5.0, smoothing_hint=False)  # worse: not saved
+        hook._best_checking()
+        best = torch.load(tmp_path / "model_best.pth", weights_only=False)
+        assert not torch.all(best["model"]["weight"] == 7) and best["iteration"] == 9
+        st.put_scalars(val_total_loss=1.0, smoothing_hint=False)  # better: saved
+        hook._best_checking()
+        assert torch.all(torch.load(tmp_path / "model_best.pth",
+                                    weights_only=False)["model"]["weight"] == 7)
+        assert open(tmp_path / "last_checkpoint").read() == "model_0000009.pth"
+    # without any previous checkpoint, model_best is not what --resume would pick up
+    other = tmp_path / "fresh"
+    other.mkdir()
+    ck2 = DetectionCheckpointer(model, str(other))
+    hook = BestCheckpointer(10, ck2, "segm/AP", "max")
+    hook.trainer = _trainer(model)
+    with hook.trainer.storage as st:
+        st.put_scalars(**{"segm/AP": 12.0}, smoothing_hint=False)
+        hook._best_checking()
+    assert os.path.isfile(other / "model_best.pth") and not ck2.has_checkpoint()
+
+
+def test_best_checkpointer_names_available_metrics(tmp_path):
+    model = nn.Linear(2, 2)
+    hook = BestCheckpointer(10, DetectionCheckpointer(model, str(tmp_path)), "segm/APP", "max")
+    hook.trainer = _trainer(model)
+    records = []
+    h = logging.Handler()
+    h.emit = records.append
+    hook._logger.addHandler(h)
+    try:
+        with hook.trainer.storage as st:
+            st.put_scalars(**{"segm/AP": 1.0, "bbox/AP": 2.0}, smoothing_hint=False)
+            hook._best_checking()
+    finally:
+        hook._logger.removeHandler(h)
+    msg = " ".join(r.getMessage() for r in records)
+    assert "'segm/APP' was not computed" in msg and "'segm/AP'" in msg
+    assert not os.path.exists(tmp_path / "model_best.pth")
+
+
+def test_extend_hooks_order_writer_last(tmp_path):
+    cfg = get_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.DATASETS.TEST = ("isbi2012_membrane_val",)
+    cfg.D2SEG.VAL_LOSS_PERIOD = 5
+    cfg.D2SEG.BEST_CHECKPOINT.METRIC = "sem_seg/mIoU"
+    trainer = SimpleNamespace(cfg=cfg, checkpointer=DetectionCheckpointer(nn.Linear(1, 1)))
+    base = [d2hooks.IterationTimer(), d2hooks.EvalHook(0, lambda: {}),
+            d2hooks.PeriodicWriter([])]
+    out = extend_hooks(trainer, base)
+    kinds = [type(h) for h in out]
+    assert kinds == [d2hooks.IterationTimer, d2hooks.EvalHook, ValidationLoss, BestCheckpointer,
+                     PlotCurves, d2hooks.PeriodicWriter]
+    cfg.D2SEG.VAL_LOSS_PERIOD = 0
+    cfg.D2SEG.BEST_CHECKPOINT.METRIC = ""
+    cfg.D2SEG.PLOT_CURVES = False
+    assert extend_hooks(trainer, base) == base
+
+
+def test_plot_metrics_json(tmp_path):
+    lines = []
+    for it in range(0, 100, 10):
+        lines.append({"iteration": it, "total_loss": 3.0 / (it + 1), "loss_cls": 1.0 / (it + 1),
+                      "lr": 0.01 * min(1, it / 20)})
+    lines.append({"iteration": 49, "val_total_loss": 0.5, "sem_seg/mIoU": 40.0,
+                  "sem_seg/IoU-cell": 60.0})
+    lines.append({"iteration": 99, "val_total_loss": 0.3, "sem_seg/mIoU": 55.0})
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = plot_metrics_json(str(path), str(tmp_path / "curves.png"))
+    im = Image.open(out)
+    assert im.format == "PNG" and im.size[0] > 3 * im.size[1] // 2  # three panels side by side

@@ -1,0 +1,199 @@
+"""Loss values against closed-form numbers (and torchvision for the sigmoid focal loss)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from d2seg.modeling.losses import (
+    SemSegLoss,
+    cross_entropy_loss,
+    focal_loss,
+    soft_dice_loss,
+    tversky_loss,
+)
+
+# Four pixels (one image, 2x2): foreground probabilities and binary targets.
+P = [0.8, 0.2, 0.6, 0.4]
+Y = [1, 0, 1, 1]
+# TP = 0.8 + 0.6 + 0.4 = 1.8, FP = 0.2, FN = 0.2 + 0.4 + 0.6 = 1.2 (class 1)
+# class 0: TP = 0.8, FP = 1.2, FN = 0.2
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def binary_logits(extra=()):
+    return torch.tensor([_logit(p) for p in P + list(extra)]).view(1, 1, 1, -1)
+
+
+def two_class_logits(extra=()):
+    z = binary_logits(extra)
+    return torch.cat([torch.zeros_like(z), z], dim=1)  # softmax class 1 = sigmoid(z)
+
+
+def targets(extra=()):
+    return torch.tensor(Y + list(extra)).view(1, 1, -1)
+
+
+def test_dice_binary_closed_form():
+    assert soft_dice_loss(binary_logits(), targets(), smooth=0.0).item() == pytest.approx(
+        1 - 3.6 / 5.0, abs=1e-6)
+    assert soft_dice_loss(binary_logits(), targets(), smooth=1.0).item() == pytest.approx(
+        1 - 4.6 / 6.0, abs=1e-6)
+
+
+def test_dice_multiclass_closed_form_and_ignore():
+    expected = 1 - (1.6 / 3.0 + 3.6 / 5.0) / 2
+    assert soft_dice_loss(two_class_logits(), targets(), smooth=0.0).item() == pytest.approx(
+        expected, abs=1e-6)
+    # an ignored pixel with any score changes nothing
+    got = soft_dice_loss(two_class_logits([0.99]), targets([255]), smooth=0.0, ignore_index=255)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # only class 1
+    got = soft_dice_loss(two_class_logits(), targets(), smooth=0.0, classes=[1])
+    assert got.item() == pytest.approx(1 - 3.6 / 5.0, abs=1e-6)
+
+
+def test_dice_perfect_and_absent_class():
+    t = torch.tensor([[[0, 1], [1, 0]]])
+    logits = F.one_hot(t, 3).permute(0, 3, 1, 2).float() * 50  # class 2 absent everywhere
+    # smoothed: the absent class scores ~1, so a perfect prediction has ~0 loss
+    assert soft_dice_loss(logits, t, smooth=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # unsmoothed: the absent class gets ~1e-22 probability mass, so its Dice is 0 / tiny = 0
+    assert soft_dice_loss(logits, t, smooth=0.0).item() == pytest.approx(1 / 3, abs=1e-6)
+    # ... unless it is scored only where it occurs
+    assert soft_dice_loss(logits, t, smooth=0.0, classes=[0, 1]).item() == pytest.approx(
+        0.0, abs=1e-6)
+
+
+def test_tversky_closed_form_and_dice_equivalence():
+    got = tversky_loss(binary_logits(), targets(), alpha=0.3, beta=0.7, smooth=0.0)
+    assert got.item() == pytest.approx(1 - 1.8 / (1.8 + 0.3 * 0.2 + 0.7 * 1.2), abs=1e-6)
+    torch.manual_seed(0)
+    logits, t = torch.randn(2, 4, 5, 7), torch.randint(0, 4, (2, 5, 7))
+    t[0, 0, :3] = 255
+    for t_smooth, d_smooth in ((0.0, 0.0), (0.5, 1.0)):  # (TP+s)/(TP+FP/2+FN/2+s) = Dice(2s)
+        a = tversky_loss(logits, t, alpha=0.5, beta=0.5, smooth=t_smooth)
+        b = soft_dice_loss(logits, t, smooth=d_smooth)
+        assert a.item() == pytest.approx(b.item(), abs=1e-6)
+
+
+def test_sigmoid_focal_matches_torchvision_and_closed_form():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 5)
+    y = torch.randint(0, 2, (2, 6, 5))
+    y[1, :2] = 255
+    valid = y != 255
+    for alpha, gamma in ((0.25, 2.0), (None, 2.0), (0.6, 0.5)):
+        ref = sigmoid_focal_loss(x[:, 0][valid], (y[valid] == 1).float(),
+                                 alpha=-1 if alpha is None else alpha, gamma=gamma,
+                                 reduction="mean")
+        got = focal_loss(x, y, gamma=gamma, alpha=alpha)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    # closed form on the four pixels: -alpha_t (1 - p_t)^gamma log p_t
+    terms = []
+    for p, t in zip(P, Y):
+        pt, at = (p, 0.25) if t == 1 else (1 - p, 0.75)
+        terms.append(-at * (1 - pt) ** 2 * math.log(pt))
+    got = focal_loss(binary_logits(), targets(), gamma=2.0, alpha=0.25)
+    assert got.item() == pytest.approx(sum(terms) / 4, rel=1e-5)
+
+
+def test_softmax_focal_closed_form():
+    # pixel probabilities for the true class: 0.8, 0.8, 0.6, 0.4 (two-class logits)
+    got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=None)
+    pts = [0.8, 0.8, 0.6, 0.4]
+    assert got.item() == pytest.approx(
+        sum(-(1 - p) ** 2 * math.log(p) for p in pts) / 4, rel=1e-5)
+    # per-class alpha
+    got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=[0.3, 0.7])
+    w = [0.7, 0.3, 0.7, 0.7]
+    assert got.item() == pytest.approx(
+        sum(-a * (1 - p) ** 2 * math.log(p) for a, p in zip(w, pts)) / 4, rel=1e-5)
+    # gamma 0 and no alpha: cross-entropy
+    torch.manual_seed(1)
+    logits, t = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    assert focal_loss(logits, t, gamma=0.0).item() == pytest.approx(
+        F.cross_entropy(logits, t).item(), rel=1e-5)
+
+
+def test_class_weighted_ce_closed_form():
+    pts = {0: [0.8], 1: [0.8, 0.6, 0.4]}  # true-class probabilities by class
+    w = [1.0, 3.0]
+    num = sum(w[c] * -math.log(p) for c, ps in pts.items() for p in ps)
+    den = w[0] * 1 + w[1] * 3
+    got = cross_entropy_loss(two_class_logits([0.3]), targets([255]), class_weights=w)
+    assert got.item() == pytest.approx(num / den, rel=1e-5)
+    got = cross_entropy_loss(binary_logits([0.3]), targets([255]), class_weights=w)
+    assert got.item() == pytest.approx(num / den, rel=1e-5)  # BCE with per-pixel weights
+    got = cross_entropy_loss(binary_logits(), targets())
+    assert got.item() == pytest.approx(
+        sum(-math.log(p) for ps in pts.values() for p in ps) / 4, rel=1e-5)
+
+
+def test_all_ignored_gives_zero_with_gradient():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    t = torch.full((1, 4, 4), 255)
+    loss = SemSegLoss(names=["CE", "Dice", "Focal", "Tversky"], ignore_index=255)
+    out = loss(logits, t)
+    total = sum(out.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert out["loss_sem_seg_ce"].item() == 0.0 and out["loss_sem_seg_focal"].item() == 0.0
+
+
+def test_sem_seg_loss_combination_and_weights():
+    torch.manual_seed(0)
+    logits, t = torch.randn(2, 3, 5, 5, requires_grad=True), torch.randint(0, 3, (2, 5, 5))
+    loss = SemSegLoss(names=["CE", "Dice"], weights=[1.0, 0.5], loss_weight=2.0)
+    out = loss(logits, t)
+    assert set(out) == {"loss_sem_seg_ce", "loss_sem_seg_dice"}
+    assert out["loss_sem_seg_ce"].item() == pytest.approx(
+        2.0 * F.cross_entropy(logits, t).item(), rel=1e-5)
+    assert out["loss_sem_seg_dice"].item() == pytest.approx(
+        1.0 * soft_dice_loss(logits, t).item(), rel=1e-5)
+    sum(out.values()).backward()
+    assert logits.grad.abs().sum() > 0
+    # binary: BCE + Dice
+    b = SemSegLoss(names=["BCE", "Dice"])
+    out = b(torch.randn(2, 1, 5, 5), torch.randint(0, 2, (2, 5, 5)))
+    assert set(out) == {"loss_sem_seg_bce", "loss_sem_seg_dice"}
+
+
+def test_sem_seg_loss_from_config():
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Focal", "Dice"]
+    cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = [2.0, 1.0]
+    cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = [0.25]
+    loss = SemSegLoss(cfg)
+    assert loss.names == ["Focal", "Dice"] and loss.weights == [2.0, 1.0]
+    assert loss.focal_alpha == 0.25 and loss.ignore_index == 255
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(names=["CE", "Lovasz"]), "unknown loss 'Lovasz'"),
+    (dict(names=["CE", "Dice"], weights=[1.0]), "WEIGHTS"),
+    (dict(names=[]), "NAMES is empty"),
+    (dict(names=["Dice", "dice"]), "duplicates"),
+])
+def test_sem_seg_loss_errors_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SemSegLoss(**kwargs)
+
+
+def test_bce_needs_one_channel_and_targets_checked():
+    with pytest.raises(ValueError, match="'BCE' needs one output channel"):
+        SemSegLoss(names=["BCE"])(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="binary .* got 2"):
+        SemSegLoss(names=["CE", "Dice"])(torch.randn(1, 1, 2, 2), torch.full((1, 2, 2), 2))
+    with pytest.raises(ValueError, match="target value 7"):
+        soft_dice_loss(torch.randn(1, 3, 2, 2), torch.full((1, 2, 2), 7))
+    with pytest.raises(ValueError, match="class weights"):
+        cross_entropy_loss(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
+                           class_weights=[1.0, 2.0])

@@ -1,0 +1,184 @@
+"""Metric values on hand-made masks, numpy and torch, including the empty cases."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2seg.metrics import (
+    boundary_iou,
+    boundary_mask,
+    confusion_matrix,
+    dice,
+    iou,
+    mean_dice,
+    mean_iou,
+    per_class_dice,
+    per_class_iou,
+    pixel_accuracy,
+    segmentation_metrics,
+)
+
+
+def masks():
+    p = np.zeros((4, 4), np.uint8)
+    g = np.zeros((4, 4), np.uint8)
+    p[0, 0:4] = 1  # 4 predicted pixels
+    g[0, 1:4] = 1
+    g[1, 0:3] = 1  # 6 true pixels, 3 shared
+    return p, g
+
+
+@pytest.mark.parametrize("to", [np.asarray, torch.from_numpy, lambda a: a.astype(bool),
+                                lambda a: torch.from_numpy(a).float()])
+def test_iou_dice_values(to):
+    p, g = masks()
+    assert iou(to(p), to(g)) == pytest.approx(3 / 7)
+    assert dice(to(p), to(g)) == pytest.approx(6 / 10)
+    assert iou(to(g), to(g)) == 1.0 and dice(to(p), to(p)) == 1.0
+
+
+def test_empty_cases():
+    z = np.zeros((3, 3), bool)
+    one = z.copy()
+    one[1, 1] = True
+    # both empty: empty_score (default 1)
+    assert iou(z, z) == 1.0 and dice(z, z) == 1.0
+    assert iou(z, z, empty_score=0.0) == 0.0 and dice(torch.tensor(z), torch.tensor(z),
+                                                      empty_score=math.nan) != 0.0
+    # prediction empty, target not; and the reverse
+    assert iou(z, one) == 0.0 and dice(z, one) == 0.0
+    assert iou(one, z) == 0.0 and dice(torch.tensor(one), torch.tensor(z)) == 0.0
+
+
+def test_per_image_scores():
+    p, g = masks()
+    z = np.zeros_like(p)
+    pp, gg = np.stack([p, z, z]), np.stack([g, z, g])
+    np.testing.assert_allclose(iou(pp, gg, per_image=True), [3 / 7, 1.0, 0.0])
+    got = dice(torch.from_numpy(pp), torch.from_numpy(gg), per_image=True)
+    np.testing.assert_allclose(got.numpy(), [0.6, 1.0, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        iou(p, g[:3])
+
+
+def test_confusion_matrix_and_derived_metrics():
+    gt = np.array([[0, 0, 1, 1],
+                   [0, 2, 2, 255]])
+    pred = np.array([[0, 1, 1, 1],
+                     [0, 2, 0, 3]])
+    cm = confusion_matrix(pred, gt, num_classes=4, ignore_label=255)
+    expected = np.zeros((4, 4), int)
+    expected[0, 0] = 2
+    expected[0, 1] = 1
+    expected[1, 1] = 2
+    expected[2, 2] = 1
+    expected[2, 0] = 1
+    np.testing.assert_array_equal(cm, expected)
+    ious = per_class_iou(cm)
+    # class 0: TP 2, FP 1, FN 1 -> 2/4; class 1: 2/3; class 2: 1/2; class 3: neither -> NaN
+    np.testing.assert_allclose(ious[:3], [0.5, 2 / 3, 0.5])
+    assert math.isnan(ious[3])
+    dices = per_class_dice(cm)
+    np.testing.assert_allclose(dices[:3], [4 / 6, 4 / 5, 2 / 3])
+    assert mean_iou(cm) == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert mean_dice(cm) == pytest.approx((4 / 6 + 4 / 5 + 2 / 3) / 3)
+    assert pixel_accuracy(cm) == pytest.approx(5 / 7)
+    # torch inputs give the same matrix
+    np.testing.assert_array_equal(confusion_matrix(torch.tensor(pred), torch.tensor(gt), 4), cm)
+
+
+def test_class_predicted_but_absent_scores_zero_and_no_valid_pixels():
+    gt = np.zeros((2, 2), int)
+    pred = np.array([[0, 1], [0, 0]])
+    cm = confusion_matrix(pred, gt, 3)
+    assert per_class_iou(cm)[1] == 0.0 and per_class_dice(cm)[1] == 0.0
+    assert math.isnan(per_class_iou(cm)[2])
+    assert mean_iou(cm) == pytest.approx((3 / 4 + 0.0) / 2)
+    empty = confusion_matrix(pred, np.full((2, 2), 255), 3)
+    assert empty.sum() == 0 and math.isnan(pixel_accuracy(empty)) and math.isnan(mean_iou(empty))
+    with pytest.raises(ValueError, match="predicted label outside"):
+        confusion_matrix(np.full((2, 2), 5), gt, 3)
+
+
+def test_segmentation_metrics_names():
+    cm = np.array([[3, 1], [0, 4]])
+    m = segmentation_metrics(cm, ["cell", "membrane"])
+    assert m["IoU-membrane"] == pytest.approx(4 / 5) and m["Dice-cell"] == pytest.approx(6 / 7)
+    assert m["pACC"] == pytest.approx(7 / 8)
+
+
+def square(top, left, size=10, shape=(20, 20)):
+    m = np.zeros(shape, bool)
+    m[top:top + size, left:left + size] = True
+    return m
+
+
+def test_boundary_iou_hand_made():
+    a = square(2, 2)
+    assert boundary_mask(a, 1).sum() == 36  # the 1-pixel ring of a 10x10 square
+    assert boundary_iou(a, a) == 1.0
+    # shifted right by one pixel: rings share 9 + 9 pixels of the top and bottom rows
+    assert boundary_iou(a, square(2, 3)) == pytest.approx(18 / 54)
+    assert boundary_iou(a, np.zeros_like(a)) == 0.0
+    assert boundary_iou(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    # a mask thinner than the boundary width is all boundary: BIoU = IoU
+    thin_p, thin_g = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    thin_p[5, 2:12], thin_g[5, 4:14] = True, True
+    assert boundary_iou(thin_p, thin_g) == pytest.approx(iou(thin_p, thin_g))
+
+
+def _register(name, tmp_path, gts, classes):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    dicts = []
+    for i, g in enumerate(gts):
+        f = tmp_path / f"{name}_{i}.png"
+        Image.fromarray(np.asarray(g, np.uint8)).save(f)
+        dicts.append({"file_name": f"img_{name}_{i}.png", "sem_seg_file_name": str(f),
+                      "height": g.shape[0], "width": g.shape[1]})
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(stuff_classes=classes, ignore_label=255,
+                                  evaluator_type="sem_seg")
+    return dicts
+
+
+def _onehot_logits(label, c):
+    return torch.nn.functional.one_hot(torch.as_tensor(label), c).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_evaluator_pools_over_images(tmp_path, distributed):
+    from d2seg.evaluation import SemSegMetricsEvaluator
+
+    g1 = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
+    g2 = np.array([[0, 0, 0, 0], [0, 0, 0, 0]])
+    p1 = np.array([[0, 1, 1, 1], [0, 0, 0, 1]])
+    p2 = np.array([[0, 0, 0, 0], [0, 0, 0, 1]])
+    dicts = _register("d2seg_test_metrics_eval", tmp_path, [g1, g2], ["bg", "fg", "unused"])
+    ev = SemSegMetricsEvaluator("d2seg_test_metrics_eval", distributed=distributed,
+                                output_dir=str(tmp_path / "out"))
+    ev.reset()
+    ev.process([{"file_name": d["file_name"]} for d in dicts],
+               [{"sem_seg": _onehot_logits(p, 3)} for p in (p1, p2)])
+    res = ev.evaluate()["sem_seg_metrics"]
+    # pooled: class 1 TP = 2 (g1), FP = 1 (g1) + 1 (g2), FN = 1 (g1) -> IoU 2/5, Dice 4/7
+    # class 0: TP = 3 + 7 = 10, FP = 1, FN = 1 + 1 -> IoU 10/13, Dice 20/23
+    assert res["IoU-fg"] == pytest.approx(100 * 2 / 5)
+    assert res["Dice-fg"] == pytest.approx(100 * 4 / 7)
+    assert res["IoU-bg"] == pytest.approx(100 * 10 / 13)
+    assert res["Dice-bg"] == pytest.approx(100 * 20 / 23)
+    assert math.isnan(res["IoU-unused"]) and math.isnan(res["Dice-unused"])
+    assert res["mIoU"] == pytest.approx(100 * (2 / 5 + 10 / 13) / 2)
+    assert res["mDice"] == pytest.approx(100 * (4 / 7 + 20 / 23) / 2)
+    assert res["pACC"] == pytest.approx(100 * 12 / 15)
+    assert 0 <= res["mBIoU"] <= 100 and all(isinstance(v, float) for v in res.values())
+    assert (tmp_path / "out" / "sem_seg_metrics.json").is_file()
+    # detectron2's print_csv_format accepts the flat dict
+    from detectron2.evaluation import print_csv_format
+
+    print_csv_format({"sem_seg_metrics": res})

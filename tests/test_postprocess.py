@@ -1,0 +1,191 @@
+"""Post-processing on hand-made masks, the config-built post-processor, the threshold search."""
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from d2seg.modeling.postprocessing import (
+    SemSegPostProcessor,
+    foreground_probability,
+    keep_largest_component,
+    morphological_close,
+    morphological_open,
+    postprocess_mask,
+    remove_small_regions,
+    search_threshold,
+)
+
+
+def blobs():
+    m = np.zeros((20, 20), bool)
+    m[1:4, 1:4] = True      # 9 px
+    m[8:18, 8:18] = True    # 100 px
+    m[1, 15] = True         # 1 px speck
+    return m
+
+
+def test_remove_small_regions_and_keep_largest():
+    m = blobs()
+    out = remove_small_regions(m, 10)
+    assert out.sum() == 100 and out[8:18, 8:18].all()
+    assert remove_small_regions(m, 9).sum() == 109
+    assert remove_small_regions(m, 0).sum() == 110
+    assert keep_largest_component(m).sum() == 100
+    empty = np.zeros((5, 5), bool)
+    assert not keep_largest_component(empty).any() and not remove_small_regions(empty, 3).any()
+    # 8-connectivity: diagonal neighbours are one component
+    d = np.eye(4, dtype=bool)
+    assert remove_small_regions(d, 4).sum() == 4
+
+
+def test_open_and_close():
+    m = blobs()
+    opened = morphological_open(m, 3)
+    assert not opened[1, 15]                     # speck removed
+    assert opened[9:17, 9:17].all()              # big square's inside kept
+    assert not (opened & ~m).any()               # opening never adds pixels
+    holed = np.zeros((12, 12), bool)
+    holed[2:10, 2:10] = True
+    holed[5, 5] = False
+    closed = morphological_close(holed, 3)
+    assert closed[5, 5] and not (holed & ~closed).any()
+    # the image border has no effect: a square in the corner keeps its border pixels (the
+    # 3x3 elliptic kernel is a cross, so only its free corner (4, 4) goes)
+    border = np.zeros((10, 10), bool)
+    border[:5, :5] = True
+    expected = border.copy()
+    expected[4, 4] = False
+    np.testing.assert_array_equal(morphological_open(border, 3), expected)
+    with pytest.raises(ValueError, match="odd"):
+        morphological_open(m, 4)
+
+
+def test_postprocess_mask_order():
+    m = blobs()
+    assert postprocess_mask(m, min_area=10, keep_largest=True).sum() == 100
+    assert postprocess_mask(m).sum() == m.sum()
+
+
+def test_post_processor_binary_threshold():
+    p = torch.tensor([[0.1, 0.55], [0.65, 0.9]])
+    z = torch.log(p / (1 - p)).unsqueeze(0)  # one-channel logits
+    two = torch.cat([torch.zeros_like(z), z])  # [0, z]: softmax class 1 = p
+    np.testing.assert_allclose(foreground_probability(z).numpy(), p.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(foreground_probability(two).numpy(), p.numpy(), rtol=1e-5)
+    assert SemSegPostProcessor(num_classes=1, threshold=0.5)(z).tolist() == [[0, 1], [1, 1]]
+    assert SemSegPostProcessor(num_classes=2, threshold=0.6)(two).tolist() == [[0, 0], [1, 1]]
+    assert SemSegPostProcessor(num_classes=2, threshold=0.7)(two).tolist() == [[0, 0], [0, 1]]
+
+
+def test_post_processor_binary_mask_ops():
+    m = blobs()
+    logits = torch.from_numpy(np.where(m, 5.0, -5.0)).float().unsqueeze(0)
+    pp = SemSegPostProcessor(num_classes=1, min_area=10)
+    assert pp(logits).sum().item() == 100
+    # ops on class 0 (the background) instead: its small holes get filled
+    holed = np.ones((12, 12), bool)
+    holed[5, 5] = False  # a 1-px "background" island inside the foreground
+    lg = torch.from_numpy(np.where(holed, 5.0, -5.0)).float().unsqueeze(0)
+    assert SemSegPostProcessor(num_classes=2, min_area=2, classes=[0])(
+        torch.cat([torch.zeros_like(lg), lg])).min().item() == 1
+
+
+def test_post_processor_multiclass():
+    label = np.zeros((20, 20), int)
+    label[8:18, 8:18] = 2
+    label[1:3, 1:3] = 2          # small class-2 region -> background
+    label[1:4, 10:14] = 1        # class 1, 12 px, kept
+    logits = torch.nn.functional.one_hot(torch.from_numpy(label), 3).permute(2, 0, 1).float()
+    out = SemSegPostProcessor(num_classes=3, min_area=5)(logits).numpy()
+    expected = label.copy()
+    expected[1:3, 1:3] = 0
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="THRESHOLD=0.3 applies to binary problems"):
+        SemSegPostProcessor(num_classes=3, threshold=0.3)
+    with pytest.raises(ValueError, match="OPEN_KERNEL"):
+        SemSegPostProcessor(num_classes=2, open_kernel=4)
+
+
+def test_search_threshold_finds_the_best():
+    rng = np.random.default_rng(0)
+    probs = [rng.random((16, 16)).astype(np.float32) for _ in range(3)]
+    gts = [(p > 0.3).astype(np.uint8) for p in probs]
+    gts[0][0, :4] = 255  # ignored pixels
+    res = search_threshold(probs, gts, thresholds=[0.1, 0.2, 0.3, 0.4, 0.5])
+    assert res["threshold"] == pytest.approx(0.3) and res["dice"] == pytest.approx(1.0)
+    assert [t for t, _ in res["scores"]] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    dices = dict(res["scores"])
+    assert dices[0.2] < 1.0 and dices[0.4] < 1.0
+    # with post-processing applied per image after thresholding
+    res2 = search_threshold(probs, gts, thresholds=[0.3],
+                            postprocess=functools.partial(postprocess_mask, min_area=1000))
+    assert res2["dice"] == 0.0  # everything removed
+
+
+def test_meta_arch_applies_post_processing():
+    import d2seg  # noqa: F401
+    from detectron2.modeling import build_model
+
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "UNet"
+    cfg.MODEL.BACKBONE.NAME = "build_unet_backbone"
+    cfg.MODEL.UNET.BASE_CHANNELS = 4
+    cfg.MODEL.UNET.DEPTH = 2
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 1
+    cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = True
+    cfg.MODEL.SEM_SEG_POSTPROCESS.THRESHOLD = 0.5
+    cfg.MODEL.SEM_SEG_POSTPROCESS.MIN_AREA = 3
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 13, 10) * 255, "height": 26, "width": 20}])[0]
+    assert out["sem_seg"].shape == (2, 26, 20) and out["sem_seg_logits"].shape == (2, 26, 20)
+    assert set(out["sem_seg"].unique().tolist()) <= {0.0, 1.0}
+    assert (out["sem_seg"].sum(0) == 1).all()
+    expected = SemSegPostProcessor(cfg)(out["sem_seg_logits"])
+    assert torch.equal(out["sem_seg"].argmax(0), expected)
+
+
+def test_search_threshold_tool_on_isbi(tmp_path, shared_data):
+    """tools/search_threshold.py on a (random) tiny U-Net over the 5 ISBI validation slices."""
+    import importlib.util
+    import json
+    import os
+
+    import d2seg  # noqa: F401
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from conftest import REPO
+    from d2seg.config import get_cfg
+
+    if "isbi2012_membrane_val" not in DatasetCatalog.list():
+        os.environ["D2SEG_SHARED_DATA"] = shared_data
+        from d2seg.data import register_all_builtin
+
+        register_all_builtin()
+    config = os.path.join(REPO, "configs", "ISBI-SemanticSegmentation", "unet_cpu.yaml")
+    cfg = get_cfg()
+    cfg.merge_from_file(config)
+    cfg.MODEL.UNET.BASE_CHANNELS = 4
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    DetectionCheckpointer(build_model(cfg), save_dir=str(weights)).save("model")
+    spec = importlib.util.spec_from_file_location(
+        "search_threshold", os.path.join(REPO, "tools", "search_threshold.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "thr.json"
+    res = tool.main(["--config-file", config, "--thresholds", "0.1:0.9:0.2", "--min-area", "5",
+                     "--output", str(out), "MODEL.UNET.BASE_CHANNELS", "4",
+                     "MODEL.WEIGHTS", str(weights / "model.pth")])
+    assert res["num_images"] == 5 and res["dataset"] == "isbi2012_membrane_val"
+    assert [t for t, _ in res["scores"]] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+    assert res["dice"] == max(d for _, d in res["scores"])
+    assert json.load(open(out))["threshold"] == res["threshold"]

@@ -1,0 +1,229 @@
+"""Sliding-window / flip inference, tools/predict.py outputs, TorchScript + ONNX export checked
+against PyTorch (d2seg/inference, d2seg/export.py)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+import d2seg  # noqa: F401
+from detectron2.modeling import build_model
+
+from d2seg.config import load_config
+from d2seg.export import export_rcnn, export_semantic
+from d2seg.inference import SegPredictor, is_semantic_model, semantic_logits, window_starts
+from d2seg.inference.sliding_window import sliding_window_logits
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import export_model as export_tool  # noqa: E402
+import predict as predict_tool  # noqa: E402
+
+UNET = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml")
+TINY_UNET = ["MODEL.DEVICE", "cpu", "MODEL.UNET.BASE_CHANNELS", "8", "MODEL.UNET.DEPTH", "3"]
+
+
+class PixelModel(nn.Module):
+    """A semantic model whose logits at a pixel depend on that pixel only (1x1 conv), following
+    detectron2's SemanticSegmentor contract; ``calls`` records the input sizes."""
+
+    def __init__(self, k=3, kernel=1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, kernel, padding=kernel // 2)
+        self.calls = []
+
+    def forward(self, inputs):
+        out = []
+        for x in inputs:
+            self.calls.append(tuple(x["image"].shape[-2:]))
+            y = self.conv(x["image"][None].float() / 255)[0]
+            out.append({"sem_seg": F.interpolate(y[None], (x["height"], x["width"]))[0]})
+        return out
+
+
+@pytest.mark.parametrize("length, window, overlap, expect", [
+    (512, 256, 0.0, [0, 256]), (512, 256, 0.5, [0, 128, 256]), (500, 256, 0.25, [0, 192, 244]),
+    (100, 256, 0.25, [0]), (256, 256, 0.25, [0]),
+])
+def test_window_starts(length, window, overlap, expect):
+    assert window_starts(length, window, overlap) == expect
+
+
+def test_sliding_window_matches_whole_image_for_a_per_pixel_model():
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    image = torch.rand(3, 150, 230) * 255
+    full = model([{"image": image, "height": 150, "width": 230}])[0]["sem_seg"]
+    model.calls.clear()
+    slid = sliding_window_logits(model, image, (64, 96), overlap=0.3, batch_size=3)
+    assert slid.shape == full.shape
+    assert torch.allclose(slid, full, atol=1e-5)
+    assert set(model.calls) == {(64, 96)}  # every window has the window size
+    assert len(model.calls) == len(window_starts(150, 64, 0.3)) * len(window_starts(230, 96, 0.3))
+
+
+def test_flip_tta_averages_with_flipped_prediction():
+    torch.manual_seed(0)
+    model = PixelModel(kernel=3).eval()  # 3x3 kernel: not flip-symmetric
+    image = torch.rand(3, 40, 50) * 255
+    f = lambda x: model([{"image": x, "height": 40, "width": 50}])[0]["sem_seg"]  # noqa: E731
+    expect = (f(image) + f(image.flip(-1)).flip(-1)) / 2
+    got = semantic_logits(model, image, flip=True)
+    assert torch.allclose(got, expect, atol=1e-6)
+    assert not torch.allclose(got, f(image), atol=1e-4)
+
+
+def test_predictor_sliding_window_on_a_unet():
+    cfg = load_config(UNET, TINY_UNET + ["INPUT.MIN_SIZE_TEST", "0",
+                                         "D2SEG.INFERENCE.SLIDING_WINDOW.SIZE", "(64, 96)",
+                                         "D2SEG.INFERENCE.FLIP", "True"])
+    pred = SegPredictor(cfg)
+    assert pred.semantic and is_semantic_model(pred.model)
+    out = pred(np.random.RandomState(0).randint(0, 255, (130, 200, 3), dtype=np.uint8))
+    assert out["sem_seg"].shape == (5, 130, 200) and torch.isfinite(out["sem_seg"]).all()
+
+
+def test_predict_tool_semantic_folder_and_glob(tmp_path):
+    imgs = tmp_path / "in"
+    imgs.mkdir()
+    rs = np.random.RandomState(0)
+    Image.fromarray(rs.randint(0, 255, (90, 120, 3), dtype=np.uint8)).save(imgs / "a.png")
+    Image.fromarray(rs.randint(0, 255, (70, 64, 3), dtype=np.uint8)).save(imgs / "b.jpg")
+    (imgs / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    written = predict_tool.main([
+        "--config-file", UNET, "--input", str(imgs / "*.png"), str(imgs), "--output", str(out),
+        "--sliding-window", "64", "64", "--flip", *TINY_UNET, "INPUT.MIN_SIZE_TEST", "0"])
+    assert set(written) == {"sem_seg"}
+    for stem, (h, w) in (("a", (90, 120)), ("b", (70, 64))):
+        lab = np.asarray(Image.open(out / "sem_seg" / f"{stem}.png"))
+        assert lab.shape == (h, w) and lab.max() < 5
+        assert Image.open(out / "overlays" / f"{stem}.png").size == (w, h)
+    assert len(json.load(open(out / "image_ids.json"))) == 2  # a.png listed once
+    with pytest.raises(FileNotFoundError, match="matches no image"):
+        predict_tool.main(["--config-file", UNET, "--input", str(tmp_path / "none*.png"),
+                           "--output", str(out), *TINY_UNET])
+
+
+def test_predict_tool_panoptic(tmp_path):
+    """Panoptic FPN (random weights): panoptic PNG + json with dataset category ids."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (96, 128, 3), dtype=np.uint8)
+                    ).save(img)
+    out = tmp_path / "out"
+    written = predict_tool.main([
+        "--config-file", os.path.join(REPO, "configs/Shapes-PanopticSegmentation/"
+                                      "panoptic_fpn_R_18_cpu.yaml"),
+        "--input", str(img), "--output", str(out), "--score-threshold", "0.0", "--no-overlays",
+        "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "96"])
+    assert set(written) == {"panoptic"}
+    pan = json.load(open(out / "panoptic.json"))
+    (ann,) = pan["annotations"]
+    png = np.asarray(Image.open(out / "panoptic" / "x.png")).astype(np.int64)
+    assert png.shape == (96, 128, 3)
+    ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+    cat_ids = {c["id"] for c in pan["categories"]}
+    assert ann["segments_info"]
+    for s in ann["segments_info"]:
+        assert s["category_id"] in cat_ids and s["area"] == int((ids == s["id"]).sum())
+
+
+@pytest.mark.parametrize("config, opts", [
+    (UNET, TINY_UNET),
+    (os.path.join(REPO, "configs/Shapes-SemanticSegmentation/deeplabv3plus_cpu.yaml"),
+     ["MODEL.DEVICE", "cpu"]),
+])
+def test_export_semantic_dynamic_size(config, opts, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(load_config(config, opts))
+    results = export_semantic(model, str(tmp_path), 64, 64, check_sizes=((64, 96), (96, 64)))
+    assert [r["format"] for r in results] == ["torchscript", "onnx"]
+    for r in results:
+        assert r["dynamic"] and os.path.isfile(r["path"])
+        assert r["checked_shapes"] == [[64, 96], [96, 64]]
+        assert r["max_abs_diff"] < 1e-3, r
+
+
+def test_exportable_adaptive_pool_equals_torch():
+    from d2seg.export import exportable_adaptive_avg_pool2d
+
+    x = torch.randn(2, 3, 23, 37)
+    for size in (1, 2, 3, 6, (4, 5), (None, 3)):
+        ref = F.adaptive_avg_pool2d(x, size)
+        assert torch.allclose(exportable_adaptive_avg_pool2d(x, size), ref, atol=1e-6), size
+
+
+def test_export_pspnet_dynamic_size(tmp_path):
+    """PSPNet's pyramid pooling (adaptive pooling to 2x2, 3x3, 6x6) exports with dynamic size."""
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/pspnet_cpu.yaml"),
+                      ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    ts, onnx_ = export_semantic(model, str(tmp_path), 64, 64, check_sizes=((80, 136),))
+    for r in (ts, onnx_):
+        assert r["dynamic"] and r["checked_shapes"] == [[80, 136]]
+        assert r["max_abs_diff"] < 1e-3, r
+    assert F.adaptive_avg_pool2d is torch.nn.functional.adaptive_avg_pool2d
+    assert F.adaptive_avg_pool2d.__module__ != "d2seg.export"  # restored after export
+
+
+def test_export_mask_rcnn_tracing(tmp_path):
+    """detectron2's tracing export of the GN Mask R-CNN (from-scratch CPU config), checked on
+    images with different numbers of detections."""
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                   "mask_rcnn_R_18_FPN_cpu.yaml"),
+                      ["MODEL.DEVICE", "cpu", "D2SEG.DATASETS.REGISTER", "[]",
+                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                       "TEST.DETECTIONS_PER_IMAGE", "1000", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
+                       "MODEL.RPN.POST_NMS_TOPK_TEST", "60"])
+    results = export_rcnn(build_model(cfg), str(tmp_path), 128, 160)
+    for r in results:
+        assert r["error"] == "", r
+        assert min(r["detections"]) > 0 and len(set(r["detections"])) > 1, r
+        # random weights give ~500 detections with near-equal scores: a float-level difference
+        # can flip an NMS decision, so the detections are compared as sets
+        assert r["match_rate"] >= 0.95 and r["max_abs_diff"] < 1e-2, r
+    assert results[0]["match_rate"] == 1.0  # TorchScript runs the same kernels
+
+
+def test_export_mask_rcnn_onnx_without_detections(tmp_path):
+    """GN heads on an empty batch: torch's ONNX GroupNorm (reshape to (0, G, -1)) fails in ONNX
+    Runtime; d2seg swaps in TraceableGroupNorm before exporting."""
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                   "mask_rcnn_R_18_FPN_cpu.yaml"),
+                      ["MODEL.DEVICE", "cpu", "D2SEG.DATASETS.REGISTER", "[]",
+                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.99",
+                       "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "60"])
+    (r,) = export_rcnn(build_model(cfg), str(tmp_path), 128, 160, formats=("onnx",))
+    assert r["error"] == "" and r["detections"] == [0, 0] and r["match_rate"] == 1.0, r
+
+
+def test_traceable_group_norm_equals_group_norm():
+    from d2seg.export import TraceableGroupNorm
+
+    gn = nn.GroupNorm(8, 32)
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(3, 32, 7, 5) * 3 + 1
+    assert torch.allclose(TraceableGroupNorm(gn)(x), gn(x), atol=1e-5)
+    assert TraceableGroupNorm(gn)(x[:0]).shape == (0, 32, 7, 5)
+
+
+def test_export_tool_writes_report(tmp_path):
+    export_tool.main(["--config-file", UNET, "--output", str(tmp_path), "--format", "onnx",
+                      "--height", "64", "--width", "96", *TINY_UNET])
+    (rep,) = json.load(open(tmp_path / "export_report.json"))
+    assert rep["format"] == "onnx" and rep["error"] == "" and rep["max_abs_diff"] < 1e-3
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    (out,) = sess.run(None, {"image": np.random.rand(3, 80, 112).astype(np.float32) * 255})
+    assert out.shape == (5, 80, 112)

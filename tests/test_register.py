@@ -1,0 +1,163 @@
+"""Dataset registration from the config / command line (d2seg/data/register.py)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import d2seg  # noqa: F401
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from d2seg.config import load_config
+from d2seg.data.register import (
+    parse_dataset_spec,
+    register_dataset,
+    register_datasets_from_cfg,
+    split_coco_json,
+    split_items,
+)
+
+
+def test_parse_string_form_with_lists_and_maps(tmp_path):
+    e = parse_dataset_spec(
+        f"name=a,type=sem_seg,image_root={tmp_path},sem_seg_root={tmp_path},"
+        "classes=[cell,membrane],ignore_label=255,label_map={255:0,0:1},val_fraction=0.2,seed=3")
+    assert e["classes"] == ["cell", "membrane"]
+    assert e["label_map"] == {255: 0, 0: 1}
+    assert e["val_fraction"] == 0.2 and e["seed"] == 3 and e["ignore_label"] == 255
+    assert e["image_root"] == str(tmp_path)
+
+
+def test_parse_mapping_form_makes_paths_absolute():
+    e = parse_dataset_spec({"NAME": "b", "type": "coco", "json_file": "x.json",
+                            "image_root": "imgs"})
+    assert e["name"] == "b" and os.path.isabs(e["json_file"]) and e["json_file"].endswith("x.json")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("type=coco,json_file=a,image_root=b", ["'name' is missing"]),
+    ("name=x,type=cocoo,json_file=a", ["'x'", "type='cocoo'"]),
+    ("name=x,type=coco,json_file=a", ["'x'", "missing ['image_root']"]),
+    ("name=x,type=coco,json_file=a,image_root=b,classes=[a]", ["'x'", "unknown keys ['classes']"]),
+    ("name=x,type=sem_seg,image_root=a,sem_seg_root=b,classes=[a],label_map={a:1}",
+     ["'x'", "label_map"]),
+    ("name=x,type=coco,json_file=a,image_root=b,val_fraction=1.5", ["'x'", "val_fraction=1.5"]),
+    ("name=x,type=coco,json_file", ["is not key=value"]),
+])
+def test_parse_errors_name_entry_and_key(spec, words):
+    with pytest.raises(ValueError) as e:
+        parse_dataset_spec(spec)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_path_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="entry 'nope': json_file"):
+        register_dataset(f"name=nope,type=coco,json_file={tmp_path}/x.json,image_root={tmp_path}")
+
+
+def test_split_items_is_deterministic_and_complete():
+    items = list(range(18))
+    tr, va = split_items(items, 0.25, seed=0)
+    assert len(va) == 4 and len(tr) == 14
+    assert sorted(tr + va) == items and not set(tr) & set(va)
+    assert (tr, va) == split_items(items, 0.25, seed=0)
+    assert va != split_items(items, 0.25, seed=1)[1]
+    assert len(split_items([1, 2], 0.01)[1]) == 1  # never an empty val split
+
+
+def test_split_coco_json_keeps_annotations_with_their_images(tmp_path):
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "height": 4, "width": 4}
+                       for i in range(10)],
+            "annotations": [{"id": 100 + i, "image_id": i % 10, "category_id": 1}
+                            for i in range(30)],
+            "categories": [{"id": 1, "name": "a"}], "info": {"x": 1}}
+    src = tmp_path / "all.json"
+    src.write_text(json.dumps(data))
+    tr, va = split_coco_json(str(src), 0.3, seed=0, out_dir=str(tmp_path / "out"))
+    t, v = json.load(open(tr)), json.load(open(va))
+    ti, vi = {im["id"] for im in t["images"]}, {im["id"] for im in v["images"]}
+    assert len(vi) == 3 and ti | vi == set(range(10)) and not ti & vi
+    assert all(a["image_id"] in vi for a in v["annotations"])
+    assert len(t["annotations"]) + len(v["annotations"]) == 30
+    assert t["categories"] == data["categories"] and v["info"] == {"x": 1}
+
+
+def test_coco_from_command_line_with_split(shared_data):
+    root = os.path.join(shared_data, "fruits_nuts_coco")
+    spec = (f"name=own_fruits,type=coco,json_file={root}/trainval.json,"
+            f"image_root={root}/images,val_fraction=0.25")
+    cfg = load_config("", ["D2SEG.DATASETS.REGISTER", str((spec,))])
+    names = register_datasets_from_cfg(cfg)
+    assert names == ["own_fruits", "own_fruits_train", "own_fruits_val"]
+    # classes known before the first load (predict/visualize need them)
+    assert MetadataCatalog.get("own_fruits_val").thing_classes == ["date", "fig", "hazelnut"]
+    tr, va = DatasetCatalog.get("own_fruits_train"), DatasetCatalog.get("own_fruits_val")
+    assert (len(tr), len(va)) == (14, 4)
+    assert not {d["image_id"] for d in tr} & {d["image_id"] for d in va}
+    assert sum(len(d["annotations"]) for d in tr + va) == 165
+    assert MetadataCatalog.get("own_fruits_val").evaluator_type == "coco"
+    # COCO evaluation reads json_file: it must hold only the split's images
+    val_json = json.load(open(MetadataCatalog.get("own_fruits_val").json_file))
+    assert {im["id"] for im in val_json["images"]} == {d["image_id"] for d in va}
+    assert len(DatasetCatalog.get("own_fruits")) == 18
+
+
+def test_sem_seg_folder_from_yaml_with_label_map(shared_data, tmp_path):
+    base = os.path.join(shared_data, "isbi2012_membrane", "train")
+    (tmp_path / "c.yaml").write_text(f"""
+D2SEG:
+  DATASETS:
+    REGISTER:
+      - name: own_isbi
+        type: sem_seg
+        image_root: {base}/image
+        sem_seg_root: {base}/label
+        classes: [cell, membrane]
+        ignore_label: 255
+        label_map: {{255: 0, 0: 1}}
+        val_fraction: 0.2
+""")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert register_datasets_from_cfg(cfg) == ["own_isbi", "own_isbi_train", "own_isbi_val"]
+    meta = MetadataCatalog.get("own_isbi_train")
+    assert meta.stuff_classes == ["cell", "membrane"] and meta.ignore_label == 255
+    assert meta.evaluator_type == "sem_seg"
+    tr, va = DatasetCatalog.get("own_isbi_train"), DatasetCatalog.get("own_isbi_val")
+    assert (len(tr), len(va)) == (24, 6)
+    raw = np.asarray(Image.open(os.path.join(base, "label", va[0]["image_id"] + ".png")))
+    remapped = np.asarray(Image.open(va[0]["sem_seg_file_name"]))
+    assert set(np.unique(remapped)) <= {0, 1}
+    assert np.array_equal(remapped == 1, raw == 0)  # membrane (raw 0) -> class 1
+    # config dump (default_setup writes config.yaml) round-trips
+    assert "own_isbi" in cfg.dump()
+
+
+def test_coco_panoptic_registered_in_separated_format(shared_data):
+    root = os.path.join(shared_data, "coco_panoptic_sample")
+    names = register_dataset({
+        "name": "own_pan", "type": "coco_panoptic",
+        "image_root": f"{root}/input_images", "panoptic_root": f"{root}/panoptic_examples",
+        "panoptic_json": f"{root}/panoptic_examples.json"})
+    assert names == ["own_pan"]
+    meta = MetadataCatalog.get("own_pan")
+    pan = json.load(open(f"{root}/panoptic_examples.json"))
+    things = [c for c in pan["categories"] if c["isthing"]]
+    assert meta.thing_classes == [c["name"] for c in things]
+    assert meta.stuff_classes[0] == "things" and len(meta.stuff_classes) == \
+        len(pan["categories"]) - len(things) + 1
+    assert meta.evaluator_type == "coco_panoptic_seg"
+    dicts = DatasetCatalog.get("own_pan")
+    assert len(dicts) == 2
+    for d, a in zip(sorted(dicts, key=lambda d: d["image_id"]),
+                    sorted(pan["annotations"], key=lambda a: a["image_id"])):
+        thing_segs = [s for s in a["segments_info"] if s["category_id"] in
+                      meta.thing_dataset_id_to_contiguous_id]
+        assert len(d["annotations"]) == len(thing_segs)
+        sem = np.asarray(Image.open(d["sem_seg_file_name"]))
+        assert sem.shape == (d["height"], d["width"])
+        vals = set(np.unique(sem)) - {255}
+        assert vals and max(vals) < len(meta.stuff_classes)
+        assert os.path.isfile(d["pan_seg_file_name"])
+        assert all(isinstance(s["isthing"], bool) for s in d["segments_info"])

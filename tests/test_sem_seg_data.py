@@ -1,0 +1,188 @@
+"""SemSegDatasetMapper, the foreground-centred crop, exact rot90, semantic repeat factors and
+the loaders d2seg.data.build makes."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+import d2seg  # noqa: F401
+from d2seg.config import get_cfg
+from d2seg.data.build import build_test_loader, build_train_loader
+from d2seg.data.sem_seg_mapper import SemSegDatasetMapper, build_sem_seg_augmentation
+from d2seg.data.sem_seg_sampler import classes_per_image, repeat_factors_from_sem_seg
+from d2seg.data.sem_seg_transforms import ForegroundCenteredCrop, RandomRot90, Rot90Transform
+
+
+def make_dataset(tmp_path, name, labels, size=(40, 48)):
+    """Register ``name``: one image per label map (class ids; 255 ignore)."""
+    dicts = []
+    rng = np.random.default_rng(0)
+    for i, lab in enumerate(labels):
+        img = (rng.random(size + (3,)) * 255).astype(np.uint8)
+        fi, fl = tmp_path / f"{name}_{i}.jpg", tmp_path / f"{name}_{i}.png"
+        Image.fromarray(img).save(fi)
+        Image.fromarray(lab.astype(np.uint8)).save(fl)
+        dicts.append({"file_name": str(fi), "sem_seg_file_name": str(fl), "height": size[0],
+                      "width": size[1], "image_id": i})
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(stuff_classes=["bg", "a", "b"], ignore_label=255,
+                                  evaluator_type="sem_seg")
+    return dicts
+
+
+def labels_with_rare_class(n=4, size=(40, 48)):
+    labs = []
+    for i in range(n):
+        lab = np.zeros(size, np.uint8)
+        lab[:10, :10] = 1
+        if i == 0:
+            lab[30, 40] = 2  # class 2 only here, one pixel
+        lab[-1, -1] = 255
+        labs.append(lab)
+    return labs
+
+
+def test_rot90_transform_matches_numpy_and_coords():
+    img = np.arange(6 * 4 * 3).reshape(6, 4, 3).astype(np.uint8)
+    for k in range(4):
+        t = Rot90Transform(6, 4, k)
+        np.testing.assert_array_equal(t.apply_image(img), np.rot90(img, k))
+        np.testing.assert_array_equal(t.apply_segmentation(img[..., 0]), np.rot90(img[..., 0], k))
+        # the centre of pixel (row 1, col 2) follows the pixel
+        mark = np.zeros((6, 4), np.uint8)
+        mark[1, 2] = 1
+        r, c = np.argwhere(t.apply_segmentation(mark))[0]
+        x, y = t.apply_coords(np.array([[2.5, 1.5]]))[0]
+        assert (x, y) == (c + 0.5, r + 0.5)
+        back = t.inverse().apply_image(t.apply_image(img))
+        np.testing.assert_array_equal(back, img)
+    aug = RandomRot90()
+    shapes = {aug.get_transform(img).apply_image(img).shape for _ in range(40)}
+    assert shapes == {(6, 4, 3), (4, 6, 3)}
+
+
+def test_foreground_centred_crop():
+    sem = np.zeros((100, 120), np.uint8)
+    sem[90, 5] = 3  # the only foreground pixel, near a corner
+    img = np.zeros((100, 120, 3), np.uint8)
+    np.random.seed(0)
+    always = ForegroundCenteredCrop("absolute", (20, 20), prob=1.0)
+    never = ForegroundCenteredCrop("absolute", (20, 20), prob=0.0)
+
+    def contains(t):
+        return t.apply_segmentation(sem).max() == 3
+
+    assert all(contains(always.get_transform(img, sem)) for _ in range(50))
+    hits = sum(contains(never.get_transform(img, sem)) for _ in range(300))
+    assert hits < 60  # a uniform 20x20 crop covers that pixel ~ 3% of the time
+    t = always.get_transform(img, sem)
+    assert t.apply_image(img).shape == (20, 20, 3)
+    # listed classes only: class 3 is not foreground here -> uniform crops
+    other = ForegroundCenteredCrop("absolute", (20, 20), prob=1.0, foreground_classes=[1])
+    assert sum(contains(other.get_transform(img, sem)) for _ in range(300)) < 60
+    # crop larger than the image is clipped to it
+    big = ForegroundCenteredCrop("absolute", (200, 200), prob=1.0)
+    assert big.get_transform(img, sem).apply_image(img).shape == (100, 120, 3)
+    with pytest.raises(ValueError, match="INPUT.FG_CROP.PROB"):
+        ForegroundCenteredCrop("absolute", (20, 20), prob=1.5)
+
+
+def sem_cfg(name):
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATASETS.TEST = (name,)
+    cfg.INPUT.DATASET_MAPPER_NAME = "sem_seg"
+    cfg.INPUT.MIN_SIZE_TRAIN = (0,)
+    cfg.INPUT.MIN_SIZE_TEST = 0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.DATALOADER.NUM_WORKERS = 0
+    return cfg
+
+
+def test_mapper_train_and_eval(tmp_path):
+    dicts = make_dataset(tmp_path, "d2seg_test_mapper", labels_with_rare_class())
+    cfg = sem_cfg("d2seg_test_mapper")
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = (16, 16)
+    cfg.INPUT.FG_CROP.ENABLED = True
+    cfg.INPUT.FG_CROP.PROB = 1.0
+    cfg.INPUT.FG_CROP.CLASSES = [2]
+    cfg.INPUT.RANDOM_FLIP = "both"
+    cfg.INPUT.RANDOM_ROT90 = True
+    augs = build_sem_seg_augmentation(cfg, True)
+    assert [type(a).__name__ for a in augs] == ["ForegroundCenteredCrop", "RandomFlip",
+                                                "RandomFlip", "RandomRot90"]
+    mapper = SemSegDatasetMapper(cfg, is_train=True)
+    for _ in range(5):
+        out = mapper(dicts[0])
+        assert out["image"].shape == (3, 16, 16) and out["image"].dtype == torch.uint8
+        assert out["sem_seg"].shape == (16, 16) and out["sem_seg"].dtype == torch.long
+        assert (out["sem_seg"] == 2).sum() == 1  # the crop is centred on the rare pixel
+    ev = SemSegDatasetMapper(cfg, is_train=False)(dicts[1])
+    assert ev["image"].shape == (3, 40, 48) and "sem_seg" not in ev
+    assert (ev["height"], ev["width"]) == (40, 48)
+    # resizing at test time keeps height/width = original size
+    cfg.INPUT.MIN_SIZE_TEST = 20
+    cfg.INPUT.MAX_SIZE_TEST = 1000
+    ev = SemSegDatasetMapper(cfg, is_train=False)(dicts[1])
+    assert ev["image"].shape == (3, 20, 24) and (ev["height"], ev["width"]) == (40, 48)
+
+
+def test_mapper_config_errors(tmp_path):
+    cfg = sem_cfg("unused")
+    cfg.INPUT.FG_CROP.ENABLED = True
+    with pytest.raises(ValueError, match="INPUT.CROP.ENABLED"):
+        build_sem_seg_augmentation(cfg, True)
+    cfg.INPUT.FG_CROP.ENABLED = False
+    cfg.INPUT.RANDOM_FLIP = "diagonal"
+    with pytest.raises(ValueError, match="INPUT.RANDOM_FLIP.*'diagonal'"):
+        build_sem_seg_augmentation(cfg, True)
+    cfg.INPUT.DATASET_MAPPER_NAME = "nope"
+    from d2seg.data.build import build_mapper
+
+    with pytest.raises(ValueError, match="INPUT.DATASET_MAPPER_NAME 'nope'"):
+        build_mapper(cfg, True)
+
+
+def test_repeat_factors_from_masks(tmp_path):
+    dicts = make_dataset(tmp_path, "d2seg_test_repeat", labels_with_rare_class())
+    assert classes_per_image(dicts) == [[0, 1, 2], [0, 1], [0, 1], [0, 1]]
+    assert classes_per_image(dicts, min_pixels=2) == [[0, 1]] * 4
+    # f_2 = 1/4 -> r_2 = sqrt(0.5 / 0.25); classes 0 and 1 are everywhere -> 1
+    f = repeat_factors_from_sem_seg(dicts, 0.5)
+    np.testing.assert_allclose(f.numpy(), [2 ** 0.5, 1, 1, 1], rtol=1e-6)
+    f = repeat_factors_from_sem_seg(dicts, 0.5, sqrt=False)
+    np.testing.assert_allclose(f.numpy(), [2.0, 1, 1, 1], rtol=1e-6)
+    with pytest.raises(ValueError, match="REPEAT_THRESHOLD"):
+        repeat_factors_from_sem_seg(dicts, 0.0)
+
+
+def test_loaders_with_repeat_sampler(tmp_path):
+    make_dataset(tmp_path, "d2seg_test_loader", labels_with_rare_class())
+    cfg = sem_cfg("d2seg_test_loader")
+    cfg.DATALOADER.SAMPLER_TRAIN = "SemSegRepeatFactorTrainingSampler"
+    cfg.DATALOADER.REPEAT_THRESHOLD = 1.0
+    cfg.DATALOADER.REPEAT_SQRT = False
+    loader = build_train_loader(cfg)
+    seen = []
+    it = iter(loader)
+    for _ in range(50):
+        batch = next(it)
+        assert len(batch) == 2 and all(b["sem_seg"].shape == (40, 48) for b in batch)
+        seen += [b["image_id"] for b in batch]
+    # image 0 has factor 4 (class 2 in 1 of 4 images, t = 1, no sqrt): 4 of every 7 samples,
+    # against 1 in 4 with the plain TrainingSampler
+    assert seen.count(0) > 40
+    cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+    it = iter(build_train_loader(cfg))
+    plain = [b["image_id"] for _ in range(50) for b in next(it)]
+    assert plain.count(0) < 40
+    test_loader = build_test_loader(cfg, "d2seg_test_loader")
+    items = [x for b in test_loader for x in b]
+    assert len(items) == 4 and "sem_seg" not in items[0]

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Check datasets before training: the same checks train_net runs (D2SEG.DATASETS.CHECK).
+
+    python tools/check_dataset.py --config-file CFG [--dataset NAME ...] [--json REPORT.json] \\
+        [--fast] [KEY VALUE ...]
+
+Checks DATASETS.TRAIN + DATASETS.TEST of the config (or the --dataset names; datasets of
+D2SEG.DATASETS.REGISTER are registered first). Prints, per dataset, every problem with its file,
+annotation id and value, the class frequencies and the NUM_CLASSES the data implies. Exit
+status: 0 = no fatal problem, 1 = fatal problems (see d2seg/data/checks.py for which are fatal,
+which annotations are skipped in training and which are warnings).
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", default="", metavar="FILE")
+    p.add_argument("--dataset", action="append", default=[],
+                   help="registered dataset name (repeatable); default: the config's datasets")
+    p.add_argument("--json", default="", help="also write the reports to this json file")
+    p.add_argument("--fast", action="store_true", help="read image headers only (no decoding)")
+    p.add_argument("--max-problems", type=int, default=50, help="problems printed per dataset")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    import d2seg  # noqa: F401  (registers builtin datasets)
+
+    from d2seg.config import load_config
+    from d2seg.data.checks import check_datasets_from_cfg
+    from d2seg.data.register import register_datasets_from_cfg
+
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    register_datasets_from_cfg(cfg)
+    names = args.dataset or None
+    reports = check_datasets_from_cfg(cfg, names, mode="warn",
+                                      decode_images=not args.fast, log=False)
+    if not reports:
+        print("no dataset to check (give --dataset or a config with DATASETS.TRAIN/TEST)")
+        return 1
+    for r in reports:
+        print(r.format(args.max_problems))
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in reports], f, indent=1, default=str)
+    bad = [r.name for r in reports if not r.ok]
+    print(f"{len(reports)} dataset(s) checked; fatal problems in: {bad or 'none'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

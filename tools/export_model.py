@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Export a trained model to TorchScript and/or ONNX, checked against PyTorch.
+
+    python tools/export_model.py --config-file CFG --output OUT [--format torchscript onnx] \\
+        [--height 256 --width 256] MODEL.WEIGHTS output/model_final.pth [KEY VALUE ...]
+
+Semantic models (UNet, DeepLabV3(Plus), PSPNet, SemanticSegmentor): OUT/model.ts,
+OUT/model.onnx taking a (3, H, W) float image (0-255, INPUT.FORMAT channel order) and returning
+(K, H, W) logits; H, W dynamic (PSPNet's ONNX file: fixed size). R-CNN (Mask R-CNN): detectron2's
+tracing export (boxes, classes, 28x28 mask probabilities, scores at the input resolution). The
+comparison with PyTorch on random images is written to OUT/export_report.json; the command
+exits 1 when an export fails. See d2seg/export.py and docs/own_data.md.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MIN_MATCH_RATE = 0.9  # R-CNN: share of PyTorch's detections the exported model must reproduce
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--format", nargs="+", default=["torchscript", "onnx"],
+                   choices=["torchscript", "onnx"])
+    p.add_argument("--height", type=int, default=256, help="example input height for tracing")
+    p.add_argument("--width", type=int, default=256, help="example input width for tracing")
+    p.add_argument("--check-images", nargs="+", default=[], metavar="IMG",
+                   help="R-CNN: compare on these images (test-resized) instead of random ones")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    return p
+
+
+def main(argv=None) -> list:
+    args = get_parser().parse_args(argv)
+    import torch
+
+    import d2seg  # noqa: F401  (registers models)
+    from detectron2.modeling import GeneralizedRCNN, build_model
+    from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
+    from detectron2.utils.logger import setup_logger
+
+    from d2seg.checkpoint import load_weights
+    from d2seg.config import load_config
+    from d2seg.export import export_rcnn, export_semantic
+    from d2seg.inference import is_semantic_model
+
+    setup_logger(name="d2seg")
+    setup_logger(name="fvcore")
+    cfg = load_config(args.config_file, args.opts)
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    model = build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        load_weights(model, cfg.MODEL.WEIGHTS)
+    if is_semantic_model(model):
+        results = export_semantic(model, args.output, args.height, args.width, args.format)
+    elif isinstance(model, GeneralizedRCNN) and not isinstance(model, PanopticFPN):
+        images = []
+        if args.check_images:
+            import numpy as np
+            from detectron2.data import transforms as T
+            from detectron2.data.detection_utils import read_image
+
+            aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+            for path in args.check_images:
+                img = read_image(path, format=cfg.INPUT.FORMAT)
+                img = aug.get_transform(img).apply_image(img)
+                images.append(torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))))
+        results = export_rcnn(model, args.output, args.height, args.width, args.format,
+                              check_images=images)
+    else:
+        raise SystemExit(f"export of {type(model).__name__} is not supported (semantic models "
+                         "and GeneralizedRCNN only)")
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "export_report.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    failed = False
+    for r in results:
+        status = f"ERROR {r['error']}" if r["error"] else f"max |diff| {r['max_abs_diff']:.3g}"
+        if "match_rate" in r and not r["error"]:
+            status += f", detections matched {100 * r['match_rate']:.1f}% {r['detections']}"
+            if r["match_rate"] < MIN_MATCH_RATE:
+                status += f" (below {100 * MIN_MATCH_RATE:.0f}%)"
+                failed = True
+        if "match_rate" in r and not r["error"] and not any(r["detections"]):
+            status += " (no detection on the check images: only the empty output was compared)"
+        failed = failed or bool(r["error"])
+        print(f"{r['format']:12s} {r['path']}  {status}")
+    if failed:
+        sys.exit(1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Predict on images with a trained d2seg / detectron2 model.
+
+    python tools/predict.py --config-file CFG --input IMG|FOLDER|"GLOB" [...] --output OUT \\
+        [--score-threshold 0.5] [--sliding-window H W [--overlap 0.25]] [--flip] \\
+        [--dataset NAME] [--coco-json JSON] [--no-overlays] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
+
+Writes OUT/overlays/*.png and, by model type, OUT/coco_instances_results.json (instances),
+OUT/sem_seg/*.png label maps (semantic) or OUT/panoptic/*.png + OUT/panoptic.json (panoptic);
+see d2seg/inference/writer.py. Class names and COCO category ids come from --dataset (default:
+the config's first DATASETS.TEST, else TRAIN); image ids of the COCO results from --coco-json
+(matched by file name; default: the dataset's json_file), else the input's index.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, folders or glob patterns (quote globs)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="minimum score of instances drawn and written")
+    p.add_argument("--sliding-window", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="semantic models: window size in pixels (D2SEG.INFERENCE.SLIDING_WINDOW)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap share")
+    p.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--dataset", default="", help="registered dataset giving classes and ids")
+    p.add_argument("--coco-json", default="", help="COCO json giving image ids by file name")
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    import d2seg  # noqa: F401  (registers datasets and models)
+    from d2seg.inference.run import predict_from_args
+
+    return predict_from_args(args)
+
+
+if __name__ == "__main__":
+    main()

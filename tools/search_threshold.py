@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Search the foreground threshold that maximises Dice on a validation set (binary problems).
+
+    python tools/search_threshold.py \\
+        --config-file configs/ISBI-SemanticSegmentation/unet_cpu.yaml \\
+        MODEL.WEIGHTS output/isbi_unet_cpu/model_final.pth
+    python tools/search_threshold.py --config-file CFG --dataset isbi2012_membrane_val \\
+        --thresholds 0.2:0.8:0.02 --min-area 30 --output thr.json MODEL.WEIGHTS W.pth
+
+Runs the model (post-processing off) on ``--dataset`` (default: the first of
+``DATASETS.TEST``), takes the foreground probability (sigmoid of a one-channel model, softmax
+of class 1 for two classes), and scores each threshold by the Dice pooled over all valid
+pixels, optionally after the mask post-processing (``--open``, ``--close``, ``--min-area``,
+``--keep-largest``). Prints the table and the config options that apply the best threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import d2seg  # noqa: E402,F401  (registers datasets and models)
+
+
+def parse_thresholds(spec: str) -> List[float]:
+    """"a:b:step" (inclusive) or "t1,t2,..."."""
+    if ":" in spec:
+        a, b, step = (float(x) for x in spec.split(":"))
+        if step <= 0 or a > b:
+            raise ValueError(f"--thresholds '{spec}': need start <= stop and step > 0")
+        return [round(float(t), 6) for t in np.arange(a, b + step / 2, step)]
+    return [float(t) for t in spec.split(",")]
+
+
+def collect(cfg, dataset: str):
+    """(foreground probabilities, ground-truth label maps, ignore label) over ``dataset``."""
+    import torch
+    from PIL import Image
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.modeling import build_model
+
+    from d2seg.data.build import build_test_loader
+    from d2seg.modeling.postprocessing import foreground_probability
+
+    if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 2:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: "
+                         "the threshold search is for binary problems (1 or 2 classes)")
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(dataset)}
+    probs, gts = [], []
+    with torch.no_grad():
+        for inputs in build_test_loader(cfg, dataset):
+            for inp, out in zip(inputs, model(inputs)):
+                logits = out.get("sem_seg_logits", out["sem_seg"])
+                probs.append(foreground_probability(logits).cpu().numpy())
+                gts.append(np.asarray(Image.open(gt_files[inp["file_name"]])))
+    return probs, gts, getattr(MetadataCatalog.get(dataset), "ignore_label", 255)
+
+
+def run(cfg, dataset: str, thresholds: Sequence[float],
+        postprocess_kwargs: Optional[Dict] = None) -> Dict:
+    from d2seg.modeling.postprocessing import postprocess_mask, search_threshold
+
+    probs, gts, ignore = collect(cfg, dataset)
+    post = None
+    if postprocess_kwargs and any(postprocess_kwargs.values()):
+        post = functools.partial(postprocess_mask, **postprocess_kwargs)
+    res = search_threshold(probs, gts, thresholds, ignore_label=ignore, postprocess=post)
+    res.update(dataset=dataset, num_images=len(probs), postprocess=postprocess_kwargs or {})
+    return res
+
+
+def main(argv=None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-file", required=True)
+    ap.add_argument("--dataset", default="", help="default: the first of DATASETS.TEST")
+    ap.add_argument("--thresholds", default="0.05:0.95:0.05", help="a:b:step or t1,t2,...")
+    ap.add_argument("--open", type=int, default=0, help="opening kernel (odd; 0 = off)")
+    ap.add_argument("--close", type=int, default=0, help="closing kernel (odd; 0 = off)")
+    ap.add_argument("--min-area", type=int, default=0, help="remove regions below N pixels")
+    ap.add_argument("--keep-largest", action="store_true")
+    ap.add_argument("--output", default="", help="write the result as JSON here")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from d2seg.config import get_cfg
+    from d2seg.data.catalogs import register_shapes_from_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = False  # raw probabilities
+    register_shapes_from_cfg(cfg)
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+    if not dataset:
+        ap.error("no --dataset and DATASETS.TEST is empty")
+    post = dict(open_kernel=args.open, close_kernel=args.close, min_area=args.min_area,
+                keep_largest=args.keep_largest)
+    res = run(cfg, dataset, parse_thresholds(args.thresholds), post)
+    print(f"{dataset}: {res['num_images']} images; Dice (pooled) per threshold:")
+    for t, d in res["scores"]:
+        mark = "  <- best" if t == res["threshold"] else ""
+        print(f"  {t:.3f}  {100 * d:6.2f}{mark}")
+    opts = [f"MODEL.SEM_SEG_POSTPROCESS.ENABLED True",
+            f"MODEL.SEM_SEG_POSTPROCESS.THRESHOLD {res['threshold']}"]
+    for key, val in (("OPEN_KERNEL", args.open), ("CLOSE_KERNEL", args.close),
+                     ("MIN_AREA", args.min_area), ("KEEP_LARGEST", args.keep_largest)):
+        if val:
+            opts.append(f"MODEL.SEM_SEG_POSTPROCESS.{key} {val}")
+    print("apply with: " + " ".join(opts))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
