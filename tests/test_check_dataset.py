@@ -154,9 +154,11 @@ def test_semantic_mask_problems(isbi_copy):
     (img / "3.png").write_bytes(b"not a png")  # corrupt image
     register_dataset(f"name=broken_isbi,type=sem_seg,image_root={img},sem_seg_root={lab},"
                      "classes=[cell,membrane]")
-    # the folder loader itself cannot open 3.png: reported, not raised
-    (f,) = check_dataset("broken_isbi").errors
-    assert f.code == "load_failed" and str(img / "3.png") in f.message
+    # an image that cannot even be opened: reported with its path, the rest still checked
+    r = check_dataset("broken_isbi")
+    (f,) = _problems(r, "corrupt_image")
+    assert f.file == str(img / "3.png")
+    assert _problems(r, "label_out_of_range") and _problems(r, "mask_size_mismatch")
     (img / "3.png").unlink()
     shutil.copy(img / "4.png", img / "3.png")
     with open(img / "3.png", "r+b") as f:  # truncated PNG: header readable, pixels not
