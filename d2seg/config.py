@@ -199,6 +199,13 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # fixed SEED (>= 0) to give identical losses across runs.
     cfg.D2SEG.DETERMINISTIC = False
 
+    # --- optimizer ----------------------------------------------------------------------------
+    # "SGD" (detectron2's default, momentum SOLVER.MOMENTUM), "ADAM" or "ADAMW" (betas below).
+    # Learning rate, weight decay (incl. the norm/bias variants), schedule and gradient
+    # clipping stay detectron2's SOLVER.* keys.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+
 
 def get_cfg() -> CfgNode:
     """detectron2's default config plus every d2seg key, as a ``zoo://``-aware CfgNode."""

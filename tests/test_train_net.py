@@ -72,3 +72,18 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert "optimizer" in ckpt["trainer"]["_trainer"]
     assert "LRScheduler" in ckpt["trainer"]["hooks"]
     assert "Loading scheduler from state_dict" in log
+
+
+@pytest.mark.parametrize("name, cls", [("SGD", "SGD"), ("ADAM", "Adam"), ("ADAMW", "AdamW")])
+def test_optimizer_choice(name, cls):
+    from d2seg.config import load_config
+    from d2seg.engine import Trainer
+    from torch import nn
+
+    cfg = load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                      ["SOLVER.OPTIMIZER", name, "SOLVER.BASE_LR", "0.001"])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    opt = Trainer.build_optimizer(cfg, model)
+    assert type(opt).__name__ == cls and opt.param_groups[0]["lr"] == 0.001
+    if name != "SGD":
+        assert tuple(opt.param_groups[0]["betas"]) == (0.9, 0.999)

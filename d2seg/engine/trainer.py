@@ -224,6 +224,25 @@ class Trainer(DefaultTrainer):
         self._loaded_rng_state = state_dict.get("rng")
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or Adam / AdamW with ``SOLVER.OPTIMIZER`` (same parameter groups,
+        weight-decay rules and gradient clipping as detectron2's)."""
+        name = cfg.SOLVER.OPTIMIZER.upper()
+        if name == "SGD":
+            return super().build_optimizer(cfg, model)
+        if name not in ("ADAM", "ADAMW"):
+            raise ValueError(f"SOLVER.OPTIMIZER must be SGD, ADAM or ADAMW, got '{cfg.SOLVER.OPTIMIZER}'")
+        from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        opt_cls = torch.optim.Adam if name == "ADAM" else torch.optim.AdamW
+        return maybe_add_gradient_clipping(cfg, opt_cls)(
+            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):
         return build_evaluators(cfg, dataset_name, output_folder)
 
