@@ -17,6 +17,7 @@ from typing import Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .catalog_utils import unregister
 from .catalogs import register_shapes_catalogs
 from .sem_seg_folder import register_sem_seg_folder
 
@@ -79,9 +80,7 @@ def _register_fruits_nuts(root: str) -> None:
         return path
 
     for name in ("fruits_nuts_train", "fruits_nuts_val", "fruits_nuts_all"):
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+        unregister(name)
         DatasetCatalog.register(
             name, lambda name=name: load_coco_json(split_json(name), image_root, name))
         MetadataCatalog.get(name).set(thing_classes=["date", "fig", "hazelnut"],

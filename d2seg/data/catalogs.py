@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 
+from .catalog_utils import unregister
 from .shapes import (
     IGNORE_LABEL,
     SEM_SEG_CLASSES,
@@ -97,9 +98,7 @@ def _load_panoptic(params: ShapesParams, root: Optional[str], name: str) -> List
 
 def _register(name: str, loader: Callable[[], List[dict]], prepare: Callable[[], None],
               **metadata) -> None:
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    unregister(name)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
     _PREPARE[name] = prepare

@@ -59,6 +59,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from .catalog_utils import unregister
 from .errors import DatasetLoadError, guard_load
 from .sem_seg_folder import _list_by_stem, register_sem_seg_folder
 
@@ -284,14 +285,8 @@ def split_coco_json(json_file: str, val_fraction: float, seed: int = 0,
 # ----------------------------------------------------------------------------------------
 # registration by type
 # ----------------------------------------------------------------------------------------
-def _remove(name: str) -> None:
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
 def _register_coco(name: str, json_file: str, image_root: str) -> None:
-    _remove(name)
+    unregister(name)
     # detectron2's register_coco_instances, also keeping each annotation's "id" so that checks
     # and skipped-annotation warnings can name it
     DatasetCatalog.register(name, lambda: guard_load(
@@ -416,7 +411,7 @@ def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_
             _atomic_json(full, inst)
     with open(panoptic_json) as f:
         meta = _panoptic_meta(json.load(f)["categories"])
-    _remove(name)
+    unregister(name)
     DatasetCatalog.register(name, lambda: guard_load(
         panoptic_json, _load_panoptic, name, image_root, panoptic_root, panoptic_json, inst,
         sem_seg_root))
@@ -443,7 +438,7 @@ def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
         ``val_fraction``.
     """
     e = parse_dataset_spec(spec)
-    name, kind, frac, seed = e["name"], e["type"], e.get("val_fraction"), e["seed"]
+    name, kind, frac = e["name"], e["type"], e.get("val_fraction")
     for k in _PATH_KEYS:
         if e.get(k) and not os.path.exists(e[k]):
             raise FileNotFoundError(f"D2SEG.DATASETS.REGISTER entry '{name}': {k} "

@@ -21,6 +21,7 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .catalog_utils import unregister
 from .errors import guard_load
 
 logger = logging.getLogger(__name__)
@@ -139,9 +140,7 @@ def register_sem_seg_folder(
     colors: Optional[Sequence[Sequence[int]]] = None,
 ) -> None:
     """Register a mask-folder dataset under ``name`` (``evaluator_type="sem_seg"``)."""
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    unregister(name)
     DatasetCatalog.register(name, lambda: guard_load(
         mask_dir, load_sem_seg_folder, image_dir, mask_dir, label_map, ignore_label, stems))
     meta = dict(
