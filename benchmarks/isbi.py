@@ -5,6 +5,8 @@ accuracy with times and the machine.
 
     python benchmarks/isbi.py --data ../shared/data                     # CPU configs
     python benchmarks/isbi.py --data ../shared/data --preset gpu        # full-size configs
+    python benchmarks/isbi.py --data ../shared/data --preset gpu --archs unet --reference
+        # the issue-3 anchor: d2seg's U-Net and the plain-PyTorch U-Net, same schedule, one run
     python benchmarks/isbi.py --data ../shared/data --archs unet --iters 600 \\
         --opts MODEL.UNET.BASE_CHANNELS 16
 
@@ -27,10 +29,14 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "ISBI-SemanticSegmentation")
-ARCHS = ("unet", "deeplabv3", "deeplabv3plus", "pspnet", "semantic_fpn")
+ARCHS = ("unet", "deeplabv3", "deeplabv3plus", "pspnet", "semantic_fpn", "segformer",
+         "hrnet")
 FULL = {"unet": "unet.yaml", "deeplabv3": "deeplabv3_R_50.yaml",
         "deeplabv3plus": "deeplabv3plus_R_50.yaml", "pspnet": "pspnet_R_50.yaml",
-        "semantic_fpn": "semantic_fpn_R_50.yaml"}
+        "semantic_fpn": "semantic_fpn_R_50.yaml", "segformer": "segformer_b2.yaml",
+        "hrnet": "hrnet_w18.yaml"}
+# CPU configs not named "<arch>_cpu.yaml"
+CPU = {"segformer": "segformer_b0_cpu.yaml", "hrnet": "hrnet_w18_small_cpu.yaml"}
 VAL = "isbi2012_membrane_val"
 
 
@@ -61,8 +67,38 @@ def model_facts(cfg_file: str, opts: List[str]) -> Dict:
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     crop = list(cfg.INPUT.CROP.SIZE) if cfg.INPUT.CROP.ENABLED else "full image"
-    return {"parameters": sum(p.numel() for p in build_model(cfg).parameters()),
-            "iters": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH, "crop": crop}
+    facts = {"parameters": sum(p.numel() for p in build_model(cfg).parameters()),
+             "iters": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH, "crop": crop}
+    if cfg.MODEL.META_ARCHITECTURE == "UNet":
+        facts["base_channels"] = cfg.MODEL.UNET.BASE_CHANNELS
+    return facts
+
+
+def run_reference(unet_row: Dict, out: str, data: str, device: str) -> Dict:
+    """The plain-PyTorch U-Net (benchmarks/isbi_reference.py) on d2seg U-Net's schedule:
+    same iterations, batch, crop and width."""
+    crop = unet_row["crop"]
+    crop = 512 if crop == "full image" else int(crop[0])
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "isbi_reference.py"), "--data", data,
+           "--iters", str(unet_row["iters"]), "--batch", str(unet_row["batch"]),
+           "--crop", str(crop), "--base", str(unet_row["base_channels"]),
+           "--out", os.path.join(out, "result.json")]
+    if device:
+        cmd += ["--device", device]
+    print(f"[isbi] reference: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "benchmark_stdout.txt"), "w") as f:
+        f.write(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    with open(os.path.join(out, "result.json")) as f:
+        r = json.load(f)
+    r.update(config="benchmarks/isbi_reference.py", opts=[], wall_seconds=round(time.time() - t0, 1),
+             crop=unet_row["crop"])
+    return r
 
 
 def parse_train_seconds(log: str) -> float:
@@ -119,6 +155,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=0, help="SOLVER.MAX_ITER (0: the config's)")
     ap.add_argument("--output-dir", default=os.path.join(REPO, "output", "isbi_benchmark"))
     ap.add_argument("--results", default="", help="JSON file to write (default: in output-dir)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also train the plain-PyTorch U-Net (benchmarks/isbi_reference.py) "
+                         "on the d2seg U-Net's schedule, in the same run (needs 'unet' in --archs)")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                     help="KEY VALUE pairs passed to every run")
     args = ap.parse_args()
@@ -126,13 +165,23 @@ def main() -> None:
         sys.exit(f"--data {args.data}: no isbi2012_membrane/ inside")
     rows = []
     for arch in args.archs:
-        name = f"{arch}_cpu.yaml" if args.preset == "cpu" else FULL[arch]
+        name = CPU.get(arch, f"{arch}_cpu.yaml") if args.preset == "cpu" else FULL[arch]
         out = os.path.join(args.output_dir, f"{arch}_{args.preset}")
         rows.append(run_one(arch, os.path.join(CONFIG_DIR, name), out, args.iters, args.opts,
                             args.data))
         r = rows[-1]
         print(f"[isbi] {arch}: membrane Dice {r['membrane_dice']:.2f}  IoU {r['membrane_iou']:.2f}"
               f"  pACC {r['pixel_accuracy']:.2f}  train {r['train_seconds']:.0f} s", flush=True)
+    if args.reference:
+        unet = [r for r in rows if r["arch"] == "unet"]
+        if not unet:
+            sys.exit("--reference needs 'unet' among --archs")
+        device = "cuda" if args.preset == "gpu" else "cpu"
+        rows.append(run_reference(unet[0], os.path.join(args.output_dir, "reference"), args.data,
+                                  device))
+        r = rows[-1]
+        print(f"[isbi] plain PyTorch U-Net: membrane Dice {r['membrane_dice']:.2f}  "
+              f"train {r['train_seconds']:.0f} s", flush=True)
     result = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "preset": args.preset, "runs": rows}
     path = args.results or os.path.join(args.output_dir, f"results_{args.preset}.json")

@@ -109,6 +109,47 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.MODEL.PSP.AUX_CONVS_DIM = 256
     cfg.MODEL.PSP.AUX_LOSS_WEIGHT = 0.4
 
+    # SegFormer (meta-architecture "SegFormer", backbone "build_mit_backbone"; docs/semantic.md).
+    # Mix Transformer encoder: preset NAME "b0".."b5"; a non-empty EMBED_DIMS / DEPTHS /
+    # NUM_HEADS / SR_RATIOS (4 values, one per stage) replaces the preset's (e.g. a tiny CPU
+    # variant). Outputs res2..res5 at strides 4, 8, 16, 32.
+    cfg.MODEL.MIT = CN()
+    cfg.MODEL.MIT.NAME = "b0"
+    cfg.MODEL.MIT.EMBED_DIMS = []
+    cfg.MODEL.MIT.DEPTHS = []
+    cfg.MODEL.MIT.NUM_HEADS = []
+    cfg.MODEL.MIT.SR_RATIOS = []
+    cfg.MODEL.MIT.MLP_RATIO = 4.0
+    cfg.MODEL.MIT.QKV_BIAS = True
+    cfg.MODEL.MIT.DROP_RATE = 0.0
+    cfg.MODEL.MIT.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.MIT.DROP_PATH_RATE = 0.1  # stochastic depth, linear over all blocks up to this
+    cfg.MODEL.MIT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # All-MLP decoder ("SegFormerHead"): features fused ([] = all of the backbone's), their
+    # common width (256 for b0/b1, 768 for b2+ as published), dropout before the classifier.
+    cfg.MODEL.SEGFORMER = CN()
+    cfg.MODEL.SEGFORMER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SEGFORMER.DECODER_DIM = 256
+    cfg.MODEL.SEGFORMER.DROPOUT = 0.1
+
+    # HRNet (backbones "build_hrnet_backbone" / "build_hrnet_fpn_backbone", meta-architecture
+    # "HRNetV2"; d2seg/modeling/backbone/hrnet.py, docs/semantic.md). NAME: preset
+    # "w18_small_v1", "w18_small_v2", "w18", "w32", "w48"; a non-zero / non-empty override
+    # below replaces the preset's value (e.g. a tiny CPU variant). Outputs hr1..hr4 (strides
+    # 4, 8, 16, 32; WIDTH * 1, 2, 4, 8 channels) and "hrcat" (all four concatenated at stride 4).
+    cfg.MODEL.HRNET = CN()
+    cfg.MODEL.HRNET.NAME = "w18"
+    cfg.MODEL.HRNET.WIDTH = 0  # channels of branch 1 (branch i: WIDTH * 2**(i-1))
+    cfg.MODEL.HRNET.STEM_CHANNELS = 0  # the two stride-2 stem convs (presets: 64)
+    cfg.MODEL.HRNET.STAGE1_CHANNELS = 0  # stage-1 bottleneck width, output 4x (presets: 32/64)
+    cfg.MODEL.HRNET.NUM_MODULES = []  # modules of stages 2, 3, 4 (w18: [1, 4, 3])
+    cfg.MODEL.HRNET.NUM_BLOCKS = []  # blocks of stage 1 and per branch of stages 2-4 (w18: 4s)
+    cfg.MODEL.HRNET.NORM = "BN"  # "BN", "SyncBN", "GN" (groups adapted to the width), ""
+    cfg.MODEL.HRNET.OUT_FEATURES = ["hr1", "hr2", "hr3", "hr4"]  # may add "hrcat"
+    # "HRNetV2Head" (fuses MODEL.SEM_SEG_HEAD.IN_FEATURES): width of its 1x1 conv before the
+    # classifier; 0 = the concatenation's width (HRNetV2's last_inp_channels).
+    cfg.MODEL.HRNET.HEAD_CHANNELS = 0
+
     # Losses of every d2seg head (and of "SemSegFPNLossHead"): sum of WEIGHTS[i] * NAMES[i].
     # Names: "CE" (class-weighted cross-entropy; binary: BCE), "BCE" (binary only), "Dice",
     # "Focal", "Tversky". One output channel (SEM_SEG_HEAD.NUM_CLASSES = 1) = binary/sigmoid.
@@ -205,6 +246,44 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # clipping stay detectron2's SOLVER.* keys.
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
+
+    # --- training fast paths (d2seg/engine/fast_paths.py; docs/benchmarks.md "Fast paths") ----
+    # Switches take "auto", "on" or "off" (quote them in YAML). "auto" decides per model family
+    # (semantic / rcnn / panoptic / other) and device in fast_paths.resolve(): on CUDA semantic
+    # models get cuDNN benchmark + channels_last + torch.compile, R-CNN and panoptic models none
+    # of these (their ROI shapes change every iteration); on CPU the conv families get
+    # channels_last only. Measurements: docs/benchmarks.md ("Fast paths").
+    cfg.D2SEG.SPEED = CN()
+    # Autocast dtype when SOLVER.AMP.ENABLED: "auto" (bfloat16 where the GPU has it, else
+    # float16; CPU: fp32), "float16" or "bfloat16" (the only AMP that also runs on CPU).
+    cfg.D2SEG.SPEED.AMP_DTYPE = "auto"
+    # cuDNN autotuning; with "auto", detectron2's top-level CUDNN_BENCHMARK: True also turns it
+    # on. D2SEG.DETERMINISTIC forces it off.
+    cfg.D2SEG.SPEED.CUDNN_BENCHMARK = "auto"
+    cfg.D2SEG.SPEED.TF32 = "auto"  # TF32 matmuls/convs in fp32 on Ampere+ GPUs
+    cfg.D2SEG.SPEED.CHANNELS_LAST = "auto"  # NHWC model weights and backbone input
+    # torch.compile of COMPILE_MODULES (dotted sub-module paths; [] = the family's default,
+    # e.g. ["backbone", "sem_seg_head"]; ["."] = the whole model). A failure at first use logs
+    # one warning and runs eagerly.
+    cfg.D2SEG.SPEED.COMPILE = "auto"
+    cfg.D2SEG.SPEED.COMPILE_MODULES = []
+    cfg.D2SEG.SPEED.COMPILE_MODE = "default"  # or "max-autotune-no-cudagraphs", ...
+    cfg.D2SEG.SPEED.COMPILE_BACKEND = "inductor"
+    # SGD / Adam / AdamW implementation: "auto" (= "fused" where torch has the kernels, CUDA
+    # and CPU; else foreach), "fused", "foreach" or "for-loop".
+    cfg.D2SEG.SPEED.OPTIMIZER_IMPL = "auto"
+    # Training data loader: pinned host memory ("auto" = on with CUDA), workers kept alive
+    # between iterators ("auto" = off: the training iterator is created once), batches
+    # prefetched per worker (0 = torch's default, 2).
+    cfg.D2SEG.SPEED.PIN_MEMORY = "auto"
+    cfg.D2SEG.SPEED.PERSISTENT_WORKERS = "auto"
+    cfg.D2SEG.SPEED.PREFETCH_FACTOR = 0
+
+    # --- evaluation speed (d2seg/evaluation/coco_backend.py) ---------------------------------
+    # COCO AP implementation: "auto" (detectron2's C++ if it loads, else faster-coco-eval if
+    # installed, else pycocotools), "faster_coco_eval" or "pycocotools".
+    cfg.D2SEG.EVAL = CN()
+    cfg.D2SEG.EVAL.COCO_BACKEND = "auto"
 
 
 def get_cfg() -> CfgNode:

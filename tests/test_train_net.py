@@ -87,3 +87,21 @@ def test_optimizer_choice(name, cls):
     assert type(opt).__name__ == cls and opt.param_groups[0]["lr"] == 0.001
     if name != "SGD":
         assert tuple(opt.param_groups[0]["betas"]) == (0.9, 0.999)
+
+
+def test_poly_lr_scheduler():
+    """SOLVER.LR_SCHEDULER_NAME "WarmupPolyLR": lr = base * (1 - it / MAX_ITER) ** power."""
+    import torch
+
+    from d2seg.config import get_cfg
+    from d2seg.engine.trainer import Trainer
+
+    cfg = get_cfg()
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.POLY_LR_POWER = 100, 0, 1.0
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    sched = Trainer.build_lr_scheduler(cfg, opt)
+    for _ in range(25):
+        opt.step()
+        sched.step()
+    assert abs(opt.param_groups[0]["lr"] - 0.75) < 1e-6

@@ -134,7 +134,9 @@ def build_train_loader(cfg, start_iter: int = 0):
     * the sampler of ``DATALOADER.SAMPLER_TRAIN`` (detectron2's, or
       "SemSegRepeatFactorTrainingSampler"), seeded with ``SEED``;
     * ``start_iter > 0`` (resuming): the sampler skips the indices of the iterations already
-      trained (:class:`SkipSampler`).
+      trained (:class:`SkipSampler`);
+    * ``D2SEG.SPEED.PIN_MEMORY`` / ``PERSISTENT_WORKERS`` / ``PREFETCH_FACTOR`` passed on to
+      ``torch.utils.data.DataLoader`` (:func:`d2seg.engine.fast_paths.loader_kwargs`).
     """
     from detectron2.data.build import _train_loader_from_config
 
@@ -154,6 +156,10 @@ def build_train_loader(cfg, start_iter: int = 0):
     mapper = PositionSeededMapper(mapper, max(cfg.SEED, 0), per_rank, start_iter * per_rank)
     # the remaining arguments as build_detection_train_loader(cfg) derives them
     kwargs = _train_loader_from_config(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+    # D2SEG.SPEED: pin_memory / persistent_workers / prefetch_factor (d2seg/engine/fast_paths.py)
+    from ..engine.fast_paths import loader_kwargs
+
+    kwargs.update(loader_kwargs(cfg))
     if start_iter > 0:
         kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)
     return build_detection_train_loader(**kwargs)

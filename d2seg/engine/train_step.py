@@ -13,6 +13,7 @@ reaches the weights), agrees across ranks, and either
 from __future__ import annotations
 
 import logging
+import time
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -85,18 +86,26 @@ class _NonFiniteGuard:
             self._data_loader_iter_obj = _RecordingIterator(iter(self.data_loader), self)
         return self._data_loader_iter_obj
 
-    def _check_losses(self, loss_dict: Mapping[str, torch.Tensor]) -> None:
-        bad: Dict[str, float] = {
-            k: float(v.detach().float().sum()) for k, v in loss_dict.items()
-            if not torch.isfinite(v.detach()).all()
-        }
+    def _check_losses(self, loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Raise or skip on non-finite losses; return the losses as 0-dim CPU float tensors.
+
+        All losses come to the host in one transfer (one device synchronisation per step,
+        instead of one per loss here and one more per loss in detectron2's ``write_metrics``,
+        which then reads the returned CPU copies)."""
+        keys = list(loss_dict)
+        if not keys:
+            return {}
+        values = torch.stack([loss_dict[k].detach().float().sum() for k in keys]).cpu()
+        host = dict(zip(keys, values.unbind(0)))
+        finite = torch.isfinite(values).tolist()
+        bad: Dict[str, float] = {k: float(values[i]) for i, k in enumerate(keys) if not finite[i]}
         any_bad = bool(bad)
         if comm.get_world_size() > 1:  # every rank must take the same decision
             flag = torch.tensor([1.0 if any_bad else 0.0], device=next(iter(loss_dict.values())).device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             any_bad = bool(flag.item() > 0)
         if not any_bad:
-            return
+            return host
         where = f"iteration {self.iter}"
         if comm.get_world_size() > 1:
             where += f" (rank {comm.get_rank()})"
@@ -121,7 +130,7 @@ class _NonFiniteGuard:
                        iter: Optional[int] = None) -> None:
         # called by detectron2's run_step after backward and before optimizer.step
         if not prefix:  # training losses (prefix is used for other metric groups)
-            self._check_losses(loss_dict)
+            loss_dict = self._check_losses(loss_dict)
         super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
 
     def run_step(self) -> None:
@@ -137,5 +146,54 @@ class GuardedSimpleTrainer(_NonFiniteGuard, SimpleTrainer):
     """``SimpleTrainer`` with the non-finite-loss guard."""
 
 
-class GuardedAMPTrainer(_NonFiniteGuard, AMPTrainer):
-    """``AMPTrainer`` with the non-finite-loss guard (skipped steps also skip the scaler)."""
+class _AnyDeviceAMPTrainer(AMPTrainer):
+    """detectron2's ``AMPTrainer.run_step`` for any autocast device and dtype.
+
+    detectron2 0.7 asserts CUDA and uses ``torch.cuda.amp.autocast``; this step autocasts on
+    the model's device (CUDA, or CPU with bfloat16) with ``self.precision``. A disabled grad
+    scaler (bfloat16: see ``d2seg.engine.fast_paths.make_grad_scaler``) makes ``scale`` /
+    ``step`` / ``update`` plain backward / ``optimizer.step()``.
+    """
+
+    def run_step(self) -> None:
+        assert self.model.training, "[AMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        param = next(self.model.parameters(), None)
+        device_type = param.device.type if param is not None else "cuda"
+        with torch.autocast(device_type=device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        if self.log_grad_scaler:
+            get_event_storage().put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
+        self.after_backward()
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time,
+                                            iter=self.iter)
+        else:
+            self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def load_state_dict(self, state_dict) -> None:
+        # a checkpoint of another precision (no scaler state, or an empty one from a disabled
+        # bfloat16 scaler) resumes with a fresh scaler instead of failing
+        scaler_state = state_dict.get("grad_scaler") or None
+        SimpleTrainer.load_state_dict(self, state_dict)
+        if scaler_state is not None and self.grad_scaler.is_enabled():
+            self.grad_scaler.load_state_dict(scaler_state)
+
+
+class GuardedAMPTrainer(_NonFiniteGuard, _AnyDeviceAMPTrainer):
+    """``AMPTrainer`` with the non-finite-loss guard (skipped steps also skip the scaler);
+    autocasts on CUDA or, with bfloat16, on CPU."""

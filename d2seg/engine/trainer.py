@@ -24,9 +24,11 @@ from detectron2.evaluation import (
 )
 
 from ..data import build as data_build
+from . import fast_paths
 from .checkpoint import D2SegCheckpointer
 from .train_step import GuardedAMPTrainer, GuardedSimpleTrainer
 from ..data.catalogs import prepare_dataset
+from ..evaluation.coco_backend import coco_evaluator_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ def build_evaluators(cfg, dataset_name: str, output_folder: Optional[str] = None
 
     * ``sem_seg``: detectron2's ``SemSegEvaluator`` (mIoU, fwIoU, mACC, pACC) and d2seg's
       ``SemSegMetricsEvaluator`` (per-class IoU/Dice, mDice, ...).
-    * ``coco``: ``COCOEvaluator`` (bbox, and segm when ``MODEL.MASK_ON``).
+    * ``coco``: ``COCOEvaluator`` (bbox, and segm when ``MODEL.MASK_ON``), computed by the
+      implementation ``D2SEG.EVAL.COCO_BACKEND`` selects (see ``d2seg.evaluation.coco_backend``).
     * ``coco_panoptic_seg``: ``COCOPanopticEvaluator`` (PQ/SQ/RQ) + ``COCOEvaluator`` on the
       things + ``SemSegEvaluator`` on the stuff map, as detectron2's own train_net does.
     """
@@ -97,7 +100,8 @@ def build_evaluators(cfg, dataset_name: str, output_folder: Optional[str] = None
     if "coco" in types or "coco_panoptic_seg" in types:
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         evaluators.append(COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
-                                        output_dir=output_folder))
+                                        output_dir=output_folder,
+                                        **coco_evaluator_kwargs(cfg.D2SEG.EVAL.COCO_BACKEND)))
     if "coco_panoptic_seg" in types:
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
@@ -170,19 +174,31 @@ class Trainer(DefaultTrainer):
             self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         old = self._trainer
-        cls = GuardedAMPTrainer if isinstance(old, AMPTrainer) else GuardedSimpleTrainer
-        self._trainer = cls(old.model, old.data_loader, old.optimizer)
+        # AMP (SOLVER.AMP.ENABLED) with the dtype of D2SEG.SPEED.AMP_DTYPE, on CUDA or (bf16) CPU
+        dtype = fast_paths.amp_dtype(cfg) if isinstance(old, AMPTrainer) else None
+        if dtype is not None:
+            device = fast_paths.resolve(cfg).device
+            self._trainer = GuardedAMPTrainer(
+                old.model, old.data_loader, old.optimizer, precision=dtype,
+                grad_scaler=fast_paths.make_grad_scaler(dtype, device))
+        else:
+            self._trainer = GuardedSimpleTrainer(old.model, old.data_loader, old.optimizer)
         self._trainer.configure_guard(
             cfg.D2SEG.NONFINITE.MAX_SKIPS, cfg.D2SEG.NONFINITE.REPORT_IMAGES
         )
 
     @classmethod
     def build_model(cls, cfg):
-        """detectron2's ``build_model``, then ``D2SEG.FINETUNE.FREEZE`` (d2seg/checkpoint.py)."""
+        """detectron2's ``build_model``, then ``D2SEG.FINETUNE.FREEZE`` (d2seg/checkpoint.py),
+        then the fast paths of ``D2SEG.SPEED`` (d2seg/engine/fast_paths.py: cuDNN benchmark /
+        TF32 for this model family, channels_last, torch.compile)."""
         from ..checkpoint import freeze_parameters
 
+        plan = fast_paths.configure_backends(cfg)
         model = super().build_model(cfg)
         freeze_parameters(model, cfg.D2SEG.FINETUNE.FREEZE)
+        fast_paths.prepare_model(model, cfg, plan)
+        logger.info("Fast paths: %s", fast_paths.describe(cfg))
         return model
 
     def resume_or_load(self, resume: bool = True):
@@ -226,21 +242,34 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         """detectron2's SGD, or Adam / AdamW with ``SOLVER.OPTIMIZER`` (same parameter groups,
-        weight-decay rules and gradient clipping as detectron2's)."""
+        weight-decay rules and gradient clipping as detectron2's); fused / foreach / for-loop
+        implementation from ``D2SEG.SPEED.OPTIMIZER_IMPL`` (d2seg/engine/fast_paths.py)."""
         name = cfg.SOLVER.OPTIMIZER.upper()
-        if name == "SGD":
-            return super().build_optimizer(cfg, model)
-        if name not in ("ADAM", "ADAMW"):
+        if name not in ("SGD", "ADAM", "ADAMW"):
             raise ValueError(f"SOLVER.OPTIMIZER must be SGD, ADAM or ADAMW, got '{cfg.SOLVER.OPTIMIZER}'")
         from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
         params = get_default_optimizer_params(
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        impl = fast_paths.optimizer_impl_kwargs(cfg, params)
+        if name == "SGD":  # as detectron2's build_optimizer (which always uses foreach)
+            return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+                params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl)
         opt_cls = torch.optim.Adam if name == "ADAM" else torch.optim.AdamW
         return maybe_add_gradient_clipping(cfg, opt_cls)(
             params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's schedulers plus ``SOLVER.LR_SCHEDULER_NAME: "WarmupPolyLR"`` (the
+        DeepLab / SegFormer poly schedule: ``(1 - iter / MAX_ITER) ** SOLVER.POLY_LR_POWER``,
+        from ``detectron2.projects.deeplab``)."""
+        from detectron2.projects.deeplab import build_lr_scheduler
+
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):

@@ -79,12 +79,15 @@ def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
         onehot = (safe == 1).unsqueeze(1).float()
     else:
         c = logits.shape[1]
-        if bool((safe >= c).any()) or bool((safe < 0).any()):
-            bad = safe[(safe >= c) | (safe < 0)][0].item()
+        out_of_range = (safe >= c) | (safe < 0)
+        if bool(out_of_range.any()):  # one device sync for both bounds
+            bad = safe[out_of_range][0].item()
             raise ValueError(f"target value {bad} is outside [0, {c}) and not ignore_index "
                              f"({ignore_index})")
         probs = F.softmax(logits.float(), dim=1)
-        onehot = F.one_hot(safe, c).permute(0, 3, 1, 2).float()
+        # (N, C, H, W) float one-hot written directly (F.one_hot makes an int64 (N, H, W, C)
+        # tensor that then needs a permuted float copy)
+        onehot = torch.zeros_like(probs).scatter_(1, safe.unsqueeze(1), 1.0)
     return probs, onehot, valid.unsqueeze(1).float()
 
 
@@ -103,8 +106,10 @@ def _counts(logits: Tensor, targets: Tensor, ignore_index: int, classes: Optiona
     onehot = onehot * valid
     dims = (0, 2, 3)
     tp = (probs * onehot).sum(dims)
-    fp = (probs * (1 - onehot)).sum(dims)
-    fn = ((1 - probs) * onehot).sum(dims)
+    # FP = sum p (1 - y) = sum p - TP and FN = sum (1 - p) y = sum y - TP: no more full-size
+    # temporaries (and their backward) than TP's
+    fp = probs.sum(dims) - tp
+    fn = onehot.sum(dims) - tp
     if classes is not None:
         idx = torch.as_tensor(list(classes), device=tp.device, dtype=torch.long)
         tp, fp, fn = tp[idx], fp[idx], fn[idx]

@@ -5,6 +5,9 @@ Importing this also registers detectron2's ``build_resnet_deeplab_backbone`` (fr
 """
 import detectron2.projects.deeplab  # noqa: F401  (registers build_resnet_deeplab_backbone)
 
+from .hrnet import HRNet, build_hrnet_backbone, build_hrnet_fpn_backbone
+from .mit import MixVisionTransformer, build_mit_backbone
 from .unet_encoder import UNetEncoder, build_unet_backbone
 
-__all__ = ["UNetEncoder", "build_unet_backbone"]
+__all__ = ["UNetEncoder", "build_unet_backbone", "MixVisionTransformer", "build_mit_backbone",
+           "HRNet", "build_hrnet_backbone", "build_hrnet_fpn_backbone"]

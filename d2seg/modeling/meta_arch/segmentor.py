@@ -112,7 +112,10 @@ class EncoderDecoderSegmentor(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalise and pad the images: an ImageList (N, C, Hpad, Wpad) + original sizes."""
         images = [x["image"].to(self.device) for x in batched_inputs]
-        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        # same values as (x - mean) / std, with one float tensor per image instead of two
+        images = [x.to(self.pixel_mean.dtype).sub_(self.pixel_mean).div_(self.pixel_std)
+                  if x.dtype != self.pixel_mean.dtype else (x - self.pixel_mean) / self.pixel_std
+                  for x in images]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):

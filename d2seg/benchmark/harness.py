@@ -1,0 +1,508 @@
+"""The benchmark harness: d2seg models and reference implementations of the same networks,
+side by side in one process, same batch, image size and precision; every claim is a ratio of
+two numbers measured in the same run.
+
+Per case (one d2seg config) and per subject (d2seg's ``Trainer`` and each reference):
+
+* **train step alone**: a synthetic batch already on the device; forward + loss + backward +
+  optimizer step, ``warmup`` steps excluded; ``repeats`` rounds of ``iters`` steps, subjects
+  interleaved round by round (so a slow-down of a shared machine hits every subject); the
+  device is synchronised around each round. ``img_per_s`` = batch x iters / median round.
+* **train_net loop** (d2seg only): ``Trainer.train()`` with the config's real data loading and
+  every hook; reported also as a fraction of the step-alone img/s.
+* **inference**: latency at batch 1 (median of single synchronised calls) and throughput at
+  ``infer_batch`` (eval mode, no gradients, same autocast).
+* **peak memory** of the train step and of inference (CUDA allocator peaks; CPU: peak RSS
+  increase, approximate; see :class:`~d2seg.benchmark.measure.MemoryMeter`).
+
+:func:`run_benchmark` returns a JSON-able dict; :func:`format_report` renders markdown.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import statistics
+import traceback
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .measure import (MemoryMeter, Timer, backend_flags, capture_backend_flags, free_memory,
+                      machine_info, sync)
+from .references import reference_unavailable
+from .subjects import (D2SegSubject, Subject, SyntheticBatch, build_reference_subject, task_of)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Case", "Settings", "Target", "run_benchmark", "run_case", "auto_references",
+           "evaluate_targets", "format_report", "resolve_device", "SCHEMA"]
+
+SCHEMA = "d2seg-benchmark/1"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass
+class Case:
+    """One d2seg config measured against its references.
+
+    ``references``: names (``plain_d2`` or keys of ``references.REFERENCES``); None = chosen
+    from the meta-architecture by :func:`auto_references`. ``opts``: ``KEY VALUE`` pairs of
+    this case (the user's command-line opts come after and win). ``loop``: also run the
+    real train_net loop.
+    """
+
+    name: str
+    config_file: str
+    opts: List[str] = dataclasses.field(default_factory=list)
+    references: Optional[List[str]] = None
+    loop: bool = True
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything that is the same for every subject of a run (recorded in the JSON)."""
+
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
+    precision: str = "fp32"  # fp32 | bf16 | fp16: same autocast for d2seg and references
+    batch: int = 2
+    size: Tuple[int, int] = (256, 256)  # (H, W) of the synthetic batch
+    warmup: int = 2  # train steps before timing (per subject)
+    iters: int = 5  # train steps per timed round
+    repeats: int = 3  # timed rounds, subjects interleaved
+    infer_batch: int = 0  # 0 = batch
+    infer_iters: int = 5  # calls per inference-throughput measurement
+    latency_iters: int = 10  # single batch-1 calls for the latency median
+    loop_warmup: int = 3  # train_net loop iterations before its timing window
+    loop_iters: int = 10  # timed train_net loop iterations (0 = no loop)
+    inference: bool = True
+    lr: float = 1e-3  # SOLVER.BASE_LR of every subject: random-data training stays finite
+    instances_per_image: int = 4  # synthetic objects per image (instance / panoptic)
+    seed: int = 0
+    statistic: str = "median"  # img/s from the "median" or the "min" (best) timed round
+    threads: int = 0  # torch.set_num_threads on CPU (0: torch's default)
+    quiet: bool = True  # hide detectron2 / d2seg INFO logging (config dumps, metrics)
+    # Process-wide backend switches of the references: "plain" = PyTorch's defaults except the
+    # TF32 switches, copied from d2seg's (same precision on both sides); "same" = all of
+    # d2seg's (cuDNN benchmark included), to see what is left without them.
+    ref_backend: str = "plain"
+    opts: List[str] = dataclasses.field(default_factory=list)  # user's KEY VALUE (d2seg side)
+
+
+@dataclasses.dataclass
+class Target:
+    """A pass/fail claim computed from measured numbers.
+
+    ``kind``:
+      * "speedup": d2seg train img/s of ``case`` / ``reference``'s  >= ``threshold``
+      * "loop_fraction": train_net loop img/s / step-alone img/s of ``case`` >= ``threshold``
+      * "step_time_ratio": d2seg s/iter of ``case`` / d2seg s/iter of ``other_case``
+        <= ``threshold``
+      * "reference_img_per_s": ``reference``'s train img/s in ``case`` compared with a stated
+        number (``threshold``); informational (no pass/fail), e.g. plain detectron2's 49 img/s
+    """
+
+    name: str
+    kind: str
+    case: str
+    threshold: float
+    reference: str = ""
+    other_case: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def auto_references(cfg) -> List[str]:
+    """The references of a config's network, chosen by ``MODEL.META_ARCHITECTURE``."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    bb = cfg.MODEL.BACKBONE.NAME
+    r50 = cfg.MODEL.RESNETS.DEPTH == 50
+    if arch == "UNet":
+        return ["plain_unet", "smp_unet_r34"] if bb == "build_unet_backbone" else []
+    if arch == "DeepLabV3Plus":
+        return ["plain_deeplabv3plus_r50", "smp_deeplabv3plus_r50"] if r50 else []
+    if arch == "DeepLabV3":
+        return ["tv_deeplabv3_r50"] if r50 else []
+    if arch == "PSPNet":
+        return ["smp_pspnet_r50"] if r50 else []
+    if arch == "GeneralizedRCNN":
+        return ["plain_d2"] + (["tv_maskrcnn_r50_fpn"] if r50 and cfg.MODEL.MASK_ON else [])
+    return ["plain_d2"]  # PanopticFPN, SemanticSegmentor, ...
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _config_path(path: str) -> str:
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    alt = os.path.join(REPO, path)
+    return alt if os.path.isfile(alt) else path
+
+
+def _batch_for(subject: Subject, cfg, task: str, n: int, size: Tuple[int, int],
+               device: torch.device, s: Settings) -> SyntheticBatch:
+    return SyntheticBatch(task, n, size[0], size[1], device,
+                          num_sem_classes=int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES),
+                          num_thing_classes=int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+                          instances_per_image=s.instances_per_image, seed=s.seed)
+
+
+def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch: int) -> Dict:
+    out: Dict[str, object] = {}
+    sub.set_infer_batch(_batch_for(sub, cfg, task, 1, s.size, device, s))
+    for _ in range(2):
+        sub.infer()
+    lat = []
+    for _ in range(s.latency_iters):
+        with Timer(device) as t:
+            sub.infer()
+        lat.append(t.seconds)
+    out["latency_batch1_ms"] = 1000 * _median(lat)
+    out["latency_ms_all"] = [1000 * x for x in lat]
+    sub.set_infer_batch(_batch_for(sub, cfg, task, infer_batch, s.size, device, s))
+    sub.infer()
+    with MemoryMeter(device) as mem, Timer(device) as t:
+        for _ in range(s.infer_iters):
+            sub.infer()
+    out.update(throughput_batch=infer_batch, throughput_seconds=t.seconds,
+               throughput_calls=s.infer_iters,
+               throughput_img_per_s=infer_batch * s.infer_iters / t.seconds)
+    return {"inference": out, "inference_memory": mem.result}
+
+
+def run_case(case: Case, s: Settings, device: torch.device,
+             plain_flags: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Measure one case; see the module docstring. Returns the case's JSON dict.
+
+    ``plain_flags``: the process-wide backend switches the references run with (default:
+    those in force before d2seg's Trainer is built), so that a fast path d2seg turns on
+    globally (cuDNN benchmark, TF32) is not lent to the references.
+    """
+    plain_flags = dict(plain_flags or capture_backend_flags())
+    cfg_file = _config_path(case.config_file)
+    loop_iters = s.loop_iters if case.loop else 0
+    max_iter = max(s.loop_warmup + loop_iters + 1, 2)
+    d2 = D2SegSubject(cfg_file, list(case.opts) + ["SOLVER.BASE_LR", str(s.lr)] + list(s.opts),
+                      device, s.precision, s.batch, max_iter=max_iter,
+                      name=f"d2seg {case.name}")
+    cfg = d2.cfg
+    task = task_of(cfg)
+    if s.ref_backend == "same":
+        plain_flags = dict(d2.backend_flags)
+    else:  # precision switches follow d2seg's, speed switches stay PyTorch's defaults
+        for key in ("cudnn_tf32", "matmul_precision"):
+            plain_flags[key] = d2.backend_flags[key]
+    names = auto_references(cfg) if case.references is None else list(case.references)
+    subjects: List[Subject] = [d2]
+    skipped: Dict[str, str] = {}
+    ref_cfg = cfg.clone()
+    ref_cfg.defrost()
+    ref_cfg.SOLVER.BASE_LR = s.lr
+    for name in names:
+        why = reference_unavailable(name)
+        if why is None and name != "plain_d2":
+            from .references import REFERENCES
+
+            rtask = REFERENCES[name].task
+            if (rtask == "semantic") != (task == "semantic"):
+                why = f"a {rtask} reference cannot stand beside a {task} config"
+        if why is not None:
+            skipped[name] = why
+            print(f"[benchmark] {case.name}: skipping reference {name}: {why}", flush=True)
+            continue
+        try:
+            with backend_flags(plain_flags):
+                ref = build_reference_subject(name, ref_cfg, device, s.precision)
+            ref.backend_flags = dict(plain_flags)
+            subjects.append(ref)
+        except Exception as e:  # a reference that cannot be built is reported, not fatal
+            skipped[name] = f"failed to build: {type(e).__name__}: {e}"
+            print(f"[benchmark] {case.name}: reference {name} failed to build: {e}", flush=True)
+    data = _batch_for(d2, cfg, task, s.batch, s.size, device, s)
+    results: Dict[str, Dict] = {}
+    times: Dict[str, List[float]] = {sub.name: [] for sub in subjects}
+    for sub in list(subjects):
+        try:
+            with backend_flags(sub.backend_flags):
+                sub.set_batch(data)
+                sub.train_steps(max(s.warmup, 1))
+                sync(device)
+        except Exception as e:  # a reference that cannot train here is reported, not fatal
+            if sub is d2:
+                raise
+            skipped[sub.name] = f"failed to train: {type(e).__name__}: {e}"
+            print(f"[benchmark] {case.name}: reference {sub.name} failed to train: {e}",
+                  flush=True)
+            subjects.remove(sub)
+            times.pop(sub.name)
+            sub.close()
+            free_memory(device)
+    for r in range(s.repeats):
+        for sub in subjects:
+            with backend_flags(sub.backend_flags):
+                if r == 0:  # memory of the first timed round (not timed itself)
+                    with MemoryMeter(device) as mem:
+                        sub.train_steps(1)
+                    results.setdefault(sub.name, {})["train_memory"] = mem.result
+                with Timer(device) as t:
+                    sub.train_steps(s.iters)
+            times[sub.name].append(t.seconds)
+            print(f"[benchmark] {case.name}: {sub.name} round {r + 1}/{s.repeats}: "
+                  f"{t.seconds / s.iters:.4f} s/iter", flush=True)
+    infer_batch = s.infer_batch or s.batch
+    for sub in subjects:
+        res = results.setdefault(sub.name, {})
+        rounds = times[sub.name]
+        med = _median(rounds) if s.statistic == "median" else min(rounds)
+        res.update({
+            "name": sub.name, "kind": sub.kind, "description": sub.description,
+            "params": sub.params(), "notes": sub.notes,
+            "train_step": {"batch": s.batch, "size": list(s.size), "iters_per_round": s.iters,
+                           "round_seconds": rounds, "statistic": s.statistic,
+                           "s_per_iter": med / s.iters,
+                           "img_per_s": s.batch * s.iters / med,
+                           "img_per_s_median": s.batch * s.iters / _median(rounds),
+                           "img_per_s_best": s.batch * s.iters / min(rounds)},
+        })
+        if s.inference:
+            with backend_flags(sub.backend_flags):
+                try:
+                    res.update(_measure_inference(sub, cfg, task, device, s, infer_batch))
+                except Exception as e:
+                    res["inference_error"] = f"{type(e).__name__}: {e}"
+                    print(f"[benchmark] {sub.name}: inference failed: {e}", flush=True)
+                    traceback.print_exc()
+    loop = None
+    if loop_iters > 0:
+        with backend_flags(d2.backend_flags):
+            loop = d2.run_loop(s.loop_warmup, loop_iters)
+        step_ips = results[d2.name]["train_step"]["img_per_s"]
+        loop["fraction_of_step"] = loop["img_per_s"] / step_ips
+        loop["sizes_match_step"] = loop["input_sizes"] == [tuple(s.size)]
+        loop["input_sizes"] = [list(x) for x in loop["input_sizes"]]
+        print(f"[benchmark] {case.name}: train_net loop {loop['img_per_s']:.3f} img/s = "
+              f"{100 * loop['fraction_of_step']:.1f}% of the step alone", flush=True)
+    d2r = results[d2.name]
+    ratios = {}
+    for sub in subjects[1:]:
+        rr = results[sub.name]
+        ratio = {key: d2r["train_step"][src] / rr["train_step"][src]
+                 for key, src in (("train_step_speedup", "img_per_s"),
+                                  ("train_step_speedup_median", "img_per_s_median"),
+                                  ("train_step_speedup_best", "img_per_s_best"))}
+        if "inference" in d2r and "inference" in rr:
+            ratio["inference_throughput_speedup"] = (
+                d2r["inference"]["throughput_img_per_s"] / rr["inference"]["throughput_img_per_s"])
+            ratio["latency_speedup"] = (rr["inference"]["latency_batch1_ms"]
+                                        / d2r["inference"]["latency_batch1_ms"])
+        a, b = _peak(d2r.get("train_memory")), _peak(rr.get("train_memory"))
+        if a == a and b == b and b > 0:
+            ratio["train_memory_ratio"] = a / b
+        ratios[sub.name] = ratio
+    out = {
+        "name": case.name, "config": os.path.relpath(cfg_file, REPO)
+        if cfg_file.startswith(REPO) else cfg_file,
+        "case_opts": list(case.opts), "task": task,
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "d2seg": d2r, "references": [results[sub.name] for sub in subjects[1:]],
+        "skipped_references": skipped, "ratios": ratios, "loop": loop,
+        "speed_config": _speed_cfg(cfg), "speed_plan": d2.speed_plan,
+        "backend_flags": {"d2seg": d2.backend_flags,
+                          "references": plain_flags if len(subjects) > 1 else None},
+    }
+    for sub in subjects:
+        sub.close()
+    del subjects, d2, data
+    free_memory(device)
+    return out
+
+
+def _peak(mem: Optional[Dict]) -> float:
+    if not mem:
+        return float("nan")
+    return float(mem.get("peak_allocated_delta_mb", mem.get("peak_rss_delta_mb", float("nan"))))
+
+
+def _speed_cfg(cfg) -> Optional[Dict]:
+    """The ``D2SEG.SPEED`` block (fast paths) as the run used it, if the config has one."""
+    node = cfg.D2SEG.get("SPEED") if "D2SEG" in cfg else None
+    if node is None:
+        return None
+
+    def plain(n):
+        return {k: plain(v) for k, v in n.items()} if hasattr(n, "items") else (
+            list(n) if isinstance(n, tuple) else n)
+    return plain(node)
+
+
+def evaluate_targets(cases: Sequence[Dict], targets: Sequence[Target]) -> List[Dict]:
+    """Each target's measured value (from the measured numbers) and pass/fail."""
+    by_name = {c["name"]: c for c in cases}
+    out = []
+    for t in targets:
+        row = dataclasses.asdict(t)
+        c = by_name.get(t.case)
+        value, why = None, ""
+        try:
+            if c is None:
+                why = f"case '{t.case}' was not run"
+            elif t.kind == "speedup":
+                if t.reference in c["ratios"]:
+                    value = c["ratios"][t.reference]["train_step_speedup"]
+                else:
+                    why = c["skipped_references"].get(t.reference, "reference not run")
+            elif t.kind == "loop_fraction":
+                if c.get("loop"):
+                    value = c["loop"]["fraction_of_step"]
+                else:
+                    why = "train_net loop not run"
+            elif t.kind == "step_time_ratio":
+                o = by_name.get(t.other_case)
+                if o is None:
+                    why = f"case '{t.other_case}' was not run"
+                else:
+                    value = (c["d2seg"]["train_step"]["s_per_iter"]
+                             / o["d2seg"]["train_step"]["s_per_iter"])
+            elif t.kind == "reference_img_per_s":
+                refs = {r["name"]: r for r in c["references"]}
+                if t.reference in refs:
+                    value = refs[t.reference]["train_step"]["img_per_s"]
+                else:
+                    why = c["skipped_references"].get(t.reference, "reference not run")
+            else:
+                why = f"unknown target kind '{t.kind}'"
+        except (KeyError, ZeroDivisionError) as e:
+            why = f"missing number: {e}"
+        if value is None:
+            status = "not measured"
+        elif t.kind == "reference_img_per_s":
+            status = "info"
+        elif t.kind == "step_time_ratio":
+            status = "pass" if value <= t.threshold else "FAIL"
+        else:
+            status = "pass" if value >= t.threshold else "FAIL"
+        row.update(value=value, status=status, why=why)
+        out.append(row)
+    return out
+
+
+def run_benchmark(cases: Sequence[Case], settings: Settings,
+                  targets: Sequence[Target] = (), preset: str = "",
+                  scaling: Optional[Dict] = None) -> Dict[str, object]:
+    """Run every case (one after the other, same process) and evaluate ``targets``.
+
+    ``scaling``: keyword arguments of :func:`d2seg.benchmark.scaling.run_scaling` (its
+    result goes under "scaling"), or None.
+    """
+    device = resolve_device(settings.device)
+    settings = dataclasses.replace(settings, size=tuple(settings.size))
+    if settings.ref_backend not in ("plain", "same"):
+        raise ValueError(f"ref_backend must be 'plain' or 'same', got '{settings.ref_backend}'")
+    if settings.statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', got '{settings.statistic}'")
+    previous_threads = torch.get_num_threads()
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    previous_disable = logging.root.manager.disable
+    if settings.quiet:
+        logging.disable(logging.INFO)
+    try:
+        return _run(cases, settings, targets, preset, scaling, device)
+    finally:
+        logging.disable(previous_disable)
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cases, settings, targets, preset, scaling, device) -> Dict[str, object]:
+    result: Dict[str, object] = {
+        "schema": SCHEMA, "preset": preset, "machine": machine_info(device),
+        "settings": dataclasses.asdict(settings), "cases": [], "targets": [],
+    }
+    result["settings"]["device"] = str(device)
+    plain_flags = capture_backend_flags()
+    for case in cases:
+        print(f"[benchmark] case {case.name}: {case.config_file} on {device}, batch "
+              f"{settings.batch}, {settings.size[0]}x{settings.size[1]}, {settings.precision}",
+              flush=True)
+        result["cases"].append(run_case(case, settings, device, plain_flags))
+    result["targets"] = evaluate_targets(result["cases"], targets)
+    if scaling is not None:
+        from .scaling import run_scaling
+
+        result["scaling"] = run_scaling(settings=settings, device=device, **scaling)
+    return result
+
+
+# -------------------------------------------------------------------------------------------
+# report
+# -------------------------------------------------------------------------------------------
+def _f(x, fmt="{:.3g}") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return fmt.format(x)
+
+
+def format_report(result: Dict) -> str:
+    """Markdown: one table per case, the targets, and the scaling table when present."""
+    m = result["machine"]
+    st = result["settings"]
+    lines = [f"measured on: {m['summary']} ({m['date']})",
+             f"settings: device {st['device']}, {st['precision']}, batch {st['batch']}, "
+             f"{st['size'][0]}x{st['size'][1]}, {st['iters']} iters x {st['repeats']} rounds "
+             f"(+{st['warmup']} warm-up), img/s from the {st.get('statistic', 'median')} "
+             f"round; opts {st['opts'] or '[]'}", ""]
+    mem_key = "CUDA peak alloc. delta" if str(st["device"]).startswith("cuda") else \
+        "peak RSS delta (approx.)"
+    for c in result["cases"]:
+        lines.append(f"### {c['name']} ({c['config']}, {c['meta_architecture']})")
+        lines.append("")
+        other = "median" if st.get("statistic", "median") == "min" else "best"
+        lines.append(f"| model | params | train img/s | s/iter | d2seg speed-up ({other}) | "
+                     f"latency b1 (ms) | infer img/s | train mem MB ({mem_key}) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in [c["d2seg"]] + c["references"]:
+            rat = c["ratios"].get(r["name"], {})
+            ratio = rat.get("train_step_speedup")
+            alt = rat.get(f"train_step_speedup_{other}")
+            inf = r.get("inference", {})
+            lines.append(
+                f"| {r['name']} | {r['params'] / 1e6:.2f} M | "
+                f"{_f(r['train_step']['img_per_s'])} | {_f(r['train_step']['s_per_iter'])} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}x ({alt:.2f}x)'} | "
+                f"{_f(inf.get('latency_batch1_ms'))} | {_f(inf.get('throughput_img_per_s'))} | "
+                f"{_f(_peak(r.get('train_memory')), '{:.0f}')} |")
+        for name, why in c["skipped_references"].items():
+            lines.append(f"| {name} | skipped: {why} | | | | | | |")
+        if c.get("loop"):
+            lp = c["loop"]
+            same = "" if lp["sizes_match_step"] else \
+                f" (loader sizes {lp['input_sizes'][:4]} differ from the step's)"
+            lines.append("")
+            lines.append(f"train_net loop with real data: {_f(lp['img_per_s'])} img/s = "
+                         f"{100 * lp['fraction_of_step']:.1f}% of the step alone; mean "
+                         f"data_time {_f(lp['data_time_s'])} s{same}")
+        lines.append("")
+    if result.get("targets"):
+        lines += ["### targets", "", "| target | measured | required | result |",
+                  "|---|---|---|---|"]
+        for t in result["targets"]:
+            op = "<=" if t["kind"] == "step_time_ratio" else (
+                "stated" if t["kind"] == "reference_img_per_s" else ">=")
+            val = "-" if t["value"] is None else f"{t['value']:.3f}"
+            res = t["status"] + (f" ({t['why']})" if t["why"] else "")
+            lines.append(f"| {t['name']} | {val} | {op} {t['threshold']} | {res} |")
+        lines.append("")
+    if result.get("scaling"):
+        from .scaling import format_scaling
+
+        lines.append(format_scaling(result["scaling"]))
+    return "\n".join(lines)

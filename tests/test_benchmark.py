@@ -1,0 +1,258 @@
+"""The benchmark harness (d2seg/benchmark, tools/benchmark.py) end to end on CPU at tiny sizes:
+the JSON has its fields, ratios come from the two measured numbers, the CLI parses opts,
+targets pass / fail from measured values, the scaling table and the largest-batch search."""
+import json
+import os
+
+import pytest
+import torch
+
+import d2seg  # noqa: F401  (registers everything)
+from d2seg.benchmark import harness, scaling
+from d2seg.benchmark.harness import Case, Settings, Target, evaluate_targets, format_report
+from d2seg.benchmark.presets import PRESETS, TINY_RCNN, TINY_SEM, get_preset
+from d2seg.benchmark.references import (PlainDeepLabV3Plus, PlainUNet, build_reference,
+                                        reference_unavailable)
+
+from conftest import REPO
+
+UNET_CPU = os.path.join(REPO, "configs", "Shapes-SemanticSegmentation", "unet_cpu.yaml")
+RCNN_CPU = os.path.join(REPO, "configs", "Shapes-InstanceSegmentation",
+                        "mask_rcnn_R_18_FPN_cpu.yaml")
+TINY = Settings(device="cpu", precision="fp32", batch=2, size=(32, 32), warmup=1, iters=1,
+                repeats=2, infer_batch=2, infer_iters=1, latency_iters=2, loop_warmup=1,
+                loop_iters=2, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on every tiny op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def unet_result():
+    targets = [Target("speed-up", "speedup", "unet", 1.5, "plain_unet"),
+               Target("loop", "loop_fraction", "unet", 0.9),
+               Target("absent", "speedup", "unet", 1.5, "smp_unet_r34")]
+    return harness.run_benchmark([Case("unet", UNET_CPU, TINY_SEM, ["plain_unet"])], TINY,
+                                 targets, preset="test")
+
+
+def test_end_to_end_json_fields(unet_result):
+    r = json.loads(json.dumps(unet_result))  # JSON-able
+    assert r["schema"] == harness.SCHEMA
+    for key in ("summary", "torch", "date", "cpu", "device"):
+        assert r["machine"][key]
+    assert r["settings"]["batch"] == 2 and r["settings"]["size"] == [32, 32]
+    (case,) = r["cases"]
+    assert case["task"] == "semantic" and case["meta_architecture"] == "UNet"
+    d2, (ref,) = case["d2seg"], case["references"]
+    assert d2["kind"] == "d2seg" and ref["name"] == "plain_unet"
+    assert d2["params"] == ref["params"]  # the same network
+    for sub in (d2, ref):
+        ts = sub["train_step"]
+        assert len(ts["round_seconds"]) == 2 and all(t > 0 for t in ts["round_seconds"])
+        assert ts["img_per_s"] > 0 and ts["s_per_iter"] > 0
+        assert sub["inference"]["latency_batch1_ms"] > 0
+        assert sub["inference"]["throughput_img_per_s"] > 0
+        assert sub["train_memory"]["kind"] == "cpu_rss_approx"
+    loop = case["loop"]
+    assert loop["iters"] == 2 and loop["batch"] == 2 and loop["img_per_s"] > 0
+    assert loop["sizes_match_step"] is False  # 64x64 crops vs the 32x32 step: flagged
+    assert case["speed_plan"] is None or case["speed_plan"]["device"] == "cpu"
+
+
+def test_ratios_come_from_the_measured_numbers(unet_result):
+    case = unet_result["cases"][0]
+    d2, ref = case["d2seg"], case["references"][0]
+
+    def ips(sub):  # recomputed from the raw round times (median of 2 = mean)
+        rounds = sub["train_step"]["round_seconds"]
+        return 2 * 1 / (sum(rounds) / len(rounds))
+
+    ratio = case["ratios"]["plain_unet"]
+    assert ratio["train_step_speedup"] == pytest.approx(ips(d2) / ips(ref), rel=1e-9)
+    assert ratio["latency_speedup"] == pytest.approx(
+        ref["inference"]["latency_batch1_ms"] / d2["inference"]["latency_batch1_ms"])
+    assert case["loop"]["fraction_of_step"] == pytest.approx(
+        case["loop"]["img_per_s"] / d2["train_step"]["img_per_s"])
+    t = {x["name"]: x for x in unet_result["targets"]}
+    assert t["speed-up"]["value"] == ratio["train_step_speedup"]
+    assert t["speed-up"]["status"] == ("pass" if ratio["train_step_speedup"] >= 1.5 else "FAIL")
+    assert t["loop"]["value"] == case["loop"]["fraction_of_step"]
+    assert t["absent"]["status"] == "not measured"
+    report = format_report(unet_result)
+    assert "| plain_unet |" in report and "train_net loop" in report and "### targets" in report
+
+
+def test_evaluate_targets_rules():
+    def case(name, s_per_iter, ratios=None, loop=None):
+        return {"name": name, "d2seg": {"train_step": {"s_per_iter": s_per_iter}},
+                "ratios": ratios or {}, "loop": loop, "references": [],
+                "skipped_references": {"smp": "not installed"}}
+    cases = [case("mask", 0.20, {"plain_d2": {"train_step_speedup": 1.25}},
+                  {"fraction_of_step": 0.8}), case("pan", 0.24)]
+    res = evaluate_targets(cases, [
+        Target("a", "speedup", "mask", 1.2, "plain_d2"),
+        Target("b", "loop_fraction", "mask", 0.9),
+        Target("c", "step_time_ratio", "pan", 1.15, other_case="mask"),
+        Target("d", "speedup", "mask", 1.2, "smp"),
+        Target("e", "speedup", "nope", 1.2, "plain_d2")])
+    st = {r["name"]: (r["status"], r["value"]) for r in res}
+    assert st["a"] == ("pass", 1.25)
+    assert st["b"] == ("FAIL", 0.8)
+    assert st["c"][0] == "FAIL" and st["c"][1] == pytest.approx(1.2)
+    assert st["d"] == ("not measured", None) and res[3]["why"] == "not installed"
+    assert st["e"][0] == "not measured"
+
+
+def test_cli_parses_presets_sizes_and_opts():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_cli",
+                                                  os.path.join(REPO, "tools", "benchmark.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.build_parser().parse_args(
+        ["--preset", "gpu-maskrcnn", "--batch", "4", "--size", "800x1216", "--device", "cpu",
+         "--refs", "plain_d2", "SOLVER.BASE_LR", "0.1", "D2SEG.SPEED.COMPILE", "off"])
+    cases, settings, targets, sc, label = cli.plan(args)
+    assert label == "gpu-maskrcnn" and sc is None
+    assert settings.batch == 4 and settings.size == (800, 1216) and settings.device == "cpu"
+    assert settings.precision == "fp16"  # the preset's
+    assert settings.opts == ["SOLVER.BASE_LR", "0.1", "D2SEG.SPEED.COMPILE", "off"]
+    assert [c.references for c in cases] == [["plain_d2"]]
+    assert any(t.kind == "speedup" and t.threshold == 1.2 for t in targets)
+    args = cli.build_parser().parse_args(["--config-file", UNET_CPU, "--size", "64",
+                                          "--refs", "auto", "--scaling", "--mem-cap-gb", "1"])
+    cases, settings, _, sc, _ = cli.plan(args)
+    assert settings.size == (64, 64) and cases[0].references is None
+    assert sc["config_file"] == UNET_CPU and sc["mem_cap_mb"] == 1024
+    with pytest.raises(SystemExit):
+        cli.plan(cli.build_parser().parse_args([]))
+    # the preset table itself is untouched by plan()
+    assert PRESETS["gpu-maskrcnn"].settings.batch == 16
+
+
+def test_presets_reference_existing_configs_and_names():
+    from d2seg.benchmark.references import reference_names
+
+    for name in PRESETS:
+        p = get_preset(name)
+        for c in p.cases:
+            assert os.path.isfile(os.path.join(REPO, c.config_file)), c.config_file
+            assert all(r in reference_names() for r in c.references or [])
+        for t in p.targets:
+            assert t.case in {c.name for c in p.cases}
+
+
+def test_references_build_and_run():
+    m = PlainUNet(3, 2, base=4, depth=2)
+    assert m(torch.rand(1, 3, 16, 16)).shape == (1, 2, 16, 16)
+    assert sum(p.numel() for p in PlainUNet().parameters()) == 31_043_586
+    d = PlainDeepLabV3Plus(num_classes=3).eval()
+    with torch.no_grad():
+        assert d(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="unknown reference"):
+        build_reference("nope", 2)
+    assert reference_unavailable("plain_d2") is None
+    assert "unknown" in reference_unavailable("nope")
+
+
+def test_smp_missing_is_skipped_with_a_reason(monkeypatch):
+    from d2seg.benchmark import references
+
+    monkeypatch.setattr(references, "smp_available", lambda: False)
+    why = references.reference_unavailable("smp_deeplabv3plus_r50")
+    assert "segmentation_models_pytorch" in why
+    with pytest.raises(RuntimeError, match="segmentation_models_pytorch"):
+        references.build_reference("smp_unet_r34", 2)
+
+
+def test_mask_rcnn_case_vs_plain_detectron2():
+    s = Settings(device="cpu", precision="fp32", batch=2, size=(128, 128), warmup=1, iters=1,
+                 repeats=1, infer_batch=1, infer_iters=1, latency_iters=1, loop_iters=0,
+                 threads=1, instances_per_image=2)
+    r = harness.run_benchmark([Case("rcnn", RCNN_CPU, TINY_RCNN, ["plain_d2"], loop=False)], s)
+    (case,) = r["cases"]
+    assert case["task"] == "instance" and case["loop"] is None
+    d2, (plain,) = case["d2seg"], case["references"]
+    assert plain["name"] == "plain_d2" and d2["params"] == plain["params"]
+    assert case["ratios"]["plain_d2"]["train_step_speedup"] > 0
+
+
+def test_scaling_grid_and_cpu_largest_batch():
+    sc = scaling.run_scaling(settings=TINY, device=torch.device("cpu"), config_file=UNET_CPU,
+                             opts=TINY_SEM, sizes=[32], batches=[1, 2], iters=1, warmup=1,
+                             mem_cap_mb=2048, max_batch=4, largest_at=(32, 32))
+    assert [(g["size"], g["batch"], g["status"]) for g in sc["grid"]] == [
+        ([32, 32], 1, "ok"), ([32, 32], 2, "ok")]
+    (lb,) = sc["largest_batch"].values()
+    assert lb["largest_batch"] == 4 and lb["cap_mb"] == 2048
+    assert "| 32x32 | 2 |" in scaling.format_scaling(sc)
+
+
+def test_largest_batch_bisects_after_out_of_memory(monkeypatch):
+    """CUDA rule with a fake step: batches above 5 run out of memory."""
+    def fake(sub, cfg, task, n, size, device, settings, iters, warmup):
+        return {"batch": n, "status": "ok" if n <= 5 else "oom", "peak_mb": 10.0 * n}
+    monkeypatch.setattr(scaling, "_step_point", fake)
+    out = scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cuda"), TINY,
+                                max_batch=64)
+    assert out["largest_batch"] == 5 and out["first_failing_batch"] == 6
+    assert [t["batch"] for t in out["tried"]] == [1, 2, 4, 8, 6, 5]
+    # CPU: stops before the predicted peak passes the cap (10 MB per image, cap 45 MB)
+    out = scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cpu"), TINY,
+                                mem_cap_mb=45, max_batch=64)
+    assert out["largest_batch"] == 4 and out["predicted_largest_batch"] == 4
+    assert out["tried"][-1]["status"] == "skipped"
+    with pytest.raises(ValueError, match="mem-cap"):
+        scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cpu"), TINY)
+
+
+def test_a_reference_that_cannot_train_is_skipped(monkeypatch):
+    real = harness.build_reference_subject
+
+    def broken(name, cfg, device, precision):
+        sub = real(name, cfg, device, precision)
+
+        def fail(k):
+            raise ValueError("Expected more than 1 value per channel when training")
+        sub.train_steps = fail
+        return sub
+    monkeypatch.setattr(harness, "build_reference_subject", broken)
+    s = Settings(**{**TINY.__dict__, "repeats": 1, "loop_iters": 0, "inference": False})
+    r = harness.run_benchmark([Case("unet", UNET_CPU, TINY_SEM, ["plain_unet"])], s,
+                              [Target("t", "speedup", "unet", 1.5, "plain_unet")])
+    (case,) = r["cases"]
+    assert case["references"] == [] and case["ratios"] == {}
+    assert "failed to train" in case["skipped_references"]["plain_unet"]
+    assert r["targets"][0]["status"] == "not measured"
+    assert case["d2seg"]["train_step"]["img_per_s"] > 0
+
+
+def test_largest_batch_starts_at_two_when_batch_one_cannot_train(monkeypatch):
+    def fake(sub, cfg, task, n, size, device, settings, iters, warmup):
+        if n == 1:
+            return {"batch": 1, "status": "error: ValueError: batch norm"}
+        return {"batch": n, "status": "ok" if n <= 8 else "oom", "peak_mb": 1.0 * n}
+    monkeypatch.setattr(scaling, "_step_point", fake)
+    out = scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cuda"), TINY,
+                                max_batch=64)
+    assert out["largest_batch"] == 8
+    assert [t["batch"] for t in out["tried"]][:4] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("config", ["segformer_b0_cpu.yaml", "hrnet_w18_small_cpu.yaml"])
+def test_modern_architectures_run_in_the_harness(config):
+    """SegFormer and HRNet (issue 6) go through the harness like the other semantic models."""
+    path = os.path.join(REPO, "configs", "Shapes-SemanticSegmentation", config)
+    r = harness.run_benchmark([Case(config, path, TINY_SEM, [])], TINY, [], preset="test")
+    (case,) = r["cases"]
+    assert case["task"] == "semantic"
+    assert case["d2seg"]["train_step"]["img_per_s"] > 0
+    assert case["d2seg"]["inference"]["latency_batch1_ms"] > 0

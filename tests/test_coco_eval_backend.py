@@ -1,0 +1,86 @@
+"""D2SEG.EVAL.COCO_BACKEND: faster-coco-eval gives every number detectron2 prints exactly as
+pycocotools does, and the config selects the implementation COCOEvaluator runs."""
+import contextlib
+import copy
+import io
+
+import pytest
+
+import d2seg  # noqa: F401
+from detectron2.data import MetadataCatalog
+
+from benchmarks.eval_speed import printed_numbers, synthetic_predictions, time_instances
+from d2seg.config import get_cfg
+from d2seg.data.catalogs import prepare_dataset, register_shapes_catalogs
+from d2seg.engine.trainer import build_evaluators
+from d2seg.evaluation.coco_backend import (
+    coco_evaluator_kwargs,
+    faster_coco_eval_available,
+    resolve_backend,
+)
+
+needs_fce = pytest.mark.skipif(not faster_coco_eval_available(),
+                               reason="faster-coco-eval is not installed")
+
+
+@pytest.fixture(scope="module")
+def gt_file():
+    register_shapes_catalogs(num_train=2, num_val=12, image_size=128, prefix="cocoeval_shapes")
+    prepare_dataset("cocoeval_shapes_instance_val")
+    return MetadataCatalog.get("cocoeval_shapes_instance_val").json_file
+
+
+def test_resolve_backend_names():
+    assert resolve_backend("pycocotools") == "pycocotools"
+    assert resolve_backend("auto") in ("detectron2_cpp", "faster_coco_eval", "pycocotools")
+    with pytest.raises(ValueError, match="COCO_BACKEND.*'cocoeval'"):
+        resolve_backend("cocoeval")
+    assert coco_evaluator_kwargs("pycocotools") == {"use_fast_impl": False}
+
+
+@needs_fce
+def test_faster_coco_eval_matches_pycocotools_to_the_printed_digit(gt_file):
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        preds = synthetic_predictions(COCO(gt_file), 400, seed=3)
+    report = time_instances(gt_file, preds, repeats=1)
+    for iou_type in ("bbox", "segm"):
+        row = report[iou_type]
+        assert row["numbers_compared"] >= 12 + 6
+        assert row["mismatches"] == {}, row["mismatches"]
+        assert 0 < row["AP"] < 100  # the predictions are imperfect: a real comparison
+
+
+@needs_fce
+def test_printed_numbers_detect_a_difference(gt_file):
+    """The comparison is not vacuous: changing the predictions changes the printed numbers."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_file)
+        preds = synthetic_predictions(gt, 300, seed=1)
+        a = _evaluate_predictions_on_coco(gt, copy.deepcopy(preds), "bbox", cocoeval_fn=COCOeval)
+        worse = [dict(p, score=1.0 - p["score"]) for p in preds]
+        b = _evaluate_predictions_on_coco(gt, worse, "bbox", cocoeval_fn=COCOeval)
+    names = [c["name"] for c in gt.loadCats(sorted(gt.getCatIds()))]
+    assert printed_numbers(a, "bbox", names) != printed_numbers(b, "bbox", names)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_config_selects_backend(gt_file, tmp_path, backend):
+    if backend == "faster_coco_eval" and not faster_coco_eval_available():
+        pytest.skip("faster-coco-eval is not installed")
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.evaluation import coco_evaluation
+
+    cfg = get_cfg()
+    cfg.MODEL.MASK_ON = True
+    cfg.D2SEG.EVAL.COCO_BACKEND = backend
+    ev = build_evaluators(cfg, "cocoeval_shapes_instance_val", str(tmp_path))
+    assert isinstance(ev, COCOEvaluator)
+    assert ev._use_fast_impl == (backend != "pycocotools")
+    if backend == "faster_coco_eval":
+        assert getattr(coco_evaluation.COCOeval_opt, "_d2seg_faster_coco_eval", False)

@@ -1,0 +1,311 @@
+"""Training fast paths (D2SEG.SPEED, d2seg/engine/fast_paths.py): the per-family decision table,
+invalid values, and each switch building and training 2 iterations on CPU through train_net's
+code path (results identical where they must be, within tolerance where the math is reordered).
+"""
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import d2seg  # noqa: F401  (registers everything)
+from d2seg.config import get_cfg, load_config
+from d2seg.engine import Trainer, default_argument_parser, fast_paths, setup
+from d2seg.engine.train_step import GuardedAMPTrainer, GuardedSimpleTrainer
+
+from conftest import REPO
+
+SHAPES_SEM = os.path.join(REPO, "configs", "Shapes-SemanticSegmentation")
+UNET = os.path.join(SHAPES_SEM, "unet_cpu.yaml")
+RCNN = os.path.join(REPO, "configs", "Shapes-InstanceSegmentation", "mask_rcnn_R_18_FPN_cpu.yaml")
+PANOPTIC = os.path.join(REPO, "configs", "Shapes-PanopticSegmentation",
+                        "panoptic_fpn_R_18_cpu.yaml")
+
+TINY_UNET = ["MODEL.UNET.BASE_CHANNELS", "4", "MODEL.UNET.DEPTH", "3",
+             "D2SEG.SHAPES.NUM_TRAIN", "6", "D2SEG.SHAPES.NUM_VAL", "2",
+             "D2SEG.SHAPES.IMAGE_SIZE", "96", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+             "INPUT.CROP.SIZE", "(64,64)", "SOLVER.IMS_PER_BATCH", "2",
+             "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "1000",
+             "DATALOADER.NUM_WORKERS", "0", "TEST.NUM_VIS", "0", "DATASETS.TEST", "()",
+             "D2SEG.PLOT_CURVES", "False", "SEED", "7"]
+
+
+class _Records(logging.Handler):
+    """Collects the records of d2seg.engine.fast_paths (train_net's setup stops "d2seg" loggers
+    from propagating to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger(fast_paths.__name__).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(fast_paths.__name__).removeHandler(self)
+
+
+def _cfg(path, *opts):
+    cfg = load_config(path, list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def _train(tmp_path, name, *opts, config=UNET):
+    """Train 2 iterations through train_net's setup + Trainer; (trainer, losses, params)."""
+    args = default_argument_parser().parse_args(
+        ["--config-file", config, "OUTPUT_DIR", str(tmp_path / name), *TINY_UNET, *opts])
+    cfg = setup(args)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    model = trainer.model
+    params = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    return trainer, losses, params
+
+
+# ----------------------------------------------------------------------------------------
+# the decision table
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,family", [
+    ("UNet", "semantic"), ("DeepLabV3", "semantic"), ("DeepLabV3Plus", "semantic"),
+    ("PSPNet", "semantic"), ("SemanticSegmentor", "semantic"), ("GeneralizedRCNN", "rcnn"),
+    ("ProposalNetwork", "rcnn"), ("PanopticFPN", "panoptic"), ("RetinaNet", "other"),
+])
+def test_model_family(arch, family):
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = arch
+    assert fast_paths.model_family(cfg) == family
+
+
+def test_cpu_auto_decision_table():
+    for path, family in ((UNET, "semantic"), (RCNN, "rcnn"), (PANOPTIC, "panoptic")):
+        p = fast_paths.resolve(_cfg(path, "SOLVER.AMP.ENABLED", "True"))
+        assert (p.device, p.family) == ("cpu", family)
+        # measured on CPU: channels_last and fused optimizers help, bf16 autocast does not
+        assert p.channels_last and p.optimizer_impl == "fused"
+        assert (p.amp_dtype, p.cudnn_benchmark, p.tf32, p.compile, p.pin_memory,
+                p.persistent_workers) == (None, False, False, False, False, False)
+    cfg = _cfg(RCNN)
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    assert not fast_paths.resolve(cfg).channels_last
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """resolve() as it decides on an Ampere+ GPU (nothing runs on it)."""
+    monkeypatch.setattr(fast_paths, "_device", lambda cfg: "cuda")
+    monkeypatch.setattr(fast_paths, "_tf32_capable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_cuda_auto_decision_table(fake_cuda):
+    sem = fast_paths.resolve(_cfg(UNET))
+    assert (sem.family, sem.cudnn_benchmark, sem.channels_last, sem.compile, sem.tf32) == \
+        ("semantic", True, True, True, True)
+    assert sem.compile_modules == ("backbone", "sem_seg_head")
+    assert (sem.optimizer_impl, sem.pin_memory) == ("fused", True)
+    for path, family in ((RCNN, "rcnn"), (PANOPTIC, "panoptic")):
+        p = fast_paths.resolve(_cfg(path))
+        assert (p.family, p.cudnn_benchmark, p.channels_last, p.compile) == \
+            (family, False, False, False)
+        assert p.tf32 and p.optimizer_impl == "fused"
+
+
+def test_cuda_amp_dtype_and_cudnn_benchmark_interplay(fake_cuda, monkeypatch):
+    cfg = _cfg(RCNN, "SOLVER.AMP.ENABLED", "True")
+    assert fast_paths.amp_dtype(cfg) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert fast_paths.amp_dtype(cfg) is torch.float16
+    cfg.D2SEG.SPEED.AMP_DTYPE = "bfloat16"
+    assert fast_paths.amp_dtype(cfg) is torch.bfloat16
+    cfg.SOLVER.AMP.ENABLED = False
+    assert fast_paths.amp_dtype(cfg) is None
+    # detectron2's top-level CUDNN_BENCHMARK still turns it on under "auto" ...
+    cfg.CUDNN_BENCHMARK = True
+    assert fast_paths.resolve(cfg).cudnn_benchmark
+    # ... an explicit "off" wins, and so does D2SEG.DETERMINISTIC
+    cfg.D2SEG.SPEED.CUDNN_BENCHMARK = "off"
+    assert not fast_paths.resolve(cfg).cudnn_benchmark
+    cfg.D2SEG.SPEED.CUDNN_BENCHMARK = "on"
+    cfg.D2SEG.DETERMINISTIC = True
+    assert not fast_paths.resolve(cfg).cudnn_benchmark
+
+
+def test_explicit_switches_override_the_family(fake_cuda):
+    p = fast_paths.resolve(_cfg(RCNN, "D2SEG.SPEED.CHANNELS_LAST", "on", "D2SEG.SPEED.COMPILE",
+                                "true", "D2SEG.SPEED.OPTIMIZER_IMPL", "foreach",
+                                "D2SEG.SPEED.PIN_MEMORY", "off"))
+    assert p.channels_last and p.compile and p.compile_modules == ("backbone",)
+    assert p.optimizer_impl == "foreach" and not p.pin_memory
+    p = fast_paths.resolve(_cfg(UNET, "D2SEG.SPEED.CUDNN_BENCHMARK", "off",
+                                "D2SEG.SPEED.COMPILE_MODULES", "['backbone']"))
+    assert not p.cudnn_benchmark and p.compile_modules == ("backbone",)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("CHANNELS_LAST", "maybe"), ("COMPILE", "yes please"), ("CUDNN_BENCHMARK", "fast"),
+    ("TF32", "2"), ("PIN_MEMORY", "sometimes"), ("AMP_DTYPE", "int8"),
+    ("OPTIMIZER_IMPL", "turbo"), ("COMPILE_MODE", "fastest"), ("PREFETCH_FACTOR", -1),
+    ("COMPILE_BACKEND", ""),
+])
+def test_invalid_values_name_key_and_value(key, value):
+    cfg = _cfg(UNET)
+    cfg.D2SEG.SPEED[key] = value
+    with pytest.raises(ValueError) as e:
+        fast_paths.resolve(cfg)
+    assert f"D2SEG.SPEED.{key}" in str(e.value) and str(value) in str(e.value)
+
+
+def test_unknown_compile_module_is_an_error():
+    cfg = _cfg(UNET, *TINY_UNET[:4], "D2SEG.SPEED.COMPILE", "on",
+               "D2SEG.SPEED.COMPILE_MODULES", "['decoder_that_is_not_there']")
+    with pytest.raises(ValueError, match="COMPILE_MODULES.*decoder_that_is_not_there"):
+        Trainer.build_model(cfg)
+
+
+def test_loader_kwargs():
+    assert fast_paths.loader_kwargs(_cfg(UNET)) == {}
+    cfg = _cfg(UNET, "D2SEG.SPEED.PIN_MEMORY", "on", "D2SEG.SPEED.PERSISTENT_WORKERS", "on",
+               "D2SEG.SPEED.PREFETCH_FACTOR", "4", "DATALOADER.NUM_WORKERS", "2")
+    assert fast_paths.loader_kwargs(cfg) == {"pin_memory": True, "persistent_workers": True,
+                                             "prefetch_factor": 4}
+    cfg.DATALOADER.NUM_WORKERS = 0  # DataLoader rejects the worker options without workers
+    assert fast_paths.loader_kwargs(cfg) == {"pin_memory": True}
+
+
+def test_grad_scaler_only_for_float16_on_cuda():
+    assert not fast_paths.make_grad_scaler(torch.bfloat16, "cuda").is_enabled()
+    assert not fast_paths.make_grad_scaler(torch.bfloat16, "cpu").is_enabled()
+    assert not fast_paths.make_grad_scaler(None, "cpu").is_enabled()
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile and its fallback
+# ----------------------------------------------------------------------------------------
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("backend deliberately broken by the test")
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 16, 16)
+    ref = m(x)
+    wrapper = fast_paths.compile_module(m, "toy", backend=_failing_backend)
+    assert fast_paths.compile_module(m, "toy") is wrapper  # idempotent
+    with _Records() as rec:
+        out1 = m(x)
+        out2 = m(x)
+    assert torch.equal(out1, ref) and torch.equal(out2, ref)
+    warnings = [msg for msg in rec.messages if "torch.compile of 'toy' failed" in msg]
+    assert len(warnings) == 1 and "deliberately broken" in warnings[0]
+    assert wrapper.failed is not None
+    assert list(m.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # keys intact
+
+
+def test_compile_eager_backend_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 16, 16)
+    ref = m(x)
+    wrapper = fast_paths.compile_module(m, "toy", backend="eager")
+    assert torch.allclose(m(x), ref) and wrapper.failed is None
+
+
+def test_compile_fallback_trains_like_eager(tmp_path):
+    torch._dynamo.reset()
+    _, loss0, p0 = _train(tmp_path, "eager")
+    with _Records() as rec:
+        trainer, loss1, p1 = _train(tmp_path, "compiled", "D2SEG.SPEED.COMPILE", "on",
+                                    "D2SEG.SPEED.COMPILE_BACKEND", "d2seg_test_broken")
+    model = trainer.model
+    assert isinstance(model.backbone.__dict__["forward"], fast_paths.CompiledForward)
+    assert model.backbone.forward.failed is not None
+    assert loss0 == loss1 and torch.equal(p0, p1)  # the eager fallback is the eager model
+    assert sum("torch.compile of 'backbone' failed" in msg for msg in rec.messages) == 1
+
+
+torch._dynamo.register_backend(_failing_backend, name="d2seg_test_broken")
+
+
+# ----------------------------------------------------------------------------------------
+# the other switches, 2 iterations each on CPU
+# ----------------------------------------------------------------------------------------
+def test_identical_runs_are_identical(tmp_path):
+    _, loss0, p0 = _train(tmp_path, "a")
+    _, loss1, p1 = _train(tmp_path, "b")
+    assert loss0 == loss1 and torch.equal(p0, p1)
+
+
+def test_channels_last_matches_fp32_within_tolerance(tmp_path):
+    _, loss0, p0 = _train(tmp_path, "nchw", "D2SEG.SPEED.CHANNELS_LAST", "off")
+    trainer, loss1, p1 = _train(tmp_path, "nhwc", "D2SEG.SPEED.CHANNELS_LAST", "on")
+    conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert loss1 == pytest.approx(loss0, rel=1e-4)
+    assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
+def test_optimizer_implementations_match(tmp_path, optimizer):
+    results = {}
+    for impl in ("foreach", "fused", "for-loop"):
+        trainer, loss, params = _train(tmp_path, impl, "D2SEG.SPEED.OPTIMIZER_IMPL", impl,
+                                       "SOLVER.OPTIMIZER", optimizer)
+        d = trainer.optimizer.defaults
+        assert bool(d.get("fused")) == (impl == "fused")
+        assert bool(d.get("foreach")) == (impl == "foreach")
+        results[impl] = (loss, params)
+    loss0, p0 = results["foreach"]
+    for impl in ("fused", "for-loop"):
+        loss1, p1 = results[impl]
+        assert loss1[0] == loss0[0]  # same init and batch
+        assert loss1 == pytest.approx(loss0, rel=1e-5)
+        assert torch.allclose(p1, p0, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_falls_back_without_kernels():
+    cfg = _cfg(UNET, "D2SEG.SPEED.OPTIMIZER_IMPL", "fused")
+    assert fast_paths.optimizer_impl_kwargs(cfg, [torch.zeros(2)]) == {"fused": True}
+    assert fast_paths.optimizer_impl_kwargs(cfg, [torch.zeros(2, dtype=torch.int64)]) == \
+        {"foreach": True}
+    assert fast_paths.optimizer_impl_kwargs(cfg, [{"params": [torch.zeros(2)]}]) == \
+        {"fused": True}
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    trainer, losses, params = _train(tmp_path, "bf16", "SOLVER.AMP.ENABLED", "True",
+                                     "D2SEG.SPEED.AMP_DTYPE", "bfloat16")
+    inner = trainer._trainer
+    assert isinstance(inner, GuardedAMPTrainer) and inner.precision is torch.bfloat16
+    assert not inner.grad_scaler.is_enabled()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert torch.isfinite(params).all()
+    _, losses32, _ = _train(tmp_path, "fp32")
+    assert losses[0] == pytest.approx(losses32[0], rel=0.05)  # same init and batch
+    # the checkpoint of a bf16 run has an (empty) scaler state and resumes anywhere
+    state = inner.state_dict()
+    inner.load_state_dict(state)
+
+
+def test_amp_auto_stays_fp32_on_cpu(tmp_path):
+    trainer, losses, _ = _train(tmp_path, "auto", "SOLVER.AMP.ENABLED", "True")
+    assert isinstance(trainer._trainer, GuardedSimpleTrainer)
+    assert not trainer.cfg.SOLVER.AMP.ENABLED  # adapt_to_hardware turned it off
+
+
+def test_pinned_memory_loader_trains(tmp_path):
+    # on a machine without CUDA, DataLoader ignores pin_memory (with a warning): the option
+    # must still pass through detectron2's loader builder
+    _, loss0, p0 = _train(tmp_path, "plain")
+    _, loss1, p1 = _train(tmp_path, "pinned", "D2SEG.SPEED.PIN_MEMORY", "on")
+    assert loss0 == loss1 and torch.equal(p0, p1)

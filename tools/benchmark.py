@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Measure d2seg models against reference implementations of the same networks, side by
+side in one process (same batch, size, precision): train step alone, train_net loop with real
+data loading, inference latency / throughput, peak memory; optional scaling table.
+
+    python tools/benchmark.py --preset gpu-semantic          # issue 7 targets, one GPU
+    python tools/benchmark.py --preset gpu-maskrcnn
+    python tools/benchmark.py --preset gpu-panoptic
+    python tools/benchmark.py --preset cpu-smoke             # a quick check without GPU
+    python tools/benchmark.py --config-file configs/Shapes-SemanticSegmentation/unet.yaml \\
+        --batch 2 --size 256 --refs plain_unet,smp_unet_r34 --json out.json
+    python tools/benchmark.py --preset gpu-semantic SOLVER.AMP.ENABLED True  # opts: d2seg side
+    python tools/benchmark.py --config-file CFG --scaling --scaling-only --mem-cap-gb 8
+
+Writes a JSON (machine, versions, date, every setting, raw timings, ratios, targets) and
+prints a markdown table. Trailing KEY VALUE pairs override config keys of the d2seg side of
+every case, e.g. to switch a fast path (D2SEG.SPEED.*) on or off. See docs/benchmarks.md.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import d2seg  # noqa: E402,F401  (registers datasets and models)
+from d2seg.benchmark.harness import Case, Settings, format_report, run_benchmark  # noqa: E402
+from d2seg.benchmark.presets import PRESETS, get_preset  # noqa: E402
+from d2seg.benchmark.references import reference_names  # noqa: E402
+from d2seg.config import ConfigError, load_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _size(text: str):
+    parts = [int(x) for x in text.lower().replace("x", " ").split()]
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return tuple(parts)
+    raise argparse.ArgumentTypeError(f"size '{text}': use S, HxW or 'H W'")
+
+
+def _names(text: str):
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str):
+    try:
+        return [int(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': comma-separated integers expected")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named run (docs/benchmarks.md)")
+    ap.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    ap.add_argument("--config-file", default="", help="a d2seg config (one case)")
+    ap.add_argument("--name", default="", help="the case's name (default: the config's)")
+    ap.add_argument("--refs", type=_names, default=None, metavar="A,B",
+                    help=f"references, comma-separated: 'auto' (by meta-architecture), 'none', "
+                         f"or names of {', '.join(reference_names())}")
+    ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--size", type=_size, default=None, help="S or HxW of the synthetic batch")
+    ap.add_argument("--iters", type=int, default=None, help="train steps per timed round")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed train steps first")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (interleaved)")
+    ap.add_argument("--infer-batch", type=int, default=None, help="inference throughput batch")
+    ap.add_argument("--infer-iters", type=int, default=None)
+    ap.add_argument("--latency-iters", type=int, default=None)
+    ap.add_argument("--loop-iters", type=int, default=None,
+                    help="timed train_net loop iterations (0: no loop)")
+    ap.add_argument("--loop-warmup", type=int, default=None)
+    ap.add_argument("--no-inference", action="store_true")
+    ap.add_argument("--lr", type=float, default=None, help="SOLVER.BASE_LR of every subject")
+    ap.add_argument("--instances-per-image", type=int, default=None,
+                    help="objects per synthetic image (instance / panoptic)")
+    ap.add_argument("--statistic", choices=("median", "min"), default=None,
+                    help="img/s from the median or the best (min) timed round")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (0: default)")
+    ap.add_argument("--ref-backend", choices=("plain", "same"), default=None,
+                    help="references' cuDNN benchmark / TF32: 'plain' (PyTorch defaults, TF32 "
+                         "as d2seg's) or 'same' (all of d2seg's switches)")
+    ap.add_argument("--verbose", action="store_true", help="keep detectron2's INFO logging")
+    ap.add_argument("--scaling", action="store_true", help="also run the scaling table")
+    ap.add_argument("--scaling-only", action="store_true", help="only the scaling table")
+    ap.add_argument("--scaling-sizes", type=_ints, default=None, metavar="S,S",
+                    help="square sides of the scaling table, comma-separated")
+    ap.add_argument("--scaling-batches", type=_ints, default=None, metavar="N,N")
+    ap.add_argument("--scaling-refs", type=_names, default=None, metavar="A,B",
+                    help="references also measured in the scaling table")
+    ap.add_argument("--mem-cap-gb", type=float, default=None,
+                    help="CPU: memory cap for the largest batch (peak RSS increase)")
+    ap.add_argument("--max-batch", type=int, default=None, help="largest batch tried")
+    ap.add_argument("--json", default="", help="JSON file to write (default: "
+                    "output/benchmark/<preset or config>_<device>_<time>.json)")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                    help="KEY VALUE config overrides for the d2seg side of every case")
+    return ap
+
+
+def plan(args):
+    """(cases, settings, targets, scaling kwargs or None, label) from the arguments."""
+    if args.preset:
+        p = get_preset(args.preset)
+        cases, settings, targets, scaling = p.cases, p.settings, p.targets, p.scaling
+        label = args.preset
+        if args.config_file:
+            raise SystemExit("benchmark.py: error: give --preset or --config-file, not both")
+    elif args.config_file:
+        name = args.name or os.path.splitext(os.path.basename(args.config_file))[0]
+        cases, settings, targets, label = [Case(name, args.config_file)], Settings(), [], name
+        scaling = {"config_file": args.config_file}
+    else:
+        raise SystemExit("benchmark.py: error: give --preset NAME or --config-file FILE "
+                         "(--list-presets lists the presets)")
+    if args.refs is not None:
+        refs = None if args.refs == ["auto"] else ([] if args.refs == ["none"] else args.refs)
+        for c in cases:
+            c.references = refs
+    over = {"device": args.device, "precision": args.precision, "batch": args.batch,
+            "size": args.size, "iters": args.iters, "warmup": args.warmup,
+            "repeats": args.repeats, "infer_batch": args.infer_batch,
+            "infer_iters": args.infer_iters, "latency_iters": args.latency_iters,
+            "loop_iters": args.loop_iters, "loop_warmup": args.loop_warmup, "lr": args.lr,
+            "statistic": args.statistic, "threads": args.threads,
+            "ref_backend": args.ref_backend, "instances_per_image": args.instances_per_image}
+    for k, v in over.items():
+        if v is not None:
+            setattr(settings, k, v)
+    if args.no_inference:
+        settings.inference = False
+    if args.verbose:
+        settings.quiet = False
+    if settings.device == "cuda" and args.device is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("[benchmark] this preset is for CUDA but no GPU is visible: running on CPU "
+                  "(the numbers are not the targets')", flush=True)
+            settings.device = "cpu"
+    settings.opts = list(args.opts)
+    if args.scaling or args.scaling_only:
+        scaling = dict(scaling or {"config_file": cases[0].config_file,
+                                   "opts": cases[0].opts})
+        for key, val in (("sizes", args.scaling_sizes), ("batches", args.scaling_batches),
+                         ("references", args.scaling_refs), ("max_batch", args.max_batch)):
+            if val is not None:
+                scaling[key] = val
+        if args.mem_cap_gb is not None:
+            scaling["mem_cap_mb"] = args.mem_cap_gb * 1024
+        elif settings.device.startswith("cpu") or settings.device == "auto":
+            scaling.setdefault("mem_cap_mb", 4096.0)
+    else:
+        scaling = None
+    return cases, settings, targets, scaling, label
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        for name, p in PRESETS.items():
+            print(f"{name}: {p.description}")
+        return {}
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+    cases, settings, targets, scaling, label = plan(args)
+    try:  # fail fast, in one line, on a bad config or override
+        for c in cases:
+            cfg_file = c.config_file if os.path.isfile(c.config_file) else \
+                os.path.join(REPO, c.config_file)
+            load_config(cfg_file, list(c.opts) + list(settings.opts))
+    except ConfigError as e:
+        raise SystemExit(f"benchmark.py: error: {e}")
+    if args.scaling_only:
+        cases = []
+    result = run_benchmark(cases, settings, targets if cases else [], preset=label,
+                           scaling=scaling)
+    result["command"] = " ".join([os.path.basename(sys.argv[0] or "benchmark.py")]
+                                 + list(argv if argv is not None else sys.argv[1:]))
+    path = args.json or os.path.join(
+        REPO, "output", "benchmark",
+        f"{label}_{result['settings']['device'].replace(':', '')}_"
+        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print()
+    print(format_report(result))
+    print(f"JSON: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
