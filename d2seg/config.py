@@ -182,6 +182,13 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.INPUT.FG_CROP.ENABLED = False  # needs INPUT.CROP.ENABLED
     cfg.INPUT.FG_CROP.PROB = 0.5  # share of crops centred on a foreground pixel
     cfg.INPUT.FG_CROP.CLASSES = []  # foreground classes; [] = every class but 0 and ignore
+    # Elastic deformation as in the U-Net paper: N(0, STD^2) px displacements on a GRID x GRID
+    # lattice, bicubically interpolated; images bilinear, labels nearest (semantic data only).
+    cfg.INPUT.ELASTIC = CN()
+    cfg.INPUT.ELASTIC.ENABLED = False
+    cfg.INPUT.ELASTIC.GRID = 3
+    cfg.INPUT.ELASTIC.STD = 10.0  # pixels
+    cfg.INPUT.ELASTIC.PROB = 1.0  # share of training images deformed
     # DATALOADER.SAMPLER_TRAIN = "SemSegRepeatFactorTrainingSampler": repeat factors from the
     # share of images containing each class (LVIS rule, DATALOADER.REPEAT_THRESHOLD); a class
     # counts as present in an image from this many pixels on.
@@ -213,6 +220,13 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.D2SEG.INFERENCE.SLIDING_WINDOW.SIZE = (0, 0)
     cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP = 0.25
     cfg.D2SEG.INFERENCE.FLIP = False
+    # Semantic models: also average the 90/180/270-degree rotations (x2 with FLIP: 8 views).
+    cfg.D2SEG.INFERENCE.ROT90 = False
+    # TEST.AUG.ENABLED (detectron2's key) makes train_net also evaluate with test-time
+    # augmentation after training / in --eval-only, results keyed "<task>_TTA": R-CNN models
+    # through detectron2's GeneralizedRCNNWithTTA (TEST.AUG.MIN_SIZES / MAX_SIZE / FLIP),
+    # semantic models through d2seg.inference.SemanticSegmentorWithTTA (TEST.AUG.FLIP or
+    # D2SEG.INFERENCE.FLIP, D2SEG.INFERENCE.ROT90, D2SEG.INFERENCE.SLIDING_WINDOW).
     # Training conveniences (d2seg/engine/hooks.py).
     # Validation loss on DATASETS.TEST every VAL_LOSS_PERIOD iterations and at the end
     # (scalars "val_total_loss", "val_<loss>"); 0 = off.

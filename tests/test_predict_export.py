@@ -227,3 +227,41 @@ def test_export_tool_writes_report(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"))
     (out,) = sess.run(None, {"image": np.random.rand(3, 80, 112).astype(np.float32) * 255})
     assert out.shape == (5, 80, 112)
+
+
+def test_rot90_and_flip_tta_average_the_eight_views():
+    torch.manual_seed(0)
+    model = PixelModel(kernel=3).eval()
+    image = torch.rand(3, 36, 36) * 255
+    f = lambda x: model([{"image": x, "height": x.shape[-2], "width": x.shape[-1]}])[0]["sem_seg"]  # noqa: E731
+    views = []
+    for k in range(4):
+        r = torch.rot90(image, k, (1, 2))
+        views.append(torch.rot90(f(r), -k, (1, 2)))
+        views.append(torch.rot90(f(r.flip(-1)).flip(-1), -k, (1, 2)))
+    got = semantic_logits(model, image, flip=True, rot90=True)
+    assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-5)
+    rot_only = semantic_logits(model, image, rot90=True)
+    assert torch.allclose(rot_only, torch.stack(views[::2]).mean(0), atol=1e-5)
+    # non-square images: rotated views are (W, H) and map back to (H, W)
+    assert semantic_logits(model, torch.rand(3, 20, 30) * 255, rot90=True).shape == (3, 20, 30)
+    # a per-pixel (1x1) model is rotation-equivariant: TTA changes nothing
+    pix = PixelModel().eval()
+    assert torch.allclose(semantic_logits(pix, image, flip=True, rot90=True),
+                          semantic_logits(pix, image), atol=1e-5)
+
+
+def test_semantic_tta_wrapper_resizes_to_height_width():
+    from d2seg.inference import SemanticSegmentorWithTTA
+
+    model = PixelModel(kernel=3).eval()
+    tta = SemanticSegmentorWithTTA(model, flip=True, rot90=True).eval()
+    out = tta([{"image": torch.rand(3, 24, 32) * 255, "height": 48, "width": 64},
+               {"image": torch.rand(3, 10, 12) * 255}])
+    assert out[0]["sem_seg"].shape == (3, 48, 64) and out[1]["sem_seg"].shape == (3, 10, 12)
+    cfg = load_config(UNET, TINY_UNET + ["TEST.AUG.FLIP", "False", "D2SEG.INFERENCE.ROT90", "True",
+                                         "D2SEG.INFERENCE.SLIDING_WINDOW.SIZE", "(32, 32)"])
+    w = SemanticSegmentorWithTTA(cfg, model)
+    assert (w.flip, w.rot90, w.window) == (False, True, (32, 32))
+    with pytest.raises(RuntimeError, match="eval"):
+        w.train()([{"image": torch.rand(3, 8, 8)}])

@@ -6,13 +6,16 @@ import torch
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from fvcore.transforms.transform import NoOpTransform
 
 import d2seg  # noqa: F401
 from d2seg.config import get_cfg
 from d2seg.data.build import build_test_loader, build_train_loader
 from d2seg.data.sem_seg_mapper import SemSegDatasetMapper, build_sem_seg_augmentation
 from d2seg.data.sem_seg_sampler import classes_per_image, repeat_factors_from_sem_seg
-from d2seg.data.sem_seg_transforms import ForegroundCenteredCrop, RandomRot90, Rot90Transform
+from d2seg.data.sem_seg_transforms import (ElasticTransform, ForegroundCenteredCrop,
+                                          RandomElasticDeformation, RandomRot90, Rot90Transform)
 
 
 def make_dataset(tmp_path, name, labels, size=(40, 48)):
@@ -186,3 +189,62 @@ def test_loaders_with_repeat_sampler(tmp_path):
     test_loader = build_test_loader(cfg, "d2seg_test_loader")
     items = [x for b in test_loader for x in b]
     assert len(items) == 4 and "sem_seg" not in items[0]
+
+
+def test_elastic_transform_zero_field_is_identity_and_shift_is_exact():
+    img = np.arange(6 * 7 * 3, dtype=np.uint8).reshape(6, 7, 3)
+    lab = np.arange(42, dtype=np.int64).reshape(6, 7)
+    t = ElasticTransform(6, 7, np.zeros((3, 3, 2), np.float32))
+    assert (t.apply_image(img) == img).all()
+    out = t.apply_segmentation(lab)
+    assert out.dtype == np.int64 and (out == lab).all()
+    # a constant field (dx=1, dy=0) moves content left by one pixel: out[y, x] = in[y, x + 1]
+    g = np.zeros((3, 3, 2), np.float32)
+    g[..., 0] = 1.0
+    t = ElasticTransform(6, 7, g)
+    assert (t.apply_segmentation(lab)[:, :-1] == lab[:, 1:]).all()
+    assert (t.apply_image(img)[:, :-1] == img[:, 1:]).all()
+    assert t.apply_image(img[..., :1]).shape == (6, 7, 1)
+    with pytest.raises(ValueError, match="made for 6x7"):
+        t.apply_image(np.zeros((5, 7), np.uint8))
+    with pytest.raises(NotImplementedError, match="INPUT.ELASTIC"):
+        t.apply_coords(np.zeros((1, 2)))
+
+
+def test_random_elastic_keeps_labels_and_shapes():
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 80, 3)) * 255).astype(np.uint8)
+    lab = np.zeros((64, 80), np.uint8)
+    lab[20:40, 10:50] = 1
+    lab[50:, :] = 255
+    np.random.seed(0)
+    inp = T.AugInput(img, sem_seg=lab)
+    tf = T.AugmentationList([RandomElasticDeformation(grid=3, std=10.0, prob=1.0)])(inp)
+    assert isinstance(tf.transforms[0], ElasticTransform)
+    assert inp.image.shape == img.shape and inp.image.dtype == np.uint8
+    assert set(np.unique(inp.sem_seg)) <= {0, 1, 255}  # nearest: no new class ids
+    changed = (inp.sem_seg != lab).mean()
+    assert 0.005 < changed < 0.5  # deformed, but smoothly
+    # the same transform applied to image and labels: label 1 still covers the same pixels of
+    # a labelled image whose intensity equals the label
+    t = tf.transforms[0]
+    assert (t.apply_segmentation(lab) == t.apply_image(lab)).mean() > 0.97
+    assert isinstance(RandomElasticDeformation(prob=0.0).get_transform(img), NoOpTransform)
+    assert isinstance(RandomElasticDeformation(std=0.0).get_transform(img), NoOpTransform)
+    for kw, key in (({"grid": 1}, "GRID"), ({"std": -1.0}, "STD"), ({"prob": 2.0}, "PROB")):
+        with pytest.raises(ValueError, match=f"INPUT.ELASTIC.{key}"):
+            RandomElasticDeformation(**kw)
+
+
+def test_elastic_from_config(tmp_path):
+    dicts = make_dataset(tmp_path, "d2seg_test_elastic", labels_with_rare_class())
+    cfg = sem_cfg("d2seg_test_elastic")
+    cfg.INPUT.ELASTIC.ENABLED = True
+    cfg.INPUT.ELASTIC.STD = 4.0
+    augs = build_sem_seg_augmentation(cfg, True)
+    assert type(augs[-1]).__name__ == "RandomElasticDeformation" and augs[-1].std == 4.0
+    assert not any(type(a).__name__ == "RandomElasticDeformation"
+                   for a in build_sem_seg_augmentation(cfg, False))
+    out = SemSegDatasetMapper(cfg, is_train=True)(dicts[0])
+    assert out["image"].shape == (3, 40, 48) and out["sem_seg"].shape == (40, 48)
+    assert set(out["sem_seg"].unique().tolist()) <= {0, 1, 2, 255}

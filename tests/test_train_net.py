@@ -105,3 +105,15 @@ def test_poly_lr_scheduler():
         opt.step()
         sched.step()
     assert abs(opt.param_groups[0]["lr"] - 0.75) < 1e-6
+
+
+def test_eval_with_tta_semantic(tmp_path):
+    """TEST.AUG.ENABLED: train_net evaluates again with flips + rotations, keyed "sem_seg_TTA"."""
+    res = run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, "SOLVER.MAX_ITER", "2",
+              "MODEL.UNET.BASE_CHANNELS", "8", "MODEL.UNET.DEPTH", "3", "TEST.NUM_VIS", "0",
+              "TEST.AUG.ENABLED", "True", "D2SEG.INFERENCE.ROT90", "True")
+    assert "sem_seg" in res and "sem_seg_TTA" in res
+    assert 0 <= res["sem_seg_TTA"]["mIoU"] <= 100
+    assert os.path.isdir(tmp_path / "inference_TTA")
+    assert "Evaluating with test-time augmentation (SemanticSegmentorWithTTA)" in open(
+        tmp_path / "log.txt").read()

@@ -2,7 +2,7 @@
 """Predict on images with a trained d2seg / detectron2 model.
 
     python tools/predict.py --config-file CFG --input IMG|FOLDER|"GLOB" [...] --output OUT \\
-        [--score-threshold 0.5] [--sliding-window H W [--overlap 0.25]] [--flip] \\
+        [--score-threshold 0.5] [--sliding-window H W [--overlap 0.25]] [--flip] [--rot90] \\
         [--dataset NAME] [--coco-json JSON] [--no-overlays] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
 
 Writes OUT/overlays/*.png and, by model type, OUT/coco_instances_results.json (instances),
@@ -30,6 +30,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="semantic models: window size in pixels (D2SEG.INFERENCE.SLIDING_WINDOW)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap share")
     p.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--rot90", action="store_true",
+                   help="semantic models: also average the 90/180/270-degree rotations")
     p.add_argument("--dataset", default="", help="registered dataset giving classes and ids")
     p.add_argument("--coco-json", default="", help="COCO json giving image ids by file name")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")

@@ -12,7 +12,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .sem_seg_transforms import ForegroundCenteredCrop, RandomRot90
+from .sem_seg_transforms import ForegroundCenteredCrop, RandomElasticDeformation, RandomRot90
 
 __all__ = ["SemSegDatasetMapper", "build_sem_seg_augmentation"]
 
@@ -26,7 +26,8 @@ def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     (skipped when MIN_SIZE_TRAIN is 0), then if ``CROP.ENABLED`` a crop of ``CROP.TYPE`` /
     ``CROP.SIZE`` (foreground-centred with ``FG_CROP``, else detectron2's
     ``RandomCrop_CategoryAreaConstraint`` with ``CROP.SINGLE_CATEGORY_MAX_AREA``), flips
-    (``RANDOM_FLIP``: "none", "horizontal", "vertical" or "both") and ``RANDOM_ROT90``.
+    (``RANDOM_FLIP``: "none", "horizontal", "vertical" or "both"), ``RANDOM_ROT90`` and
+    ``ELASTIC`` (the U-Net paper's elastic deformation, last so that it warps the crop).
     Inference: ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` unless MIN_SIZE_TEST is 0.
     """
     inp = cfg.INPUT
@@ -60,6 +61,8 @@ def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
         augs.append(T.RandomFlip(horizontal=False, vertical=True))
     if inp.RANDOM_ROT90:
         augs.append(RandomRot90())
+    if inp.ELASTIC.ENABLED:
+        augs.append(RandomElasticDeformation(inp.ELASTIC.GRID, inp.ELASTIC.STD, inp.ELASTIC.PROB))
     return augs
 
 

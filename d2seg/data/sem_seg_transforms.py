@@ -3,18 +3,22 @@
 * :class:`ForegroundCenteredCrop`: a share of the crops centred on a foreground pixel (class
   imbalance), the rest uniform;
 * :class:`RandomRot90` / :class:`Rot90Transform`: exact rotations by multiples of 90 degrees
-  (detectron2's ``RandomRotation`` interpolates).
+  (detectron2's ``RandomRotation`` interpolates);
+* :class:`RandomElasticDeformation` / :class:`ElasticTransform`: the U-Net paper's elastic
+  deformation (random displacements on a coarse grid, interpolated bicubically to every pixel).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 from fvcore.transforms.transform import CropTransform, NoOpTransform, Transform
 
 from detectron2.data import transforms as T
 
-__all__ = ["ForegroundCenteredCrop", "RandomRot90", "Rot90Transform"]
+__all__ = ["ForegroundCenteredCrop", "RandomRot90", "Rot90Transform", "ElasticTransform",
+           "RandomElasticDeformation"]
 
 
 class ForegroundCenteredCrop(T.Augmentation):
@@ -105,3 +109,80 @@ class RandomRot90(T.Augmentation):
         if k == 0:
             return NoOpTransform()
         return Rot90Transform(image.shape[0], image.shape[1], k)
+
+
+class ElasticTransform(Transform):
+    """Warp by a smooth displacement field given on a coarse ``(g, g, 2)`` grid of (dx, dy)
+    pixel displacements; the per-pixel field is the grid resized bicubically to (h, w).
+    Output pixel (x, y) takes the input at (x + dx, y + dy): images bilinearly, label maps by
+    nearest neighbour (no new class ids), both with reflected borders.
+    """
+
+    def __init__(self, h: int, w: int, grid: np.ndarray):
+        super().__init__()
+        grid = np.asarray(grid, dtype=np.float32)
+        if grid.ndim != 3 or grid.shape[2] != 2:
+            raise ValueError(f"ElasticTransform: grid must be (g, g, 2), got {grid.shape}")
+        self._set_attributes(dict(h=h, w=w, grid=grid))
+        self._maps: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    def _sample_maps(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self._maps is None:
+            disp = cv2.resize(self.grid, (self.w, self.h), interpolation=cv2.INTER_CUBIC)
+            xs, ys = np.meshgrid(np.arange(self.w, dtype=np.float32),
+                                 np.arange(self.h, dtype=np.float32))
+            self._maps = (xs + disp[..., 0], ys + disp[..., 1])
+        return self._maps
+
+    def _warp(self, img: np.ndarray, interp: int) -> np.ndarray:
+        if img.shape[:2] != (self.h, self.w):
+            raise ValueError(f"ElasticTransform: made for {self.h}x{self.w}, got an array of "
+                             f"shape {img.shape}")
+        mx, my = self._sample_maps()
+        out = cv2.remap(img, mx, my, interpolation=interp, borderMode=cv2.BORDER_REFLECT_101)
+        if img.ndim == 3 and out.ndim == 2:  # cv2 drops a trailing channel axis of size 1
+            out = out[..., None]
+        return out
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        """(H, W) or (H, W, C) uint8/float image, bilinear."""
+        if img.dtype not in (np.uint8, np.float32):  # remap's types; int labels go nearest
+            return self._warp(img.astype(np.float32), cv2.INTER_LINEAR).astype(img.dtype)
+        return self._warp(img, cv2.INTER_LINEAR)
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        """(H, W) integer label map, nearest neighbour."""
+        if segmentation.dtype in (np.uint8, np.int16, np.uint16, np.float32):
+            return self._warp(segmentation, cv2.INTER_NEAREST)
+        return self._warp(segmentation.astype(np.float32), cv2.INTER_NEAREST).astype(
+            segmentation.dtype)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(
+            "INPUT.ELASTIC deforms images and label maps only (semantic segmentation); boxes, "
+            "polygons and keypoints cannot follow it. Turn INPUT.ELASTIC.ENABLED off for "
+            "instance or panoptic data.")
+
+
+class RandomElasticDeformation(T.Augmentation):
+    """The U-Net paper's augmentation (Ronneberger et al. 2015, sec. 3.1): with probability
+    ``prob``, (dx, dy) displacements drawn from N(0, ``std``²) pixels on a ``grid`` x ``grid``
+    lattice, interpolated bicubically to a smooth per-pixel field (:class:`ElasticTransform`).
+    The paper's setting is ``grid=3, std=10``.
+    """
+
+    def __init__(self, grid: int = 3, std: float = 10.0, prob: float = 1.0):
+        super().__init__()
+        if int(grid) < 2:
+            raise ValueError(f"INPUT.ELASTIC.GRID must be >= 2, got {grid}")
+        if std < 0:
+            raise ValueError(f"INPUT.ELASTIC.STD must be >= 0 pixels, got {std}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"INPUT.ELASTIC.PROB must be in [0, 1], got {prob}")
+        self._init(dict(grid=int(grid), std=float(std), prob=float(prob)))
+
+    def get_transform(self, image: np.ndarray) -> Transform:
+        if self.std == 0 or self._rand_range() >= self.prob:
+            return NoOpTransform()
+        g = np.random.normal(0.0, self.std, size=(self.grid, self.grid, 2)).astype(np.float32)
+        return ElasticTransform(image.shape[0], image.shape[1], g)

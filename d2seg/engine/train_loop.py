@@ -117,6 +117,9 @@ def main(args) -> Optional[Dict[str, Any]]:
         trainer.train()
         model = trainer.model
         res = getattr(trainer, "_last_eval_results", None)
+    if cfg.TEST.AUG.ENABLED and len(cfg.DATASETS.TEST):
+        res = dict(res or {})
+        res.update(Trainer.test_with_TTA(cfg, model))
     if comm.is_main_process():
         if res and cfg.TEST.EXPECTED_RESULTS:
             verify_results(cfg, res)

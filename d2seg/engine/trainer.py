@@ -276,6 +276,39 @@ class Trainer(DefaultTrainer):
         return build_evaluators(cfg, dataset_name, output_folder)
 
     @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` on DATASETS.TEST with test-time augmentation (detectron2's
+        ``tools/train_net.py`` convention, run by train_net when ``TEST.AUG.ENABLED``).
+
+        R-CNN models: detectron2's ``GeneralizedRCNNWithTTA`` (``TEST.AUG.*``); semantic models:
+        :class:`d2seg.inference.SemanticSegmentorWithTTA` (flip, ``D2SEG.INFERENCE.ROT90``,
+        sliding windows). Returns the evaluators' results with "_TTA" appended to each task
+        name; evaluator files go to OUTPUT_DIR/inference_TTA. Panoptic FPN has no TTA: {}.
+        """
+        from collections import OrderedDict
+
+        from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
+        from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
+
+        from ..inference import SemanticSegmentorWithTTA, is_semantic_model
+
+        inner = model.module if hasattr(model, "module") else model
+        if is_semantic_model(inner):
+            tta = SemanticSegmentorWithTTA(cfg, inner)
+        elif isinstance(inner, GeneralizedRCNN) and not isinstance(inner, PanopticFPN):
+            tta = GeneralizedRCNNWithTTA(cfg, inner)
+        else:
+            logger.warning("TEST.AUG.ENABLED: no test-time augmentation for %s; skipped",
+                           type(inner).__name__)
+            return OrderedDict()
+        logger.info("Evaluating with test-time augmentation (%s)", type(tta).__name__)
+        evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA",
+                                                                  name))
+                      for name in cfg.DATASETS.TEST]
+        res = cls.test(cfg, tta.eval(), evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
+    @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
         return data_build.build_train_loader(cfg, start_iter=start_iter)
 

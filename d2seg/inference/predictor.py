@@ -1,7 +1,7 @@
 """``SegPredictor``: detectron2's ``DefaultPredictor`` with d2seg's test-time options.
 
-* semantic models: sliding windows (``D2SEG.INFERENCE.SLIDING_WINDOW``) and flip averaging
-  (``D2SEG.INFERENCE.FLIP``), see :mod:`d2seg.inference.sliding_window`;
+* semantic models: sliding windows (``D2SEG.INFERENCE.SLIDING_WINDOW``), flip and rotation
+  averaging (``D2SEG.INFERENCE.FLIP`` / ``ROT90``), see :mod:`d2seg.inference.sliding_window`;
 * R-CNN models: ``D2SEG.INFERENCE.FLIP`` uses detectron2's ``GeneralizedRCNNWithTTA``
   (horizontal flip at ``INPUT.MIN_SIZE_TEST``; ``TEST.AUG.MIN_SIZES`` adds scales when
   ``TEST.AUG.ENABLED``);
@@ -64,6 +64,10 @@ class SegPredictor(DefaultPredictor):
         self.window = tuple(int(s) for s in inf.SLIDING_WINDOW.SIZE)
         self.overlap = float(inf.SLIDING_WINDOW.OVERLAP)
         self.flip = bool(inf.FLIP)
+        self.rot90 = bool(inf.ROT90)
+        if self.rot90 and not self.semantic:
+            logger.warning(f"D2SEG.INFERENCE.ROT90: semantic models only, not "
+                           f"{type(self.model).__name__}; predicting without it")
         self.tta_model = None
         if self.flip and not self.semantic:
             if isinstance(self.model, PanopticFPN) or not isinstance(self.model, GeneralizedRCNN):
@@ -97,7 +101,7 @@ class SegPredictor(DefaultPredictor):
             image = self.aug.get_transform(original_image).apply_image(original_image) \
                 if self.cfg.INPUT.MIN_SIZE_TEST > 0 else original_image
             logits = semantic_logits(self.model, self._to_tensor(image).to(self.cfg.MODEL.DEVICE),
-                                     self.window, self.overlap, self.flip)
+                                     self.window, self.overlap, self.flip, self.rot90)
             if tuple(logits.shape[-2:]) != (height, width):
                 logits = F.interpolate(logits[None], size=(height, width), mode="bilinear",
                                        align_corners=False)[0]

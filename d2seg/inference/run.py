@@ -21,7 +21,7 @@ __all__ = ["predict_config", "predict_files", "predict_from_args"]
 
 def predict_config(config_file: str, opts: List[str], score_threshold: float = 0.5,
                    sliding_window=None, overlap: Optional[float] = None,
-                   flip: bool = False) -> CfgNode:
+                   flip: bool = False, rot90: bool = False) -> CfgNode:
     """The config for prediction: file + opts, registrations applied, CLI options merged."""
     cfg = load_config(config_file, opts)
     if sliding_window:
@@ -30,6 +30,8 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
         cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP = float(overlap)
     if flip:
         cfg.D2SEG.INFERENCE.FLIP = True
+    if rot90:
+        cfg.D2SEG.INFERENCE.ROT90 = True
     # as detectron2's demo: the threshold also applies inside the models
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
@@ -82,6 +84,7 @@ def predict_from_args(args) -> Dict[str, str]:
     setup_logger(name="d2seg")
     setup_logger(name="fvcore")
     cfg = predict_config(args.config_file, args.opts, args.score_threshold, args.sliding_window,
-                         args.overlap, args.flip)
+                         args.overlap, args.flip,
+                         getattr(args, "rot90", False))
     return predict_files(cfg, list_inputs(args.input), args.output, args.dataset, args.coco_json,
                          args.score_threshold, not args.no_overlays)

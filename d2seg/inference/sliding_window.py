@@ -70,16 +70,24 @@ def sliding_window_logits(model: nn.Module, image: Tensor, window: Sequence[int]
 
 @torch.no_grad()
 def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (0, 0),
-                    overlap: float = 0.25, flip: bool = False) -> Tensor:
+                    overlap: float = 0.25, flip: bool = False, rot90: bool = False) -> Tensor:
     """(K, H, W) logits of a (C, H, W) image: whole image or sliding windows (``window`` with
-    both sides > 0), optionally averaged with the horizontally flipped image's (flipped back).
+    both sides > 0), averaged over test-time views mapped back to the image: with ``flip`` the
+    horizontally flipped image, with ``rot90`` the rotations by 90, 180 and 270 degrees (with
+    both, the 8 views of the square's symmetry group: for images without a preferred
+    orientation, e.g. microscopy).
     """
     def once(img: Tensor) -> Tensor:
         if window and min(window) > 0 and (img.shape[-2] > window[0] or img.shape[-1] > window[1]):
             return sliding_window_logits(model, img, window, overlap)
         return _run(model, [img])[0].float()
 
-    logits = once(image)
-    if flip:
-        logits = (logits + once(image.flip(-1)).flip(-1)) / 2
-    return logits
+    total, n = None, 0
+    for k in (0, 1, 2, 3) if rot90 else (0,):
+        view = torch.rot90(image, k, (-2, -1)) if k else image
+        for flipped in (False, True) if flip else (False,):
+            out = once(view.flip(-1)).flip(-1) if flipped else once(view)
+            out = torch.rot90(out, -k, (-2, -1)) if k else out
+            total = out if total is None else total + out
+            n += 1
+    return total / n if n > 1 else total

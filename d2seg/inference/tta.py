@@ -1,0 +1,65 @@
+"""Test-time augmentation for semantic models in detectron2's model interface, so that
+detectron2's ``inference_on_dataset`` and every evaluator see exactly what ``tools/predict.py``
+writes (the counterpart of detectron2's ``GeneralizedRCNNWithTTA``)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+
+from .sliding_window import semantic_logits
+
+__all__ = ["SemanticSegmentorWithTTA"]
+
+
+class SemanticSegmentorWithTTA(nn.Module):
+    """Wrap a semantic model (``SemanticSegmentor`` contract); each image's logits are averaged
+    over flips / rotations and, optionally, sliding windows (:func:`semantic_logits`).
+
+    Input: detectron2's list of dicts with "image" (C, H, W) and optionally "height"/"width".
+    Output, in eval mode only: ``[{"sem_seg": (K, height, width) logits}]`` per image.
+    """
+
+    @configurable
+    def __init__(self, model: nn.Module, *, flip: bool = True, rot90: bool = False,
+                 window=(0, 0), overlap: float = 0.25):
+        """
+        Args:
+            model: a semantic model, e.g. d2seg's UNet or detectron2's SemanticSegmentor.
+            flip: average with the horizontally flipped image.
+            rot90: average over 90/180/270-degree rotations too.
+            window: (h, w) sliding window; (0, 0) = the whole image at once.
+            overlap: share of the window that consecutive windows overlap.
+        """
+        super().__init__()
+        self.model = model.module if hasattr(model, "module") else model
+        self.flip, self.rot90 = bool(flip), bool(rot90)
+        self.window, self.overlap = tuple(int(s) for s in window), float(overlap)
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module) -> Dict:
+        inf = cfg.D2SEG.INFERENCE
+        return {"model": model, "flip": bool(cfg.TEST.AUG.FLIP or inf.FLIP),
+                "rot90": bool(inf.ROT90), "window": tuple(inf.SLIDING_WINDOW.SIZE),
+                "overlap": float(inf.SLIDING_WINDOW.OVERLAP)}
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+        if self.training:
+            raise RuntimeError("SemanticSegmentorWithTTA is for inference: call .eval()")
+        device = next(self.model.parameters()).device
+        results = []
+        for x in batched_inputs:
+            image = x["image"].to(device)
+            logits = semantic_logits(self.model, image, self.window, self.overlap, self.flip,
+                                     self.rot90)
+            h, w = int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1]))
+            if tuple(logits.shape[-2:]) != (h, w):
+                logits = F.interpolate(logits[None], size=(h, w), mode="bilinear",
+                                       align_corners=False)[0]
+            results.append({"sem_seg": logits})
+        return results
