@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 3 and 7 in two commands of under 10 minutes each, for a session
-# that is lent a GPU machine through the workplace's `device` tool (15 minutes of device time in
-# all). First, here: `bash scripts/gpu_prepare.sh ../shared/data` (wheels + a transfer copy of
-# ISBI in .gpu_carry/). Then through the device tool, with carry [".gpu_carry"], timeout_s 600:
-#   bash scripts/gpu_session.sh semantic   # ISBI anchor: d2seg U-Net vs plain PyTorch U-Net,
-#                                          # then --preset gpu-semantic        (~8 min on an H100)
-#   bash scripts/gpu_session.sh instance   # --preset gpu-maskrcnn, gpu-panoptic (~8 min)
-# Results (JSON + logs) go to $OUT (the device tool brings them back) or output/gpu_session/.
+# The GPU measurements of issues 3 and 7 for a session that is lent a GPU machine through the
+# workplace's `device` tool (15 minutes of device time in all, a machine start included).
+# First, here: `bash scripts/gpu_prepare.sh ../shared/data` (wheels + a transfer copy of ISBI
+# in .gpu_carry/). Then through the device tool, with carry [".gpu_carry"], timeout_s 600:
+#   bash scripts/gpu_session.sh all        # everything in one command of under 10 minutes:
+#       ISBI anchor (d2seg U-Net vs plain PyTorch U-Net, 1500 x 4, full slices), gpu-semantic,
+#       gpu-maskrcnn (vs plain detectron2 only), gpu-panoptic, each trimmed to few rounds
+#   bash scripts/gpu_session.sh semantic   # fuller: ISBI anchor + the whole gpu-semantic preset
+#   bash scripts/gpu_session.sh instance   # fuller: gpu-maskrcnn + gpu-panoptic presets
+# Every step has its own time limit, so one slow step (e.g. torch.compile) cannot lose the
+# others' results; a killed step's per-round timings are still in the log. Results (JSON + the
+# log) go to $OUT (the device tool brings them back) or output/gpu_session/.
 # D2SEG_GPU_DRY=1 runs the same plumbing on this CPU at toy sizes (.venv's python, no install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: gpu_session.sh semantic|instance}
+PART=${1:-all}
 OUTDIR=${OUT:-output/gpu_session}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 D2SEG_DATASETS=${D2SEG_DATASETS:-/tmp/d2seg_datasets}
@@ -36,33 +40,47 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log it, never stop 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   $PY -c "import torch, torchvision, detectron2, d2seg; print('torch', torch.__version__, 'tv', torchvision.__version__, 'd2', detectron2.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee -a "$LOG"
+DRY=${D2SEG_GPU_DRY:-0}
+isbi_anchor() {  # isbi_anchor SECONDS [extra opts for d2seg's run]
+  local secs=$1; shift
+  local data=.gpu_carry/data args
+  [ -d "$data/isbi2012_membrane" ] || data=../shared/data
+  if [ ! -d "$data/isbi2012_membrane" ]; then
+    echo "=== isbi_anchor: skipped (no .gpu_carry/data/isbi2012_membrane)" | tee -a "$LOG"; return
+  fi
+  if [ "$DRY" = 1 ]; then
+    args=(--preset cpu --iters 4 --opts MODEL.UNET.BASE_CHANNELS 8 INPUT.CROP.SIZE "(64, 64)")
+  else
+    args=(--preset gpu)
+    [ $# -gt 0 ] && args+=(--opts "$@")
+  fi
+  step isbi_anchor "$secs" $PY benchmarks/isbi.py --data "$data" --archs unet --reference \
+    --output-dir /tmp/isbi_out --results "$OUTDIR/isbi_gpu.json" "${args[@]}"
+}
+bench() {  # bench NAME SECONDS PRESET [harness args]: the preset (cpu-smoke when dry)
+  local name=$1 secs=$2 preset=$3; shift 3
+  if [ "$DRY" = 1 ]; then set -- ; preset=cpu-smoke; fi
+  step "$name" "$secs" $PY tools/benchmark.py --preset "$preset" "$@" \
+    --json "$OUTDIR/benchmark_${name#gpu_}.json"
+}
 case "$PART" in
+  all)
+    # 210 + 170 + 110 + 80 s of limits: the command ends inside the tool's 600 s.
+    isbi_anchor 210 D2SEG.SPEED.COMPILE off
+    bench gpu_semantic 170 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --infer-iters 5 --latency-iters 10
+    bench gpu_maskrcnn 110 gpu-maskrcnn --refs plain_d2 --repeats 2 --iters 10 \
+      --loop-iters 20 --infer-iters 3 --latency-iters 5
+    bench gpu_panoptic 80 gpu-panoptic --repeats 2 --iters 10 --warmup 5 --no-inference
+    ;;
   semantic)
-    if [ "${D2SEG_GPU_DRY:-0}" = 1 ]; then
-      ISBI=(--preset cpu --iters 4 --opts MODEL.UNET.BASE_CHANNELS 8 INPUT.CROP.SIZE "(64, 64)" TEST.EVAL_PERIOD 0)
-      SEM=(--preset cpu-smoke)
-    else
-      ISBI=(--preset gpu)
-      SEM=(--preset gpu-semantic --repeats 2)
-    fi
-    if [ -d .gpu_carry/data/isbi2012_membrane ] || [ "${D2SEG_GPU_DRY:-0}" = 1 ]; then
-      DATA=.gpu_carry/data; [ -d "$DATA/isbi2012_membrane" ] || DATA=../shared/data
-      step isbi_anchor 270 $PY benchmarks/isbi.py --data "$DATA" --archs unet --reference \
-        --output-dir /tmp/isbi_out --results "$OUTDIR/isbi_gpu.json" "${ISBI[@]}"
-    else
-      echo "=== isbi_anchor: skipped (no .gpu_carry/data/isbi2012_membrane)" | tee -a "$LOG"
-    fi
-    step gpu_semantic 290 $PY tools/benchmark.py "${SEM[@]}" --json "$OUTDIR/benchmark_semantic.json"
+    isbi_anchor 270
+    bench gpu_semantic 290 gpu-semantic --repeats 2
     ;;
   instance)
-    if [ "${D2SEG_GPU_DRY:-0}" = 1 ]; then
-      MRC=(--preset cpu-smoke); PAN=(--preset cpu-smoke)
-    else
-      MRC=(--preset gpu-maskrcnn --repeats 2); PAN=(--preset gpu-panoptic --repeats 2)
-    fi
-    step gpu_maskrcnn 300 $PY tools/benchmark.py "${MRC[@]}" --json "$OUTDIR/benchmark_maskrcnn.json"
-    step gpu_panoptic 240 $PY tools/benchmark.py "${PAN[@]}" --json "$OUTDIR/benchmark_panoptic.json"
+    bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
+    bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (semantic|instance)"; exit 2 ;;
+  *) echo "gpu_session: unknown part '$PART' (all|semantic|instance)"; exit 2 ;;
 esac
 ls -la "$OUTDIR"
