@@ -1,8 +1,9 @@
-"""Inference helpers: sliding-window, flip and rotation test-time augmentation for semantic models, a
-``DefaultPredictor`` that applies them, and the prediction writer behind ``tools/predict.py``."""
+"""Inference helpers: sliding-window, flip and rotation test-time augmentation for semantic
+models (also as a model wrapper for evaluation), a ``DefaultPredictor`` that applies them, and
+the prediction writer behind ``tools/predict.py``."""
 from .predictor import SegPredictor, is_semantic_model
 from .sliding_window import semantic_logits, sliding_window_logits, window_starts
 from .tta import SemanticSegmentorWithTTA
 
-__all__ = ["SegPredictor", "SemanticSegmentorWithTTA", "is_semantic_model", "semantic_logits", "sliding_window_logits",
-           "window_starts"]
+__all__ = ["SegPredictor", "SemanticSegmentorWithTTA", "is_semantic_model", "semantic_logits",
+           "sliding_window_logits", "window_starts"]

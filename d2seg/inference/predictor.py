@@ -15,7 +15,6 @@ from typing import Dict
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
@@ -24,7 +23,7 @@ from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_m
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 
 from ..checkpoint import FinetuneCheckpointer
-from .sliding_window import semantic_logits
+from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +60,15 @@ class SegPredictor(DefaultPredictor):
         assert self.input_format in ["RGB", "BGR"], self.input_format
         self.semantic = is_semantic_model(self.model)
         inf = cfg.D2SEG.INFERENCE
-        self.window = tuple(int(s) for s in inf.SLIDING_WINDOW.SIZE)
-        self.overlap = float(inf.SLIDING_WINDOW.OVERLAP)
         self.flip = bool(inf.FLIP)
-        self.rot90 = bool(inf.ROT90)
-        if self.rot90 and not self.semantic:
+        if inf.ROT90 and not self.semantic:
             logger.warning(f"D2SEG.INFERENCE.ROT90: semantic models only, not "
                            f"{type(self.model).__name__}; predicting without it")
         self.tta_model = None
+        if self.semantic:  # windows, flips and rotations as D2SEG.INFERENCE says
+            self.semantic_model = SemanticSegmentorWithTTA(
+                self.model, flip=self.flip, rot90=bool(inf.ROT90),
+                window=tuple(inf.SLIDING_WINDOW.SIZE), overlap=float(inf.SLIDING_WINDOW.OVERLAP)).eval()
         if self.flip and not self.semantic:
             if isinstance(self.model, PanopticFPN) or not isinstance(self.model, GeneralizedRCNN):
                 logger.warning(f"D2SEG.INFERENCE.FLIP: no flip TTA for "
@@ -100,12 +100,8 @@ class SegPredictor(DefaultPredictor):
         if self.semantic:
             image = self.aug.get_transform(original_image).apply_image(original_image) \
                 if self.cfg.INPUT.MIN_SIZE_TEST > 0 else original_image
-            logits = semantic_logits(self.model, self._to_tensor(image).to(self.cfg.MODEL.DEVICE),
-                                     self.window, self.overlap, self.flip, self.rot90)
-            if tuple(logits.shape[-2:]) != (height, width):
-                logits = F.interpolate(logits[None], size=(height, width), mode="bilinear",
-                                       align_corners=False)[0]
-            return {"sem_seg": logits}
+            inputs = {"image": self._to_tensor(image), "height": height, "width": width}
+            return self.semantic_model([inputs])[0]
         if self.tta_model is not None:
             inputs = {"image": self._to_tensor(original_image), "height": height, "width": width}
             return self.tta_model([inputs])[0]

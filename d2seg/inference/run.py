@@ -84,7 +84,6 @@ def predict_from_args(args) -> Dict[str, str]:
     setup_logger(name="d2seg")
     setup_logger(name="fvcore")
     cfg = predict_config(args.config_file, args.opts, args.score_threshold, args.sliding_window,
-                         args.overlap, args.flip,
-                         getattr(args, "rot90", False))
+                         args.overlap, args.flip, args.rot90)
     return predict_files(cfg, list_inputs(args.input), args.output, args.dataset, args.coco_json,
                          args.score_threshold, not args.no_overlays)
