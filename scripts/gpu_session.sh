@@ -4,8 +4,9 @@
 # First, here: `bash scripts/gpu_prepare.sh ../shared/data` (wheels + a transfer copy of ISBI
 # in .gpu_carry/). Then through the device tool, with carry [".gpu_carry"], timeout_s 600:
 #   bash scripts/gpu_session.sh all        # everything in one command of under 10 minutes:
-#       ISBI anchor (d2seg U-Net vs plain PyTorch U-Net, 1500 x 4, full slices), gpu-semantic,
-#       gpu-maskrcnn (vs plain detectron2 only), gpu-panoptic, each trimmed to few rounds
+#       ISBI anchor (d2seg U-Net vs plain PyTorch U-Net, 1500 x 4, full slices), gpu-semantic
+#       with compile off, the U-Net step with compile on, a U-Net scaling table, gpu-panoptic
+#       (Mask R-CNN and Panoptic FPN each vs plain detectron2), each trimmed to few rounds
 #   bash scripts/gpu_session.sh semantic   # fuller: ISBI anchor + the whole gpu-semantic preset
 #   bash scripts/gpu_session.sh instance   # fuller: gpu-maskrcnn + gpu-panoptic presets
 # Every step has its own time limit, so one slow step (e.g. torch.compile) cannot lose the
@@ -63,15 +64,41 @@ bench() {  # bench NAME SECONDS PRESET [harness args]: the preset (cpu-smoke whe
   step "$name" "$secs" $PY tools/benchmark.py --preset "$preset" "$@" \
     --json "$OUTDIR/benchmark_${name#gpu_}.json"
 }
+# The shapes catalogs at 512x512 (as the gpu-semantic preset's SHAPES_512).
+SHAPES_512=(D2SEG.SHAPES.IMAGE_SIZE 512 D2SEG.SHAPES.NUM_TRAIN 256 D2SEG.SHAPES.NUM_VAL 4
+            INPUT.MIN_SIZE_TRAIN "(512,)" INPUT.MAX_SIZE_TRAIN 1024 INPUT.CROP.SIZE "(512, 512)"
+            DATALOADER.NUM_WORKERS 8)
+unet_cfg() {  # unet_cfg NAME SECONDS [harness args] -- [opts]: the Shapes U-Net (64 ch), bf16 b16 512
+  local name=$1 secs=$2; shift 2
+  local dev=(--device cuda --batch 16 --size 512 --precision bf16)
+  [ "$DRY" = 1 ] && dev=(--device cpu --batch 2 --size 64 --precision fp32 --iters 1 --warmup 1
+                         --repeats 1)
+  local pre=() ; while [ $# -gt 0 ] && [ "$1" != -- ]; do pre+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  local opts=("${SHAPES_512[@]}")
+  [ "$DRY" = 1 ] && opts=(MODEL.UNET.BASE_CHANNELS 8 D2SEG.SHAPES.IMAGE_SIZE 64
+                          D2SEG.SHAPES.NUM_TRAIN 4 D2SEG.SHAPES.NUM_VAL 2 INPUT.MIN_SIZE_TRAIN "(64,)"
+                          INPUT.CROP.SIZE "(64, 64)" DATALOADER.NUM_WORKERS 0)
+  step "$name" "$secs" $PY tools/benchmark.py --config-file \
+    configs/Shapes-SemanticSegmentation/unet.yaml --name "$name" "${pre[@]}" "${dev[@]}" \
+    --json "$OUTDIR/benchmark_${name}.json" "${opts[@]}" "$@"
+}
 case "$PART" in
   all)
-    # 210 + 170 + 110 + 80 s of limits: the command ends inside the tool's 600 s.
-    isbi_anchor 210 D2SEG.SPEED.COMPILE off
-    bench gpu_semantic 170 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
-      --infer-iters 5 --latency-iters 10
-    bench gpu_maskrcnn 110 gpu-maskrcnn --refs plain_d2 --repeats 2 --iters 10 \
-      --loop-iters 20 --infer-iters 3 --latency-iters 5
-    bench gpu_panoptic 80 gpu-panoptic --repeats 2 --iters 10 --warmup 5 --no-inference
+    # 195 + 100 + 85 + 35 + 135 s of limits (+ ~20 s set-up): inside the tool's 600 s.
+    # 1. issue 3's anchor: d2seg U-Net vs the plain-PyTorch U-Net, 1500 x 4, full slices.
+    isbi_anchor 195 D2SEG.SPEED.COMPILE off
+    # 2. issue 7's semantic targets with torch.compile off (every other fast path on).
+    bench gpu_semantic 100 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --infer-iters 5 --latency-iters 10 D2SEG.SPEED.COMPILE off
+    # 3. the same U-Net step with torch.compile on (the CUDA default for semantic models).
+    unet_cfg unet_compile 85 --refs plain_unet --warmup 10 --iters 10 --repeats 2 \
+      --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE on
+    # 4. scaling: time and memory vs image size and batch, largest batch (compile off).
+    unet_cfg unet_scaling 35 --refs none --scaling-only --scaling-sizes 256,512,1024 \
+      --scaling-batches 1,4,16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
+    # 5. Mask R-CNN and Panoptic FPN R50, each vs plain detectron2 (fp16, b16, 800x1216).
+    bench gpu_panoptic 135 gpu-panoptic --repeats 2 --iters 10 --warmup 5 --no-inference
     ;;
   semantic)
     isbi_anchor 270
