@@ -292,6 +292,11 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.D2SEG.SPEED.PIN_MEMORY = "auto"
     cfg.D2SEG.SPEED.PERSISTENT_WORKERS = "auto"
     cfg.D2SEG.SPEED.PREFETCH_FACTOR = 0
+    # Copy each training batch to the device in a background thread on a separate CUDA
+    # stream while the previous step runs (d2seg/data/prefetch.py). "auto" = off until
+    # measured on a GPU (docs/benchmarks.md); DEPTH batches are kept ahead.
+    cfg.D2SEG.SPEED.DEVICE_PREFETCH = "auto"
+    cfg.D2SEG.SPEED.DEVICE_PREFETCH_DEPTH = 2
 
     # --- evaluation speed (d2seg/evaluation/coco_backend.py) ---------------------------------
     # COCO AP implementation: "auto" (detectron2's C++ if it loads, else faster-coco-eval if

@@ -3,10 +3,11 @@
 # workplace's `device` tool (15 minutes of device time in all, a machine start included).
 # First, here: `bash scripts/gpu_prepare.sh ../shared/data` (wheels + a transfer copy of ISBI
 # in .gpu_carry/). Then through the device tool, with carry [".gpu_carry"], timeout_s 600:
-#   bash scripts/gpu_session.sh all        # everything in one command of under 10 minutes:
-#       ISBI anchor (d2seg U-Net vs plain PyTorch U-Net, 1500 x 4, full slices), gpu-semantic
-#       with compile off, the U-Net step with compile on, a U-Net scaling table, gpu-panoptic
-#       (Mask R-CNN and Panoptic FPN each vs plain detectron2), each trimmed to few rounds
+#   bash scripts/gpu_session.sh all        # what the first lease left open, one command of
+#       under 10 minutes: ISBI anchor (both U-Nets in one step), gpu-semantic with
+#       DEVICE_PREFETCH on, Mask R-CNN with its backbone compiled, Mask R-CNN in fp16
+#   bash scripts/gpu_session.sh targets    # the first lease's second command: gpu-semantic
+#       (compile on, then off), Mask R-CNN / Panoptic FPN vs plain detectron2 in bf16
 #   bash scripts/gpu_session.sh semantic   # fuller: ISBI anchor + the whole gpu-semantic preset
 #   bash scripts/gpu_session.sh instance   # fuller: gpu-maskrcnn + gpu-panoptic presets
 # Every step has its own time limit, so one slow step (e.g. torch.compile) cannot lose the
@@ -61,8 +62,8 @@ isbi_anchor() {  # isbi_anchor SECONDS [extra opts for d2seg's run]
 bench() {  # bench NAME SECONDS PRESET [harness args]: the preset (cpu-smoke when dry)
   local name=$1 secs=$2 preset=$3; shift 3
   if [ "$DRY" = 1 ]; then set -- ; preset=cpu-smoke; fi
-  step "$name" "$secs" $PY tools/benchmark.py --preset "$preset" "$@" \
-    --json "$OUTDIR/benchmark_${name#gpu_}.json"
+  step "$name" "$secs" $PY tools/benchmark.py --preset "$preset" \
+    --json "$OUTDIR/benchmark_${name#gpu_}.json" "$@"
 }
 # The shapes catalogs at 512x512 (as the gpu-semantic preset's SHAPES_512).
 SHAPES_512=(D2SEG.SHAPES.IMAGE_SIZE 512 D2SEG.SHAPES.NUM_TRAIN 256 D2SEG.SHAPES.NUM_VAL 4
@@ -85,29 +86,55 @@ unet_cfg() {  # unet_cfg NAME SECONDS [harness args] -- [opts]: the Shapes U-Net
 }
 case "$PART" in
   all)
-    # 195 + 100 + 85 + 35 + 135 s of limits (+ ~20 s set-up): inside the tool's 600 s.
-    # 1. issue 3's anchor: d2seg U-Net vs the plain-PyTorch U-Net, 1500 x 4, full slices.
+    # What the 2026-11-26 H200 lease left open (docs/benchmarks.md), 240 + 160 + 110 + 50 s of
+    # limits (+ ~20 s set-up): inside the tool's 600 s.
+    # 1. issue 3's anchor, both U-Nets in one step (they needed ~205 s together on the H200).
+    isbi_anchor 240 D2SEG.SPEED.COMPILE off
+    # 2. the semantic targets with DEVICE_PREFETCH on (compile on; no inference): does the
+    #    train_net loop reach 90 % of the step alone? (off: 68 % / 54 % on the H200)
+    bench gpu_semantic_prefetch 160 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
+    # 3. Mask R-CNN (bf16) with its backbone compiled: GroupNorm everywhere in the scratch
+    #    configs is memory-bound in eager mode (compile off: 1.07x plain detectron2).
+    bench gpu_maskrcnn_compile 110 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
+      --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
+    # 4. fp16 again, now that a failing case no longer loses the others: does plain
+    #    detectron2 diverge in fp16 too (d2seg's warm-up did on 2026-11-26)?
+    bench gpu_maskrcnn_fp16 50 gpu-maskrcnn --refs plain_d2 --precision fp16 --repeats 1 \
+      --iters 5 --warmup 5 --loop-iters 0 --no-inference
+    ;;
+  first-lease)
+    # The command of the first lease (2026-11-26, H200), kept for reproduction.
     isbi_anchor 195 D2SEG.SPEED.COMPILE off
-    # 2. issue 7's semantic targets with torch.compile off (every other fast path on).
     bench gpu_semantic 100 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
       --infer-iters 5 --latency-iters 10 D2SEG.SPEED.COMPILE off
-    # 3. the same U-Net step with torch.compile on (the CUDA default for semantic models).
     unet_cfg unet_compile 85 --refs plain_unet --warmup 10 --iters 10 --repeats 2 \
       --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE on
-    # 4. scaling: time and memory vs image size and batch, largest batch (compile off).
     unet_cfg unet_scaling 35 --refs none --scaling-only --scaling-sizes 256,512,1024 \
       --scaling-batches 1,4,16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
-    # 5. Mask R-CNN and Panoptic FPN R50, each vs plain detectron2 (fp16, b16, 800x1216).
     bench gpu_panoptic 135 gpu-panoptic --repeats 2 --iters 10 --warmup 5 --no-inference
     ;;
+  targets)
+    # issue 7's semantic targets with the CUDA defaults (torch.compile on), without inference;
+    # Mask R-CNN / Panoptic FPN vs plain detectron2 in bf16 (fp16 diverged at random init);
+    # the semantic targets again with compile off (a per-switch run) and inference.
+    bench gpu_semantic_compile 180 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference
+    bench gpu_panoptic_bf16 140 gpu-panoptic --repeats 2 --iters 10 --warmup 5 --no-inference \
+      --precision bf16
+    bench gpu_semantic_nocompile 90 gpu-semantic --repeats 2 --iters 10 --loop-iters 20 \
+      --infer-iters 5 --latency-iters 10 D2SEG.SPEED.COMPILE off
+    ;;
   semantic)
-    isbi_anchor 270
-    bench gpu_semantic 290 gpu-semantic --repeats 2
+    isbi_anchor 250
+    bench gpu_semantic 270 gpu-semantic --repeats 2
+    unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
+      --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
     ;;
   instance)
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|semantic|instance)"; exit 2 ;;
+  *) echo "gpu_session: unknown part '$PART' (all|first-lease|targets|semantic|instance)"; exit 2 ;;
 esac
 ls -la "$OUTDIR"

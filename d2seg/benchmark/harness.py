@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .measure import (MemoryMeter, Timer, backend_flags, capture_backend_flags, free_memory,
-                      machine_info, sync)
+                      is_oom, machine_info, sync)
 from .references import reference_unavailable
 from .subjects import (D2SegSubject, Subject, SyntheticBatch, build_reference_subject, task_of)
 
@@ -283,14 +283,20 @@ def run_case(case: Case, s: Settings, device: torch.device,
                     traceback.print_exc()
     loop = None
     if loop_iters > 0:
-        with backend_flags(d2.backend_flags):
-            loop = d2.run_loop(s.loop_warmup, loop_iters)
-        step_ips = results[d2.name]["train_step"]["img_per_s"]
-        loop["fraction_of_step"] = loop["img_per_s"] / step_ips
-        loop["sizes_match_step"] = loop["input_sizes"] == [tuple(s.size)]
-        loop["input_sizes"] = [list(x) for x in loop["input_sizes"]]
-        print(f"[benchmark] {case.name}: train_net loop {loop['img_per_s']:.3f} img/s = "
-              f"{100 * loop['fraction_of_step']:.1f}% of the step alone", flush=True)
+        try:
+            with backend_flags(d2.backend_flags):
+                loop = d2.run_loop(s.loop_warmup, loop_iters)
+        except Exception as e:  # noqa: BLE001 - the step numbers stand without the loop
+            traceback.print_exc()
+            loop = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"[benchmark] {case.name}: train_net loop failed: {loop['error']}", flush=True)
+        if "error" not in loop:
+            step_ips = results[d2.name]["train_step"]["img_per_s"]
+            loop["fraction_of_step"] = loop["img_per_s"] / step_ips
+            loop["sizes_match_step"] = loop["input_sizes"] == [tuple(s.size)]
+            loop["input_sizes"] = [list(x) for x in loop["input_sizes"]]
+            print(f"[benchmark] {case.name}: train_net loop {loop['img_per_s']:.3f} img/s = "
+                  f"{100 * loop['fraction_of_step']:.1f}% of the step alone", flush=True)
     d2r = results[d2.name]
     ratios = {}
     for sub in subjects[1:]:
@@ -353,20 +359,26 @@ def evaluate_targets(cases: Sequence[Dict], targets: Sequence[Target]) -> List[D
         c = by_name.get(t.case)
         value, why = None, ""
         try:
+            o = by_name.get(t.other_case) if t.other_case else None
             if c is None:
                 why = f"case '{t.case}' was not run"
+            elif "error" in c:
+                why = f"case '{t.case}' failed: {c['error'][:200]}"
+            elif o is not None and "error" in o:
+                why = f"case '{t.other_case}' failed: {o['error'][:200]}"
             elif t.kind == "speedup":
                 if t.reference in c["ratios"]:
                     value = c["ratios"][t.reference]["train_step_speedup"]
                 else:
                     why = c["skipped_references"].get(t.reference, "reference not run")
             elif t.kind == "loop_fraction":
-                if c.get("loop"):
+                if c.get("loop") and "fraction_of_step" in c["loop"]:
                     value = c["loop"]["fraction_of_step"]
+                elif c.get("loop"):
+                    why = f"train_net loop failed: {c['loop'].get('error', '?')[:200]}"
                 else:
                     why = "train_net loop not run"
             elif t.kind == "step_time_ratio":
-                o = by_name.get(t.other_case)
                 if o is None:
                     why = f"case '{t.other_case}' was not run"
                 else:
@@ -433,7 +445,18 @@ def _run(cases, settings, targets, preset, scaling, device) -> Dict[str, object]
         print(f"[benchmark] case {case.name}: {case.config_file} on {device}, batch "
               f"{settings.batch}, {settings.size[0]}x{settings.size[1]}, {settings.precision}",
               flush=True)
-        result["cases"].append(run_case(case, settings, device, plain_flags))
+        try:
+            result["cases"].append(run_case(case, settings, device, plain_flags))
+        except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+            if is_oom(e):
+                msg = f"out of memory: {e}"
+            else:
+                msg = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            print(f"[benchmark] case {case.name} failed: {msg}", flush=True)
+            result["cases"].append({"name": case.name, "config": case.config_file,
+                                    "error": msg[:2000]})
+            free_memory(device)
     result["targets"] = evaluate_targets(result["cases"], targets)
     if scaling is not None:
         from .scaling import run_scaling
@@ -463,6 +486,9 @@ def format_report(result: Dict) -> str:
     mem_key = "CUDA peak alloc. delta" if str(st["device"]).startswith("cuda") else \
         "peak RSS delta (approx.)"
     for c in result["cases"]:
+        if "error" in c:
+            lines += [f"### {c['name']} ({c['config']}): FAILED", "", c["error"][:500], ""]
+            continue
         lines.append(f"### {c['name']} ({c['config']}, {c['meta_architecture']})")
         lines.append("")
         other = "median" if st.get("statistic", "median") == "min" else "best"
@@ -482,14 +508,19 @@ def format_report(result: Dict) -> str:
                 f"{_f(_peak(r.get('train_memory')), '{:.0f}')} |")
         for name, why in c["skipped_references"].items():
             lines.append(f"| {name} | skipped: {why} | | | | | | |")
-        if c.get("loop"):
+        if c.get("loop") and "error" in c["loop"]:
+            lines += ["", f"train_net loop failed: {c['loop']['error'][:300]}"]
+        elif c.get("loop"):
             lp = c["loop"]
             same = "" if lp["sizes_match_step"] else \
                 f" (loader sizes {lp['input_sizes'][:4]} differ from the step's)"
             lines.append("")
             lines.append(f"train_net loop with real data: {_f(lp['img_per_s'])} img/s = "
                          f"{100 * lp['fraction_of_step']:.1f}% of the step alone; mean "
-                         f"data_time {_f(lp['data_time_s'])} s{same}")
+                         f"data_time {_f(lp['data_time_s'])} s; run_step median "
+                         f"{_f(lp.get('run_step_median_s'))} s, max "
+                         f"{_f(lp.get('run_step_max_s'))} s (loop {_f(lp['s_per_iter'])} "
+                         f"s/iter){same}")
         lines.append("")
     if result.get("targets"):
         lines += ["### targets", "", "| target | measured | required | result |",

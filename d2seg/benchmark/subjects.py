@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
@@ -379,12 +380,24 @@ class D2SegSubject(_D2Stepped):
         hist = tr.storage.history("data_time").values() if "data_time" in \
             tr.storage.histories() else []
         data_times = [v for v, it in hist if warmup <= it < warmup + iters]
+        # detectron2's IterationTimer: each run_step (data wait included), other hooks not
+        step_hist = tr.storage.history("time").values() if "time" in \
+            tr.storage.histories() else []
+        step_times = [v for v, it in step_hist if warmup <= it < warmup + iters]
         batch = self.cfg.SOLVER.IMS_PER_BATCH
         sec = timer.seconds
         self.inner._data_loader_iter_obj = None  # stop the loader workers
+        close = getattr(self._real_loader, "close", None)
+        if callable(close):  # d2seg's DevicePrefetcher: stop its thread
+            close()
         return {"seconds": sec, "iters": iters, "batch": batch,
                 "img_per_s": iters * batch / sec, "s_per_iter": sec / iters,
                 "data_time_s": (sum(data_times) / len(data_times)) if data_times else None,
+                # where a gap to the step alone comes from: a uniform cost per iteration
+                # (median run_step time close to s_per_iter) or a few slow iterations (max)
+                "run_step_median_s": statistics.median(step_times) if step_times else None,
+                "run_step_max_s": max(step_times) if step_times else None,
+                "run_step_times_s": [round(v, 5) for v in step_times],
                 "input_sizes": sorted(set(rec.sizes))}
 
     def close(self) -> None:

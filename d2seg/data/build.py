@@ -136,7 +136,10 @@ def build_train_loader(cfg, start_iter: int = 0):
     * ``start_iter > 0`` (resuming): the sampler skips the indices of the iterations already
       trained (:class:`SkipSampler`);
     * ``D2SEG.SPEED.PIN_MEMORY`` / ``PERSISTENT_WORKERS`` / ``PREFETCH_FACTOR`` passed on to
-      ``torch.utils.data.DataLoader`` (:func:`d2seg.engine.fast_paths.loader_kwargs`).
+      ``torch.utils.data.DataLoader`` (:func:`d2seg.engine.fast_paths.loader_kwargs`);
+    * ``D2SEG.SPEED.DEVICE_PREFETCH``: the loader wrapped in
+      :class:`~d2seg.data.prefetch.DevicePrefetcher` (batches copied to ``MODEL.DEVICE`` by a
+      background thread while the previous step runs).
     """
     from detectron2.data.build import _train_loader_from_config
 
@@ -157,12 +160,19 @@ def build_train_loader(cfg, start_iter: int = 0):
     # the remaining arguments as build_detection_train_loader(cfg) derives them
     kwargs = _train_loader_from_config(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
     # D2SEG.SPEED: pin_memory / persistent_workers / prefetch_factor (d2seg/engine/fast_paths.py)
-    from ..engine.fast_paths import loader_kwargs
+    from ..engine.fast_paths import loader_kwargs, resolve
 
     kwargs.update(loader_kwargs(cfg))
     if start_iter > 0:
         kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)
-    return build_detection_train_loader(**kwargs)
+    loader = build_detection_train_loader(**kwargs)
+    plan = resolve(cfg)
+    if plan.device_prefetch:
+        from .prefetch import DevicePrefetcher
+
+        device = cfg.MODEL.DEVICE if plan.device == "cuda" else "cpu"
+        loader = DevicePrefetcher(loader, device, plan.device_prefetch_depth)
+    return loader
 
 
 def build_test_loader(cfg, dataset_name: str):

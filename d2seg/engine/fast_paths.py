@@ -10,7 +10,8 @@ module applies it:
   fallback;
 * :func:`optimizer_impl_kwargs` - ``fused`` / ``foreach`` for SGD, Adam and AdamW;
 * :func:`loader_kwargs` - ``pin_memory``, ``persistent_workers``, ``prefetch_factor`` of the
-  training data loader.
+  training data loader; ``device_prefetch`` wraps it in
+  :class:`d2seg.data.prefetch.DevicePrefetcher` (``d2seg.data.build.build_train_loader``).
 
 ``d2seg.engine.Trainer`` calls them (``build_model``, ``build_optimizer``, the AMP trainer,
 ``build_train_loader``); anything building a model through the Trainer gets the same fast
@@ -136,6 +137,8 @@ class SpeedPlan:
     pin_memory: bool
     persistent_workers: bool
     prefetch_factor: int  # 0 = torch's default
+    device_prefetch: bool = False
+    device_prefetch_depth: int = 2
     notes: List[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
@@ -251,12 +254,17 @@ def resolve(cfg) -> SpeedPlan:
                          f"{prefetch}")
     if workers == 0:
         prefetch = 0
+    dev_prefetch = _switch(cfg, "DEVICE_PREFETCH")
+    dev_prefetch = bool(dev_prefetch)  # auto: off (not yet measured on a GPU)
+    depth = int(sp.get("DEVICE_PREFETCH_DEPTH", 2))
+    if depth < 1:
+        raise ValueError(f"D2SEG.SPEED.DEVICE_PREFETCH_DEPTH must be >= 1, got {depth}")
     return SpeedPlan(family=family, device=device, amp_dtype=amp, cudnn_benchmark=bench,
                      tf32=tf32, channels_last=bool(cl), compile=bool(comp),
                      compile_modules=modules, compile_mode=mode,
                      compile_backend=str(sp.COMPILE_BACKEND), optimizer_impl=impl,
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
-                     notes=notes)
+                     device_prefetch=dev_prefetch, device_prefetch_depth=depth, notes=notes)
 
 
 def describe(cfg) -> str:
@@ -268,7 +276,8 @@ def describe(cfg) -> str:
     return (f"family={p.family} device={p.device} amp={amp} "
             f"cudnn_benchmark={onoff[p.cudnn_benchmark]} tf32={onoff[p.tf32]} "
             f"channels_last={onoff[p.channels_last]} compile={comp} "
-            f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]}")
+            f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
+            f"device_prefetch={onoff[p.device_prefetch]}")
 
 
 # ----------------------------------------------------------------------------------------
