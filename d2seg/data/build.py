@@ -162,11 +162,11 @@ def build_train_loader(cfg, start_iter: int = 0):
     # D2SEG.SPEED: pin_memory / persistent_workers / prefetch_factor (d2seg/engine/fast_paths.py)
     from ..engine.fast_paths import loader_kwargs, resolve
 
-    kwargs.update(loader_kwargs(cfg))
+    plan = resolve(cfg)
+    kwargs.update(loader_kwargs(cfg, plan))
     if start_iter > 0:
         kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)
     loader = build_detection_train_loader(**kwargs)
-    plan = resolve(cfg)
     if plan.device_prefetch:
         from .prefetch import DevicePrefetcher
 
