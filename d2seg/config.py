@@ -245,6 +245,10 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.D2SEG.NONFINITE = CN()
     cfg.D2SEG.NONFINITE.MAX_SKIPS = 0
     cfg.D2SEG.NONFINITE.REPORT_IMAGES = True
+    # When the check runs: "step" (before each update: the host waits for the GPU once per
+    # step), "lagged" (during the next step, no wait; checkpoint, evaluation, writer and last
+    # iterations still before their update), "auto" (lagged on CUDA when MAX_SKIPS is 0).
+    cfg.D2SEG.NONFINITE.CHECK = "auto"
     # Unreadable or corrupt training images: "fail" (error naming the file) or "skip" (warn
     # with the file and train on another image; at most D2SEG.BAD_INPUT.MAX_SKIPS of them).
     cfg.D2SEG.BAD_INPUT = CN()

@@ -3,9 +3,9 @@
 # workplace's `device` tool (15 minutes of device time in all, a machine start included).
 # First, here: `bash scripts/gpu_prepare.sh ../shared/data` (wheels + a transfer copy of ISBI
 # in .gpu_carry/). Then through the device tool, with carry [".gpu_carry"], timeout_s 600:
-#   bash scripts/gpu_session.sh all        # what the first lease left open, one command of
-#       under 10 minutes: ISBI anchor (both U-Nets in one step), gpu-semantic with
-#       DEVICE_PREFETCH on, Mask R-CNN with its backbone compiled, Mask R-CNN in fp16
+#   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
+#       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
+#       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
 #   bash scripts/gpu_session.sh targets    # the first lease's second command: gpu-semantic
 #       (compile on, then off), Mask R-CNN / Panoptic FPN vs plain detectron2 in bf16
 #   bash scripts/gpu_session.sh semantic   # fuller: ISBI anchor + the whole gpu-semantic preset
@@ -86,20 +86,35 @@ unet_cfg() {  # unet_cfg NAME SECONDS [harness args] -- [opts]: the Shapes U-Net
 }
 case "$PART" in
   all)
-    # What the 2026-11-26 H200 lease left open (docs/benchmarks.md), 240 + 160 + 110 + 50 s of
-    # limits (+ ~20 s set-up): inside the tool's 600 s.
-    # 1. issue 3's anchor, both U-Nets in one step (they needed ~205 s together on the H200).
-    isbi_anchor 240 D2SEG.SPEED.COMPILE off
-    # 2. the semantic targets with DEVICE_PREFETCH on (compile on; no inference): does the
-    #    train_net loop reach 90 % of the step alone? (off: 68 % / 54 % on the H200)
-    bench gpu_semantic_prefetch 160 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+    # The next lease (written 2026-11-26, session 5, after the first lease): measure the
+    # sync-free semantic step (losses read nothing back; head + loss one compiled graph),
+    # the "lagged" non-finite check (auto on CUDA) and DEVICE_PREFETCH; Mask R-CNN compiled
+    # and in fp16; the largest U-Net batch. 170 + 150 + 110 + 50 + 60 s of limits (+ ~20 s
+    # set-up): inside the tool's 600 s. Each JSON also lists the host syncs of one step of
+    # every subject (CUDA sync debug mode) with their source lines.
+    # 1. the semantic targets with the new defaults: step vs references, loop vs step
+    bench gpu_semantic_syncfree 170 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference
+    # 2. the same with DEVICE_PREFETCH on (the loop is what it changes)
+    bench gpu_semantic_prefetch 150 gpu-semantic --repeats 1 --iters 10 --loop-iters 30 \
       --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
-    # 3. Mask R-CNN (bf16) with its backbone compiled: GroupNorm everywhere in the scratch
-    #    configs is memory-bound in eager mode (compile off: 1.07x plain detectron2).
+    # 3. Mask R-CNN (bf16) with its backbone compiled (GroupNorm is memory-bound in eager)
     bench gpu_maskrcnn_compile 110 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
       --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
-    # 4. fp16 again, now that a failing case no longer loses the others: does plain
-    #    detectron2 diverge in fp16 too (d2seg's warm-up did on 2026-11-26)?
+    # 4. fp16: does plain detectron2 diverge at random init too (d2seg's warm-up did)?
+    bench gpu_maskrcnn_fp16 50 gpu-maskrcnn --refs plain_d2 --precision fp16 --repeats 1 \
+      --iters 5 --warmup 5 --loop-iters 0 --no-inference
+    # 5. issue 7's "largest batch that fits" (UNet 64 ch, 512x512, bf16, compile off)
+    unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
+      --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
+    ;;
+  lease2-plan)
+    # The plan written after the first lease (before the sync-free step), kept for reference.
+    isbi_anchor 240 D2SEG.SPEED.COMPILE off
+    bench gpu_semantic_prefetch 160 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
+    bench gpu_maskrcnn_compile 110 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
+      --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
     bench gpu_maskrcnn_fp16 50 gpu-maskrcnn --refs plain_d2 --precision fp16 --repeats 1 \
       --iters 5 --warmup 5 --loop-iters 0 --no-inference
     ;;
@@ -135,6 +150,6 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|first-lease|targets|semantic|instance)"; exit 2 ;;
+  *) echo "gpu_session: unknown part '$PART' (all|lease2-plan|first-lease|targets|semantic|instance)"; exit 2 ;;
 esac
 ls -la "$OUTDIR"

@@ -68,6 +68,14 @@ def test_end_to_end_json_fields(unet_result):
     assert len(loop["run_step_times_s"]) == 1
     assert 0 < loop["run_step_median_s"] <= loop["run_step_max_s"]
     assert case["speed_plan"] is None or case["speed_plan"]["device"] == "cpu"
+    # host synchronisations of one step, with their source lines (CPU emulation): d2seg's are
+    # only the losses' CPU-only value checks and the per-step non-finite check ("step" on CPU)
+    hs = d2["host_syncs"]
+    assert hs["method"] == "cpu emulation" and hs["per_step"] == sum(hs["sites"].values())
+    assert hs["per_step"] >= 1 and all(
+        "d2seg/modeling/losses.py" in k or "d2seg/engine/train_step.py" in k
+        for k in hs["sites"]), hs
+    assert isinstance(ref["host_syncs"]["per_step"], int)
 
 
 def test_ratios_come_from_the_measured_numbers(unet_result):
@@ -91,6 +99,7 @@ def test_ratios_come_from_the_measured_numbers(unet_result):
     assert t["absent"]["status"] == "not measured"
     report = format_report(unet_result)
     assert "| plain_unet |" in report and "train_net loop" in report and "### targets" in report
+    assert "host syncs/step" in report and "d2seg host syncs per step:" in report
 
 
 def test_evaluate_targets_rules():

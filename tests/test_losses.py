@@ -197,3 +197,31 @@ def test_bce_needs_one_channel_and_targets_checked():
     with pytest.raises(ValueError, match="class weights"):
         cross_entropy_loss(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
                            class_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_losses_read_no_value_back_off_the_cpu(binary):
+    """On the meta device (shapes, no values) every loss and option runs: no ``.item()``,
+    ``bool(tensor)`` or boolean-mask indexing, which would each stall a GPU."""
+    c = 1 if binary else 3
+    logits = torch.empty(2, c, 8, 8, device="meta", requires_grad=True)
+    t = torch.empty(2, 8, 8, dtype=torch.long, device="meta")
+    cw = [1.0, 2.0] if binary else [1.0, 2.0, 0.5]
+    alpha = 0.25 if binary else [0.2, 0.3, 0.5]
+    outs = [cross_entropy_loss(logits, t), cross_entropy_loss(logits, t, class_weights=cw),
+            soft_dice_loss(logits, t), tversky_loss(logits, t), focal_loss(logits, t),
+            focal_loss(logits, t, alpha=alpha)]
+    names = ["BCE" if binary else "CE", "Dice", "Focal", "Tversky"]
+    outs += list(SemSegLoss(names=names, class_weights=cw)(logits, t).values())
+    sum(outs).backward()
+    assert all(o.device.type == "meta" and o.dim() == 0 for o in outs)
+
+
+def test_check_targets_names_the_bad_value():
+    from d2seg.modeling.losses import check_targets
+
+    check_targets(torch.tensor([[0, 2, 255]]), 3, 255)
+    with pytest.raises(ValueError, match="target value 3 is outside"):
+        check_targets(torch.tensor([[0, 3, 255]]), 3, 255)
+    with pytest.raises(ValueError, match="binary .* got 2"):
+        check_targets(torch.tensor([[0, 1, 2]]), 1, 255)

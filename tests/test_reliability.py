@@ -78,6 +78,66 @@ def test_non_finite_steps_skipped_up_to_the_limit(tmp_path):
     BAD_CALLS.clear()
 
 
+def test_lagged_check_raises_one_step_later_and_keeps_checkpoints_clean(tmp_path):
+    """D2SEG.NONFINITE.CHECK 'lagged' (what 'auto' picks on CUDA): a NaN is found while the
+    next step is queued; checkpoint iterations are still checked before their update."""
+    BAD_CALLS.clear()
+    BAD_CALLS.add(2)
+    with pytest.raises(NonFiniteLossError, match="iteration 2: loss_toy=nan.*'lagged'") as e:
+        main(_args(tmp_path, "SOLVER.MAX_ITER", "10", "D2SEG.NONFINITE.CHECK", "lagged"))
+    assert str(e.value).count(".jpg") == 2  # the images of iteration 2's batch
+    # a NaN on a checkpoint iteration (5th step, CHECKPOINT_PERIOD 5) is caught before the save
+    BAD_CALLS.clear()
+    BAD_CALLS.add(4)
+    with pytest.raises(NonFiniteLossError, match="iteration 4: ") as e:
+        main(_args(tmp_path / "b", "SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "5",
+                   "D2SEG.NONFINITE.CHECK", "lagged"))
+    assert "'lagged'" not in str(e.value)  # checked before the update
+    assert not (tmp_path / "b" / "model_0000004.pth").exists()
+    BAD_CALLS.clear()
+
+
+def _train_losses(out, *opts):
+    from d2seg.engine.train_loop import setup
+    from d2seg.engine.trainer import Trainer
+
+    cfg = setup(_args(out, "SOLVER.MAX_ITER", "7", "SEED", "3", *opts))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    hist = trainer.storage.history("total_loss").values()
+    return [(it, v) for v, it in hist], trainer
+
+
+def test_lagged_check_writes_the_same_metrics_at_the_same_iterations(tmp_path):
+    BAD_CALLS.clear()
+    step, t1 = _train_losses(tmp_path / "a", "D2SEG.NONFINITE.CHECK", "step")
+    lagged, t2 = _train_losses(tmp_path / "b", "D2SEG.NONFINITE.CHECK", "lagged")
+    assert [it for it, _ in step] == list(range(7))
+    assert lagged == step
+    assert t2._trainer.lagged and not t1._trainer.lagged
+    assert t2._trainer._pending is None  # the last iteration is checked before its update
+
+
+@pytest.mark.parametrize("opts, match", [
+    (["D2SEG.NONFINITE.CHECK", "sometimes"], "D2SEG.NONFINITE.CHECK must be 'auto', 'step' or "
+                                             "'lagged', got 'sometimes'"),
+    (["D2SEG.NONFINITE.CHECK", "lagged", "D2SEG.NONFINITE.MAX_SKIPS", "2"],
+     "'lagged' cannot skip steps"),
+])
+def test_nonfinite_check_errors_name_the_key(tmp_path, opts, match):
+    with pytest.raises(ValueError, match=match):
+        main(_args(tmp_path, "SOLVER.MAX_ITER", "2", *opts))
+
+
+def test_nonfinite_check_auto_is_step_on_cpu():
+    from d2seg.engine import fast_paths
+
+    cfg = load_config(CPU_CFG, ["MODEL.DEVICE", "cpu"])
+    assert fast_paths.resolve(cfg).nonfinite_check == "step"
+    assert "nonfinite_check=step" in fast_paths.describe(cfg)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = nn.Linear(3, 2)
     ck = D2SegCheckpointer(model, str(tmp_path))

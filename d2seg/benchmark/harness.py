@@ -14,6 +14,8 @@ Per case (one d2seg config) and per subject (d2seg's ``Trainer`` and each refere
   ``infer_batch`` (eval mode, no gradients, same autocast).
 * **peak memory** of the train step and of inference (CUDA allocator peaks; CPU: peak RSS
   increase, approximate; see :class:`~d2seg.benchmark.measure.MemoryMeter`).
+* **host synchronisations** of one train step, with the source line of each (CUDA: the
+  sync debug mode; CPU: an emulation; see :class:`~d2seg.benchmark.syncs.HostSyncAudit`).
 
 :func:`run_benchmark` returns a JSON-able dict; :func:`format_report` renders markdown.
 """
@@ -36,6 +38,7 @@ from .subjects import (D2SegSubject, Subject, SyntheticBatch, build_reference_su
 logger = logging.getLogger(__name__)
 
 __all__ = ["Case", "Settings", "Target", "run_benchmark", "run_case", "auto_references",
+           "audit_host_syncs",
            "evaluate_targets", "format_report", "resolve_device", "SCHEMA"]
 
 SCHEMA = "d2seg-benchmark/1"
@@ -258,6 +261,9 @@ def run_case(case: Case, s: Settings, device: torch.device,
             times[sub.name].append(t.seconds)
             print(f"[benchmark] {case.name}: {sub.name} round {r + 1}/{s.repeats}: "
                   f"{t.seconds / s.iters:.4f} s/iter", flush=True)
+    for sub in subjects:  # after the timed rounds: the CPU emulation slows the step down
+        with backend_flags(sub.backend_flags):
+            results.setdefault(sub.name, {})["host_syncs"] = audit_host_syncs(sub, device)
     infer_batch = s.infer_batch or s.batch
     for sub in subjects:
         res = results.setdefault(sub.name, {})
@@ -330,6 +336,22 @@ def run_case(case: Case, s: Settings, device: torch.device,
     del subjects, d2, data
     free_memory(device)
     return out
+
+
+def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
+    """One train step of ``sub`` under :class:`~d2seg.benchmark.syncs.HostSyncAudit`:
+    {"per_step", "sites" ({"op @ file:line": count}), "method"}, or {"error"}."""
+    from .syncs import HostSyncAudit
+
+    method = "cuda sync debug mode" if device.type == "cuda" else "cpu emulation"
+    try:
+        roots = [] if device.type == "cuda" else sub.audit_roots()
+        with HostSyncAudit(device, roots) as audit:
+            sub.train_steps(1)
+        sync(device)
+        return {"per_step": audit.count, "sites": audit.by_site(), "method": method}
+    except Exception as e:  # noqa: BLE001 - a diagnostic; the timings stand without it
+        return {"error": f"{type(e).__name__}: {e}"[:500], "method": method}
 
 
 def _peak(mem: Optional[Dict]) -> float:
@@ -493,8 +515,9 @@ def format_report(result: Dict) -> str:
         lines.append("")
         other = "median" if st.get("statistic", "median") == "min" else "best"
         lines.append(f"| model | params | train img/s | s/iter | d2seg speed-up ({other}) | "
-                     f"latency b1 (ms) | infer img/s | train mem MB ({mem_key}) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     f"latency b1 (ms) | infer img/s | train mem MB ({mem_key}) | "
+                     f"host syncs/step |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in [c["d2seg"]] + c["references"]:
             rat = c["ratios"].get(r["name"], {})
             ratio = rat.get("train_step_speedup")
@@ -505,9 +528,14 @@ def format_report(result: Dict) -> str:
                 f"{_f(r['train_step']['img_per_s'])} | {_f(r['train_step']['s_per_iter'])} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x ({alt:.2f}x)'} | "
                 f"{_f(inf.get('latency_batch1_ms'))} | {_f(inf.get('throughput_img_per_s'))} | "
-                f"{_f(_peak(r.get('train_memory')), '{:.0f}')} |")
+                f"{_f(_peak(r.get('train_memory')), '{:.0f}')} | "
+                f"{r.get('host_syncs', {}).get('per_step', '-')} |")
         for name, why in c["skipped_references"].items():
-            lines.append(f"| {name} | skipped: {why} | | | | | | |")
+            lines.append(f"| {name} | skipped: {why} | | | | | | | |")
+        sites = c["d2seg"].get("host_syncs", {}).get("sites")
+        if sites:
+            lines += ["", "d2seg host syncs per step: " + "; ".join(
+                f"{n}x {k}" for k, n in list(sites.items())[:6])]
         if c.get("loop") and "error" in c["loop"]:
             lines += ["", f"train_net loop failed: {c['loop']['error'][:300]}"]
         elif c.get("loop"):

@@ -208,6 +208,18 @@ class Subject:
     def close(self) -> None:
         """Release what the subject holds (data loader workers, temporary folders)."""
 
+    def batch_tensors(self) -> list:
+        """The tensors of the training batch (what the CPU sync audit follows)."""
+        return []
+
+    def audit_roots(self) -> list:
+        """Parameters, buffers and batch tensors: what lives on the GPU in a CUDA run (see
+        :class:`d2seg.benchmark.syncs.HostSyncAudit`)."""
+        from .syncs import tensors_in
+
+        m = self.model
+        return list(m.parameters()) + list(m.buffers()) + list(tensors_in(self.batch_tensors()))
+
 
 # -------------------------------------------------------------------------------------------
 # detectron2-stepped subjects (d2seg's Trainer and plain detectron2)
@@ -236,6 +248,10 @@ class _D2Stepped(Subject):
         self.inner.data_loader = _Repeat(data.d2_inputs(train=True))
         self.inner._data_loader_iter_obj = None
         self._it = getattr(self, "_it", 0)
+
+    def batch_tensors(self) -> list:
+        loader = getattr(self.inner, "data_loader", None)
+        return list(getattr(loader, "batch", []) or [])
 
     def train_steps(self, k: int) -> None:
         from detectron2.utils.events import EventStorage
@@ -520,6 +536,9 @@ class TorchSemanticSubject(_TorchSubject):
         if not self.losses:
             self.losses = {"ce": 1.0}
 
+    def batch_tensors(self) -> list:
+        return [self.x, self.y]
+
     def set_batch(self, data: SyntheticBatch) -> None:
         self.x = (data.images - self.mean) / self.std
         self.y = data.sem_seg.clamp(max=max(self.num_classes - 1, 1))
@@ -561,6 +580,9 @@ class TorchMaskRCNNSubject(_TorchSubject):
         self.images = [im / 255.0 for im in data.images]
         self.targets = [{"boxes": t["boxes"], "labels": t["classes"] + 1,
                          "masks": t["masks"].to(torch.uint8)} for t in data.instances]
+
+    def batch_tensors(self) -> list:
+        return [self.images, self.targets]
 
     def _loss(self) -> Tensor:
         return sum(self._model(self.images, self.targets).values())

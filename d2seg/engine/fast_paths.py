@@ -139,6 +139,7 @@ class SpeedPlan:
     prefetch_factor: int  # 0 = torch's default
     device_prefetch: bool = False
     device_prefetch_depth: int = 2
+    nonfinite_check: str = "step"  # "step" or "lagged" (d2seg/engine/train_step.py)
     notes: List[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
@@ -259,12 +260,23 @@ def resolve(cfg) -> SpeedPlan:
     depth = int(sp.get("DEVICE_PREFETCH_DEPTH", 2))
     if depth < 1:
         raise ValueError(f"D2SEG.SPEED.DEVICE_PREFETCH_DEPTH must be >= 1, got {depth}")
+    check = str(cfg.D2SEG.NONFINITE.get("CHECK", "auto")).strip().lower()
+    if check not in ("auto", "step", "lagged"):
+        raise ValueError(f"D2SEG.NONFINITE.CHECK must be 'auto', 'step' or 'lagged', got "
+                         f"'{cfg.D2SEG.NONFINITE.CHECK}'")
+    skips = int(cfg.D2SEG.NONFINITE.MAX_SKIPS)
+    if check == "auto":  # lagged wherever a per-step check would make the host wait
+        check = "lagged" if cuda and skips == 0 else "step"
+    elif check == "lagged" and skips > 0:
+        raise ValueError(f"D2SEG.NONFINITE.CHECK 'lagged' cannot skip steps "
+                         f"(D2SEG.NONFINITE.MAX_SKIPS={skips}): use 'step' or 'auto'")
     return SpeedPlan(family=family, device=device, amp_dtype=amp, cudnn_benchmark=bench,
                      tf32=tf32, channels_last=bool(cl), compile=bool(comp),
                      compile_modules=modules, compile_mode=mode,
                      compile_backend=str(sp.COMPILE_BACKEND), optimizer_impl=impl,
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
-                     device_prefetch=dev_prefetch, device_prefetch_depth=depth, notes=notes)
+                     device_prefetch=dev_prefetch, device_prefetch_depth=depth,
+                     nonfinite_check=check, notes=notes)
 
 
 def describe(cfg) -> str:
@@ -277,7 +289,7 @@ def describe(cfg) -> str:
             f"cudnn_benchmark={onoff[p.cudnn_benchmark]} tf32={onoff[p.tf32]} "
             f"channels_last={onoff[p.channels_last]} compile={comp} "
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
-            f"device_prefetch={onoff[p.device_prefetch]}")
+            f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,12 +9,28 @@ reaches the weights), agrees across ranks, and either
 * with ``D2SEG.NONFINITE.MAX_SKIPS = N > 0``, drops the step (gradients zeroed, no optimizer or
   grad-scaler update), counts it (``nonfinite_skips`` in the event storage), and raises only
   once more than N steps have been skipped.
+
+When (``D2SEG.NONFINITE.CHECK``):
+
+* "step": every step, before ``optimizer.step``. Reading the losses back makes the host wait
+  for the GPU once per step: the device idles while the host fetches the next batch, runs the
+  hooks and queues the next forward.
+* "lagged" (what "auto" picks on CUDA when MAX_SKIPS is 0): the losses (and, in distributed
+  runs, the all-reduced non-finite flag) are copied to pinned host memory without waiting
+  (a CUDA event marks when they are there) and checked while the *next* step is queued. The
+  host never waits for the step it has just queued, so the GPU stays busy. A non-finite loss
+  then raises one iteration later (its weight update has been applied; training stops all the
+  same); iterations that save a checkpoint, evaluate, write metrics (every 20) or end
+  training are checked in "step" fashion, so no checkpoint holds weights from a non-finite
+  step and the logged metrics are up to date. Skipping (MAX_SKIPS > 0) needs "step".
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Dict, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +41,9 @@ from detectron2.utils.events import get_event_storage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GuardedSimpleTrainer", "GuardedAMPTrainer", "NonFiniteLossError"]
+__all__ = ["GuardedSimpleTrainer", "GuardedAMPTrainer", "NonFiniteLossError", "CHECK_MODES"]
+
+CHECK_MODES = ("auto", "step", "lagged")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,6 +72,18 @@ class _RecordingIterator:
         return batch
 
 
+@dataclass
+class _Staged:
+    """One step's losses on their way to the host (see "lagged" in the module docstring)."""
+
+    iter: int
+    keys: List[str]
+    host: torch.Tensor  # (len(keys) + 1,) float32: the losses, then the non-finite flag
+    event: Optional["torch.cuda.Event"]  # recorded after the copy (CUDA), else None
+    data_time: float
+    files: List[str]
+
+
 def _batch_files(batch) -> List[str]:
     out = []
     for d in batch if isinstance(batch, (list, tuple)) else []:
@@ -68,6 +98,9 @@ class _NonFiniteGuard:
     max_skips: int = 0
     report_images: bool = True
     num_skipped: int = 0
+    lagged: bool = False
+    check_now: Optional[Callable[[int], bool]] = None
+    _pending: Optional[_Staged] = None
     _last_batch = None
     _after_next_batch = None
 
@@ -75,10 +108,21 @@ class _NonFiniteGuard:
         """Call ``fn()`` once, right after the next batch is fetched (before the step uses it)."""
         self._after_next_batch = fn
 
-    def configure_guard(self, max_skips: int = 0, report_images: bool = True) -> None:
+    def configure_guard(self, max_skips: int = 0, report_images: bool = True,
+                        lagged: bool = False,
+                        check_now: Optional[Callable[[int], bool]] = None) -> None:
+        """``lagged``: check each step's losses during the next step (no host wait per step);
+        ``check_now(iter)``: iterations checked before their update all the same (the
+        trainer passes checkpoint, evaluation, writer and last iterations)."""
+        if lagged and int(max_skips) > 0:
+            raise ValueError(f"D2SEG.NONFINITE.CHECK 'lagged' cannot skip steps (MAX_SKIPS="
+                             f"{max_skips}): a step is checked after its update; use 'step'")
         self.max_skips = int(max_skips)
         self.report_images = bool(report_images)
         self.num_skipped = 0
+        self.lagged = bool(lagged)
+        self.check_now = check_now
+        self._pending = None
 
     @property
     def _data_loader_iter(self):
@@ -106,9 +150,7 @@ class _NonFiniteGuard:
             any_bad = bool(flag.item() > 0)
         if not any_bad:
             return host
-        where = f"iteration {self.iter}"
-        if comm.get_world_size() > 1:
-            where += f" (rank {comm.get_rank()})"
+        where = self._where(self.iter)
         what = (", ".join(f"{k}={v}" for k, v in bad.items()) if bad
                 else "a loss on another rank")
         imgs = ""
@@ -126,12 +168,80 @@ class _NonFiniteGuard:
         raise NonFiniteLossError(msg + ". Lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, set "
                                        "SOLVER.CLIP_GRADIENTS, or check these images.")
 
+    def _where(self, it: int) -> str:
+        where = f"iteration {it}"
+        if comm.get_world_size() > 1:
+            where += f" (rank {comm.get_rank()})"
+        return where
+
+    # -- "lagged" ----------------------------------------------------------------------------
+    def _stage(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> _Staged:
+        """Queue the losses and their non-finite flag for the host; no waiting."""
+        keys = list(loss_dict)
+        vals = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
+        flag = (~torch.isfinite(vals)).any().float().reshape(1)
+        if comm.get_world_size() > 1:  # every rank must take the same decision
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        packed = torch.cat([vals, flag])
+        event = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = packed
+        files = _batch_files(self._last_batch) if self.report_images else []
+        return _Staged(int(self.iter), keys, host, event, data_time, files)
+
+    def _resolve(self, st: _Staged, late: bool = True) -> None:
+        """Wait for ``st``'s copy; raise on a non-finite loss, else write its metrics.
+        ``late``: ``st`` is the previous step's (its update was applied)."""
+        if st.event is not None:
+            st.event.synchronize()
+        values, flag = st.host[:-1], float(st.host[-1])
+        if flag > 0:
+            bad = {k: float(v) for k, v in zip(st.keys, values.tolist()) if not math.isfinite(v)}
+            what = (", ".join(f"{k}={v}" for k, v in bad.items()) if bad
+                    else "a loss on another rank")
+            imgs = f"; images in this rank's batch: {st.files}" if st.files else ""
+            when = (" Found while the next step was queued (D2SEG.NONFINITE.CHECK 'lagged'): "
+                    "its weight update was applied; no checkpoint holds it." if late else "")
+            raise NonFiniteLossError(
+                f"Non-finite loss at {self._where(st.iter)}: {what}{imgs}.{when} Lower "
+                f"SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, set SOLVER.CLIP_GRADIENTS, or check "
+                f"these images.")
+        super()._write_metrics(dict(zip(st.keys, values.unbind(0))), st.data_time,
+                               iter=st.iter)
+
+    def flush_pending(self) -> None:
+        """Check the staged losses of the last step now (no-op when nothing is staged)."""
+        st, self._pending = self._pending, None
+        if st is not None:
+            self._resolve(st)
+
+    # -- detectron2's hook points --------------------------------------------------------------
     def _write_metrics(self, loss_dict, data_time: float, prefix: str = "",
                        iter: Optional[int] = None) -> None:
         # called by detectron2's run_step after backward and before optimizer.step
-        if not prefix:  # training losses (prefix is used for other metric groups)
-            loss_dict = self._check_losses(loss_dict)
-        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+        if prefix:  # other metric groups: detectron2's
+            super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+            return
+        if not self.lagged:
+            super()._write_metrics(self._check_losses(loss_dict), data_time, iter=iter)
+            return
+        staged = self._stage(loss_dict, data_time)
+        self.flush_pending()  # the previous step: long done, or nearly, on the device
+        if self.check_now is not None and self.check_now(int(self.iter)):
+            self._resolve(staged, late=False)  # before this step's update
+        else:
+            self._pending = staged
+
+    def after_train(self) -> None:
+        try:
+            self.flush_pending()
+        finally:
+            super().after_train()
 
     def run_step(self) -> None:
         if self.async_write_metrics:

@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import weakref
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -131,6 +131,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# detectron2's DefaultTrainer writes metrics (PeriodicWriter) every 20 iterations
+_WRITER_PERIOD = 20
+
+
+def _strict_iterations(cfg, trainer) -> Callable[[int], bool]:
+    """The iterations whose losses a "lagged" non-finite check still checks before the update:
+    those that save a checkpoint (periodic or best), evaluate, compute the validation loss,
+    write metrics, and the last one."""
+    periods = [p for p in (_WRITER_PERIOD, int(cfg.SOLVER.CHECKPOINT_PERIOD),
+                           int(cfg.TEST.EVAL_PERIOD), int(cfg.D2SEG.VAL_LOSS_PERIOD)) if p > 0]
+
+    def check_now(it: int) -> bool:
+        nxt = it + 1
+        return nxt >= trainer.max_iter or any(nxt % p == 0 for p in periods)
+
+    return check_now
+
+
 def _create_ddp_model_cpu_aware(model, *, fp16_compression: bool = False, **kwargs):
     """detectron2's ``create_ddp_model``, also for CPU models (gloo): no ``device_ids`` there.
 
@@ -184,7 +202,9 @@ class Trainer(DefaultTrainer):
         else:
             self._trainer = GuardedSimpleTrainer(old.model, old.data_loader, old.optimizer)
         self._trainer.configure_guard(
-            cfg.D2SEG.NONFINITE.MAX_SKIPS, cfg.D2SEG.NONFINITE.REPORT_IMAGES
+            cfg.D2SEG.NONFINITE.MAX_SKIPS, cfg.D2SEG.NONFINITE.REPORT_IMAGES,
+            lagged=fast_paths.resolve(cfg).nonfinite_check == "lagged",
+            check_now=_strict_iterations(cfg, weakref.proxy(self)),
         )
 
     @classmethod

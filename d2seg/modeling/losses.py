@@ -11,6 +11,13 @@ Pixels equal to ``ignore_index`` contribute nothing (neither to numerators nor d
 Each function returns a scalar tensor. Region losses (Dice, Tversky) pool the counts over the
 batch and the pixels of each class ("batch Dice"), then average over classes.
 
+No function reads a value back to the host on a GPU (no ``.item()``, ``bool(tensor)`` or
+boolean-mask indexing, each of which waits for the device): ignored pixels are masked by
+multiplication, and the range of the target values is checked only for CPU tensors. On a GPU,
+:func:`check_targets` does that check (one synchronisation); ``EncoderDecoderSegmentor`` runs
+it on its first training batch and ``D2SEG.DATASETS.CHECK`` checks every label map before
+training.
+
 :class:`SemSegLoss` combines named losses with weights, as chosen in
 ``cfg.MODEL.SEM_SEG_LOSS`` (e.g. CE+Dice, BCE+Dice, Focal+Dice, Tversky).
 """
@@ -30,6 +37,7 @@ __all__ = [
     "tversky_loss",
     "focal_loss",
     "cross_entropy_loss",
+    "check_targets",
     "SemSegLoss",
     "LOSS_NAMES",
 ]
@@ -58,11 +66,31 @@ def _check_targets(logits: Tensor, targets: Tensor) -> None:
         )
 
 
-def _check_binary_targets(valid_targets: Tensor) -> None:
-    if bool((valid_targets > 1).any()) or bool((valid_targets < 0).any()):
-        bad = valid_targets[(valid_targets > 1) | (valid_targets < 0)][0].item()
-        raise ValueError(f"binary (one-channel) logits need targets 0, 1 or the ignore value; "
-                         f"got {bad} (set MODEL.SEM_SEG_HEAD.NUM_CLASSES >= 2 for classes)")
+def check_targets(targets: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming a target value the model cannot have predicted.
+
+    ``num_classes`` >= 2 (multi-class): valid values are ``[0, num_classes)`` and
+    ``ignore_index``; ``num_classes`` = 1 (binary, one channel): 0, 1 and ``ignore_index``.
+    Reads one flag back from the device (a synchronisation on a GPU), and the offending value
+    only when there is one.
+    """
+    c = max(int(num_classes), 2)
+    bad = (targets != ignore_index) & ((targets >= c) | (targets < 0))
+    if bool(bad.any()):
+        value = targets[bad][0].item()
+        if num_classes == 1:
+            raise ValueError(f"binary (one-channel) logits need targets 0, 1 or the ignore value "
+                             f"{ignore_index}; got {value} (set MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+                             f">= 2 for classes)")
+        raise ValueError(f"target value {value} is outside [0, {c}) and not ignore_index "
+                         f"({ignore_index})")
+
+
+def _host_check(logits: Tensor, targets: Tensor, ignore_index: int) -> None:
+    """Shape check always; value check only where it costs no device synchronisation."""
+    _check_targets(logits, targets)
+    if targets.device.type == "cpu":
+        check_targets(targets, 1 if _is_binary(logits) else logits.shape[1], ignore_index)
 
 
 def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
@@ -70,25 +98,26 @@ def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
 
     K = C for multi-class (softmax) and K = 1 for binary (sigmoid, the foreground channel).
     """
-    _check_targets(logits, targets)
+    _host_check(logits, targets, ignore_index)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     if _is_binary(logits):
-        _check_binary_targets(safe)
         probs = torch.sigmoid(_binary_logits(logits).float()).unsqueeze(1)
         onehot = (safe == 1).unsqueeze(1).float()
     else:
-        c = logits.shape[1]
-        out_of_range = (safe >= c) | (safe < 0)
-        if bool(out_of_range.any()):  # one device sync for both bounds
-            bad = safe[out_of_range][0].item()
-            raise ValueError(f"target value {bad} is outside [0, {c}) and not ignore_index "
-                             f"({ignore_index})")
+        # out-of-range values on a GPU: scatter_'s device-side index assert
         probs = F.softmax(logits.float(), dim=1)
         # (N, C, H, W) float one-hot written directly (F.one_hot makes an int64 (N, H, W, C)
         # tensor that then needs a permuted float copy)
         onehot = torch.zeros_like(probs).scatter_(1, safe.unsqueeze(1), 1.0)
     return probs, onehot, valid.unsqueeze(1).float()
+
+
+def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """sum(values * weights) / sum(weights); 0 (with a zero gradient) when the weights sum
+    to 0. No host synchronisation."""
+    den = weights.sum()
+    return (values * weights).sum() / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
 def _region_index(tp: Tensor, fp: Tensor, fn: Tensor, a: float, b: float, smooth: float) -> Tensor:
@@ -188,26 +217,23 @@ def focal_loss(
     Returns:
         scalar tensor; 0 when no pixel is valid.
     """
-    _check_targets(logits, targets)
+    _host_check(logits, targets, ignore_index)
     valid = targets != ignore_index
+    w = valid.float()
     if _is_binary(logits):
-        _check_binary_targets(targets[valid])
-        x = _binary_logits(logits).float()[valid]
-        y = (targets[valid] == 1).float()
+        x = _binary_logits(logits).float()
+        y = (targets == 1).float()
         if isinstance(alpha, (list, tuple)):
             if len(alpha) != 1:
                 raise ValueError(f"binary focal loss takes one alpha, got {list(alpha)}")
             alpha = alpha[0]
         a = -1.0 if alpha is None else float(alpha)
-        if x.numel() == 0:
-            return logits.sum() * 0.0
-        return _tv_sigmoid_focal_loss(x, y, alpha=a, gamma=gamma, reduction="mean")
+        return _masked_mean(_tv_sigmoid_focal_loss(x, y, alpha=a, gamma=gamma, reduction="none"),
+                            w)
     c = logits.shape[1]
     logp = F.log_softmax(logits.float(), dim=1)
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)[valid]
-    if logp_t.numel() == 0:
-        return logits.sum() * 0.0
+    logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     loss = -((1.0 - logp_t.exp()).clamp_min(0) ** gamma) * logp_t
     if alpha is not None:
         if isinstance(alpha, (int, float)):
@@ -217,8 +243,8 @@ def focal_loss(
                 raise ValueError(f"focal alpha has {len(alpha)} values for {c} classes: "
                                  f"{list(alpha)}")
             a = torch.as_tensor(list(alpha), dtype=loss.dtype, device=loss.device)
-            loss = loss * a[safe[valid]]
-    return loss.mean()
+            loss = loss * a[safe]
+    return _masked_mean(loss, w)
 
 
 def cross_entropy_loss(
@@ -236,30 +262,32 @@ def cross_entropy_loss(
       ``class_weights[target]`` (``class_weights = [w_background, w_foreground]``), normalised
       the same way (weighted mean).
     """
-    _check_targets(logits, targets)
+    _host_check(logits, targets, ignore_index)
+    valid = targets != ignore_index
     if _is_binary(logits):
-        valid = targets != ignore_index
-        _check_binary_targets(targets[valid])
-        x = _binary_logits(logits).float()[valid]
-        y = (targets[valid] == 1).float()
-        if x.numel() == 0:
-            return logits.sum() * 0.0
-        if class_weights is None or len(class_weights) == 0:
-            return F.binary_cross_entropy_with_logits(x, y)
-        if len(class_weights) != 2:
-            raise ValueError(f"binary cross-entropy takes 2 class weights [background, "
-                             f"foreground], got {list(class_weights)}")
-        w = torch.where(y > 0.5, float(class_weights[1]), float(class_weights[0]))
-        return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * w).sum() / w.sum()
+        x = _binary_logits(logits).float()
+        y = (targets == 1).float()
+        w = valid.float()
+        if class_weights is not None and len(class_weights) > 0:
+            if len(class_weights) != 2:
+                raise ValueError(f"binary cross-entropy takes 2 class weights [background, "
+                                 f"foreground], got {list(class_weights)}")
+            w = w * torch.where(y > 0.5, float(class_weights[1]), float(class_weights[0]))
+        return _masked_mean(F.binary_cross_entropy_with_logits(x, y, reduction="none"), w)
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    mask = valid.float()
+    den = mask
     weight = None
     if class_weights is not None and len(class_weights) > 0:
         if len(class_weights) != logits.shape[1]:
             raise ValueError(f"{len(class_weights)} class weights for {logits.shape[1]} classes: "
                              f"{list(class_weights)}")
         weight = torch.as_tensor(list(class_weights), dtype=torch.float32, device=logits.device)
-    if not bool((targets != ignore_index).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets.long(), weight=weight, ignore_index=ignore_index)
+        den = den * weight[safe]
+    # the weighted mean F.cross_entropy(reduction="mean") computes, with 0 (not 0/0 = NaN)
+    # when every pixel is ignored
+    num = F.cross_entropy(logits.float(), safe, weight=weight, reduction="none") * mask
+    return num.sum() / den.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class SemSegLoss(nn.Module):

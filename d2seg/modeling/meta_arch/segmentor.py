@@ -13,6 +13,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ..heads.base import resize_logits
+from ..losses import check_targets
 from ..postprocessing import SemSegPostProcessor
 
 __all__ = ["EncoderDecoderSegmentor", "binary_to_two_class_logits"]
@@ -89,6 +90,9 @@ class EncoderDecoderSegmentor(nn.Module):
                              f"multiple of the backbone's size_divisibility {own}")
         self.size_divisibility = int(size_divisibility)
         self.postprocessor = postprocessor
+        # the target values are checked on the first training batch only: the losses never
+        # read values back from the GPU (see d2seg/modeling/losses.py)
+        self._targets_checked = False
 
     @classmethod
     def from_config(cls, cfg):
@@ -134,6 +138,9 @@ class EncoderDecoderSegmentor(nn.Module):
                 [x["sem_seg"].to(self.device, non_blocking=True) for x in batched_inputs],
                 self.size_divisibility, self.sem_seg_head.ignore_value,
             ).tensor
+            if not self._targets_checked:
+                check_targets(targets, self.sem_seg_head.num_classes, self.sem_seg_head.ignore_value)
+                self._targets_checked = True
             features = self.backbone(images.tensor)
             _, losses = self.sem_seg_head(features, targets)
             return losses

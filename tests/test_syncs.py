@@ -1,0 +1,112 @@
+"""Host synchronisations of a training step (d2seg/benchmark/syncs.py).
+
+On a GPU, every value read back to the host stalls the device; d2seg's semantic models read
+nothing back in the steady state of a training step. The CPU emulation of the audit follows
+what would live on the GPU (parameters, the batch) and lists what reads it back."""
+import os
+
+import pytest
+import torch
+
+import d2seg  # noqa: F401
+from d2seg.benchmark.subjects import SyntheticBatch
+from d2seg.benchmark.syncs import HostSyncAudit, tensors_in
+from d2seg.config import load_config
+from detectron2.modeling import build_model
+
+from conftest import REPO
+
+
+def test_audit_counts_reads_of_device_tensors_only():
+    x = torch.randn(8)
+    host = torch.tensor([3, 4])
+    with HostSyncAudit("cpu", roots=[x]) as a:
+        y = (x * 2).relu()  # arithmetic: nothing
+        bool((y > 0).any())  # a scalar read
+        y.sum().item()  # a scalar read
+        y[y > 0]  # boolean-mask indexing: nonzero
+        y.nonzero()
+        copy = y.cpu()  # a device-to-host copy ...
+        copy.sum().item()  # ... whose later reads are free
+        y.tolist()
+        int(host.max())  # shape-like arithmetic on host tensors: free
+    whats = [e.what for e in a.events]
+    assert whats == ["_local_scalar_dense", "_local_scalar_dense", "index", "nonzero", "cpu",
+                     "tolist"], whats
+    assert all(e.where.startswith("tests/test_syncs.py:") for e in a.events)
+    assert a.count == 6 and sum(a.by_site().values()) == 6
+    assert a.events[0].stack[0] == "test_audit_counts_reads_of_device_tensors_only"
+
+
+SEMANTIC = [
+    ("Shapes-SemanticSegmentation/unet_cpu.yaml", []),
+    ("Shapes-SemanticSegmentation/deeplabv3plus_cpu.yaml", []),
+    ("Shapes-SemanticSegmentation/pspnet_cpu.yaml", []),
+    ("Shapes-SemanticSegmentation/segformer_b0_cpu.yaml", []),
+    ("Shapes-SemanticSegmentation/hrnet_w18_small_cpu.yaml", []),
+    ("ISBI-SemanticSegmentation/unet_cpu.yaml",  # binary: one channel, BCE + Dice + Focal
+     ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1", "MODEL.SEM_SEG_LOSS.NAMES", "['BCE','Dice','Focal']",
+      "MODEL.SEM_SEG_LOSS.WEIGHTS", "[1.0,1.0,1.0]"]),
+]
+
+
+@pytest.mark.parametrize("config, opts", SEMANTIC, ids=[c for c, _ in SEMANTIC])
+def test_semantic_training_step_reads_nothing_back(config, opts):
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(REPO, "configs", config), ["MODEL.DEVICE", "cpu", *opts])
+    model = build_model(cfg).train()
+    k = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    batch = SyntheticBatch("semantic", 2, 64, 64, torch.device("cpu"),
+                           num_sem_classes=max(k, 2)).d2_inputs()
+    roots = list(model.parameters()) + list(model.buffers()) + list(tensors_in(batch))
+    audits = []
+    for _ in range(2):
+        with HostSyncAudit("cpu", roots) as a:
+            sum(model(batch).values()).backward()
+        audits.append(a)
+    first, steady = audits
+    # the only read a GPU would see: the segmentor's check of the first batch's target values
+    gpu_reads = [e for e in first.events if "_host_check" not in e.stack]
+    assert len(gpu_reads) == 1 and gpu_reads[0].stack[:2] == ["check_targets", "forward"], \
+        first.by_site()
+    # steady state: only the losses' value checks of CPU targets, which GPUs skip
+    assert steady.count >= 1
+    assert all("_host_check" in e.stack for e in steady.events), steady.by_site()
+
+
+@pytest.mark.parametrize("config, opts", SEMANTIC, ids=[c for c, _ in SEMANTIC])
+def test_semantic_training_step_runs_on_the_meta_device(config, opts):
+    """Meta tensors have shapes but no values: a forward + backward that completes on them
+    cannot have read a value back (``.item()`` / ``bool()`` / boolean indexing raise there).
+    The same code runs on a GPU, where such reads would stall the device."""
+    cfg = load_config(os.path.join(REPO, "configs", config), ["MODEL.DEVICE", "cpu", *opts])
+    model = build_model(cfg).train().to("meta")
+    model._targets_checked = True  # the first-batch check reads values, by design
+    batch = [{"image": torch.empty(3, 64, 64, device="meta"),
+              "sem_seg": torch.empty(64, 64, dtype=torch.long, device="meta")} for _ in range(2)]
+    losses = model(batch)
+    total = sum(losses.values())
+    total.backward()
+    assert total.device.type == "meta" and total.dim() == 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("config", ["Shapes-SemanticSegmentation/unet_cpu.yaml",
+                                    "Shapes-SemanticSegmentation/deeplabv3plus_cpu.yaml"])
+def test_compiled_head_and_loss_are_one_graph_off_the_cpu(config):
+    """torch.compile (D2SEG.SPEED.COMPILE compiles the backbone and the sem_seg head, whose
+    forward computes the losses in training) traces head + losses as one graph on a device
+    other than the CPU: no graph break, so the loss is fused with the head and nothing waits
+    for the device in between."""
+    import torch._dynamo as dynamo
+
+    cfg = load_config(os.path.join(REPO, "configs", config), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg).train().to("meta")
+    feats = model.backbone(torch.empty(2, 3, 64, 64, device="meta"))
+    targets = torch.empty(2, 64, 64, dtype=torch.long, device="meta")
+    dynamo.reset()
+    try:
+        ex = dynamo.explain(model.sem_seg_head)(feats, targets)
+    finally:
+        dynamo.reset()
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
