@@ -310,3 +310,22 @@ def test_a_failing_loop_keeps_the_step_numbers(monkeypatch):
     assert case["ratios"]["plain_unet"]["train_step_speedup"] > 0
     assert r["targets"][0]["status"] == "not measured"
     assert "train_net loop failed" in format_report(r)
+
+
+def test_step_alone_runs_mid_training_for_the_lagged_check():
+    """The "lagged" non-finite check (CUDA's default) checks the last iteration before its
+    update; the step alone must not run at the trainer's last iteration, or every measured
+    step would wait for the GPU."""
+    from d2seg.benchmark.subjects import D2SegSubject, SyntheticBatch
+
+    sub = D2SegSubject(UNET_CPU, TINY_SEM + ["D2SEG.NONFINITE.CHECK", "lagged"],
+                       torch.device("cpu"), "fp32", 2, max_iter=2)
+    try:
+        assert sub.inner.lagged
+        sub.set_batch(SyntheticBatch("semantic", 2, 32, 32, torch.device("cpu"),
+                                     num_sem_classes=5))
+        sub.train_steps(3)  # iterations 0-2; max_iter is 2
+        assert sub.inner._pending is not None and sub.inner._pending.iter == 2
+        assert sub.trainer.max_iter == 2  # restored
+    finally:
+        sub.close()

@@ -372,6 +372,16 @@ class D2SegSubject(_D2Stepped):
 
             self.speed_plan = fast_paths.resolve(self.cfg).as_dict()
 
+    def train_steps(self, k: int) -> None:
+        # steps in the middle of a long training: the "lagged" non-finite check treats the
+        # last iteration (and checkpoint / evaluation / writer ones) as strict, so the step
+        # alone must not run at or past the trainer's max_iter
+        saved, self.trainer.max_iter = self.trainer.max_iter, 10 ** 9
+        try:
+            super().train_steps(k)
+        finally:
+            self.trainer.max_iter = saved
+
     def run_loop(self, warmup: int, iters: int) -> Dict[str, object]:
         """``Trainer.train()`` (train_net's loop, real data loading, every hook) for
         ``warmup + iters + 1`` iterations; times iterations [warmup, warmup + iters).
