@@ -301,6 +301,11 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # measured on a GPU (docs/benchmarks.md); DEPTH batches are kept ahead.
     cfg.D2SEG.SPEED.DEVICE_PREFETCH = "auto"
     cfg.D2SEG.SPEED.DEVICE_PREFETCH_DEPTH = 2
+    # Label maps as uint8 from the "sem_seg" mapper (1 byte per pixel through the loader
+    # workers, pinned memory and the host-to-device copy instead of 8); d2seg's segmentors
+    # widen them on the device. "auto": on for d2seg's segmentors with an IGNORE_VALUE in
+    # [0, 255] (detectron2's own SemanticSegmentor keeps int64).
+    cfg.D2SEG.SPEED.COMPACT_LABELS = "auto"
 
     # --- evaluation speed (d2seg/evaluation/coco_backend.py) ---------------------------------
     # COCO AP implementation: "auto" (detectron2's C++ if it loads, else faster-coco-eval if

@@ -329,3 +329,31 @@ def test_step_alone_runs_mid_training_for_the_lagged_check():
         assert sub.trainer.max_iter == 2  # restored
     finally:
         sub.close()
+
+
+def test_deeplabv3plus_cases_compare_the_same_network():
+    """The DeepLabV3+ cases run d2seg with the reference's 7x7 stem: the same layers (all
+    parameter shapes but the image-pooling branch's norm) and the same FLOPs."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from d2seg.config import load_config
+    from detectron2.modeling import build_model
+
+    for preset in ("gpu-semantic", "cpu-record"):
+        (case,) = [c for c in get_preset(preset).cases if c.name == "deeplabv3plus"]
+        cfg = load_config(os.path.join(REPO, case.config_file),
+                          list(case.opts) + ["MODEL.DEVICE", "cpu"])
+        d2 = build_model(cfg).eval()
+        ref = PlainDeepLabV3Plus(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES).eval()
+        shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters())  # noqa: E731
+        extra = list(shapes(ref))
+        for s in shapes(d2):
+            extra.remove(s)
+        assert extra == [(256,)]  # torchvision's ASPP pooling has a BN (weight + bias)
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = d2.backbone(x)
+        f_d2 = FlopCountAnalysis(d2.backbone, x).total() + FlopCountAnalysis(
+            d2.sem_seg_head, (feats,)).total()
+        f_ref = FlopCountAnalysis(ref, x).total()
+    assert f_d2 == pytest.approx(f_ref, rel=0.01)

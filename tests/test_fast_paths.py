@@ -282,6 +282,50 @@ def test_fused_falls_back_without_kernels():
         {"fused": True}
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_after_a_skipped_first_step_matches_foreach(nesterov):
+    """torch's fused SGD makes its momentum buffers with empty_like in the first step and
+    does not fill them when the grad scaler skips that step (fp16's usual first step): the
+    next step then read uninitialised memory (d2seg's fp16 Mask R-CNN diverged on a GPU).
+    d2seg's SGD gets zero buffers up front: after a skipped step it matches foreach SGD."""
+    cfg = _cfg(UNET, "D2SEG.SPEED.OPTIMIZER_IMPL", "fused", "SOLVER.MOMENTUM", "0.9",
+               "SOLVER.NESTEROV", str(nesterov))
+    params = {}
+    for impl in ("fused", "foreach"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 512), nn.Linear(512, 4))
+        cfg.defrost()
+        cfg.D2SEG.SPEED.OPTIMIZER_IMPL = impl
+        opt = Trainer.build_optimizer(cfg, model)
+        assert bool(opt.defaults.get("fused")) == (impl == "fused")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        x = torch.randn(8, 64)
+        for bad in (True, False, False):
+            junk = torch.full((600, 600), float("nan"))  # freed memory full of NaN
+            del junk
+            opt.zero_grad()
+            loss = model(x).square().mean() * (float("inf") if bad else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        params[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.isfinite(params["fused"]).all()
+    assert torch.allclose(params["fused"], params["foreach"], rtol=1e-5, atol=1e-7)
+
+
+def test_prime_momentum_buffers_only_where_needed():
+    p = nn.Parameter(torch.ones(3))
+    fused = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True)
+    assert fast_paths.prime_momentum_buffers(fused) == 1
+    assert torch.equal(fused.state[p]["momentum_buffer"], torch.zeros(3))
+    assert fast_paths.prime_momentum_buffers(fused) == 0  # existing buffers are kept
+    for opt in (torch.optim.SGD([p], lr=0.1, momentum=0.9, foreach=True),
+                torch.optim.SGD([p], lr=0.1, momentum=0.0, fused=True),
+                torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, fused=True),
+                torch.optim.AdamW([p], lr=0.1, fused=True)):
+        assert fast_paths.prime_momentum_buffers(opt) == 0
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path):
     trainer, losses, params = _train(tmp_path, "bf16", "SOLVER.AMP.ENABLED", "True",
                                      "D2SEG.SPEED.AMP_DTYPE", "bfloat16")

@@ -70,8 +70,10 @@ class SemSegDatasetMapper:
     """Read the image and its label map, augment both, return the model's input dict.
 
     Output: the dataset dict plus "image" (C, H, W) uint8 tensor and, when the dict has
-    "sem_seg_file_name" and in training (or with ``load_gt_in_eval``), "sem_seg" (H, W) int64
-    tensor. "height"/"width" keep the original size, so models predict at that size.
+    "sem_seg_file_name" and in training (or with ``load_gt_in_eval``), "sem_seg" (H, W) tensor
+    of ``label_dtype`` (int64, detectron2's convention; uint8 with
+    ``D2SEG.SPEED.COMPACT_LABELS``, which d2seg's segmentors widen on the device). "height" /
+    "width" keep the original size, so models predict at that size.
     """
 
     @configurable
@@ -82,6 +84,7 @@ class SemSegDatasetMapper:
         augmentations: Sequence[Union[T.Augmentation, T.Transform]],
         image_format: str = "BGR",
         load_gt_in_eval: bool = False,
+        label_dtype: torch.dtype = torch.int64,
     ):
         """
         Args:
@@ -90,7 +93,11 @@ class SemSegDatasetMapper:
             image_format: ``detection_utils.read_image`` format (e.g. "BGR", "RGB", "L").
             load_gt_in_eval: also load "sem_seg" at inference (evaluators read the original
                 ground truth themselves, so it is off by default).
+            label_dtype: torch.int64 or torch.uint8 (label files are 8-bit: no value lost).
         """
+        if label_dtype not in (torch.int64, torch.uint8):
+            raise ValueError(f"label_dtype must be torch.int64 or torch.uint8, got {label_dtype}")
+        self.label_dtype = label_dtype
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
@@ -101,10 +108,13 @@ class SemSegDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
+        from ..engine.fast_paths import resolve
+
         return {
             "is_train": is_train,
             "augmentations": build_sem_seg_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "label_dtype": torch.uint8 if resolve(cfg).compact_labels else torch.int64,
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -122,6 +132,8 @@ class SemSegDatasetMapper:
         image, sem_seg = aug_input.image, aug_input.sem_seg
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if sem_seg is not None:
-            d["sem_seg"] = torch.as_tensor(np.ascontiguousarray(sem_seg).astype("long"))
+            d["sem_seg"] = torch.from_numpy(
+                np.ascontiguousarray(sem_seg, dtype=np.uint8 if self.label_dtype == torch.uint8
+                                     else np.int64))
         d.pop("annotations", None)
         return d

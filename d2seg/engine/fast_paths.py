@@ -140,6 +140,7 @@ class SpeedPlan:
     device_prefetch: bool = False
     device_prefetch_depth: int = 2
     nonfinite_check: str = "step"  # "step" or "lagged" (d2seg/engine/train_step.py)
+    compact_labels: bool = False  # uint8 label maps from the "sem_seg" mapper
     notes: List[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
@@ -157,6 +158,26 @@ def _switch(cfg, key: str) -> Optional[bool]:
     if s not in _SWITCH:
         raise ValueError(f"D2SEG.SPEED.{key} must be 'auto', 'on' or 'off', got '{value}'")
     return _SWITCH[s]
+
+
+def _compact_labels_possible(cfg) -> Tuple[bool, str]:
+    """(whether uint8 label maps can feed this model, what is missing if not)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from ..modeling.meta_arch.segmentor import EncoderDecoderSegmentor
+
+    name = cfg.MODEL.META_ARCHITECTURE
+    try:
+        cls = META_ARCH_REGISTRY.get(name)
+    except KeyError:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, EncoderDecoderSegmentor)):
+        return False, (f"a d2seg segmentor (MODEL.META_ARCHITECTURE '{name}' is not one; "
+                       f"its head may need int64 labels)")
+    ignore = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+    if not 0 <= ignore <= 255:
+        return False, f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE in [0, 255], got {ignore}"
+    return True, ""
 
 
 def _device(cfg) -> str:
@@ -260,6 +281,11 @@ def resolve(cfg) -> SpeedPlan:
     depth = int(sp.get("DEVICE_PREFETCH_DEPTH", 2))
     if depth < 1:
         raise ValueError(f"D2SEG.SPEED.DEVICE_PREFETCH_DEPTH must be >= 1, got {depth}")
+    compact = _switch(cfg, "COMPACT_LABELS")
+    compact_ok, why = _compact_labels_possible(cfg)
+    if compact and not compact_ok:
+        raise ValueError(f"D2SEG.SPEED.COMPACT_LABELS 'on' needs {why}")
+    compact = compact_ok if compact is None else compact
     check = str(cfg.D2SEG.NONFINITE.get("CHECK", "auto")).strip().lower()
     if check not in ("auto", "step", "lagged"):
         raise ValueError(f"D2SEG.NONFINITE.CHECK must be 'auto', 'step' or 'lagged', got "
@@ -276,7 +302,7 @@ def resolve(cfg) -> SpeedPlan:
                      compile_backend=str(sp.COMPILE_BACKEND), optimizer_impl=impl,
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
-                     nonfinite_check=check, notes=notes)
+                     nonfinite_check=check, compact_labels=bool(compact), notes=notes)
 
 
 def describe(cfg) -> str:
@@ -289,7 +315,8 @@ def describe(cfg) -> str:
             f"cudnn_benchmark={onoff[p.cudnn_benchmark]} tf32={onoff[p.tf32]} "
             f"channels_last={onoff[p.channels_last]} compile={comp} "
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
-            f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check}")
+            f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
+            f"compact_labels={onoff[p.compact_labels]}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -470,6 +497,33 @@ def optimizer_impl_kwargs(cfg, params: Iterable, plan: Optional[SpeedPlan] = Non
                         "parameters (%s); using 'foreach'", sorted(kinds))
         impl = "foreach"
     return {"foreach": impl == "foreach"}
+
+
+def prime_momentum_buffers(optimizer: torch.optim.Optimizer) -> int:
+    """Give a fused SGD with momentum zero momentum buffers before its first step; returns
+    how many were created.
+
+    torch's fused SGD creates its momentum buffers with ``torch.empty_like`` (uninitialised)
+    in its first step and fills them in the kernel, which a grad scaler's ``found_inf`` makes
+    skip. fp16 training usually skips its first step (the initial scale 65536 overflows), so
+    the second step read uninitialised memory: on CUDA, recycled activations, which made
+    Mask R-CNN diverge in fp16 at random init ("Predicted boxes or scores contain Inf/NaN").
+    With zero buffers the first applied step computes ``momentum * 0 + grad = grad``: what
+    torch's first step does, for ``dampening = 0`` (detectron2's SGD; other dampening values
+    are left alone). Only parameters without a buffer get one (resumed states keep theirs).
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0
+    made = 0
+    for group in optimizer.param_groups:
+        if not group.get("fused") or not group.get("momentum") or group.get("dampening"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                made += 1
+    return made
 
 
 def loader_kwargs(cfg, plan: Optional[SpeedPlan] = None) -> Dict[str, Any]:

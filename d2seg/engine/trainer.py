@@ -226,6 +226,7 @@ class Trainer(DefaultTrainer):
         fine-tuning loader (torchvision ResNets; skipped head weights in one log line)."""
         if resume and self.checkpointer.has_checkpoint():
             super().resume_or_load(resume=True)
+            fast_paths.prime_momentum_buffers(self.optimizer)  # a state without buffers
             if self.start_iter > 0:  # continue the data order where the checkpoint left it
                 workers = self.cfg.DATALOADER.NUM_WORKERS
                 if (self.cfg.DATALOADER.ASPECT_RATIO_GROUPING and workers > 1
@@ -274,9 +275,11 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
         impl = fast_paths.optimizer_impl_kwargs(cfg, params)
         if name == "SGD":  # as detectron2's build_optimizer (which always uses foreach)
-            return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+            opt = maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
                 params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
                 nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl)
+            fast_paths.prime_momentum_buffers(opt)  # fused SGD + fp16 grad scaler: see there
+            return opt
         opt_cls = torch.optim.Adam if name == "ADAM" else torch.optim.AdamW
         return maybe_add_gradient_clipping(cfg, opt_cls)(
             params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),

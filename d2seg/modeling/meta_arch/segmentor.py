@@ -36,7 +36,7 @@ class EncoderDecoderSegmentor(nn.Module):
 
     ``forward(batched_inputs)`` takes a list of dicts (from ``DatasetMapper`` or
     ``SemSegDatasetMapper``) with "image" (C, H, W) in 0-255 and, in training, "sem_seg"
-    (H, W) long; optional "height", "width" (output size, default the input size). Images
+    (H, W) long (or uint8, widened on the device); optional "height", "width" (output size, default the input size). Images
     are normalised, padded to a multiple of ``size_divisibility`` (targets with the ignore
     value) and batched.
 
@@ -134,10 +134,11 @@ class EncoderDecoderSegmentor(nn.Module):
                                  "INPUT.DATASET_MAPPER_NAME 'sem_seg' or detectron2's mapper)")
             # Labels are queued for the device before the backbone runs: a blocking copy
             # after it would make the host wait for the whole encoder (a GPU bubble per step).
+            # uint8 labels (D2SEG.SPEED.COMPACT_LABELS) are widened there, after the copy.
             targets = ImageList.from_tensors(
                 [x["sem_seg"].to(self.device, non_blocking=True) for x in batched_inputs],
                 self.size_divisibility, self.sem_seg_head.ignore_value,
-            ).tensor
+            ).tensor.long()
             if not self._targets_checked:
                 check_targets(targets, self.sem_seg_head.num_classes, self.sem_seg_head.ignore_value)
                 self._targets_checked = True
