@@ -327,6 +327,8 @@ def test_step_alone_runs_mid_training_for_the_lagged_check():
         sub.train_steps(3)  # iterations 0-2; max_iter is 2
         assert sub.inner._pending is not None and sub.inner._pending.iter == 2
         assert sub.trainer.max_iter == 2  # restored
+        loop = sub.run_loop(0, 1)  # resolves the step alone's staged losses first
+        assert loop["iters"] == 1 and sub.inner._pending is None
     finally:
         sub.close()
 

@@ -391,6 +391,12 @@ class D2SegSubject(_D2Stepped):
         The last iteration (final checkpoint) and ``after_train`` are outside the window.
         """
         tr = self.trainer
+        flush = getattr(self.inner, "flush_pending", None)
+        if callable(flush):  # the step alone's last losses ("lagged" check) stay out of the loop
+            from detectron2.utils.events import EventStorage
+
+            with EventStorage(self._it):
+                flush()
         need = warmup + iters + 1
         if tr.max_iter < need:
             raise ValueError(f"SOLVER.MAX_ITER={tr.max_iter} < {need} iterations the loop needs")
