@@ -89,18 +89,20 @@ case "$PART" in
     # The next lease (written 2026-11-26, session 5, after the first lease): measure the
     # sync-free semantic step (losses read nothing back; head + loss one compiled graph),
     # the "lagged" non-finite check (auto on CUDA) and DEVICE_PREFETCH; Mask R-CNN compiled
-    # and in fp16; the largest U-Net batch. 170 + 150 + 110 + 50 + 60 s of limits (+ ~20 s
+    # and in fp16; the largest U-Net batch. 185 + 130 + 120 + 50 + 60 s of limits (+ ~20 s
     # set-up): inside the tool's 600 s. Each JSON also lists the host syncs of one step of
-    # every subject (CUDA sync debug mode) with their source lines.
+    # every subject (CUDA sync debug mode) with their source lines, and (--profile-steps)
+    # how busy the GPU is during a step and the top operators.
     # 1. the semantic targets with the new defaults: step vs references, loop vs step
-    bench gpu_semantic_syncfree 170 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
-      --no-inference
-    # 2. the same with DEVICE_PREFETCH on (the loop is what it changes)
-    bench gpu_semantic_prefetch 150 gpu-semantic --repeats 1 --iters 10 --loop-iters 30 \
-      --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
+    bench gpu_semantic_syncfree 185 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference --profile-steps 2
+    # 2. the same with DEVICE_PREFETCH on (the loop is what it changes; no references)
+    bench gpu_semantic_prefetch 130 gpu-semantic --refs none --repeats 1 --iters 10 \
+      --loop-iters 30 --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
     # 3. Mask R-CNN (bf16) with its backbone compiled (GroupNorm is memory-bound in eager)
-    bench gpu_maskrcnn_compile 110 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
-      --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
+    bench gpu_maskrcnn_compile 120 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
+      --iters 10 --warmup 10 --loop-iters 0 --no-inference --profile-steps 2 \
+      D2SEG.SPEED.COMPILE on
     # 4. fp16: d2seg's warm-up diverged in the first lease; the cause (fused SGD's uninitialised
     #    momentum after a grad-scaler-skipped first step) is fixed since: does it train now,
     #    and how fast against plain detectron2?

@@ -359,3 +359,17 @@ def test_deeplabv3plus_cases_compare_the_same_network():
             d2.sem_seg_head, (feats,)).total()
         f_ref = FlopCountAnalysis(ref, x).total()
     assert f_d2 == pytest.approx(f_ref, rel=0.01)
+
+
+def test_profile_steps_reports_time_per_step_and_top_ops():
+    s = Settings(device="cpu", precision="fp32", batch=2, size=(32, 32), warmup=1, iters=1,
+                 repeats=1, inference=False, loop_iters=0, threads=1, profile_steps=2)
+    r = harness.run_benchmark([Case("unet", UNET_CPU, TINY_SEM, ["plain_unet"], loop=False)], s)
+    (case,) = r["cases"]
+    for sub in [case["d2seg"]] + case["references"]:
+        pf = sub["profile"]
+        assert pf["steps"] == 2 and pf["wall_s_per_step"] > 0
+        assert pf["device_busy_fraction"] is None  # CPU: no device kernels
+        assert len(pf["top"]) > 3 and all(t["calls_per_step"] > 0 for t in pf["top"])
+        assert any("conv" in t["name"] for t in pf["top"])
+    assert "profile d2seg unet:" in format_report(r)

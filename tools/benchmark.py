@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-backend", choices=("plain", "same"), default=None,
                     help="references' cuDNN benchmark / TF32: 'plain' (PyTorch defaults, TF32 "
                          "as d2seg's) or 'same' (all of d2seg's switches)")
+    ap.add_argument("--profile-steps", type=int, default=None, metavar="N",
+                    help="profile N train steps of every subject (GPU busy fraction, top ops)")
     ap.add_argument("--verbose", action="store_true", help="keep detectron2's INFO logging")
     ap.add_argument("--scaling", action="store_true", help="also run the scaling table")
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling table")
@@ -129,7 +131,8 @@ def plan(args):
             "infer_iters": args.infer_iters, "latency_iters": args.latency_iters,
             "loop_iters": args.loop_iters, "loop_warmup": args.loop_warmup, "lr": args.lr,
             "statistic": args.statistic, "threads": args.threads,
-            "ref_backend": args.ref_backend, "instances_per_image": args.instances_per_image}
+            "ref_backend": args.ref_backend, "instances_per_image": args.instances_per_image,
+            "profile_steps": args.profile_steps}
     for k, v in over.items():
         if v is not None:
             setattr(settings, k, v)

@@ -16,6 +16,9 @@ Per case (one d2seg config) and per subject (d2seg's ``Trainer`` and each refere
   increase, approximate; see :class:`~d2seg.benchmark.measure.MemoryMeter`).
 * **host synchronisations** of one train step, with the source line of each (CUDA: the
   sync debug mode; CPU: an emulation; see :class:`~d2seg.benchmark.syncs.HostSyncAudit`).
+* **profile** (``profile_steps > 0``): ``torch.profiler`` over that many train steps: wall and
+  device-kernel time per step (their ratio: how busy the host keeps the GPU) and the top
+  operators by device (CUDA) or host (CPU) time.
 
 :func:`run_benchmark` returns a JSON-able dict; :func:`format_report` renders markdown.
 """
@@ -25,6 +28,7 @@ import dataclasses
 import logging
 import os
 import statistics
+import time
 import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +42,7 @@ from .subjects import (D2SegSubject, Subject, SyntheticBatch, build_reference_su
 logger = logging.getLogger(__name__)
 
 __all__ = ["Case", "Settings", "Target", "run_benchmark", "run_case", "auto_references",
-           "audit_host_syncs",
+           "audit_host_syncs", "profile_steps",
            "evaluate_targets", "format_report", "resolve_device", "SCHEMA"]
 
 SCHEMA = "d2seg-benchmark/1"
@@ -89,6 +93,9 @@ class Settings:
     # TF32 switches, copied from d2seg's (same precision on both sides); "same" = all of
     # d2seg's (cuDNN benchmark included), to see what is left without them.
     ref_backend: str = "plain"
+    # > 0: profile that many train steps of every subject (torch.profiler): device-busy
+    # fraction of the wall time (host-bound steps leave the GPU idle) and the top operators
+    profile_steps: int = 0
     opts: List[str] = dataclasses.field(default_factory=list)  # user's KEY VALUE (d2seg side)
 
 
@@ -264,6 +271,8 @@ def run_case(case: Case, s: Settings, device: torch.device,
     for sub in subjects:  # after the timed rounds: the CPU emulation slows the step down
         with backend_flags(sub.backend_flags):
             results.setdefault(sub.name, {})["host_syncs"] = audit_host_syncs(sub, device)
+            if s.profile_steps > 0:
+                results[sub.name]["profile"] = profile_steps(sub, device, s.profile_steps)
     infer_batch = s.infer_batch or s.batch
     for sub in subjects:
         res = results.setdefault(sub.name, {})
@@ -352,6 +361,52 @@ def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
         return {"per_step": audit.count, "sites": audit.by_site(), "method": method}
     except Exception as e:  # noqa: BLE001 - a diagnostic; the timings stand without it
         return {"error": f"{type(e).__name__}: {e}"[:500], "method": method}
+
+
+def profile_steps(sub: Subject, device: torch.device, steps: int,
+                  top: int = 15) -> Dict[str, object]:
+    """``steps`` train steps of ``sub`` under ``torch.profiler``.
+
+    Returns {"steps", "wall_s_per_step", "device_s_per_step" (CUDA kernel time; None on CPU),
+    "device_busy_fraction" (device / wall: well below 1 means the host, not the GPU, sets the
+    pace; kernels overlapping on several streams can push it above 1), "top": [{"name", "calls_per_step", "self_device_ms_per_step",
+    "self_host_ms_per_step"}]}, or {"error"}. Profiler overhead makes the wall time longer
+    than the timed rounds'; the fraction is a lower bound."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            sub.train_steps(steps)
+            sync(device)
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+
+        def dev(e) -> float:  # microseconds of device kernels run by this op itself
+            return float(getattr(e, "self_device_time_total", 0.0)
+                         or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+        def on_device(e) -> bool:  # the kernels / copies themselves (not the ops that ran them)
+            return getattr(e, "device_type", None) == DeviceType.CUDA
+
+        # each kernel is listed on its own and in its op's self device time: count it once
+        device_us = sum(dev(e) for e in events if on_device(e)) if cuda else None
+        key = dev if cuda else (lambda e: float(e.self_cpu_time_total))
+        rows = sorted((e for e in events if not on_device(e)), key=key, reverse=True)[:top]
+        return {
+            "steps": steps, "wall_s_per_step": wall / steps,
+            "device_s_per_step": None if device_us is None else device_us / 1e6 / steps,
+            "device_busy_fraction": None if device_us is None else device_us / 1e6 / wall,
+            "top": [{"name": e.key, "calls_per_step": e.count / steps,
+                     "self_device_ms_per_step": dev(e) / 1e3 / steps,
+                     "self_host_ms_per_step": float(e.self_cpu_time_total) / 1e3 / steps}
+                    for e in rows]}
+    except Exception as e:  # noqa: BLE001 - a diagnostic; the timings stand without it
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
 def _peak(mem: Optional[Dict]) -> float:
@@ -532,6 +587,16 @@ def format_report(result: Dict) -> str:
                 f"{r.get('host_syncs', {}).get('per_step', '-')} |")
         for name, why in c["skipped_references"].items():
             lines.append(f"| {name} | skipped: {why} | | | | | | | |")
+        for r in [c["d2seg"]] + c["references"]:
+            pf = r.get("profile")
+            if pf and "error" not in pf:
+                busy = pf["device_busy_fraction"]
+                which = "self_host_ms_per_step" if busy is None else "self_device_ms_per_step"
+                gpu = "" if busy is None else (f", GPU kernels {_f(pf['device_s_per_step'])} "
+                                               f"s/step ({100 * busy:.0f} % busy)")
+                tops = ", ".join(f"{t['name']} {_f(t[which])} ms" for t in pf["top"][:5])
+                lines += ["", f"profile {r['name']}: {_f(pf['wall_s_per_step'])} s/step under "
+                              f"the profiler{gpu}; top: {tops}"]
         sites = c["d2seg"].get("host_syncs", {}).get("sites")
         if sites:
             lines += ["", "d2seg host syncs per step: " + "; ".join(
