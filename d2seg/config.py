@@ -306,6 +306,9 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # widen them on the device. "auto": on for d2seg's segmentors with an IGNORE_VALUE in
     # [0, 255] (detectron2's own SemanticSegmentor keeps int64).
     cfg.D2SEG.SPEED.COMPACT_LABELS = "auto"
+    # R-CNN / panoptic: detectron2's ground-truth matcher and ROI-head relabelling replaced by
+    # synchronisation-free forms with identical results (d2seg/modeling/sync_free_rcnn.py).
+    cfg.D2SEG.SPEED.RCNN_SYNC_FREE = "auto"
 
     # --- evaluation speed (d2seg/evaluation/coco_backend.py) ---------------------------------
     # COCO AP implementation: "auto" (detectron2's C++ if it loads, else faster-coco-eval if

@@ -110,3 +110,74 @@ def test_compiled_head_and_loss_are_one_graph_off_the_cpu(config):
     finally:
         dynamo.reset()
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+
+
+def test_sync_free_matcher_matches_detectron2():
+    from detectron2.modeling.matcher import Matcher
+
+    from d2seg.modeling.sync_free_rcnn import SyncFreeMatcher
+
+    g = torch.Generator().manual_seed(0)
+    matchers = [Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True),  # RPN
+                Matcher([0.5], [0, 1], allow_low_quality_matches=False),  # ROI heads
+                Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)]
+    for _ in range(100):
+        m, n = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+        q = ((torch.rand(m, n, generator=g) * 1.2).clamp(max=1.0) * 10).round() / 10  # ties
+        for ref in matchers:
+            a, b = ref(q), SyncFreeMatcher.from_matcher(ref)(q)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].dtype == b[1].dtype
+    empty = torch.zeros(0, 7)  # no ground truth
+    a, b = matchers[0](empty), SyncFreeMatcher.from_matcher(matchers[0])(empty)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _rcnn_losses(sync_free: bool, steps: int = 2):
+    from detectron2.utils.events import EventStorage
+
+    from d2seg.engine import Trainer
+
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                         "mask_rcnn_R_18_FPN_cpu.yaml"),
+                      ["MODEL.DEVICE", "cpu", "D2SEG.SPEED.RCNN_SYNC_FREE",
+                       "on" if sync_free else "off", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+                       "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"])
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg).train()
+    opt = Trainer.build_optimizer(cfg, model)
+    batch = SyntheticBatch("instance", 2, 96, 96, torch.device("cpu"), num_thing_classes=3,
+                           instances_per_image=3).d2_inputs()
+    out = []
+    with EventStorage(0):
+        for _ in range(steps):
+            torch.manual_seed(1)  # the same proposal sampling draws on both sides
+            losses = model(batch)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            out.append({k: v.item() for k, v in losses.items()})
+    return model, out, batch
+
+
+def test_rcnn_sync_free_trains_identically_with_fewer_host_syncs():
+    from detectron2.utils.events import EventStorage
+
+    from d2seg.modeling.sync_free_rcnn import SyncFreeMatcher
+
+    model_a, plain, _ = _rcnn_losses(False)
+    model_b, free, batch = _rcnn_losses(True)
+    assert plain == free  # bit-identical losses over two optimizer steps
+    assert type(model_b.proposal_generator.anchor_matcher) is SyncFreeMatcher
+    assert type(model_b.roi_heads.proposal_matcher) is SyncFreeMatcher
+    assert type(model_a.roi_heads.proposal_matcher) is not SyncFreeMatcher
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+    counts = []
+    for model in (model_a, model_b):
+        roots = list(model.parameters()) + list(model.buffers()) + list(tensors_in(batch))
+        with EventStorage(0), HostSyncAudit("cpu", roots) as a:
+            sum(model(batch).values()).backward()
+        counts.append(a)
+    sites = counts[1].by_site()
+    assert not [k for k in sites if "matcher.py" in k or "roi_heads.py:20" in k], sites
+    assert counts[1].count < counts[0].count - 10, (counts[0].count, counts[1].count)

@@ -141,6 +141,7 @@ class SpeedPlan:
     device_prefetch_depth: int = 2
     nonfinite_check: str = "step"  # "step" or "lagged" (d2seg/engine/train_step.py)
     compact_labels: bool = False  # uint8 label maps from the "sem_seg" mapper
+    rcnn_sync_free: bool = False  # d2seg/modeling/sync_free_rcnn.py
     notes: List[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
@@ -286,6 +287,9 @@ def resolve(cfg) -> SpeedPlan:
     if compact and not compact_ok:
         raise ValueError(f"D2SEG.SPEED.COMPACT_LABELS 'on' needs {why}")
     compact = compact_ok if compact is None else compact
+    sync_free = _switch(cfg, "RCNN_SYNC_FREE")
+    # auto: on for R-CNN / panoptic models (same results, fewer host waits), on every device
+    sync_free = family in ("rcnn", "panoptic") if sync_free is None else sync_free
     check = str(cfg.D2SEG.NONFINITE.get("CHECK", "auto")).strip().lower()
     if check not in ("auto", "step", "lagged"):
         raise ValueError(f"D2SEG.NONFINITE.CHECK must be 'auto', 'step' or 'lagged', got "
@@ -302,7 +306,8 @@ def resolve(cfg) -> SpeedPlan:
                      compile_backend=str(sp.COMPILE_BACKEND), optimizer_impl=impl,
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
-                     nonfinite_check=check, compact_labels=bool(compact), notes=notes)
+                     nonfinite_check=check, compact_labels=bool(compact),
+                     rcnn_sync_free=bool(sync_free), notes=notes)
 
 
 def describe(cfg) -> str:
@@ -316,7 +321,7 @@ def describe(cfg) -> str:
             f"channels_last={onoff[p.channels_last]} compile={comp} "
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
             f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
-            f"compact_labels={onoff[p.compact_labels]}")
+            f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,9 +450,16 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
       whole model), with ``COMPILE_MODE`` / ``COMPILE_BACKEND``. Compilation happens at the
       first forward; a failure logs one warning and runs eagerly.
 
+    * ``D2SEG.SPEED.RCNN_SYNC_FREE``: :func:`d2seg.modeling.sync_free_rcnn.make_sync_free`
+      (detectron2's matchers and ROI-head relabelling without host synchronisations).
+
     Call it after the model is on its device and frozen, before DDP wrapping.
     """
     plan = plan or resolve(cfg)
+    if plan.rcnn_sync_free:
+        from ..modeling.sync_free_rcnn import make_sync_free
+
+        make_sync_free(model)
     if plan.channels_last:
         to_channels_last(model)
     if plan.compile:
