@@ -28,11 +28,14 @@ def _worker(out: str, opts):
                os.path.join(out, f"info_rank{comm.get_rank()}.pth"))
 
 
-def test_two_processes_on_gloo(tmp_path):
+@pytest.mark.parametrize("check", ["step", "lagged"])
+def test_two_processes_on_gloo(tmp_path, check):
+    """``check``: D2SEG.NONFINITE.CHECK ("lagged" is the CUDA default: the non-finite flag is
+    all-reduced without waiting and read one step later, on every rank alike)."""
     from detectron2.engine import launch
     from detectron2.engine.launch import _find_free_port
 
-    opts = ["D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", str(NUM_VAL),
+    opts = ["D2SEG.NONFINITE.CHECK", check, "D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", str(NUM_VAL),
             "D2SEG.SHAPES.IMAGE_SIZE", "96", "INPUT.MIN_SIZE_TRAIN", "(96,)",
             "INPUT.MIN_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3",
             "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0", "TEST.NUM_VIS", "0",
@@ -49,3 +52,92 @@ def test_two_processes_on_gloo(tmp_path):
     preds = torch.load(tmp_path / "inference" / "shapes_instance_val" / "instances_predictions.pth",
                        weights_only=False)
     assert sorted(p["image_id"] for p in preds) == list(range(NUM_VAL))
+
+
+def _nan_worker(out: str, opts):
+    import d2seg  # noqa: F401
+    from d2seg.engine import Trainer, default_argument_parser, setup
+    from d2seg.engine.train_step import NonFiniteLossError
+    from detectron2.utils import comm
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", CFG, "OUTPUT_DIR", out, "MODEL.META_ARCHITECTURE", "ToyNaNOnRank1",
+         *opts])
+    cfg = setup(args)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    try:
+        trainer.train()
+        msg = "no error"
+    except NonFiniteLossError as e:
+        msg = str(e)
+    with open(os.path.join(out, f"rank{comm.get_rank()}.txt"), "w") as f:
+        f.write(msg)
+    comm.synchronize()  # both files written before either process tears down
+    torch.distributed.destroy_process_group()
+
+
+def _register_toy():
+    from torch import nn
+
+    from detectron2.modeling import META_ARCH_REGISTRY
+    from detectron2.utils import comm
+
+    if "ToyNaNOnRank1" in META_ARCH_REGISTRY:
+        return
+
+    @META_ARCH_REGISTRY.register()
+    class ToyNaNOnRank1(nn.Module):
+        """A one-conv model whose loss is NaN on rank 1's second call only."""
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 1)
+            self.calls = 0
+
+        @property
+        def device(self):
+            return self.conv.weight.device
+
+        def forward(self, batched_inputs):
+            x = torch.stack([d["image"].float() / 255 for d in batched_inputs])
+            loss = (self.conv(x) - 0.5).pow(2).mean()
+            if comm.get_rank() == 1 and self.calls == 1:
+                loss = loss * float("nan")
+            self.calls += 1
+            return {"loss_toy": loss}
+
+
+_register_toy()  # at import: the spawned workers import this module too
+
+
+def _launch_nan_run(out: str, opts) -> None:
+    from detectron2.engine import launch
+    from detectron2.engine.launch import _find_free_port
+
+    launch(_nan_worker, 2, num_machines=1, machine_rank=0,
+           dist_url=f"tcp://127.0.0.1:{_find_free_port()}", args=(out, opts))
+
+
+@pytest.mark.parametrize("check", ["step", "lagged"])
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path, check):
+    """The non-finite flag is all-reduced: a NaN loss on rank 1 alone stops both ranks at the
+    same iteration (a rank that went on would hang in the next collective)."""
+    import multiprocessing as mp
+
+    opts = ["D2SEG.NONFINITE.CHECK", check, "D2SEG.SHAPES.NUM_TRAIN", "8",
+            "D2SEG.SHAPES.NUM_VAL", "2", "D2SEG.SHAPES.IMAGE_SIZE", "64",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.NUM_VIS", "0", "DATASETS.TEST", "()"]
+    proc = mp.get_context("spawn").Process(target=_launch_nan_run, args=(str(tmp_path), opts))
+    proc.start()
+    proc.join(timeout=240)
+    if proc.is_alive():  # a rank went on and waits in a collective
+        proc.terminate()
+        proc.join()
+        pytest.fail("a rank did not stop on the other rank's NaN loss (hung)")
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert "iteration 1" in msgs[1] and "loss_toy=nan" in msgs[1], msgs
+    assert "iteration 1" in msgs[0] and "a loss on another rank" in msgs[0], msgs
+    if check == "lagged":
+        assert all("'lagged'" in m for m in msgs)
