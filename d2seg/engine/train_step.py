@@ -178,6 +178,9 @@ class _NonFiniteGuard:
     def _stage(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> _Staged:
         """Queue the losses and their non-finite flag for the host; no waiting."""
         keys = list(loss_dict)
+        files = _batch_files(self._last_batch) if self.report_images else []
+        if not keys:
+            return _Staged(int(self.iter), [], torch.zeros(1), None, data_time, files)
         vals = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
         flag = (~torch.isfinite(vals)).any().float().reshape(1)
         if comm.get_world_size() > 1:  # every rank must take the same decision
@@ -185,13 +188,18 @@ class _NonFiniteGuard:
         packed = torch.cat([vals, flag])
         event = None
         if packed.is_cuda:
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            try:
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            except RuntimeError:  # no page-locked memory to be had: a waiting copy instead
+                host = None
+            if host is None:
+                host = packed.cpu()
+            else:
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
         else:
             host = packed
-        files = _batch_files(self._last_batch) if self.report_images else []
         return _Staged(int(self.iter), keys, host, event, data_time, files)
 
     def _resolve(self, st: _Staged, late: bool = True) -> None:
