@@ -28,3 +28,37 @@ def shared_data() -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return REPO
+
+
+def toy_nan_model(name: str, is_bad):
+    """Register (once) and return a meta-architecture ``name``: one 1x1 conv on the batch's
+    images, loss ``{"loss_toy": ...}``, NaN on the calls where ``is_bad(calls)`` is true."""
+    import torch
+    from torch import nn
+
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    if name in META_ARCH_REGISTRY:
+        return META_ARCH_REGISTRY.get(name)
+
+    class Toy(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 1)
+            self.calls = 0
+
+        @property
+        def device(self):
+            return self.conv.weight.device
+
+        def forward(self, batched_inputs):
+            x = torch.stack([d["image"].float() / 255 for d in batched_inputs])
+            loss = (self.conv(x) - 0.5).pow(2).mean()
+            if is_bad(self.calls):
+                loss = loss * float("nan")
+            self.calls += 1
+            return {"loss_toy": loss}
+
+    Toy.__name__ = Toy.__qualname__ = name
+    META_ARCH_REGISTRY.register(Toy)
+    return Toy

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, toy_nan_model
 
 CFG = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml")
 NUM_VAL = 4
@@ -77,38 +77,14 @@ def _nan_worker(out: str, opts):
     torch.distributed.destroy_process_group()
 
 
-def _register_toy():
-    from torch import nn
-
-    from detectron2.modeling import META_ARCH_REGISTRY
+def _rank1_second_call(calls: int) -> bool:
     from detectron2.utils import comm
 
-    if "ToyNaNOnRank1" in META_ARCH_REGISTRY:
-        return
-
-    @META_ARCH_REGISTRY.register()
-    class ToyNaNOnRank1(nn.Module):
-        """A one-conv model whose loss is NaN on rank 1's second call only."""
-
-        def __init__(self, cfg):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 1, 1)
-            self.calls = 0
-
-        @property
-        def device(self):
-            return self.conv.weight.device
-
-        def forward(self, batched_inputs):
-            x = torch.stack([d["image"].float() / 255 for d in batched_inputs])
-            loss = (self.conv(x) - 0.5).pow(2).mean()
-            if comm.get_rank() == 1 and self.calls == 1:
-                loss = loss * float("nan")
-            self.calls += 1
-            return {"loss_toy": loss}
+    return comm.get_rank() == 1 and calls == 1
 
 
-_register_toy()  # at import: the spawned workers import this module too
+# the spawned workers import this module too, which registers the model there
+toy_nan_model("ToyNaNOnRank1", _rank1_second_call)
 
 
 def _launch_nan_run(out: str, opts) -> None:

@@ -12,9 +12,8 @@ from d2seg.config import ConfigError, load_config
 from d2seg.engine import default_argument_parser, main
 from d2seg.engine.checkpoint import D2SegCheckpointer
 from d2seg.engine.train_step import NonFiniteLossError
-from detectron2.modeling import META_ARCH_REGISTRY
 
-from conftest import REPO
+from conftest import REPO, toy_nan_model
 
 CPU_CFG = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml")
 TINY = ["D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", "2", "D2SEG.SHAPES.IMAGE_SIZE", "64",
@@ -24,26 +23,8 @@ TINY = ["D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", "2", "D2SEG.SHAPE
 BAD_CALLS = set()  # forward calls (0-based) of ToyNaN that return a NaN loss
 
 
-@META_ARCH_REGISTRY.register()
-class ToyNaN(nn.Module):
-    """A one-conv model whose loss is NaN on the calls listed in BAD_CALLS."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 1, 1)
-        self.calls = 0
-
-    @property
-    def device(self):
-        return self.conv.weight.device
-
-    def forward(self, batched_inputs):
-        x = torch.stack([d["image"].float() / 255 for d in batched_inputs])
-        loss = (self.conv(x) - 0.5).pow(2).mean()
-        if self.calls in BAD_CALLS:
-            loss = loss * float("nan")
-        self.calls += 1
-        return {"loss_toy": loss}
+# A one-conv model whose loss is NaN on the forward calls listed in BAD_CALLS (0-based).
+toy_nan_model("ToyNaN", lambda calls: calls in BAD_CALLS)
 
 
 def _args(out, *opts):

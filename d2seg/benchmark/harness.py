@@ -369,8 +369,8 @@ def profile_steps(sub: Subject, device: torch.device, steps: int,
 
     Returns {"steps", "wall_s_per_step", "device_s_per_step" (CUDA kernel time; None on CPU),
     "device_busy_fraction" (device / wall: well below 1 means the host, not the GPU, sets the
-    pace; kernels overlapping on several streams can push it above 1), "top": [{"name", "calls_per_step", "self_device_ms_per_step",
-    "self_host_ms_per_step"}]}, or {"error"}. Profiler overhead makes the wall time longer
+    pace; kernels overlapping on several streams can push it above 1), "top": [{"name",
+    "calls_per_step", "self_device_ms_per_step", "self_host_ms_per_step"}]}, or {"error"}. Profiler overhead makes the wall time longer
     than the timed rounds'; the fraction is a lower bound."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

@@ -290,8 +290,10 @@ def resolve(cfg) -> SpeedPlan:
     sync_free = _switch(cfg, "RCNN_SYNC_FREE")
     # auto: on for R-CNN / panoptic models (same results, fewer host waits), on every device
     sync_free = family in ("rcnn", "panoptic") if sync_free is None else sync_free
+    from .train_step import CHECK_MODES
+
     check = str(cfg.D2SEG.NONFINITE.get("CHECK", "auto")).strip().lower()
-    if check not in ("auto", "step", "lagged"):
+    if check not in CHECK_MODES:
         raise ValueError(f"D2SEG.NONFINITE.CHECK must be 'auto', 'step' or 'lagged', got "
                          f"'{cfg.D2SEG.NONFINITE.CHECK}'")
     skips = int(cfg.D2SEG.NONFINITE.MAX_SKIPS)

@@ -36,9 +36,9 @@ class EncoderDecoderSegmentor(nn.Module):
 
     ``forward(batched_inputs)`` takes a list of dicts (from ``DatasetMapper`` or
     ``SemSegDatasetMapper``) with "image" (C, H, W) in 0-255 and, in training, "sem_seg"
-    (H, W) long (or uint8, widened on the device); optional "height", "width" (output size, default the input size). Images
-    are normalised, padded to a multiple of ``size_divisibility`` (targets with the ignore
-    value) and batched.
+    (H, W) long (or uint8, widened on the device); optional "height", "width" (output size,
+    default the input size). Images are normalised, padded to a multiple of
+    ``size_divisibility`` (targets with the ignore value) and batched.
 
     Returns:
         * training: dict of scalar losses (``loss_sem_seg_<name>``, ``loss_aux_<name>``).
@@ -140,7 +140,8 @@ class EncoderDecoderSegmentor(nn.Module):
                 self.size_divisibility, self.sem_seg_head.ignore_value,
             ).tensor.long()
             if not self._targets_checked:
-                check_targets(targets, self.sem_seg_head.num_classes, self.sem_seg_head.ignore_value)
+                head = self.sem_seg_head
+                check_targets(targets, head.num_classes, head.ignore_value)
                 self._targets_checked = True
             features = self.backbone(images.tensor)
             _, losses = self.sem_seg_head(features, targets)
