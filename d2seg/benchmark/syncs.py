@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ _SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "uniqu
                        "bincount", "histc"})
 # Tensor methods that copy to the host (not seen by the dispatcher on CPU tensors)
 _HOST_COPIES = frozenset({"cpu", "tolist", "numpy"})
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SKIP_FILES = ("/torch/", "/d2seg/benchmark/syncs.py", "/contextlib.py", "/warnings.py")
 
 
@@ -63,12 +65,11 @@ def _call_site() -> tuple:
     if not frames:
         return "?", []
     f = frames[-1]
-    name = f.filename
-    for marker in ("site-packages/", "/d2seg/", "/tests/", "/tools/"):
-        if marker in name:
-            name = marker.strip("/") + "/" + name.split(marker, 1)[1] if marker != "site-packages/" \
-                else name.split(marker, 1)[1]
-            break
+    name = f.filename  # shortened: relative to site-packages or to this repository
+    if "site-packages/" in name:
+        name = name.split("site-packages/", 1)[1]
+    elif name.startswith(_REPO + os.sep):
+        name = os.path.relpath(name, _REPO)
     return f"{name}:{f.lineno}", [fr.name for fr in reversed(frames)][:8]
 
 
