@@ -309,6 +309,15 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # R-CNN / panoptic: detectron2's ground-truth matcher and ROI-head relabelling replaced by
     # synchronisation-free forms with identical results (d2seg/modeling/sync_free_rcnn.py).
     cfg.D2SEG.SPEED.RCNN_SYNC_FREE = "auto"
+    # Each training sample's tensors (image, labels, boxes, ...) copied into one buffer in the
+    # loader worker, so the sample reaches the training process as one shared-memory block
+    # instead of one per tensor (d2seg/data/pack.py). "auto": on with DATALOADER.NUM_WORKERS > 0.
+    cfg.D2SEG.SPEED.PACK_SAMPLES = "auto"
+    # How loader workers share tensors with the training process (process-wide, see
+    # torch.multiprocessing): "auto" (= "file_system" with DATALOADER.NUM_WORKERS > 0 where
+    # torch offers it: no per-tensor socket handshake; measured in docs/benchmarks.md),
+    # "file_system", "file_descriptor" (torch's Linux default) or "default" (leave it as is).
+    cfg.D2SEG.SPEED.SHARING_STRATEGY = "auto"
 
     # --- evaluation speed (d2seg/evaluation/coco_backend.py) ---------------------------------
     # COCO AP implementation: "auto" (detectron2's C++ if it loads, else faster-coco-eval if

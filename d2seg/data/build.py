@@ -29,6 +29,7 @@ from detectron2.data.samplers import (
 )
 from detectron2.utils import comm
 
+from .pack import PackedMapper
 from .safe_mapper import SafeMapper
 
 __all__ = ["build_train_loader", "build_test_loader", "build_mapper", "MAPPER_NAMES",
@@ -137,6 +138,10 @@ def build_train_loader(cfg, start_iter: int = 0):
       trained (:class:`SkipSampler`);
     * ``D2SEG.SPEED.PIN_MEMORY`` / ``PERSISTENT_WORKERS`` / ``PREFETCH_FACTOR`` passed on to
       ``torch.utils.data.DataLoader`` (:func:`d2seg.engine.fast_paths.loader_kwargs`);
+    * ``D2SEG.SPEED.SHARING_STRATEGY``: how the workers share tensors with this process
+      (:func:`d2seg.engine.fast_paths.apply_sharing_strategy`);
+    * ``D2SEG.SPEED.PACK_SAMPLES``: each sample's tensors made views of one buffer in the
+      worker (:func:`d2seg.data.pack.pack_sample`: one shared-memory block per sample);
     * ``D2SEG.SPEED.DEVICE_PREFETCH``: the loader wrapped in
       :class:`~d2seg.data.prefetch.DevicePrefetcher` (batches copied to ``MODEL.DEVICE`` by a
       background thread while the previous step runs).
@@ -157,12 +162,15 @@ def build_train_loader(cfg, start_iter: int = 0):
     mapper = SafeMapper(build_mapper(cfg, True), cfg.D2SEG.BAD_INPUT.POLICY,
                         cfg.D2SEG.BAD_INPUT.MAX_SKIPS)
     mapper = PositionSeededMapper(mapper, max(cfg.SEED, 0), per_rank, start_iter * per_rank)
+    from ..engine.fast_paths import apply_sharing_strategy, loader_kwargs, resolve
+
+    plan = resolve(cfg)
+    apply_sharing_strategy(plan)
+    if plan.pack_samples:
+        mapper = PackedMapper(mapper)
     # the remaining arguments as build_detection_train_loader(cfg) derives them
     kwargs = _train_loader_from_config(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
     # D2SEG.SPEED: pin_memory / persistent_workers / prefetch_factor (d2seg/engine/fast_paths.py)
-    from ..engine.fast_paths import loader_kwargs, resolve
-
-    plan = resolve(cfg)
     kwargs.update(loader_kwargs(cfg, plan))
     if start_iter > 0:
         kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)

@@ -72,8 +72,9 @@ class SemSegDatasetMapper:
     Output: the dataset dict plus "image" (C, H, W) uint8 tensor and, when the dict has
     "sem_seg_file_name" and in training (or with ``load_gt_in_eval``), "sem_seg" (H, W) tensor
     of ``label_dtype`` (int64, detectron2's convention; uint8 with
-    ``D2SEG.SPEED.COMPACT_LABELS``, which d2seg's segmentors widen on the device). "height" /
-    "width" keep the original size, so models predict at that size.
+    ``D2SEG.SPEED.COMPACT_LABELS``, which d2seg's segmentors widen on the device; image and
+    uint8 labels are then views of one buffer). "height" / "width" keep the original size, so
+    models predict at that size.
     """
 
     @configurable
@@ -130,6 +131,17 @@ class SemSegDatasetMapper:
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug_input)
         image, sem_seg = aug_input.image, aug_input.sem_seg
+        if sem_seg is not None and self.label_dtype == torch.uint8 and image.dtype == np.uint8:
+            # one buffer for both (the loader workers then hand over one shared-memory block,
+            # d2seg/data/pack.py), filled by the copies the layout change makes anyway
+            c = image.shape[2]
+            buf = np.empty((c + 1,) + image.shape[:2], dtype=np.uint8)
+            buf[:c] = image.transpose(2, 0, 1)
+            buf[c] = sem_seg
+            both = torch.from_numpy(buf)
+            d["image"], d["sem_seg"] = both[:c], both[c]
+            d.pop("annotations", None)
+            return d
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if sem_seg is not None:
             d["sem_seg"] = torch.from_numpy(

@@ -10,7 +10,9 @@ module applies it:
   fallback;
 * :func:`optimizer_impl_kwargs` - ``fused`` / ``foreach`` for SGD, Adam and AdamW;
 * :func:`loader_kwargs` - ``pin_memory``, ``persistent_workers``, ``prefetch_factor`` of the
-  training data loader; ``device_prefetch`` wraps it in
+  training data loader; :func:`apply_sharing_strategy` - how its workers share tensors;
+  ``pack_samples`` wraps its mapper in :class:`d2seg.data.pack.PackedMapper` and
+  ``device_prefetch`` the loader in
   :class:`d2seg.data.prefetch.DevicePrefetcher` (``d2seg.data.build.build_train_loader``).
 
 ``d2seg.engine.Trainer`` calls them (``build_model``, ``build_optimizer``, the AMP trainer,
@@ -35,7 +37,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FAMILIES", "FAMILY_DEFAULTS", "SpeedPlan", "model_family", "resolve", "configure_backends",
     "amp_dtype", "make_grad_scaler", "prepare_model", "compile_module", "CompiledForward",
-    "to_channels_last", "optimizer_impl_kwargs", "loader_kwargs", "describe",
+    "to_channels_last", "optimizer_impl_kwargs", "loader_kwargs", "apply_sharing_strategy",
+    "describe",
 ]
 
 FAMILIES = ("semantic", "rcnn", "panoptic", "other")
@@ -142,6 +145,8 @@ class SpeedPlan:
     nonfinite_check: str = "step"  # "step" or "lagged" (d2seg/engine/train_step.py)
     compact_labels: bool = False  # uint8 label maps from the "sem_seg" mapper
     rcnn_sync_free: bool = False  # d2seg/modeling/sync_free_rcnn.py
+    pack_samples: bool = False  # d2seg/data/pack.py
+    sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
     notes: List[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
@@ -290,6 +295,19 @@ def resolve(cfg) -> SpeedPlan:
     sync_free = _switch(cfg, "RCNN_SYNC_FREE")
     # auto: on for R-CNN / panoptic models (same results, fewer host waits), on every device
     sync_free = family in ("rcnn", "panoptic") if sync_free is None else sync_free
+    pack = _switch(cfg, "PACK_SAMPLES")
+    # auto: on where samples cross a process boundary (loader workers); there it saves the
+    # training process a shared-memory handshake per tensor (docs/benchmarks.md)
+    pack = workers > 0 if pack is None else pack
+    sharing = str(sp.get("SHARING_STRATEGY", "auto")).strip().lower()
+    offered = sorted(torch.multiprocessing.get_all_sharing_strategies())
+    if sharing not in ("auto", "default", *offered):
+        raise ValueError(f"D2SEG.SPEED.SHARING_STRATEGY must be 'auto', 'default' or one of "
+                         f"{offered} (this machine's torch), got '{sp.SHARING_STRATEGY}'")
+    if sharing == "auto":  # only where workers hand tensors over
+        sharing = "file_system" if workers > 0 and "file_system" in offered else ""
+    elif sharing == "default":
+        sharing = ""
     from .train_step import CHECK_MODES
 
     check = str(cfg.D2SEG.NONFINITE.get("CHECK", "auto")).strip().lower()
@@ -309,7 +327,8 @@ def resolve(cfg) -> SpeedPlan:
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
                      nonfinite_check=check, compact_labels=bool(compact),
-                     rcnn_sync_free=bool(sync_free), notes=notes)
+                     rcnn_sync_free=bool(sync_free), pack_samples=bool(pack),
+                     sharing_strategy=sharing, notes=notes)
 
 
 def describe(cfg) -> str:
@@ -323,7 +342,9 @@ def describe(cfg) -> str:
             f"channels_last={onoff[p.channels_last]} compile={comp} "
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
             f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
-            f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]}")
+            f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
+            f"pack_samples={onoff[p.pack_samples]} "
+            f"sharing_strategy={p.sharing_strategy or 'default'}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -555,3 +576,23 @@ def loader_kwargs(cfg, plan: Optional[SpeedPlan] = None) -> Dict[str, Any]:
         if plan.prefetch_factor > 0:
             out["prefetch_factor"] = plan.prefetch_factor
     return out
+
+
+def apply_sharing_strategy(plan: SpeedPlan) -> Optional[str]:
+    """Set ``torch.multiprocessing``'s sharing strategy to ``plan.sharing_strategy`` (process-wide;
+    data-loader workers forked afterwards inherit it). Returns the strategy set, or None when
+    the plan leaves it alone.
+
+    With "file_descriptor" (torch's Linux default) the training process receives every tensor
+    storage through a socket connection to the worker, with an authentication handshake that
+    the worker answers only when its mapper releases the GIL; "file_system" passes a shared-
+    memory name instead (torch's ``torch_shm_manager`` removes what a killed process leaves)."""
+    if not plan.sharing_strategy:
+        return None
+    import torch.multiprocessing as mp
+
+    if mp.get_sharing_strategy() != plan.sharing_strategy:
+        mp.set_sharing_strategy(plan.sharing_strategy)
+        logger.info(f"torch.multiprocessing sharing strategy: {plan.sharing_strategy} "
+                    f"(D2SEG.SPEED.SHARING_STRATEGY)")
+    return plan.sharing_strategy
