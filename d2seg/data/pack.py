@@ -54,7 +54,8 @@ def pack_sample(sample: Any) -> Any:
     ``Instances`` value (its tensor fields, ``Boxes.tensor``, ``BitMasks.tensor``). Each view
     has the original dtype, shape and values, and is contiguous. Empty tensors and tensors
     not on the CPU are left alone; a sample with fewer than two packable tensors, or whose
-    tensors already share one storage, is returned unchanged. Modifies ``sample`` in place and returns it.
+    tensors already share one storage, is returned unchanged. Modifies ``sample`` in place
+    and returns it.
     """
     slots = [s for s in _slots(sample) if s[2].numel() > 0 and s[2].device.type == "cpu"]
     if len(slots) < 2 or len({t.untyped_storage().data_ptr() for _, _, t in slots}) == 1:

@@ -140,12 +140,10 @@ class SemSegDatasetMapper:
             buf[c] = sem_seg
             both = torch.from_numpy(buf)
             d["image"], d["sem_seg"] = both[:c], both[c]
-            d.pop("annotations", None)
-            return d
-        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        if sem_seg is not None:
-            d["sem_seg"] = torch.from_numpy(
-                np.ascontiguousarray(sem_seg, dtype=np.uint8 if self.label_dtype == torch.uint8
-                                     else np.int64))
+        else:
+            d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            if sem_seg is not None:
+                d["sem_seg"] = torch.from_numpy(np.ascontiguousarray(
+                    sem_seg, dtype=np.uint8 if self.label_dtype == torch.uint8 else np.int64))
         d.pop("annotations", None)
         return d
