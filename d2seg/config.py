@@ -309,6 +309,10 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # R-CNN / panoptic: detectron2's ground-truth matcher and ROI-head relabelling replaced by
     # synchronisation-free forms with identical results (d2seg/modeling/sync_free_rcnn.py).
     cfg.D2SEG.SPEED.RCNN_SYNC_FREE = "auto"
+    # Fixed normalisations (FrozenBatchNorm2d: the model-zoo ResNets and D2SEG.FINETUNE.FREEZE;
+    # BatchNorms in eval mode) folded into the detectron2 Conv2d before them: one convolution
+    # instead of conv + scale + shift, same results (d2seg/modeling/fold_norm.py). "auto": on.
+    cfg.D2SEG.SPEED.FOLD_NORM = "auto"
     # Each training sample's tensors (image, labels, boxes, ...) copied into one buffer in the
     # loader worker, so the sample reaches the training process as one shared-memory block
     # instead of one per tensor (d2seg/data/pack.py). "auto": on with DATALOADER.NUM_WORKERS > 0.

@@ -6,6 +6,8 @@
 #   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
+#   bash scripts/gpu_session.sh frozenbn   # then, if budget_left_s > 200: FOLD_NORM alone, the
+#       model-zoo Mask R-CNN (FrozenBN) vs plain detectron2 with it on and off, and fp16
 #   bash scripts/gpu_session.sh targets    # the first lease's second command: gpu-semantic
 #       (compile on, then off), Mask R-CNN / Panoptic FPN vs plain detectron2 in bf16
 #   bash scripts/gpu_session.sh semantic   # fuller: ISBI anchor + the whole gpu-semantic preset
@@ -35,7 +37,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log it, never stop 
   local name=$1 secs=$2; shift 2
   echo "=== $name (limit ${secs}s): $*" | tee -a "$LOG"
   local t0=$(date +%s)
-  timeout -k 15 "$secs" "$@" 2>&1 | tee -a "$LOG" | grep -E "^\[isbi\]|^\||pass|FAIL|img/s|Error|error" | tail -40
+  timeout -k 15 "$secs" "$@" 2>&1 | tee -a "$LOG" | grep -E "^\[isbi\]|^\||^  (train|eval)|pass|FAIL|img/s|Error|error" | tail -40
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
@@ -112,6 +114,27 @@ case "$PART" in
     unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
       --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
     ;;
+  frozenbn)
+    # The next lease's second command if budget_left_s allows (225 s of limits): issue 7's
+    # Mask R-CNN target in the issue's own setting - the model-zoo config (FrozenBN ResNet)
+    # against plain detectron2 - with D2SEG.SPEED.FOLD_NORM on (auto), then off (its share);
+    # first the fold alone on the R50 backbone (batch 16, 800x1216, bf16). Ordered by priority:
+    # each step writes its JSON, so a run cut short by the device budget keeps the first ones.
+    if [ "$DRY" = 1 ]; then
+      step fold_norm 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
+        --rounds 1 --iters 1 --json "$OUTDIR/fold_norm.json"
+    else
+      step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
+        --json "$OUTDIR/fold_norm.json"
+    fi
+    bench gpu_maskrcnn_frozenbn 75 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference
+    bench gpu_maskrcnn_frozenbn_nofold 60 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference D2SEG.SPEED.FOLD_NORM off
+    # fp16, the precision of the issue's anchor (plain detectron2: 49 img/s on an H100)
+    bench gpu_maskrcnn_frozenbn_fp16 50 gpu-maskrcnn-frozenbn --precision fp16 --repeats 1 \
+      --iters 10 --warmup 5 --no-inference
+    ;;
   first-lease)
     # The command of the first lease (2026-11-26, H200), kept for reproduction.
     isbi_anchor 195 D2SEG.SPEED.COMPILE off
@@ -144,6 +167,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|first-lease|targets|semantic|instance)"; exit 2 ;;
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|first-lease|targets|semantic|instance)"
+     exit 2 ;;
 esac
 ls -la "$OUTDIR"

@@ -17,9 +17,13 @@ def test_every_config_loads(path):
     cfg.merge_from_file(path)
     assert cfg.MODEL.META_ARCHITECTURE
     if "Base-" not in os.path.basename(path):
-        # trained from scratch: nothing to download, no frozen statistics
+        # nothing to download; trained from scratch (no frozen statistics) unless the name
+        # says it is the model-zoo network for fine-tuning from a local checkpoint
         assert cfg.MODEL.WEIGHTS == ""
-        assert cfg.MODEL.RESNETS.NORM != "FrozenBN"
+        if path.endswith("_frozenbn.yaml"):
+            assert cfg.MODEL.RESNETS.NORM == "FrozenBN"
+        else:
+            assert cfg.MODEL.RESNETS.NORM != "FrozenBN"
         assert len(cfg.DATASETS.TRAIN) and len(cfg.DATASETS.TEST)
 
 

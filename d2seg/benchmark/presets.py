@@ -39,6 +39,11 @@ SHAPES_800 = ["D2SEG.SHAPES.NUM_TRAIN", "256", "D2SEG.SHAPES.NUM_VAL", "4",
 # d2seg's config uses): the same layers and FLOPs (69.3 GFLOPs per 512x512 image vs 76.4 with
 # the DeepLab stem), parameters equal but for the image-pooling branch's norm (256).
 TV_STEM = ["MODEL.RESNETS.STEM_TYPE", "basic", "MODEL.RESNETS.STEM_OUT_CHANNELS", "64"]
+# The model-zoo R-CNN configs from random initialisation: the zoo's PIXEL_STD of 1 (for the
+# MSRA ImageNet weights) with random weights and no trainable norm makes the first forward
+# overflow (measured: "Predicted boxes or scores contain Inf/NaN"); unit-variance input keeps
+# it finite. Both sides of a case get it (the references use the case's config).
+UNIT_INPUT = ["MODEL.PIXEL_STD", "[57.375, 57.120, 58.395]"]
 # For tests and the smoke preset: a very small U-Net, images and schedule.
 TINY_SEM = ["D2SEG.SHAPES.NUM_TRAIN", "6", "D2SEG.SHAPES.NUM_VAL", "2",
             "D2SEG.SHAPES.IMAGE_SIZE", "96", "INPUT.MIN_SIZE_TRAIN", "(96,)",
@@ -106,6 +111,19 @@ PRESETS: Dict[str, Preset] = {
         scaling={"config_file": f"{SHAPES_INS}/mask_rcnn_R_50_FPN_1x.yaml", "opts": SHAPES_800,
                  "sizes": [512, 800], "batches": [2, 8, 16], "iters": 5, "warmup": 3,
                  "max_batch": 128}),
+    "gpu-maskrcnn-frozenbn": Preset(
+        "issue 7 Mask R-CNN target in the issue's own setting: the model-zoo Mask R-CNN "
+        "R50-FPN (FrozenBN ResNet, stem + res2 frozen, no norm in FPN / heads) vs plain "
+        "detectron2 with the same config, batch 16, 800x1216, fp16 AMP, random init",
+        cases=[Case("mask_rcnn_R50_frozenbn", f"{SHAPES_INS}/mask_rcnn_R_50_FPN_1x_frozenbn.yaml",
+                    SHAPES_800 + UNIT_INPUT, ["plain_d2"], loop=False)],
+        settings=Settings(device="cuda", precision="fp16", batch=16, size=(800, 1216),
+                          warmup=10, iters=20, repeats=3, infer_batch=8, infer_iters=5,
+                          latency_iters=20, loop_iters=0),
+        targets=[Target("Mask R-CNN (zoo config) train step vs plain detectron2", "speedup",
+                        "mask_rcnn_R50_frozenbn", 1.2, "plain_d2"),
+                 Target("plain detectron2 img/s (issue: 49 at 0.32 s/iter)",
+                        "reference_img_per_s", "mask_rcnn_R50_frozenbn", 49.0, "plain_d2")]),
     "gpu-panoptic": Preset(
         "issue 7 Panoptic FPN target: d2seg Panoptic FPN R50 train step within 1.15x of d2seg "
         "Mask R-CNN R50-FPN's (and each vs plain detectron2), batch 16, 800x1216, fp16",

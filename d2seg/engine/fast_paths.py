@@ -145,6 +145,7 @@ class SpeedPlan:
     nonfinite_check: str = "step"  # "step" or "lagged" (d2seg/engine/train_step.py)
     compact_labels: bool = False  # uint8 label maps from the "sem_seg" mapper
     rcnn_sync_free: bool = False  # d2seg/modeling/sync_free_rcnn.py
+    fold_norm: bool = False  # d2seg/modeling/fold_norm.py
     pack_samples: bool = False  # d2seg/data/pack.py
     sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
     notes: List[str] = dataclasses.field(default_factory=list)
@@ -295,6 +296,10 @@ def resolve(cfg) -> SpeedPlan:
     sync_free = _switch(cfg, "RCNN_SYNC_FREE")
     # auto: on for R-CNN / panoptic models (same results, fewer host waits), on every device
     sync_free = family in ("rcnn", "panoptic") if sync_free is None else sync_free
+    fold = _switch(cfg, "FOLD_NORM")
+    # auto: on for every family and device: the same results with one pass over memory per
+    # fixed norm instead of three (measured on the CPU; docs/benchmarks.md "Fast paths")
+    fold = True if fold is None else fold
     pack = _switch(cfg, "PACK_SAMPLES")
     # auto: on where samples cross a process boundary (loader workers); there it saves the
     # training process a shared-memory handshake per tensor (docs/benchmarks.md)
@@ -327,7 +332,8 @@ def resolve(cfg) -> SpeedPlan:
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
                      nonfinite_check=check, compact_labels=bool(compact),
-                     rcnn_sync_free=bool(sync_free), pack_samples=bool(pack),
+                     rcnn_sync_free=bool(sync_free), fold_norm=bool(fold),
+                     pack_samples=bool(pack),
                      sharing_strategy=sharing, notes=notes)
 
 
@@ -343,6 +349,7 @@ def describe(cfg) -> str:
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
             f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
             f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
+            f"fold_norm={onoff[p.fold_norm]} "
             f"pack_samples={onoff[p.pack_samples]} "
             f"sharing_strategy={p.sharing_strategy or 'default'}")
 
@@ -475,6 +482,8 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
 
     * ``D2SEG.SPEED.RCNN_SYNC_FREE``: :func:`d2seg.modeling.sync_free_rcnn.make_sync_free`
       (detectron2's matchers and ROI-head relabelling without host synchronisations).
+    * ``D2SEG.SPEED.FOLD_NORM``: :func:`d2seg.modeling.fold_norm.fold_norms` (frozen and
+      eval-mode BatchNorms folded into the convolution before them).
 
     Call it after the model is on its device and frozen, before DDP wrapping.
     """
@@ -483,6 +492,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
         from ..modeling.sync_free_rcnn import make_sync_free
 
         make_sync_free(model)
+    if plan.fold_norm:
+        from ..modeling.fold_norm import fold_norms
+
+        fold_norms(model)
     if plan.channels_last:
         to_channels_last(model)
     if plan.compile:

@@ -5,7 +5,8 @@
 * R-CNN models: ``D2SEG.INFERENCE.FLIP`` uses detectron2's ``GeneralizedRCNNWithTTA``
   (horizontal flip at ``INPUT.MIN_SIZE_TEST``; ``TEST.AUG.MIN_SIZES`` adds scales when
   ``TEST.AUG.ENABLED``);
-* weights are read with :class:`d2seg.checkpoint.FinetuneCheckpointer`.
+* weights are read with :class:`d2seg.checkpoint.FinetuneCheckpointer`;
+* ``D2SEG.SPEED.FOLD_NORM``: BatchNorms (frozen or eval-mode) run folded into their convs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_m
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 
 from ..checkpoint import FinetuneCheckpointer
+from ..engine import fast_paths
+from ..modeling.fold_norm import fold_norms
 from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,9 @@ class SegPredictor(DefaultPredictor):
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
+        self.model.requires_grad_(False)  # predicting only (frozen layers cache their fold)
+        if fast_paths.resolve(self.cfg).fold_norm:  # D2SEG.SPEED.FOLD_NORM: fixed BNs into convs
+            fold_norms(self.model)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         if cfg.MODEL.WEIGHTS:

@@ -1,0 +1,176 @@
+"""D2SEG.SPEED.FOLD_NORM measured alone: a detectron2 ResNet with FrozenBN (the model-zoo
+backbone), each FrozenBatchNorm2d run as detectron2 runs it (conv, then ``x * scale + shift``)
+and folded into its convolution (d2seg/modeling/fold_norm.py), in interleaved rounds.
+
+    python benchmarks/fold_norm.py --json benchmarks/results/fold_norm_cpu.json   # CPU defaults
+    python benchmarks/fold_norm.py --device cuda --batch 16 --size 800x1216 --precision bf16
+
+Measures the training step of the backbone (forward + backward of all its outputs, the frozen
+stem and res2 as in the zoo config: ``--freeze-at 2``) and its eval forward (no_grad), the
+median over rounds, and the largest difference of the outputs relative to their scale.
+Writes a JSON with the machine, settings and every round.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
+from detectron2.modeling.backbone.resnet import build_resnet_backbone  # noqa: E402
+
+from d2seg.modeling.fold_norm import fold_norms  # noqa: E402
+
+
+def build_backbone(depth: int, freeze_at: int, seed: int = 0) -> nn.Module:
+    """A detectron2 ResNet-``depth`` with FrozenBN and non-trivial frozen statistics."""
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    if depth in (18, 34):
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    torch.manual_seed(seed)
+    model = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.numel()
+                m.weight.copy_(torch.rand(c, generator=gen) * 0.5 + 0.25)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: List[str] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--depth", type=int, default=50)
+    ap.add_argument("--freeze-at", type=int, default=2, help="MODEL.BACKBONE.FREEZE_AT (zoo: 2)")
+    ap.add_argument("--batch", type=int, default=0, help="0: 2 on CPU, 16 on CUDA")
+    ap.add_argument("--size", default="", help="HxW; default 512x768 on CPU, 800x1216 on CUDA")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="")
+    ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                    help="auto: as D2SEG.SPEED decides for R-CNN models (CPU on, CUDA off)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=0, help="steps per round (0: 2 CPU, 10 CUDA)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: default)")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+
+    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
+                       else ("cpu" if a.device == "auto" else a.device))
+    cuda = dev.type == "cuda"
+    if not cuda and a.threads > 0:
+        torch.set_num_threads(a.threads)
+    batch = a.batch or (16 if cuda else 2)
+    h, w = (int(v) for v in (a.size or ("800x1216" if cuda else "512x768")).split("x"))
+    precision = a.precision or ("bf16" if cuda else "fp32")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    channels_last = (not cuda) if a.channels_last == "auto" else a.channels_last == "on"
+    iters = a.iters or (10 if cuda else 2)
+
+    plain = build_backbone(a.depth, a.freeze_at).to(dev)
+    folded = copy.deepcopy(plain)
+    n_folded = fold_norms(folded)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    plain, folded = plain.to(memory_format=fmt), folded.to(memory_format=fmt)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 3, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
+
+    def fwd(model: nn.Module) -> Dict[str, torch.Tensor]:
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return model(x)
+
+    def train_step(model: nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        out = fwd(model)
+        sum(v.float().mean() for v in out.values()).backward()
+
+    @torch.no_grad()
+    def eval_step(model: nn.Module) -> None:
+        fwd(model)
+
+    # equality first: the fold changes only float rounding
+    plain.eval(), folded.eval()
+    with torch.no_grad():
+        ref, out = fwd(plain), fwd(folded)
+    rel_diff = max(((out[k].float() - ref[k].float()).abs().max()
+                    / ref[k].float().abs().max()).item() for k in ref)
+
+    results: Dict[str, Dict[str, List[float]]] = {}
+    peak: Dict[str, float] = {}
+    for mode, step, train in (("train", train_step, True), ("eval", eval_step, False)):
+        plain.train(train), folded.train(train)
+        results[mode] = {"detectron2": [], "folded": []}
+        for name, model in (("detectron2", plain), ("folded", folded)):  # warm-up
+            step(model)
+        _sync(dev)
+        for _ in range(a.rounds):
+            for name, model in (("detectron2", plain), ("folded", folded)):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                _sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    step(model)
+                _sync(dev)
+                results[mode][name].append((time.perf_counter() - t0) / iters * 1000.0)
+                if cuda:
+                    peak[f"{mode}_{name}"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    summary = {mode: {name: statistics.median(v) for name, v in r.items()}
+               for mode, r in results.items()}
+    speedup = {mode: s["detectron2"] / s["folded"] for mode, s in summary.items()}
+    machine = (torch.cuda.get_device_name(dev) if cuda else
+               f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
+               f"{torch.get_num_threads()} torch threads")
+    record = {
+        "what": "D2SEG.SPEED.FOLD_NORM: detectron2 ResNet with FrozenBN, each norm as "
+                "detectron2 runs it vs folded into its conv (benchmarks/fold_norm.py)",
+        "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "settings": {"depth": a.depth, "freeze_at": a.freeze_at, "batch": batch,
+                     "size": [h, w], "precision": precision, "channels_last": channels_last,
+                     "rounds": a.rounds, "iters": iters, "device": str(dev)},
+        "layers_folded": n_folded, "max_rel_output_diff": rel_diff,
+        "ms_per_step_median": summary, "speedup": speedup, "rounds_ms": results,
+        "peak_memory_gib": peak,
+    }
+    print(f"fold_norm: R{a.depth} FrozenBN backbone, {n_folded} layers folded, batch {batch}, "
+          f"{h}x{w}, {precision}, channels_last {'on' if channels_last else 'off'}, {machine}")
+    for mode in ("train", "eval"):
+        s = summary[mode]
+        print(f"  {mode:5s}: detectron2 {s['detectron2']:.1f} ms, folded {s['folded']:.1f} ms "
+              f"-> {speedup[mode]:.2f}x")
+    if peak:
+        print("  peak memory GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peak.items()))
+    print(f"  largest output difference relative to the output's scale: {rel_diff:.1e}")
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"  JSON: {a.json}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
