@@ -289,3 +289,21 @@ def test_fold_norm_benchmark_script_runs(tmp_path):
     assert record["max_rel_output_diff"] < 1e-4
     assert set(record["speedup"]) == {"train", "eval"}
     assert all(v > 0 for v in record["speedup"].values())
+
+
+def test_folded_under_bf16_autocast():
+    """Under autocast the folded weight and bias are cast like any conv's (bf16 here); the
+    result matches detectron2's conv-then-norm in bf16 to bf16 precision, and gradients flow."""
+    model = _resnet("FrozenBN").train()
+    folded = copy.deepcopy(model)
+    fold_norms(folded)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    outs = []
+    for m in (model, folded):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)["res5"]
+        assert out.dtype == torch.bfloat16
+        out.float().mean().backward()
+        outs.append(out.detach().float())
+    _assert_close(outs[1], outs[0], rel=5e-2)
+    assert all(torch.isfinite(p.grad).all() for p in folded.parameters() if p.grad is not None)
