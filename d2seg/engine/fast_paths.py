@@ -146,6 +146,7 @@ class SpeedPlan:
     compact_labels: bool = False  # uint8 label maps from the "sem_seg" mapper
     rcnn_sync_free: bool = False  # d2seg/modeling/sync_free_rcnn.py
     fold_norm: bool = False  # d2seg/modeling/fold_norm.py
+    rcnn_indexed_masks: bool = False  # d2seg/modeling/indexed_masks.py
     pack_samples: bool = False  # d2seg/data/pack.py
     sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
     notes: List[str] = dataclasses.field(default_factory=list)
@@ -296,6 +297,9 @@ def resolve(cfg) -> SpeedPlan:
     sync_free = _switch(cfg, "RCNN_SYNC_FREE")
     # auto: on for R-CNN / panoptic models (same results, fewer host waits), on every device
     sync_free = family in ("rcnn", "panoptic") if sync_free is None else sync_free
+    indexed = _switch(cfg, "RCNN_INDEXED_MASKS")
+    # auto: on for R-CNN / panoptic models (same targets; only bit masks are affected)
+    indexed = family in ("rcnn", "panoptic") if indexed is None else indexed
     fold = _switch(cfg, "FOLD_NORM")
     # auto: on for every family and device: the same results with one pass over memory per
     # fixed norm instead of three (measured on the CPU; docs/benchmarks.md "Fast paths")
@@ -332,7 +336,8 @@ def resolve(cfg) -> SpeedPlan:
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
                      nonfinite_check=check, compact_labels=bool(compact),
-                     rcnn_sync_free=bool(sync_free), fold_norm=bool(fold),
+                     rcnn_sync_free=bool(sync_free), rcnn_indexed_masks=bool(indexed),
+                     fold_norm=bool(fold),
                      pack_samples=bool(pack),
                      sharing_strategy=sharing, notes=notes)
 
@@ -349,7 +354,7 @@ def describe(cfg) -> str:
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
             f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
             f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
-            f"fold_norm={onoff[p.fold_norm]} "
+            f"rcnn_indexed_masks={onoff[p.rcnn_indexed_masks]} fold_norm={onoff[p.fold_norm]} "
             f"pack_samples={onoff[p.pack_samples]} "
             f"sharing_strategy={p.sharing_strategy or 'default'}")
 
@@ -482,6 +487,9 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
 
     * ``D2SEG.SPEED.RCNN_SYNC_FREE``: :func:`d2seg.modeling.sync_free_rcnn.make_sync_free`
       (detectron2's matchers and ROI-head relabelling without host synchronisations).
+    * ``D2SEG.SPEED.RCNN_INDEXED_MASKS``:
+      :func:`d2seg.modeling.indexed_masks.make_mask_targets_indexed` (bit-mask targets cropped
+      by object index, no per-proposal mask copies).
     * ``D2SEG.SPEED.FOLD_NORM``: :func:`d2seg.modeling.fold_norm.fold_norms` (frozen and
       eval-mode BatchNorms folded into the convolution before them).
 
@@ -492,6 +500,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
         from ..modeling.sync_free_rcnn import make_sync_free
 
         make_sync_free(model)
+    if plan.rcnn_indexed_masks:
+        from ..modeling.indexed_masks import make_mask_targets_indexed
+
+        make_mask_targets_indexed(model)
     if plan.fold_norm:
         from ..modeling.fold_norm import fold_norms
 
