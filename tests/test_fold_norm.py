@@ -307,3 +307,15 @@ def test_folded_under_bf16_autocast():
         outs.append(out.detach().float())
     _assert_close(outs[1], outs[0], rel=5e-2)
     assert all(torch.isfinite(p.grad).all() for p in folded.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_folds_like_the_conv(padding):
+    """torch's string paddings ("same" / "valid") work with the fold and its size rule."""
+    gen = torch.Generator().manual_seed(7)
+    conv = _conv("frozen", True, gen, kernel_size=3, padding=padding).train()
+    plain = copy.deepcopy(conv)
+    fold_norms(conv)
+    for size in (3, 16):  # below and above the size where folding pays
+        x = torch.randn(1, 6, size, size, generator=gen)
+        torch.testing.assert_close(conv(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -81,9 +81,12 @@ def _fold_pays(conv: nn.Conv2d, x: Tensor) -> bool:
     so it pays when the output has at least as many elements as the weight (every layer of
     a detection-sized input; not the deep layers of a tiny one)."""
     n, _, h, w = x.shape
-    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) \
+    if conv.padding == "same":  # stride 1 (torch's rule): the input's size
+        return n * conv.out_channels * h * w >= conv.weight.numel()
+    pad = (0, 0) if conv.padding == "valid" else conv.padding
+    ho = (h + 2 * pad[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) \
         // conv.stride[0] + 1
-    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) \
+    wo = (w + 2 * pad[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) \
         // conv.stride[1] + 1
     return n * conv.out_channels * ho * wo >= conv.weight.numel()
 
