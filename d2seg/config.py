@@ -309,6 +309,12 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # R-CNN / panoptic: detectron2's ground-truth matcher and ROI-head relabelling replaced by
     # synchronisation-free forms with identical results (d2seg/modeling/sync_free_rcnn.py).
     cfg.D2SEG.SPEED.RCNN_SYNC_FREE = "auto"
+    # R-CNN / panoptic: the RPN's proposals, its anchor targets and the ROI heads' proposal
+    # targets computed for the whole batch at once instead of image by image
+    # (d2seg/modeling/batched_rcnn.py): the same proposals, matches and sample counts, each
+    # sample a uniformly random subset as in detectron2 but drawn differently (off =
+    # detectron2's per-image code and random stream). "auto": on for R-CNN / panoptic models.
+    cfg.D2SEG.SPEED.RCNN_BATCHED = "auto"
     # Fixed normalisations (FrozenBatchNorm2d: the model-zoo ResNets and D2SEG.FINETUNE.FREEZE;
     # BatchNorms in eval mode) folded into the detectron2 Conv2d before them: one convolution
     # instead of conv + scale + shift, same results (d2seg/modeling/fold_norm.py). "auto": on.

@@ -7,7 +7,8 @@
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
 #   bash scripts/gpu_session.sh frozenbn   # then, if budget_left_s > 200: FOLD_NORM alone, the
-#       model-zoo Mask R-CNN (FrozenBN) vs plain detectron2 with it on and off, and fp16
+#       model-zoo Mask R-CNN (FrozenBN) vs plain detectron2 with it on and off, fp16, and
+#       RCNN_BATCHED off (its share)
 #   bash scripts/gpu_session.sh targets    # the first lease's second command: gpu-semantic
 #       (compile on, then off), Mask R-CNN / Panoptic FPN vs plain detectron2 in bf16
 #   bash scripts/gpu_session.sh semantic   # fuller: ISBI anchor + the whole gpu-semantic preset
@@ -115,7 +116,7 @@ case "$PART" in
       --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
     ;;
   frozenbn)
-    # The next lease's second command if budget_left_s allows (225 s of limits): issue 7's
+    # The next lease's second command if budget_left_s allows (310 s of limits): issue 7's
     # Mask R-CNN target in the issue's own setting - the model-zoo config (FrozenBN ResNet)
     # against plain detectron2 - with D2SEG.SPEED.FOLD_NORM on (auto), then off (its share);
     # first the fold alone on the R50 backbone (batch 16, 800x1216, bf16). Ordered by priority:
@@ -127,13 +128,16 @@ case "$PART" in
       step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
         --json "$OUTDIR/fold_norm.json"
     fi
-    bench gpu_maskrcnn_frozenbn 75 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
-      --iters 10 --warmup 5 --no-inference
+    bench gpu_maskrcnn_frozenbn 85 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference --profile-steps 2
     bench gpu_maskrcnn_frozenbn_nofold 60 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
       --iters 10 --warmup 5 --no-inference D2SEG.SPEED.FOLD_NORM off
     # fp16, the precision of the issue's anchor (plain detectron2: 49 img/s on an H100)
     bench gpu_maskrcnn_frozenbn_fp16 50 gpu-maskrcnn-frozenbn --precision fp16 --repeats 1 \
       --iters 10 --warmup 5 --no-inference
+    # RCNN_BATCHED's share (the RPN / ROI-head per-image Python done for the batch at once)
+    bench gpu_maskrcnn_frozenbn_unbatched 75 gpu-maskrcnn-frozenbn --precision bf16 \
+      --repeats 2 --iters 10 --warmup 5 --no-inference D2SEG.SPEED.RCNN_BATCHED off
     ;;
   first-lease)
     # The command of the first lease (2026-11-26, H200), kept for reproduction.

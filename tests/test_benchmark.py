@@ -76,6 +76,8 @@ def test_end_to_end_json_fields(unet_result):
         "d2seg/modeling/losses.py" in k or "d2seg/engine/train_step.py" in k
         for k in hs["sites"]), hs
     assert isinstance(ref["host_syncs"]["per_step"], int)
+    assert d2["host_syncs"]["device_ops_per_step"] > 20  # every conv, norm, loss, update ...
+    assert ref["host_syncs"]["device_ops_per_step"] > 20
 
 
 def test_ratios_come_from_the_measured_numbers(unet_result):

@@ -36,6 +36,15 @@ def test_audit_counts_reads_of_device_tensors_only():
     assert all(e.where.startswith("tests/test_syncs.py:") for e in a.events)
     assert a.count == 6 and sum(a.by_site().values()) == 6
     assert a.events[0].stack[0] == "test_audit_counts_reads_of_device_tensors_only"
+    # every operation on followed tensors is counted (device_ops); arithmetic on host tensors
+    # is not; values written in place into a fresh tensor are followed
+    with HostSyncAudit("cpu", roots=[x]) as b:
+        y = x + 1
+        host + 1
+        padded = torch.nn.utils.rnn.pad_sequence([y[:3], y[:5]], batch_first=True)
+        padded.sum().tolist()
+    assert [e.what for e in b.events] == ["tolist"], b.events
+    assert 3 <= b.device_ops <= 12, b.device_ops
 
 
 SEMANTIC = [
@@ -141,7 +150,9 @@ def _rcnn_losses(sync_free: bool, steps: int = 2):
                                          "mask_rcnn_R_18_FPN_cpu.yaml"),
                       ["MODEL.DEVICE", "cpu", "D2SEG.SPEED.RCNN_SYNC_FREE",
                        "on" if sync_free else "off", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
-                       "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"])
+                       "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+                       # detectron2's per-image code, where the matchers run image by image
+                       "D2SEG.SPEED.RCNN_BATCHED", "off"])
     torch.manual_seed(0)
     model = Trainer.build_model(cfg).train()
     opt = Trainer.build_optimizer(cfg, model)

@@ -349,7 +349,8 @@ def run_case(case: Case, s: Settings, device: torch.device,
 
 def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
     """One train step of ``sub`` under :class:`~d2seg.benchmark.syncs.HostSyncAudit`:
-    {"per_step", "sites" ({"op @ file:line": count}), "method"}, or {"error"}."""
+    {"per_step", "sites" ({"op @ file:line": count}), "device_ops_per_step" (aten operations on
+    device tensors: an upper bound of the kernel launches), "method"}, or {"error"}."""
     from .syncs import HostSyncAudit
 
     method = "cuda sync debug mode" if device.type == "cuda" else "cpu emulation"
@@ -358,7 +359,8 @@ def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
         with HostSyncAudit(device, roots) as audit:
             sub.train_steps(1)
         sync(device)
-        return {"per_step": audit.count, "sites": audit.by_site(), "method": method}
+        return {"per_step": audit.count, "sites": audit.by_site(),
+                "device_ops_per_step": audit.device_ops, "method": method}
     except Exception as e:  # noqa: BLE001 - a diagnostic; the timings stand without it
         return {"error": f"{type(e).__name__}: {e}"[:500], "method": method}
 
@@ -597,6 +599,12 @@ def format_report(result: Dict) -> str:
                 tops = ", ".join(f"{t['name']} {_f(t[which])} ms" for t in pf["top"][:5])
                 lines += ["", f"profile {r['name']}: {_f(pf['wall_s_per_step'])} s/step under "
                               f"the profiler{gpu}; top: {tops}"]
+        ops = [f"{r['name']} {r['host_syncs']['device_ops_per_step']}"
+               for r in [c["d2seg"]] + c["references"]
+               if "device_ops_per_step" in r.get("host_syncs", {})]
+        if ops:
+            lines += ["", "device operations per step (an upper bound of kernel launches): "
+                      + ", ".join(ops)]
         sites = c["d2seg"].get("host_syncs", {}).get("sites")
         if sites:
             lines += ["", "d2seg host syncs per step: " + "; ".join(

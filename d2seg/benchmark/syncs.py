@@ -116,11 +116,16 @@ class _Dispatch(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         taint = self.audit._taint
         if taint.any(args, kwargs):
+            self.audit.device_ops += 1
             name = func._schema.name.split("::", 1)[-1]
             if name in _SYNC_OPS or (name in ("index", "index_put", "index_put_")
                                      and _bool_index(args)):
                 self.audit._record(name)
             taint.mark(out)
+            if name.endswith("_") and args and isinstance(args[0], Tensor):
+                # an in-place write (copy_ into a slice: pad_sequence, torch.stack(out=)):
+                # the written tensor and the one it views now hold followed values
+                taint.mark([args[0]] + ([args[0]._base] if args[0]._base is not None else []))
         return out
 
 
@@ -128,6 +133,19 @@ def _bool_index(args) -> bool:
     idx = args[1] if len(args) > 1 else None
     return isinstance(idx, (list, tuple)) and any(
         isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx)
+
+
+class _CountDeviceOps(TorchDispatchMode):
+    """Counts the aten operations with a tensor on ``device`` among their arguments."""
+
+    def __init__(self, audit: "HostSyncAudit", device: torch.device):
+        super().__init__()
+        self.audit, self.device_type = audit, device.type
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t.device.type == self.device_type for t in tensors_in((list(args), kwargs or {}))):
+            self.audit.device_ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 class _Function(TorchFunctionMode):
@@ -159,12 +177,17 @@ class HostSyncAudit(contextlib.AbstractContextManager):
         roots: CPU emulation only: the tensors that would live on the GPU (model parameters
             and buffers, the batch's tensors); everything computed from them is followed.
 
-    After the block: ``events`` (list of :class:`SyncEvent`), ``count``, ``by_site()``.
+    After the block: ``events`` (list of :class:`SyncEvent`), ``count``, ``by_site()``, and
+    ``device_ops``: how many aten operations ran on device tensors (CPU emulation: on tensors
+    followed from the roots) - views and in-place ops included, so an upper bound of the
+    kernels a GPU would launch; each costs host time (Python, dispatch, launch) that the GPU
+    hides only while the host is ahead of it.
     """
 
     def __init__(self, device: torch.device, roots: Iterable[Tensor] = ()):
         self.device = torch.device(device)
         self.events: List[SyncEvent] = []
+        self.device_ops = 0
         self._roots = list(roots)
         self._stack = contextlib.ExitStack()
 
@@ -190,6 +213,7 @@ class HostSyncAudit(contextlib.AbstractContextManager):
             prev = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("warn")
             self._stack.callback(torch.cuda.set_sync_debug_mode, prev)
+            self._stack.enter_context(_CountDeviceOps(self, self.device))
         else:
             self._taint = _Taint(self._roots)
             self._stack.enter_context(_Function(self))

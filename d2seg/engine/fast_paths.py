@@ -145,6 +145,7 @@ class SpeedPlan:
     nonfinite_check: str = "step"  # "step" or "lagged" (d2seg/engine/train_step.py)
     compact_labels: bool = False  # uint8 label maps from the "sem_seg" mapper
     rcnn_sync_free: bool = False  # d2seg/modeling/sync_free_rcnn.py
+    rcnn_batched: bool = False  # d2seg/modeling/batched_rcnn.py
     fold_norm: bool = False  # d2seg/modeling/fold_norm.py
     rcnn_indexed_masks: bool = False  # d2seg/modeling/indexed_masks.py
     pack_samples: bool = False  # d2seg/data/pack.py
@@ -297,6 +298,9 @@ def resolve(cfg) -> SpeedPlan:
     sync_free = _switch(cfg, "RCNN_SYNC_FREE")
     # auto: on for R-CNN / panoptic models (same results, fewer host waits), on every device
     sync_free = family in ("rcnn", "panoptic") if sync_free is None else sync_free
+    batched = _switch(cfg, "RCNN_BATCHED")
+    # auto: on for R-CNN / panoptic models (same targets, one pass for the batch), every device
+    batched = family in ("rcnn", "panoptic") if batched is None else batched
     indexed = _switch(cfg, "RCNN_INDEXED_MASKS")
     # auto: on for R-CNN / panoptic models (same targets; only bit masks are affected)
     indexed = family in ("rcnn", "panoptic") if indexed is None else indexed
@@ -336,7 +340,8 @@ def resolve(cfg) -> SpeedPlan:
                      pin_memory=bool(pin), persistent_workers=persist, prefetch_factor=prefetch,
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
                      nonfinite_check=check, compact_labels=bool(compact),
-                     rcnn_sync_free=bool(sync_free), rcnn_indexed_masks=bool(indexed),
+                     rcnn_sync_free=bool(sync_free), rcnn_batched=bool(batched),
+                     rcnn_indexed_masks=bool(indexed),
                      fold_norm=bool(fold),
                      pack_samples=bool(pack),
                      sharing_strategy=sharing, notes=notes)
@@ -354,6 +359,7 @@ def describe(cfg) -> str:
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
             f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
             f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
+            f"rcnn_batched={onoff[p.rcnn_batched]} "
             f"rcnn_indexed_masks={onoff[p.rcnn_indexed_masks]} fold_norm={onoff[p.fold_norm]} "
             f"pack_samples={onoff[p.pack_samples]} "
             f"sharing_strategy={p.sharing_strategy or 'default'}")
@@ -487,6 +493,9 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
 
     * ``D2SEG.SPEED.RCNN_SYNC_FREE``: :func:`d2seg.modeling.sync_free_rcnn.make_sync_free`
       (detectron2's matchers and ROI-head relabelling without host synchronisations).
+    * ``D2SEG.SPEED.RCNN_BATCHED``:
+      :func:`d2seg.modeling.batched_rcnn.make_batched` (RPN and ROI-head targets for
+      the whole batch at once).
     * ``D2SEG.SPEED.RCNN_INDEXED_MASKS``:
       :func:`d2seg.modeling.indexed_masks.make_mask_targets_indexed` (bit-mask targets cropped
       by object index, no per-proposal mask copies).
@@ -500,6 +509,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
         from ..modeling.sync_free_rcnn import make_sync_free
 
         make_sync_free(model)
+    if plan.rcnn_batched:
+        from ..modeling.batched_rcnn import make_batched
+
+        make_batched(model)
     if plan.rcnn_indexed_masks:
         from ..modeling.indexed_masks import make_mask_targets_indexed
 
