@@ -302,3 +302,45 @@ def test_mask_rcnn_trains_with_fewer_host_syncs():
     assert set(losses[True]) == set(losses[False])
     # per image: proposal checks, sampling, foreground selection; here 4 images
     assert counts[True] <= counts[False] - 4 * 6, counts
+
+
+@pytest.mark.parametrize("zoo_config", ["Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+                                        "COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml"])
+def test_zoo_rcnn_variants_train_with_d2seg_defaults(zoo_config):
+    """Cascade heads (three matchers, stage 0 sampled here) and keypoint heads (their loss
+    reshapes with .view: kept out of channels_last, a CPU default) train and predict."""
+    from detectron2 import model_zoo
+    from detectron2.structures import Keypoints
+
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(zoo_config))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18",
+                         "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES",
+                         "3", "MODEL.PIXEL_STD", "[57.0, 57.0, 57.0]",
+                         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"])
+    plan = fast_paths.resolve(cfg)
+    assert plan.rcnn_batched and plan.channels_last
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg).train()
+    assert "label_and_sample_proposals" in vars(model.roi_heads)
+    batch = SyntheticBatch("instance", 2, 128, 128, torch.device("cpu"), num_thing_classes=3,
+                           instances_per_image=3).d2_inputs()
+    if cfg.MODEL.KEYPOINT_ON:
+        for x in batch:
+            inst, box = x["instances"], x["instances"].gt_boxes.tensor
+            kp = torch.full((len(inst), 17, 3), 2.0)
+            kp[..., 0] = ((box[:, 0] + box[:, 2]) / 2)[:, None]
+            kp[..., 1] = ((box[:, 1] + box[:, 3]) / 2)[:, None]
+            inst.gt_keypoints = Keypoints(kp)
+            inst.remove("gt_masks")
+    with EventStorage(0):
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert ("loss_keypoint" in losses) == cfg.MODEL.KEYPOINT_ON
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": batch[0]["image"]}])[0]["instances"]
+    assert out.has("pred_keypoints" if cfg.MODEL.KEYPOINT_ON else "pred_masks")

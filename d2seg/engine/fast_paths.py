@@ -418,14 +418,30 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """4-D parameters/buffers in channels_last, and the backbone's (N, C, H, W) input too.
 
     Values are unchanged (same math, another memory layout). Checkpoints do not record the
-    layout, so they load either way.
+    layout, so they load either way. detectron2's keypoint heads stay in the default layout:
+    their loss reshapes the head's output with ``.view``, which a channels_last tensor does
+    not allow.
     """
+    from detectron2.modeling.roi_heads.keypoint_head import BaseKeypointRCNNHead
+
     model.to(memory_format=torch.channels_last)
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, nn.Module) and not getattr(backbone, "_d2seg_channels_last", False):
         backbone.register_forward_pre_hook(_input_to_channels_last)
         backbone._d2seg_channels_last = True
+    for m in model.modules():
+        if isinstance(m, BaseKeypointRCNNHead) and not getattr(m, "_d2seg_contiguous", False):
+            m.to(memory_format=torch.contiguous_format)
+            m.register_forward_pre_hook(_input_to_contiguous)
+            m._d2seg_contiguous = True
     return model
+
+
+def _input_to_contiguous(module: nn.Module, args):
+    """Forward pre-hook: a 4-D tensor input in the default (NCHW) layout."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        return (args[0].contiguous(),) + tuple(args[1:])
+    return None
 
 
 class CompiledForward:
