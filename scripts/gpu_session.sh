@@ -139,6 +139,44 @@ case "$PART" in
     bench gpu_maskrcnn_frozenbn_unbatched 75 gpu-maskrcnn-frozenbn --precision bf16 \
       --repeats 2 --iters 10 --warmup 5 --no-inference D2SEG.SPEED.RCNN_BATCHED off
     ;;
+  second-lease)
+    # The second lease's first command (written 2026-11-26, session 9), in order of priority:
+    # each step writes its JSON, so a command cut short keeps the first ones. 185 + 85 + 130
+    # + 50 + 75 s of limits (+ ~20 s set-up).
+    # 1. the semantic targets (DeepLabV3+ with the reference's stem; sync-free step): step vs
+    #    references, loop vs step
+    bench gpu_semantic_syncfree 185 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference --profile-steps 2
+    # 2. the Mask R-CNN target in the setting: zoo config (FrozenBN) vs plain
+    #    detectron2, with FOLD_NORM and RCNN_BATCHED (auto on), bf16
+    bench gpu_maskrcnn_frozenbn 85 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference --profile-steps 2
+    # 3. DEVICE_PREFETCH on: the loop is what it changes (no references)
+    bench gpu_semantic_prefetch 130 gpu-semantic --refs none --repeats 1 --iters 10 \
+      --loop-iters 30 --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
+    # 4. fp16, the anchor's precision (fused SGD's momentum fix)
+    bench gpu_maskrcnn_frozenbn_fp16 50 gpu-maskrcnn-frozenbn --precision fp16 --repeats 1 \
+      --iters 10 --warmup 5 --no-inference
+    # 5. RCNN_BATCHED's share
+    bench gpu_maskrcnn_frozenbn_unbatched 75 gpu-maskrcnn-frozenbn --precision bf16 \
+      --repeats 2 --iters 10 --warmup 5 --no-inference D2SEG.SPEED.RCNN_BATCHED off
+    ;;
+  second-lease-rest)
+    # Its second command, with the budget left (60 + 60 + 40 + 120 s of limits).
+    bench gpu_maskrcnn_frozenbn_nofold 60 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference D2SEG.SPEED.FOLD_NORM off
+    unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
+      --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
+    if [ "$DRY" = 1 ]; then
+      step fold_norm 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
+        --rounds 1 --iters 1 --json "$OUTDIR/fold_norm.json"
+    else
+      step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
+        --json "$OUTDIR/fold_norm.json"
+    fi
+    bench gpu_maskrcnn_compile 120 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
+      --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
+    ;;
   first-lease)
     # The command of the first lease (2026-11-26, H200), kept for reproduction.
     isbi_anchor 195 D2SEG.SPEED.COMPILE off
@@ -171,7 +209,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|second-lease|second-lease-rest|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"
