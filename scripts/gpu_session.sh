@@ -87,6 +87,24 @@ unet_cfg() {  # unet_cfg NAME SECONDS [harness args] -- [opts]: the Shapes U-Net
     configs/Shapes-SemanticSegmentation/unet.yaml --name "$name" "${pre[@]}" "${dev[@]}" \
     --json "$OUTDIR/benchmark_${name}.json" "${opts[@]}" "$@"
 }
+dlv3_cfg() {  # dlv3_cfg NAME SECONDS [harness args] -- [opts]: DeepLabV3+ R50 (the reference's
+  # stem), bf16 b16 512, as gpu-semantic's deeplabv3plus case
+  local name=$1 secs=$2; shift 2
+  local dev=(--device cuda --batch 16 --size 512 --precision bf16)
+  [ "$DRY" = 1 ] && dev=(--device cpu --batch 2 --size 64 --precision fp32 --iters 1 --warmup 1
+                         --repeats 1 --loop-iters 2 --loop-warmup 1)
+  local pre=() ; while [ $# -gt 0 ] && [ "$1" != -- ]; do pre+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  local opts=("${SHAPES_512[@]}" MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64)
+  [ "$DRY" = 1 ] && opts=(
+                          MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64
+                          D2SEG.SHAPES.IMAGE_SIZE 64 D2SEG.SHAPES.NUM_TRAIN 4 D2SEG.SHAPES.NUM_VAL 2
+                          INPUT.MIN_SIZE_TRAIN "(64,)" INPUT.CROP.SIZE "(64, 64)"
+                          DATALOADER.NUM_WORKERS 0)
+  step "$name" "$secs" $PY tools/benchmark.py --config-file \
+    configs/Shapes-SemanticSegmentation/deeplabv3plus_R_50.yaml --name deeplabv3plus \
+    "${pre[@]}" "${dev[@]}" --json "$OUTDIR/benchmark_${name}.json" "${opts[@]}" "$@"
+}
 case "$PART" in
   all)
     # The next lease (written 2026-11-26, session 5, after the first lease): measure the
@@ -177,6 +195,24 @@ case "$PART" in
     bench gpu_maskrcnn_compile 120 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
       --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
     ;;
+  second-lease-2)
+    # The second lease's second command (written after its first, 2026-11-26 session 9): the
+    # DeepLabV3+ step was host-bound there (GPU 57 % busy) and both loops at 61-66 % of the
+    # step. Each run now records torch.compile's counters (graphs, breaks, recompiles) and,
+    # with --profile-steps, a profile of loop iterations (host waits). 75+45+110+75+60 s.
+    dlv3_cfg dlv3_compile 75 --refs none --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference --profile-steps 2
+    dlv3_cfg dlv3_eager 45 --refs none --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference --profile-steps 2 -- D2SEG.SPEED.COMPILE off
+    # CUDA graphs (inductor's cudagraph trees) against the host-bound step, with the reference
+    dlv3_cfg dlv3_cudagraphs 110 --refs plain_deeplabv3plus_r50 --repeats 2 --iters 10 \
+      --loop-iters 30 --no-inference --profile-steps 2 -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
+    # Panoptic FPN / Mask R-CNN with RCNN_BATCHED (the GN configs of the first lease)
+    bench gpu_panoptic_batched 75 gpu-panoptic --refs none --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference
+    unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
+      --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
+    ;;
   first-lease)
     # The command of the first lease (2026-11-26, H200), kept for reproduction.
     isbi_anchor 195 D2SEG.SPEED.COMPILE off
@@ -209,7 +245,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|second-lease|second-lease-rest|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|second-lease|second-lease-2|second-lease-rest|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"

@@ -18,7 +18,9 @@ Per case (one d2seg config) and per subject (d2seg's ``Trainer`` and each refere
   sync debug mode; CPU: an emulation; see :class:`~d2seg.benchmark.syncs.HostSyncAudit`).
 * **profile** (``profile_steps > 0``): ``torch.profiler`` over that many train steps: wall and
   device-kernel time per step (their ratio: how busy the host keeps the GPU) and the top
-  operators by device (CUDA) or host (CPU) time.
+  operators by device (CUDA) or host (CPU) time, and by host time (where the host spends a
+  step, CUDA runtime calls such as ``cudaStreamSynchronize`` included); with a train_net
+  loop, also that many loop iterations after its timed window (``loop["profile"]``).
 
 :func:`run_benchmark` returns a JSON-able dict; :func:`format_report` renders markdown.
 """
@@ -200,7 +202,8 @@ def run_case(case: Case, s: Settings, device: torch.device,
     plain_flags = dict(plain_flags or capture_backend_flags())
     cfg_file = _config_path(case.config_file)
     loop_iters = s.loop_iters if case.loop else 0
-    max_iter = max(s.loop_warmup + loop_iters + 1, 2)
+    loop_profile = s.profile_steps if loop_iters > 0 else 0
+    max_iter = max(s.loop_warmup + loop_iters + loop_profile + 1, 2)
     d2 = D2SegSubject(cfg_file, list(case.opts) + ["SOLVER.BASE_LR", str(s.lr)] + list(s.opts),
                       device, s.precision, s.batch, max_iter=max_iter,
                       name=f"d2seg {case.name}")
@@ -256,6 +259,7 @@ def run_case(case: Case, s: Settings, device: torch.device,
             times.pop(sub.name)
             sub.close()
             free_memory(device)
+    dynamo = {"after_warmup": _dynamo_counters()}
     for r in range(s.repeats):
         for sub in subjects:
             with backend_flags(sub.backend_flags):
@@ -268,11 +272,17 @@ def run_case(case: Case, s: Settings, device: torch.device,
             times[sub.name].append(t.seconds)
             print(f"[benchmark] {case.name}: {sub.name} round {r + 1}/{s.repeats}: "
                   f"{t.seconds / s.iters:.4f} s/iter", flush=True)
+    dynamo["after_timed"] = _dynamo_counters()
     for sub in subjects:  # after the timed rounds: the CPU emulation slows the step down
         with backend_flags(sub.backend_flags):
             results.setdefault(sub.name, {})["host_syncs"] = audit_host_syncs(sub, device)
             if s.profile_steps > 0:
                 results[sub.name]["profile"] = profile_steps(sub, device, s.profile_steps)
+    dynamo["after_diagnostics"] = _dynamo_counters()
+    if d2.speed_plan and d2.speed_plan.get("compile"):
+        # torch.compile's counters (process-wide): graphs captured, graph breaks, recompiles.
+        # unique_graphs growing during the timed rounds means they recompiled.
+        results.setdefault(d2.name, {})["dynamo_counters"] = dynamo
     infer_batch = s.infer_batch or s.batch
     for sub in subjects:
         res = results.setdefault(sub.name, {})
@@ -300,7 +310,7 @@ def run_case(case: Case, s: Settings, device: torch.device,
     if loop_iters > 0:
         try:
             with backend_flags(d2.backend_flags):
-                loop = d2.run_loop(s.loop_warmup, loop_iters)
+                loop = d2.run_loop(s.loop_warmup, loop_iters, profile=loop_profile)
         except Exception as e:  # noqa: BLE001 - the step numbers stand without the loop
             traceback.print_exc()
             loop = {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -372,43 +382,94 @@ def profile_steps(sub: Subject, device: torch.device, steps: int,
     Returns {"steps", "wall_s_per_step", "device_s_per_step" (CUDA kernel time; None on CPU),
     "device_busy_fraction" (device / wall: well below 1 means the host, not the GPU, sets the
     pace; kernels overlapping on several streams can push it above 1), "top": [{"name",
-    "calls_per_step", "self_device_ms_per_step", "self_host_ms_per_step"}]}, or {"error"}. Profiler overhead makes the wall time longer
-    than the timed rounds'; the fraction is a lower bound."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    "calls_per_step", "self_device_ms_per_step", "self_host_ms_per_step"}], "top_host" (the
+    same rows by host time), "host_op_ms_per_step"}, or {"error"}. Profiler overhead makes the
+    wall time longer than the timed rounds'; the fraction is a lower bound."""
+    from torch.profiler import profile
 
     cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
         sync(device)
-        with profile(activities=acts) as prof:
+        with profile(activities=profiler_activities(device)) as prof:
             t0 = time.perf_counter()
             sub.train_steps(steps)
             sync(device)
             wall = time.perf_counter() - t0
-        events = prof.key_averages()
-
-        def dev(e) -> float:  # microseconds of device kernels run by this op itself
-            return float(getattr(e, "self_device_time_total", 0.0)
-                         or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
-
-        def on_device(e) -> bool:  # the kernels / copies themselves (not the ops that ran them)
-            return getattr(e, "device_type", None) == DeviceType.CUDA
-
-        # each kernel is listed on its own and in its op's self device time: count it once
-        device_us = sum(dev(e) for e in events if on_device(e)) if cuda else None
-        key = dev if cuda else (lambda e: float(e.self_cpu_time_total))
-        rows = sorted((e for e in events if not on_device(e)), key=key, reverse=True)[:top]
-        return {
-            "steps": steps, "wall_s_per_step": wall / steps,
-            "device_s_per_step": None if device_us is None else device_us / 1e6 / steps,
-            "device_busy_fraction": None if device_us is None else device_us / 1e6 / wall,
-            "top": [{"name": e.key, "calls_per_step": e.count / steps,
-                     "self_device_ms_per_step": dev(e) / 1e3 / steps,
-                     "self_host_ms_per_step": float(e.self_cpu_time_total) / 1e3 / steps}
-                    for e in rows]}
+        return summarize_profile(prof, wall, steps, cuda, top)
     except Exception as e:  # noqa: BLE001 - a diagnostic; the timings stand without it
         return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def profiler_activities(device: torch.device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def summarize_profile(prof, wall: float, steps: int, cuda: bool, top: int = 15
+                      ) -> Dict[str, object]:
+    """:func:`profile_steps`'s dict from a finished ``torch.profiler.profile`` over ``steps``
+    steps that took ``wall`` seconds; "top_host" ranks the operators and CUDA runtime calls
+    by their own host time (a host wait shows as ``cudaStreamSynchronize`` /
+    ``cudaEventSynchronize`` / a slow ``cudaMemcpyAsync``)."""
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+
+    def dev(e) -> float:  # microseconds of device kernels run by this op itself
+        return float(getattr(e, "self_device_time_total", 0.0)
+                     or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+    def on_device(e) -> bool:  # the kernels / copies themselves (not the ops that ran them)
+        return getattr(e, "device_type", None) == DeviceType.CUDA
+
+    def row(e) -> Dict[str, object]:
+        return {"name": e.key, "calls_per_step": e.count / steps,
+                "self_device_ms_per_step": dev(e) / 1e3 / steps,
+                "self_host_ms_per_step": float(e.self_cpu_time_total) / 1e3 / steps}
+
+    # each kernel is listed on its own and in its op's self device time: count it once
+    device_us = sum(dev(e) for e in events if on_device(e)) if cuda else None
+    host_side = [e for e in events if not on_device(e)]
+    key = dev if cuda else (lambda e: float(e.self_cpu_time_total))
+    by_host = sorted(host_side, key=lambda e: float(e.self_cpu_time_total), reverse=True)
+    return {
+        "steps": steps, "wall_s_per_step": wall / steps,
+        "device_s_per_step": None if device_us is None else device_us / 1e6 / steps,
+        "device_busy_fraction": None if device_us is None else device_us / 1e6 / wall,
+        "host_op_ms_per_step": sum(float(e.self_cpu_time_total) for e in host_side)
+        / 1e3 / steps,
+        "top": [row(e) for e in sorted(host_side, key=key, reverse=True)[:top]],
+        "top_host": [row(e) for e in by_host[:top]]}
+
+
+def _dynamo_counters() -> Dict[str, Dict[str, int]]:
+    """A copy of ``torch._dynamo``'s counters (empty when unavailable)."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # noqa: BLE001 - a diagnostic
+        return {}
+    out: Dict[str, Dict[str, int]] = {}
+    for k, v in counters.items():
+        for kk, vv in v.items():  # graph-break reasons are paragraphs: their first line
+            key = str(kk).strip().splitlines()[0][:160] if str(kk).strip() else str(kk)
+            out.setdefault(k, {})[key] = out.get(k, {}).get(key, 0) + int(vv)
+    return out
+
+
+def _profile_lines(what: str, p: Optional[Dict]) -> List[str]:
+    """One line for a profile dict: busy fraction and the top host-time entries."""
+    if not p:
+        return []
+    if "error" in p:
+        return [f"{what} profile: {p['error']}"]
+    busy = p.get("device_busy_fraction")
+    busy_s = "" if busy is None else f", device busy {100 * busy:.0f}%"
+    tops = ", ".join(f"{r['name']} {r['self_host_ms_per_step']:.1f} ms"
+                     for r in p.get("top_host", [])[:5])
+    return [f"{what} profile ({p['steps']} iterations): {1e3 * p['wall_s_per_step']:.1f} ms "
+            f"per iteration{busy_s}; host ops {p.get('host_op_ms_per_step', 0):.1f} ms; top "
+            f"host time: {tops}"]
 
 
 def _peak(mem: Optional[Dict]) -> float:
@@ -597,8 +658,10 @@ def format_report(result: Dict) -> str:
                 gpu = "" if busy is None else (f", GPU kernels {_f(pf['device_s_per_step'])} "
                                                f"s/step ({100 * busy:.0f} % busy)")
                 tops = ", ".join(f"{t['name']} {_f(t[which])} ms" for t in pf["top"][:5])
+                host = pf.get("host_op_ms_per_step")
+                host = "" if host is None else f"; host ops {host:.1f} ms/step"
                 lines += ["", f"profile {r['name']}: {_f(pf['wall_s_per_step'])} s/step under "
-                              f"the profiler{gpu}; top: {tops}"]
+                              f"the profiler{gpu}; top: {tops}{host}"]
         ops = [f"{r['name']} {r['host_syncs']['device_ops_per_step']}"
                for r in [c["d2seg"]] + c["references"]
                if "device_ops_per_step" in r.get("host_syncs", {})]
@@ -622,6 +685,7 @@ def format_report(result: Dict) -> str:
                          f"{_f(lp.get('run_step_median_s'))} s, max "
                          f"{_f(lp.get('run_step_max_s'))} s (loop {_f(lp['s_per_iter'])} "
                          f"s/iter){same}")
+            lines += _profile_lines("train_net loop", lp.get("profile"))
         lines.append("")
     if result.get("targets"):
         lines += ["### targets", "", "| target | measured | required | result |",

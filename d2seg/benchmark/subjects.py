@@ -306,6 +306,41 @@ class _LoopTimer:
         return self.stamps[self.end] - self.stamps[self.start]
 
 
+class _LoopProfiler:
+    """A detectron2 hook running iterations [start, end) of ``Trainer.train()`` under
+    ``torch.profiler``; ``result``: the summary (or {"error"})."""
+
+    def __init__(self, device: torch.device, start: int, end: int):
+        from detectron2.engine import HookBase
+
+        from .harness import profiler_activities, summarize_profile
+
+        lp = self
+        self.result: Dict[str, object] = {"error": "not reached"}
+
+        class _Hook(HookBase):
+            def before_step(self):
+                it = self.trainer.iter
+                try:
+                    if it == lp.start:
+                        sync(lp.device)
+                        lp.prof = torch.profiler.profile(activities=profiler_activities(device))
+                        lp.prof.__enter__()
+                        lp.t0 = time.perf_counter()
+                    elif it == lp.end and lp.prof is not None:
+                        sync(lp.device)
+                        wall = time.perf_counter() - lp.t0
+                        lp.prof.__exit__(None, None, None)
+                        lp.result = summarize_profile(lp.prof, wall, lp.end - lp.start,
+                                                      lp.device.type == "cuda")
+                        lp.prof = None
+                except Exception as e:  # noqa: BLE001 - a diagnostic
+                    lp.result = {"error": f"{type(e).__name__}: {e}"[:500]}
+
+        self.device, self.start, self.end, self.prof, self.t0 = device, start, end, None, 0.0
+        self.hook = _Hook()
+
+
 class D2SegSubject(_D2Stepped):
     """d2seg's ``Trainer`` for ``config_file`` + ``opts``, set up by train_net's ``setup``.
 
@@ -382,13 +417,17 @@ class D2SegSubject(_D2Stepped):
         finally:
             self.trainer.max_iter = saved
 
-    def run_loop(self, warmup: int, iters: int) -> Dict[str, object]:
+    def run_loop(self, warmup: int, iters: int, profile: int = 0) -> Dict[str, object]:
         """``Trainer.train()`` (train_net's loop, real data loading, every hook) for
-        ``warmup + iters + 1`` iterations; times iterations [warmup, warmup + iters).
+        ``warmup + iters + profile + 1`` iterations; times iterations [warmup, warmup + iters)
+        and, with ``profile > 0``, runs the next ``profile`` iterations under
+        ``torch.profiler`` (outside the timed window).
 
         Returns {"seconds", "iters", "batch", "img_per_s", "s_per_iter", "data_time_s" (mean
-        of detectron2's data_time over the window), "input_sizes" (distinct (H, W) seen)}.
-        The last iteration (final checkpoint) and ``after_train`` are outside the window.
+        of detectron2's data_time over the window), "input_sizes" (distinct (H, W) seen),
+        "profile" (with ``profile > 0``: :func:`~d2seg.benchmark.harness.summarize_profile`'s
+        dict per loop iteration)}. The last iteration (final checkpoint) and ``after_train``
+        are outside the window.
         """
         tr = self.trainer
         flush = getattr(self.inner, "flush_pending", None)
@@ -397,7 +436,7 @@ class D2SegSubject(_D2Stepped):
 
             with EventStorage(self._it):
                 flush()
-        need = warmup + iters + 1
+        need = warmup + iters + profile + 1
         if tr.max_iter < need:
             raise ValueError(f"SOLVER.MAX_ITER={tr.max_iter} < {need} iterations the loop needs")
         tr.max_iter = need
@@ -405,7 +444,9 @@ class D2SegSubject(_D2Stepped):
         self.inner.data_loader = rec
         self.inner._data_loader_iter_obj = None
         timer = _LoopTimer(self.device, warmup, warmup + iters)
-        tr.register_hooks([timer.hook])
+        prof = _LoopProfiler(self.device, warmup + iters, warmup + iters + profile) \
+            if profile > 0 else None
+        tr.register_hooks([timer.hook] + ([prof.hook] if prof else []))
         tr.start_iter = 0
         self._model.train()
         tr.train()
@@ -422,7 +463,8 @@ class D2SegSubject(_D2Stepped):
         close = getattr(self._real_loader, "close", None)
         if callable(close):  # d2seg's DevicePrefetcher: stop its thread
             close()
-        return {"seconds": sec, "iters": iters, "batch": batch,
+        out = {"profile": prof.result} if prof else {}
+        return {**out, "seconds": sec, "iters": iters, "batch": batch,
                 "img_per_s": iters * batch / sec, "s_per_iter": sec / iters,
                 "data_time_s": (sum(data_times) / len(data_times)) if data_times else None,
                 # where a gap to the step alone comes from: a uniform cost per iteration
