@@ -285,7 +285,10 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # one warning and runs eagerly.
     cfg.D2SEG.SPEED.COMPILE = "auto"
     cfg.D2SEG.SPEED.COMPILE_MODULES = []
-    cfg.D2SEG.SPEED.COMPILE_MODE = "default"  # or "max-autotune-no-cudagraphs", ...
+    # "auto": "reduce-overhead" (CUDA graphs, training calls only) on CUDA for DeepLabV3(+),
+    # whose step is host-bound there; "default" otherwise. Or "default", "reduce-overhead",
+    # "max-autotune", "max-autotune-no-cudagraphs".
+    cfg.D2SEG.SPEED.COMPILE_MODE = "auto"
     cfg.D2SEG.SPEED.COMPILE_BACKEND = "inductor"
     # SGD / Adam / AdamW implementation: "auto" (= "fused" where torch has the kernels, CUDA
     # and CPU; else foreach), "fused", "foreach" or "for-loop".

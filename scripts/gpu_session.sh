@@ -3,6 +3,9 @@
 # workplace's `device` tool (15 minutes of device time in all, a machine start included).
 # First, here: `bash scripts/gpu_prepare.sh ../shared/data` (wheels + a transfer copy of ISBI
 # in .gpu_carry/). Then through the device tool, with carry [".gpu_carry"], timeout_s 600:
+#   bash scripts/gpu_session.sh third-lease  # what is open in issue 7 after the H100 lease:
+#       the semantic targets with the loop timed first, the largest U-Net batch, FOLD_NORM's
+#       share, Mask R-CNN GN compiled (second-lease / second-lease-2: that lease's commands)
 #   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
@@ -157,6 +160,24 @@ case "$PART" in
     bench gpu_maskrcnn_frozenbn_unbatched 75 gpu-maskrcnn-frozenbn --precision bf16 \
       --repeats 2 --iters 10 --warmup 5 --no-inference D2SEG.SPEED.RCNN_BATCHED off
     ;;
+  third-lease)
+    # The next lease (written 2026-11-26, session 9, after the H100 lease): the harness now
+    # times the train_net loop before its diagnostics (the H100 loops ran the model eagerly
+    # after the host-sync audit), profiles loop iterations (compiled regions, host waits), and
+    # DeepLab compiles with CUDA graphs by default. 240 + 75 + 60 + 120 s of limits.
+    # 1. the semantic targets with the new defaults: step vs references, loop vs step
+    bench gpu_semantic_v3 240 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference --profile-steps 2
+    # 2. the largest U-Net batch at 512x512 on the card (issue 7's scaling item)
+    unet_cfg unet_largest 75 --refs none --scaling-only --scaling-sizes 512 \
+      --scaling-batches 16 --max-batch 160 -- D2SEG.SPEED.COMPILE off
+    # 3. FOLD_NORM's share on the zoo Mask R-CNN
+    bench gpu_maskrcnn_frozenbn_nofold 60 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference D2SEG.SPEED.FOLD_NORM off
+    # 4. Mask R-CNN GN with its backbone compiled
+    bench gpu_maskrcnn_compile 120 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
+      --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
+    ;;
   second-lease)
     # The second lease's first command (written 2026-11-26, session 9), in order of priority:
     # each step writes its JSON, so a command cut short keeps the first ones. 185 + 85 + 130
@@ -245,7 +266,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|second-lease|second-lease-2|second-lease-rest|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|second-lease|second-lease-2|second-lease-rest|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"

@@ -301,7 +301,7 @@ def test_a_failing_case_does_not_lose_the_others(monkeypatch):
 def test_a_failing_loop_keeps_the_step_numbers(monkeypatch):
     from d2seg.benchmark.subjects import D2SegSubject
 
-    def broken(self, warmup, iters):
+    def broken(self, warmup, iters, profile=0):
         raise RuntimeError("loader worker died")
     monkeypatch.setattr(D2SegSubject, "run_loop", broken)
     s = Settings(**{**TINY.__dict__, "repeats": 1, "inference": False})
@@ -375,3 +375,30 @@ def test_profile_steps_reports_time_per_step_and_top_ops():
         assert len(pf["top"]) > 3 and all(t["calls_per_step"] > 0 for t in pf["top"])
         assert any("conv" in t["name"] for t in pf["top"])
     assert "profile d2seg unet:" in format_report(r)
+
+
+def test_loop_is_timed_before_the_diagnostics_and_profiled(monkeypatch):
+    """The host-sync audit and the step profile run after the loop (on an H100 the compiled
+    modules ran eagerly after the audit); --profile-steps also profiles loop iterations."""
+    from d2seg.benchmark.subjects import D2SegSubject
+
+    order = []
+    real_loop, real_audit = D2SegSubject.run_loop, harness.audit_host_syncs
+
+    def loop(self, *a, **k):
+        order.append("loop")
+        return real_loop(self, *a, **k)
+
+    def audit(sub, device):
+        order.append("audit")
+        return real_audit(sub, device)
+    monkeypatch.setattr(D2SegSubject, "run_loop", loop)
+    monkeypatch.setattr(harness, "audit_host_syncs", audit)
+    s = Settings(**{**TINY.__dict__, "repeats": 1, "inference": False, "profile_steps": 1})
+    r = harness.run_benchmark([Case("unet", UNET_CPU, TINY_SEM, [])], s, [])
+    assert order[0] == "loop" and "audit" in order
+    c = r["cases"][0]
+    prof = c["loop"]["profile"]
+    assert prof["steps"] == 1 and prof["host_op_ms_per_step"] > 0 and prof["top_host"]
+    assert "compiled_regions_per_step" in c["d2seg"]["profile"]
+    assert c["d2seg"]["host_syncs"]["per_step"] >= 0

@@ -118,6 +118,57 @@ def test_cuda_auto_decision_table(fake_cuda):
         assert p.tf32 and p.optimizer_impl == "fused"
 
 
+DLV3P = os.path.join(SHAPES_SEM, "deeplabv3plus_R_50.yaml")
+
+
+def test_compile_mode_auto_records_cuda_graphs_for_deeplab_on_cuda_only(fake_cuda,
+                                                                       monkeypatch):
+    # measured on an H100: DeepLabV3+'s compiled step is host-bound, CUDA graphs pay
+    assert fast_paths.resolve(_cfg(DLV3P)).compile_mode == "reduce-overhead"
+    assert fast_paths.resolve(_cfg(UNET)).compile_mode == "default"  # GPU-bound
+    # an explicit mode wins; compile off leaves the mode moot ("default")
+    assert fast_paths.resolve(_cfg(DLV3P, "D2SEG.SPEED.COMPILE_MODE", "default")
+                              ).compile_mode == "default"
+    assert fast_paths.resolve(_cfg(DLV3P, "D2SEG.SPEED.COMPILE", "off")
+                              ).compile_mode == "default"
+    monkeypatch.setattr(fast_paths, "_device", lambda cfg: "cpu")
+    assert fast_paths.resolve(_cfg(DLV3P, "D2SEG.SPEED.COMPILE", "on")
+                              ).compile_mode == "default"
+
+
+def test_cuda_graph_mode_is_for_training_calls_only(monkeypatch):
+    """Training calls (training mode, gradients on) use the CUDA-graph mode; evaluation and
+    no-grad calls get the same mode without CUDA graphs, compiled at first such call."""
+    modes = []
+
+    def fake_compile(fn, **kwargs):
+        mode = kwargs.get("mode", "default")
+        modes.append(mode)
+        return lambda *a, **k: (mode, fn(*a, **k))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    m = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    fast_paths.compile_module(m, "toy", mode="reduce-overhead")
+    assert modes == ["reduce-overhead"]
+    assert m(x)[0] == "reduce-overhead"
+    with torch.no_grad():  # e.g. a validation loss in training mode
+        assert m(x)[0] == "default"
+    m.eval()
+    assert m(x)[0] == "default"
+    assert modes == ["reduce-overhead", "default"]  # the second one built once, lazily
+    m.train()
+    assert m(x)[0] == "reduce-overhead"
+    m2 = nn.Linear(3, 2)
+    fast_paths.compile_module(m2, "toy2", mode="max-autotune")
+    m2.eval()
+    assert m2(x)[0] == "max-autotune-no-cudagraphs"
+    m3 = nn.Linear(3, 2)  # modes without CUDA graphs: one compiled function for every call
+    fast_paths.compile_module(m3, "toy3", mode="default")
+    m3.eval()
+    assert m3(x)[0] == "default" and modes[-1] == "default"
+
+
 def test_cuda_amp_dtype_and_cudnn_benchmark_interplay(fake_cuda, monkeypatch):
     cfg = _cfg(RCNN, "SOLVER.AMP.ENABLED", "True")
     assert fast_paths.amp_dtype(cfg) is torch.bfloat16

@@ -273,16 +273,6 @@ def run_case(case: Case, s: Settings, device: torch.device,
             print(f"[benchmark] {case.name}: {sub.name} round {r + 1}/{s.repeats}: "
                   f"{t.seconds / s.iters:.4f} s/iter", flush=True)
     dynamo["after_timed"] = _dynamo_counters()
-    for sub in subjects:  # after the timed rounds: the CPU emulation slows the step down
-        with backend_flags(sub.backend_flags):
-            results.setdefault(sub.name, {})["host_syncs"] = audit_host_syncs(sub, device)
-            if s.profile_steps > 0:
-                results[sub.name]["profile"] = profile_steps(sub, device, s.profile_steps)
-    dynamo["after_diagnostics"] = _dynamo_counters()
-    if d2.speed_plan and d2.speed_plan.get("compile"):
-        # torch.compile's counters (process-wide): graphs captured, graph breaks, recompiles.
-        # unique_graphs growing during the timed rounds means they recompiled.
-        results.setdefault(d2.name, {})["dynamo_counters"] = dynamo
     infer_batch = s.infer_batch or s.batch
     for sub in subjects:
         res = results.setdefault(sub.name, {})
@@ -322,6 +312,20 @@ def run_case(case: Case, s: Settings, device: torch.device,
             loop["input_sizes"] = [list(x) for x in loop["input_sizes"]]
             print(f"[benchmark] {case.name}: train_net loop {loop['img_per_s']:.3f} img/s = "
                   f"{100 * loop['fraction_of_step']:.1f}% of the step alone", flush=True)
+    # The diagnostics last: one step under the sync audit (a TorchDispatchMode and CUDA's
+    # sync debug mode), then the profile. On the H100 (2026-11-26) the compiled modules ran
+    # eagerly in every step after the audit, so nothing measured may follow it.
+    for sub in subjects:
+        with backend_flags(sub.backend_flags):
+            sub.set_batch(data)
+            if s.profile_steps > 0:
+                results[sub.name]["profile"] = profile_steps(sub, device, s.profile_steps)
+            results[sub.name]["host_syncs"] = audit_host_syncs(sub, device)
+    dynamo["after_diagnostics"] = _dynamo_counters()
+    if d2.speed_plan and d2.speed_plan.get("compile"):
+        # torch.compile's counters (process-wide): graphs captured, graph breaks, recompiles.
+        # unique_graphs growing during the timed rounds means they recompiled.
+        results[d2.name]["dynamo_counters"] = dynamo
     d2r = results[d2.name]
     ratios = {}
     for sub in subjects[1:]:
@@ -433,8 +437,11 @@ def summarize_profile(prof, wall: float, steps: int, cuda: bool, top: int = 15
     host_side = [e for e in events if not on_device(e)]
     key = dev if cuda else (lambda e: float(e.self_cpu_time_total))
     by_host = sorted(host_side, key=lambda e: float(e.self_cpu_time_total), reverse=True)
+    compiled = sum(e.count for e in host_side if e.key.startswith("Torch-Compiled Region"))
     return {
         "steps": steps, "wall_s_per_step": wall / steps,
+        # torch.compile'd regions entered per step: 0 with compilation on means eager ran
+        "compiled_regions_per_step": compiled / steps,
         "device_s_per_step": None if device_us is None else device_us / 1e6 / steps,
         "device_busy_fraction": None if device_us is None else device_us / 1e6 / wall,
         "host_op_ms_per_step": sum(float(e.self_cpu_time_total) for e in host_side)
@@ -468,7 +475,8 @@ def _profile_lines(what: str, p: Optional[Dict]) -> List[str]:
     tops = ", ".join(f"{r['name']} {r['self_host_ms_per_step']:.1f} ms"
                      for r in p.get("top_host", [])[:5])
     return [f"{what} profile ({p['steps']} iterations): {1e3 * p['wall_s_per_step']:.1f} ms "
-            f"per iteration{busy_s}; host ops {p.get('host_op_ms_per_step', 0):.1f} ms; top "
+            f"per iteration{busy_s}; compiled regions per iteration "
+            f"{p.get('compiled_regions_per_step', 0):g}; host ops {p.get('host_op_ms_per_step', 0):.1f} ms; top "
             f"host time: {tops}"]
 
 
@@ -659,7 +667,9 @@ def format_report(result: Dict) -> str:
                                                f"s/step ({100 * busy:.0f} % busy)")
                 tops = ", ".join(f"{t['name']} {_f(t[which])} ms" for t in pf["top"][:5])
                 host = pf.get("host_op_ms_per_step")
-                host = "" if host is None else f"; host ops {host:.1f} ms/step"
+                host = "" if host is None else (
+                    f"; host ops {host:.1f} ms/step; compiled regions per step "
+                    f"{pf.get('compiled_regions_per_step', 0):g}")
                 lines += ["", f"profile {r['name']}: {_f(pf['wall_s_per_step'])} s/step under "
                               f"the profiler{gpu}; top: {tops}{host}"]
         ops = [f"{r['name']} {r['host_syncs']['device_ops_per_step']}"

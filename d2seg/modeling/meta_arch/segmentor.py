@@ -12,6 +12,7 @@ from detectron2.modeling import Backbone, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from ..batching import pad_to_batch
 from ..heads.base import resize_logits
 from ..losses import check_targets
 from ..postprocessing import SemSegPostProcessor
@@ -123,7 +124,7 @@ class EncoderDecoderSegmentor(nn.Module):
         images = [x.to(self.pixel_mean.dtype).sub_(self.pixel_mean).div_(self.pixel_std)
                   if x.dtype != self.pixel_mean.dtype else (x - self.pixel_mean) / self.pixel_std
                   for x in images]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return pad_to_batch(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
         """See the class docstring for inputs and what train / eval mode return."""
@@ -135,7 +136,7 @@ class EncoderDecoderSegmentor(nn.Module):
             # Labels are queued for the device before the backbone runs: a blocking copy
             # after it would make the host wait for the whole encoder (a GPU bubble per step).
             # uint8 labels (D2SEG.SPEED.COMPACT_LABELS) are widened there, after the copy.
-            targets = ImageList.from_tensors(
+            targets = pad_to_batch(
                 [x["sem_seg"].to(self.device, non_blocking=True) for x in batched_inputs],
                 self.size_divisibility, self.sem_seg_head.ignore_value,
             ).tensor.long()
