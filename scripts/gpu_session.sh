@@ -108,6 +108,15 @@ dlv3_cfg() {  # dlv3_cfg NAME SECONDS [harness args] -- [opts]: DeepLabV3+ R50 (
     configs/Shapes-SemanticSegmentation/deeplabv3plus_R_50.yaml --name deeplabv3plus \
     "${pre[@]}" "${dev[@]}" --json "$OUTDIR/benchmark_${name}.json" "${opts[@]}" "$@"
 }
+fold_norm_step() {  # FOLD_NORM alone on the R50 backbone (batch 16, 800x1216, bf16)
+  if [ "$DRY" = 1 ]; then
+    step fold_norm 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
+      --rounds 1 --iters 1 --json "$OUTDIR/fold_norm.json"
+  else
+    step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
+      --json "$OUTDIR/fold_norm.json"
+  fi
+}
 case "$PART" in
   all)
     # The next lease (written 2026-11-26, session 5, after the first lease): measure the
@@ -142,13 +151,7 @@ case "$PART" in
     # against plain detectron2 - with D2SEG.SPEED.FOLD_NORM on (auto), then off (its share);
     # first the fold alone on the R50 backbone (batch 16, 800x1216, bf16). Ordered by priority:
     # each step writes its JSON, so a run cut short by the device budget keeps the first ones.
-    if [ "$DRY" = 1 ]; then
-      step fold_norm 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
-        --rounds 1 --iters 1 --json "$OUTDIR/fold_norm.json"
-    else
-      step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
-        --json "$OUTDIR/fold_norm.json"
-    fi
+    fold_norm_step
     bench gpu_maskrcnn_frozenbn 85 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
       --iters 10 --warmup 5 --no-inference --profile-steps 2
     bench gpu_maskrcnn_frozenbn_nofold 60 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
@@ -164,7 +167,7 @@ case "$PART" in
     # The next lease (written 2026-11-26, session 9, after the H100 lease): the harness now
     # times the train_net loop before its diagnostics (the H100 loops ran the model eagerly
     # after the host-sync audit), profiles loop iterations (compiled regions, host waits), and
-    # DeepLab compiles with CUDA graphs by default. 240 + 75 + 60 + 120 s of limits.
+    # DeepLab compiles with CUDA graphs by default. 240 + 75 + 60 + 120 + 40 s of limits.
     # 1. the semantic targets with the new defaults: step vs references, loop vs step
     bench gpu_semantic_v3 240 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
       --no-inference --profile-steps 2
@@ -177,6 +180,8 @@ case "$PART" in
     # 4. Mask R-CNN GN with its backbone compiled
     bench gpu_maskrcnn_compile 120 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
       --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
+    # 5. FOLD_NORM alone on the backbone
+    fold_norm_step
     ;;
   second-lease)
     # The second lease's first command (written 2026-11-26, session 9), in order of priority:
@@ -199,22 +204,6 @@ case "$PART" in
     # 5. RCNN_BATCHED's share
     bench gpu_maskrcnn_frozenbn_unbatched 75 gpu-maskrcnn-frozenbn --precision bf16 \
       --repeats 2 --iters 10 --warmup 5 --no-inference D2SEG.SPEED.RCNN_BATCHED off
-    ;;
-  second-lease-rest)
-    # Its second command, with the budget left (60 + 60 + 40 + 120 s of limits).
-    bench gpu_maskrcnn_frozenbn_nofold 60 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
-      --iters 10 --warmup 5 --no-inference D2SEG.SPEED.FOLD_NORM off
-    unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
-      --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
-    if [ "$DRY" = 1 ]; then
-      step fold_norm 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
-        --rounds 1 --iters 1 --json "$OUTDIR/fold_norm.json"
-    else
-      step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
-        --json "$OUTDIR/fold_norm.json"
-    fi
-    bench gpu_maskrcnn_compile 120 gpu-maskrcnn --refs plain_d2 --precision bf16 --repeats 2 \
-      --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
     ;;
   second-lease-2)
     # The second lease's second command (written after its first, 2026-11-26 session 9): the
@@ -266,7 +255,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|second-lease|second-lease-2|second-lease-rest|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"
