@@ -40,3 +40,33 @@ def test_pad_to_batch_makes_no_cpu_reduction():
         pad_to_batch(ts, 32)
     names = {e.key for e in p.key_averages()}
     assert "aten::max" not in names
+
+
+@pytest.mark.parametrize("shapes", [
+    [(3, 64, 64)] * 3,              # same size, divisible: stacked, normalised as one batch
+    [(3, 64, 64), (3, 48, 64)],     # padded
+    [(3, 60, 60)] * 2,              # same size, not divisible by 16: padded
+])
+def test_segmentor_preprocess_equals_per_image_normalise_and_pad(shapes):
+    import os
+
+    from conftest import REPO
+    from detectron2.modeling import build_model
+
+    import d2seg  # noqa: F401
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "Shapes-SemanticSegmentation",
+                                     "unet_cpu.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.UNET.BASE_CHANNELS = 4
+    m = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.randint(0, 255, s, generator=g, dtype=torch.uint8)}
+              for s in shapes]
+    out = m.preprocess_image(inputs)
+    ref = ImageList.from_tensors([(x["image"].float() - m.pixel_mean) / m.pixel_std
+                                  for x in inputs], m.size_divisibility)
+    assert torch.equal(out.tensor, ref.tensor) and out.tensor.is_contiguous()
+    assert out.image_sizes == [tuple(int(v) for v in s) for s in ref.image_sizes]
