@@ -321,6 +321,11 @@ def run_case(case: Case, s: Settings, device: torch.device,
             if s.profile_steps > 0:
                 results[sub.name]["profile"] = profile_steps(sub, device, s.profile_steps)
             results[sub.name]["host_syncs"] = audit_host_syncs(sub, device)
+            if sub is d2 and s.profile_steps > 0 and (d2.speed_plan or {}).get("compile"):
+                # does the compiled code still run after the audit? (on the H100 it did not)
+                after = profile_steps(sub, device, 1)
+                results[sub.name]["compiled_regions_after_audit"] = after.get(
+                    "compiled_regions_per_step", after.get("error"))
     dynamo["after_diagnostics"] = _dynamo_counters()
     if d2.speed_plan and d2.speed_plan.get("compile"):
         # torch.compile's counters (process-wide): graphs captured, graph breaks, recompiles.
@@ -670,6 +675,8 @@ def format_report(result: Dict) -> str:
                 host = "" if host is None else (
                     f"; host ops {host:.1f} ms/step; compiled regions per step "
                     f"{pf.get('compiled_regions_per_step', 0):g}")
+                if "compiled_regions_after_audit" in r:
+                    host += f" ({r['compiled_regions_after_audit']} after the sync audit)"
                 lines += ["", f"profile {r['name']}: {_f(pf['wall_s_per_step'])} s/step under "
                               f"the profiler{gpu}; top: {tops}{host}"]
         ops = [f"{r['name']} {r['host_syncs']['device_ops_per_step']}"
