@@ -483,7 +483,7 @@ class CompiledForward:
 
     def __init__(self, module: nn.Module, name: str, *, mode: str = "default",
                  backend: str = "inductor", dynamic: Optional[bool] = None):
-        self.name, self.module, self.mode = name, module, mode
+        self.name, self.module = name, module
         self.eager = module.forward
         self._kwargs: Dict[str, Any] = {"backend": backend, "dynamic": dynamic}
         self.compiled = self._compile(mode)

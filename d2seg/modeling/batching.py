@@ -11,14 +11,27 @@ size (the fixed-size training crops of the semantic models).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from detectron2.structures import ImageList
 
-__all__ = ["pad_to_batch"]
+__all__ = ["batch_size", "pad_to_batch"]
+
+
+def batch_size(tensors: Sequence[Tensor], size_divisibility: int = 0
+               ) -> Tuple[List[Tuple[int, int]], Tuple[int, int]]:
+    """([(Hi, Wi)] of ``tensors``, (Hpad, Wpad) of their batch): the largest height and width,
+    rounded up to a multiple of ``size_divisibility`` (> 1), from Python integers."""
+    sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+    h = max(s[0] for s in sizes)
+    w = max(s[1] for s in sizes)
+    if size_divisibility > 1:
+        h = -(-h // size_divisibility) * size_divisibility
+        w = -(-w // size_divisibility) * size_divisibility
+    return sizes, (h, w)
 
 
 def pad_to_batch(tensors: Sequence[Tensor], size_divisibility: int = 0,
@@ -45,12 +58,7 @@ def pad_to_batch(tensors: Sequence[Tensor], size_divisibility: int = 0,
         if t.shape[:-2] != lead:
             raise ValueError(f"pad_to_batch: tensors of shapes {tuple(tensors[0].shape)} and "
                              f"{tuple(t.shape)} differ before the last two dimensions")
-    sizes: List[tuple] = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
-    h = max(s[0] for s in sizes)
-    w = max(s[1] for s in sizes)
-    if size_divisibility > 1:
-        h = -(-h // size_divisibility) * size_divisibility
-        w = -(-w // size_divisibility) * size_divisibility
+    sizes, (h, w) = batch_size(tensors, size_divisibility)
     if all(s == (h, w) for s in sizes):  # nothing to pad: one stacking copy
         batch = torch.stack(list(tensors))
     else:

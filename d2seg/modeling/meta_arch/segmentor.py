@@ -12,7 +12,7 @@ from detectron2.modeling import Backbone, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..batching import pad_to_batch
+from ..batching import batch_size, pad_to_batch
 from ..heads.base import resize_logits
 from ..losses import check_targets
 from ..postprocessing import SemSegPostProcessor
@@ -123,14 +123,11 @@ class EncoderDecoderSegmentor(nn.Module):
         normalised as one batch: three device operations instead of three per image, same
         values."""
         images = [x["image"].to(self.device, non_blocking=True) for x in batched_inputs]
-        d = self.size_divisibility
-        h, w = images[0].shape[-2:]
-        if (not torch.jit.is_scripting() and not torch.jit.is_tracing()
-                and all(x.shape == images[0].shape for x in images)
-                and (d <= 1 or (h % d == 0 and w % d == 0))):
-            batch = self._normalize(torch.stack(images))
-            return ImageList(batch, [(int(h), int(w))] * len(images))
-        return pad_to_batch([self._normalize(x) for x in images], d)
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            sizes, hw = batch_size(images, self.size_divisibility)
+            if all(s == hw for s in sizes) and all(x.shape == images[0].shape for x in images):
+                return ImageList(self._normalize(torch.stack(images)), sizes)
+        return pad_to_batch([self._normalize(x) for x in images], self.size_divisibility)
 
     def _normalize(self, x: Tensor) -> Tensor:
         """(x - mean) / std in the buffers' dtype, one new tensor (in place after the cast)."""
