@@ -167,7 +167,11 @@ case "$PART" in
     # The next lease (written 2026-11-26, session 9, after the H100 lease): the harness now
     # times the train_net loop before its diagnostics (the H100 loops ran the model eagerly
     # after the host-sync audit), profiles loop iterations (compiled regions, host waits), and
-    # DeepLab compiles with CUDA graphs by default. 240 + 75 + 60 + 120 + 40 s of limits.
+    # DeepLab compiles with CUDA graphs by default. Session 10 found the cause: torch 2.11
+    # skips a compiled frame for good once it ran under a TorchDispatchMode (the audit's;
+    # pytorch#190286); CompiledForward now runs such calls eagerly, and the step profile after
+    # the audit ("compiled regions ... after the sync audit") checks that on torch 2.11.
+    # 240 + 75 + 60 + 120 + 40 s of limits.
     # 1. the semantic targets with the new defaults: step vs references, loop vs step
     bench gpu_semantic_v3 240 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
       --no-inference --profile-steps 2

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import d2seg  # noqa: F401  (registers everything)
 from d2seg.config import get_cfg, load_config
@@ -167,6 +168,76 @@ def test_cuda_graph_mode_is_for_training_calls_only(monkeypatch):
     fast_paths.compile_module(m3, "toy3", mode="default")
     m3.eval()
     assert m3(x)[0] == "default" and modes[-1] == "default"
+
+
+class _CountOps(TorchDispatchMode):
+    """A user dispatch mode, as FlopCounterMode or the benchmark's host-sync audit."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_calls_under_a_dispatch_mode_run_eagerly_and_leave_the_compiled_path_intact():
+    """Dynamo does not compile under a user TorchDispatchMode, and torch 2.11 then skipped the
+    forward's code for good (pytorch#190286; on the H100 every step after the harness's sync
+    audit ran eagerly). The wrapper sends such calls to the eager forward itself."""
+    torch._dynamo.reset()
+    compiled_runs, compiles = [], []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            compiled_runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    fast_paths.compile_module(m, "toy", backend=counting_backend)
+    assert not fast_paths.user_dispatch_mode_active()
+    with _CountOps() as mode:
+        assert fast_paths.user_dispatch_mode_active()
+        out = m(x)
+    assert torch.equal(out, ref)
+    assert mode.ops > 0 and not compiles and not compiled_runs  # eager, seen by the mode
+    assert torch.allclose(m(x), ref) and torch.allclose(m(x), ref)
+    assert len(compiles) == 1 and len(compiled_runs) == 2  # compiled once, then reused
+    with _CountOps():
+        m(x)
+    assert len(compiled_runs) == 2
+    m(x)
+    assert len(compiles) == 1 and len(compiled_runs) == 3
+
+
+def test_compiled_function_is_not_entered_under_a_dispatch_mode(monkeypatch):
+    """The guard itself (torch 2.14 no longer poisons the code, so the dynamo test above
+    passes with or without it): under a user dispatch mode the compiled function is never
+    called."""
+    entered = []
+
+    def fake_compile(fn, **kwargs):
+        def compiled(*a, **k):
+            entered.append(1)
+            return fn(*a, **k)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    m = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    fast_paths.compile_module(m, "toy", mode="reduce-overhead")
+    with _CountOps() as mode:
+        m(x)
+    assert mode.ops > 0 and entered == []
+    m(x)
+    assert entered == [1]
 
 
 def test_cuda_amp_dtype_and_cudnn_benchmark_interplay(fake_cuda, monkeypatch):

@@ -312,9 +312,11 @@ def run_case(case: Case, s: Settings, device: torch.device,
             loop["input_sizes"] = [list(x) for x in loop["input_sizes"]]
             print(f"[benchmark] {case.name}: train_net loop {loop['img_per_s']:.3f} img/s = "
                   f"{100 * loop['fraction_of_step']:.1f}% of the step alone", flush=True)
-    # The diagnostics last: one step under the sync audit (a TorchDispatchMode and CUDA's
-    # sync debug mode), then the profile. On the H100 (2026-11-26) the compiled modules ran
-    # eagerly in every step after the audit, so nothing measured may follow it.
+    # The diagnostics last: the profile, then one step under the sync audit (a
+    # TorchDispatchMode and CUDA's sync debug mode). On the H100 (torch 2.11, 2026-11-26) the
+    # compiled modules ran eagerly in every step after the audit: dynamo skips frames under a
+    # dispatch mode and that torch then skipped them for good (pytorch#190286). d2seg's
+    # CompiledForward now runs such calls eagerly itself; the audit still goes last.
     for sub in subjects:
         with backend_flags(sub.backend_flags):
             sub.set_batch(data)
@@ -322,7 +324,8 @@ def run_case(case: Case, s: Settings, device: torch.device,
                 results[sub.name]["profile"] = profile_steps(sub, device, s.profile_steps)
             results[sub.name]["host_syncs"] = audit_host_syncs(sub, device)
             if sub is d2 and s.profile_steps > 0 and (d2.speed_plan or {}).get("compile"):
-                # does the compiled code still run after the audit? (on the H100 it did not)
+                # does the compiled code still run after the audit? (on the H100 with torch
+                # 2.11 it did not, before CompiledForward's dispatch-mode guard)
                 after = profile_steps(sub, device, 1)
                 results[sub.name]["compiled_regions_after_audit"] = after.get(
                     "compiled_regions_per_step", after.get("error"))
@@ -369,7 +372,11 @@ def run_case(case: Case, s: Settings, device: torch.device,
 def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
     """One train step of ``sub`` under :class:`~d2seg.benchmark.syncs.HostSyncAudit`:
     {"per_step", "sites" ({"op @ file:line": count}), "device_ops_per_step" (aten operations on
-    device tensors: an upper bound of the kernel launches), "method"}, or {"error"}."""
+    device tensors: an upper bound of the kernel launches), "method"}, or {"error"}.
+
+    The audit is a ``TorchDispatchMode``: torch.compile'd modules run their eager forward in
+    this step (dynamo does not compile under such a mode), so it lists the eager step's
+    syncs and operations."""
     from .syncs import HostSyncAudit
 
     method = "cuda sync debug mode" if device.type == "cuda" else "cpu emulation"

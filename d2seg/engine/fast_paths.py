@@ -38,7 +38,7 @@ __all__ = [
     "FAMILIES", "FAMILY_DEFAULTS", "SpeedPlan", "model_family", "resolve", "configure_backends",
     "amp_dtype", "make_grad_scaler", "prepare_model", "compile_module", "CompiledForward",
     "to_channels_last", "optimizer_impl_kwargs", "loader_kwargs", "apply_sharing_strategy",
-    "describe",
+    "describe", "user_dispatch_mode_active",
 ]
 
 FAMILIES = ("semantic", "rcnn", "panoptic", "other")
@@ -460,6 +460,20 @@ def _input_to_contiguous(module: nn.Module, args):
     return None
 
 
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:  # pragma: no cover - torch without the helper
+    _in_dispatch_mode = None
+
+
+def user_dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` other than torch's own (fake tensors, functionalization
+    during tracing) is active: ``FlopCounterMode``, a logging or counting mode."""
+    if _in_dispatch_mode is None:  # pragma: no cover
+        return False
+    return _in_dispatch_mode(include_infra_modes=False)
+
+
 #: torch.compile modes that record CUDA graphs, and their counterpart without
 _CUDA_GRAPH_MODES = {"reduce-overhead": "default",
                      "max-autotune": "max-autotune-no-cudagraphs"}
@@ -479,6 +493,13 @@ class CompiledForward:
     Other calls - evaluation at each test image's size, a validation loss under ``no_grad`` -
     use the same mode without CUDA graphs ("default" / "max-autotune-no-cudagraphs"), so
     that no graph is recorded, and no memory pool kept, per input size.
+
+    Calls made while a user ``TorchDispatchMode`` is active (``FlopCounterMode``, d2seg's
+    host-sync audit) run the eager forward. Dynamo does not compile under such a mode, and
+    torch releases before the fix of pytorch/pytorch#190286 (mid-2026; torch 2.11 included)
+    then mark the forward's code "skip" for good: every later call, with the mode gone, ran
+    eagerly, silently (seen on the H100, 2026-11-26: no compiled region in any step after
+    the audit).
     """
 
     def __init__(self, module: nn.Module, name: str, *, mode: str = "default",
@@ -506,7 +527,7 @@ class CompiledForward:
         return self._other
 
     def __call__(self, *args, **kwargs):
-        if self.failed is None:
+        if self.failed is None and not user_dispatch_mode_active():
             try:
                 return self._pick()(*args, **kwargs)
             except torch.OutOfMemoryError:
