@@ -247,8 +247,17 @@ def run_case(case: Case, s: Settings, device: torch.device,
         try:
             with backend_flags(sub.backend_flags):
                 sub.set_batch(data)
-                sub.train_steps(max(s.warmup, 1))
-                sync(device)
+                free_memory(device)  # the reserved delta: this subject's warm-up only
+                # compilation, cuDNN autotuning and CUDA-graph recording happen here: its
+                # reserved-memory delta includes the graphs' private memory pool, which the
+                # timed rounds' memory (allocated before them) leaves out
+                with MemoryMeter(device) as wmem:
+                    sub.train_steps(max(s.warmup, 1))
+                    sync(device)
+            results.setdefault(sub.name, {})["warmup_memory"] = wmem.result
+            if "peak_reserved_delta_mb" in wmem.result:
+                print(f"[benchmark] {case.name}: {sub.name} warm-up: reserved memory "
+                      f"+{wmem.result['peak_reserved_delta_mb']:.0f} MB", flush=True)
         except Exception as e:  # a reference that cannot train here is reported, not fatal
             if sub is d2:
                 raise
@@ -257,6 +266,7 @@ def run_case(case: Case, s: Settings, device: torch.device,
                   flush=True)
             subjects.remove(sub)
             times.pop(sub.name)
+            results.pop(sub.name, None)
             sub.close()
             free_memory(device)
     dynamo = {"after_warmup": _dynamo_counters()}

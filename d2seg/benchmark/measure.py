@@ -91,7 +91,9 @@ class MemoryMeter:
     CUDA: ``max_memory_allocated`` / ``max_memory_reserved`` over the block (statistics reset
     at entry), reported both absolute and as the increase over what was allocated at entry
     (``peak_allocated_delta_mb``: activations, gradients, optimizer state created in the
-    block). CPU: peak resident-set size sampled every ``interval`` s by a thread, minus the RSS
+    block), and the increase of reserved memory (``peak_reserved_delta_mb``: with the cache
+    emptied before the block, this includes the memory pools of CUDA graphs recorded in it).
+    CPU: peak resident-set size sampled every ``interval`` s by a thread, minus the RSS
     at entry (``peak_rss_delta_mb``) after :func:`malloc_trim`: approximate (sampling can
     miss short peaks; memory allocated before the block, e.g. weights and optimizer state, is
     not counted; allocator arenas of other threads may keep some freed memory).
@@ -106,6 +108,7 @@ class MemoryMeter:
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
+            self._base_reserved = torch.cuda.memory_reserved(self.device)
         else:
             malloc_trim()  # freed heap memory back to the OS: the baseline is what is in use
             self._base = rss_bytes()
@@ -130,6 +133,11 @@ class MemoryMeter:
                 "peak_allocated_mb": peak / mb,
                 "peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / mb,
                 "peak_allocated_delta_mb": (peak - self._base) / mb,
+                # what the block made the caching allocator hold on to: also the private
+                # memory pools of CUDA graphs recorded in the block, which the allocated
+                # figures leave out
+                "peak_reserved_delta_mb": (torch.cuda.max_memory_reserved(self.device)
+                                           - self._base_reserved) / mb,
             }
         else:
             self._stop.set()
