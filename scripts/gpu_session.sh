@@ -6,6 +6,9 @@
 #   bash scripts/gpu_session.sh third-lease  # what is open in issue 7 after the H100 lease:
 #       the semantic targets with the loop timed first, the largest U-Net batch, FOLD_NORM's
 #       share, Mask R-CNN GN compiled (second-lease / second-lease-2: that lease's commands)
+#   bash scripts/gpu_session.sh fourth-lease  # after third-lease: DeepLabV3+ with a frozen
+#       backbone under CUDA graphs, PSPNet / DeepLabV3 with and without CUDA graphs,
+#       DEVICE_PREFETCH with the models compiled
 #   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
@@ -90,23 +93,29 @@ unet_cfg() {  # unet_cfg NAME SECONDS [harness args] -- [opts]: the Shapes U-Net
     configs/Shapes-SemanticSegmentation/unet.yaml --name "$name" "${pre[@]}" "${dev[@]}" \
     --json "$OUTDIR/benchmark_${name}.json" "${opts[@]}" "$@"
 }
-dlv3_cfg() {  # dlv3_cfg NAME SECONDS [harness args] -- [opts]: DeepLabV3+ R50 (the reference's
-  # stem), bf16 b16 512, as gpu-semantic's deeplabv3plus case
-  local name=$1 secs=$2; shift 2
+SEM_EXTRA=()
+sem_cfg() {  # sem_cfg NAME SECONDS CONFIG CASE [harness args] -- [opts]: a Shapes semantic
+  # config (configs/Shapes-SemanticSegmentation/CONFIG), bf16 b16 512; SEM_EXTRA: its base opts
+  local name=$1 secs=$2 config=$3 case=$4; shift 4
   local dev=(--device cuda --batch 16 --size 512 --precision bf16)
   [ "$DRY" = 1 ] && dev=(--device cpu --batch 2 --size 64 --precision fp32 --iters 1 --warmup 1
                          --repeats 1 --loop-iters 2 --loop-warmup 1)
   local pre=() ; while [ $# -gt 0 ] && [ "$1" != -- ]; do pre+=("$1"); shift; done
   [ $# -gt 0 ] && shift
-  local opts=("${SHAPES_512[@]}" MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64)
-  [ "$DRY" = 1 ] && opts=(
-                          MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64
+  local opts=("${SHAPES_512[@]}" "${SEM_EXTRA[@]}")
+  [ "$DRY" = 1 ] && opts=("${SEM_EXTRA[@]}"
                           D2SEG.SHAPES.IMAGE_SIZE 64 D2SEG.SHAPES.NUM_TRAIN 4 D2SEG.SHAPES.NUM_VAL 2
                           INPUT.MIN_SIZE_TRAIN "(64,)" INPUT.CROP.SIZE "(64, 64)"
                           DATALOADER.NUM_WORKERS 0)
   step "$name" "$secs" $PY tools/benchmark.py --config-file \
-    configs/Shapes-SemanticSegmentation/deeplabv3plus_R_50.yaml --name deeplabv3plus \
+    "configs/Shapes-SemanticSegmentation/$config" --name "$case" \
     "${pre[@]}" "${dev[@]}" --json "$OUTDIR/benchmark_${name}.json" "${opts[@]}" "$@"
+}
+dlv3_cfg() {  # dlv3_cfg NAME SECONDS [harness args] -- [opts]: DeepLabV3+ R50 (the reference's
+  # stem), bf16 b16 512, as gpu-semantic's deeplabv3plus case
+  local name=$1 secs=$2; shift 2
+  local SEM_EXTRA=(MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64)
+  sem_cfg "$name" "$secs" deeplabv3plus_R_50.yaml deeplabv3plus "$@"
 }
 fold_norm_step() {  # FOLD_NORM alone on the R50 backbone (batch 16, 800x1216, bf16)
   if [ "$DRY" = 1 ]; then
@@ -186,6 +195,29 @@ case "$PART" in
       --iters 10 --warmup 10 --loop-iters 0 --no-inference D2SEG.SPEED.COMPILE on
     # 5. FOLD_NORM alone on the backbone
     fold_norm_step
+    ;;
+  fourth-lease)
+    # After third-lease (written 2026-11-26, session 10), if the budget allows: what the CUDA-
+    # graph default has not been measured with. 90 + 75 + 75 + 75 + 75 + 130 s of limits.
+    # 1. DeepLabV3+ fine-tuning with a frozen backbone: its CUDA graph then has no backward
+    #    and feeds the head's (two separately compiled CUDA-graph functions in a row:
+    #    pytorch#160281 reports failures for that pattern without gradients). Compiled regions
+    #    in the loop profile, any "torch.compile of ... failed" warning, and the speed.
+    dlv3_cfg dlv3_frozen_backbone 90 --refs none --repeats 2 --iters 10 --loop-iters 20 \
+      --no-inference --profile-steps 1 -- D2SEG.FINETUNE.FREEZE '["backbone"]'
+    # 2. PSPNet (output stride 8) and DeepLabV3 (16): is auto's "default" right for them?
+    sem_cfg pspnet_default 75 pspnet_R_50.yaml pspnet --refs none --repeats 2 --iters 10 \
+      --loop-iters 0 --no-inference --profile-steps 1 -- D2SEG.SPEED.COMPILE_MODE default
+    sem_cfg pspnet_cudagraphs 75 pspnet_R_50.yaml pspnet --refs none --repeats 2 --iters 10 \
+      --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
+    sem_cfg deeplabv3_default 75 deeplabv3_R_50.yaml deeplabv3 --refs tv_deeplabv3_r50 --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- \
+      D2SEG.SPEED.COMPILE_MODE default
+    sem_cfg deeplabv3_cudagraphs 75 deeplabv3_R_50.yaml deeplabv3 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
+    # 3. DEVICE_PREFETCH with the models compiled (the second lease's loops ran eagerly)
+    bench gpu_semantic_prefetch_v2 130 gpu-semantic --refs none --repeats 1 --iters 10 \
+      --loop-iters 30 --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
     ;;
   second-lease)
     # The second lease's first command (written 2026-11-26, session 9), in order of priority:
