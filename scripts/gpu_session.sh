@@ -199,10 +199,11 @@ case "$PART" in
   fourth-lease)
     # After third-lease (written 2026-11-26, session 10), if the budget allows: what the CUDA-
     # graph default has not been measured with. 90 + 75 + 75 + 75 + 75 + 130 s of limits.
-    # 1. DeepLabV3+ fine-tuning with a frozen backbone: its CUDA graph then has no backward
-    #    and feeds the head's (two separately compiled CUDA-graph functions in a row:
-    #    pytorch#160281 reports failures for that pattern without gradients). Compiled regions
-    #    in the loop profile, any "torch.compile of ... failed" warning, and the speed.
+    # 1. DeepLabV3+ fine-tuning with a frozen backbone: a CUDA graph of the backbone would
+    #    have no backward and feed the head's (pytorch#160281, torch < mid-2026), so
+    #    CompiledForward compiles frozen modules without CUDA graphs (session 10); the head
+    #    keeps them. Does it run (no "torch.compile of ... failed"), compiled regions in the
+    #    loop profile, and the speed.
     dlv3_cfg dlv3_frozen_backbone 90 --refs none --repeats 2 --iters 10 --loop-iters 20 \
       --no-inference --profile-steps 1 -- D2SEG.FINETUNE.FREEZE '["backbone"]'
     # 2. PSPNet (output stride 8) and DeepLabV3 (16): is auto's "default" right for them?

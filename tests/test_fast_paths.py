@@ -138,8 +138,9 @@ def test_compile_mode_auto_records_cuda_graphs_for_deeplab_on_cuda_only(fake_cud
 
 
 def test_cuda_graph_mode_is_for_training_calls_only(monkeypatch):
-    """Training calls (training mode, gradients on) use the CUDA-graph mode; evaluation and
-    no-grad calls get the same mode without CUDA graphs, compiled at first such call."""
+    """Training calls (training mode, gradients on, a trainable parameter) use the CUDA-graph
+    mode; evaluation, no-grad calls and frozen modules get the same mode without CUDA graphs,
+    compiled at first such call."""
     modes = []
 
     def fake_compile(fn, **kwargs):
@@ -164,6 +165,10 @@ def test_cuda_graph_mode_is_for_training_calls_only(monkeypatch):
     fast_paths.compile_module(m2, "toy2", mode="max-autotune")
     m2.eval()
     assert m2(x)[0] == "max-autotune-no-cudagraphs"
+    m.requires_grad_(False)  # frozen (D2SEG.FINETUNE.FREEZE): a graph without backward
+    assert m(x)[0] == "default"
+    m.weight.requires_grad_(True)  # partly trainable again
+    assert m(x)[0] == "reduce-overhead"
     m3 = nn.Linear(3, 2)  # modes without CUDA graphs: one compiled function for every call
     fast_paths.compile_module(m3, "toy3", mode="default")
     m3.eval()

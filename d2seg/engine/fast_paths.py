@@ -490,9 +490,13 @@ class CompiledForward:
     A mode that records CUDA graphs ("reduce-overhead", "max-autotune") is used for training
     calls only (module in training mode, gradients enabled): the training step has one fixed
     input shape, replays one graph per step and frees the host from launching each kernel.
-    Other calls - evaluation at each test image's size, a validation loss under ``no_grad`` -
-    use the same mode without CUDA graphs ("default" / "max-autotune-no-cudagraphs"), so
-    that no graph is recorded, and no memory pool kept, per input size.
+    Other calls - evaluation at each test image's size, a validation loss under ``no_grad``,
+    a module whose parameters are all frozen (``D2SEG.FINETUNE.FREEZE``) - use the same mode
+    without CUDA graphs ("default" / "max-autotune-no-cudagraphs"), so that no graph is
+    recorded, and no memory pool kept, per input size. A frozen module's graph would have no
+    backward, and torch's CUDA-graph trees before mid-2026 fail when such a graph's outputs
+    feed another compiled CUDA-graph function (the head; pytorch#160281, fixed by
+    pytorch#184102).
 
     Calls made while a user ``TorchDispatchMode`` is active (``FlopCounterMode``, d2seg's
     host-sync audit) run the eager forward. Dynamo does not compile under such a mode, and
@@ -519,8 +523,15 @@ class CompiledForward:
             kwargs["mode"] = mode
         return torch.compile(self.eager, **kwargs)
 
+    def _trains(self) -> bool:
+        """A training call: training mode, gradients on, and a trainable parameter (so the
+        recorded graph has a backward)."""
+        if not (self.module.training and torch.is_grad_enabled()):
+            return False
+        return any(p.requires_grad for p in self.module.parameters())
+
     def _pick(self):
-        if self._other_mode is None or (self.module.training and torch.is_grad_enabled()):
+        if self._other_mode is None or self._trains():
             return self.compiled
         if self._other is None:
             self._other = self._compile(self._other_mode)
