@@ -245,6 +245,25 @@ def test_compiled_function_is_not_entered_under_a_dispatch_mode(monkeypatch):
     assert entered == [1]
 
 
+def test_out_of_memory_is_raised_with_a_hint_under_cuda_graphs(monkeypatch):
+    """An OOM is not a compile failure (no eager fallback); under a CUDA-graph mode the log
+    names the mode that needs less memory."""
+    def fake_compile(fn, **kwargs):
+        def compiled(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for mode, hint in (("reduce-overhead", True), ("default", False)):
+        m = nn.Linear(3, 2)
+        wrapper = fast_paths.compile_module(m, "toy", mode=mode)
+        with _Records() as rec, pytest.raises(torch.OutOfMemoryError):
+            m(torch.randn(4, 3))
+        assert wrapper.failed is None
+        hints = [msg for msg in rec.messages if "COMPILE_MODE default needs less memory" in msg]
+        assert len(hints) == int(hint)
+
+
 def test_cuda_amp_dtype_and_cudnn_benchmark_interplay(fake_cuda, monkeypatch):
     cfg = _cfg(RCNN, "SOLVER.AMP.ENABLED", "True")
     assert fast_paths.amp_dtype(cfg) is torch.bfloat16

@@ -539,9 +539,15 @@ class CompiledForward:
 
     def __call__(self, *args, **kwargs):
         if self.failed is None and not user_dispatch_mode_active():
+            fn = self._pick()
             try:
-                return self._pick()(*args, **kwargs)
+                return fn(*args, **kwargs)
             except torch.OutOfMemoryError:
+                if fn is self.compiled and self._other_mode is not None:
+                    logger.error("Out of memory in '%s' compiled with CUDA graphs, whose memory "
+                                 "pool is kept besides the allocator's cache: "
+                                 "D2SEG.SPEED.COMPILE_MODE %s needs less memory", self.name,
+                                 self._other_mode)
                 raise
             except Exception as e:  # noqa: BLE001 - any compile failure: run eagerly
                 self.failed = e
