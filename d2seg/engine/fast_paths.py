@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -460,18 +460,32 @@ def _input_to_contiguous(module: nn.Module, args):
     return None
 
 
-try:
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
-except ImportError:  # pragma: no cover - torch without the helper
-    _in_dispatch_mode = None
+def _dispatch_mode_probe() -> Callable[[], bool]:
+    """``is_in_torch_dispatch_mode(include_infra_modes=False)`` where this torch has it, else
+    whether any Python dispatch mode is active; never raises at call time."""
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+        is_in_torch_dispatch_mode(include_infra_modes=False)
+        return lambda: is_in_torch_dispatch_mode(include_infra_modes=False)
+    except Exception:  # noqa: BLE001 - an older or newer torch without that signature
+        pass
+    try:  # pragma: no cover - torch without the helper
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        _get_current_dispatch_mode()
+        return lambda: _get_current_dispatch_mode() is not None
+    except Exception:  # noqa: BLE001  # pragma: no cover
+        return lambda: False
+
+
+_in_user_dispatch_mode = _dispatch_mode_probe()
 
 
 def user_dispatch_mode_active() -> bool:
     """Whether a ``TorchDispatchMode`` other than torch's own (fake tensors, functionalization
     during tracing) is active: ``FlopCounterMode``, a logging or counting mode."""
-    if _in_dispatch_mode is None:  # pragma: no cover
-        return False
-    return _in_dispatch_mode(include_infra_modes=False)
+    return bool(_in_user_dispatch_mode())
 
 
 #: torch.compile modes that record CUDA graphs, and their counterpart without
