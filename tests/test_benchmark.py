@@ -230,6 +230,36 @@ def test_largest_batch_bisects_after_out_of_memory(monkeypatch):
         scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cpu"), TINY)
 
 
+def test_largest_batch_on_cuda_jumps_to_the_predicted_limit(monkeypatch):
+    """CUDA: after two fitting batches the linear fit of the absolute peak (1000 MB + 10 MB per
+    image, 2000 MB planned) predicts 100; tried once the doubling would pass it, then 1/16
+    more."""
+    def fake(sub, cfg, task, n, size, device, settings, iters, warmup):
+        fits = 1000 + 10 * n <= 2000
+        return {"batch": n, "status": "ok" if fits else "oom", "peak_mb": 10.0 * n,
+                "memory": {"peak_allocated_mb": 1000.0 + 10 * n}}
+    monkeypatch.setattr(scaling, "_step_point", fake)
+    out = scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cuda"), TINY,
+                                max_batch=1024, start=16, capacity_mb=2000)
+    assert [t["batch"] for t in out["tried"]] == [16, 32, 64, 100, 106]
+    assert out["largest_batch"] == 100 and out["first_failing_batch"] == 106
+    assert out["predicted_largest_batch"] == 100
+    sc = {"config": "c", "precision": "bf16", "memory_kind": "cuda", "grid": [],
+          "largest_batch": {"d2seg": out}}
+    assert "largest batch for d2seg at 8x8: 100" in scaling.format_scaling(sc)
+    assert "linear fit predicted 100 in 2000 MB" in scaling.format_scaling(sc)
+    # a prediction that does not fit (fragmentation): bisected between the last fit and it
+    def fake2(sub, cfg, task, n, size, device, settings, iters, warmup):
+        row = fake(sub, cfg, task, n, size, device, settings, iters, warmup)
+        row["status"] = "ok" if n <= 90 else "oom"
+        return row
+    monkeypatch.setattr(scaling, "_step_point", fake2)
+    out = scaling.largest_batch(None, None, "semantic", (8, 8), torch.device("cuda"), TINY,
+                                max_batch=1024, start=16, capacity_mb=2000)
+    assert out["largest_batch"] in range(86, 91) and out["tried"][3]["batch"] == 100
+    assert out["first_failing_batch"] - out["largest_batch"] <= out["largest_batch"] // 16
+
+
 def test_a_reference_that_cannot_train_is_skipped(monkeypatch):
     real = harness.build_reference_subject
 
