@@ -198,7 +198,8 @@ case "$PART" in
     ;;
   fourth-lease)
     # After third-lease (written 2026-11-26, session 10), if the budget allows: what the CUDA-
-    # graph default has not been measured with. 90 + 75 + 75 + 75 + 75 + 130 s of limits.
+    # graph default has not been measured with. 90 + 130 + 4 x 75 s of limits, by priority:
+    # each step writes its JSON, so a run cut short by the budget keeps the first ones.
     # 1. DeepLabV3+ fine-tuning with a frozen backbone: a CUDA graph of the backbone would
     #    have no backward and feed the head's (pytorch#160281, torch < mid-2026), so
     #    CompiledForward compiles frozen modules without CUDA graphs (session 10); the head
@@ -206,7 +207,10 @@ case "$PART" in
     #    loop profile, and the speed.
     dlv3_cfg dlv3_frozen_backbone 90 --refs none --repeats 2 --iters 10 --loop-iters 20 \
       --no-inference --profile-steps 1 -- D2SEG.FINETUNE.FREEZE '["backbone"]'
-    # 2. PSPNet (output stride 8) and DeepLabV3 (16): is auto's "default" right for them?
+    # 2. DEVICE_PREFETCH with the models compiled (the second lease's loops ran eagerly)
+    bench gpu_semantic_prefetch_v2 130 gpu-semantic --refs none --repeats 1 --iters 10 \
+      --loop-iters 30 --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
+    # 3. PSPNet (output stride 8) and DeepLabV3 (16): is auto's "default" right for them?
     sem_cfg pspnet_default 75 pspnet_R_50.yaml pspnet --refs none --repeats 2 --iters 10 \
       --loop-iters 0 --no-inference --profile-steps 1 -- D2SEG.SPEED.COMPILE_MODE default
     sem_cfg pspnet_cudagraphs 75 pspnet_R_50.yaml pspnet --refs none --repeats 2 --iters 10 \
@@ -216,9 +220,6 @@ case "$PART" in
       D2SEG.SPEED.COMPILE_MODE default
     sem_cfg deeplabv3_cudagraphs 75 deeplabv3_R_50.yaml deeplabv3 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
-    # 3. DEVICE_PREFETCH with the models compiled (the second lease's loops ran eagerly)
-    bench gpu_semantic_prefetch_v2 130 gpu-semantic --refs none --repeats 1 --iters 10 \
-      --loop-iters 30 --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
     ;;
   second-lease)
     # The second lease's first command (written 2026-11-26, session 9), in order of priority:
