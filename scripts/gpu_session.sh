@@ -7,8 +7,10 @@
 #       the semantic targets with the loop timed first, the largest U-Net batch, FOLD_NORM's
 #       share, Mask R-CNN GN compiled (second-lease / second-lease-2: that lease's commands)
 #   bash scripts/gpu_session.sh fourth-lease  # after third-lease: DeepLabV3+ with a frozen
-#       backbone under CUDA graphs, PSPNet / DeepLabV3 with and without CUDA graphs,
-#       DEVICE_PREFETCH with the models compiled
+#       backbone, DEVICE_PREFETCH with the models compiled, SegFormer-B2 default / CUDA
+#       graphs / eager
+#   bash scripts/gpu_session.sh fifth-lease   # HRNet-W48, PSPNet, DeepLabV3 with and
+#       without CUDA graphs
 #   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
@@ -198,8 +200,8 @@ case "$PART" in
     ;;
   fourth-lease)
     # After third-lease (written 2026-11-26, session 10), if the budget allows: what the CUDA-
-    # graph default has not been measured with. 90 + 130 + 4 x 75 s of limits, by priority:
-    # each step writes its JSON, so a run cut short by the budget keeps the first ones.
+    # graph default has not been measured with. 90 + 130 + 110 + 110 + 50 s of limits, by
+    # priority: each step writes its JSON, so a run cut short by the budget keeps the first.
     # 1. DeepLabV3+ fine-tuning with a frozen backbone: a CUDA graph of the backbone would
     #    have no backward and feed the head's (pytorch#160281, torch < mid-2026), so
     #    CompiledForward compiles frozen modules without CUDA graphs (session 10); the head
@@ -210,13 +212,37 @@ case "$PART" in
     # 2. DEVICE_PREFETCH with the models compiled (the second lease's loops ran eagerly)
     bench gpu_semantic_prefetch_v2 130 gpu-semantic --refs none --repeats 1 --iters 10 \
       --loop-iters 30 --no-inference D2SEG.SPEED.DEVICE_PREFETCH on
-    # 3. PSPNet (output stride 8) and DeepLabV3 (16): is auto's "default" right for them?
+    # 3. SegFormer-B2: 2765 device operations per step for 19 GFLOPs per image (DeepLabV3+:
+    #    914 for 69), so host-bound on a GPU by the CPU count (docs/benchmarks.md, Fast paths):
+    #    CUDA graphs should pay off more than for DeepLab. auto's default mode, then CUDA
+    #    graphs, then eager.
+    sem_cfg segformer_b2_default 110 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- \
+      D2SEG.SPEED.COMPILE_MODE default
+    sem_cfg segformer_b2_cudagraphs 110 segformer_b2.yaml segformer_b2 --refs none \
+      --repeats 2 --iters 10 --loop-iters 0 --no-inference -- \
+      D2SEG.SPEED.COMPILE_MODE reduce-overhead
+    sem_cfg segformer_b2_eager 50 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE off
+    ;;
+  fifth-lease)
+    # The rest of the CUDA-graph decisions (session 10): HRNet-W48 (4063 operations per step
+    # for 93 GFLOPs: the most host-bound by the CPU count), PSPNet (output stride 8, predicted
+    # GPU-bound) and DeepLabV3 (16, predicted host-bound; auto already records CUDA graphs).
+    # 110 + 110 + 50 + 4 x 75 s of limits.
+    sem_cfg hrnet_w48_default 110 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- \
+      D2SEG.SPEED.COMPILE_MODE default
+    sem_cfg hrnet_w48_cudagraphs 110 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
+    sem_cfg hrnet_w48_eager 50 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 --iters 10 \
+      --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE off
     sem_cfg pspnet_default 75 pspnet_R_50.yaml pspnet --refs none --repeats 2 --iters 10 \
       --loop-iters 0 --no-inference --profile-steps 1 -- D2SEG.SPEED.COMPILE_MODE default
     sem_cfg pspnet_cudagraphs 75 pspnet_R_50.yaml pspnet --refs none --repeats 2 --iters 10 \
       --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
-    sem_cfg deeplabv3_default 75 deeplabv3_R_50.yaml deeplabv3 --refs tv_deeplabv3_r50 --repeats 2 \
-      --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- \
+    sem_cfg deeplabv3_default 75 deeplabv3_R_50.yaml deeplabv3 --refs tv_deeplabv3_r50 \
+      --repeats 2 --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- \
       D2SEG.SPEED.COMPILE_MODE default
     sem_cfg deeplabv3_cudagraphs 75 deeplabv3_R_50.yaml deeplabv3 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
