@@ -260,6 +260,20 @@ def test_largest_batch_on_cuda_jumps_to_the_predicted_limit(monkeypatch):
     assert out["first_failing_batch"] - out["largest_batch"] <= out["largest_batch"] // 16
 
 
+def test_compiled_modules_are_reported():
+    """With D2SEG.SPEED.COMPILE on, the JSON lists each compiled module, its mode and whether
+    it fell back to eager (dynamo's "eager" backend: no C++ compilation here)."""
+    s = Settings(**{**TINY.__dict__, "repeats": 1, "loop_iters": 0, "inference": False,
+                    "profile_steps": 0})
+    r = harness.run_benchmark([Case("unet", UNET_CPU, TINY_SEM + [
+        "D2SEG.SPEED.COMPILE", "on", "D2SEG.SPEED.COMPILE_BACKEND", "eager"], [])], s, [])
+    (case,) = r["cases"]
+    mods = case["d2seg"]["compiled_modules"]
+    assert sorted(m["module"] for m in mods) == ["backbone", "sem_seg_head"]
+    assert all(m["failed"] is None and m["backend"] == "eager" for m in mods)
+    assert case["d2seg"]["dynamo_counters"]["after_timed"]["frames"]["ok"] >= 2
+
+
 def test_a_reference_that_cannot_train_is_skipped(monkeypatch):
     real = harness.build_reference_subject
 

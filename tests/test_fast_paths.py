@@ -355,6 +355,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning():
     assert len(warnings) == 1 and "deliberately broken" in warnings[0]
     assert wrapper.failed is not None
     assert list(m.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # keys intact
+    (st,) = fast_paths.compiled_modules(m)
+    assert st["module"] == "toy" and st["mode"] == "default" and st["eval_mode"] is None
+    assert "deliberately broken" in st["failed"]
 
 
 def test_compile_eager_backend_matches_eager():

@@ -344,6 +344,14 @@ def run_case(case: Case, s: Settings, device: torch.device,
         # torch.compile's counters (process-wide): graphs captured, graph breaks, recompiles.
         # unique_graphs growing during the timed rounds means they recompiled.
         results[d2.name]["dynamo_counters"] = dynamo
+        from ..engine.fast_paths import compiled_modules
+
+        # which modules ran compiled, in which mode, and whether one fell back to eager
+        results[d2.name]["compiled_modules"] = compiled_modules(d2.model)
+        for st in results[d2.name]["compiled_modules"]:
+            if st["failed"]:
+                print(f"[benchmark] {case.name}: {st['module']} ran eagerly after a compile "
+                      f"failure: {st['failed']}", flush=True)
     d2r = results[d2.name]
     ratios = {}
     for sub in subjects[1:]:

@@ -38,7 +38,7 @@ __all__ = [
     "FAMILIES", "FAMILY_DEFAULTS", "SpeedPlan", "model_family", "resolve", "configure_backends",
     "amp_dtype", "make_grad_scaler", "prepare_model", "compile_module", "CompiledForward",
     "to_channels_last", "optimizer_impl_kwargs", "loader_kwargs", "apply_sharing_strategy",
-    "describe", "user_dispatch_mode_active",
+    "describe", "user_dispatch_mode_active", "compiled_modules",
 ]
 
 FAMILIES = ("semantic", "rcnn", "panoptic", "other")
@@ -522,7 +522,7 @@ class CompiledForward:
 
     def __init__(self, module: nn.Module, name: str, *, mode: str = "default",
                  backend: str = "inductor", dynamic: Optional[bool] = None):
-        self.name, self.module = name, module
+        self.name, self.module, self.mode = name, module, mode
         self.eager = module.forward
         self._kwargs: Dict[str, Any] = {"backend": backend, "dynamic": dynamic}
         self.compiled = self._compile(mode)
@@ -570,6 +570,23 @@ class CompiledForward:
                                "now on (D2SEG.SPEED.COMPILE 'off' skips compiling)",
                                self.name, type(e).__name__, msg)
         return self.eager(*args, **kwargs)
+
+
+    def status(self) -> Dict[str, Any]:
+        """{"module", "mode", "backend", "eval_mode" (the CUDA-graph-free mode of other calls,
+        or None), "failed" (the error that made it eager, or None)} - for logs and the
+        benchmark JSON."""
+        return {"module": self.name, "mode": self.mode, "backend": self._kwargs["backend"],
+                "eval_mode": self._other_mode,
+                "failed": None if self.failed is None
+                else f"{type(self.failed).__name__}: {' '.join(str(self.failed).split())[:300]}"}
+
+
+def compiled_modules(model: nn.Module) -> List[Dict[str, Any]]:
+    """:meth:`CompiledForward.status` of every compiled sub-module of ``model`` (DDP or not)."""
+    model = getattr(model, "module", model)
+    return [m.__dict__["forward"].status() for m in model.modules()
+            if isinstance(m.__dict__.get("forward"), CompiledForward)]
 
 
 def compile_module(module: nn.Module, name: str, *, mode: str = "default",
