@@ -138,11 +138,10 @@ def _compiled_worker(out: str, opts):
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     init = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     trainer.train()
-    wrappers = [m.__dict__["forward"] for m in model.modules()
-                if isinstance(m.__dict__.get("forward"), fast_paths.CompiledForward)]
+    compiled = fast_paths.compiled_modules(model)
     torch.save({"weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "init": init, "params": [n for n, _ in model.named_parameters()], "ddp": hasattr(trainer.model, "module"),
-                "compiled": len(wrappers), "failed": [repr(w.failed) for w in wrappers if w.failed]},
+                "compiled": len(compiled), "failed": [c["failed"] for c in compiled if c["failed"]]},
                os.path.join(out, f"rank{comm.get_rank()}.pth"))
 
 

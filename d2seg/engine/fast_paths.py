@@ -488,6 +488,11 @@ def user_dispatch_mode_active() -> bool:
     return bool(_in_user_dispatch_mode())
 
 
+def _one_line(e: BaseException) -> str:
+    """``"Type: message"`` on one line, at most 300 characters of message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 #: torch.compile modes that record CUDA graphs, and their counterpart without
 _CUDA_GRAPH_MODES = {"reduce-overhead": "default",
                      "max-autotune": "max-autotune-no-cudagraphs"}
@@ -565,10 +570,9 @@ class CompiledForward:
                 raise
             except Exception as e:  # noqa: BLE001 - any compile failure: run eagerly
                 self.failed = e
-                msg = " ".join(str(e).split())[:300]
-                logger.warning("torch.compile of '%s' failed (%s: %s); running it eagerly from "
+                logger.warning("torch.compile of '%s' failed (%s); running it eagerly from "
                                "now on (D2SEG.SPEED.COMPILE 'off' skips compiling)",
-                               self.name, type(e).__name__, msg)
+                               self.name, _one_line(e))
         return self.eager(*args, **kwargs)
 
 
@@ -578,8 +582,7 @@ class CompiledForward:
         benchmark JSON."""
         return {"module": self.name, "mode": self.mode, "backend": self._kwargs["backend"],
                 "eval_mode": self._other_mode,
-                "failed": None if self.failed is None
-                else f"{type(self.failed).__name__}: {' '.join(str(self.failed).split())[:300]}"}
+                "failed": None if self.failed is None else _one_line(self.failed)}
 
 
 def compiled_modules(model: nn.Module) -> List[Dict[str, Any]]:
