@@ -404,12 +404,16 @@ def test_channels_last_matches_fp32_within_tolerance(tmp_path):
     assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
-def test_optimizer_implementations_match(tmp_path, optimizer):
+# AdamW is compared after one step: its update divides by sqrt(v), so from the second step on
+# a 1-ulp difference between the implementations (present after step 1) moves parameters whose
+# gradient is near zero by up to lr. On an AVX-512 CPU, fused vs foreach after 1 / 2 / 3 steps:
+# at most 9.3e-10 / 9.8e-5 (59 of 30737 parameters) / 4.6e-4 apart, the losses identical.
+@pytest.mark.parametrize("optimizer,iters", [("SGD", 2), ("ADAMW", 1)])
+def test_optimizer_implementations_match(tmp_path, optimizer, iters):
     results = {}
     for impl in ("foreach", "fused", "for-loop"):
         trainer, loss, params = _train(tmp_path, impl, "D2SEG.SPEED.OPTIMIZER_IMPL", impl,
-                                       "SOLVER.OPTIMIZER", optimizer)
+                                       "SOLVER.OPTIMIZER", optimizer, "SOLVER.MAX_ITER", str(iters))
         d = trainer.optimizer.defaults
         assert bool(d.get("fused")) == (impl == "fused")
         assert bool(d.get("foreach")) == (impl == "foreach")
