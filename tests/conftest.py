@@ -12,6 +12,11 @@ sys.path.insert(0, REPO)
 if "D2SEG_DATASETS" not in os.environ:
     os.environ["D2SEG_DATASETS"] = tempfile.mkdtemp(prefix="d2seg-test-cache-")
 
+# CPU AMP "auto" measures bf16 against fp32 on the CPU it runs on (d2seg/engine/fast_paths.py);
+# the suite pins that measurement to "no faster", so every CPU runs the same (fp32) numerics.
+# tests/test_fast_paths.py covers the measurement and the bf16 decision explicitly.
+os.environ.setdefault("D2SEG_CPU_BF16_SPEEDUP", "1.0")
+
 SHARED_DATA = os.environ.get("D2SEG_SHARED_DATA") or os.path.normpath(
     os.path.join(REPO, "..", "shared", "data")
 )

@@ -98,6 +98,60 @@ def test_cpu_auto_decision_table():
     assert not fast_paths.resolve(cfg).channels_last
 
 
+@pytest.mark.parametrize("speedup,expected", [(1.8, torch.bfloat16), (1.1, None), (0.0, None)])
+def test_cpu_amp_auto_follows_the_measured_bf16_speedup(monkeypatch, speedup, expected):
+    monkeypatch.setattr(fast_paths, "cpu_bf16_speedup", lambda: speedup)
+    cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True")
+    dtype, notes = fast_paths.resolve_amp(cfg)
+    assert dtype is expected and fast_paths.resolve(cfg).amp_dtype is expected
+    assert len(notes) == 1
+    assert ("no native bf16" in notes[0]) == (speedup == 0.0)
+    if speedup:
+        assert f"{speedup:.2f}x" in notes[0]
+    # explicit dtypes and DETERMINISTIC do not look at the measurement
+    cfg.D2SEG.SPEED.AMP_DTYPE = "bfloat16"
+    assert fast_paths.resolve_amp(cfg)[0] is torch.bfloat16
+    cfg.D2SEG.SPEED.AMP_DTYPE = "float16"
+    assert fast_paths.resolve_amp(cfg)[0] is None
+    cfg.D2SEG.SPEED.AMP_DTYPE = "auto"
+    cfg.D2SEG.DETERMINISTIC = True
+    dtype, notes = fast_paths.resolve_amp(cfg)
+    assert dtype is None and "D2SEG.DETERMINISTIC" in notes[0]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_hint_when_amp_is_off(monkeypatch, native):
+    monkeypatch.setattr(fast_paths, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.delenv(fast_paths.CPU_BF16_SPEEDUP_ENV)
+    fast_paths.cpu_bf16_speedup.cache_clear()
+    p = fast_paths.resolve(_cfg(UNET))  # AMP off: nothing is measured, at most a hint
+    assert fast_paths.cpu_bf16_speedup.cache_info().currsize == 0
+    assert p.device == "cpu" and p.amp_dtype is None
+    assert sum("SOLVER.AMP.ENABLED True" in n for n in p.notes) == int(native)
+    # once this process has a measurement (or a pinned one), the hint has nothing to add
+    monkeypatch.setenv(fast_paths.CPU_BF16_SPEEDUP_ENV, "0.8")
+    assert not any("SOLVER.AMP.ENABLED True" in n for n in fast_paths.resolve(_cfg(UNET)).notes)
+
+
+def test_cpu_bf16_speedup_is_measured_or_pinned(monkeypatch):
+    fast_paths.cpu_bf16_speedup.cache_clear()
+    try:
+        monkeypatch.setenv(fast_paths.CPU_BF16_SPEEDUP_ENV, "1.5")
+        assert fast_paths.cpu_bf16_speedup() == 1.5
+        fast_paths.cpu_bf16_speedup.cache_clear()
+        monkeypatch.setenv(fast_paths.CPU_BF16_SPEEDUP_ENV, "fast")
+        with pytest.raises(ValueError, match="D2SEG_CPU_BF16_SPEEDUP.*'fast'"):
+            fast_paths.cpu_bf16_speedup()
+        monkeypatch.delenv(fast_paths.CPU_BF16_SPEEDUP_ENV)
+        measured = fast_paths.cpu_bf16_speedup()  # the real measurement on this CPU
+        if fast_paths.cpu_has_native_bf16():
+            assert 0.05 < measured < 20
+        else:
+            assert measured == 0.0
+    finally:
+        fast_paths.cpu_bf16_speedup.cache_clear()
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """resolve() as it decides on an Ampere+ GPU (nothing runs on it)."""
@@ -494,10 +548,25 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
     inner.load_state_dict(state)
 
 
-def test_amp_auto_stays_fp32_on_cpu(tmp_path):
+def test_amp_auto_on_cpu_where_bf16_is_not_faster_trains_fp32(tmp_path):
+    # conftest pins the measured bf16 speed-up to 1.0
     trainer, losses, _ = _train(tmp_path, "auto", "SOLVER.AMP.ENABLED", "True")
     assert isinstance(trainer._trainer, GuardedSimpleTrainer)
     assert not trainer.cfg.SOLVER.AMP.ENABLED  # adapt_to_hardware turned it off
+    log = (tmp_path / "auto" / "log.txt").read_text()
+    assert "SOLVER.AMP.ENABLED turned off: fp32 on CPU: bf16 autocast measured 1.00x" in log
+
+
+def test_amp_auto_on_cpu_where_bf16_is_faster_trains_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(fast_paths, "cpu_bf16_speedup", lambda: 1.8)
+    trainer, losses, _ = _train(tmp_path, "auto_bf16", "SOLVER.AMP.ENABLED", "True")
+    inner = trainer._trainer
+    assert isinstance(inner, GuardedAMPTrainer) and inner.precision is torch.bfloat16
+    # the decision is written into the run's config (config.yaml records the precision)
+    assert trainer.cfg.SOLVER.AMP.ENABLED and trainer.cfg.D2SEG.SPEED.AMP_DTYPE == "bfloat16"
+    assert "AMP_DTYPE: bfloat16" in (tmp_path / "auto_bf16" / "config.yaml").read_text()
+    assert "ran 1.80x faster in bf16" in (tmp_path / "auto_bf16" / "log.txt").read_text()
+    assert all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_pinned_memory_loader_trains(tmp_path):
@@ -506,3 +575,19 @@ def test_pinned_memory_loader_trains(tmp_path):
     _, loss0, p0 = _train(tmp_path, "plain")
     _, loss1, p1 = _train(tmp_path, "pinned", "D2SEG.SPEED.PIN_MEMORY", "on")
     assert loss0 == loss1 and torch.equal(p0, p1)
+
+
+@pytest.mark.parametrize("rank0_bf16,mine", [(True, 1.0), (False, 1.8)])
+def test_cpu_amp_decision_follows_rank_0(monkeypatch, rank0_bf16, mine):
+    from detectron2.utils import comm
+
+    from d2seg.engine.train_loop import adapt_to_hardware
+
+    monkeypatch.setattr(fast_paths, "cpu_bf16_speedup", lambda: mine)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "all_gather", lambda x: [rank0_bf16, x])
+    cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True")
+    said = adapt_to_hardware(cfg)
+    assert bool(cfg.SOLVER.AMP.ENABLED) == rank0_bf16
+    assert (cfg.D2SEG.SPEED.AMP_DTYPE == "bfloat16") == rank0_bf16
+    assert "all ranks follow" in said[-1][1]

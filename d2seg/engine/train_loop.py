@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from ..config import CfgNode, load_config
 from ..data.catalogs import register_shapes_from_cfg
 from ..data.checks import run_pre_training_checks
 from ..data.register import register_datasets_from_cfg
+from . import fast_paths
 from .trainer import Trainer
 
 logger = logging.getLogger("d2seg")
@@ -30,19 +31,35 @@ logger = logging.getLogger("d2seg")
 __all__ = ["setup", "main", "default_argument_parser", "launch", "run"]
 
 
-def adapt_to_hardware(cfg: CfgNode) -> None:
-    """Run where we are: CPU when CUDA is absent, and AMP only on CUDA. Logs what it changes."""
-    log = logging.getLogger("d2seg")
+def adapt_to_hardware(cfg: CfgNode) -> List[Tuple[int, str]]:
+    """Run where we are: CPU when CUDA is absent; AMP on CPU only as bf16 autocast, where
+    ``D2SEG.SPEED.AMP_DTYPE`` asks for it or ("auto") it measured faster than fp32 on this CPU
+    (:func:`d2seg.engine.fast_paths.cpu_bf16_speedup`).
+
+    Returns what it changed and why, as ``(logging level, message)`` pairs, for the caller to
+    log (``setup`` logs them once the log file exists)."""
+    said: List[Tuple[int, str]] = []
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("MODEL.DEVICE=%s but CUDA is not available: training on CPU", cfg.MODEL.DEVICE)
+        said.append((logging.WARNING, f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not "
+                                      "available: training on CPU"))
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
-        # CPU autocast only with an explicit bfloat16 (d2seg/engine/fast_paths.py)
-        if str(cfg.D2SEG.SPEED.AMP_DTYPE).lower() not in ("bfloat16", "bf16"):
-            log.warning("SOLVER.AMP.ENABLED is ignored on CPU unless D2SEG.SPEED.AMP_DTYPE is "
-                        "'bfloat16' (CPU autocast; measured slower than fp32 on the 2-core "
-                        "development CPU)")
+        # the outcome is written into the config, so config.yaml records the precision the
+        # run trained in (and --resume / --eval-only of that file do not measure again)
+        dtype, notes = fast_paths.resolve_amp(cfg)
+        if comm.get_world_size() > 1:  # one precision for every process: rank 0's measurement
+            rank0_bf16 = comm.all_gather(dtype is not None)[0]
+            if rank0_bf16 != (dtype is not None):
+                notes.append(f"rank 0 chose {'bf16' if rank0_bf16 else 'fp32'}; all ranks follow")
+                dtype = torch.bfloat16 if rank0_bf16 else None
+        if dtype is None:
+            said.append((logging.WARNING, "SOLVER.AMP.ENABLED turned off: " + "; ".join(notes)))
             cfg.SOLVER.AMP.ENABLED = False
+        else:
+            said.append((logging.INFO, "SOLVER.AMP.ENABLED on CPU: "
+                         + ("; ".join(notes) or "D2SEG.SPEED.AMP_DTYPE bfloat16")))
+            cfg.D2SEG.SPEED.AMP_DTYPE = "bfloat16"
+    return said
 
 
 def set_deterministic(cfg: CfgNode) -> None:
@@ -84,7 +101,7 @@ def setup(args) -> CfgNode:
     registers the shapes catalogs with ``cfg.D2SEG.SHAPES``.
     """
     cfg = load_config(args.config_file, args.opts)
-    adapt_to_hardware(cfg)
+    adapted = adapt_to_hardware(cfg)
     _fix_seed(cfg, resume=bool(getattr(args, "resume", False)))
     cfg.freeze()
     default_setup(cfg, args)
@@ -94,6 +111,8 @@ def setup(args) -> CfgNode:
     # d2seg's own log lines (dataset checks, fine-tuning, hooks) to the console and log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2seg",
                  abbrev_name="d2seg")
+    for level, msg in adapted:  # said before the log file existed: into it now
+        logger.log(level, msg)
     register_datasets_from_cfg(cfg)  # D2SEG.DATASETS.REGISTER (d2seg/data/register.py)
     return cfg
 
