@@ -52,8 +52,10 @@ def adapt_to_hardware(cfg: CfgNode) -> List[Tuple[int, str]]:
             if rank0_bf16 != (dtype is not None):
                 notes.append(f"rank 0 chose {'bf16' if rank0_bf16 else 'fp32'}; all ranks follow")
                 dtype = torch.bfloat16 if rank0_bf16 else None
-        if dtype is None:
-            said.append((logging.WARNING, "SOLVER.AMP.ENABLED turned off: " + "; ".join(notes)))
+        if dtype is None:  # a warning where a dtype CPUs cannot run was asked for
+            asked_fp16 = str(cfg.D2SEG.SPEED.AMP_DTYPE).strip().lower() in ("float16", "fp16")
+            said.append((logging.WARNING if asked_fp16 else logging.INFO,
+                         "SOLVER.AMP.ENABLED turned off: " + "; ".join(notes)))
             cfg.SOLVER.AMP.ENABLED = False
         else:
             said.append((logging.INFO, "SOLVER.AMP.ENABLED on CPU: "
