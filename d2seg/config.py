@@ -323,6 +323,12 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # BatchNorms in eval mode) folded into the detectron2 Conv2d before them: one convolution
     # instead of conv + scale + shift, same results (d2seg/modeling/fold_norm.py). "auto": on.
     cfg.D2SEG.SPEED.FOLD_NORM = "auto"
+    # Semantic models' bilinear feature resizing (SegFormer, HRNet, DeepLabV3+, PSPNet, a
+    # bilinear U-Net) as two small matrix products instead of F.interpolate: same values up to
+    # float rounding, a backward without atomic adds (deterministic; the atomics took half of
+    # SegFormer-B2's GPU time on an H100). Dense work a CPU pays for: "auto": on on CUDA only
+    # (d2seg/modeling/layers/resize.py).
+    cfg.D2SEG.SPEED.MATMUL_RESIZE = "auto"
     # Mask R-CNN with INPUT.MASK_FORMAT "bitmask": mask targets cropped from each image's object
     # masks by index instead of from a full-image copy per sampled proposal; same targets,
     # gigabytes less memory at batch 16 (d2seg/modeling/indexed_masks.py). "auto": on for

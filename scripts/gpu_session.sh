@@ -225,7 +225,29 @@ case "$PART" in
     sem_cfg segformer_b2_eager 50 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE off
     ;;
+  sixth-lease)
+    # Written 2026-11-26 (session 12), after the third and fourth leases; run it FIRST in the
+    # next lease, then fifth-lease. D2SEG.SPEED.MATMUL_RESIZE ("auto": on on CUDA since session
+    # 12, not yet measured on a GPU): SegFormer-B2's compiled step spent 28.4 of 59.4 ms of GPU
+    # time in one fused kernel of the bilinear backward's atomic adds. And the loops again: the
+    # first case's loop paid TensorBoard's import at its first write (now done at build).
+    # 130 + 90 + 240 + 75 s of limits (+ ~20 s set-up).
+    # 1. SegFormer-B2 with the matrix resize (auto; with CUDA graphs, SegFormer's auto mode
+    #    since session 12), profiled; then with F.interpolate
+    sem_cfg segformer_b2_mresize 130 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference --profile-steps 1
+    sem_cfg segformer_b2_nomresize 90 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.MATMUL_RESIZE off
+    # 2. issue 7's semantic targets (DeepLabV3+ now resizes by matrices) and both loops
+    bench gpu_semantic_v4 240 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference --profile-steps 2
+    # 3. DeepLabV3+ (CUDA graphs) with F.interpolate: the matrix resize's share
+    dlv3_cfg dlv3_nomresize 75 --refs none --repeats 2 --iters 10 --loop-iters 0 \
+      --no-inference -- D2SEG.SPEED.MATMUL_RESIZE off
+    ;;
   fifth-lease)
+    # (Session 12: these now run with MATMUL_RESIZE on, auto on CUDA; add
+    # "D2SEG.SPEED.MATMUL_RESIZE off" after "--" for the interpolate numbers.)
     # The rest of the CUDA-graph decisions (session 10): HRNet-W48 (4063 operations per step
     # for 93 GFLOPs: the most host-bound by the CPU count), PSPNet (output stride 8, predicted
     # GPU-bound) and DeepLabV3 (16, predicted host-bound; auto already records CUDA graphs).
@@ -319,7 +341,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"

@@ -181,6 +181,9 @@ def test_compile_mode_auto_records_cuda_graphs_for_deeplab_on_cuda_only(fake_cud
     # measured on an H100: DeepLabV3+'s compiled step is host-bound, CUDA graphs pay
     assert fast_paths.resolve(_cfg(DLV3P)).compile_mode == "reduce-overhead"
     assert fast_paths.resolve(_cfg(UNET)).compile_mode == "default"  # GPU-bound
+    # measured on an H100 too: SegFormer-B2 272 img/s with CUDA graphs, 241 without
+    segformer = os.path.join(SHAPES_SEM, "segformer_b2.yaml")
+    assert fast_paths.resolve(_cfg(segformer)).compile_mode == "reduce-overhead"
     # an explicit mode wins; compile off leaves the mode moot ("default")
     assert fast_paths.resolve(_cfg(DLV3P, "D2SEG.SPEED.COMPILE_MODE", "default")
                               ).compile_mode == "default"
@@ -591,3 +594,19 @@ def test_cpu_amp_decision_follows_rank_0(monkeypatch, rank0_bf16, mine):
     assert bool(cfg.SOLVER.AMP.ENABLED) == rank0_bf16
     assert (cfg.D2SEG.SPEED.AMP_DTYPE == "bfloat16") == rank0_bf16
     assert "all ranks follow" in said[-1][1]
+
+
+def test_tensorboard_writer_opened_when_the_trainer_is_built(tmp_path):
+    """The event file exists before the first step: the lazy open (an import of
+    torch.utils.tensorboard) no longer stalls training at iteration 19."""
+    from detectron2.engine import hooks as d2hooks
+    from detectron2.utils.events import TensorboardXWriter
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", UNET, "OUTPUT_DIR", str(tmp_path / "tb"), *TINY_UNET])
+    trainer = Trainer(setup(args))
+    writer_hooks = [h for h in trainer._hooks if isinstance(h, d2hooks.PeriodicWriter)]
+    assert len(writer_hooks) == 1
+    tb = [w for w in writer_hooks[0]._writers if isinstance(w, TensorboardXWriter)]
+    assert len(tb) == 1 and "_writer" in vars(tb[0])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))

@@ -727,6 +727,12 @@ def format_report(result: Dict) -> str:
                          f"{_f(lp.get('run_step_median_s'))} s, max "
                          f"{_f(lp.get('run_step_max_s'))} s (loop {_f(lp['s_per_iter'])} "
                          f"s/iter){same}")
+            its = lp.get("iteration_times_s") or []
+            if its:
+                slow = max(range(len(its)), key=its.__getitem__)
+                lines.append(f"loop iterations with hooks: median {_f(statistics.median(its))} "
+                             f"s, slowest {_f(its[slow])} s (timed iteration {slow + 1} of "
+                             f"{len(its)})")
             lines += _profile_lines("train_net loop", lp.get("profile"))
         lines.append("")
     if result.get("targets"):

@@ -295,6 +295,7 @@ class _LoopTimer:
                 it = self.trainer.iter
                 if it in (timer.start, timer.end):
                     sync(timer.device)
+                if timer.start <= it <= timer.end:  # host time only between the ends
                     timer.stamps[it] = time.perf_counter()
 
         self.device, self.start, self.end = device, start, end
@@ -304,6 +305,12 @@ class _LoopTimer:
     @property
     def seconds(self) -> float:
         return self.stamps[self.end] - self.stamps[self.start]
+
+    @property
+    def iteration_seconds(self) -> List[float]:
+        """Host time from one ``before_step`` to the next, per timed iteration (everything
+        the loop did in it: hooks too); unsynchronised except at the window's ends."""
+        return [self.stamps[i + 1] - self.stamps[i] for i in range(self.start, self.end)]
 
 
 class _LoopProfiler:
@@ -472,6 +479,9 @@ class D2SegSubject(_D2Stepped):
                 "run_step_median_s": statistics.median(step_times) if step_times else None,
                 "run_step_max_s": max(step_times) if step_times else None,
                 "run_step_times_s": [round(v, 5) for v in step_times],
+                # per iteration with every hook: a one-time cost (a first write, say) shows
+                # as one slow iteration that run_step_times_s does not have
+                "iteration_times_s": [round(v, 5) for v in timer.iteration_seconds],
                 "input_sizes": sorted(set(rec.sizes))}
 
     def close(self) -> None:

@@ -87,9 +87,11 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune",
 #: Meta-architectures whose compiled training step is host-bound on a GPU, so that CUDA graphs
 #: pay (measured on one H100, 2026-11-26, DeepLabV3+ R50, batch 16, 512x512, bf16: 491 img/s
 #: with CUDA graphs, 369 eager, 290-306 compiled in the default mode - its host time per step
-#: exceeded the GPU's). DeepLabV3 shares the backbone and head design. The U-Net's step is
-#: GPU-bound (96 % busy, profiled eagerly) and keeps the default mode; PSPNet is not measured.
-CUDA_GRAPH_META_ARCHS = ("DeepLabV3", "DeepLabV3Plus")
+#: exceeded the GPU's). DeepLabV3 shares the backbone and head design. SegFormer (same card
+#: and settings, third lease): 272 img/s with CUDA graphs, 241 in the default mode, 226 eager.
+#: The U-Net's step is GPU-bound (98 % busy compiled) and keeps the default mode; PSPNet and
+#: HRNet are not measured yet.
+CUDA_GRAPH_META_ARCHS = ("DeepLabV3", "DeepLabV3Plus", "SegFormer")
 
 #: Sub-modules compiled by default (``D2SEG.SPEED.COMPILE_MODULES = []``), per family.
 DEFAULT_COMPILE_MODULES: Dict[str, Tuple[str, ...]] = {
@@ -164,6 +166,7 @@ class SpeedPlan:
     rcnn_sync_free: bool = False  # d2seg/modeling/sync_free_rcnn.py
     rcnn_batched: bool = False  # d2seg/modeling/batched_rcnn.py
     fold_norm: bool = False  # d2seg/modeling/fold_norm.py
+    matmul_resize: bool = False  # d2seg/modeling/layers/resize.py
     rcnn_indexed_masks: bool = False  # d2seg/modeling/indexed_masks.py
     pack_samples: bool = False  # d2seg/data/pack.py
     sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
@@ -416,6 +419,11 @@ def resolve(cfg) -> SpeedPlan:
     # auto: on for every family and device: the same results with one pass over memory per
     # fixed norm instead of three (measured on the CPU; docs/benchmarks.md "Fast paths")
     fold = True if fold is None else fold
+    mresize = _switch(cfg, "MATMUL_RESIZE")
+    # auto: on CUDA (the bilinear backward's atomic adds: 28 of 59 ms of SegFormer-B2's GPU
+    # time on an H100); off on CPUs, where F.interpolate on channels_last maps measured as fast
+    # or faster (docs/benchmarks.md, Fast paths)
+    mresize = cuda if mresize is None else mresize
     pack = _switch(cfg, "PACK_SAMPLES")
     # auto: on where samples cross a process boundary (loader workers); there it saves the
     # training process a shared-memory handshake per tensor (docs/benchmarks.md)
@@ -450,7 +458,7 @@ def resolve(cfg) -> SpeedPlan:
                      nonfinite_check=check, compact_labels=bool(compact),
                      rcnn_sync_free=bool(sync_free), rcnn_batched=bool(batched),
                      rcnn_indexed_masks=bool(indexed),
-                     fold_norm=bool(fold),
+                     fold_norm=bool(fold), matmul_resize=bool(mresize),
                      pack_samples=bool(pack),
                      sharing_strategy=sharing, notes=notes)
 
@@ -470,6 +478,7 @@ def describe(cfg) -> str:
             f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
             f"rcnn_batched={onoff[p.rcnn_batched]} "
             f"rcnn_indexed_masks={onoff[p.rcnn_indexed_masks]} fold_norm={onoff[p.fold_norm]} "
+            f"matmul_resize={onoff[p.matmul_resize]} "
             f"pack_samples={onoff[p.pack_samples]} "
             f"sharing_strategy={p.sharing_strategy or 'default'}")
 
@@ -725,6 +734,8 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
       by object index, no per-proposal mask copies).
     * ``D2SEG.SPEED.FOLD_NORM``: :func:`d2seg.modeling.fold_norm.fold_norms` (frozen and
       eval-mode BatchNorms folded into the convolution before them).
+    * ``D2SEG.SPEED.MATMUL_RESIZE``: :func:`d2seg.modeling.layers.resize.use_matmul_resize`
+      (bilinear feature resizing as matrix products).
 
     Call it after the model is on its device and frozen, before DDP wrapping.
     """
@@ -745,6 +756,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
         from ..modeling.fold_norm import fold_norms
 
         fold_norms(model)
+    if plan.matmul_resize:
+        from ..modeling.layers.resize import use_matmul_resize
+
+        use_matmul_resize(model)
     if plan.channels_last:
         to_channels_last(model)
     if plan.compile:

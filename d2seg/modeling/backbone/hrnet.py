@@ -34,6 +34,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
+from ..layers.resize import resize_bilinear
+
 __all__ = ["HRNet", "HRNetSpec", "HRNET_PRESETS", "HRModule", "build_hrnet_backbone",
            "build_hrnet_fpn_backbone", "hrnet_norm", "concat_upsampled"]
 
@@ -140,19 +142,20 @@ class Bottleneck(nn.Module):
         return F.relu(self.conv3(self.conv2(self.conv1(x))) + identity)
 
 
-def _resize(x: Tensor, size) -> Tensor:
+def _resize(x: Tensor, size, impl: str = "interpolate") -> Tensor:
     """Bilinear resize to exactly ``size`` (odd inputs give non-integer ratios). Always
-    resizes while tracing, so that an export stays valid for every input size."""
+    resizes while tracing, so that an export stays valid for every input size. ``impl``: see
+    :func:`d2seg.modeling.layers.resize.resize_bilinear`."""
     if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return resize_bilinear(x, size, impl)
 
 
-def concat_upsampled(features: Sequence[Tensor]) -> Tensor:
+def concat_upsampled(features: Sequence[Tensor], impl: str = "interpolate") -> Tensor:
     """The HRNetV2 representation: every (N, C_i, h_i, w_i) tensor bilinearly resized to the
     first one's (h_0, w_0) and concatenated: (N, sum C_i, h_0, w_0)."""
     size = features[0].shape[-2:]
-    return torch.cat([features[0]] + [_resize(f, size) for f in features[1:]], dim=1)
+    return torch.cat([features[0]] + [_resize(f, size, impl) for f in features[1:]], dim=1)
 
 
 class HRModule(nn.Module):
@@ -188,6 +191,7 @@ class HRModule(nn.Module):
                                        relu=False))
                     row.append(nn.Sequential(*steps))
             self.fuse[str(i)] = row
+        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     def forward(self, xs: List[Tensor]) -> List[Optional[Tensor]]:
         xs = [b(x) for b, x in zip(self.branches, xs)]
@@ -200,7 +204,7 @@ class HRModule(nn.Module):
                     continue
                 z = row[j](x)
                 if j > i:
-                    z = _resize(z, xs[i].shape[-2:])
+                    z = _resize(z, xs[i].shape[-2:], self.resize_impl)
                 y = y + z
             out[i] = F.relu(y)
         return out
@@ -227,6 +231,7 @@ class HRNet(Backbone):
             out_features: any of "hr1".."hr4", "hrcat".
         """
         super().__init__()
+        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
         if isinstance(spec, str):
             if spec not in HRNET_PRESETS:
                 raise ValueError(f"MODEL.HRNET.NAME '{spec}' is not a preset; choose one of "
@@ -311,7 +316,7 @@ class HRNet(Backbone):
         out = {f: xs[BRANCH_FEATURES.index(f)] for f in self._out_features
                if f in BRANCH_FEATURES}
         if CONCAT_FEATURE in self._out_features:
-            out[CONCAT_FEATURE] = concat_upsampled(xs)
+            out[CONCAT_FEATURE] = concat_upsampled(xs, self.resize_impl)
         return out
 
 

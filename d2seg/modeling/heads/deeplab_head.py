@@ -19,6 +19,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..layers.aspp import ASPP
 from ..layers.blocks import Norm, conv_norm_act
+from ..layers.resize import resize_bilinear
 from ..losses import SemSegLoss
 from .base import SemSegHeadBase
 
@@ -171,6 +172,7 @@ class ASPPDecoderHead(SemSegHeadBase):
         self.predictor = Conv2d(ch, num_classes, 1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
+        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -188,6 +190,6 @@ class ASPPDecoderHead(SemSegHeadBase):
         x = self.aspp(features[self.in_feature])
         for name, proj, fuse in zip(self.low_features, self.projects, self.fuses):
             low = proj(features[name])
-            x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
+            x = resize_bilinear(x, low.shape[-2:], self.resize_impl)
             x = fuse(torch.cat([x, low], dim=1))
         return self.predictor(x)

@@ -12,6 +12,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..layers.blocks import Norm, conv_norm_act
+from ..layers.resize import resize_bilinear
 from ..losses import SemSegLoss
 from .base import SemSegHeadBase
 
@@ -85,6 +86,7 @@ class SegFormerHead(SemSegHeadBase):
         self.predictor = Conv2d(decoder_dim, num_classes, 1)
         nn.init.normal_(self.predictor.weight, 0, 0.01)
         nn.init.zeros_(self.predictor.bias)
+        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -112,7 +114,7 @@ class SegFormerHead(SemSegHeadBase):
             weight = torch.matmul(w, proj.weight.flatten(1))[:, :, None, None]  # (D, C_i, 1, 1)
             y = F.conv2d(features[f], weight, torch.matmul(w, proj.bias))
             if i > 0:  # (in_features are sorted by stride: level 0 is the finest)
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                y = resize_bilinear(y, size, self.resize_impl)
             x = y if x is None else x + y
         return self.predictor(self.dropout(self._fuse_tail(x)))
 

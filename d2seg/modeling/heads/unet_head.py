@@ -13,6 +13,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..layers.blocks import DoubleConv, Norm
+from ..layers.resize import resize_bilinear
 from ..losses import SemSegLoss
 from .base import SemSegHeadBase
 
@@ -43,16 +44,22 @@ class UNetUpBlock(nn.Module):
         weight_init.c2_msra_fill(self.up)
         self.conv = DoubleConv(out_channels + skip_channels, out_channels, norm=norm,
                                bias=conv_bias)
+        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
         if self.mode == "transposed":
             x = self.up(x)
         else:
-            x = self.up(F.interpolate(x, scale_factor=self.factor, mode="bilinear",
-                                      align_corners=False))
+            if self.resize_impl == "matmul":
+                h, w = x.shape[-2:]
+                x = resize_bilinear(x, (h * self.factor, w * self.factor), "matmul")
+            else:  # a scale factor: an export stays valid for every input size
+                x = F.interpolate(x, scale_factor=self.factor, mode="bilinear",
+                                  align_corners=False)
+            x = self.up(x)
         if skip is not None:
             if x.shape[-2:] != skip.shape[-2:]:  # only for inputs not padded to the stride
-                x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+                x = resize_bilinear(x, skip.shape[-2:], self.resize_impl)
             x = torch.cat([skip, x], dim=1)
         return self.conv(x)
 

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .blocks import Norm, conv_norm_act
+from .resize import resize_bilinear
 
 __all__ = ["PyramidPooling"]
 
@@ -32,11 +33,14 @@ class PyramidPooling(nn.Module):
             for b in bins
         ])
         self.out_channels = in_channels + len(bins) * pool_channels
+        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
         outs = [x]
         for b, conv in zip(self.bins, self.convs):
             y = conv(F.adaptive_avg_pool2d(x, b))
-            outs.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+            # from a 1x1 bin every pixel gets the same value: a broadcast, in either impl
+            outs.append(y.expand(-1, -1, *size) if b == 1 else
+                        resize_bilinear(y, size, self.resize_impl))
         return torch.cat(outs, dim=1)
