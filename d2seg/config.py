@@ -324,7 +324,8 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # instead of conv + scale + shift, same results (d2seg/modeling/fold_norm.py). "auto": on.
     cfg.D2SEG.SPEED.FOLD_NORM = "auto"
     # Semantic models' bilinear feature resizing (SegFormer, HRNet, DeepLabV3+, PSPNet, a
-    # bilinear U-Net) as two small matrix products instead of F.interpolate: same values up to
+    # bilinear U-Net) and the training logits' resize to the labels (every d2seg head) as two
+    # small matrix products instead of F.interpolate: same values up to
     # float rounding, a backward without atomic adds (deterministic; the atomics took half of
     # SegFormer-B2's GPU time on an H100). Dense work a CPU pays for: "auto": on on CUDA only
     # (d2seg/modeling/layers/resize.py).

@@ -96,11 +96,11 @@ SEGFORMER_TINY = ("segformer_b0_cpu.yaml", ["MODEL.MIT.EMBED_DIMS", [8, 16, 16, 
                                             "MODEL.SEGFORMER.DECODER_DIM", 16])
 
 
-@pytest.mark.parametrize("arch", ["deeplabv3plus", "pspnet", "unet_bilinear", "hrnet",
-                                  "segformer"])
+@pytest.mark.parametrize("arch", ["deeplabv3", "deeplabv3plus", "pspnet", "unet_bilinear",
+                                  "hrnet", "segformer", "semantic_fpn"])
 def test_models_give_the_same_losses_and_gradients(arch):
-    """Every model that resizes features: same outputs, losses and gradients with either impl
-    (float64; train mode with batch statistics, odd sizes)."""
+    """Every model that resizes features or its training logits: same losses and gradients
+    with either impl (float64; train mode with batch statistics, odd sizes)."""
     from detectron2.modeling import build_model
 
     if arch == "segformer":
@@ -130,8 +130,11 @@ def test_models_give_the_same_losses_and_gradients(arch):
     for k in l0:
         torch.testing.assert_close(l1[k], l0[k], rtol=1e-9, atol=1e-11)
     assert g0.keys() == g1.keys()
+    # the loss resizes the logits in float32: float32 rounding, relative to the largest
+    # gradient (a bias before a BatchNorm has a zero gradient up to rounding noise)
+    scale = max(float(g.abs().max()) for g in g0.values())
     for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-7, atol=1e-9, msg=k)
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * scale, msg=k)
 
 
 def test_plan_auto_is_off_on_cpu_and_switchable(monkeypatch):

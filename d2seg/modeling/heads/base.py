@@ -6,16 +6,18 @@ from typing import Dict, Optional, Tuple
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers.resize import resize_bilinear
 from ..losses import SemSegLoss
 
 __all__ = ["SemSegHeadBase", "resize_logits"]
 
 
-def resize_logits(logits: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Bilinear resize of (N, K, h, w) logits to ``size`` (a no-op when already there)."""
+def resize_logits(logits: Tensor, size: Tuple[int, int], impl: str = "interpolate") -> Tensor:
+    """Bilinear resize of (N, K, h, w) logits to ``size`` (a no-op when already there);
+    ``impl``: see :func:`d2seg.modeling.layers.resize.resize_bilinear`."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return resize_bilinear(logits, size, impl)
 
 
 class SemSegHeadBase(nn.Module):
@@ -41,6 +43,9 @@ class SemSegHeadBase(nn.Module):
         self.ignore_value = ignore_value
         self.common_stride = int(common_stride)
         self.loss = loss if loss is not None else SemSegLoss(ignore_index=ignore_value)
+        # how the training logits (and subclasses' feature maps) are resized: see
+        # d2seg.modeling.layers.resize (D2SEG.SPEED.MATMUL_RESIZE)
+        self.resize_impl = "interpolate"
 
     def layers(self, features: Dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
@@ -57,5 +62,5 @@ class SemSegHeadBase(nn.Module):
         return logits, {}
 
     def losses(self, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
-        logits = resize_logits(logits.float(), targets.shape[-2:])
+        logits = resize_logits(logits.float(), targets.shape[-2:], self.resize_impl)
         return self.loss(logits, targets)

@@ -11,7 +11,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
@@ -172,7 +171,6 @@ class ASPPDecoderHead(SemSegHeadBase):
         self.predictor = Conv2d(ch, num_classes, 1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
-        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):

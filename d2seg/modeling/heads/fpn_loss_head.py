@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Dict
 
 from torch import Tensor
-from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 
+from ..layers.resize import resize_bilinear
 from ..losses import SemSegLoss
 
 __all__ = ["SemSegFPNLossHead"]
@@ -31,6 +31,7 @@ class SemSegFPNLossHead(SemSegFPNHead):
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, loss: SemSegLoss, **kwargs):
         super().__init__(input_shape, **kwargs)
         self.loss = loss
+        self.resize_impl = "interpolate"  # the loss's resize: see d2seg.modeling.layers.resize
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -40,6 +41,5 @@ class SemSegFPNLossHead(SemSegFPNHead):
         return ret
 
     def losses(self, predictions: Tensor, targets: Tensor) -> Dict[str, Tensor]:
-        predictions = F.interpolate(predictions.float(), size=targets.shape[-2:],
-                                    mode="bilinear", align_corners=False)
+        predictions = resize_bilinear(predictions.float(), targets.shape[-2:], self.resize_impl)
         return self.loss(predictions, targets)

@@ -69,7 +69,6 @@ class HRNetV2Head(SemSegHeadBase):
         self.predictor = Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
-        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):

@@ -110,5 +110,6 @@ class PSPHead(SemSegHeadBase):
         logits, losses = super().forward(features, targets)
         if self.training and self.aux_in_feature:
             aux = self.aux(features[self.aux_in_feature]).float()
-            losses.update(self.aux_loss(resize_logits(aux, targets.shape[-2:]), targets))
+            aux = resize_logits(aux, targets.shape[-2:], self.resize_impl)
+            losses.update(self.aux_loss(aux, targets))
         return logits, losses

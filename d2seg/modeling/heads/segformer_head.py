@@ -86,7 +86,6 @@ class SegFormerHead(SemSegHeadBase):
         self.predictor = Conv2d(decoder_dim, num_classes, 1)
         nn.init.normal_(self.predictor.weight, 0, 0.01)
         nn.init.zeros_(self.predictor.bias)
-        self.resize_impl = "interpolate"  # see d2seg.modeling.layers.resize
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):

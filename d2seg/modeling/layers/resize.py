@@ -84,7 +84,7 @@ def resize_bilinear(x: Tensor, size: Sequence[int], impl: str = "interpolate") -
     if impl == "interpolate" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         # an export keeps the resize one operator with traced sizes (matrices would fix them)
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    h_out, w_out = int(size[0]), int(size[1])
+    h_out, w_out = size[0], size[1]  # no int(): symbolic sizes stay symbolic when compiled
     n, c, h, w = x.shape
     # under autocast the products run in the autocast dtype; the matrices follow x otherwise
     dtype = x.dtype if x.is_floating_point() else torch.float32
