@@ -156,3 +156,20 @@ def test_plan_auto_is_off_on_cpu_and_switchable(monkeypatch):
     assert fast_paths.resolve(cfg).matmul_resize  # auto: on CUDA
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "off"
     assert not fast_paths.resolve(cfg).matmul_resize
+
+
+def test_export_with_matmul_resize_stays_dynamic(tmp_path):
+    """A model switched to "matmul" (as on a GPU) exports to TorchScript and ONNX that stay
+    valid for other input sizes: traced, the resizes are F.interpolate."""
+    from detectron2.modeling import build_model
+
+    from d2seg.export import export_semantic
+
+    torch.manual_seed(0)
+    name, opts = TINY["deeplabv3plus"]
+    model = build_model(cfg_from(os.path.join(SHAPES, name), opts, 3))
+    assert use_matmul_resize(model) >= 1
+    results = export_semantic(model, str(tmp_path), 64, 64, check_sizes=((64, 96), (96, 64)))
+    for r in results:
+        assert r["dynamic"] and r["checked_shapes"] == [[64, 96], [96, 64]]
+        assert r["max_abs_diff"] < 1e-3, r
