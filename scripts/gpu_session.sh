@@ -251,7 +251,7 @@ case "$PART" in
     # The rest of the CUDA-graph decisions (session 10): HRNet-W48 (4063 operations per step
     # for 93 GFLOPs: the most host-bound by the CPU count), PSPNet (output stride 8, predicted
     # GPU-bound) and DeepLabV3 (16, predicted host-bound; auto already records CUDA graphs).
-    # 110 + 110 + 50 + 4 x 75 s of limits.
+    # 110 + 110 + 50 + 4 x 75 (+ 110) s of limits.
     sem_cfg hrnet_w48_default 110 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- \
       D2SEG.SPEED.COMPILE_MODE default
@@ -268,6 +268,11 @@ case "$PART" in
       D2SEG.SPEED.COMPILE_MODE default
     sem_cfg deeplabv3_cudagraphs 75 deeplabv3_R_50.yaml deeplabv3 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
+    # last (a run cut short by the budget loses it first): HRNet-W48 with F.interpolate (its
+    # ~34 resizes per step become ~4 matrix products each with MATMUL_RESIZE)
+    sem_cfg hrnet_w48_nomresize 110 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 \
+      --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE default \
+      D2SEG.SPEED.MATMUL_RESIZE off
     ;;
   second-lease)
     # The second lease's first command (written 2026-11-26, session 9), in order of priority:
