@@ -227,27 +227,27 @@ case "$PART" in
     ;;
   sixth-lease)
     # Written 2026-11-26 (session 12), after the third and fourth leases; run it FIRST in the
-    # next lease, then fifth-lease. D2SEG.SPEED.MATMUL_RESIZE ("auto": on on CUDA since session
-    # 12, not yet measured on a GPU): SegFormer-B2's compiled step spent 28.4 of 59.4 ms of GPU
+    # next lease, then fifth-lease. D2SEG.SPEED.MATMUL_RESIZE (session 13: "auto" = on CUDA for
+    # SegFormer only, not yet measured on a GPU): SegFormer-B2's compiled step spent 28.4 of 59.4 ms of GPU
     # time in one fused kernel of the bilinear backward's atomic adds. And the loops again: the
     # first case's loop paid TensorBoard's import at its first write (now done at build).
     # 130 + 90 + 240 + 75 s of limits (+ ~20 s set-up).
-    # 1. SegFormer-B2 with the matrix resize (auto; with CUDA graphs, SegFormer's auto mode
-    #    since session 12), profiled; then with F.interpolate
+    # 1. SegFormer-B2 with the matrix resize (auto: on; with CUDA graphs, SegFormer's auto
+    #    mode since session 12), profiled; then with F.interpolate
     sem_cfg segformer_b2_mresize 130 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
-      --iters 10 --loop-iters 0 --no-inference --profile-steps 1
+      --iters 10 --loop-iters 0 --no-inference --profile-steps 1 -- D2SEG.SPEED.MATMUL_RESIZE on
     sem_cfg segformer_b2_nomresize 90 segformer_b2.yaml segformer_b2 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.MATMUL_RESIZE off
-    # 2. issue 7's semantic targets (DeepLabV3+ now resizes by matrices) and both loops
+    # 2. issue 7's semantic targets (auto: F.interpolate, as measured before) and both loops
     bench gpu_semantic_v4 240 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
       --no-inference --profile-steps 2
-    # 3. DeepLabV3+ (CUDA graphs) with F.interpolate: the matrix resize's share
-    dlv3_cfg dlv3_nomresize 75 --refs none --repeats 2 --iters 10 --loop-iters 0 \
-      --no-inference -- D2SEG.SPEED.MATMUL_RESIZE off
+    # 3. DeepLabV3+ (CUDA graphs) with the matrix resize: its share against step 2
+    dlv3_cfg dlv3_mresize 75 --refs none --repeats 2 --iters 10 --loop-iters 0 \
+      --no-inference -- D2SEG.SPEED.MATMUL_RESIZE on
     ;;
   fifth-lease)
-    # (Session 12: these now run with MATMUL_RESIZE on, auto on CUDA; add
-    # "D2SEG.SPEED.MATMUL_RESIZE off" after "--" for the interpolate numbers.)
+    # (Session 13: these run with F.interpolate, MATMUL_RESIZE's auto for these models; the
+    # last one runs HRNet-W48 with the matrix resize.)
     # The rest of the CUDA-graph decisions (session 10): HRNet-W48 (4063 operations per step
     # for 93 GFLOPs: the most host-bound by the CPU count), PSPNet (output stride 8, predicted
     # GPU-bound) and DeepLabV3 (16, predicted host-bound; auto already records CUDA graphs).
@@ -268,11 +268,11 @@ case "$PART" in
       D2SEG.SPEED.COMPILE_MODE default
     sem_cfg deeplabv3_cudagraphs 75 deeplabv3_R_50.yaml deeplabv3 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE reduce-overhead
-    # last (a run cut short by the budget loses it first): HRNet-W48 with F.interpolate (its
-    # ~34 resizes per step become ~4 matrix products each with MATMUL_RESIZE)
-    sem_cfg hrnet_w48_nomresize 110 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 \
+    # last (a run cut short by the budget loses it first): HRNet-W48 with the matrix resize
+    # (its ~34 resizes per step become ~4 matrix products each)
+    sem_cfg hrnet_w48_mresize 110 hrnet_w48.yaml hrnet_w48 --refs none --repeats 2 \
       --iters 10 --loop-iters 0 --no-inference -- D2SEG.SPEED.COMPILE_MODE default \
-      D2SEG.SPEED.MATMUL_RESIZE off
+      D2SEG.SPEED.MATMUL_RESIZE on
     ;;
   second-lease)
     # The second lease's first command (written 2026-11-26, session 9), in order of priority:

@@ -153,9 +153,21 @@ def test_plan_auto_is_off_on_cpu_and_switchable(monkeypatch):
     monkeypatch.setattr(fast_paths, "_tf32_capable", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "auto"
-    assert fast_paths.resolve(cfg).matmul_resize  # auto: on CUDA
+    # auto on CUDA: DeepLabV3+'s measured step used F.interpolate; it stays until measured
+    assert not fast_paths.resolve(cfg).matmul_resize
+    cfg.D2SEG.DETERMINISTIC = True  # the interpolate backward's atomics are not deterministic
+    assert fast_paths.resolve(cfg).matmul_resize
+    cfg.D2SEG.DETERMINISTIC = False
+    cfg.D2SEG.SPEED.MATMUL_RESIZE = "on"
+    assert fast_paths.resolve(cfg).matmul_resize
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "off"
     assert not fast_paths.resolve(cfg).matmul_resize
+    cfg.D2SEG.DETERMINISTIC = True  # "off" is off
+    assert not fast_paths.resolve(cfg).matmul_resize
+    name, opts = SEGFORMER_TINY
+    cfg = cfg_from(os.path.join(SHAPES, name), opts)
+    assert cfg.MODEL.META_ARCHITECTURE in fast_paths.MATMUL_RESIZE_META_ARCHS
+    assert fast_paths.resolve(cfg).matmul_resize  # auto: on CUDA for SegFormer
 
 
 def test_export_with_matmul_resize_stays_dynamic(tmp_path):

@@ -93,6 +93,16 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune",
 #: HRNet are not measured yet.
 CUDA_GRAPH_META_ARCHS = ("DeepLabV3", "DeepLabV3Plus", "SegFormer")
 
+#: Meta-architectures whose bilinear resizes ``D2SEG.SPEED.MATMUL_RESIZE: auto`` turns into
+#: matrix products on CUDA. SegFormer: its compiled step spent 28.4 of 59.4 ms of GPU time in
+#: the bilinear backward's atomic adds (one H100, 2026-11-26, B2, batch 16, 512x512, bf16),
+#: which the matrix form does not have. Not yet measured with the switch on; the U-Net's and
+#: DeepLabV3+'s measured steps (issue 7's targets) used ``F.interpolate`` and keep it until a
+#: GPU measures the difference (``scripts/gpu_session.sh sixth-lease``). Whatever the model,
+#: ``D2SEG.DETERMINISTIC`` on CUDA turns it on: the interpolate backward's atomics are
+#: non-deterministic there, the matrix products are not.
+MATMUL_RESIZE_META_ARCHS = ("SegFormer",)
+
 #: Sub-modules compiled by default (``D2SEG.SPEED.COMPILE_MODULES = []``), per family.
 DEFAULT_COMPILE_MODULES: Dict[str, Tuple[str, ...]] = {
     "semantic": ("backbone", "sem_seg_head"),
@@ -420,10 +430,13 @@ def resolve(cfg) -> SpeedPlan:
     # fixed norm instead of three (measured on the CPU; docs/benchmarks.md "Fast paths")
     fold = True if fold is None else fold
     mresize = _switch(cfg, "MATMUL_RESIZE")
-    # auto: on CUDA (the bilinear backward's atomic adds: 28 of 59 ms of SegFormer-B2's GPU
-    # time on an H100); off on CPUs, where F.interpolate on channels_last maps measured as fast
-    # or faster (docs/benchmarks.md, Fast paths)
-    mresize = cuda if mresize is None else mresize
+    # auto: on CUDA for MATMUL_RESIZE_META_ARCHS (SegFormer-B2: the bilinear backward's atomic
+    # adds took 28 of 59 ms of GPU time on an H100) and for D2SEG.DETERMINISTIC (the atomics'
+    # order varies); off on CPUs, where F.interpolate on channels_last maps measured as fast or
+    # faster (docs/benchmarks.md, Fast paths)
+    if mresize is None:
+        mresize = cuda and (deterministic
+                            or cfg.MODEL.META_ARCHITECTURE in MATMUL_RESIZE_META_ARCHS)
     pack = _switch(cfg, "PACK_SAMPLES")
     # auto: on where samples cross a process boundary (loader workers); there it saves the
     # training process a shared-memory handshake per tensor (docs/benchmarks.md)
