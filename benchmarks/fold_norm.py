@@ -8,6 +8,10 @@ and folded into its convolution (d2seg/modeling/fold_norm.py), in interleaved ro
 Measures the training step of the backbone (forward + backward of all its outputs, the frozen
 stem and res2 as in the zoo config: ``--freeze-at 2``) and its eval forward (no_grad), the
 median over rounds, and the largest difference of the outputs relative to their scale.
+The eval forward runs a third variant, ``folded_frozen``: the folded model with no parameter
+requiring gradients (a predictor's model), whose layers reuse their cached fold instead of
+recomputing it per call as trainable layers do: the fold's per-call cost in isolation.
+``--profile`` adds each eval variant's busiest kernels (torch.profiler, one forward).
 Writes a JSON with the machine, settings and every round.
 """
 from __future__ import annotations
@@ -75,6 +79,8 @@ def main(argv: List[str] = None) -> Dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=0, help="steps per round (0: 2 CPU, 10 CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: default)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one eval forward of each variant (top kernels)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
 
@@ -95,6 +101,7 @@ def main(argv: List[str] = None) -> Dict:
     n_folded = fold_norms(folded)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     plain, folded = plain.to(memory_format=fmt), folded.to(memory_format=fmt)
+    folded_frozen = copy.deepcopy(folded).requires_grad_(False)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
 
@@ -112,22 +119,26 @@ def main(argv: List[str] = None) -> Dict:
         fwd(model)
 
     # equality first: the fold changes only float rounding
-    plain.eval(), folded.eval()
+    plain.eval(), folded.eval(), folded_frozen.eval()
     with torch.no_grad():
-        ref, out = fwd(plain), fwd(folded)
-    rel_diff = max(((out[k].float() - ref[k].float()).abs().max()
-                    / ref[k].float().abs().max()).item() for k in ref)
+        ref, out, out_frozen = fwd(plain), fwd(folded), fwd(folded_frozen)
+    rel_diff = max(((o[k].float() - ref[k].float()).abs().max()
+                    / ref[k].float().abs().max()).item() for k in ref for o in (out, out_frozen))
 
     results: Dict[str, Dict[str, List[float]]] = {}
     peak: Dict[str, float] = {}
     for mode, step, train in (("train", train_step, True), ("eval", eval_step, False)):
-        plain.train(train), folded.train(train)
-        results[mode] = {"detectron2": [], "folded": []}
-        for name, model in (("detectron2", plain), ("folded", folded)):  # warm-up
+        variants = [("detectron2", plain), ("folded", folded)]
+        if not train:  # no gradients: the cached fold of a frozen model
+            variants.append(("folded_frozen", folded_frozen))
+        for _, model in variants:
+            model.train(train)
+        results[mode] = {name: [] for name, _ in variants}
+        for name, model in variants:  # warm-up
             step(model)
         _sync(dev)
         for _ in range(a.rounds):
-            for name, model in (("detectron2", plain), ("folded", folded)):
+            for name, model in variants:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(dev)
                 _sync(dev)
@@ -141,6 +152,20 @@ def main(argv: List[str] = None) -> Dict:
     summary = {mode: {name: statistics.median(v) for name, v in r.items()}
                for mode, r in results.items()}
     speedup = {mode: s["detectron2"] / s["folded"] for mode, s in summary.items()}
+    speedup["eval_frozen"] = summary["eval"]["detectron2"] / summary["eval"]["folded_frozen"]
+    profiles: Dict[str, str] = {}
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        for name, model in (("detectron2", plain), ("folded", folded),
+                            ("folded_frozen", folded_frozen)):
+            model.eval()
+            with profile(activities=acts) as prof:
+                eval_step(model)
+                _sync(dev)
+            profiles[name] = prof.key_averages().table(sort_by=key, row_limit=12)
     machine = (torch.cuda.get_device_name(dev) if cuda else
                f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
                f"{torch.get_num_threads()} torch threads")
@@ -153,7 +178,7 @@ def main(argv: List[str] = None) -> Dict:
                      "rounds": a.rounds, "iters": iters, "device": str(dev)},
         "layers_folded": n_folded, "max_rel_output_diff": rel_diff,
         "ms_per_step_median": summary, "speedup": speedup, "rounds_ms": results,
-        "peak_memory_gib": peak,
+        "peak_memory_gib": peak, "eval_profiles": profiles,
     }
     print(f"fold_norm: R{a.depth} FrozenBN backbone, {n_folded} layers folded, batch {batch}, "
           f"{h}x{w}, {precision}, channels_last {'on' if channels_last else 'off'}, {machine}")
@@ -161,6 +186,10 @@ def main(argv: List[str] = None) -> Dict:
         s = summary[mode]
         print(f"  {mode:5s}: detectron2 {s['detectron2']:.1f} ms, folded {s['folded']:.1f} ms "
               f"-> {speedup[mode]:.2f}x")
+    print(f"  eval, frozen model (cached fold): {summary['eval']['folded_frozen']:.1f} ms -> "
+          f"{speedup['eval_frozen']:.2f}x")
+    for name, table in profiles.items():
+        print(f"  eval forward profile, {name}:\n{table}")
     if peak:
         print("  peak memory GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in peak.items()))
     print(f"  largest output difference relative to the output's scale: {rel_diff:.1e}")

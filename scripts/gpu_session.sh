@@ -9,8 +9,12 @@
 #   bash scripts/gpu_session.sh fourth-lease  # after third-lease: DeepLabV3+ with a frozen
 #       backbone, DEVICE_PREFETCH with the models compiled, SegFormer-B2 default / CUDA
 #       graphs / eager
+#   bash scripts/gpu_session.sh sixth-lease   # FIRST in the next lease: SegFormer-B2 with
+#       and without MATMUL_RESIZE, gpu-semantic's loops after the writer fix, DeepLabV3+ with
+#       MATMUL_RESIZE
 #   bash scripts/gpu_session.sh fifth-lease   # HRNet-W48, PSPNet, DeepLabV3 with and
 #       without CUDA graphs
+#   bash scripts/gpu_session.sh seventh-lease  # FOLD_NORM's eval forward, profiled
 #   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
@@ -119,13 +123,15 @@ dlv3_cfg() {  # dlv3_cfg NAME SECONDS [harness args] -- [opts]: DeepLabV3+ R50 (
   local SEM_EXTRA=(MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64)
   sem_cfg "$name" "$secs" deeplabv3plus_R_50.yaml deeplabv3plus "$@"
 }
-fold_norm_step() {  # FOLD_NORM alone on the R50 backbone (batch 16, 800x1216, bf16)
+fold_norm_step() {  # fold_norm_step [NAME [SECONDS [args]]]: FOLD_NORM alone on the R50
+  # backbone (batch 16, 800x1216, bf16)
+  local name=${1:-fold_norm} secs=${2:-40}; shift $(( $# < 2 ? $# : 2 ))
   if [ "$DRY" = 1 ]; then
-    step fold_norm 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
-      --rounds 1 --iters 1 --json "$OUTDIR/fold_norm.json"
+    step "$name" 60 $PY benchmarks/fold_norm.py --device cpu --depth 18 --size 64x64 \
+      --rounds 1 --iters 1 --json "$OUTDIR/$name.json" "$@"
   else
-    step fold_norm 40 $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
-      --json "$OUTDIR/fold_norm.json"
+    step "$name" "$secs" $PY benchmarks/fold_norm.py --device cuda --rounds 3 \
+      --json "$OUTDIR/$name.json" "$@"
   fi
 }
 case "$PART" in
@@ -244,6 +250,13 @@ case "$PART" in
     # 3. DeepLabV3+ (CUDA graphs) with the matrix resize: its share against step 2
     dlv3_cfg dlv3_mresize 75 --refs none --repeats 2 --iters 10 --loop-iters 0 \
       --no-inference -- D2SEG.SPEED.MATMUL_RESIZE on
+    ;;
+  seventh-lease)
+    # Written 2026-11-27 (session 13): why FOLD_NORM's eval forward was slower on the H100
+    # (29.8 -> 33.3 ms, third lease) while its training step was faster. The eval runs a
+    # third variant (the folded model frozen: cached fold, no per-call recompute) and each
+    # variant's busiest kernels are profiled. ~60 s of limits.
+    fold_norm_step fold_norm_eval_profile 60 --profile
     ;;
   fifth-lease)
     # (Session 13: these run with F.interpolate, MATMUL_RESIZE's auto for these models; the
