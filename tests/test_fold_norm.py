@@ -284,11 +284,16 @@ def test_fold_norm_benchmark_script_runs(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "fold.json"
     record = bench.main(["--device", "cpu", "--depth", "18", "--size", "48x64", "--rounds", "1",
-                         "--iters", "1", "--threads", "0", "--json", str(out)])
+                         "--iters", "1", "--threads", "0", "--profile", "--json", str(out)])
     assert json.loads(out.read_text())["layers_folded"] == record["layers_folded"] == 20
     assert record["max_rel_output_diff"] < 1e-4
-    assert set(record["speedup"]) == {"train", "eval"}
+    assert set(record["speedup"]) == {"train", "eval", "eval_frozen"}
     assert all(v > 0 for v in record["speedup"].values())
+    assert set(record["ms_per_step_median"]["eval"]) == {"detectron2", "folded", "folded_frozen"}
+    # the profiles name the kernels: the frozen model's convolutions carry the folded bias
+    profiles = record["eval_profiles"]
+    assert set(profiles) == {"detectron2", "folded", "folded_frozen"}
+    assert "batch_norm" in profiles["detectron2"] and "batch_norm" not in profiles["folded_frozen"]
 
 
 def test_folded_under_bf16_autocast():
