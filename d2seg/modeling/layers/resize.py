@@ -14,8 +14,9 @@ stride-32 features to stride 4). On the H100 (SegFormer-B2, batch 16 at 512x512,
 2026-11-26) one such fused kernel took 28.4 ms of the step's 59.4 ms of GPU time. With
 matrices the backward is two more matrix products (``A_h^T @ g @ A_w``): no atomics, and a
 deterministic result. The products do dense work (``H_in`` multiply-adds per output
-element instead of 2), which a GPU's matrix units absorb and a CPU does not: "auto" uses
-them on CUDA only (:mod:`d2seg.engine.fast_paths`).
+element instead of 2), which a GPU's matrix units should absorb and a CPU does not: "auto"
+uses them on CUDA only, for SegFormer and for ``D2SEG.DETERMINISTIC`` runs, until a GPU
+measures the other models with both forms (:mod:`d2seg.engine.fast_paths`).
 
 Modules that resize feature maps have a ``resize_impl`` attribute ("interpolate" or
 "matmul"); :func:`use_matmul_resize` switches a whole model.
