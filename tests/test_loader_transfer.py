@@ -15,7 +15,7 @@ import torch.multiprocessing.reductions as reductions
 import d2seg  # noqa: F401  (registers everything)
 from d2seg.config import load_config
 from d2seg.data import build_train_loader
-from d2seg.data.pack import PackedMapper, pack_sample
+from d2seg.data.pack import PackedBatchCollator, PackedMapper, pack_batch, pack_sample
 from d2seg.engine import fast_paths
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
@@ -109,6 +109,28 @@ def test_pack_sample_leaves_what_it_cannot_pack():
     assert PackedMapper(lambda d: None)({"x": 1}) is None  # a skipped sample passes through
 
 
+def test_pack_batch_makes_the_batch_one_block():
+    batch = [_instance_sample() for _ in range(3)]
+    batch[1]["image"] = batch[1]["image"][:, :10]  # another size: a view, not contiguous
+    want = [{"image": d["image"].clone(), "masks": d["instances"].gt_masks.tensor.clone(),
+             "classes": d["instances"].gt_classes.clone()} for d in batch]
+    assert _storages_pickled(batch) == 15
+    out = PackedBatchCollator()(tuple(batch))  # torch hands a collate_fn a list; any sequence
+    assert isinstance(out, list) and len(out) == 3
+    assert _storages_pickled(out) == 1
+    base = out[0]["image"].untyped_storage().data_ptr()
+    for d, w in zip(out, want):
+        inst = d["instances"]
+        for t, ref in ((d["image"], w["image"]), (inst.gt_masks.tensor, w["masks"]),
+                       (inst.gt_classes, w["classes"])):
+            assert t.dtype == ref.dtype and torch.equal(t, ref)
+            assert t.is_contiguous() and t.untyped_storage().data_ptr() == base
+            assert t.data_ptr() % 64 == 0
+    back = pickle.loads(pickle.dumps(out))
+    assert torch.equal(back[2]["instances"].gt_boxes.tensor, out[2]["instances"].gt_boxes.tensor)
+    assert pack_batch([]) == [] and pack_batch([{"height": 1}]) == [{"height": 1}]
+
+
 def test_auto_decisions_and_invalid_values():
     no_workers = fast_paths.resolve(load_config(UNET, ["DATALOADER.NUM_WORKERS", "0"]))
     assert not no_workers.pack_samples and no_workers.sharing_strategy == ""
@@ -172,3 +194,6 @@ def test_real_loader_gives_the_same_batches(config, restore_sharing_strategy):
                 assert torch.equal(ia.gt_classes, ib.gt_classes)
                 assert [[p.tolist() for p in ps] for ps in ia.gt_masks.polygons] == \
                     [[p.tolist() for p in ps] for ps in ib.gt_masks.polygons]
+        if config == UNET:  # semantic configs: no aspect-ratio grouping, one block per batch
+            assert len({d[k].untyped_storage().data_ptr() for d in b_batch
+                        for k in ("image", "sem_seg")}) == 1

@@ -29,7 +29,7 @@ from detectron2.data.samplers import (
 )
 from detectron2.utils import comm
 
-from .pack import PackedMapper
+from .pack import PackedBatchCollator, PackedMapper
 from .safe_mapper import SafeMapper
 
 __all__ = ["build_train_loader", "build_test_loader", "build_mapper", "MAPPER_NAMES",
@@ -141,7 +141,9 @@ def build_train_loader(cfg, start_iter: int = 0):
     * ``D2SEG.SPEED.SHARING_STRATEGY``: how the workers share tensors with this process
       (:func:`d2seg.engine.fast_paths.apply_sharing_strategy`);
     * ``D2SEG.SPEED.PACK_SAMPLES``: each sample's tensors made views of one buffer in the
-      worker (:func:`d2seg.data.pack.pack_sample`: one shared-memory block per sample);
+      worker (:func:`d2seg.data.pack.pack_sample`: one shared-memory block per sample); with
+      ``DATALOADER.ASPECT_RATIO_GROUPING`` off the workers collate whole batches, and each
+      batch is one block (:func:`d2seg.data.pack.pack_batch`);
     * ``D2SEG.SPEED.DEVICE_PREFETCH``: the loader wrapped in
       :class:`~d2seg.data.prefetch.DevicePrefetcher` (batches copied to ``MODEL.DEVICE`` by a
       background thread while the previous step runs).
@@ -166,10 +168,14 @@ def build_train_loader(cfg, start_iter: int = 0):
 
     plan = resolve(cfg)
     apply_sharing_strategy(plan)
-    if plan.pack_samples:
+    # without aspect-ratio grouping detectron2 collates each batch in a worker: pack batches
+    batch_pack = plan.pack_samples and not cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    if plan.pack_samples and not batch_pack:
         mapper = PackedMapper(mapper)
     # the remaining arguments as build_detection_train_loader(cfg) derives them
     kwargs = _train_loader_from_config(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+    if batch_pack:
+        kwargs["collate_fn"] = PackedBatchCollator()
     # D2SEG.SPEED: pin_memory / persistent_workers / prefetch_factor (d2seg/engine/fast_paths.py)
     kwargs.update(loader_kwargs(cfg, plan))
     if start_iter > 0:

@@ -13,6 +13,12 @@ bit masks).
 view of that buffer, with the same dtype, shape and values: the sample then crosses the
 process boundary as one block. :class:`PackedMapper` applies it after a mapper, in the
 workers.
+
+Where the workers assemble whole batches (``DATALOADER.ASPECT_RATIO_GROUPING: False``, as in
+d2seg's semantic configs: detectron2 then collates each batch in a worker instead of grouping
+single samples in the training process), :func:`pack_batch` goes one step further: every
+tensor of the batch in one buffer, one block per batch (:class:`PackedBatchCollator`, the
+loader's ``collate_fn``).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Any, Callable, List, Tuple
 
 import torch
 
-__all__ = ["pack_sample", "PackedMapper"]
+__all__ = ["pack_sample", "pack_batch", "PackedMapper", "PackedBatchCollator"]
 
 _ALIGN = 64  # bytes: every view starts on a cache line (and any dtype's alignment)
 
@@ -47,19 +53,11 @@ def _slots(sample: Any) -> List[Tuple[Any, Any, torch.Tensor]]:
     return out
 
 
-def pack_sample(sample: Any) -> Any:
-    """Make the tensors of ``sample`` (a mapped dataset dict) views of one uint8 buffer.
-
-    Packed: the dict's tensor values ("image", "sem_seg", ...) and the tensors of an
-    ``Instances`` value (its tensor fields, ``Boxes.tensor``, ``BitMasks.tensor``). Each view
-    has the original dtype, shape and values, and is contiguous. Empty tensors and tensors
-    not on the CPU are left alone; a sample with fewer than two packable tensors, or whose
-    tensors already share one storage, is returned unchanged. Modifies ``sample`` in place
-    and returns it.
-    """
-    slots = [s for s in _slots(sample) if s[2].numel() > 0 and s[2].device.type == "cpu"]
+def _pack(slots: List[Tuple[Any, Any, torch.Tensor]]) -> None:
+    """Replace each slot's tensor by a view of one new buffer holding all their values."""
+    slots = [s for s in slots if s[2].numel() > 0 and s[2].device.type == "cpu"]
     if len(slots) < 2 or len({t.untyped_storage().data_ptr() for _, _, t in slots}) == 1:
-        return sample  # nothing to gain, or already one block (d2seg's semantic mapper)
+        return  # nothing to gain, or already one block
     offsets, total = [], 0
     for _, _, t in slots:
         offsets.append(total)
@@ -75,7 +73,29 @@ def pack_sample(sample: Any) -> Any:
             owner[key] = view
         else:  # Instances
             owner.set(key, view)
+
+
+def pack_sample(sample: Any) -> Any:
+    """Make the tensors of ``sample`` (a mapped dataset dict) views of one uint8 buffer.
+
+    Packed: the dict's tensor values ("image", "sem_seg", ...) and the tensors of an
+    ``Instances`` value (its tensor fields, ``Boxes.tensor``, ``BitMasks.tensor``). Each view
+    has the original dtype, shape and values, and is contiguous. Empty tensors and tensors
+    not on the CPU are left alone; a sample with fewer than two packable tensors, or whose
+    tensors already share one storage, is returned unchanged. Modifies ``sample`` in place
+    and returns it.
+    """
+    _pack(_slots(sample))  # (d2seg's semantic mapper's samples are one block already)
     return sample
+
+
+def pack_batch(batch: List[Any]) -> List[Any]:
+    """Make the tensors of every sample of ``batch`` (a list of mapped dataset dicts) views of
+    one uint8 buffer, as :func:`pack_sample` does for one sample: the batch then crosses the
+    process boundary as one shared-memory block. Modifies the samples in place and returns
+    ``batch``."""
+    _pack([slot for sample in batch for slot in _slots(sample)])
+    return batch
 
 
 class PackedMapper:
@@ -88,3 +108,11 @@ class PackedMapper:
     def __call__(self, dataset_dict):
         out = self.mapper(dataset_dict)
         return pack_sample(out) if out is not None else out
+
+
+class PackedBatchCollator:
+    """A ``collate_fn`` for detectron2's batched loader: the batch stays a list of dicts
+    (detectron2's ``trivial_batch_collator``), packed into one block (:func:`pack_batch`)."""
+
+    def __call__(self, batch: List[Any]) -> List[Any]:
+        return pack_batch(list(batch))
