@@ -197,3 +197,24 @@ def test_real_loader_gives_the_same_batches(config, restore_sharing_strategy):
         if config == UNET:  # semantic configs: no aspect-ratio grouping, one block per batch
             assert len({d[k].untyped_storage().data_ptr() for d in b_batch
                         for k in ("image", "sem_seg")}) == 1
+
+
+def test_semantic_loader_resumes_exactly_from_any_iteration(restore_sharing_strategy):
+    """Without aspect-ratio grouping (the semantic configs) batch k of a rank's stream is
+    chunk k of its sampler, with the same augmentations, whichever worker makes it: a loader
+    restarted at iteration 1 (SkipSampler, as --resume does) continues the uninterrupted
+    loader's order, with 2 workers (with grouping only from multiples of the worker count)."""
+    cfg = load_config(UNET, SMALL + ["DATALOADER.NUM_WORKERS", "2", "INPUT.CROP.ENABLED", "True",
+                                     "INPUT.CROP.SIZE", "(48, 48)"])
+    cfg.MODEL.DEVICE = "cpu"
+    assert not cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    it = iter(build_train_loader(cfg))
+    full = [next(it) for _ in range(4)]
+    del it
+    it = iter(build_train_loader(cfg, start_iter=1))
+    resumed = [next(it) for _ in range(3)]
+    del it
+    for a_batch, b_batch in zip(full[1:], resumed):
+        assert [d["file_name"] for d in a_batch] == [d["file_name"] for d in b_batch]
+        for a, b in zip(a_batch, b_batch):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["sem_seg"], b["sem_seg"])
