@@ -15,7 +15,8 @@ from d2seg.data.build import build_test_loader, build_train_loader
 from d2seg.data.sem_seg_mapper import SemSegDatasetMapper, build_sem_seg_augmentation
 from d2seg.data.sem_seg_sampler import classes_per_image, repeat_factors_from_sem_seg
 from d2seg.data.sem_seg_transforms import (ElasticTransform, ForegroundCenteredCrop,
-                                          RandomElasticDeformation, RandomRot90, Rot90Transform)
+                                          RandomElasticDeformation, ResizeShortestEdge,
+                                          RandomRot90, Rot90Transform)
 
 
 def make_dataset(tmp_path, name, labels, size=(40, 48)):
@@ -292,3 +293,34 @@ def test_compact_labels_are_uint8_with_the_same_values(tmp_path):
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
     with pytest.raises(ValueError, match="not one; its head may need int64 labels"):
         fast_paths.resolve(cfg)
+
+
+def test_resize_shortest_edge_skips_only_the_same_size():
+    """d2seg's ResizeShortestEdge draws what detectron2's draws and gives the same arrays; where
+    the drawn size is the image's own it is a NoOpTransform (no PIL round trip)."""
+    rng = np.random.default_rng(3)
+    img = (rng.random((64, 80, 3)) * 255).astype(np.uint8)
+    lab = rng.integers(0, 5, (64, 80)).astype(np.uint8)
+    for args in [((64, 96, 128), 1000, "choice"), ((48, 96), 1000, "range"), ((64,), 70, "choice")]:
+        ours, theirs = ResizeShortestEdge(*args), T.ResizeShortestEdge(*args)
+        for seed in range(6):
+            np.random.seed(seed)
+            t_ours = ours.get_transform(img)
+            state = np.random.get_state()[1].copy()
+            np.random.seed(seed)
+            t_theirs = theirs.get_transform(img)
+            assert np.array_equal(state, np.random.get_state()[1])  # the same random draws
+            same = (t_theirs.new_h, t_theirs.new_w) == (64, 80)
+            assert isinstance(t_ours, NoOpTransform) == same
+            assert isinstance(t_ours, T.ResizeTransform) != same
+            assert np.array_equal(t_ours.apply_image(img), t_theirs.apply_image(img))
+            assert np.array_equal(t_ours.apply_segmentation(lab), t_theirs.apply_segmentation(lab))
+    # the size-keeping draw happened (64 of the choices / the max-size cap of 70 < 80)
+    np.random.seed(0)
+    assert isinstance(ResizeShortestEdge((64,), 1000, "choice").get_transform(img), NoOpTransform)
+    assert isinstance(ResizeShortestEdge((64,), 70, "choice").get_transform(img), T.ResizeTransform)
+    cfg = get_cfg()
+    cfg.INPUT.DATASET_MAPPER_NAME = "sem_seg"
+    for is_train in (True, False):  # the semantic mapper uses it, train and test
+        augs = build_sem_seg_augmentation(cfg, is_train)
+        assert any(isinstance(a, ResizeShortestEdge) for a in augs)

@@ -12,7 +12,12 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .sem_seg_transforms import ForegroundCenteredCrop, RandomElasticDeformation, RandomRot90
+from .sem_seg_transforms import (
+    ForegroundCenteredCrop,
+    RandomElasticDeformation,
+    RandomRot90,
+    ResizeShortestEdge,
+)
 
 __all__ = ["SemSegDatasetMapper", "build_sem_seg_augmentation"]
 
@@ -23,6 +28,7 @@ def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """Augmentations from ``cfg.INPUT``.
 
     Training: ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING)``
+    (detectron2's, skipping resizes to the same size)
     (skipped when MIN_SIZE_TRAIN is 0), then if ``CROP.ENABLED`` a crop of ``CROP.TYPE`` /
     ``CROP.SIZE`` (foreground-centred with ``FG_CROP``, else detectron2's
     ``RandomCrop_CategoryAreaConstraint`` with ``CROP.SINGLE_CATEGORY_MAX_AREA``), flips
@@ -34,13 +40,13 @@ def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     augs: List[T.Augmentation] = []
     if not is_train:
         if inp.MIN_SIZE_TEST > 0:
-            augs.append(T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice"))
+            augs.append(ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice"))
         return augs
     min_sizes = inp.MIN_SIZE_TRAIN if isinstance(inp.MIN_SIZE_TRAIN, (list, tuple)) else [
         inp.MIN_SIZE_TRAIN]
     if any(s > 0 for s in min_sizes):
-        augs.append(T.ResizeShortestEdge(inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN,
-                                         inp.MIN_SIZE_TRAIN_SAMPLING))
+        augs.append(ResizeShortestEdge(inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN,
+                                       inp.MIN_SIZE_TRAIN_SAMPLING))
     ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
     if inp.FG_CROP.ENABLED and not inp.CROP.ENABLED:
         raise ValueError("INPUT.FG_CROP.ENABLED=True needs INPUT.CROP.ENABLED=True (it sets "

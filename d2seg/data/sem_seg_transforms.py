@@ -5,7 +5,10 @@
 * :class:`RandomRot90` / :class:`Rot90Transform`: exact rotations by multiples of 90 degrees
   (detectron2's ``RandomRotation`` interpolates);
 * :class:`RandomElasticDeformation` / :class:`ElasticTransform`: the U-Net paper's elastic
-  deformation (random displacements on a coarse grid, interpolated bicubically to every pixel).
+  deformation (random displacements on a coarse grid, interpolated bicubically to every pixel);
+* :class:`ResizeShortestEdge`: detectron2's, without the resize when the size stays the same
+  (detectron2 still round-trips image and label map through PIL then: a quarter of the
+  mapper's time for 512x512 images trained at 512).
 """
 from __future__ import annotations
 
@@ -18,7 +21,19 @@ from fvcore.transforms.transform import CropTransform, NoOpTransform, Transform
 from detectron2.data import transforms as T
 
 __all__ = ["ForegroundCenteredCrop", "RandomRot90", "Rot90Transform", "ElasticTransform",
-           "RandomElasticDeformation"]
+           "RandomElasticDeformation", "ResizeShortestEdge"]
+
+
+class ResizeShortestEdge(T.ResizeShortestEdge):
+    """``detectron2.data.transforms.ResizeShortestEdge`` (same arguments, same random draws)
+    that returns a ``NoOpTransform`` where the drawn size is the image's own: the same arrays
+    without converting them to PIL images and back."""
+
+    def get_transform(self, image: np.ndarray) -> Transform:
+        t = super().get_transform(image)
+        if isinstance(t, T.ResizeTransform) and (t.new_h, t.new_w) == (t.h, t.w):
+            return NoOpTransform()
+        return t
 
 
 class ForegroundCenteredCrop(T.Augmentation):

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 
 from ..checkpoint import FinetuneCheckpointer
+from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
 from ..modeling.fold_norm import fold_norms
 from .tta import SemanticSegmentorWithTTA
@@ -60,7 +60,8 @@ class SegPredictor(DefaultPredictor):
             FinetuneCheckpointer(self.model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
         else:
             logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
-        self.aug = T.ResizeShortestEdge(
+        # detectron2's test-time resize, skipped where the size stays (no PIL round trip)
+        self.aug = ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
         assert self.input_format in ["RGB", "BGR"], self.input_format

@@ -10,8 +10,9 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from ..data.sem_seg_transforms import ResizeShortestEdge
 
 __all__ = ["draw_prediction", "visualize_predictions"]
 
@@ -46,7 +47,7 @@ def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_di
     model.eval()
     paths = []
     # the test-time resize of DefaultPredictor / the test loader
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    aug = ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     try:
         for d in dicts:
             img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
