@@ -10,7 +10,8 @@
 #       backbone, DEVICE_PREFETCH with the models compiled, SegFormer-B2 default / CUDA
 #       graphs / eager
 #   bash scripts/gpu_session.sh sixth-lease   # FIRST in the next lease: SegFormer-B2 with
-#       and without MATMUL_RESIZE, gpu-semantic's loops after the writer fix, DeepLabV3+ with
+#       and without MATMUL_RESIZE, gpu-semantic's loops after the writer fix (and, since
+#       session 13, whole packed batches from the loader workers), DeepLabV3+ with
 #       MATMUL_RESIZE
 #   bash scripts/gpu_session.sh fifth-lease   # HRNet-W48, PSPNet, DeepLabV3 with and
 #       without CUDA graphs
