@@ -15,7 +15,8 @@
 #       MATMUL_RESIZE
 #   bash scripts/gpu_session.sh fifth-lease   # HRNet-W48, PSPNet, DeepLabV3 with and
 #       without CUDA graphs
-#   bash scripts/gpu_session.sh seventh-lease  # FOLD_NORM's eval forward, profiled
+#   bash scripts/gpu_session.sh seventh-lease  # FOLD_NORM's eval forward, profiled; the
+#       frozen-backbone DeepLabV3+ loop with session 13's loader
 #   bash scripts/gpu_session.sh all        # what is open in issue 7, one command of under
 #       10 minutes: gpu-semantic with the sync-free step (then with DEVICE_PREFETCH on),
 #       Mask R-CNN with its backbone compiled, Mask R-CNN in fp16, the largest U-Net batch
@@ -256,8 +257,13 @@ case "$PART" in
     # Written 2026-11-27 (session 13): why FOLD_NORM's eval forward was slower on the H100
     # (29.8 -> 33.3 ms, third lease) while its training step was faster. The eval runs a
     # third variant (the folded model frozen: cached fold, no per-call recompute) and each
-    # variant's busiest kernels are profiled. ~60 s of limits.
+    # variant's busiest kernels are profiled. ~150 s of limits in all.
     fold_norm_step fold_norm_eval_profile 60 --profile
+    # The loader-bound loop: DeepLabV3+ with a frozen backbone (step 929 img/s, loop 389 in the
+    # fourth lease, 7.4 ms per iteration waiting for the 8 workers), now with whole packed
+    # batches from the workers and the same-size resize skipped (session 13). ~90 s.
+    dlv3_cfg dlv3_frozen_backbone_v2 90 --refs none --repeats 2 --iters 10 --loop-iters 30 \
+      --no-inference -- D2SEG.FINETUNE.FREEZE '["backbone"]'
     ;;
   fifth-lease)
     # (Session 13: these run with F.interpolate, MATMUL_RESIZE's auto for these models; the
