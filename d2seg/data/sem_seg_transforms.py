@@ -7,7 +7,7 @@
 * :class:`RandomElasticDeformation` / :class:`ElasticTransform`: the U-Net paper's elastic
   deformation (random displacements on a coarse grid, interpolated bicubically to every pixel);
 * :class:`ResizeShortestEdge`: detectron2's, without the resize when the size stays the same
-  (detectron2 still round-trips image and label map through PIL then: a quarter of the
+  (detectron2 still round-trips image and label map through PIL then: a third of the
   mapper's time for 512x512 images trained at 512).
 """
 from __future__ import annotations
