@@ -11,12 +11,16 @@ median over rounds, and the largest difference of the outputs relative to their 
 The eval forward runs a third variant, ``folded_frozen``: the folded model with no parameter
 requiring gradients (a predictor's model), whose layers reuse their cached fold instead of
 recomputing it per call as trainable layers do: the fold's per-call cost in isolation.
+On devices where forward-only calls run unfolded (``FOLD_FORWARD_ONLY_DEVICES``: all but the
+CPU), a fourth variant, ``folded_always``, folds every call (the rule before 2026-11-27),
+so one run shows what that rule costs or saves in training and eval.
 ``--profile`` adds each eval variant's busiest kernels (torch.profiler, one forward).
 Writes a JSON with the machine, settings and every round.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -35,6 +39,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
 from detectron2.modeling.backbone.resnet import build_resnet_backbone  # noqa: E402
 
+from d2seg.modeling import fold_norm as fold_norm_module  # noqa: E402
 from d2seg.modeling.fold_norm import fold_norms  # noqa: E402
 
 
@@ -118,10 +123,29 @@ def main(argv: List[str] = None) -> Dict:
     def eval_step(model: nn.Module) -> None:
         fwd(model)
 
+    default_devices = fold_norm_module.FOLD_FORWARD_ONLY_DEVICES
+    always = dev.type not in default_devices  # a folded_always variant differs here
+
+    @contextlib.contextmanager
+    def fold_every_call(on: bool = True):
+        """Forward-only calls on this device fold too (the rule before 2026-11-27)."""
+        if on:
+            fold_norm_module.FOLD_FORWARD_ONLY_DEVICES = default_devices + (dev.type,)
+        try:
+            yield
+        finally:
+            fold_norm_module.FOLD_FORWARD_ONLY_DEVICES = default_devices
+
+    def run(step, name: str, model: nn.Module) -> None:
+        with fold_every_call(name == "folded_always"):
+            step(model)
+
     # equality first: the fold changes only float rounding
     plain.eval(), folded.eval(), folded_frozen.eval()
     with torch.no_grad():
-        ref, out, out_frozen = fwd(plain), fwd(folded), fwd(folded_frozen)
+        ref = fwd(plain)
+        with fold_every_call():  # the folded computation, on every device
+            out, out_frozen = fwd(folded), fwd(folded_frozen)
     rel_diff = max(((o[k].float() - ref[k].float()).abs().max()
                     / ref[k].float().abs().max()).item() for k in ref for o in (out, out_frozen))
 
@@ -129,13 +153,15 @@ def main(argv: List[str] = None) -> Dict:
     peak: Dict[str, float] = {}
     for mode, step, train in (("train", train_step, True), ("eval", eval_step, False)):
         variants = [("detectron2", plain), ("folded", folded)]
+        if always:
+            variants.append(("folded_always", folded))
         if not train:  # no gradients: the cached fold of a frozen model
             variants.append(("folded_frozen", folded_frozen))
         for _, model in variants:
             model.train(train)
         results[mode] = {name: [] for name, _ in variants}
         for name, model in variants:  # warm-up
-            step(model)
+            run(step, name, model)
         _sync(dev)
         for _ in range(a.rounds):
             for name, model in variants:
@@ -144,7 +170,7 @@ def main(argv: List[str] = None) -> Dict:
                 _sync(dev)
                 t0 = time.perf_counter()
                 for _ in range(iters):
-                    step(model)
+                    run(step, name, model)
                 _sync(dev)
                 results[mode][name].append((time.perf_counter() - t0) / iters * 1000.0)
                 if cuda:
@@ -153,6 +179,10 @@ def main(argv: List[str] = None) -> Dict:
                for mode, r in results.items()}
     speedup = {mode: s["detectron2"] / s["folded"] for mode, s in summary.items()}
     speedup["eval_frozen"] = summary["eval"]["detectron2"] / summary["eval"]["folded_frozen"]
+    if always:
+        for mode in ("train", "eval"):
+            speedup[f"{mode}_always"] = (summary[mode]["detectron2"]
+                                         / summary[mode]["folded_always"])
     profiles: Dict[str, str] = {}
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -160,10 +190,11 @@ def main(argv: List[str] = None) -> Dict:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         for name, model in (("detectron2", plain), ("folded", folded),
-                            ("folded_frozen", folded_frozen)):
+                            ("folded_frozen", folded_frozen)) + (
+                                (("folded_always", folded),) if always else ()):
             model.eval()
             with profile(activities=acts) as prof:
-                eval_step(model)
+                run(eval_step, name, model)
                 _sync(dev)
             profiles[name] = prof.key_averages().table(sort_by=key, row_limit=12)
     machine = (torch.cuda.get_device_name(dev) if cuda else
@@ -173,6 +204,7 @@ def main(argv: List[str] = None) -> Dict:
         "what": "D2SEG.SPEED.FOLD_NORM: detectron2 ResNet with FrozenBN, each norm as "
                 "detectron2 runs it vs folded into its conv (benchmarks/fold_norm.py)",
         "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "fold_forward_only_devices": list(default_devices),
         "settings": {"depth": a.depth, "freeze_at": a.freeze_at, "batch": batch,
                      "size": [h, w], "precision": precision, "channels_last": channels_last,
                      "rounds": a.rounds, "iters": iters, "device": str(dev)},
@@ -188,6 +220,10 @@ def main(argv: List[str] = None) -> Dict:
               f"-> {speedup[mode]:.2f}x")
     print(f"  eval, frozen model (cached fold): {summary['eval']['folded_frozen']:.1f} ms -> "
           f"{speedup['eval_frozen']:.2f}x")
+    if always:
+        for mode in ("train", "eval"):
+            print(f"  {mode:5s}, every call folded (folded_always): "
+                  f"{summary[mode]['folded_always']:.1f} ms -> {speedup[mode + '_always']:.2f}x")
     for name, table in profiles.items():
         print(f"  eval forward profile, {name}:\n{table}")
     if peak:

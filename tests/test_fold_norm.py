@@ -162,6 +162,56 @@ def test_training_mode_batchnorm_runs_unfolded():
         _assert_close(out[k], ref[k])
 
 
+def test_forward_only_calls_run_unfolded_off_the_listed_devices(monkeypatch):
+    """Where a device is not in FOLD_FORWARD_ONLY_DEVICES (CUDA; the CPU made to act like it
+    here), calls no gradient flows through run detectron2's path bit for bit - no_grad
+    evaluation and frozen layers whose input needs no gradient - while layers the backward
+    goes through still fold. On the CPU (listed) every fixed norm folds."""
+    from d2seg.modeling import fold_norm as fold_norm_module
+
+    model = _resnet("FrozenBN")
+    for m in (model.stem, model.res2):  # frozen as the zoo's FREEZE_AT 2; res3-5 trainable
+        m.requires_grad_(False)
+    folded = copy.deepcopy(model)
+    fold_norms(folded)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    unfolded_calls = []
+    d2_forward = Conv2d.forward
+
+    def counting_forward(self, inp):
+        if type(self) is NormFoldedConv2d:
+            unfolded_calls.append(self)
+        return d2_forward(self, inp)
+
+    monkeypatch.setattr(Conv2d, "forward", counting_forward)
+    frozen = {m for m in folded.modules() if type(m) is NormFoldedConv2d
+              and not m.weight.requires_grad}
+    assert 0 < len(frozen) < 20
+    seen = {}
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(fold_norm_module, "FOLD_FORWARD_ONLY_DEVICES", devices)
+        unfolded_calls.clear()
+        with torch.no_grad():
+            ref, out = model(x), folded(x)
+        seen[devices, "eval"] = set(unfolded_calls)
+        if devices == ():
+            assert all(torch.equal(out[k], ref[k]) for k in ref)  # detectron2's kernels
+        unfolded_calls.clear()
+        out0, grads0 = _outputs_and_grads(model, x)
+        out1, grads1 = _outputs_and_grads(folded, x)
+        seen[devices, "train"] = set(unfolded_calls)
+        for k in out0:
+            _assert_close(out1[k], out0[k])
+        for k in grads0:
+            _assert_close(grads1[k], grads0[k])
+    # listed (CPU): frozen layers always fold; only trainable layers too small to pay do not
+    assert not seen[("cpu",), "eval"] & frozen and not seen[("cpu",), "train"] & frozen
+    # unlisted (CUDA): every no_grad call, and in training the frozen layers besides those
+    assert len(seen[(), "eval"]) == 20
+    assert seen[(), "train"] == frozen | seen[("cpu",), "train"]
+    assert len(seen[(), "train"]) < 20  # the backward still goes through folded layers
+
+
 def test_other_layers_are_left_alone():
     gn = Conv2d(4, 4, 3, padding=1, norm=nn.GroupNorm(2, 4))
     plain = Conv2d(4, 4, 3, padding=1)
