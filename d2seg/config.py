@@ -328,7 +328,8 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # small matrix products instead of F.interpolate: same values up to
     # float rounding, a backward without atomic adds (deterministic; the atomics took half of
     # SegFormer-B2's GPU time on an H100). Dense work a CPU pays for. "auto": on CUDA for
-    # SegFormer and with D2SEG.DETERMINISTIC; off elsewhere until a GPU measures it
+    # SegFormer, DeepLabV3+ (H100: 1.11x its step) and with D2SEG.DETERMINISTIC; off
+    # elsewhere until a GPU measures it
     # (fast_paths.MATMUL_RESIZE_META_ARCHS; d2seg/modeling/layers/resize.py).
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "auto"
     # Mask R-CNN with INPUT.MASK_FORMAT "bitmask": mask targets cropped from each image's object

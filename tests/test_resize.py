@@ -153,11 +153,14 @@ def test_plan_auto_is_off_on_cpu_and_switchable(monkeypatch):
     monkeypatch.setattr(fast_paths, "_tf32_capable", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "auto"
-    # auto on CUDA: DeepLabV3+'s measured step used F.interpolate; it stays until measured
-    assert not fast_paths.resolve(cfg).matmul_resize
-    cfg.D2SEG.DETERMINISTIC = True  # the interpolate backward's atomics are not deterministic
+    # auto on CUDA: on for DeepLabV3+ (measured faster on an H100), off for models not measured
+    assert cfg.MODEL.META_ARCHITECTURE == "DeepLabV3Plus"
     assert fast_paths.resolve(cfg).matmul_resize
-    cfg.D2SEG.DETERMINISTIC = False
+    name, opts = TINY["pspnet"]
+    psp = cfg_from(os.path.join(SHAPES, name), opts)
+    assert not fast_paths.resolve(psp).matmul_resize
+    psp.D2SEG.DETERMINISTIC = True  # the interpolate backward's atomics are not deterministic
+    assert fast_paths.resolve(psp).matmul_resize
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "on"
     assert fast_paths.resolve(cfg).matmul_resize
     cfg.D2SEG.SPEED.MATMUL_RESIZE = "off"

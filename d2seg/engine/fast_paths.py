@@ -96,12 +96,15 @@ CUDA_GRAPH_META_ARCHS = ("DeepLabV3", "DeepLabV3Plus", "SegFormer")
 #: Meta-architectures whose bilinear resizes ``D2SEG.SPEED.MATMUL_RESIZE: auto`` turns into
 #: matrix products on CUDA. SegFormer: its compiled step spent 28.4 of 59.4 ms of GPU time in
 #: the bilinear backward's atomic adds (one H100, 2026-11-26, B2, batch 16, 512x512, bf16),
-#: which the matrix form does not have. Not yet measured with the switch on; the U-Net's and
-#: DeepLabV3+'s measured steps (issue 7's targets) used ``F.interpolate`` and keep it until a
-#: GPU measures the difference (``scripts/gpu_session.sh sixth-lease``). Whatever the model,
-#: ``D2SEG.DETERMINISTIC`` on CUDA turns it on: the interpolate backward's atomics are
-#: non-deterministic there, the matrix products are not.
-MATMUL_RESIZE_META_ARCHS = ("SegFormer",)
+#: which the matrix form does not have (the switched step itself is not yet measured: both
+#: runs of the sixth lease were stopped by their time limits while compiling). DeepLabV3+:
+#: measured, R50 with CUDA graphs at batch 16, 512x512, bf16 on one H100 (2026-11-27): 540
+#: img/s with the matrix form, 486 in the same lease and 491 the day before with
+#: F.interpolate (docs/benchmarks.md). The others keep F.interpolate until a GPU measures
+#: them (``scripts/gpu_session.sh eighth-lease``). Whatever the model, ``D2SEG.DETERMINISTIC``
+#: on CUDA turns it on: the interpolate backward's atomics are non-deterministic there, the
+#: matrix products are not.
+MATMUL_RESIZE_META_ARCHS = ("SegFormer", "DeepLabV3Plus")
 
 #: Sub-modules compiled by default (``D2SEG.SPEED.COMPILE_MODULES = []``), per family.
 DEFAULT_COMPILE_MODULES: Dict[str, Tuple[str, ...]] = {
@@ -431,7 +434,7 @@ def resolve(cfg) -> SpeedPlan:
     fold = True if fold is None else fold
     mresize = _switch(cfg, "MATMUL_RESIZE")
     # auto: on CUDA for MATMUL_RESIZE_META_ARCHS (SegFormer-B2: the bilinear backward's atomic
-    # adds took 28 of 59 ms of GPU time on an H100) and for D2SEG.DETERMINISTIC (the atomics'
+    # adds took 28 of 59 ms of GPU time on an H100; DeepLabV3+ R50: 540 vs 486-491 img/s) and for D2SEG.DETERMINISTIC (the atomics'
     # order varies); off on CPUs, where F.interpolate on channels_last maps measured as fast or
     # faster (docs/benchmarks.md, Fast paths)
     if mresize is None:
