@@ -610,3 +610,40 @@ def test_tensorboard_writer_opened_when_the_trainer_is_built(tmp_path):
     tb = [w for w in writer_hooks[0]._writers if isinstance(w, TensorboardXWriter)]
     assert len(tb) == 1 and "_writer" in vars(tb[0])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+FIRST_WRITE_SCRIPT = r"""
+import sys
+from d2seg.engine import Trainer, default_argument_parser, setup
+from detectron2.engine import hooks
+from detectron2.utils.events import EventStorage
+args = default_argument_parser().parse_args(sys.argv[1:])
+trainer = Trainer(setup(args))
+(writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+before = set(sys.modules)
+with EventStorage(19) as storage:
+    for i in range(20):
+        storage.iter = i
+        storage.put_scalars(total_loss=1.0 / (i + 1), loss_sem_seg=0.5, data_time=0.01)
+        storage.put_scalar("time", 0.05)
+        storage.put_scalar("lr", 0.01, smoothing_hint=False)
+    for w in writer._writers:
+        w.write()
+print("NEW_MODULES", sorted(set(sys.modules) - before))
+"""
+
+
+def test_first_metrics_write_imports_nothing(tmp_path):
+    """The writers' first write (iteration 19 in training) imports no module: every lazy
+    import on its path (torch.utils.tensorboard, numpy.ma for np.median) happened while the
+    trainer was built. A fresh process, so earlier tests' imports cannot hide one."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_WRITE_SCRIPT, "--config-file", UNET,
+         "OUTPUT_DIR", str(tmp_path / "w"), *TINY_UNET],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("NEW_MODULES")]
+    assert line == ["NEW_MODULES []"], line or out.stdout[-2000:]
