@@ -25,3 +25,11 @@ def test_session_rejects_unknown_part(tmp_path):
     assert "unknown part 'nonsense'" in p.stdout
     log = (tmp_path / "session_nonsense.log").read_text()
     assert "torch" in log and "d2" in log  # the environment line was written first
+
+
+def test_session_needs_a_part(tmp_path):
+    """No default part: a bare call (easy to make by mistake) must not spend device time."""
+    env = dict(os.environ, D2SEG_GPU_DRY="1", OUT=str(tmp_path))
+    p = subprocess.run(["bash", SCRIPTS[1]], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "usage:" in p.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing was written
