@@ -274,7 +274,8 @@ case "$PART" in
     # 3. The frozen-backbone DeepLabV3+ loop at 60 % of its step (seventh lease: step 915
     #    img/s, loop 548; run_step 26 ms in the loop against 17.5 ms alone): where the host
     #    time goes, profiled (now with MATMUL_RESIZE, auto for DeepLabV3+).
-    dlv3_cfg dlv3_frozen_backbone_v3 90 --refs none --repeats 2 --iters 10 --loop-iters 30 \
+    dlv3_cfg dlv3_frozen_backbone_v3 90 --refs none --repeats 2 --iters 10 --loop-iters 40 \
+      --loop-warmup 20 \
       --no-inference --profile-steps 1 -- D2SEG.FINETUNE.FREEZE '["backbone"]'
     ;;
   seventh-lease)
