@@ -232,6 +232,36 @@ def test_cuda_graph_mode_is_for_training_calls_only(monkeypatch):
     assert m3(x)[0] == "default" and modes[-1] == "default"
 
 
+def test_first_call_of_each_compiled_mode_is_logged_and_timed(monkeypatch):
+    """A compile of minutes (SegFormer with CUDA graphs on a fresh GPU machine: over 130 s)
+    looks like a hang: the wrapper says when it compiles and how long the first call took,
+    once per mode, and reports it in status() (the benchmark JSON's compiled_modules)."""
+    def fake_compile(fn, **kwargs):
+        return lambda *a, **k: fn(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    fp_logger = logging.getLogger(fast_paths.__name__)
+    fp_logger.addHandler(handler)
+    monkeypatch.setattr(fp_logger, "level", logging.INFO)
+    try:
+        m = nn.Linear(3, 2)
+        x = torch.randn(4, 3)
+        wrapper = fast_paths.compile_module(m, "toy", mode="reduce-overhead")
+        m(x), m(x)
+        m.eval()
+        m(x), m(x)
+    finally:
+        fp_logger.removeHandler(handler)
+    msgs = [r.getMessage() for r in records]
+    assert sum("compiling 'toy' (mode 'reduce-overhead')" in t for t in msgs) == 1
+    assert sum("compiling 'toy' (mode 'default')" in t for t in msgs) == 1
+    assert sum("compiled; first call" in t for t in msgs) == 2
+    assert set(wrapper.status()["first_call_s"]) == {"reduce-overhead", "default"}
+
+
 class _CountOps(TorchDispatchMode):
     """A user dispatch mode, as FlopCounterMode or the benchmark's host-sync audit."""
 

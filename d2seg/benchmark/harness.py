@@ -352,6 +352,9 @@ def run_case(case: Case, s: Settings, device: torch.device,
             if st["failed"]:
                 print(f"[benchmark] {case.name}: {st['module']} ran eagerly after a compile "
                       f"failure: {st['failed']}", flush=True)
+            for mode, secs in st.get("first_call_s", {}).items():  # the compile's cost
+                print(f"[benchmark] {case.name}: {st['module']} first compiled call "
+                      f"(mode {mode}): {secs:.1f} s", flush=True)
     d2r = results[d2.name]
     ratios = {}
     for sub in subjects[1:]:

@@ -654,6 +654,7 @@ class CompiledForward:
         self._other_mode = _CUDA_GRAPH_MODES.get(mode) if backend == "inductor" else None
         self._other = None
         self.failed: Optional[BaseException] = None
+        self.first_call_s: Dict[str, float] = {}  # mode -> seconds of its first (compiling) call
 
     def _compile(self, mode: str):
         kwargs = dict(self._kwargs)
@@ -678,8 +679,20 @@ class CompiledForward:
     def __call__(self, *args, **kwargs):
         if self.failed is None and not user_dispatch_mode_active():
             fn = self._pick()
+            mode = self.mode if fn is self.compiled else self._other_mode
+            first = mode not in self.first_call_s
+            if first:  # a compile of minutes looks like a hang without this
+                logger.info("torch.compile: compiling '%s' (mode '%s') at its first call; that "
+                            "call takes longer (minutes for a large model with CUDA graphs on a "
+                            "machine with an empty inductor cache)", self.name, mode)
+                t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                if first:
+                    self.first_call_s[mode] = time.perf_counter() - t0
+                    logger.info("torch.compile: '%s' (mode '%s') compiled; first call %.1f s",
+                                self.name, mode, self.first_call_s[mode])
+                return out
             except torch.OutOfMemoryError:
                 if fn is self.compiled and self._other_mode is not None:
                     logger.error("Out of memory in '%s' compiled with CUDA graphs, whose memory "
@@ -697,11 +710,13 @@ class CompiledForward:
 
     def status(self) -> Dict[str, Any]:
         """{"module", "mode", "backend", "eval_mode" (the CUDA-graph-free mode of other calls,
-        or None), "failed" (the error that made it eager, or None)} - for logs and the
-        benchmark JSON."""
+        or None), "failed" (the error that made it eager, or None), "first_call_s" (per mode,
+        the seconds of its first call: the forward's compile, the backward's comes at the
+        first backward)} - for logs and the benchmark JSON."""
         return {"module": self.name, "mode": self.mode, "backend": self._kwargs["backend"],
                 "eval_mode": self._other_mode,
-                "failed": None if self.failed is None else _one_line(self.failed)}
+                "failed": None if self.failed is None else _one_line(self.failed),
+                "first_call_s": {k: round(v, 3) for k, v in self.first_call_s.items()}}
 
 
 def compiled_modules(model: nn.Module) -> List[Dict[str, Any]]:
