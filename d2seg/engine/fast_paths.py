@@ -434,9 +434,9 @@ def resolve(cfg) -> SpeedPlan:
     fold = True if fold is None else fold
     mresize = _switch(cfg, "MATMUL_RESIZE")
     # auto: on CUDA for MATMUL_RESIZE_META_ARCHS (SegFormer-B2: the bilinear backward's atomic
-    # adds took 28 of 59 ms of GPU time on an H100; DeepLabV3+ R50: 540 vs 486-491 img/s) and for D2SEG.DETERMINISTIC (the atomics'
-    # order varies); off on CPUs, where F.interpolate on channels_last maps measured as fast or
-    # faster (docs/benchmarks.md, Fast paths)
+    # adds took 28 of 59 ms of GPU time on an H100; DeepLabV3+ R50: 540 vs 486-491 img/s) and
+    # for D2SEG.DETERMINISTIC (the atomics' order varies); off on CPUs, where F.interpolate on
+    # channels_last maps measured as fast or faster (docs/benchmarks.md, Fast paths)
     if mresize is None:
         mresize = cuda and (deterministic
                             or cfg.MODEL.META_ARCHITECTURE in MATMUL_RESIZE_META_ARCHS)

@@ -23,8 +23,10 @@ layer whose input needs none, such as the zoo's frozen stem) run folded only on 
 PyTorch adds a convolution's bias in a separate broadcast kernel that was slower than the
 batch-norm kernel it replaces, so folding saved nothing there without a backward (R50 eval
 forward on an H100, batch 16 at 800x1216, bf16: 29.8 ms unfolded, 33.2 ms folded; 53 bias adds
-at 201 us each against 53 batch-norm transforms at 146 us each; docs/benchmarks.md). Compiled
-graphs always fold (the compiler merges the bias into the next elementwise kernel).
+at 201 us each against 53 batch-norm transforms at 146 us each; docs/benchmarks.md). Code
+being compiled always folds: the compiler generates its own elementwise kernels (the
+compiled GPU steps in docs/benchmarks.md were measured that way; the two forms have not
+been compared compiled).
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ __all__ = ["FOLD_FORWARD_ONLY_DEVICES", "NormFoldedConv2d", "fold_norms",
            "folded_weight_and_bias"]
 
 #: Device types on which a forward-only call (no gradient through the layer) runs folded.
-#: Measured: CPU eval 1.09x faster folded (mkldnn adds the bias inside the convolution);
-#: CUDA eval 0.90x in eager mode (see the module docstring). Benchmarks may extend it.
+#: Measured (R50 backbone, eval forward): CPU 1.09x faster folded; CUDA 0.90x in eager mode
+#: (see the module docstring). benchmarks/fold_norm.py extends it to time the old rule.
 FOLD_FORWARD_ONLY_DEVICES: Tuple[str, ...] = ("cpu",)
 
 
