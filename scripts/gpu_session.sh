@@ -12,8 +12,10 @@
 #   bash scripts/gpu_session.sh eighth-lease  # FIRST in the next lease (~530 s): FOLD_NORM's
 #       forward-only rule, SegFormer-B2 with and without MATMUL_RESIZE (time for a cold
 #       compile), the frozen-backbone DeepLabV3+ loop profiled
-#   bash scripts/gpu_session.sh fifth-lease   # then: HRNet-W48, PSPNet, DeepLabV3 with and
-#       without CUDA graphs (~590 s of limits)
+#   bash scripts/gpu_session.sh ninth-lease   # then, if ~300 s are left: gpu-semantic (the
+#       targets) with session 14's defaults
+#   bash scripts/gpu_session.sh fifth-lease   # a later lease: HRNet-W48, PSPNet, DeepLabV3
+#       with and without CUDA graphs (~580 s of limits)
 #   bash scripts/gpu_session.sh sixth-lease   # run 2026-11-27 (session 14): gpu-semantic's
 #       loops after the writer fix, DeepLabV3+ with MATMUL_RESIZE (SegFormer: time limits)
 #   bash scripts/gpu_session.sh seventh-lease  # run 2026-11-27: FOLD_NORM's eval forward,
@@ -278,6 +280,14 @@ case "$PART" in
       --loop-warmup 20 \
       --no-inference --profile-steps 1 -- D2SEG.FINETUNE.FREEZE '["backbone"]'
     ;;
+  ninth-lease)
+    # Written 2026-11-27 (session 14): issue 7's semantic targets with session 14's defaults
+    # (DeepLabV3+ with MATMUL_RESIZE beside its references; FOLD_NORM's CUDA rule; the loop
+    # timed after 20 warm-up iterations, 40 timed: one metrics write per 20). ~250 s of
+    # limits: after eighth-lease in the same lease if ~300 s of device time are left.
+    bench gpu_semantic_v5 250 gpu-semantic --repeats 2 --iters 10 --loop-iters 40 \
+      --no-inference
+    ;;
   seventh-lease)
     # Written 2026-11-27 (session 13): why FOLD_NORM's eval forward was slower on the H100
     # (29.8 -> 33.3 ms, third lease) while its training step was faster. The eval runs a
@@ -391,7 +401,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|seventh-lease|eighth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|seventh-lease|eighth-lease|ninth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"
