@@ -13,7 +13,11 @@ requiring gradients (a predictor's model), whose layers reuse their cached fold 
 recomputing it per call as trainable layers do: the fold's per-call cost in isolation.
 On devices where forward-only calls run unfolded (``FOLD_FORWARD_ONLY_DEVICES``: all but the
 CPU), a fourth variant, ``folded_always``, folds every call (the rule before 2026-11-27),
-so one run shows what that rule costs or saves in training and eval.
+so one run shows what that rule costs or saves in training and eval. On CUDA the eval also
+runs ``folded_cudnn``, an experiment and not a d2seg code path: the frozen folded model with
+each conv + bias + ReLU (and the bottleneck's last conv + bias + shortcut + ReLU) as one
+cuDNN call (``torch.cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``), the passes
+that the profile of the seventh lease showed eager folding cannot save alone.
 ``--profile`` adds each eval variant's busiest kernels (torch.profiler, one forward).
 Writes a JSON with the machine, settings and every round.
 """
@@ -63,6 +67,39 @@ def build_backbone(depth: int, freeze_at: int, seed: int = 0) -> nn.Module:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    return model
+
+
+def cudnn_fused(model: nn.Module) -> nn.Module:
+    """A copy of a folded, frozen ResNet whose stem and bottleneck blocks run their folded
+    convolutions fused with bias, shortcut and ReLU in cuDNN (CUDA, eval only)."""
+    from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
+
+    model = copy.deepcopy(model).requires_grad_(False)
+
+    def conv(layer, x: torch.Tensor, z: torch.Tensor = None) -> torch.Tensor:
+        w, b = layer._cached_fold(layer.norm)
+        dt = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+              else x.dtype)
+        x, w, b = x.to(dt), w.to(dt), b.to(dt)
+        args = (list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups)
+        if z is None:
+            return torch.cudnn_convolution_relu(x, w, b, *args)
+        return torch.cudnn_convolution_add_relu(x, w, z.to(dt), 1.0, b, *args)
+
+    def stem_forward(self, x):
+        return torch.nn.functional.max_pool2d(conv(self.conv1, x), 3, 2, 1)
+
+    def block_forward(self, x):
+        out = conv(self.conv2, conv(self.conv1, x))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return conv(self.conv3, out, z=shortcut)
+
+    for m in model.modules():
+        if isinstance(m, BasicStem):
+            m.forward = stem_forward.__get__(m)
+        elif isinstance(m, BottleneckBlock):
+            m.forward = block_forward.__get__(m)
     return model
 
 
@@ -148,6 +185,17 @@ def main(argv: List[str] = None) -> Dict:
             out, out_frozen = fwd(folded), fwd(folded_frozen)
     rel_diff = max(((o[k].float() - ref[k].float()).abs().max()
                     / ref[k].float().abs().max()).item() for k in ref for o in (out, out_frozen))
+    fused, fused_note = None, ""
+    if cuda:  # the cuDNN-fused experiment (eval only); recorded, never fatal
+        try:
+            fused = cudnn_fused(folded_frozen).eval()
+            with torch.no_grad():
+                out_fused = fwd(fused)
+            fused_diff = max(((out_fused[k].float() - ref[k].float()).abs().max()
+                              / ref[k].float().abs().max()).item() for k in ref)
+            fused_note = f"largest output difference {fused_diff:.1e}"
+        except Exception as e:  # noqa: BLE001 - the ops may not support this dtype or cuDNN
+            fused, fused_note = None, f"failed: {type(e).__name__}: {e}"[:300]
 
     results: Dict[str, Dict[str, List[float]]] = {}
     peak: Dict[str, float] = {}
@@ -157,6 +205,8 @@ def main(argv: List[str] = None) -> Dict:
             variants.append(("folded_always", folded))
         if not train:  # no gradients: the cached fold of a frozen model
             variants.append(("folded_frozen", folded_frozen))
+            if fused is not None:
+                variants.append(("folded_cudnn", fused))
         for _, model in variants:
             model.train(train)
         results[mode] = {name: [] for name, _ in variants}
@@ -183,6 +233,8 @@ def main(argv: List[str] = None) -> Dict:
         for mode in ("train", "eval"):
             speedup[f"{mode}_always"] = (summary[mode]["detectron2"]
                                          / summary[mode]["folded_always"])
+    if fused is not None:
+        speedup["eval_cudnn"] = summary["eval"]["detectron2"] / summary["eval"]["folded_cudnn"]
     profiles: Dict[str, str] = {}
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -191,7 +243,8 @@ def main(argv: List[str] = None) -> Dict:
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         for name, model in (("detectron2", plain), ("folded", folded),
                             ("folded_frozen", folded_frozen)) + (
-                                (("folded_always", folded),) if always else ()):
+                                (("folded_always", folded),) if always else ()) + (
+                                (("folded_cudnn", fused),) if fused is not None else ()):
             model.eval()
             with profile(activities=acts) as prof:
                 run(eval_step, name, model)
@@ -209,6 +262,7 @@ def main(argv: List[str] = None) -> Dict:
                      "size": [h, w], "precision": precision, "channels_last": channels_last,
                      "rounds": a.rounds, "iters": iters, "device": str(dev)},
         "layers_folded": n_folded, "max_rel_output_diff": rel_diff,
+        "folded_cudnn": fused_note,
         "ms_per_step_median": summary, "speedup": speedup, "rounds_ms": results,
         "peak_memory_gib": peak, "eval_profiles": profiles,
     }
@@ -224,6 +278,10 @@ def main(argv: List[str] = None) -> Dict:
         for mode in ("train", "eval"):
             print(f"  {mode:5s}, every call folded (folded_always): "
                   f"{summary[mode]['folded_always']:.1f} ms -> {speedup[mode + '_always']:.2f}x")
+    if fused_note:
+        line = (f"{summary['eval']['folded_cudnn']:.1f} ms -> {speedup['eval_cudnn']:.2f}x, "
+                if fused is not None else "")
+        print(f"  eval, cuDNN-fused conv + bias + (shortcut +) ReLU: {line}{fused_note}")
     for name, table in profiles.items():
         print(f"  eval forward profile, {name}:\n{table}")
     if peak:

@@ -264,7 +264,8 @@ case "$PART" in
     # 90 s of limits (+ ~20 s set-up).
     # 1. FOLD_NORM's forward-only rule: on CUDA, calls no gradient flows through (eval, the
     #    frozen stem and res2 in training) now run detectron2's path; folded_always is the
-    #    old rule (eval 0.90x). Expected: eval 1.00x, train >= 1.12x.
+    #    old rule (eval 0.90x). Expected: eval 1.00x, train >= 1.12x. The eval also times
+    #    folded_cudnn (conv + bias + ReLU fused in cuDNN; an experiment, not a d2seg path).
     fold_norm_step fold_norm_forward_only 40
     # 2. SegFormer-B2 with the matrix resize (auto) and with F.interpolate. Both sixth-lease
     #    runs were stopped by their limits (130 s, 90 s) while compiling on a fresh machine
