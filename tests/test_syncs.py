@@ -47,6 +47,22 @@ def test_audit_counts_reads_of_device_tensors_only():
     assert 3 <= b.device_ops <= 12, b.device_ops
 
 
+def test_inner_site_names_the_torch_code_that_waited():
+    """``where`` is the first frame outside torch (the caller); ``inner`` the innermost frames,
+    torch's Python included: the GPU audit found a sync whose caller was only the harness
+    (the autograd engine or a CUDA-graph tree), so the innermost frame is kept too."""
+    x = torch.tensor([3.0, 1.0, 3.0])
+    with HostSyncAudit("cpu", roots=[x]) as a:
+        torch.unique(x, sorted=True, return_inverse=True)  # torch/functional.py -> _unique2
+        x.sum().item()  # called directly: both frames are this file's
+    assert [e.what for e in a.events] == ["_unique2", "_local_scalar_dense"], a.events
+    first, second = a.events
+    assert first.where.startswith("tests/test_syncs.py:")
+    assert first.inner.startswith("torch/") and "torch/functional.py" in first.inner, first
+    assert second.inner.startswith(second.where)
+    assert sum(a.by_inner_site().values()) == 2
+
+
 SEMANTIC = [
     ("Shapes-SemanticSegmentation/unet_cpu.yaml", []),
     ("Shapes-SemanticSegmentation/deeplabv3plus_cpu.yaml", []),

@@ -392,8 +392,10 @@ def run_case(case: Case, s: Settings, device: torch.device,
 
 def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
     """One train step of ``sub`` under :class:`~d2seg.benchmark.syncs.HostSyncAudit`:
-    {"per_step", "sites" ({"op @ file:line": count}), "device_ops_per_step" (aten operations on
-    device tensors: an upper bound of the kernel launches), "method"}, or {"error"}.
+    {"per_step", "sites" ({"op @ file:line": count}, the first frame outside torch),
+    "inner_sites" (the same by the innermost frame, torch's included), "device_ops_per_step"
+    (aten operations on device tensors: an upper bound of the kernel launches), "method"}, or
+    {"error"}.
 
     The audit is a ``TorchDispatchMode``: torch.compile'd modules run their eager forward in
     this step (dynamo does not compile under such a mode), so it lists the eager step's
@@ -407,6 +409,7 @@ def audit_host_syncs(sub: Subject, device: torch.device) -> Dict[str, object]:
             sub.train_steps(1)
         sync(device)
         return {"per_step": audit.count, "sites": audit.by_site(),
+                "inner_sites": audit.by_inner_site(),
                 "device_ops_per_step": audit.device_ops, "method": method}
     except Exception as e:  # noqa: BLE001 - a diagnostic; the timings stand without it
         return {"error": f"{type(e).__name__}: {e}"[:500], "method": method}
@@ -717,6 +720,11 @@ def format_report(result: Dict) -> str:
         if sites:
             lines += ["", "d2seg host syncs per step: " + "; ".join(
                 f"{n}x {k}" for k, n in list(sites.items())[:6])]
+            inner = {k: n for k, n in (c["d2seg"]["host_syncs"].get("inner_sites")
+                                       or {}).items() if k.split(" < ")[0] not in sites}
+            if inner:  # syncs inside torch code: the frames that waited
+                lines.append("  inside torch (innermost frames first): " + "; ".join(
+                    f"{n}x {k}" for k, n in list(inner.items())[:6]))
         if c.get("loop") and "error" in c["loop"]:
             lines += ["", f"train_net loop failed: {c['loop']['error'][:300]}"]
         elif c.get("loop"):

@@ -51,26 +51,41 @@ _SKIP_FILES = ("/torch/", "/d2seg/benchmark/syncs.py", "/contextlib.py", "/warni
 @dataclass
 class SyncEvent:
     """One host synchronisation: ``what`` (op or method), ``where`` (file:line of the first
-    frame outside torch) and ``stack`` (the function names of the frames outside torch,
-    innermost first)."""
+    frame outside torch), ``stack`` (the function names of the frames outside torch,
+    innermost first) and ``inner`` (file:line of the three innermost Python frames, torch's
+    included, innermost first: where ``where`` names only the caller of a torch function -
+    the autograd engine, a CUDA-graph tree - this names the torch code that waited)."""
 
     what: str
     where: str
     stack: List[str]
+    inner: str = "?"
 
 
-def _call_site() -> tuple:
-    frames = [f for f in traceback.extract_stack()[:-1]
-              if not any(s in f.filename for s in _SKIP_FILES)]
-    if not frames:
-        return "?", []
-    f = frames[-1]
+# the audit's own frames and torch's wrappers around a dispatch mode's handler
+_AUDIT_FILES = ("/d2seg/benchmark/syncs.py", "/contextlib.py", "/warnings.py",
+                "/torch/_dynamo/eval_frame.py", "/torch/_compile.py",
+                "/torch/utils/_python_dispatch.py", "/torch/overrides.py")
+
+
+def _short(f) -> str:
     name = f.filename  # shortened: relative to site-packages or to this repository
     if "site-packages/" in name:
         name = name.split("site-packages/", 1)[1]
     elif name.startswith(_REPO + os.sep):
         name = os.path.relpath(name, _REPO)
-    return f"{name}:{f.lineno}", [fr.name for fr in reversed(frames)][:8]
+    return f"{name}:{f.lineno}"
+
+
+def _call_site() -> tuple:
+    """(where, stack, inner) of the current call: see :class:`SyncEvent`."""
+    all_frames = traceback.extract_stack()[:-1]
+    frames = [f for f in all_frames if not any(s in f.filename for s in _SKIP_FILES)]
+    own = [f for f in all_frames if not any(s in f.filename for s in _AUDIT_FILES)]
+    inner = " < ".join(_short(f) for f in reversed(own[-3:])) if own else "?"
+    if not frames:
+        return "?", [], inner
+    return _short(frames[-1]), [fr.name for fr in reversed(frames)][:8], inner
 
 
 def tensors_in(obj) -> Iterator[Tensor]:
@@ -192,8 +207,8 @@ class HostSyncAudit(contextlib.AbstractContextManager):
         self._stack = contextlib.ExitStack()
 
     def _record(self, what: str) -> None:
-        where, stack = _call_site()
-        self.events.append(SyncEvent(what, where, stack))
+        where, stack, inner = _call_site()
+        self.events.append(SyncEvent(what, where, stack, inner))
 
     def __enter__(self) -> "HostSyncAudit":
         if self.device.type == "cuda":
@@ -231,4 +246,9 @@ class HostSyncAudit(contextlib.AbstractContextManager):
     def by_site(self) -> Dict[str, int]:
         """{"what @ file:line": count}, most frequent first."""
         c = collections.Counter(f"{e.what} @ {e.where}" for e in self.events)
+        return dict(c.most_common())
+
+    def by_inner_site(self) -> Dict[str, int]:
+        """{"what @ file:line < ..." of the three innermost frames, torch's included: count}."""
+        c = collections.Counter(f"{e.what} @ {e.inner}" for e in self.events)
         return dict(c.most_common())
