@@ -28,7 +28,8 @@ def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """Augmentations from ``cfg.INPUT``.
 
     Training: ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING)``
-    (detectron2's, but a no-op where the size stays; left out when MIN_SIZE_TRAIN is 0), then if ``CROP.ENABLED`` a crop of ``CROP.TYPE`` /
+    (detectron2's, but a no-op where the size stays; left out when MIN_SIZE_TRAIN is 0),
+    then if ``CROP.ENABLED`` a crop of ``CROP.TYPE`` /
     ``CROP.SIZE`` (foreground-centred with ``FG_CROP``, else detectron2's
     ``RandomCrop_CategoryAreaConstraint`` with ``CROP.SINGLE_CATEGORY_MAX_AREA``), flips
     (``RANDOM_FLIP``: "none", "horizontal", "vertical" or "both"), ``RANDOM_ROT90`` and
