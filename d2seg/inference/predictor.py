@@ -51,7 +51,7 @@ class SegPredictor(DefaultPredictor):
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
-        self.model.requires_grad_(False)  # predicting only (on CPU the folds are cached; CUDA runs unfolded)
+        self.model.requires_grad_(False)  # predicting only (CPU: folds cached; CUDA: unfolded)
         if fast_paths.resolve(self.cfg).fold_norm:  # D2SEG.SPEED.FOLD_NORM: fixed BNs into convs
             fold_norms(self.model)
         if len(cfg.DATASETS.TEST):

@@ -16,7 +16,8 @@ matrices the backward is two more matrix products (``A_h^T @ g @ A_w``): no atom
 deterministic result. The products do dense work (``H_in`` multiply-adds per output
 element instead of 2), which a GPU's matrix units should absorb and a CPU does not: "auto"
 uses them on CUDA only, for SegFormer, DeepLabV3+ (H100: 1.11x its step) and
-``D2SEG.DETERMINISTIC`` runs, until a GPU measures the other models with both forms (:mod:`d2seg.engine.fast_paths`).
+``D2SEG.DETERMINISTIC`` runs, until a GPU measures the other models with both forms
+(:mod:`d2seg.engine.fast_paths`).
 
 Modules that resize feature maps have a ``resize_impl`` attribute ("interpolate" or
 "matmul"); :func:`use_matmul_resize` switches a whole model.
