@@ -3,6 +3,16 @@
 Importing ``d2seg`` registers its datasets (``shapes_*``, ISBI, fruits-nuts), meta-architectures,
 heads and backbones in detectron2's registries.
 """
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # detectron2 (box_regression.py) and fvcore (its focal losses) apply torch.jit.script at
+    # import time, and torch >= 2.10 warns that torch.jit.script is deprecated: nothing a
+    # d2seg user can act on. Silenced for these imports only; other calls still warn.
+    _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                             category=FutureWarning)
+    import detectron2.modeling  # noqa: F401
+
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers models)
 from . import metrics  # noqa: F401

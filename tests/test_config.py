@@ -57,3 +57,16 @@ def test_add_d2seg_config_is_idempotent_and_works_on_plain_detectron2_cfg():
     cfg.D2SEG.SHAPES.NUM_TRAIN = n + 1
     add_d2seg_config(cfg)
     assert cfg.D2SEG.SHAPES.NUM_TRAIN == n + 1
+
+
+def test_importing_d2seg_prints_no_deprecation_warning():
+    """detectron2 and fvcore call torch.jit.script at import, which torch >= 2.10 reports as
+    deprecated; importing d2seg (every tool does) must not show that to users."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-W",
+                        "error::DeprecationWarning:torch", "-c", "import d2seg"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "jit.script" not in r.stderr, r.stderr[-2000:]
