@@ -68,6 +68,11 @@ def test_end_to_end_json_fields(unet_result):
     # iterations) for the timed window [1, 3)
     assert len(loop["run_step_times_s"]) == 1
     assert 0 < loop["run_step_median_s"] <= loop["run_step_max_s"]
+    # host CPU by thread: the main thread runs the step (on the CPU: all of it)
+    assert 0 < loop["thread_cpu_s_per_iter"]["MainThread"] < 10 * loop["s_per_iter"]
+    for sub in (d2, ref):
+        cpu = sub["train_step"]["thread_cpu_s_per_iter"]
+        assert 0 < cpu["MainThread"] < 10 * sub["train_step"]["s_per_iter"]
     assert case["speed_plan"] is None or case["speed_plan"]["device"] == "cpu"
     # host synchronisations of one step, with their source lines (CPU emulation): d2seg's are
     # only the losses' CPU-only value checks and the per-step non-finite check ("step" on CPU)
@@ -475,3 +480,33 @@ def test_cuda_memory_meter_reports_the_reserved_increase(monkeypatch):
     assert r["kind"] == "cuda" and r["peak_allocated_mb"] == 150
     assert r["peak_allocated_delta_mb"] == 50 and r["peak_reserved_delta_mb"] == 2000
     assert m.peak_mb == 50
+
+
+def test_thread_cpu_names_threads_and_counts_only_the_window():
+    import threading
+    import time
+
+    from d2seg.benchmark.measure import ThreadCPU, thread_cpu_snapshot
+
+    stop = threading.Event()
+
+    def _busy_helper():  # unnamed thread: reported by its target, as the pin-memory thread
+        while not stop.is_set():
+            sum(range(1000))
+
+    before = thread_cpu_snapshot()
+    t = threading.Thread(target=_busy_helper)
+    t.start()
+    try:
+        with ThreadCPU() as cpu:
+            end = time.perf_counter() + 0.2
+            while time.perf_counter() < end:  # the main thread busy too
+                sum(range(1000))
+    finally:
+        stop.set()
+        t.join()
+    assert threading.main_thread().native_id in before
+    # two threads sharing the GIL for 0.2 s: each got some of it, neither more than the window
+    assert 0.01 < cpu.seconds["MainThread"] < 0.5, cpu.seconds
+    assert 0.01 < cpu.seconds["_busy_helper"] < 0.5, cpu.seconds
+    assert sum(cpu.seconds.values()) < 1.0

@@ -63,6 +63,38 @@ def test_inner_site_names_the_torch_code_that_waited():
     assert sum(a.by_inner_site().values()) == 2
 
 
+def test_syncs_in_a_finalizer_or_the_audits_own_exit_are_tagged():
+    """A read made by a finalizer during a garbage collection is tagged "gc"; one made after
+    the block, while the audit tears itself down, "exit" (the H100 audits had one sync
+    attributed only to the `with` line that opened the audit)."""
+    import gc
+
+    x = torch.randn(4)
+
+    class _Cycle:  # freed only by the cyclic collector; reads a followed tensor when freed
+        def __init__(self, t):  # (a tensor that stays reachable: the collector drops the
+            self.t, self.me = t, self  # weak references of what it frees, the audit's too)
+
+        def __del__(self):
+            self.t.sum().item()
+
+    with HostSyncAudit("cpu", roots=[x]) as a:
+        _Cycle(x)
+        gc.collect()
+        (x + 1).sum().item()
+    assert [(e.what, e.in_gc, e.phase) for e in a.events] == [
+        ("_local_scalar_dense", True, "block"), ("_local_scalar_dense", False, "block")]
+    assert any(k.endswith(" [gc]") for k in a.by_site()), a.by_site()
+    assert any(not k.endswith("]") for k in a.by_site())
+    assert gc.callbacks.count(a._gc_callback) == 0  # removed at exit
+
+    with HostSyncAudit("cpu", roots=[x]) as b:
+        # torn down first, while the audit still records: as code run by the audit's exit
+        b._stack.callback(lambda: (x * 3).sum().item())
+    assert [(e.what, e.phase) for e in b.events] == [("_local_scalar_dense", "exit")]
+    assert list(b.by_site())[0].endswith(" [exit]"), b.by_site()
+
+
 SEMANTIC = [
     ("Shapes-SemanticSegmentation/unet_cpu.yaml", []),
     ("Shapes-SemanticSegmentation/deeplabv3plus_cpu.yaml", []),

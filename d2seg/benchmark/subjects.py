@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .measure import DTYPES, autocast, capture_backend_flags, sync
+from .measure import (DTYPES, autocast, capture_backend_flags, sync, thread_cpu_delta,
+                      thread_cpu_per_iter, thread_cpu_snapshot)
 from .references import (REFERENCES, build_plain_detectron2, build_reference,
                          semantic_logits)
 
@@ -297,9 +298,16 @@ class _LoopTimer:
                     sync(timer.device)
                 if timer.start <= it <= timer.end:  # host time only between the ends
                     timer.stamps[it] = time.perf_counter()
+                if it == timer.start:
+                    timer.cpu_before = thread_cpu_snapshot()
+                elif it == timer.end:
+                    timer.thread_cpu_s = thread_cpu_delta(timer.cpu_before,
+                                                          thread_cpu_snapshot())
 
         self.device, self.start, self.end = device, start, end
         self.stamps: Dict[int, float] = {}
+        self.cpu_before: Dict[int, tuple] = {}
+        self.thread_cpu_s: Dict[str, float] = {}  # CPU seconds per thread over the window
         self.hook = _Hook()
 
     @property
@@ -482,6 +490,9 @@ class D2SegSubject(_D2Stepped):
                 # per iteration with every hook: a one-time cost (a first write, say) shows
                 # as one slow iteration that run_step_times_s does not have
                 "iteration_times_s": [round(v, 5) for v in timer.iteration_seconds],
+                # host CPU per iteration by thread (the training process's: loader workers
+                # are other processes); against s_per_iter, how busy each thread was
+                "thread_cpu_s_per_iter": thread_cpu_per_iter(timer.thread_cpu_s, iters),
                 "input_sizes": sorted(set(rec.sizes))}
 
     def close(self) -> None:

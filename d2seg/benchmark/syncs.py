@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import os
 import traceback
 import warnings
@@ -60,6 +61,13 @@ class SyncEvent:
     where: str
     stack: List[str]
     inner: str = "?"
+    phase: str = "block"  # "enter" / "exit": in the audit's own set-up or tear-down
+    in_gc: bool = False  # while Python's garbage collector ran (a finalizer synchronised)
+
+    def tags(self) -> str:
+        """" [exit, gc]" for an event outside the block or during a collection, else ""."""
+        t = ([self.phase] if self.phase != "block" else []) + (["gc"] if self.in_gc else [])
+        return f" [{', '.join(t)}]" if t else ""
 
 
 # the audit's own frames and torch's wrappers around a dispatch mode's handler
@@ -201,6 +209,7 @@ class HostSyncAudit(contextlib.AbstractContextManager):
 
     def __init__(self, device: torch.device, roots: Iterable[Tensor] = ()):
         self.device = torch.device(device)
+        self._phase, self._in_gc = "block", False
         self.events: List[SyncEvent] = []
         self.device_ops = 0
         self._roots = list(roots)
@@ -208,9 +217,18 @@ class HostSyncAudit(contextlib.AbstractContextManager):
 
     def _record(self, what: str) -> None:
         where, stack, inner = _call_site()
-        self.events.append(SyncEvent(what, where, stack, inner))
+        self.events.append(SyncEvent(what, where, stack, inner, self._phase, self._in_gc))
+
+    def _gc_callback(self, phase: str, info) -> None:
+        self._in_gc = phase == "start"
 
     def __enter__(self) -> "HostSyncAudit":
+        # a synchronisation inside the audit's own set-up / tear-down (or in a finalizer run
+        # by a garbage collection) is recorded with that tag: the H100 audits of 2026-11-27
+        # had one attributed only to the `with` line that opened the audit
+        self._phase, self._in_gc = "enter", False
+        gc.callbacks.append(self._gc_callback)
+        self._stack.callback(gc.callbacks.remove, self._gc_callback)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._stack.enter_context(warnings.catch_warnings())
@@ -233,9 +251,11 @@ class HostSyncAudit(contextlib.AbstractContextManager):
             self._taint = _Taint(self._roots)
             self._stack.enter_context(_Function(self))
             self._stack.enter_context(_Dispatch(self))
+        self._phase = "block"
         return self
 
     def __exit__(self, *exc) -> Optional[bool]:
+        self._phase = "exit"
         self._stack.close()  # restores the sync debug mode and warnings.showwarning
         return None
 
@@ -245,10 +265,10 @@ class HostSyncAudit(contextlib.AbstractContextManager):
 
     def by_site(self) -> Dict[str, int]:
         """{"what @ file:line": count}, most frequent first."""
-        c = collections.Counter(f"{e.what} @ {e.where}" for e in self.events)
+        c = collections.Counter(f"{e.what} @ {e.where}{e.tags()}" for e in self.events)
         return dict(c.most_common())
 
     def by_inner_site(self) -> Dict[str, int]:
         """{"what @ file:line < ..." of the three innermost frames, torch's included: count}."""
-        c = collections.Counter(f"{e.what} @ {e.inner}" for e in self.events)
+        c = collections.Counter(f"{e.what} @ {e.inner}{e.tags()}" for e in self.events)
         return dict(c.most_common())
