@@ -245,7 +245,10 @@ def test_first_call_of_each_compiled_mode_is_logged_and_timed(monkeypatch):
     handler.emit = records.append
     fp_logger = logging.getLogger(fast_paths.__name__)
     fp_logger.addHandler(handler)
-    monkeypatch.setattr(fp_logger, "level", logging.INFO)
+    level = fp_logger.level
+    # setLevel, not a plain attribute: it also clears the logger's isEnabledFor cache, which
+    # an earlier test's call at the default WARNING level filled (order-dependent failure)
+    fp_logger.setLevel(logging.INFO)
     try:
         m = nn.Linear(3, 2)
         x = torch.randn(4, 3)
@@ -255,6 +258,7 @@ def test_first_call_of_each_compiled_mode_is_logged_and_timed(monkeypatch):
         m(x), m(x)
     finally:
         fp_logger.removeHandler(handler)
+        fp_logger.setLevel(level)
     msgs = [r.getMessage() for r in records]
     assert sum("compiling 'toy' (mode 'reduce-overhead')" in t for t in msgs) == 1
     assert sum("compiling 'toy' (mode 'default')" in t for t in msgs) == 1
