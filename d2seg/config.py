@@ -337,6 +337,11 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # gigabytes less memory at batch 16 (d2seg/modeling/indexed_masks.py). "auto": on for
     # R-CNN / panoptic models.
     cfg.D2SEG.SPEED.RCNN_INDEXED_MASKS = "auto"
+    # ROIAlign (the ROI heads' poolers) on CPU with its channels split over torch's intra-op
+    # threads: torchvision's CPU kernels run on one thread; same results bit for bit
+    # (d2seg/modeling/layers/roi_align.py). "auto": on for CPU training and inference; on CUDA
+    # the layer is detectron2's.
+    cfg.D2SEG.SPEED.PARALLEL_ROI_ALIGN = "auto"
     # Each training sample's tensors (image, labels, boxes, ...) copied into one buffer in the
     # loader worker, so the sample reaches the training process as one shared-memory block
     # instead of one per tensor (d2seg/data/pack.py). "auto": on with DATALOADER.NUM_WORKERS > 0.

@@ -181,6 +181,7 @@ class SpeedPlan:
     fold_norm: bool = False  # d2seg/modeling/fold_norm.py
     matmul_resize: bool = False  # d2seg/modeling/layers/resize.py
     rcnn_indexed_masks: bool = False  # d2seg/modeling/indexed_masks.py
+    parallel_roi_align: bool = False  # d2seg/modeling/layers/roi_align.py
     pack_samples: bool = False  # d2seg/data/pack.py
     sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
     notes: List[str] = dataclasses.field(default_factory=list)
@@ -428,6 +429,10 @@ def resolve(cfg) -> SpeedPlan:
     indexed = _switch(cfg, "RCNN_INDEXED_MASKS")
     # auto: on for R-CNN / panoptic models (same targets; only bit masks are affected)
     indexed = family in ("rcnn", "panoptic") if indexed is None else indexed
+    par_roi = _switch(cfg, "PARALLEL_ROI_ALIGN")
+    # auto: on CPUs (torchvision's CPU ROIAlign runs on one thread; bit-identical results;
+    # make demo's step: docs/benchmarks.md, Fast paths); a CUDA ROIAlign is left alone
+    par_roi = (not cuda) if par_roi is None else par_roi
     fold = _switch(cfg, "FOLD_NORM")
     # auto: on for every family and device: the same results with one pass over memory per
     # fixed norm instead of three (measured on the CPU; docs/benchmarks.md "Fast paths")
@@ -473,7 +478,7 @@ def resolve(cfg) -> SpeedPlan:
                      device_prefetch=dev_prefetch, device_prefetch_depth=depth,
                      nonfinite_check=check, compact_labels=bool(compact),
                      rcnn_sync_free=bool(sync_free), rcnn_batched=bool(batched),
-                     rcnn_indexed_masks=bool(indexed),
+                     rcnn_indexed_masks=bool(indexed), parallel_roi_align=bool(par_roi),
                      fold_norm=bool(fold), matmul_resize=bool(mresize),
                      pack_samples=bool(pack),
                      sharing_strategy=sharing, notes=notes)
@@ -493,7 +498,8 @@ def describe(cfg) -> str:
             f"device_prefetch={onoff[p.device_prefetch]} nonfinite_check={p.nonfinite_check} "
             f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
             f"rcnn_batched={onoff[p.rcnn_batched]} "
-            f"rcnn_indexed_masks={onoff[p.rcnn_indexed_masks]} fold_norm={onoff[p.fold_norm]} "
+            f"rcnn_indexed_masks={onoff[p.rcnn_indexed_masks]} "
+            f"parallel_roi_align={onoff[p.parallel_roi_align]} fold_norm={onoff[p.fold_norm]} "
             f"matmul_resize={onoff[p.matmul_resize]} "
             f"pack_samples={onoff[p.pack_samples]} "
             f"sharing_strategy={p.sharing_strategy or 'default'}")
@@ -763,6 +769,9 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
     * ``D2SEG.SPEED.RCNN_INDEXED_MASKS``:
       :func:`d2seg.modeling.indexed_masks.make_mask_targets_indexed` (bit-mask targets cropped
       by object index, no per-proposal mask copies).
+    * ``D2SEG.SPEED.PARALLEL_ROI_ALIGN``:
+      :func:`d2seg.modeling.layers.roi_align.use_parallel_roi_align` (CPU ROIAlign with its
+      channels split over the intra-op threads).
     * ``D2SEG.SPEED.FOLD_NORM``: :func:`d2seg.modeling.fold_norm.fold_norms` (frozen and
       eval-mode BatchNorms folded into the convolution before them).
     * ``D2SEG.SPEED.MATMUL_RESIZE``: :func:`d2seg.modeling.layers.resize.use_matmul_resize`
@@ -783,6 +792,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
         from ..modeling.indexed_masks import make_mask_targets_indexed
 
         make_mask_targets_indexed(model)
+    if plan.parallel_roi_align:
+        from ..modeling.layers.roi_align import use_parallel_roi_align
+
+        use_parallel_roi_align(model)
     if plan.fold_norm:
         from ..modeling.fold_norm import fold_norms
 

@@ -26,6 +26,7 @@ from ..checkpoint import FinetuneCheckpointer
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
 from ..modeling.fold_norm import fold_norms
+from ..modeling.layers.roi_align import use_parallel_roi_align
 from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ class SegPredictor(DefaultPredictor):
         self.model = build_model(self.cfg)
         self.model.eval()
         self.model.requires_grad_(False)  # predicting only (CPU: folds cached; CUDA: unfolded)
-        if fast_paths.resolve(self.cfg).fold_norm:  # D2SEG.SPEED.FOLD_NORM: fixed BNs into convs
+        plan = fast_paths.resolve(self.cfg)
+        if plan.fold_norm:  # D2SEG.SPEED.FOLD_NORM: fixed BNs into convs
             fold_norms(self.model)
+        if plan.parallel_roi_align:  # D2SEG.SPEED.PARALLEL_ROI_ALIGN: CPU ROIAlign on all cores
+            use_parallel_roi_align(self.model)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         if cfg.MODEL.WEIGHTS:

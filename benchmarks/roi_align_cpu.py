@@ -1,0 +1,140 @@
+"""CPU ROIAlign: torchvision's single-threaded kernels against
+``D2SEG.SPEED.PARALLEL_ROI_ALIGN`` (``d2seg/modeling/layers/roi_align.py``).
+
+Two measurements, each with the switch on and off in turns in one process:
+
+1. the training step of a Mask R-CNN config (default: ``make demo``'s R18-FPN) through the
+   benchmark harness's ``D2SegSubject`` (d2seg's trainer on a fixed synthetic batch);
+2. ROIAlign alone, forward + backward, at that model's pooler shapes (the box head's 7x7 and
+   the mask head's 14x14 on the FPN's stride-4 level).
+
+    python benchmarks/roi_align_cpu.py --json out.json
+
+Prints the medians and the ratios; ``--json`` writes them with the settings and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import d2seg  # noqa: E402,F401
+from d2seg.benchmark import harness  # noqa: E402
+from d2seg.benchmark.measure import machine_info  # noqa: E402
+from d2seg.benchmark.subjects import D2SegSubject  # noqa: E402
+from d2seg.config import load_config  # noqa: E402
+from d2seg.modeling.layers.roi_align import ParallelROIAlign  # noqa: E402
+
+from detectron2.layers import ROIAlign  # noqa: E402
+
+CONFIG = "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml"
+
+
+def _interleaved(fns, rounds: int, per_round: int):
+    """{name: [seconds per call, one per round]}, the order alternating every round."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            for _ in range(per_round):
+                fns[k]()
+            times[k].append((time.perf_counter() - t) / per_round)
+    return times
+
+
+def step_ab(args) -> dict:
+    dev = torch.device("cpu")
+    subs = {v: D2SegSubject(args.config_file, ["D2SEG.SPEED.PARALLEL_ROI_ALIGN", v] + args.opts,
+                            dev, args.precision, args.batch, max_iter=10 ** 6)
+            for v in ("on", "off")}
+    s = harness.Settings(device="cpu", precision=args.precision, batch=args.batch,
+                         size=(args.size, args.size))
+    data = harness._batch_for(subs["on"], subs["on"].cfg, "instance", args.batch,
+                              (args.size, args.size), dev, s)
+    for sub in subs.values():
+        sub.set_batch(data)
+        sub.train_steps(args.warmup)
+    times = _interleaved({v: (lambda sub=sub: sub.train_steps(1)) for v, sub in subs.items()},
+                         args.rounds, args.iters)
+    for sub in subs.values():
+        sub.close()
+    return times
+
+
+def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, channels, feat, feat, generator=g)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randint(0, args.batch, (rois, 1), generator=g).float()
+    xy = torch.rand(rois, 2, generator=g) * args.size * 0.8
+    wh = torch.rand(rois, 2, generator=g) * args.size * 0.2 + 2
+    boxes = torch.cat([b, xy, xy + wh], 1)
+    mods = {"parallel": ParallelROIAlign((size, size), feat / args.size, 2, True),
+            "torchvision": ROIAlign((size, size), feat / args.size, 2, True)}
+
+    def run(m):
+        x.grad = None
+        out = m(x, boxes)
+        out.backward(torch.ones_like(out))
+
+    for m in mods.values():
+        run(m)
+    return _interleaved({k: (lambda m=m: run(m)) for k, m in mods.items()}, args.rounds,
+                        args.iters)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config-file", default=CONFIG)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=256, help="square synthetic image side")
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                    help="bf16: the demo's CPU autocast where it is faster")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=2, help="calls per round")
+    ap.add_argument("--json", default="")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                    help="KEY VALUE overrides of both d2seg sides")
+    args = ap.parse_args()
+    out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
+           "torch_threads": torch.get_num_threads()}
+    logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
+    step = step_ab(args)
+    c = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + args.opts)
+    ch, per_img = c.MODEL.FPN.OUT_CHANNELS, c.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    ops = {"box_7x7": op_ab(args, ch, c.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+                            per_img * args.batch, args.size // 4),
+           "mask_14x14": op_ab(args, ch, c.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
+                               per_img * args.batch // 4, args.size // 4)}
+    med = statistics.median
+    out["train_step_s"] = step
+    out["train_step_speedup"] = med(step["off"]) / med(step["on"])
+    out["roi_align_fwd_bwd_s"] = ops
+    out["roi_align_speedup"] = {k: med(v["torchvision"]) / med(v["parallel"])
+                                for k, v in ops.items()}
+    print(f"{os.path.basename(args.config_file)}, batch {args.batch}, {args.size} px, "
+          f"{args.precision}, {out['torch_threads']} torch threads")
+    print(f"train step: {med(step['on']):.3f} s with PARALLEL_ROI_ALIGN on, "
+          f"{med(step['off']):.3f} s off: {out['train_step_speedup']:.2f}x")
+    for k, v in ops.items():
+        print(f"ROIAlign {k} forward + backward: {1e3 * med(v['parallel']):.1f} ms parallel, "
+              f"{1e3 * med(v['torchvision']):.1f} ms torchvision: "
+              f"{out['roi_align_speedup'][k]:.2f}x")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
