@@ -20,54 +20,21 @@ import logging
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import d2seg  # noqa: E402,F401
-from d2seg.benchmark import harness  # noqa: E402
 from d2seg.benchmark.measure import machine_info  # noqa: E402
-from d2seg.benchmark.subjects import D2SegSubject  # noqa: E402
 from d2seg.config import load_config  # noqa: E402
 from d2seg.modeling.layers.roi_align import ParallelROIAlign  # noqa: E402
 
 from detectron2.layers import ROIAlign  # noqa: E402
 
+from switch_ab import interleaved, step_ab  # noqa: E402  (benchmarks/switch_ab.py)
+
 CONFIG = "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml"
-
-
-def _interleaved(fns, rounds: int, per_round: int):
-    """{name: [seconds per call, one per round]}, the order alternating every round."""
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            for _ in range(per_round):
-                fns[k]()
-            times[k].append((time.perf_counter() - t) / per_round)
-    return times
-
-
-def step_ab(args) -> dict:
-    dev = torch.device("cpu")
-    subs = {v: D2SegSubject(args.config_file, ["D2SEG.SPEED.PARALLEL_ROI_ALIGN", v] + args.opts,
-                            dev, args.precision, args.batch, max_iter=10 ** 6)
-            for v in ("on", "off")}
-    s = harness.Settings(device="cpu", precision=args.precision, batch=args.batch,
-                         size=(args.size, args.size))
-    data = harness._batch_for(subs["on"], subs["on"].cfg, "instance", args.batch,
-                              (args.size, args.size), dev, s)
-    for sub in subs.values():
-        sub.set_batch(data)
-        sub.train_steps(args.warmup)
-    times = _interleaved({v: (lambda sub=sub: sub.train_steps(1)) for v, sub in subs.items()},
-                         args.rounds, args.iters)
-    for sub in subs.values():
-        sub.close()
-    return times
 
 
 def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
@@ -88,7 +55,7 @@ def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
 
     for m in mods.values():
         run(m)
-    return _interleaved({k: (lambda m=m: run(m)) for k, m in mods.items()}, args.rounds,
+    return interleaved({k: (lambda m=m: run(m)) for k, m in mods.items()}, args.rounds,
                         args.iters)
 
 
@@ -109,7 +76,9 @@ def main() -> None:
     out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
            "torch_threads": torch.get_num_threads()}
     logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
-    step = step_ab(args)
+    step = step_ab(args.config_file, "D2SEG.SPEED.PARALLEL_ROI_ALIGN", ["on", "off"],
+                   args.precision, args.batch, args.size, args.warmup, args.rounds, args.iters,
+                   args.opts)
     c = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + args.opts)
     ch, per_img = c.MODEL.FPN.OUT_CHANNELS, c.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
     ops = {"box_7x7": op_ab(args, ch, c.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,

@@ -510,3 +510,19 @@ def test_thread_cpu_names_threads_and_counts_only_the_window():
     assert 0.01 < cpu.seconds["MainThread"] < 0.5, cpu.seconds
     assert 0.01 < cpu.seconds["_busy_helper"] < 0.5, cpu.seconds
     assert sum(cpu.seconds.values()) < 1.0
+
+
+def test_switch_ab_script_compares_two_values_in_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, "benchmarks/switch_ab.py", "--config-file", UNET_CPU,
+                        "--key", "D2SEG.SPEED.CHANNELS_LAST", "--batch", "1", "--size", "32",
+                        "--rounds", "2", "--iters", "1", "--warmup", "1", "--json", str(out)]
+                       + TINY_SEM, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert set(d["train_step_s"]) == {"on", "off"} and all(
+        len(v) == 2 and min(v) > 0 for v in d["train_step_s"].values())
+    assert d["speedup_vs_last"]["off"] == 1.0 and "on:" in r.stdout

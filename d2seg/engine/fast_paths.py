@@ -56,7 +56,9 @@ FAMILIES = ("semantic", "rcnn", "panoptic", "other")
 #: * channels_last: CUDA: on for the semantic conv nets (NHWC tensor-core kernels), off for
 #:   R-CNN / panoptic (ROIAlign makes NCHW copies of every FPN level; to be measured on a
 #:   GPU). CPU: on for the conv families: oneDNN convolutions run NHWC natively (measured
-#:   13-25% faster training steps for the CPU U-Net and the demo Mask R-CNN).
+#:   13-25% faster training steps for the CPU U-Net and the demo Mask R-CNN in fp32 on an
+#:   Intel Xeon; U-Net 1.24-1.26x fp32 / 1.33-1.40x bf16 on an AMD EPYC), except R-CNN /
+#:   panoptic under bf16 autocast (:func:`resolve`: 0.82-0.95x on the AMD EPYC).
 #: * compile: CUDA: the semantic models' backbone and head (static shapes with fixed-size
 #:   crops); off for R-CNN / panoptic (data-dependent proposal / ROI shapes recompile or
 #:   graph-break). CPU: off (the first step would spend minutes compiling C++).
@@ -374,7 +376,16 @@ def resolve(cfg) -> SpeedPlan:
     tf32 = (True if tf32 is None else tf32) and cuda and _tf32_capable()
 
     cl = _switch(cfg, "CHANNELS_LAST")
-    cl = defaults["channels_last"] if cl is None else cl
+    if cl is None:
+        cl = defaults["channels_last"]
+        if cl and not cuda and family in ("rcnn", "panoptic") and amp is torch.bfloat16:
+            # measured on an AMD EPYC (2 cores, batch 4, 256 px, 2026-11-27,
+            # benchmarks/switch_ab.py): with bf16 autocast the R18-FPN Mask R-CNN step ran
+            # 0.87-0.90x and Panoptic FPN 0.82-0.95x in channels_last; in fp32 0.98-1.09x
+            # (1.13x on an Intel Xeon); the U-Net 1.24-1.26x in fp32, 1.33-1.40x in bf16
+            cl = False
+            notes.append("channels_last off: R-CNN / panoptic with bf16 autocast on CPU "
+                         "(measured slower)")
 
     comp = _switch(cfg, "COMPILE")
     comp = defaults["compile"] if comp is None else comp

@@ -1,0 +1,102 @@
+"""One ``D2SEG.SPEED`` switch on and off, side by side in one process: d2seg's training step
+(the benchmark harness's ``D2SegSubject``: d2seg's trainer on a fixed synthetic batch) for
+each value, in alternating rounds, median.
+
+    python benchmarks/switch_ab.py --config-file configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml \\
+        --key D2SEG.SPEED.CHANNELS_LAST --precision bf16 --json out.json
+
+How the fast-path defaults on CPU were decided (docs/benchmarks.md, "Fast paths"): a
+decision made from two processes moves with whatever else the shared machine runs; turns in
+one process see the same machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import d2seg  # noqa: E402,F401
+from d2seg.benchmark import harness  # noqa: E402
+from d2seg.benchmark.measure import machine_info  # noqa: E402
+from d2seg.benchmark.subjects import D2SegSubject, task_of  # noqa: E402
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], rounds: int,
+                per_round: int) -> Dict[str, List[float]]:
+    """{name: [seconds per call, one per round]}, the order reversed every other round."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            for _ in range(per_round):
+                fns[k]()
+            times[k].append((time.perf_counter() - t) / per_round)
+    return times
+
+
+def step_ab(config_file: str, key: str, values: Sequence[str], precision: str, batch: int,
+            size: int, warmup: int, rounds: int, iters: int,
+            opts: Sequence[str] = ()) -> Dict[str, List[float]]:
+    """Train-step seconds per round for each value of ``key`` (see the module docstring)."""
+    dev = torch.device("cpu")
+    subs = {v: D2SegSubject(config_file, [key, v] + list(opts), dev, precision, batch,
+                            max_iter=10 ** 6) for v in values}
+    first = subs[values[0]]
+    s = harness.Settings(device="cpu", precision=precision, batch=batch, size=(size, size))
+    data = harness._batch_for(first, first.cfg, task_of(first.cfg), batch, (size, size), dev, s)
+    for sub in subs.values():
+        sub.set_batch(data)
+        sub.train_steps(warmup)
+    times = interleaved({v: (lambda sub=sub: sub.train_steps(1)) for v, sub in subs.items()},
+                        rounds, iters)
+    for sub in subs.values():
+        sub.close()
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config-file", required=True)
+    ap.add_argument("--key", required=True, help="e.g. D2SEG.SPEED.CHANNELS_LAST")
+    ap.add_argument("--values", default="on,off", help="the two (or more) values, comma-separated")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=256, help="square synthetic image side")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=2, help="steps per round")
+    ap.add_argument("--json", default="")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                    help="KEY VALUE overrides of every side")
+    args = ap.parse_args()
+    values = [v for v in args.values.split(",") if v]
+    logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
+    times = step_ab(args.config_file, args.key, values, args.precision, args.batch, args.size,
+                    args.warmup, args.rounds, args.iters, args.opts)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
+           "torch_threads": torch.get_num_threads(), "train_step_s": times,
+           "median_s": med, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values}}
+    print(f"{os.path.basename(args.config_file)}, {args.key}, batch {args.batch}, {args.size} "
+          f"px, {args.precision}, {out['torch_threads']} torch threads")
+    for v in values:
+        print(f"  {v}: {med[v]:.3f} s/step (rounds {[round(x, 3) for x in times[v]]}), "
+              f"{out['speedup_vs_last'][v]:.3f}x '{values[-1]}'")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
