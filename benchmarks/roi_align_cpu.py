@@ -15,7 +15,6 @@ Prints the medians and the ratios; ``--json`` writes them with the settings and 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -32,7 +31,7 @@ from d2seg.modeling.layers.roi_align import ParallelROIAlign  # noqa: E402
 
 from detectron2.layers import ROIAlign  # noqa: E402
 
-from switch_ab import interleaved, step_ab  # noqa: E402  (benchmarks/switch_ab.py)
+from switch_ab import interleaved, step_ab, write_json  # noqa: E402  (benchmarks/switch_ab.py)
 
 CONFIG = "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml"
 
@@ -99,10 +98,7 @@ def main() -> None:
         print(f"ROIAlign {k} forward + backward: {1e3 * med(v['parallel']):.1f} ms parallel, "
               f"{1e3 * med(v['torchvision']):.1f} ms torchvision: "
               f"{out['roi_align_speedup'][k]:.2f}x")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,14 @@ def step_ab(config_file: str, key: str, values: Sequence[str], precision: str, b
     return times
 
 
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` (folders made as needed); nothing for an empty path."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config-file", required=True)
@@ -92,10 +100,7 @@ def main() -> None:
     for v in values:
         print(f"  {v}: {med[v]:.3f} s/step (rounds {[round(x, 3) for x in times[v]]}), "
               f"{out['speedup_vs_last'][v]:.3f}x '{values[-1]}'")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
