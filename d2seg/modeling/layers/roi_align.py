@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from detectron2.layers import ROIAlign
 
@@ -73,7 +74,8 @@ def _run_chunks(fn, bounds: List[Tuple[int, int]]) -> List[Tensor]:
         with torch.no_grad():
             return fn(a, b)
 
-    futures = [_pool(len(bounds) - 1).submit(task, a, b) for a, b in bounds[1:]]
+    pool = _pool(len(bounds) - 1)
+    futures = [pool.submit(task, a, b) for a, b in bounds[1:]]
     first = task(*bounds[0])
     return [first] + [f.result() for f in futures]
 
@@ -126,8 +128,7 @@ class ParallelROIAlign(ROIAlign):
                 input, rois = input.float(), rois.float()
         elif orig not in (torch.float32, torch.float64):
             return super().forward(input, rois)
-        ph, pw = self.output_size if isinstance(self.output_size, (tuple, list)) \
-            else (self.output_size, self.output_size)
+        ph, pw = _pair(self.output_size)
         out = _ChannelSplitROIAlign.apply(input, rois, float(self.spatial_scale), int(ph),
                                           int(pw), int(self.sampling_ratio),
                                           bool(self.aligned), chunks)
