@@ -76,13 +76,13 @@ def model_facts(cfg_file: str, opts: List[str]) -> Dict:
 
 def run_reference(unet_row: Dict, out: str, data: str, device: str) -> Dict:
     """The plain-PyTorch U-Net (benchmarks/isbi_reference.py) on d2seg U-Net's schedule:
-    same iterations, batch, crop and width."""
+    same iterations, batch, crop, width and training precision."""
     crop = unet_row["crop"]
     crop = 512 if crop == "full image" else int(crop[0])
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "isbi_reference.py"), "--data", data,
            "--iters", str(unet_row["iters"]), "--batch", str(unet_row["batch"]),
            "--crop", str(crop), "--base", str(unet_row["base_channels"]),
-           "--out", os.path.join(out, "result.json")]
+           "--precision", unet_row["precision"], "--out", os.path.join(out, "result.json")]
     if device:
         cmd += ["--device", device]
     print(f"[isbi] reference: {' '.join(cmd)}", flush=True)
@@ -107,6 +107,13 @@ def parse_train_seconds(log: str) -> float:
         return float("nan")
     h, mi, s = (int(x) for x in m[-1])
     return 3600 * h + 60 * mi + s
+
+
+def parse_precision(log: str) -> str:
+    """The training precision d2seg's "Fast paths:" log line reports: "bf16", "fp16" or "fp32"
+    (``SOLVER.AMP.ENABLED`` off, or turned off on a CPU where bf16 is not faster)."""
+    m = re.findall(r"Fast paths: .*?\bamp=(\S+)", log)
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(m[-1] if m else "off", "fp32")
 
 
 def run_one(arch: str, cfg_file: str, out: str, iters: int, opts: List[str], data: str) -> Dict:
@@ -139,6 +146,7 @@ def run_one(arch: str, cfg_file: str, out: str, iters: int, opts: List[str], dat
         "membrane_boundary_iou": m.get("BIoU-membrane"),
         "d2_mIoU": float(d2_miou[-1]) if d2_miou else None,
         **model_facts(cfg_file, opts + (["SOLVER.MAX_ITER", str(iters)] if iters else [])),
+        "precision": parse_precision(proc.stdout),
         "train_seconds": parse_train_seconds(proc.stdout),
         "wall_seconds": round(wall, 1),
     }
@@ -170,8 +178,9 @@ def main() -> None:
         rows.append(run_one(arch, os.path.join(CONFIG_DIR, name), out, args.iters, args.opts,
                             args.data))
         r = rows[-1]
-        print(f"[isbi] {arch}: membrane Dice {r['membrane_dice']:.2f}  IoU {r['membrane_iou']:.2f}"
-              f"  pACC {r['pixel_accuracy']:.2f}  train {r['train_seconds']:.0f} s", flush=True)
+        print(f"[isbi] {arch} ({r['precision']}): membrane Dice {r['membrane_dice']:.2f}  IoU "
+              f"{r['membrane_iou']:.2f}  pACC {r['pixel_accuracy']:.2f}  train "
+              f"{r['train_seconds']:.0f} s", flush=True)
     if args.reference:
         unet = [r for r in rows if r["arch"] == "unet"]
         if not unet:
@@ -189,11 +198,11 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nmeasured on: {result['machine']}  ({result['date']})")
-    print("| architecture | config | params | iterations x batch (crop) | membrane Dice "
-          "| membrane IoU | pixel acc. | train time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| architecture | config | precision | params | iterations x batch (crop) "
+          "| membrane Dice | membrane IoU | pixel acc. | train time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['config']} | {r['parameters'] / 1e6:.2f} M | "
+        print(f"| {r['arch']} | {r['config']} | {r['precision']} | {r['parameters'] / 1e6:.2f} M | "
               f"{r['iters']} x {r['batch']} ({r['crop']}) | "
               f"{r['membrane_dice']:.2f} | {r['membrane_iou']:.2f} | {r['pixel_accuracy']:.2f} | "
               f"{r['train_seconds']:.0f} s |")

@@ -11,6 +11,10 @@ Dice / IoU / pixel accuracy are pooled over the five validation slices exactly a
 
     python benchmarks/isbi_reference.py --data ../shared/data                    # anchor
     python benchmarks/isbi_reference.py --data ../shared/data --iters 600 --crop 256 --base 16
+    python benchmarks/isbi_reference.py --data ../shared/data --precision bf16   # bf16 autocast
+
+``--precision bf16`` runs the forward pass under ``torch.autocast`` (bf16) and the loss in
+fp32, as d2seg's AMP trainer does; evaluation is in fp32 either way.
 
 ``benchmarks/isbi.py --reference`` runs it beside d2seg's U-Net with the same schedule.
 Prints one JSON line (prefixed ``[reference] result:``) and writes it to ``--out`` if given.
@@ -109,8 +113,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="training precision: bf16 = forward under bf16 autocast")
     ap.add_argument("--out", default="", help="JSON file to write")
     args = ap.parse_args(argv)
+    bf16 = args.precision == "bf16"
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -124,7 +131,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     for it in range(args.iters):
         x, y = sample_batch(train_x, train_y, args.batch, args.crop, rng)
-        loss = ce_dice_loss(model(x.to(device)), y.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x.to(device))
+        loss = ce_dice_loss(logits.float(), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -136,7 +145,8 @@ def main(argv=None) -> dict:
     result = {"arch": "plain_pytorch_unet", **evaluate(model, val_x, val_y, device),
               "parameters": sum(p.numel() for p in model.parameters()),
               "iters": args.iters, "batch": args.batch, "crop": args.crop, "lr": args.lr,
-              "seed": args.seed, "train_seconds": round(train_s, 1), "device": str(device)}
+              "seed": args.seed, "precision": args.precision, "train_seconds": round(train_s, 1),
+              "device": str(device)}
     print("[reference] result: " + json.dumps(result), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

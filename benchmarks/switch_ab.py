@@ -4,6 +4,8 @@ each value, in alternating rounds, median.
 
     python benchmarks/switch_ab.py --config-file configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml \\
         --key D2SEG.SPEED.CHANNELS_LAST --precision bf16 --json out.json
+    python benchmarks/switch_ab.py --config-file configs/ISBI-SemanticSegmentation/unet_cpu.yaml \\
+        --key precision --values bf16,fp32      # the training precision itself
 
 How the fast-path defaults on CPU were decided (docs/benchmarks.md, "Fast paths"): a
 decision made from two processes moves with whatever else the shared machine runs; turns in
@@ -18,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -45,15 +47,24 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int,
 
 
 def step_ab(config_file: str, key: str, values: Sequence[str], precision: str, batch: int,
-            size: int, warmup: int, rounds: int, iters: int,
-            opts: Sequence[str] = ()) -> Dict[str, List[float]]:
-    """Train-step seconds per round for each value of ``key`` (see the module docstring)."""
+            size: int, warmup: int, rounds: int, iters: int, opts: Sequence[str] = (),
+            plans: Optional[Dict[str, dict]] = None) -> Dict[str, List[float]]:
+    """Train-step seconds per round for each value of ``key`` (see the module docstring).
+    ``key`` "precision" compares precisions ("fp32", "bf16") instead of a config key.
+    ``plans``, when given, receives each value's resolved ``D2SEG.SPEED`` plan."""
     dev = torch.device("cpu")
-    subs = {v: D2SegSubject(config_file, [key, v] + list(opts), dev, precision, batch,
-                            max_iter=10 ** 6) for v in values}
+    if key == "precision":
+        subs = {v: D2SegSubject(config_file, list(opts), dev, v, batch, max_iter=10 ** 6)
+                for v in values}
+    else:
+        subs = {v: D2SegSubject(config_file, [key, v] + list(opts), dev, precision, batch,
+                                max_iter=10 ** 6) for v in values}
     first = subs[values[0]]
-    s = harness.Settings(device="cpu", precision=precision, batch=batch, size=(size, size))
+    s = harness.Settings(device="cpu", precision=first.precision, batch=batch,
+                         size=(size, size))
     data = harness._batch_for(first, first.cfg, task_of(first.cfg), batch, (size, size), dev, s)
+    if plans is not None:
+        plans.update({v: sub.speed_plan for v, sub in subs.items()})
     for sub in subs.values():
         sub.set_batch(data)
         sub.train_steps(warmup)
@@ -75,7 +86,9 @@ def write_json(path: str, data: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config-file", required=True)
-    ap.add_argument("--key", required=True, help="e.g. D2SEG.SPEED.CHANNELS_LAST")
+    ap.add_argument("--key", required=True,
+                    help="e.g. D2SEG.SPEED.CHANNELS_LAST; 'precision' compares --values "
+                         "fp32,bf16 (then --precision is unused)")
     ap.add_argument("--values", default="on,off", help="the two (or more) values, comma-separated")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=256, help="square synthetic image side")
@@ -89,14 +102,17 @@ def main() -> None:
     args = ap.parse_args()
     values = [v for v in args.values.split(",") if v]
     logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
+    plans: Dict[str, dict] = {}
     times = step_ab(args.config_file, args.key, values, args.precision, args.batch, args.size,
-                    args.warmup, args.rounds, args.iters, args.opts)
+                    args.warmup, args.rounds, args.iters, args.opts, plans)
     med = {v: statistics.median(t) for v, t in times.items()}
     out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
            "torch_threads": torch.get_num_threads(), "train_step_s": times,
-           "median_s": med, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values}}
+           "median_s": med, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values},
+           "speed_plans": plans}
+    prec = "" if args.key == "precision" else f", {args.precision}"
     print(f"{os.path.basename(args.config_file)}, {args.key}, batch {args.batch}, {args.size} "
-          f"px, {args.precision}, {out['torch_threads']} torch threads")
+          f"px{prec}, {out['torch_threads']} torch threads")
     for v in values:
         print(f"  {v}: {med[v]:.3f} s/step (rounds {[round(x, 3) for x in times[v]]}), "
               f"{out['speedup_vs_last'][v]:.3f}x '{values[-1]}'")

@@ -526,3 +526,23 @@ def test_switch_ab_script_compares_two_values_in_one_process(tmp_path):
     assert set(d["train_step_s"]) == {"on", "off"} and all(
         len(v) == 2 and min(v) > 0 for v in d["train_step_s"].values())
     assert d["speedup_vs_last"]["off"] == 1.0 and "on:" in r.stdout
+
+
+def test_switch_ab_script_compares_precisions(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, "benchmarks/switch_ab.py", "--config-file", UNET_CPU,
+                        "--key", "precision", "--values", "bf16,fp32", "--batch", "1", "--size",
+                        "32", "--rounds", "2", "--iters", "1", "--warmup", "1", "--json",
+                        str(out)] + TINY_SEM, cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert set(d["train_step_s"]) == {"bf16", "fp32"}
+    # each side trained in its own precision: d2seg's AMP trainer in bf16, no autocast in fp32
+    plans = d["speed_plans"]
+    assert plans["bf16"]["amp_dtype"] == "bfloat16", plans["bf16"]
+    assert plans["fp32"]["amp_dtype"] is None, plans["fp32"]
+    assert "bf16:" in r.stdout and "fp32," not in r.stdout.splitlines()[0]
