@@ -371,8 +371,9 @@ case "$PART" in
       --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off
     ;;
   first-lease)
-    # The command of the first lease (2026-11-26, H200), kept for reproduction.
-    isbi_anchor 195 D2SEG.SPEED.COMPILE off
+    # The command of the first lease (2026-11-26, H200), kept for reproduction (the semantic
+    # configs trained in fp32 then; they enable AMP since session 16).
+    isbi_anchor 195 D2SEG.SPEED.COMPILE off SOLVER.AMP.ENABLED False
     bench gpu_semantic 100 gpu-semantic --repeats 2 --iters 10 --loop-iters 30 \
       --infer-iters 5 --latency-iters 10 D2SEG.SPEED.COMPILE off
     unet_cfg unet_compile 85 --refs plain_unet --warmup 10 --iters 10 --repeats 2 \
@@ -393,7 +394,7 @@ case "$PART" in
       --infer-iters 5 --latency-iters 10 D2SEG.SPEED.COMPILE off
     ;;
   semantic)
-    isbi_anchor 250
+    isbi_anchor 250  # the configs' precision (bf16 on a GPU); the reference follows it
     bench gpu_semantic 270 gpu-semantic --repeats 2
     unet_cfg unet_largest 60 --refs none --scaling-only --scaling-sizes 512 \
       --scaling-batches 16 --max-batch 256 -- D2SEG.SPEED.COMPILE off

@@ -137,13 +137,15 @@ def test_cpu_bf16_hint_when_amp_is_off(monkeypatch, native):
     monkeypatch.setattr(fast_paths, "cpu_has_native_bf16", lambda: native)
     monkeypatch.delenv(fast_paths.CPU_BF16_SPEEDUP_ENV)
     fast_paths.cpu_bf16_speedup.cache_clear()
-    p = fast_paths.resolve(_cfg(UNET))  # AMP off: nothing is measured, at most a hint
+    amp_off = ("SOLVER.AMP.ENABLED", "False")
+    p = fast_paths.resolve(_cfg(UNET, *amp_off))  # nothing is measured, at most a hint
     assert fast_paths.cpu_bf16_speedup.cache_info().currsize == 0
     assert p.device == "cpu" and p.amp_dtype is None
     assert sum("SOLVER.AMP.ENABLED True" in n for n in p.notes) == int(native)
     # once this process has a measurement (or a pinned one), the hint has nothing to add
     monkeypatch.setenv(fast_paths.CPU_BF16_SPEEDUP_ENV, "0.8")
-    assert not any("SOLVER.AMP.ENABLED True" in n for n in fast_paths.resolve(_cfg(UNET)).notes)
+    assert not any("SOLVER.AMP.ENABLED True" in n
+                   for n in fast_paths.resolve(_cfg(UNET, *amp_off)).notes)
 
 
 def test_cpu_bf16_speedup_is_measured_or_pinned(monkeypatch):
