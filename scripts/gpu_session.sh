@@ -14,6 +14,8 @@
 #       compile), the frozen-backbone DeepLabV3+ loop profiled
 #   bash scripts/gpu_session.sh ninth-lease   # then, if ~300 s are left: gpu-semantic (the
 #       targets) with session 14's defaults
+#   bash scripts/gpu_session.sh tenth-lease   # a later lease (~250 s): the ISBI anchor with
+#       the semantic configs' AMP default (bf16 since session 16), the reference in bf16 too
 #   bash scripts/gpu_session.sh fifth-lease   # a later lease: HRNet-W48, PSPNet, DeepLabV3
 #       with and without CUDA graphs (~580 s of limits)
 #   bash scripts/gpu_session.sh sixth-lease   # run 2026-11-27 (session 14): gpu-semantic's
@@ -289,6 +291,13 @@ case "$PART" in
     bench gpu_semantic_v5 250 gpu-semantic --repeats 2 --iters 10 --loop-iters 40 \
       --no-inference
     ;;
+  tenth-lease)
+    # Written 2026-11-27 (session 16): the semantic configs enable AMP since session 16 (bf16
+    # on the GPU; fp32 before). The ISBI anchor with the config's defaults, the plain-PyTorch
+    # U-Net given the same precision (bf16 autocast), against the fp32 runs of the first
+    # lease (d2seg 0.812 Dice in 63 s, plain 0.815 in 83.8 s on the H200). ~250 s.
+    isbi_anchor 250
+    ;;
   seventh-lease)
     # Written 2026-11-27 (session 13): why FOLD_NORM's eval forward was slower on the H100
     # (29.8 -> 33.3 ms, third lease) while its training step was faster. The eval runs a
@@ -403,7 +412,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|seventh-lease|eighth-lease|ninth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|seventh-lease|eighth-lease|ninth-lease|tenth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"
