@@ -106,7 +106,10 @@ def main() -> None:
     times = step_ab(args.config_file, args.key, values, args.precision, args.batch, args.size,
                     args.warmup, args.rounds, args.iters, args.opts, plans)
     med = {v: statistics.median(t) for v, t in times.items()}
-    out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
+    settings = dict(vars(args))
+    if args.key == "precision":
+        settings["precision"] = "per value"  # --precision is unused then
+    out = {"machine": machine_info(torch.device("cpu")), "settings": settings,
            "torch_threads": torch.get_num_threads(), "train_step_s": times,
            "median_s": med, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values},
            "speed_plans": plans}

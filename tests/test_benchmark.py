@@ -546,3 +546,4 @@ def test_switch_ab_script_compares_precisions(tmp_path):
     assert plans["bf16"]["amp_dtype"] == "bfloat16", plans["bf16"]
     assert plans["fp32"]["amp_dtype"] is None, plans["fp32"]
     assert "bf16:" in r.stdout and "fp32," not in r.stdout.splitlines()[0]
+    assert d["settings"]["precision"] == "per value"
