@@ -162,8 +162,14 @@ def test_rpn_losses_equal_detectron2_for_the_same_targets():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("min_size,training", [(0.0, True), (8.0, True), (8.0, False)])
-def test_proposals_equal_detectron2(min_size, training):
+def test_proposals_equal_detectron2(min_size, training, threads, monkeypatch):
+    # 2 threads: the images' NMS run in two groups at once (images 0, 2 and image 1)
+    monkeypatch.setattr(br.torch, "get_num_threads", lambda: threads)
+    groups, run = [], br.run_in_parallel
+    monkeypatch.setattr(br, "run_in_parallel",
+                        lambda tasks: groups.append(len(tasks)) or run(tasks))
     gen = torch.Generator().manual_seed(3)
     sizes = [(90, 120), (120, 70), (64, 64)]
     props = [torch.randn(3, n, 4, generator=gen) * 40 + 50 for n in (500, 130)]
@@ -171,6 +177,7 @@ def test_proposals_equal_detectron2(min_size, training):
     logits = [torch.randn(3, n, generator=gen) for n in (500, 130)]
     args = (props, logits, sizes, 0.7, 200, 150, min_size, training)
     ours, theirs = br.find_top_proposals(*args), find_top_rpn_proposals(*args)
+    assert groups == ([2] if threads == 2 else [])
     for a, b in zip(ours, theirs):
         assert a.image_size == b.image_size
         assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
@@ -344,3 +351,21 @@ def test_zoo_rcnn_variants_train_with_d2seg_defaults(zoo_config):
     with torch.no_grad():
         out = model([{"image": batch[0]["image"]}])[0]["instances"]
     assert out.has("pred_keypoints" if cfg.MODEL.KEYPOINT_ON else "pred_masks")
+
+
+def test_parallel_proposal_nms_keeps_the_callers_autocast(monkeypatch):
+    """Under CPU bf16 autocast the RPN's scores are bf16 and its boxes fp32; torchvision's
+    autocast kernel casts both for ``nms``. Autocast is per thread, so the images' NMS on the
+    pool's threads must run under the caller's state (else: a dtype error)."""
+    monkeypatch.setattr(br.torch, "get_num_threads", lambda: 2)
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(90, 120), (120, 70), (64, 64), (100, 100)]
+    props = [torch.randn(4, n, 4, generator=gen) * 40 + 50 for n in (600, 150)]
+    props = [torch.cat([p[..., :2], p[..., :2] + p[..., 2:].abs()], -1) for p in props]
+    logits = [torch.randn(4, n, generator=gen).bfloat16() for n in (600, 150)]
+    args = (props, logits, sizes, 0.7, 300, 200, 0.0, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = br.find_top_proposals(*args), find_top_rpn_proposals(*args)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)

@@ -14,7 +14,8 @@ Here the same work is done for all images together, with ground truth and propos
 the batch's largest count:
 
 * proposals: the same boxes as ``find_top_rpn_proposals`` (checks, clipping and the small-box
-  filter for the batch, one host read; the per-image NMS is detectron2's);
+  filter for the batch, one host read; the per-image NMS is detectron2's, run for several
+  images at once on a multi-threaded CPU);
 * matching: the same IoU values, matches and labels as detectron2's ``Matcher`` (padding never
   wins a match; the low-quality rule ignores it);
 * sampling: the same numbers of foreground and background samples per image as
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,8 @@ from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
+
+from ..utils.threads import run_in_parallel
 
 __all__ = ["batched_pairwise_iou", "batched_match", "sample_subsets", "rpn_label_and_sample",
            "rpn_losses", "find_top_proposals", "rpn_predict_proposals",
@@ -273,13 +276,34 @@ def find_top_proposals(proposals: List[Tensor], pred_objectness_logits: List[Ten
         l_sel = levels.repeat(num_images)[flat].split(kept)
         per_image = list(zip(b_sel, s_sel, l_sel))
     results = []
-    for (b, sc, lv), size in zip(per_image, image_sizes):
-        k = batched_nms(b, sc, lv, nms_thresh)[:post_nms_topk]
+    for (b, sc, lv), k, size in zip(per_image, _nms_per_image(per_image, nms_thresh,
+                                                               post_nms_topk), image_sizes):
         res = Instances(size)
         res.proposal_boxes = Boxes(b[k])
         res.objectness_logits = sc[k]
         results.append(res)
     return results
+
+
+def _nms_per_image(per_image: List[Tuple[Tensor, Tensor, Tensor]], nms_thresh: float,
+                   topk: int) -> List[Tensor]:
+    """detectron2's ``batched_nms`` (per level) of each image's (boxes, scores, levels), the
+    first ``topk`` kept indices each. On a CPU with several intra-op threads the images are
+    split into one group per thread and the groups run at once: torchvision's CPU ``nms``
+    runs on one core. The same kept indices either way (each image's NMS is unchanged)."""
+
+    def nms(group: List[int]) -> List[Tensor]:
+        return [batched_nms(*per_image[i], nms_thresh)[:topk] for i in group]
+
+    n, threads = len(per_image), torch.get_num_threads()
+    if n < 2 or threads < 2 or per_image[0][0].device.type != "cpu":
+        return nms(list(range(n)))
+    groups = [list(range(g, n, min(threads, n))) for g in range(min(threads, n))]
+    kept: List[Optional[Tensor]] = [None] * n
+    for group, out in zip(groups, run_in_parallel([lambda g=g: nms(g) for g in groups])):
+        for i, k in zip(group, out):
+            kept[i] = k
+    return kept
 
 
 def rpn_predict_proposals(self: RPN, anchors: List[Boxes], pred_objectness_logits: List[Tensor],

@@ -22,8 +22,6 @@ parameters).
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
 import torch
@@ -32,15 +30,13 @@ from torch.nn.modules.utils import _pair
 
 from detectron2.layers import ROIAlign
 
+from ...utils.threads import run_in_parallel
+
 __all__ = ["ParallelROIAlign", "use_parallel_roi_align", "parallel_chunks",
            "MIN_CHANNELS_PER_CHUNK"]
 
 #: Fewer channels per chunk than this are not worth a thread hand-off.
 MIN_CHANNELS_PER_CHUNK = 8
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
 
 
 def parallel_chunks(channels: int, threads: Optional[int] = None) -> int:
@@ -50,34 +46,15 @@ def parallel_chunks(channels: int, threads: Optional[int] = None) -> int:
     return max(1, min(threads, channels // MIN_CHANNELS_PER_CHUNK))
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d2seg_roi_align")
-            _POOL_SIZE = workers
-        return _POOL
-
-
 def _bounds(channels: int, chunks: int) -> List[Tuple[int, int]]:
     step = -(-channels // chunks)
     return [(a, min(a + step, channels)) for a in range(0, channels, step)]
 
 
 def _run_chunks(fn, bounds: List[Tuple[int, int]]) -> List[Tensor]:
-    """``fn(a, b)`` for every chunk, the first on this thread and the others on the pool (no
-    autograd recording in the workers; grad mode is per thread)."""
-
-    def task(a: int, b: int) -> Tensor:
-        with torch.no_grad():
-            return fn(a, b)
-
-    pool = _pool(len(bounds) - 1)
-    futures = [pool.submit(task, a, b) for a, b in bounds[1:]]
-    first = task(*bounds[0])
-    return [first] + [f.result() for f in futures]
+    """``fn(a, b)`` for every chunk at once (:func:`d2seg.utils.threads.run_in_parallel`: no
+    autograd recording in any chunk)."""
+    return run_in_parallel([lambda a=a, b=b: fn(a, b) for a, b in bounds])
 
 
 class _ChannelSplitROIAlign(torch.autograd.Function):
