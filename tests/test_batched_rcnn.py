@@ -165,7 +165,7 @@ def test_rpn_losses_equal_detectron2_for_the_same_targets():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("min_size,training", [(0.0, True), (8.0, True), (8.0, False)])
 def test_proposals_equal_detectron2(min_size, training, threads, monkeypatch):
-    # 2 threads: the images' NMS run in two groups at once (images 0, 2 and image 1)
+    # 2 threads: the images' NMS run in two parts at once (images 0, 1 and image 2)
     monkeypatch.setattr(br.torch, "get_num_threads", lambda: threads)
     groups, run = [], br.run_in_parallel
     monkeypatch.setattr(br, "run_in_parallel",

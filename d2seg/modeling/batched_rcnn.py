@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -289,21 +289,19 @@ def _nms_per_image(per_image: List[Tuple[Tensor, Tensor, Tensor]], nms_thresh: f
                    topk: int) -> List[Tensor]:
     """detectron2's ``batched_nms`` (per level) of each image's (boxes, scores, levels), the
     first ``topk`` kept indices each. On a CPU with several intra-op threads the images are
-    split into one group per thread and the groups run at once: torchvision's CPU ``nms``
-    runs on one core. The same kept indices either way (each image's NMS is unchanged)."""
+    split into one run of consecutive images per thread and the runs go at once:
+    torchvision's CPU ``nms`` runs on one core. The same kept indices either way (each
+    image's NMS is unchanged)."""
 
-    def nms(group: List[int]) -> List[Tensor]:
-        return [batched_nms(*per_image[i], nms_thresh)[:topk] for i in group]
+    def nms(part: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> List[Tensor]:
+        return [batched_nms(b, sc, lv, nms_thresh)[:topk] for b, sc, lv in part]
 
     n, threads = len(per_image), torch.get_num_threads()
     if n < 2 or threads < 2 or per_image[0][0].device.type != "cpu":
-        return nms(list(range(n)))
-    groups = [list(range(g, n, min(threads, n))) for g in range(min(threads, n))]
-    kept: List[Optional[Tensor]] = [None] * n
-    for group, out in zip(groups, run_in_parallel([lambda g=g: nms(g) for g in groups])):
-        for i, k in zip(group, out):
-            kept[i] = k
-    return kept
+        return nms(per_image)
+    step = -(-n // min(threads, n))
+    parts = [per_image[a:a + step] for a in range(0, n, step)]
+    return [k for out in run_in_parallel([lambda p=p: nms(p) for p in parts]) for k in out]
 
 
 def rpn_predict_proposals(self: RPN, anchors: List[Boxes], pred_objectness_logits: List[Tensor],
