@@ -13,8 +13,9 @@ Dice / IoU / pixel accuracy are pooled over the five validation slices exactly a
     python benchmarks/isbi_reference.py --data ../shared/data --iters 600 --crop 256 --base 16
     python benchmarks/isbi_reference.py --data ../shared/data --precision bf16   # bf16 autocast
 
-``--precision bf16`` runs the forward pass under ``torch.autocast`` (bf16) and the loss in
-fp32, as d2seg's AMP trainer does; evaluation is in fp32 either way.
+``--precision bf16`` (or ``fp16``, CUDA only, with a gradient scaler) runs the forward pass
+under ``torch.autocast`` and the loss in fp32, as d2seg's AMP trainer does; evaluation is in
+fp32 either way.
 
 ``benchmarks/isbi.py --reference`` runs it beside d2seg's U-Net with the same schedule.
 Prints one JSON line (prefixed ``[reference] result:``) and writes it to ``--out`` if given.
@@ -113,30 +114,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="training precision: bf16 = forward under bf16 autocast")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="training precision: bf16 / fp16 = forward under autocast (fp16: CUDA, "
+                         "with a gradient scaler)")
     ap.add_argument("--out", default="", help="JSON file to write")
     args = ap.parse_args(argv)
-    bf16 = args.precision == "bf16"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     device = torch.device(args.device)
     train_x, train_y = load_slices(args.data, list(range(25)))
     val_x, val_y = load_slices(args.data, list(range(25, 30)))
+    if amp_dtype is torch.float16 and device.type != "cuda":
+        ap.error("--precision fp16 needs a CUDA device (CPU autocast: bf16)")
     model = PlainUNet(base=args.base).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for it in range(args.iters):
         x, y = sample_batch(train_x, train_y, args.batch, args.crop, rng)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                            enabled=amp_dtype is not None):
             logits = model(x.to(device))
         loss = ce_dice_loss(logits.float(), y.to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if (it + 1) % 100 == 0 or it == 0:
             print(f"[reference] iter {it + 1}/{args.iters} loss {loss.item():.4f}", flush=True)
     if device.type == "cuda":
