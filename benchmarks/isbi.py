@@ -76,13 +76,15 @@ def model_facts(cfg_file: str, opts: List[str]) -> Dict:
 
 def run_reference(unet_row: Dict, out: str, data: str, device: str) -> Dict:
     """The plain-PyTorch U-Net (benchmarks/isbi_reference.py) on d2seg U-Net's schedule:
-    same iterations, batch, crop, width and training precision."""
+    same iterations, batch, crop, width, training and evaluation precision."""
     crop = unet_row["crop"]
     crop = 512 if crop == "full image" else int(crop[0])
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "isbi_reference.py"), "--data", data,
            "--iters", str(unet_row["iters"]), "--batch", str(unet_row["batch"]),
            "--crop", str(crop), "--base", str(unet_row["base_channels"]),
-           "--precision", unet_row["precision"], "--out", os.path.join(out, "result.json")]
+           "--precision", unet_row["precision"],
+           "--eval-precision", unet_row.get("inference_precision", "fp32"),
+           "--out", os.path.join(out, "result.json")]
     if device:
         cmd += ["--device", device]
     print(f"[isbi] reference: {' '.join(cmd)}", flush=True)
@@ -109,10 +111,12 @@ def parse_train_seconds(log: str) -> float:
     return 3600 * h + 60 * mi + s
 
 
-def parse_precision(log: str) -> str:
-    """The training precision d2seg's "Fast paths:" log line reports: "bf16", "fp16" or "fp32"
-    (``SOLVER.AMP.ENABLED`` off, or turned off on a CPU where bf16 is not faster)."""
-    m = re.findall(r"Fast paths: .*?\bamp=(\S+)", log)
+def parse_precision(log: str, key: str = "amp") -> str:
+    """A precision d2seg's "Fast paths:" log line reports: "bf16", "fp16" or "fp32". ``key``
+    "amp": training (``SOLVER.AMP.ENABLED`` off, or turned off on a CPU where bf16 is not
+    faster: fp32); "inference_amp": evaluation (``D2SEG.SPEED.INFERENCE_AMP``; fp32 in logs
+    of d2seg before session 17, which had no such key)."""
+    m = re.findall(r"Fast paths: .*?\b" + re.escape(key) + r"=(\S+)", log)
     return {"bfloat16": "bf16", "float16": "fp16"}.get(m[-1] if m else "off", "fp32")
 
 
@@ -147,6 +151,7 @@ def run_one(arch: str, cfg_file: str, out: str, iters: int, opts: List[str], dat
         "d2_mIoU": float(d2_miou[-1]) if d2_miou else None,
         **model_facts(cfg_file, opts + (["SOLVER.MAX_ITER", str(iters)] if iters else [])),
         "precision": parse_precision(proc.stdout),
+        "inference_precision": parse_precision(proc.stdout, "inference_amp"),
         "train_seconds": parse_train_seconds(proc.stdout),
         "wall_seconds": round(wall, 1),
     }
@@ -198,11 +203,12 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nmeasured on: {result['machine']}  ({result['date']})")
-    print("| architecture | config | precision | params | iterations x batch (crop) "
+    print("| architecture | config | precision (train / eval) | params | iterations x batch (crop) "
           "| membrane Dice | membrane IoU | pixel acc. | train time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['config']} | {r['precision']} | {r['parameters'] / 1e6:.2f} M | "
+        prec = f"{r['precision']} / {r.get('inference_precision', 'fp32')}"
+        print(f"| {r['arch']} | {r['config']} | {prec} | {r['parameters'] / 1e6:.2f} M | "
               f"{r['iters']} x {r['batch']} ({r['crop']}) | "
               f"{r['membrane_dice']:.2f} | {r['membrane_iou']:.2f} | {r['pixel_accuracy']:.2f} | "
               f"{r['train_seconds']:.0f} s |")

@@ -14,8 +14,9 @@ Dice / IoU / pixel accuracy are pooled over the five validation slices exactly a
     python benchmarks/isbi_reference.py --data ../shared/data --precision bf16   # bf16 autocast
 
 ``--precision bf16`` (or ``fp16``, CUDA only, with a gradient scaler) runs the forward pass
-under ``torch.autocast`` and the loss in fp32, as d2seg's AMP trainer does; evaluation is in
-fp32 either way.
+under ``torch.autocast`` and the loss in fp32, as d2seg's AMP trainer does. Evaluation runs in
+``--eval-precision`` (default fp32; ``benchmarks/isbi.py`` passes the precision d2seg's
+evaluation used, ``D2SEG.SPEED.INFERENCE_AMP``).
 
 ``benchmarks/isbi.py --reference`` runs it beside d2seg's U-Net with the same schedule.
 Prints one JSON line (prefixed ``[reference] result:``) and writes it to ``--out`` if given.
@@ -28,7 +29,7 @@ import os
 import random
 import sys
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,12 +88,17 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, imgs: np.ndarray, labels: np.ndarray,
-             device: torch.device) -> dict:
+             device: torch.device, dtype: Optional[torch.dtype] = None) -> dict:
+    """Pooled membrane Dice / IoU and pixel accuracy; the forward under autocast to ``dtype``
+    (None: fp32)."""
     model.eval()
     tp = fp = fn = correct = 0
     for img, lab in zip(imgs, labels):
         x = torch.from_numpy(img)[None, None].expand(1, 3, -1, -1).to(device)
-        pred = model(x).argmax(1)[0].cpu().numpy()
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                                             enabled=dtype is not None):
+            logits = model(x)
+        pred = logits.float().argmax(1)[0].cpu().numpy()
         tp += int(((pred == 1) & (lab == 1)).sum())
         fp += int(((pred == 1) & (lab == 0)).sum())
         fn += int(((pred == 0) & (lab == 1)).sum())
@@ -117,17 +123,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                     help="training precision: bf16 / fp16 = forward under autocast (fp16: CUDA, "
                          "with a gradient scaler)")
+    ap.add_argument("--eval-precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="evaluation precision (bf16 / fp16: the forward under autocast)")
     ap.add_argument("--out", default="", help="JSON file to write")
     args = ap.parse_args(argv)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    amp_dtype = dtypes.get(args.precision)
+    eval_dtype = dtypes.get(args.eval_precision)
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     device = torch.device(args.device)
     train_x, train_y = load_slices(args.data, list(range(25)))
     val_x, val_y = load_slices(args.data, list(range(25, 30)))
-    if amp_dtype is torch.float16 and device.type != "cuda":
-        ap.error("--precision fp16 needs a CUDA device (CPU autocast: bf16)")
+    for name, dt in (("--precision", amp_dtype), ("--eval-precision", eval_dtype)):
+        if dt is torch.float16 and device.type != "cuda":
+            ap.error(f"{name} fp16 needs a CUDA device (CPU autocast: bf16)")
     model = PlainUNet(base=args.base).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -149,10 +160,11 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
-    result = {"arch": "plain_pytorch_unet", **evaluate(model, val_x, val_y, device),
+    result = {"arch": "plain_pytorch_unet", **evaluate(model, val_x, val_y, device, eval_dtype),
               "parameters": sum(p.numel() for p in model.parameters()),
               "iters": args.iters, "batch": args.batch, "crop": args.crop, "lr": args.lr,
-              "seed": args.seed, "precision": args.precision, "train_seconds": round(train_s, 1),
+              "seed": args.seed, "precision": args.precision,
+              "inference_precision": args.eval_precision, "train_seconds": round(train_s, 1),
               "device": str(device)}
     print("[reference] result: " + json.dumps(result), flush=True)
     if args.out:

@@ -14,8 +14,9 @@
 #       compile), the frozen-backbone DeepLabV3+ loop profiled
 #   bash scripts/gpu_session.sh ninth-lease   # then, if ~300 s are left: gpu-semantic (the
 #       targets) with session 14's defaults
-#   bash scripts/gpu_session.sh tenth-lease   # a later lease (~250 s): the ISBI anchor with
-#       the semantic configs' AMP default (bf16 since session 16), the reference in bf16 too
+#   bash scripts/gpu_session.sh tenth-lease   # a later lease (~310 s): the ISBI anchor with
+#       the semantic configs' AMP default (bf16 since session 16), the reference in bf16 too;
+#       then that U-Net's inference in fp32 and bf16 (INFERENCE_AMP, session 17)
 #   bash scripts/gpu_session.sh fifth-lease   # a later lease: HRNet-W48, PSPNet, DeepLabV3
 #       with and without CUDA graphs (~580 s of limits)
 #   bash scripts/gpu_session.sh sixth-lease   # run 2026-11-27 (session 14): gpu-semantic's
@@ -84,6 +85,12 @@ isbi_anchor() {  # isbi_anchor SECONDS [extra opts for d2seg's run]
   fi
   step isbi_anchor "$secs" $PY benchmarks/isbi.py --data "$data" --archs unet --reference \
     --output-dir /tmp/isbi_out --results "$OUTDIR/isbi_gpu.json" "${args[@]}"
+}
+infer_amp() {  # infer_amp SECONDS RUN_DIR...: benchmarks/inference_amp.py on trained runs
+  local secs=$1; shift
+  local dev=cuda; [ "$DRY" = 1 ] && dev=cpu
+  step inference_amp "$secs" $PY benchmarks/inference_amp.py --runs "$@" --device "$dev" \
+    --json "$OUTDIR/inference_amp.json"
 }
 bench() {  # bench NAME SECONDS PRESET [harness args]: the preset (cpu-smoke when dry)
   local name=$1 secs=$2 preset=$3; shift 3
@@ -297,6 +304,10 @@ case "$PART" in
     # U-Net given the same precision (bf16 autocast), against the fp32 runs of the first
     # lease (d2seg 0.812 Dice in 63 s, plain 0.815 in 83.8 s on the H200). ~250 s.
     isbi_anchor 250
+    # Session 17: semantic models evaluate in their training precision (INFERENCE_AMP auto =
+    # bf16 here). The U-Net just trained, fp32 against bf16 inference on the 5 test slices:
+    # speed and Dice (CPU: 1.78x, Dice 80.62 / 80.61). ~60 s.
+    infer_amp 90 /tmp/isbi_out/unet_$([ "$DRY" = 1 ] && echo cpu || echo gpu)
     ;;
   seventh-lease)
     # Written 2026-11-27 (session 13): why FOLD_NORM's eval forward was slower on the H100

@@ -1,5 +1,6 @@
-"""benchmarks/isbi.py and benchmarks/isbi_reference.py: the precision a run trained in is
-recorded, and the plain-PyTorch reference trains in the precision it is given."""
+"""benchmarks/isbi.py and benchmarks/isbi_reference.py: the precisions a run trained and
+evaluated in are recorded, and the plain-PyTorch reference trains and evaluates in the
+precisions it is given."""
 import os
 import sys
 
@@ -20,11 +21,17 @@ def test_isbi_reads_the_training_precision_from_the_fast_paths_line(amp, expecte
            f"amp={amp} cudnn_benchmark=off tf32=off channels_last=on compile=off\n")
     assert isbi.parse_precision(log) == expected
     assert isbi.parse_precision("no fast-paths line (a d2seg without D2SEG.SPEED)") == "fp32"
+    # evaluation: inference_amp (absent before session 17: fp32)
+    assert isbi.parse_precision(log, "inference_amp") == "fp32"
+    log = log.replace(f"amp={amp} ", f"amp={amp} inference_amp={amp} ")
+    assert isbi.parse_precision(log) == expected
+    assert isbi.parse_precision(log, "inference_amp") == expected
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision,eval_precision", [("fp32", "fp32"), ("bf16", "fp32"),
+                                                      ("bf16", "bf16")])
 def test_reference_trains_in_the_precision_it_is_given(shared_data, tmp_path, monkeypatch,
-                                                       precision):
+                                                       precision, eval_precision):
     seen = []
     orig = isbi_reference.ce_dice_loss
 
@@ -47,9 +54,11 @@ def test_reference_trains_in_the_precision_it_is_given(shared_data, tmp_path, mo
     monkeypatch.setattr(PlainUNet, "forward", forward)
     r = isbi_reference.main(["--data", shared_data, "--iters", "2", "--batch", "1", "--crop",
                              "64", "--base", "4", "--device", "cpu", "--precision", precision,
+                             "--eval-precision", eval_precision,
                              "--out", str(tmp_path / "r.json")])
     assert r["precision"] == precision and 0 <= r["membrane_dice"] <= 100
+    assert r["inference_precision"] == eval_precision
     assert seen == [(False, torch.float32)] * 2
-    want = torch.bfloat16 if precision == "bf16" else torch.float32
-    assert out_dtypes[:2] == [want, want]  # training calls; evaluation (fp32) follows
-    assert set(out_dtypes[2:]) == {torch.float32}
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    assert out_dtypes[:2] == [dtype[precision]] * 2  # training calls; evaluation follows
+    assert out_dtypes[2:] == [dtype[eval_precision]] * 5  # the 5 validation slices

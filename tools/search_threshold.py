@@ -49,6 +49,8 @@ def collect(cfg, dataset: str):
     from detectron2.modeling import build_model
 
     from d2seg.data.build import build_test_loader
+    from d2seg.engine import fast_paths
+    from d2seg.inference.autocast import use_inference_autocast
     from d2seg.modeling.postprocessing import foreground_probability
 
     if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 2:
@@ -57,6 +59,8 @@ def collect(cfg, dataset: str):
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
+    # the precision tools/predict.py and evaluation use (D2SEG.SPEED.INFERENCE_AMP)
+    use_inference_autocast(model, fast_paths.resolve(cfg).inference_amp_dtype)
     gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(dataset)}
     probs, gts = [], []
     with torch.no_grad():
@@ -117,7 +121,7 @@ def main(argv=None) -> Dict:
     for t, d in res["scores"]:
         mark = "  <- best" if t == res["threshold"] else ""
         print(f"  {t:.3f}  {100 * d:6.2f}{mark}")
-    opts = [f"MODEL.SEM_SEG_POSTPROCESS.ENABLED True",
+    opts = ["MODEL.SEM_SEG_POSTPROCESS.ENABLED True",
             f"MODEL.SEM_SEG_POSTPROCESS.THRESHOLD {res['threshold']}"]
     for key, val in (("OPEN_KERNEL", args.open), ("CLOSE_KERNEL", args.close),
                      ("MIN_AREA", args.min_area), ("KEEP_LARGEST", args.keep_largest)):

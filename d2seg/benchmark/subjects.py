@@ -361,7 +361,8 @@ class D2SegSubject(_D2Stepped):
 
     The harness adds (before the user's opts, which win): ``OUTPUT_DIR`` (a temporary
     folder), ``MODEL.DEVICE``, ``SOLVER.IMS_PER_BATCH`` = batch, ``SOLVER.AMP.ENABLED`` (CUDA
-    and precision != fp32), ``SOLVER.MAX_ITER`` (for the loop), no evaluation
+    and precision != fp32; with fp32 also ``D2SEG.SPEED.INFERENCE_AMP off``),
+    ``SOLVER.MAX_ITER`` (for the loop), no evaluation
     (``DATASETS.TEST`` empty, ``TEST.EVAL_PERIOD 0``), no curve plot, no periodic checkpoint.
     """
 
@@ -389,6 +390,8 @@ class D2SegSubject(_D2Stepped):
                         "SOLVER.CHECKPOINT_PERIOD", str(10 ** 9), "TEST.NUM_VIS", "0"]
         if amp and speed:
             harness_opts += ["D2SEG.SPEED.AMP_DTYPE", _AMP_NAMES[precision]]
+        if speed and precision == "fp32":  # inference in the harness's precision too
+            harness_opts += ["D2SEG.SPEED.INFERENCE_AMP", "off"]
         self.opts = list(opts)
         args = argparse.Namespace(config_file=config_file, opts=harness_opts + self.opts,
                                   resume=False, eval_only=False, num_gpus=1, num_machines=1,

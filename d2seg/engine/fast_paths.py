@@ -64,8 +64,9 @@ FAMILIES = ("semantic", "rcnn", "panoptic", "other")
 #:   graph-break). CPU: off (the first step would spend minutes compiling C++).
 #:
 #: AMP (``SOLVER.AMP.ENABLED``; on CPU bf16 only where :func:`cpu_bf16_speedup` measures it
-#: faster), TF32 and
-#: the optimizer / loader switches do not depend on the family: see :func:`resolve`.
+#: faster), TF32 and the optimizer / loader switches do not depend on the family: see
+#: :func:`resolve`. Inference AMP (``INFERENCE_AMP``) follows the training AMP for semantic
+#: models and is off for R-CNN / panoptic ones.
 FAMILY_DEFAULTS: Dict[str, Dict[str, Dict[str, bool]]] = {
     "cuda": {
         "semantic": {"cudnn_benchmark": True, "channels_last": True, "compile": True},
@@ -186,11 +187,13 @@ class SpeedPlan:
     parallel_roi_align: bool = False  # d2seg/modeling/layers/roi_align.py
     pack_samples: bool = False  # d2seg/data/pack.py
     sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
+    inference_amp_dtype: Optional[torch.dtype] = None  # eval-mode autocast; None = fp32
     notes: List[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["amp_dtype"] = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None
+        for key in ("amp_dtype", "inference_amp_dtype"):
+            d[key] = str(d[key]).replace("torch.", "") if d[key] is not None else None
         d["compile_modules"] = list(self.compile_modules)
         return d
 
@@ -341,6 +344,26 @@ def _resolve_amp(cfg, device: str, notes: List[str]) -> Optional[torch.dtype]:
     return None
 
 
+def _resolve_inference_amp(cfg, family: str, device: str, amp: Optional[torch.dtype],
+                           notes: List[str]) -> Optional[torch.dtype]:
+    """The eval-mode autocast dtype (``D2SEG.SPEED.INFERENCE_AMP``) given the training one."""
+    want = _switch(cfg, "INFERENCE_AMP")
+    if family != "semantic":
+        if want:
+            notes.append(f"D2SEG.SPEED.INFERENCE_AMP 'on' ignored: {family} models evaluate in "
+                         "fp32 (box coordinates and mask pasting lose precision in bf16/fp16)")
+        return None
+    if want is None:  # auto: evaluate in the precision the model trains in
+        return amp
+    if not want:
+        return None
+    if amp is not None:
+        return amp
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
 def resolve_amp(cfg) -> Tuple[Optional[torch.dtype], List[str]]:
     """The autocast dtype for ``cfg`` on this machine (None: fp32) and why, in words."""
     notes: List[str] = []
@@ -363,6 +386,7 @@ def resolve(cfg) -> SpeedPlan:
     deterministic = bool(cfg.D2SEG.get("DETERMINISTIC", False))
 
     amp = _resolve_amp(cfg, device, notes)
+    infer_amp = _resolve_inference_amp(cfg, family, device, amp, notes)
 
     bench = _switch(cfg, "CUDNN_BENCHMARK")
     if bench is None:  # detectron2's top-level CUDNN_BENCHMARK: True still means on
@@ -491,18 +515,20 @@ def resolve(cfg) -> SpeedPlan:
                      rcnn_sync_free=bool(sync_free), rcnn_batched=bool(batched),
                      rcnn_indexed_masks=bool(indexed), parallel_roi_align=bool(par_roi),
                      fold_norm=bool(fold), matmul_resize=bool(mresize),
-                     pack_samples=bool(pack),
-                     sharing_strategy=sharing, notes=notes)
+                     pack_samples=bool(pack), sharing_strategy=sharing,
+                     inference_amp_dtype=infer_amp, notes=notes)
 
 
 def describe(cfg) -> str:
     """One log line with the effective fast paths of ``cfg``."""
     p = resolve(cfg)
     amp = str(p.amp_dtype).replace("torch.", "") if p.amp_dtype else "off"
+    infer_amp = (str(p.inference_amp_dtype).replace("torch.", "") if p.inference_amp_dtype
+                 else "off")
     onoff = {True: "on", False: "off"}
     comp = (f"{','.join(p.compile_modules)} ({p.compile_backend}, {p.compile_mode})"
             if p.compile else "off")
-    return (f"family={p.family} device={p.device} amp={amp} "
+    return (f"family={p.family} device={p.device} amp={amp} inference_amp={infer_amp} "
             f"cudnn_benchmark={onoff[p.cudnn_benchmark]} tf32={onoff[p.tf32]} "
             f"channels_last={onoff[p.channels_last]} compile={comp} "
             f"optimizer={p.optimizer_impl} pin_memory={onoff[p.pin_memory]} "
@@ -787,6 +813,8 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
       eval-mode BatchNorms folded into the convolution before them).
     * ``D2SEG.SPEED.MATMUL_RESIZE``: :func:`d2seg.modeling.layers.resize.use_matmul_resize`
       (bilinear feature resizing as matrix products).
+    * ``D2SEG.SPEED.INFERENCE_AMP``: :func:`d2seg.inference.autocast.use_inference_autocast`
+      (eval-mode calls under autocast, outputs in fp32; semantic models).
 
     Call it after the model is on its device and frozen, before DDP wrapping.
     """
@@ -822,6 +850,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
             sub = _get_submodule(model, path)
             compile_module(sub, path if path not in ("", ".") else type(model).__name__,
                            mode=plan.compile_mode, backend=plan.compile_backend)
+    if plan.inference_amp_dtype is not None:  # outermost: around a compiled whole model too
+        from ..inference.autocast import use_inference_autocast
+
+        use_inference_autocast(model, plan.inference_amp_dtype)
     return model
 
 

@@ -6,7 +6,8 @@
   (horizontal flip at ``INPUT.MIN_SIZE_TEST``; ``TEST.AUG.MIN_SIZES`` adds scales when
   ``TEST.AUG.ENABLED``);
 * weights are read with :class:`d2seg.checkpoint.FinetuneCheckpointer`;
-* ``D2SEG.SPEED.FOLD_NORM``: BatchNorms (frozen or eval-mode) run folded into their convs.
+* ``D2SEG.SPEED.FOLD_NORM``: BatchNorms (frozen or eval-mode) run folded into their convs;
+* ``D2SEG.SPEED.INFERENCE_AMP``: semantic models under autocast (see :mod:`.autocast`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
 from ..modeling.fold_norm import fold_norms
 from ..modeling.layers.roi_align import use_parallel_roi_align
+from .autocast import use_inference_autocast
 from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class SegPredictor(DefaultPredictor):
             fold_norms(self.model)
         if plan.parallel_roi_align:  # D2SEG.SPEED.PARALLEL_ROI_ALIGN: CPU ROIAlign on all cores
             use_parallel_roi_align(self.model)
+        # D2SEG.SPEED.INFERENCE_AMP: semantic models in the precision they trained in
+        use_inference_autocast(self.model, plan.inference_amp_dtype)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         if cfg.MODEL.WEIGHTS:

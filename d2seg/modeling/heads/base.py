@@ -31,7 +31,8 @@ class SemSegHeadBase(nn.Module):
     * training: ``targets`` (N, H, W) long at the (padded) input resolution, ``ignore_value``
       where unlabelled; returns ``(None, dict of losses)`` with the logits upsampled to the
       targets' size before the loss.
-    * inference: returns ``((N, K, H, W) logits upsampled by s, {})``.
+    * inference: returns ``((N, K, H, W) float32 logits upsampled by s, {})`` (fp32 also under
+      autocast, ``D2SEG.SPEED.INFERENCE_AMP``).
     """
 
     def __init__(self, *, num_classes: int, ignore_value: int, common_stride: int,
@@ -56,6 +57,7 @@ class SemSegHeadBase(nn.Module):
             if targets is None:
                 raise ValueError(f"{type(self).__name__} needs targets ('sem_seg') in training")
             return None, self.losses(logits, targets)
+        logits = logits.float()  # upsampled (and returned) in fp32 under inference autocast
         if self.common_stride > 1:
             logits = F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear",
                                    align_corners=False)

@@ -24,7 +24,8 @@ __all__ = ["SemSegFPNLossHead"]
 class SemSegFPNLossHead(SemSegFPNHead):
     """``SemSegFPNHead`` (same layers and outputs) whose ``losses`` is a :class:`SemSegLoss`.
 
-    Training returns ``(None, {"loss_sem_seg_<name>": ...})``; inference (N, C, H, W) logits.
+    Training returns ``(None, {"loss_sem_seg_<name>": ...})``; inference (N, C, H, W) fp32
+    logits.
     """
 
     @configurable
@@ -32,6 +33,12 @@ class SemSegFPNLossHead(SemSegFPNHead):
         super().__init__(input_shape, **kwargs)
         self.loss = loss
         self.resize_impl = "interpolate"  # the loss's resize: see d2seg.modeling.layers.resize
+
+    def layers(self, features: Dict[str, Tensor]) -> Tensor:
+        """detectron2's layers; in eval mode the logits in fp32 (upsampled in fp32 under
+        inference autocast, ``D2SEG.SPEED.INFERENCE_AMP``)."""
+        x = super().layers(features)
+        return x if self.training else x.float()
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
