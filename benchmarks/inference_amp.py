@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Mixed-precision inference of trained semantic models: fp32 against autocast, same weights,
-same images, side by side in one process (``D2SEG.SPEED.INFERENCE_AMP``).
+"""Mixed-precision inference of trained models: fp32 against autocast, same weights, same
+images, side by side in one process (``D2SEG.SPEED.INFERENCE_AMP``).
 
     python benchmarks/inference_amp.py --runs output/isbi/unet_cpu output/isbi/pspnet_cpu \\
         --json benchmarks/results/inference_amp_cpu.json
@@ -11,8 +11,9 @@ A run is a training output folder (its ``config.yaml`` and ``model_final.pth``, 
 (``DATASETS.TEST[0]``) is read once into memory; the model is built twice through d2seg's
 ``Trainer.build_model`` (so with every fast path evaluation uses), ``INFERENCE_AMP`` "off" and
 "on", and the two are timed in alternating rounds (forward passes only, median seconds per
-image). Each precision's outputs from the last round go through the config's evaluators; the
-share of pixels whose predicted class differs between the two is reported too.
+image). Each precision's outputs from the last round go through the config's evaluators
+(semantic: IoU / Dice; R-CNN: box and mask AP; panoptic: PQ too); for semantic models the share
+of pixels whose predicted class differs between the two is reported too.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def _build(cfg_file: str, weights: str, device: str, value: str, opts: List[str]
     from detectron2.checkpoint import DetectionCheckpointer
 
     from d2seg.config import load_config
+    from d2seg.data.catalogs import register_shapes_from_cfg
     from d2seg.data.register import register_datasets_from_cfg
     from d2seg.engine import fast_paths
     from d2seg.engine.trainer import Trainer
@@ -46,13 +48,11 @@ def _build(cfg_file: str, weights: str, device: str, value: str, opts: List[str]
 
     cfg = load_config(cfg_file, ["MODEL.DEVICE", device, "MODEL.WEIGHTS", weights,
                                  "D2SEG.SPEED.INFERENCE_AMP", value] + list(opts))
+    register_shapes_from_cfg(cfg)  # as train_net's setup: the config's shapes catalogs
     register_datasets_from_cfg(cfg)
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     model.eval()
-    if fast_paths.model_family(cfg) != "semantic":
-        raise SystemExit(f"{cfg_file}: MODEL.META_ARCHITECTURE '{cfg.MODEL.META_ARCHITECTURE}' "
-                         "is not a semantic model (INFERENCE_AMP applies to semantic models)")
     return cfg, model, inference_autocast_dtype(model)
 
 
@@ -83,8 +83,10 @@ def compare(cfg_file: str, weights: str, device: str = "cpu", rounds: int = 3,
                 sync(dev)
                 times[v].append((time.perf_counter() - t) / n_images)
                 outputs[v] = outs
+    family = fast_paths.model_family(cfg)
     result: Dict = {"config": cfg_file, "weights": weights, "dataset": dataset,
                     "images": n_images, "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+                    "family": family,
                     "auto_dtype": _dtype_name(fast_paths.resolve(
                         _auto_cfg(cfg)).inference_amp_dtype),
                     "precisions": {}}
@@ -102,10 +104,12 @@ def compare(cfg_file: str, weights: str, device: str = "cpu", rounds: int = 3,
     differ = total = 0
     for oa, ob in zip(outputs["off"], outputs["on"]):
         for a, b in zip(oa, ob):
+            if family != "semantic" or "sem_seg" not in a:
+                continue
             la, lb = a["sem_seg"].argmax(0), b["sem_seg"].argmax(0)
             differ += int((la != lb).sum())
             total += la.numel()
-    result["pixels_differing"] = differ / max(total, 1)
+    result["pixels_differing"] = differ / total if total else None
     result["speedup"] = (result["precisions"]["off"]["s_per_image"]
                          / result["precisions"]["on"]["s_per_image"])
     return result
@@ -123,12 +127,18 @@ def _dtype_name(d: Optional[torch.dtype]) -> str:
 
 
 def _headline(metrics: Dict) -> Dict[str, float]:
-    """mIoU and, per class, IoU and Dice from the evaluators' results."""
+    """mIoU and, per class, IoU and Dice; box / mask AP, AP50, AP75; PQ, SQ, RQ (whichever
+    the evaluators reported)."""
     out: Dict[str, float] = {}
     sem = metrics.get("sem_seg", {})
     out.update({k: v for k, v in sem.items() if k == "mIoU" or k.startswith("IoU-")})
     extra = metrics.get("sem_seg_metrics", {})
     out.update({k: v for k, v in extra.items() if k.startswith("Dice-") or k == "mDice"})
+    for task in ("bbox", "segm"):
+        out.update({f"{task} {k}": v for k, v in metrics.get(task, {}).items()
+                    if k in ("AP", "AP50", "AP75")})
+    out.update({k: v for k, v in metrics.get("panoptic_seg", {}).items()
+                if k in ("PQ", "SQ", "RQ")})
     return out
 
 
@@ -139,9 +149,11 @@ def table(results: List[Dict]) -> str:
         a, b = r["precisions"]["off"], r["precisions"]["on"]
         ha, hb = _headline(a["metrics"]), _headline(b["metrics"])
         diffs = ", ".join(f"{k} {ha[k]:.2f} -> {hb[k]:.2f}" for k in ha if k in hb)
+        differ = ("-" if r["pixels_differing"] is None
+                  else f"{100 * r['pixels_differing']:.3f} %")
         rows.append(f"| {os.path.basename(os.path.dirname(r['weights'])) or r['config']} | "
                     f"{b['autocast_dtype']} | {a['s_per_image']:.4f} | {b['s_per_image']:.4f} | "
-                    f"{r['speedup']:.2f}x | {100 * r['pixels_differing']:.3f} % | {diffs} |")
+                    f"{r['speedup']:.2f}x | {differ} | {diffs} |")
     return "\n".join(rows)
 
 

@@ -276,12 +276,12 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # float16; CPU: bfloat16 where a short measurement finds it >= 1.2x faster than fp32 on
     # that CPU, else fp32), "float16" or "bfloat16" (the only AMP that also runs on CPU).
     cfg.D2SEG.SPEED.AMP_DTYPE = "auto"
-    # Mixed-precision inference (evaluation, tools/predict.py, the threshold search) of
-    # semantic models: the eval-mode forward under autocast, logits returned in fp32.
-    # "auto" = the training autocast dtype above (on where SOLVER.AMP.ENABLED trains in bf16 /
-    # fp16 on this device, else fp32); "on" = that dtype, or bf16 (CPU) / the GPU's AMP dtype
-    # without training AMP; "off" = fp32. R-CNN / panoptic models always evaluate in fp32
-    # (box coordinates and mask pasting lose precision in bf16 / fp16).
+    # Mixed-precision inference (evaluation, tools/predict.py, the threshold search): the
+    # eval-mode forward under autocast, outputs returned in fp32. "auto" = for semantic models
+    # the training autocast dtype above (on where SOLVER.AMP.ENABLED trains in bf16 / fp16 on
+    # this device, else fp32), for R-CNN / panoptic models fp32 (as detectron2 evaluates);
+    # "on" = that dtype, or bf16 (CPU) / the GPU's AMP dtype without training AMP, for every
+    # family; "off" = fp32.
     cfg.D2SEG.SPEED.INFERENCE_AMP = "auto"
     # cuDNN autotuning; with "auto", detectron2's top-level CUDNN_BENCHMARK: True also turns it
     # on. D2SEG.DETERMINISTIC forces it off.

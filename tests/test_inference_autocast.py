@@ -53,12 +53,24 @@ def test_semantic_resolution_on_cpu(opts, expected):
 
 
 @pytest.mark.parametrize("path", [RCNN, PANOPTIC])
-def test_rcnn_and_panoptic_always_evaluate_in_fp32(path):
+def test_rcnn_and_panoptic_evaluate_in_fp32_unless_asked(path):
     plan = fast_paths.resolve(_cfg(path, *BF16_TRAINING))
     assert plan.amp_dtype is torch.bfloat16 and plan.inference_amp_dtype is None
     plan = fast_paths.resolve(_cfg(path, "D2SEG.SPEED.INFERENCE_AMP", "on"))
-    assert plan.inference_amp_dtype is None
-    assert any("INFERENCE_AMP 'on' ignored" in n for n in plan.notes)
+    assert plan.inference_amp_dtype is torch.bfloat16
+
+
+def test_mask_rcnn_under_inference_autocast_returns_fp32_instances():
+    torch.manual_seed(0)
+    cfg = _cfg(RCNN, "D2SEG.SPEED.INFERENCE_AMP", "on", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+               "0.0", "MODEL.RPN.POST_NMS_TOPK_TEST", "50")
+    model = Trainer.build_model(cfg).eval()
+    assert inference_autocast_dtype(model) is torch.bfloat16
+    with torch.no_grad():
+        inst = model(_inputs(1, 128))[0]["instances"]
+    assert len(inst) > 0
+    assert inst.scores.dtype == inst.pred_boxes.tensor.dtype == torch.float32
+    assert inst.pred_masks.dtype == torch.bool
 
 
 def test_cuda_follows_the_training_dtype(monkeypatch):
@@ -180,10 +192,43 @@ def test_semantic_fpn_upsamples_fp32_logits_under_autocast():
     assert seen == [torch.float32] and out[0]["sem_seg"].dtype == torch.float32
 
 
-def test_predictor_uses_the_training_precision(tmp_path):
+def test_predictor_prepares_the_model_as_evaluation_does(tmp_path):
     cfg = _cfg(UNET, *TINY_UNET, *BF16_TRAINING, "INPUT.MIN_SIZE_TEST", "0")
     cfg.freeze()
     pred = SegPredictor(cfg)
     assert inference_autocast_dtype(pred.model) is torch.bfloat16
+    # the model evaluation runs: the plan's channels_last (CPU, semantic), no torch.compile
+    assert fast_paths.resolve(cfg).channels_last
+    assert getattr(pred.model.backbone, "_d2seg_channels_last", False)
+    assert not fast_paths.compiled_modules(pred.model)
     out = pred(np.zeros((40, 48, 3), dtype=np.uint8))
     assert out["sem_seg"].dtype == torch.float32 and out["sem_seg"].shape[-2:] == (40, 48)
+
+
+def test_inference_amp_benchmark_compares_both_precisions(tmp_path):
+    """benchmarks/inference_amp.py on a (random) tiny U-Net over 2 shapes validation images."""
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import inference_amp
+
+    opts = [*TINY_UNET, "D2SEG.SHAPES.NUM_TRAIN", "2", "D2SEG.SHAPES.NUM_VAL", "2",
+            "D2SEG.SHAPES.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "TEST.NUM_VIS", "0"]
+    cfg = _cfg(UNET, *opts)
+    with open(tmp_path / "config.yaml", "w") as f:
+        f.write(cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": Trainer.build_model(cfg).state_dict()}, tmp_path / "model_final.pth")
+    rc = inference_amp.main(["--runs", str(tmp_path), "--device", "cpu", "--rounds", "2",
+                             "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    import json
+
+    r = json.load(open(tmp_path / "r.json"))["results"][0]
+    assert r["images"] == 2 and r["family"] == "semantic"
+    off, on = r["precisions"]["off"], r["precisions"]["on"]
+    assert (off["autocast_dtype"], on["autocast_dtype"]) == ("float32", "bfloat16")
+    assert len(off["s_per_image_rounds"]) == 2 and r["speedup"] > 0
+    assert 0 <= r["pixels_differing"] < 0.5
+    for p in (off, on):
+        assert "mIoU" in p["metrics"]["sem_seg"] and "mDice" in p["metrics"]["sem_seg_metrics"]

@@ -65,8 +65,8 @@ FAMILIES = ("semantic", "rcnn", "panoptic", "other")
 #:
 #: AMP (``SOLVER.AMP.ENABLED``; on CPU bf16 only where :func:`cpu_bf16_speedup` measures it
 #: faster), TF32 and the optimizer / loader switches do not depend on the family: see
-#: :func:`resolve`. Inference AMP (``INFERENCE_AMP``) follows the training AMP for semantic
-#: models and is off for R-CNN / panoptic ones.
+#: :func:`resolve`. Inference AMP (``INFERENCE_AMP``) "auto" follows the training AMP for
+#: semantic models and is off for R-CNN / panoptic ones ("on" turns it on for them too).
 FAMILY_DEFAULTS: Dict[str, Dict[str, Dict[str, bool]]] = {
     "cuda": {
         "semantic": {"cudnn_benchmark": True, "channels_last": True, "compile": True},
@@ -344,17 +344,15 @@ def _resolve_amp(cfg, device: str, notes: List[str]) -> Optional[torch.dtype]:
     return None
 
 
-def _resolve_inference_amp(cfg, family: str, device: str, amp: Optional[torch.dtype],
-                           notes: List[str]) -> Optional[torch.dtype]:
+def _resolve_inference_amp(cfg, family: str, device: str,
+                           amp: Optional[torch.dtype]) -> Optional[torch.dtype]:
     """The eval-mode autocast dtype (``D2SEG.SPEED.INFERENCE_AMP``) given the training one."""
     want = _switch(cfg, "INFERENCE_AMP")
-    if family != "semantic":
-        if want:
-            notes.append(f"D2SEG.SPEED.INFERENCE_AMP 'on' ignored: {family} models evaluate in "
-                         "fp32 (box coordinates and mask pasting lose precision in bf16/fp16)")
-        return None
-    if want is None:  # auto: evaluate in the precision the model trains in
-        return amp
+    if want is None:
+        # auto: semantic models evaluate in the precision they train in; R-CNN / panoptic ones
+        # in fp32, as detectron2 does and as published AP / PQ are (bf16 moved the demo Mask
+        # R-CNN's AP by up to 0.2 points: docs/benchmarks.md, "Mixed-precision inference")
+        return amp if family == "semantic" else None
     if not want:
         return None
     if amp is not None:
@@ -386,7 +384,7 @@ def resolve(cfg) -> SpeedPlan:
     deterministic = bool(cfg.D2SEG.get("DETERMINISTIC", False))
 
     amp = _resolve_amp(cfg, device, notes)
-    infer_amp = _resolve_inference_amp(cfg, family, device, amp, notes)
+    infer_amp = _resolve_inference_amp(cfg, family, device, amp)
 
     bench = _switch(cfg, "CUDNN_BENCHMARK")
     if bench is None:  # detectron2's top-level CUDNN_BENCHMARK: True still means on
@@ -814,7 +812,7 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
     * ``D2SEG.SPEED.MATMUL_RESIZE``: :func:`d2seg.modeling.layers.resize.use_matmul_resize`
       (bilinear feature resizing as matrix products).
     * ``D2SEG.SPEED.INFERENCE_AMP``: :func:`d2seg.inference.autocast.use_inference_autocast`
-      (eval-mode calls under autocast, outputs in fp32; semantic models).
+      (eval-mode calls under autocast, outputs in fp32; "auto": semantic models only).
 
     Call it after the model is on its device and frozen, before DDP wrapping.
     """

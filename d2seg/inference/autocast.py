@@ -26,9 +26,18 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 
 def outputs_to_fp32(out: Any) -> Any:
-    """``out`` with every fp16 / bf16 tensor in it (lists, tuples, dicts, nested) as fp32."""
+    """``out`` with every fp16 / bf16 tensor in it (lists, tuples, dicts, detectron2
+    ``Instances`` fields and ``Boxes``, nested) as fp32."""
+    from detectron2.structures import Boxes, Instances
+
     if isinstance(out, torch.Tensor):
         return out.float() if out.dtype in _REDUCED else out
+    if isinstance(out, Instances):
+        for name, value in out.get_fields().items():
+            out.set(name, outputs_to_fp32(value))
+        return out
+    if isinstance(out, Boxes):
+        return type(out)(outputs_to_fp32(out.tensor))
     if isinstance(out, dict):
         return type(out)((k, outputs_to_fp32(v)) for k, v in out.items())
     if isinstance(out, (list, tuple)) and not hasattr(out, "_fields"):

@@ -6,11 +6,13 @@
   (horizontal flip at ``INPUT.MIN_SIZE_TEST``; ``TEST.AUG.MIN_SIZES`` adds scales when
   ``TEST.AUG.ENABLED``);
 * weights are read with :class:`d2seg.checkpoint.FinetuneCheckpointer`;
-* ``D2SEG.SPEED.FOLD_NORM``: BatchNorms (frozen or eval-mode) run folded into their convs;
-* ``D2SEG.SPEED.INFERENCE_AMP``: semantic models under autocast (see :mod:`.autocast`).
+* the model gets the fast paths evaluation gets (``D2SEG.SPEED``: BatchNorms folded into their
+  convs, channels_last, the parallel CPU ROIAlign, semantic models under autocast in their
+  training precision, see :mod:`.autocast`), except ``torch.compile``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Dict
 
@@ -26,9 +28,6 @@ from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 from ..checkpoint import FinetuneCheckpointer
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
-from ..modeling.fold_norm import fold_norms
-from ..modeling.layers.roi_align import use_parallel_roi_align
-from .autocast import use_inference_autocast
 from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
@@ -55,13 +54,12 @@ class SegPredictor(DefaultPredictor):
         self.model = build_model(self.cfg)
         self.model.eval()
         self.model.requires_grad_(False)  # predicting only (CPU: folds cached; CUDA: unfolded)
-        plan = fast_paths.resolve(self.cfg)
-        if plan.fold_norm:  # D2SEG.SPEED.FOLD_NORM: fixed BNs into convs
-            fold_norms(self.model)
-        if plan.parallel_roi_align:  # D2SEG.SPEED.PARALLEL_ROI_ALIGN: CPU ROIAlign on all cores
-            use_parallel_roi_align(self.model)
-        # D2SEG.SPEED.INFERENCE_AMP: semantic models in the precision they trained in
-        use_inference_autocast(self.model, plan.inference_amp_dtype)
+        # The model evaluation runs (Trainer.build_model's D2SEG.SPEED plan: FOLD_NORM,
+        # PARALLEL_ROI_ALIGN, CHANNELS_LAST, INFERENCE_AMP, ...) without torch.compile: every
+        # new image size would recompile. Process-wide switches (cuDNN benchmark, TF32) are
+        # left as they are.
+        plan = dataclasses.replace(fast_paths.resolve(self.cfg), compile=False)
+        fast_paths.prepare_model(self.model, self.cfg, plan)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         if cfg.MODEL.WEIGHTS:
