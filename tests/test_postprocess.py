@@ -189,3 +189,65 @@ def test_search_threshold_tool_on_isbi(tmp_path, shared_data):
     assert [t for t, _ in res["scores"]] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
     assert res["dice"] == max(d for _, d in res["scores"])
     assert json.load(open(out))["threshold"] == res["threshold"]
+
+
+# ----------------------------------------------------------------------------------------
+# label maps and the class-innermost logits layout (d2seg/modeling/postprocessing.py)
+# ----------------------------------------------------------------------------------------
+def test_class_labels_is_argmax_with_first_maximum_on_ties():
+    from d2seg.modeling.postprocessing import class_labels
+
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 5, 19):
+        x = torch.randint(0, 3, (k, 31, 17), generator=g).float()  # many ties
+        assert torch.equal(class_labels(x), x.argmax(0))
+        assert class_labels(x).dtype == torch.long
+    x = torch.randn(4, 9, 8, generator=g)
+    assert torch.equal(class_labels(x.permute(1, 2, 0).contiguous().permute(2, 0, 1)),
+                       x.argmax(0))
+
+
+def test_pixel_major_keeps_values_and_puts_classes_innermost():
+    from d2seg.modeling.postprocessing import pixel_major
+
+    x = torch.randn(3, 5, 7)
+    y = pixel_major(x)
+    assert torch.equal(y, x) and y.shape == x.shape and y.stride() == (1, 21, 3)
+    assert pixel_major(y) is y  # already that way: no copy
+    one = torch.randn(1, 5, 7)
+    assert pixel_major(one) is one
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+@pytest.mark.parametrize("hw,out_hw", [((13, 10), (13, 10)), ((13, 10), (26, 20)),
+                                       ((16, 16), (16, 16))])
+def test_segmentor_output_matches_detectron2_postprocess(num_classes, hw, out_hw):
+    """d2seg's crop + resize gives detectron2's sem_seg_postprocess values, stored with the
+    classes innermost on CPU (so argmax(0) is fast), for padded and resized outputs."""
+    import d2seg  # noqa: F401
+    from detectron2.modeling import build_model
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "UNet"
+    cfg.MODEL.BACKBONE.NAME = "build_unet_backbone"
+    cfg.MODEL.UNET.BASE_CHANNELS = 4
+    cfg.MODEL.UNET.DEPTH = 2
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    seen = {}
+    model.sem_seg_head.register_forward_hook(lambda m, i, o: seen.update(logits=o[0]))
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, *hw) * 255, "height": out_hw[0],
+                      "width": out_hw[1]}])[0]["sem_seg"]
+        ref = sem_seg_postprocess(seen["logits"][0], hw, *out_hw)
+    if num_classes == 1:
+        ref = torch.cat([torch.zeros_like(ref), ref])
+    assert out.shape == (max(num_classes, 2), *out_hw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.stride()[0] == 1  # classes innermost
+    assert torch.equal(out.argmax(0), ref.argmax(0))

@@ -19,6 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..metrics import boundary_mask, confusion_matrix, segmentation_metrics
+from ..modeling.postprocessing import class_labels
 
 __all__ = ["SemSegMetricsEvaluator"]
 
@@ -105,21 +106,24 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
         """inputs: the model inputs ("file_name"); outputs: dicts with "sem_seg" (C, H, W)."""
         for inp, out in zip(inputs, outputs):
-            pred = out["sem_seg"].argmax(dim=0).to("cpu").numpy().astype(np.int64)
+            pred = class_labels(out["sem_seg"]).to("cpu").numpy()
             gt = self._load_gt(inp)
             if pred.shape != gt.shape:
                 raise ValueError(f"{inp['file_name']}: prediction {pred.shape} and ground truth "
                                  f"{gt.shape} differ in size")
-            self._cm += confusion_matrix(pred, gt, self._num_classes, self._ignore_label)
+            cm = confusion_matrix(pred, gt, self._num_classes, self._ignore_label)
+            self._cm += cm
             self._num_images += 1
             if self._boundary:
-                self._accumulate_boundary(pred, gt)
+                self._accumulate_boundary(pred, gt, cm)
 
-    def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
+    def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray, cm: np.ndarray) -> None:
+        """Boundary intersections / unions of the classes in the image's valid pixels, as
+        ground truth or prediction (read from its confusion matrix ``cm``)."""
         valid = (gt != self._ignore_label) & (gt >= 0) & (gt < self._num_classes)
         h, w = gt.shape
         d = max(1, int(round(self._ratio * np.sqrt(h * h + w * w))))
-        for c in np.union1d(np.unique(pred[valid]), np.unique(gt[valid])):
+        for c in np.flatnonzero(cm.sum(0) + cm.sum(1)):
             bp = boundary_mask(pred == c, d) & valid
             bg = boundary_mask(gt == c, d) & valid
             self._b_inter[c] += int(np.logical_and(bp, bg).sum())

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 
+from ..modeling.postprocessing import pixel_major
 from .sliding_window import semantic_logits
 
 __all__ = ["SemanticSegmentorWithTTA"]
@@ -61,5 +62,7 @@ class SemanticSegmentorWithTTA(nn.Module):
             if tuple(logits.shape[-2:]) != (h, w):
                 logits = F.interpolate(logits[None], size=(h, w), mode="bilinear",
                                        align_corners=False)[0]
+            if logits.device.type == "cpu":  # classes innermost, as the models return them
+                logits = pixel_major(logits)
             results.append({"sem_seg": logits})
         return results

@@ -24,6 +24,8 @@ from PIL import Image
 
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
+from ..modeling.postprocessing import class_labels
+
 __all__ = ["list_inputs", "image_ids_from_coco_json", "PredictionWriter", "IMAGE_EXTS"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -116,7 +118,7 @@ class PredictionWriter:
             self._write_panoptic(stem, path, image_id, *output["panoptic_seg"])
         elif "sem_seg" in output and "instances" not in output:
             self.kinds.add("sem_seg")
-            label = output["sem_seg"].argmax(dim=0).to("cpu").numpy()
+            label = class_labels(output["sem_seg"]).to("cpu").numpy()
             dtype = np.uint8 if output["sem_seg"].shape[0] <= 256 else np.uint16
             os.makedirs(os.path.join(self.out_dir, "sem_seg"), exist_ok=True)
             Image.fromarray(label.astype(dtype)).save(

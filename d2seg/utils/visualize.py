@@ -13,6 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..data.sem_seg_transforms import ResizeShortestEdge
+from ..modeling.postprocessing import class_labels
 
 __all__ = ["draw_prediction", "visualize_predictions"]
 
@@ -31,7 +32,7 @@ def draw_prediction(image_rgb: np.ndarray, output: Dict, metadata, score_thresh:
         inst = inst[inst.scores >= score_thresh]
         vis = v.draw_instance_predictions(inst)
     elif "sem_seg" in output:
-        vis = v.draw_sem_seg(output["sem_seg"].argmax(dim=0).to("cpu"))
+        vis = v.draw_sem_seg(class_labels(output["sem_seg"]).to("cpu"))
     else:
         raise ValueError(f"Nothing to draw in the model output (keys: {sorted(output)})")
     return vis.get_image()

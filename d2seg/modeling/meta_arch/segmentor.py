@@ -9,24 +9,38 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.modeling import Backbone, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ..batching import batch_size, pad_to_batch
 from ..heads.base import resize_logits
 from ..losses import check_targets
-from ..postprocessing import SemSegPostProcessor
+from ..postprocessing import SemSegPostProcessor, pixel_major
 
-__all__ = ["EncoderDecoderSegmentor", "binary_to_two_class_logits"]
+__all__ = ["EncoderDecoderSegmentor", "binary_to_two_class_logits", "logits_to_output_size"]
 
 
 def binary_to_two_class_logits(logits: Tensor) -> Tensor:
     """(1, H, W) sigmoid logit z -> (2, H, W) logits [0, z].
 
     Their softmax is [1 - sigmoid(z), sigmoid(z)] and their argmax thresholds at 0.5, so
-    detectron2's evaluators (which argmax ``sem_seg``) work on binary models unchanged.
+    detectron2's evaluators (which argmax ``sem_seg``) work on binary models unchanged. Stored
+    with the classes innermost (see :func:`d2seg.modeling.postprocessing.pixel_major`).
     """
-    return torch.cat([torch.zeros_like(logits), logits], dim=0)
+    z = logits[0]
+    return torch.stack([torch.zeros_like(z), z], dim=-1).permute(2, 0, 1)
+
+
+def logits_to_output_size(logits: Tensor, image_size: Tuple[int, int], height: int,
+                          width: int) -> Tensor:
+    """detectron2's ``sem_seg_postprocess`` for one image: (1, K, Hpad, Wpad) logits -> (K,
+    height, width): the padding cropped to ``image_size``, then a bilinear resize, skipped when
+    the size stays (a resize to the same size returns the same values). The memory layout is
+    kept (channels_last logits give class-innermost maps)."""
+    r = logits[:, :, : image_size[0], : image_size[1]]
+    if (int(height), int(width)) != tuple(r.shape[-2:]):
+        r = F.interpolate(r, size=(int(height), int(width)), mode="bilinear",
+                          align_corners=False)
+    return r[0]
 
 
 class EncoderDecoderSegmentor(nn.Module):
@@ -43,12 +57,15 @@ class EncoderDecoderSegmentor(nn.Module):
 
     Returns:
         * training: dict of scalar losses (``loss_sem_seg_<name>``, ``loss_aux_<name>``).
-        * inference: list (one per image) of dicts with "sem_seg": (K, height, width) logits
-          at the image's original size (padding cropped, then bilinearly resized, with
-          ``sem_seg_postprocess``), K = ``num_classes``, or K = 2 for a binary model
-          (logits [0, z], see :func:`binary_to_two_class_logits`). With a ``postprocessor``,
-          "sem_seg" holds the one-hot (float) post-processed label map and "sem_seg_logits"
-          the raw logits.
+        * inference: list (one per image) of dicts with "sem_seg": (K, height, width) fp32
+          logits at the image's original size (padding cropped, then bilinearly resized, as
+          detectron2's ``sem_seg_postprocess``: :func:`logits_to_output_size`), K =
+          ``num_classes``, or K = 2 for a binary model (logits [0, z], see
+          :func:`binary_to_two_class_logits`). On a CPU they are stored with the classes
+          innermost (:func:`~d2seg.modeling.postprocessing.pixel_major`), so that
+          ``sem_seg.argmax(0)`` (detectron2's evaluator, user code) reads contiguous memory.
+          With a ``postprocessor``, "sem_seg" holds the one-hot (float) post-processed label
+          map and "sem_seg_logits" the raw logits.
     """
 
     head_class = None  # set by subclasses
@@ -165,12 +182,14 @@ class EncoderDecoderSegmentor(nn.Module):
                     image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         """(N, K, Hpad, Wpad) logits -> per image {"sem_seg": (K', h, w)} at original size."""
         out = []
-        for result, inp, size in zip(logits, batched_inputs, image_sizes):
+        for i, (inp, size) in enumerate(zip(batched_inputs, image_sizes)):
             h = inp.get("height", size[0])
             w = inp.get("width", size[1])
-            r = sem_seg_postprocess(result, size, h, w)
+            r = logits_to_output_size(logits[i:i + 1], size, h, w)
             if r.shape[0] == 1:
                 r = binary_to_two_class_logits(r)
+            elif r.device.type == "cpu":
+                r = pixel_major(r)
             if self.postprocessor is None:
                 out.append({"sem_seg": r})
             else:
