@@ -123,10 +123,9 @@ def test_search_threshold_finds_the_best():
     assert res2["dice"] == 0.0  # everything removed
 
 
-def test_meta_arch_applies_post_processing():
-    import d2seg  # noqa: F401
-    from detectron2.modeling import build_model
-
+def _tiny_unet_cfg(num_classes: int):
+    """A CPU UNet config of 4 base channels, depth 2 (no dataset needed)."""
+    import d2seg  # noqa: F401  (registers the model and the config keys)
     from d2seg.config import get_cfg
 
     cfg = get_cfg()
@@ -135,7 +134,14 @@ def test_meta_arch_applies_post_processing():
     cfg.MODEL.BACKBONE.NAME = "build_unet_backbone"
     cfg.MODEL.UNET.BASE_CHANNELS = 4
     cfg.MODEL.UNET.DEPTH = 2
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 1
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    return cfg
+
+
+def test_meta_arch_applies_post_processing():
+    from detectron2.modeling import build_model
+
+    cfg = _tiny_unet_cfg(1)
     cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = True
     cfg.MODEL.SEM_SEG_POSTPROCESS.THRESHOLD = 0.5
     cfg.MODEL.SEM_SEG_POSTPROCESS.MIN_AREA = 3
@@ -224,19 +230,10 @@ def test_pixel_major_keeps_values_and_puts_classes_innermost():
 def test_segmentor_output_matches_detectron2_postprocess(num_classes, hw, out_hw):
     """d2seg's crop + resize gives detectron2's sem_seg_postprocess values, stored with the
     classes innermost on CPU (so argmax(0) is fast), for padded and resized outputs."""
-    import d2seg  # noqa: F401
     from detectron2.modeling import build_model
     from detectron2.modeling.postprocessing import sem_seg_postprocess
 
-    from d2seg.config import get_cfg
-
-    cfg = get_cfg()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.META_ARCHITECTURE = "UNet"
-    cfg.MODEL.BACKBONE.NAME = "build_unet_backbone"
-    cfg.MODEL.UNET.BASE_CHANNELS = 4
-    cfg.MODEL.UNET.DEPTH = 2
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    cfg = _tiny_unet_cfg(num_classes)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     seen = {}
