@@ -77,6 +77,9 @@ def test_flip_tta_averages_with_flipped_prediction():
     got = semantic_logits(model, image, flip=True)
     assert torch.allclose(got, expect, atol=1e-6)
     assert not torch.allclose(got, f(image), atol=1e-4)
+    assert got.stride()[0] == 1  # CPU: classes innermost, so argmax(0) reads contiguously
+    windows = semantic_logits(model, image, (16, 16))
+    assert windows.stride()[0] == 1 and windows.shape == got.shape
 
 
 def test_predictor_sliding_window_on_a_unet():

@@ -11,6 +11,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..modeling.postprocessing import pixel_major
+
 __all__ = ["window_starts", "sliding_window_logits", "semantic_logits"]
 
 
@@ -75,7 +77,8 @@ def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (
     both sides > 0), averaged over test-time views mapped back to the image: with ``flip`` the
     horizontally flipped image, with ``rot90`` the rotations by 90, 180 and 270 degrees (with
     both, the 8 views of the square's symmetry group: for images without a preferred
-    orientation, e.g. microscopy).
+    orientation, e.g. microscopy). On a CPU the result is stored with the classes innermost
+    (:func:`~d2seg.modeling.postprocessing.pixel_major`).
     """
     def once(img: Tensor) -> Tensor:
         if window and min(window) > 0 and (img.shape[-2] > window[0] or img.shape[-1] > window[1]):
@@ -90,4 +93,6 @@ def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (
             out = torch.rot90(out, -k, (-2, -1)) if k else out
             total = out if total is None else total + out
             n += 1
-    return total / n if n > 1 else total
+    total = total / n if n > 1 else total
+    # classes innermost on CPU, as the models return them (argmax(0) reads contiguous memory)
+    return pixel_major(total) if total.device.type == "cpu" else total
