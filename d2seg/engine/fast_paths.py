@@ -350,8 +350,8 @@ def _resolve_inference_amp(cfg, family: str, device: str,
     want = _switch(cfg, "INFERENCE_AMP")
     if want is None:
         # auto: semantic models evaluate in the precision they train in; R-CNN / panoptic ones
-        # in fp32, as detectron2 does and as published AP / PQ are (bf16 moved the demo Mask
-        # R-CNN's AP by up to 0.2 points: docs/benchmarks.md, "Mixed-precision inference")
+        # in fp32, as detectron2 does and as published AP / PQ are (bf16 moved the CPU demo
+        # models' AP by up to 0.4 points: docs/benchmarks.md, "Mixed-precision inference")
         return amp if family == "semantic" else None
     if not want:
         return None
