@@ -44,23 +44,17 @@ def collect(cfg, dataset: str):
     import torch
     from PIL import Image
 
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.modeling import build_model
 
     from d2seg.data.build import build_test_loader
-    from d2seg.engine import fast_paths
-    from d2seg.inference.autocast import use_inference_autocast
+    from d2seg.inference import build_inference_model
     from d2seg.modeling.postprocessing import foreground_probability
 
     if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 2:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: "
                          "the threshold search is for binary problems (1 or 2 classes)")
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    # the precision tools/predict.py and evaluation use (D2SEG.SPEED.INFERENCE_AMP)
-    use_inference_autocast(model, fast_paths.resolve(cfg).inference_amp_dtype)
+    # the model as evaluation and tools/predict.py run it (fast paths, INFERENCE_AMP)
+    model = build_inference_model(cfg)
     gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(dataset)}
     probs, gts = [], []
     with torch.no_grad():

@@ -32,7 +32,7 @@ from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SegPredictor", "is_semantic_model"]
+__all__ = ["SegPredictor", "build_inference_model", "is_semantic_model"]
 
 
 def is_semantic_model(model: nn.Module) -> bool:
@@ -43,29 +43,40 @@ def is_semantic_model(model: nn.Module) -> bool:
     return not isinstance(model, (GeneralizedRCNN, RetinaNet))
 
 
+def build_inference_model(cfg) -> nn.Module:
+    """The model of ``cfg`` as evaluation runs it, in eval mode with ``MODEL.WEIGHTS`` loaded
+    (:class:`d2seg.checkpoint.FinetuneCheckpointer`: d2seg / detectron2 / model-zoo files;
+    random weights with a warning when it is empty).
+
+    It gets ``Trainer.build_model``'s ``D2SEG.SPEED`` plan (``FOLD_NORM``,
+    ``PARALLEL_ROI_ALIGN``, ``CHANNELS_LAST``, ``INFERENCE_AMP``, ...) without
+    ``torch.compile``, because every new image size would recompile. Process-wide switches
+    (cuDNN benchmark, TF32) are left as they are. Gradients are off (predicting only: folded
+    norms are cached on CPU).
+    """
+    model = build_model(cfg)
+    model.eval()
+    model.requires_grad_(False)
+    plan = dataclasses.replace(fast_paths.resolve(cfg), compile=False)
+    fast_paths.prepare_model(model, cfg, plan)
+    if cfg.MODEL.WEIGHTS:
+        FinetuneCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
+    return model
+
+
 class SegPredictor(DefaultPredictor):
     """Like ``DefaultPredictor``: ``predictor(bgr_image (H, W, 3) uint8)`` -> the model's output
     dict for one image at its original size ("sem_seg" (K, H, W) logits, "instances",
     "panoptic_seg")."""
 
     def __init__(self, cfg):
-        # DefaultPredictor.__init__, with d2seg's loader and TTA wrapper
+        # DefaultPredictor.__init__, with d2seg's model preparation, loader and TTA wrapper
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
-        self.model.eval()
-        self.model.requires_grad_(False)  # predicting only (CPU: folds cached; CUDA: unfolded)
-        # The model evaluation runs (Trainer.build_model's D2SEG.SPEED plan: FOLD_NORM,
-        # PARALLEL_ROI_ALIGN, CHANNELS_LAST, INFERENCE_AMP, ...) without torch.compile: every
-        # new image size would recompile. Process-wide switches (cuDNN benchmark, TF32) are
-        # left as they are.
-        plan = dataclasses.replace(fast_paths.resolve(self.cfg), compile=False)
-        fast_paths.prepare_model(self.model, self.cfg, plan)
+        self.model = build_inference_model(self.cfg)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        if cfg.MODEL.WEIGHTS:
-            FinetuneCheckpointer(self.model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-        else:
-            logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
         # detectron2's test-time resize, skipped where the size stays (no PIL round trip)
         self.aug = ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
