@@ -190,6 +190,23 @@ def test_semantic_fpn_upsamples_fp32_logits_under_autocast():
     with torch.no_grad():
         out = model(_inputs(1))
     assert seen == [torch.float32] and out[0]["sem_seg"].dtype == torch.float32
+    # detectron2's SemanticSegmentor returns (K, H, W)-contiguous maps; on CPU the prepared
+    # model hands them over classes-innermost (fast argmax(0) in the evaluators)
+    assert out[0]["sem_seg"].stride()[0] == 1
+
+
+def test_pixel_major_outputs_hook_only_touches_eval_sem_seg():
+    from d2seg.modeling.postprocessing import use_pixel_major_outputs
+
+    class Toy(nn.Module):
+        def forward(self, x):
+            return [{"sem_seg": torch.randn(3, 5, 7), "other": torch.randn(3, 5, 7)}]
+
+    toy = use_pixel_major_outputs(use_pixel_major_outputs(Toy()))
+    assert len(toy._forward_hooks) == 1  # registered once
+    out = toy.eval()(None)[0]
+    assert out["sem_seg"].stride() == (1, 21, 3) and out["other"].is_contiguous()
+    assert toy.train()(None)[0]["sem_seg"].is_contiguous()
 
 
 def test_predictor_prepares_the_model_as_evaluation_does(tmp_path):

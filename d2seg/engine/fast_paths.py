@@ -813,6 +813,10 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
       (bilinear feature resizing as matrix products).
     * ``D2SEG.SPEED.INFERENCE_AMP``: :func:`d2seg.inference.autocast.use_inference_autocast`
       (eval-mode calls under autocast, outputs in fp32; "auto": semantic models only).
+    * on CPU, semantic and panoptic models:
+      :func:`d2seg.modeling.postprocessing.use_pixel_major_outputs` (eval outputs' "sem_seg"
+      stored classes-innermost, so that ``argmax(0)`` is fast; d2seg's segmentors do it
+      themselves, detectron2's ``SemanticSegmentor`` / ``PanopticFPN`` get it here).
 
     Call it after the model is on its device and frozen, before DDP wrapping.
     """
@@ -848,6 +852,11 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
             sub = _get_submodule(model, path)
             compile_module(sub, path if path not in ("", ".") else type(model).__name__,
                            mode=plan.compile_mode, backend=plan.compile_backend)
+    if plan.device == "cpu" and plan.family in ("semantic", "panoptic"):
+        # evaluators' argmax(0) over "sem_seg" reads contiguous memory (15x faster on CPU)
+        from ..modeling.postprocessing import use_pixel_major_outputs
+
+        use_pixel_major_outputs(model)
     if plan.inference_amp_dtype is not None:  # outermost: around a compiled whole model too
         from ..inference.autocast import use_inference_autocast
 

@@ -18,6 +18,7 @@ from detectron2.config import configurable
 __all__ = [
     "class_labels",
     "pixel_major",
+    "use_pixel_major_outputs",
     "morphological_open",
     "morphological_close",
     "remove_small_regions",
@@ -51,6 +52,28 @@ def pixel_major(logits: Tensor) -> Tensor:
     if logits.dim() != 3 or logits.shape[0] == 1 or logits.stride(0) == 1:
         return logits
     return logits.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def _pixel_major_hook(module, inputs, outputs):
+    """Forward hook: eval-mode CPU outputs' "sem_seg" maps stored classes-innermost."""
+    if module.training or not isinstance(outputs, list):
+        return None
+    for out in outputs:
+        if isinstance(out, dict) and isinstance(out.get("sem_seg"), Tensor) \
+                and out["sem_seg"].device.type == "cpu":
+            out["sem_seg"] = pixel_major(out["sem_seg"])
+    return None
+
+
+def use_pixel_major_outputs(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model``'s eval-mode CPU outputs carry ``"sem_seg"`` stored with the classes
+    innermost (:func:`pixel_major`; same values), for meta-architectures that do not return
+    them so already (detectron2's ``SemanticSegmentor`` and ``PanopticFPN``; d2seg's
+    segmentors do). A forward hook, registered once; returns ``model``."""
+    if not getattr(model, "_d2seg_pixel_major", False):
+        model.register_forward_hook(_pixel_major_hook)
+        model._d2seg_pixel_major = True
+    return model
 
 
 def _kernel(size: int) -> np.ndarray:
