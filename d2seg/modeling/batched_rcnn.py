@@ -53,7 +53,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
 
-from ..utils.threads import run_in_parallel
+from ..utils.threads import chunk_bounds, run_in_parallel
 
 __all__ = ["batched_pairwise_iou", "batched_match", "sample_subsets", "rpn_label_and_sample",
            "rpn_losses", "find_top_proposals", "rpn_predict_proposals",
@@ -299,8 +299,7 @@ def _nms_per_image(per_image: List[Tuple[Tensor, Tensor, Tensor]], nms_thresh: f
     n, threads = len(per_image), torch.get_num_threads()
     if n < 2 or threads < 2 or per_image[0][0].device.type != "cpu":
         return nms(per_image)
-    step = -(-n // min(threads, n))
-    parts = [per_image[a:a + step] for a in range(0, n, step)]
+    parts = [per_image[a:b] for a, b in chunk_bounds(n, min(threads, n))]
     return [k for out in run_in_parallel([lambda p=p: nms(p) for p in parts]) for k in out]
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Sequence, TypeVar
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-__all__ = ["run_in_parallel"]
+__all__ = ["run_in_parallel", "chunk_bounds"]
 
 T = TypeVar("T")
 
@@ -29,6 +29,13 @@ def _pool(workers: int) -> ThreadPoolExecutor:
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d2seg_cpu")
             _POOL_SIZE = workers
         return _POOL
+
+
+def chunk_bounds(length: int, chunks: int) -> List[Tuple[int, int]]:
+    """``[0, length)`` split into at most ``chunks`` runs of consecutive indices ``(a, b)``,
+    all of ``ceil(length / chunks)`` except the last."""
+    step = -(-length // chunks)
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
 def run_in_parallel(tasks: Sequence[Callable[[], T]]) -> List[T]:

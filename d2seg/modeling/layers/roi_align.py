@@ -30,7 +30,7 @@ from torch.nn.modules.utils import _pair
 
 from detectron2.layers import ROIAlign
 
-from ...utils.threads import run_in_parallel
+from ...utils.threads import chunk_bounds, run_in_parallel
 
 __all__ = ["ParallelROIAlign", "use_parallel_roi_align", "parallel_chunks",
            "MIN_CHANNELS_PER_CHUNK"]
@@ -46,11 +46,6 @@ def parallel_chunks(channels: int, threads: Optional[int] = None) -> int:
     return max(1, min(threads, channels // MIN_CHANNELS_PER_CHUNK))
 
 
-def _bounds(channels: int, chunks: int) -> List[Tuple[int, int]]:
-    step = -(-channels // chunks)
-    return [(a, min(a + step, channels)) for a in range(0, channels, step)]
-
-
 def _run_chunks(fn, bounds: List[Tuple[int, int]]) -> List[Tensor]:
     """``fn(a, b)`` for every chunk at once (:func:`d2seg.utils.threads.run_in_parallel`: no
     autograd recording in any chunk)."""
@@ -64,7 +59,7 @@ class _ChannelSplitROIAlign(torch.autograd.Function):
     def forward(ctx, input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                 pooled_w: int, sampling_ratio: int, aligned: bool, chunks: int) -> Tensor:
         n, c, h, w = input.shape
-        bounds = _bounds(c, chunks)
+        bounds = chunk_bounds(c, chunks)
         outs = _run_chunks(lambda a, b: torch.ops.torchvision.roi_align(
             input[:, a:b], rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned),
             bounds)
