@@ -1,14 +1,18 @@
-"""CPU ROIAlign: torchvision's single-threaded kernels against
-``D2SEG.SPEED.PARALLEL_ROI_ALIGN`` (``d2seg/modeling/layers/roi_align.py``).
+"""CPU ROIAlign: torchvision's single-threaded kernels against d2seg's
+``D2SEG.SPEED.PARALLEL_ROI_ALIGN`` and ``D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD``
+(``d2seg/modeling/layers/roi_align.py``).
 
-Two measurements, each with the switch on and off in turns in one process:
+Two measurements, each with the variants in turns in one process:
 
 1. the training step of a Mask R-CNN config (default: ``make demo``'s R18-FPN) through the
-   benchmark harness's ``D2SegSubject`` (d2seg's trainer on a fixed synthetic batch);
+   benchmark harness's ``D2SegSubject`` (d2seg's trainer on a fixed synthetic batch), with
+   the key ``--switch`` on and off (the other key at the config's value);
 2. ROIAlign alone, forward + backward, at that model's pooler shapes (the box head's 7x7 and
-   the mask head's 14x14 on the FPN's stride-4 level).
+   the mask head's 14x14 on the FPN's stride-4 level): torchvision, the channels split over
+   threads, and the split with the sparse input gradient.
 
     python benchmarks/roi_align_cpu.py --json out.json
+    python benchmarks/roi_align_cpu.py --switch SPARSE_ROI_ALIGN_GRAD --json out.json
 
 Prints the medians and the ratios; ``--json`` writes them with the settings and the machine.
 """
@@ -44,7 +48,10 @@ def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
     xy = torch.rand(rois, 2, generator=g) * args.size * 0.8
     wh = torch.rand(rois, 2, generator=g) * args.size * 0.2 + 2
     boxes = torch.cat([b, xy, xy + wh], 1)
+    sparse = ParallelROIAlign((size, size), feat / args.size, 2, True)
+    sparse.sparse_grad = True
     mods = {"parallel": ParallelROIAlign((size, size), feat / args.size, 2, True),
+            "parallel_sparse_grad": sparse,
             "torchvision": ROIAlign((size, size), feat / args.size, 2, True)}
 
     def run(m):
@@ -61,6 +68,9 @@ def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config-file", default=CONFIG)
+    ap.add_argument("--switch", default="PARALLEL_ROI_ALIGN",
+                    choices=("PARALLEL_ROI_ALIGN", "SPARSE_ROI_ALIGN_GRAD"),
+                    help="the D2SEG.SPEED key the training step is measured on and off with")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=256, help="square synthetic image side")
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
@@ -75,7 +85,7 @@ def main() -> None:
     out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
            "torch_threads": torch.get_num_threads()}
     logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
-    step = step_ab(args.config_file, "D2SEG.SPEED.PARALLEL_ROI_ALIGN", ["on", "off"],
+    step = step_ab(args.config_file, f"D2SEG.SPEED.{args.switch}", ["on", "off"],
                    args.precision, args.batch, args.size, args.warmup, args.rounds, args.iters,
                    args.opts)
     c = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + args.opts)
@@ -88,16 +98,21 @@ def main() -> None:
     out["train_step_s"] = step
     out["train_step_speedup"] = med(step["off"]) / med(step["on"])
     out["roi_align_fwd_bwd_s"] = ops
+    out["switch"] = args.switch
     out["roi_align_speedup"] = {k: med(v["torchvision"]) / med(v["parallel"])
                                 for k, v in ops.items()}
+    out["roi_align_sparse_grad_speedup"] = {
+        k: med(v["torchvision"]) / med(v["parallel_sparse_grad"]) for k, v in ops.items()}
     print(f"{os.path.basename(args.config_file)}, batch {args.batch}, {args.size} px, "
           f"{args.precision}, {out['torch_threads']} torch threads")
-    print(f"train step: {med(step['on']):.3f} s with PARALLEL_ROI_ALIGN on, "
+    print(f"train step: {med(step['on']):.3f} s with {args.switch} on, "
           f"{med(step['off']):.3f} s off: {out['train_step_speedup']:.2f}x")
     for k, v in ops.items():
-        print(f"ROIAlign {k} forward + backward: {1e3 * med(v['parallel']):.1f} ms parallel, "
-              f"{1e3 * med(v['torchvision']):.1f} ms torchvision: "
-              f"{out['roi_align_speedup'][k]:.2f}x")
+        print(f"ROIAlign {k} forward + backward: {1e3 * med(v['torchvision']):.1f} ms "
+              f"torchvision, {1e3 * med(v['parallel']):.1f} ms parallel "
+              f"({out['roi_align_speedup'][k]:.2f}x), "
+              f"{1e3 * med(v['parallel_sparse_grad']):.1f} ms parallel + sparse gradient "
+              f"({out['roi_align_sparse_grad_speedup'][k]:.2f}x)")
     write_json(args.json, out)
 
 

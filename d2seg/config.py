@@ -349,6 +349,11 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # (d2seg/modeling/layers/roi_align.py). "auto": on for CPU training and inference; on CUDA
     # the layer is detectron2's.
     cfg.D2SEG.SPEED.PARALLEL_ROI_ALIGN = "auto"
+    # ROIAlign's input gradient on CPU as one sparse-dense matrix product (the bilinear
+    # weights computed once per sampling point) instead of torchvision's CPU backward, which
+    # recomputes them for every channel on one thread: the same gradient up to float rounding
+    # (d2seg/modeling/layers/roi_align.py). "auto": on for CPU training; never on CUDA.
+    cfg.D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD = "auto"
     # Each training sample's tensors (image, labels, boxes, ...) copied into one buffer in the
     # loader worker, so the sample reaches the training process as one shared-memory block
     # instead of one per tensor (d2seg/data/pack.py). "auto": on with DATALOADER.NUM_WORKERS > 0.

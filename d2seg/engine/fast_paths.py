@@ -185,6 +185,7 @@ class SpeedPlan:
     matmul_resize: bool = False  # d2seg/modeling/layers/resize.py
     rcnn_indexed_masks: bool = False  # d2seg/modeling/indexed_masks.py
     parallel_roi_align: bool = False  # d2seg/modeling/layers/roi_align.py
+    sparse_roi_align_grad: bool = False  # d2seg/modeling/layers/roi_align.py
     pack_samples: bool = False  # d2seg/data/pack.py
     sharing_strategy: str = ""  # torch.multiprocessing sharing strategy; "" = leave as is
     inference_amp_dtype: Optional[torch.dtype] = None  # eval-mode autocast; None = fp32
@@ -466,6 +467,10 @@ def resolve(cfg) -> SpeedPlan:
     # auto: on CPUs (torchvision's CPU ROIAlign runs on one thread; bit-identical results;
     # make demo's step: docs/benchmarks.md, Fast paths); a CUDA ROIAlign is left alone
     par_roi = (not cuda) if par_roi is None else par_roi
+    sparse_roi = _switch(cfg, "SPARSE_ROI_ALIGN_GRAD")
+    # auto: on CPUs (ROIAlign's backward as one sparse matrix product; make demo's step:
+    # docs/benchmarks.md, Fast paths); CUDA keeps torchvision's kernels whatever the value
+    sparse_roi = (not cuda) if sparse_roi is None else (sparse_roi and not cuda)
     fold = _switch(cfg, "FOLD_NORM")
     # auto: on for every family and device: the same results with one pass over memory per
     # fixed norm instead of three (measured on the CPU; docs/benchmarks.md "Fast paths")
@@ -512,6 +517,7 @@ def resolve(cfg) -> SpeedPlan:
                      nonfinite_check=check, compact_labels=bool(compact),
                      rcnn_sync_free=bool(sync_free), rcnn_batched=bool(batched),
                      rcnn_indexed_masks=bool(indexed), parallel_roi_align=bool(par_roi),
+                     sparse_roi_align_grad=bool(sparse_roi),
                      fold_norm=bool(fold), matmul_resize=bool(mresize),
                      pack_samples=bool(pack), sharing_strategy=sharing,
                      inference_amp_dtype=infer_amp, notes=notes)
@@ -534,7 +540,9 @@ def describe(cfg) -> str:
             f"compact_labels={onoff[p.compact_labels]} rcnn_sync_free={onoff[p.rcnn_sync_free]} "
             f"rcnn_batched={onoff[p.rcnn_batched]} "
             f"rcnn_indexed_masks={onoff[p.rcnn_indexed_masks]} "
-            f"parallel_roi_align={onoff[p.parallel_roi_align]} fold_norm={onoff[p.fold_norm]} "
+            f"parallel_roi_align={onoff[p.parallel_roi_align]} "
+            f"sparse_roi_align_grad={onoff[p.sparse_roi_align_grad]} "
+            f"fold_norm={onoff[p.fold_norm]} "
             f"matmul_resize={onoff[p.matmul_resize]} "
             f"pack_samples={onoff[p.pack_samples]} "
             f"sharing_strategy={p.sharing_strategy or 'default'}")
@@ -807,6 +815,8 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
     * ``D2SEG.SPEED.PARALLEL_ROI_ALIGN``:
       :func:`d2seg.modeling.layers.roi_align.use_parallel_roi_align` (CPU ROIAlign with its
       channels split over the intra-op threads).
+    * ``D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD``: the same layer's input gradient as a sparse
+      matrix product (:func:`d2seg.modeling.layers.roi_align.roi_align_grad_matrix`).
     * ``D2SEG.SPEED.FOLD_NORM``: :func:`d2seg.modeling.fold_norm.fold_norms` (frozen and
       eval-mode BatchNorms folded into the convolution before them).
     * ``D2SEG.SPEED.MATMUL_RESIZE``: :func:`d2seg.modeling.layers.resize.use_matmul_resize`
@@ -833,10 +843,11 @@ def prepare_model(model: nn.Module, cfg, plan: Optional[SpeedPlan] = None) -> nn
         from ..modeling.indexed_masks import make_mask_targets_indexed
 
         make_mask_targets_indexed(model)
-    if plan.parallel_roi_align:
+    if plan.parallel_roi_align or plan.sparse_roi_align_grad:
         from ..modeling.layers.roi_align import use_parallel_roi_align
 
-        use_parallel_roi_align(model)
+        use_parallel_roi_align(model, split_channels=plan.parallel_roi_align,
+                               sparse_grad=plan.sparse_roi_align_grad)
     if plan.fold_norm:
         from ..modeling.fold_norm import fold_norms
 

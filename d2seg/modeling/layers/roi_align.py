@@ -1,4 +1,5 @@
-"""ROIAlign on CPU with its channels split over threads (``D2SEG.SPEED.PARALLEL_ROI_ALIGN``).
+"""ROIAlign for CPUs: the channels split over threads (``D2SEG.SPEED.PARALLEL_ROI_ALIGN``) and
+the input gradient as a sparse matrix product (``D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD``).
 
 torchvision's CPU ``roi_align`` kernels, forward and backward, run on one thread whatever
 ``torch.get_num_threads()`` says: they loop over regions, channels and sampling points with
@@ -7,14 +8,26 @@ channel. On the 2-core development CPU (AMD EPYC, 2026-11-27) profiling a traini
 ``make demo``'s Mask R-CNN R18-FPN (batch 4, 256 px) put ``_roi_align_backward`` third among
 all operators: 223 ms of a 1.37 s step, the only large one running on a single core.
 
-Each channel is computed on its own in both directions (the regions, sampling points and
-weights are the same for every channel), so the channels can be split into as many chunks as
-torch has intra-op threads and the chunks run at once, the kernel releasing the GIL. The
-result is bit-identical to torchvision's: every output and gradient element comes from the
-same arithmetic in the same order. Where the split cannot help or cannot reproduce
-torchvision exactly, the layer calls detectron2's ``ROIAlign.forward`` unchanged: CUDA or
-other devices, one intra-op thread, fewer than ``2 * MIN_CHANNELS_PER_CHUNK`` channels,
-quantised input, or a reduced-precision input outside autocast.
+*Channel split.* Each channel is computed on its own in both directions (the regions,
+sampling points and weights are the same for every channel), so the channels can be split
+into as many chunks as torch has intra-op threads and the chunks run at once, the kernel
+releasing the GIL. The result is bit-identical to torchvision's: every output and gradient
+element comes from the same arithmetic in the same order.
+
+*Sparse gradient.* ROIAlign is linear in its input, so its backward is one product with the
+transposed sampling matrix (:func:`roi_align_grad_matrix`): the weights are computed once per
+sampling point instead of once per point and channel, and the product runs on every thread.
+The matrix's entries for each input position keep torchvision's order, so where every bin
+has a power-of-two number of samples (a fixed ``sampling_ratio`` of 1, 2 or 4, as in d2seg's
+CPU configs) the gradient was bit-identical to torchvision's in every test on the
+development CPU; with the adaptive grid (``sampling_ratio`` 0) a bin's sample count can be
+3, 5, ... and the division by it rounds differently (relative differences about 1e-7).
+The forward stays torchvision's in both cases.
+
+Where neither can help or reproduce torchvision, the layer calls detectron2's
+``ROIAlign.forward`` unchanged: CUDA or other devices, quantised input, a reduced-precision
+input outside autocast, and, for the split, one intra-op thread or fewer than
+``2 * MIN_CHANNELS_PER_CHUNK`` channels (without a gradient to compute).
 
 :func:`use_parallel_roi_align` switches every detectron2 ``ROIAlign`` of a model (the ROI
 heads' poolers) to :class:`ParallelROIAlign`; ``state_dict`` is unchanged (ROIAlign has no
@@ -22,6 +35,7 @@ parameters).
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -33,10 +47,15 @@ from detectron2.layers import ROIAlign
 from ...utils.threads import chunk_bounds, run_in_parallel
 
 __all__ = ["ParallelROIAlign", "use_parallel_roi_align", "parallel_chunks",
-           "MIN_CHANNELS_PER_CHUNK"]
+           "roi_align_grad_matrix", "MIN_CHANNELS_PER_CHUNK", "MAX_SPARSE_ENTRIES"]
 
 #: Fewer channels per chunk than this are not worth a thread hand-off.
 MIN_CHANNELS_PER_CHUNK = 8
+
+#: Largest sparse gradient matrix (entries: regions x bins x samples per bin x 4) that
+#: ``sparse_grad`` builds (about 60 bytes each while it is built: at most ~250 MB); beyond it
+#: the backward is torchvision's kernel. ``make demo``'s box head: 0.4 M entries per batch.
+MAX_SPARSE_ENTRIES = 1 << 22
 
 
 def parallel_chunks(channels: int, threads: Optional[int] = None) -> int:
@@ -52,43 +71,180 @@ def _run_chunks(fn, bounds: List[Tuple[int, int]]) -> List[Tensor]:
     return run_in_parallel([lambda a=a, b=b: fn(a, b) for a, b in bounds])
 
 
-class _ChannelSplitROIAlign(torch.autograd.Function):
-    """torchvision's ``roi_align`` / ``_roi_align_backward`` on channel chunks in parallel."""
+def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                          sampling_ratio: int, aligned: bool, n: int, h: int, w: int,
+                          max_entries: int = MAX_SPARSE_ENTRIES) -> Optional[Tensor]:
+    """ROIAlign's bilinear sampling as a sparse matrix, transposed for the backward.
+
+    ``roi_align(x)`` is linear in ``x``: with ``x`` laid out as ``X`` (N*H*W, C) (channels
+    innermost) and the output as ``Y`` (R*ph*pw, C), ``Y = M @ X`` where row ``(r, py, px)`` of
+    ``M`` holds, for every sampling point of that bin, the four bilinear weights divided by the
+    bin's sample count (torchvision's arithmetic: the same sampling points, the same clamping
+    at the borders, points more than one pixel outside the map dropped, the adaptive grid
+    ``ceil(bin size)`` where ``sampling_ratio`` is 0). The input gradient is then
+    ``M.T @ dY``: one sparse-dense product instead of torchvision's CPU backward, which
+    recomputes every weight for every channel on one thread.
+
+    Args:
+        rois: (R, 5) rows of (batch index, x0, y0, x1, y1), float32 or float64.
+        n, h, w: the feature map's batch size, height and width.
+        max_entries: above this many matrix entries (R*ph*pw * samples per bin * 4) return
+            None (the caller runs torchvision's backward instead).
+
+    Returns:
+        ``M.T`` as a sparse CSR tensor (N*H*W, R*ph*pw) of ``rois.dtype``, or None. A column
+        can appear more than once in a row (two sampling points sharing a pixel): the product
+        sums every entry, in torchvision's order.
+    """
+    r = rois.shape[0]
+    dt, dev = rois.dtype, rois.device
+    off = 0.5 if aligned else 0.0
+    batch = rois[:, 0].long()
+    x0 = rois[:, 1] * spatial_scale - off
+    y0 = rois[:, 2] * spatial_scale - off
+    rw = rois[:, 3] * spatial_scale - off - x0
+    rh = rois[:, 4] * spatial_scale - off - y0
+    if not aligned:  # torchvision's legacy mode: regions at least 1x1
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    bin_h, bin_w = rh / pooled_h, rw / pooled_w
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((r,), sampling_ratio, dtype=torch.long, device=dev)
+        gh_max = gw_max = sampling_ratio
+    else:
+        grid_h, grid_w = bin_h.ceil().long(), bin_w.ceil().long()
+        gh_max = int(grid_h.max()) if r else 1
+        gw_max = int(grid_w.max()) if r else 1
+        gh_max, gw_max = max(gh_max, 1), max(gw_max, 1)
+    if r * pooled_h * pooled_w * gh_max * gw_max * 4 > max_entries:
+        return None
+    count = (grid_h * grid_w).clamp(min=1).to(dt)
+
+    def axis(start: Tensor, size: Tensor, grid: Tensor, pooled: int, g_max: int, length: int):
+        # sampling coordinates (R, pooled, g_max) along one axis, as torchvision computes them
+        p = torch.arange(pooled, dtype=dt, device=dev).view(1, pooled, 1)
+        i = torch.arange(g_max, dtype=dt, device=dev).view(1, 1, g_max)
+        c = (start.view(-1, 1, 1) + p * size.view(-1, 1, 1)
+             + (i + 0.5) * size.view(-1, 1, 1) / grid.clamp(min=1).to(dt).view(-1, 1, 1))
+        keep = (c >= -1.0) & (c <= length) & (i < grid.view(-1, 1, 1))
+        c = c.clamp(min=0)
+        lo = c.long()  # c >= 0: truncation is the floor
+        edge = lo >= length - 1
+        lo = lo.clamp(max=length - 1)
+        hi = torch.where(edge, lo, lo + 1)
+        frac = torch.where(edge, torch.zeros_like(c), c - lo.to(dt))
+        weight = torch.stack([1 - frac, frac], -1) * keep.unsqueeze(-1)  # (R, P, G, 2)
+        return torch.stack([lo, hi], -1), weight
+
+    yi, yw = axis(y0, bin_h, grid_h, pooled_h, gh_max, h)
+    xi, xw = axis(x0, bin_w, grid_w, pooled_w, gw_max, w)
+    # entries (R, ph, pw, gh, gw, 2, 2): y corner index, x corner index
+    shape = (r, pooled_h, pooled_w, gh_max, gw_max, 2, 2)
+    yi = yi.view(r, pooled_h, 1, gh_max, 1, 2, 1)
+    xi = xi.view(r, 1, pooled_w, 1, gw_max, 1, 2)
+    cols = (batch.view(r, 1, 1, 1, 1, 1, 1) * (h * w) + yi * w + xi).expand(shape)
+    vals = (yw.view(r, pooled_h, 1, gh_max, 1, 2, 1) * xw.view(r, 1, pooled_w, 1, gw_max, 1, 2)
+            / count.view(r, 1, 1, 1, 1, 1, 1)).expand(shape)
+    rows = torch.arange(r * pooled_h * pooled_w, device=dev).view(r, pooled_h, pooled_w, 1, 1,
+                                                                   1, 1).expand(shape)
+    # M.T in CSR: entries ordered by input position (a stable sort keeps, for each position,
+    # torchvision's order of regions, bins, samples and corners); entries of weight 0 (points
+    # outside the map, padding of the adaptive grid) sorted past the end and dropped
+    size = n * h * w
+    vals = vals.reshape(-1)
+    key = torch.where(vals != 0, cols.reshape(-1), size)
+    key, order = torch.sort(key, stable=True)
+    kept = int(torch.searchsorted(key, size))
+    key, order = key[:kept], order[:kept]
+    crow = torch._convert_indices_from_coo_to_csr(key, size)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, rows.reshape(-1)[order], vals[order],
+                                       (size, r * pooled_h * pooled_w), check_invariants=False)
+
+
+def _sparse_input_grad(grad: Tensor, rois: Tensor, meta: tuple, channels_last: bool
+                       ) -> Optional[Tensor]:
+    """The input gradient of ROIAlign as ``M.T @ grad`` (:func:`roi_align_grad_matrix`), in
+    the input's memory format; None where the matrix would be too large."""
+    n, h, w, scale, ph, pw, sr, aligned = meta
+    c = grad.shape[1]
+    m = roi_align_grad_matrix(rois, scale, ph, pw, sr, aligned, n, h, w)
+    if m is None:
+        return None
+    g = grad.permute(0, 2, 3, 1).reshape(-1, c)  # (R*ph*pw, C), channels innermost
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        gi = (m @ g).view(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W), channels_last strides
+    return gi if channels_last else gi.contiguous()
+
+
+class _CPUROIAlign(torch.autograd.Function):
+    """torchvision's ``roi_align`` (on channel chunks in parallel where ``len(bounds) > 1``);
+    the backward as torchvision's ``_roi_align_backward`` on the same chunks, or, with
+    ``sparse_grad``, as one sparse-dense matrix product (:func:`roi_align_grad_matrix`)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
-                pooled_w: int, sampling_ratio: int, aligned: bool, chunks: int) -> Tensor:
+                pooled_w: int, sampling_ratio: int, aligned: bool, chunks: int,
+                sparse_grad: bool) -> Tensor:
         n, c, h, w = input.shape
         bounds = chunk_bounds(c, chunks)
-        outs = _run_chunks(lambda a, b: torch.ops.torchvision.roi_align(
-            input[:, a:b], rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned),
-            bounds)
+
+        def pool(a: int, b: int) -> Tensor:
+            return torch.ops.torchvision.roi_align(
+                input[:, a:b] if (a, b) != (0, c) else input, rois, spatial_scale, pooled_h,
+                pooled_w, sampling_ratio, aligned)
+
+        out = pool(0, c) if len(bounds) == 1 else torch.cat(_run_chunks(pool, bounds), 1)
         ctx.save_for_backward(rois)
-        ctx.meta = (n, h, w, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, bounds)
-        return torch.cat(outs, 1)
+        ctx.meta = (n, h, w, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+        ctx.bounds, ctx.sparse_grad = bounds, sparse_grad
+        ctx.channels_last = (input.is_contiguous(memory_format=torch.channels_last)
+                             and not input.is_contiguous())
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rois,) = ctx.saved_tensors
-        n, h, w, scale, ph, pw, sr, aligned, bounds = ctx.meta
-        grads = _run_chunks(lambda a, b: torch.ops.torchvision._roi_align_backward(
-            grad[:, a:b].contiguous(), rois, scale, ph, pw, n, b - a, h, w, sr, aligned),
-            bounds)
-        return torch.cat(grads, 1), None, None, None, None, None, None, None
+        none = (None,) * 8
+        if ctx.sparse_grad:
+            gi = _sparse_input_grad(grad, rois, ctx.meta, ctx.channels_last)
+            if gi is not None:
+                return (gi,) + none
+        n, h, w, scale, ph, pw, sr, aligned = ctx.meta
+
+        def unpool(a: int, b: int) -> Tensor:
+            return torch.ops.torchvision._roi_align_backward(
+                grad[:, a:b].contiguous(), rois, scale, ph, pw, n, b - a, h, w, sr, aligned)
+
+        if len(ctx.bounds) == 1:
+            return (unpool(*ctx.bounds[0]),) + none
+        return (torch.cat(_run_chunks(unpool, ctx.bounds), 1),) + none
 
 
 class ParallelROIAlign(ROIAlign):
-    """detectron2's ``ROIAlign`` whose CPU forward and backward split the channels over
-    torch's intra-op threads (see the module docstring); same arguments and results.
+    """detectron2's ``ROIAlign`` for CPUs (see the module docstring); same arguments and,
+    forward, the same results.
 
     ``forward(input, rois)``: input (N, C, H, W) feature map, rois (R, 5) rows of (batch
     index, x0, y0, x1, y1) in input-image coordinates; returns (R, C, *output_size), in train
     and eval mode alike.
+
+    Attributes (set by :func:`use_parallel_roi_align`):
+        split_channels: run the channels in chunks on torch's intra-op threads (bit-identical).
+        sparse_grad: compute the input gradient as a sparse matrix product
+            (:func:`roi_align_grad_matrix`; the same gradient up to float rounding).
     """
 
+    split_channels: bool = True
+    sparse_grad: bool = False
+
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
-        chunks = parallel_chunks(input.shape[1]) if input.dim() == 4 else 1
-        if input.device.type != "cpu" or chunks < 2 or input.is_quantized:
+        if input.device.type != "cpu" or input.dim() != 4 or input.is_quantized:
+            return super().forward(input, rois)
+        chunks = parallel_chunks(input.shape[1]) if self.split_channels else 1
+        sparse = self.sparse_grad and input.requires_grad and torch.is_grad_enabled()
+        if chunks < 2 and not sparse:
             return super().forward(input, rois)
         assert rois.dim() == 2 and rois.size(1) == 5
         rois = rois.to(dtype=input.dtype)  # as detectron2 does, before any autocast cast
@@ -101,18 +257,20 @@ class ParallelROIAlign(ROIAlign):
         elif orig not in (torch.float32, torch.float64):
             return super().forward(input, rois)
         ph, pw = _pair(self.output_size)
-        out = _ChannelSplitROIAlign.apply(input, rois, float(self.spatial_scale), int(ph),
-                                          int(pw), int(self.sampling_ratio),
-                                          bool(self.aligned), chunks)
+        out = _CPUROIAlign.apply(input, rois, float(self.spatial_scale), int(ph), int(pw),
+                                 int(self.sampling_ratio), bool(self.aligned), chunks, sparse)
         return out.to(orig)
 
 
-def use_parallel_roi_align(model: nn.Module) -> int:
+def use_parallel_roi_align(model: nn.Module, split_channels: bool = True,
+                           sparse_grad: bool = False) -> int:
     """Switch every detectron2 ``ROIAlign`` in ``model`` (exactly that class, not its other
-    subclasses) to :class:`ParallelROIAlign`; returns how many were switched."""
+    subclasses; also those switched before, to the new settings) to
+    :class:`ParallelROIAlign` with the given options; returns how many were switched."""
     n = 0
     for m in model.modules():
-        if type(m) is ROIAlign:
+        if type(m) in (ROIAlign, ParallelROIAlign):
             m.__class__ = ParallelROIAlign
+            m.split_channels, m.sparse_grad = bool(split_channels), bool(sparse_grad)
             n += 1
     return n
