@@ -163,6 +163,26 @@ def test_wrapping_twice_replaces_the_dtype_and_fp16_on_cpu_runs_fp32():
         InferenceAutocast(model, torch.float32)
 
 
+def test_copies_and_pickles_keep_autocasting_their_own_model():
+    """deepcopy (EMA / SWA copies) and torch.save / torch.load of the whole module rebind the
+    wrapper to the copy, which autocasts and never recurses into the wrapper."""
+    import io
+
+    model = _built()
+    use_inference_autocast(model, torch.bfloat16)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert other is not model and other.forward.module is other
+        assert other.forward.eager.__self__ is other
+        assert inference_autocast_dtype(other) == torch.bfloat16
+        probe = _AutocastProbe(other.backbone)
+        with torch.no_grad():
+            out = other(_inputs(1))
+        assert probe.seen == [True] and out[0]["sem_seg"].dtype == torch.float32
+
+
 def test_tracing_sees_the_fp32_forward():
     conv = nn.Conv2d(3, 4, 3).eval()
     use_inference_autocast(conv, torch.bfloat16)
