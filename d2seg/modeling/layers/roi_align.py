@@ -155,7 +155,8 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
     key, order = torch.sort(key, stable=True)
     kept = int(torch.searchsorted(key, size))
     key, order = key[:kept], order[:kept]
-    crow = torch._convert_indices_from_coo_to_csr(key, size)
+    crow = torch.zeros(size + 1, dtype=torch.long, device=dev)
+    torch.cumsum(torch.bincount(key, minlength=size), 0, out=crow[1:])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, rows.reshape(-1)[order], vals[order],
