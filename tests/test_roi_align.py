@@ -94,7 +94,10 @@ def test_sparse_gradient_with_the_adaptive_grid_matches_to_rounding(two_threads,
     big = torch.cat([torch.randint(0, 2, (20, 1), generator=g).float(),
                      torch.rand(20, 2, generator=g) * 60,
                      torch.rand(20, 2, generator=g) * 60 + 70], 1)  # grids of 3-6 per bin
-    rois = torch.cat([_rois(2, 40), big]).to(dtype)
+    degenerate = torch.tensor([[0, 30.0, 40, 30, 40],    # empty: no sampling point
+                               [1, 50.0, 60, 40, 55],    # reversed corners
+                               [1, -90.0, -90, -70, -60]])  # outside the map
+    rois = torch.cat([_rois(2, 40), big, degenerate]).to(dtype)
     ref_out, ref_grad = _run(ROIAlign, x, rois, (7, 7), False, 0, aligned)
     out, grad = _run(pra.ParallelROIAlign, x, rois, (7, 7), False, 0, aligned, sparse=True)
     assert torch.equal(out, ref_out)
@@ -117,6 +120,13 @@ def test_gradient_matrix_is_roi_align():
         assert torch.allclose(y, ref, rtol=0, atol=1e-12)
     assert pra.roi_align_grad_matrix(rois, 0.25, 7, 7, 2, True, 2, 20, 24,
                                      max_entries=30 * 49 * 16 - 1) is None
+    # the adaptive grid counts its points exactly (no padding to the largest region's grid)
+    grid = ((rois[:, 3:] - rois[:, 1:3]) * 0.25 / 7).ceil()
+    entries = int(grid.prod(1).sum()) * 49 * 4
+    assert pra.roi_align_grad_matrix(rois, 0.25, 7, 7, 0, True, 2, 20, 24,
+                                     max_entries=entries) is not None
+    assert pra.roi_align_grad_matrix(rois, 0.25, 7, 7, 0, True, 2, 20, 24,
+                                     max_entries=entries - 1) is None
 
 
 def test_sparse_gradient_falls_back_and_handles_no_regions(two_threads, monkeypatch):

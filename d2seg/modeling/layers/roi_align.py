@@ -71,6 +71,20 @@ def _run_chunks(fn, bounds: List[Tuple[int, int]]) -> List[Tensor]:
     return run_in_parallel([lambda a=a, b=b: fn(a, b) for a, b in bounds])
 
 
+def _bilinear(c: Tensor, length: int) -> Tuple[Tensor, Tensor]:
+    """torchvision's bilinear interpolation along one axis of ``length`` pixels, for sampling
+    coordinates ``c`` (any shape): the two neighbour indices and their weights, each
+    ``c.shape + (2,)``; points more than one pixel outside the axis get weight 0."""
+    keep = (c >= -1.0) & (c <= length)
+    c = c.clamp(min=0)
+    lo = c.long()  # c >= 0: truncation is the floor
+    edge = lo >= length - 1
+    lo = lo.clamp(max=length - 1)
+    hi = torch.where(edge, lo, lo + 1)
+    frac = torch.where(edge, torch.zeros_like(c), c - lo.to(c.dtype))
+    return torch.stack([lo, hi], -1), torch.stack([1 - frac, frac], -1) * keep.unsqueeze(-1)
+
+
 def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
                           sampling_ratio: int, aligned: bool, n: int, h: int, w: int,
                           max_entries: int = MAX_SPARSE_ENTRIES) -> Optional[Tensor]:
@@ -107,45 +121,50 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
     if not aligned:  # torchvision's legacy mode: regions at least 1x1
         rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
     bin_h, bin_w = rh / pooled_h, rw / pooled_w
+    bins = pooled_h * pooled_w
     if sampling_ratio > 0:
-        grid_h = grid_w = torch.full((r,), sampling_ratio, dtype=torch.long, device=dev)
-        gh_max = gw_max = sampling_ratio
+        # every bin has the same grid: coordinates per axis, entries by broadcasting
+        g = sampling_ratio
+        if r * bins * g * g * 4 > max_entries:
+            return None
+        p_h = torch.arange(pooled_h, dtype=dt, device=dev).view(1, pooled_h, 1)
+        p_w = torch.arange(pooled_w, dtype=dt, device=dev).view(1, pooled_w, 1)
+        i = torch.arange(g, dtype=dt, device=dev).view(1, 1, g)
+        # sampling coordinates (R, pooled, g) as torchvision computes them
+        ys = y0.view(-1, 1, 1) + p_h * bin_h.view(-1, 1, 1) + (i + 0.5) * bin_h.view(-1, 1, 1) / g
+        xs = x0.view(-1, 1, 1) + p_w * bin_w.view(-1, 1, 1) + (i + 0.5) * bin_w.view(-1, 1, 1) / g
+        yi, yw = _bilinear(ys, h)  # (R, ph, g, 2)
+        xi, xw = _bilinear(xs, w)
+        shape = (r, pooled_h, pooled_w, g, g, 2, 2)  # y corner outer, x corner inner
+        cols = (batch.view(r, 1, 1, 1, 1, 1, 1) * (h * w) + yi.view(r, pooled_h, 1, g, 1, 2, 1) * w
+                + xi.view(r, 1, pooled_w, 1, g, 1, 2)).expand(shape)
+        vals = (yw.view(r, pooled_h, 1, g, 1, 2, 1) * xw.view(r, 1, pooled_w, 1, g, 1, 2)
+                / float(g * g)).expand(shape)
+        rows = torch.arange(r * bins, device=dev).view(r, pooled_h, pooled_w, 1, 1, 1, 1)
+        rows = rows.expand(shape)
     else:
-        grid_h, grid_w = bin_h.ceil().long(), bin_w.ceil().long()
-        gh_max = int(grid_h.max()) if r else 1
-        gw_max = int(grid_w.max()) if r else 1
-        gh_max, gw_max = max(gh_max, 1), max(gw_max, 1)
-    if r * pooled_h * pooled_w * gh_max * gw_max * 4 > max_entries:
-        return None
-    count = (grid_h * grid_w).clamp(min=1).to(dt)
-
-    def axis(start: Tensor, size: Tensor, grid: Tensor, pooled: int, g_max: int, length: int):
-        # sampling coordinates (R, pooled, g_max) along one axis, as torchvision computes them
-        p = torch.arange(pooled, dtype=dt, device=dev).view(1, pooled, 1)
-        i = torch.arange(g_max, dtype=dt, device=dev).view(1, 1, g_max)
-        c = (start.view(-1, 1, 1) + p * size.view(-1, 1, 1)
-             + (i + 0.5) * size.view(-1, 1, 1) / grid.clamp(min=1).to(dt).view(-1, 1, 1))
-        keep = (c >= -1.0) & (c <= length) & (i < grid.view(-1, 1, 1))
-        c = c.clamp(min=0)
-        lo = c.long()  # c >= 0: truncation is the floor
-        edge = lo >= length - 1
-        lo = lo.clamp(max=length - 1)
-        hi = torch.where(edge, lo, lo + 1)
-        frac = torch.where(edge, torch.zeros_like(c), c - lo.to(dt))
-        weight = torch.stack([1 - frac, frac], -1) * keep.unsqueeze(-1)  # (R, P, G, 2)
-        return torch.stack([lo, hi], -1), weight
-
-    yi, yw = axis(y0, bin_h, grid_h, pooled_h, gh_max, h)
-    xi, xw = axis(x0, bin_w, grid_w, pooled_w, gw_max, w)
-    # entries (R, ph, pw, gh, gw, 2, 2): y corner index, x corner index
-    shape = (r, pooled_h, pooled_w, gh_max, gw_max, 2, 2)
-    yi = yi.view(r, pooled_h, 1, gh_max, 1, 2, 1)
-    xi = xi.view(r, 1, pooled_w, 1, gw_max, 1, 2)
-    cols = (batch.view(r, 1, 1, 1, 1, 1, 1) * (h * w) + yi * w + xi).expand(shape)
-    vals = (yw.view(r, pooled_h, 1, gh_max, 1, 2, 1) * xw.view(r, 1, pooled_w, 1, gw_max, 1, 2)
-            / count.view(r, 1, 1, 1, 1, 1, 1)).expand(shape)
-    rows = torch.arange(r * pooled_h * pooled_w, device=dev).view(r, pooled_h, pooled_w, 1, 1,
-                                                                   1, 1).expand(shape)
+        # adaptive grid, ceil(bin size) points per bin side, different for every region: one
+        # flat list of sampling points in torchvision's order (region, bin, iy, ix), no padding
+        grid_h, grid_w = bin_h.ceil().long().clamp(min=0), bin_w.ceil().long().clamp(min=0)
+        per_bin = grid_h * grid_w
+        per_roi = per_bin * bins
+        total = int(per_roi.sum())
+        if total * 4 > max_entries:
+            return None
+        roi = torch.repeat_interleave(torch.arange(r, device=dev), per_roi)  # (S,)
+        k = torch.arange(total, device=dev) - (torch.cumsum(per_roi, 0) - per_roi)[roi]
+        pb = per_bin[roi]
+        b, within = k // pb, k % pb
+        gw_s = grid_w[roi]
+        iy, ix = within // gw_s, within % gw_s
+        bh_s, bw_s = bin_h[roi], bin_w[roi]
+        ys = y0[roi] + (b // pooled_w).to(dt) * bh_s + (iy.to(dt) + 0.5) * bh_s / grid_h[roi].to(dt)
+        xs = x0[roi] + (b % pooled_w).to(dt) * bw_s + (ix.to(dt) + 0.5) * bw_s / gw_s.to(dt)
+        yi, yw = _bilinear(ys, h)  # (S, 2)
+        xi, xw = _bilinear(xs, w)
+        cols = (batch[roi] * (h * w)).view(-1, 1, 1) + yi.view(-1, 2, 1) * w + xi.view(-1, 1, 2)
+        vals = yw.view(-1, 2, 1) * xw.view(-1, 1, 2) / per_bin[roi].to(dt).view(-1, 1, 1)
+        rows = (roi * bins + b).view(-1, 1, 1).expand(-1, 2, 2)
     # M.T in CSR: entries ordered by input position (a stable sort keeps, for each position,
     # torchvision's order of regions, bins, samples and corners); entries of weight 0 (points
     # outside the map, padding of the adaptive grid) sorted past the end and dropped
