@@ -167,7 +167,8 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
         rows = (roi * bins + b).view(-1, 1, 1).expand(-1, 2, 2)
     # M.T in CSR: entries ordered by input position (a stable sort keeps, for each position,
     # torchvision's order of regions, bins, samples and corners); entries of weight 0 (points
-    # outside the map, padding of the adaptive grid) sorted past the end and dropped
+    # more than a pixel outside the map, the far corner of a point on a pixel) sorted past the
+    # end and dropped
     size = n * h * w
     vals = vals.reshape(-1)
     key = torch.where(vals != 0, cols.reshape(-1), size)
