@@ -351,7 +351,8 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     cfg.D2SEG.SPEED.PARALLEL_ROI_ALIGN = "auto"
     # ROIAlign's input gradient on CPU as one sparse-dense matrix product (the bilinear
     # weights computed once per sampling point) instead of torchvision's CPU backward, which
-    # recomputes them for every channel on one thread: the same gradient up to float rounding
+    # recomputes them for every channel on one thread: bit-identical gradients with a fixed
+    # POOLER_SAMPLING_RATIO (the CPU configs' 2), float rounding with the adaptive one (0)
     # (d2seg/modeling/layers/roi_align.py). "auto": on for CPU training; never on CUDA.
     cfg.D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD = "auto"
     # Each training sample's tensors (image, labels, boxes, ...) copied into one buffer in the
