@@ -40,7 +40,11 @@ from switch_ab import interleaved, step_ab, write_json  # noqa: E402  (benchmark
 CONFIG = "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml"
 
 
-def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
+def op_ab(args, channels: int, size: int, rois: int, feat: int, sampling: int) -> dict:
+    """ROIAlign forward + backward seconds per round: torchvision, the channel split, and the
+    split with the sparse gradient; ``rois`` regions of 2 px to a fifth of the image on a
+    channels_last (batch, channels, feat, feat) map, ``sampling`` = the config's
+    ``POOLER_SAMPLING_RATIO`` (0: torchvision's adaptive grid)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, channels, feat, feat, generator=g)
     x = x.to(memory_format=torch.channels_last).requires_grad_()
@@ -48,11 +52,11 @@ def op_ab(args, channels: int, size: int, rois: int, feat: int) -> dict:
     xy = torch.rand(rois, 2, generator=g) * args.size * 0.8
     wh = torch.rand(rois, 2, generator=g) * args.size * 0.2 + 2
     boxes = torch.cat([b, xy, xy + wh], 1)
-    sparse = ParallelROIAlign((size, size), feat / args.size, 2, True)
+    sparse = ParallelROIAlign((size, size), feat / args.size, sampling, True)
     sparse.sparse_grad = True
-    mods = {"parallel": ParallelROIAlign((size, size), feat / args.size, 2, True),
+    mods = {"parallel": ParallelROIAlign((size, size), feat / args.size, sampling, True),
             "parallel_sparse_grad": sparse,
-            "torchvision": ROIAlign((size, size), feat / args.size, 2, True)}
+            "torchvision": ROIAlign((size, size), feat / args.size, sampling, True)}
 
     def run(m):
         x.grad = None
@@ -78,6 +82,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--iters", type=int, default=2, help="calls per round")
+    ap.add_argument("--ops-only", action="store_true",
+                    help="ROIAlign alone: skip the training-step measurement")
     ap.add_argument("--json", default="")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                     help="KEY VALUE overrides of both d2seg sides")
@@ -85,18 +91,22 @@ def main() -> None:
     out = {"machine": machine_info(torch.device("cpu")), "settings": vars(args),
            "torch_threads": torch.get_num_threads()}
     logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
-    step = step_ab(args.config_file, f"D2SEG.SPEED.{args.switch}", ["on", "off"],
-                   args.precision, args.batch, args.size, args.warmup, args.rounds, args.iters,
-                   args.opts)
+    step = None if args.ops_only else step_ab(
+        args.config_file, f"D2SEG.SPEED.{args.switch}", ["on", "off"], args.precision,
+        args.batch, args.size, args.warmup, args.rounds, args.iters, args.opts)
     c = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + args.opts)
     ch, per_img = c.MODEL.FPN.OUT_CHANNELS, c.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
-    ops = {"box_7x7": op_ab(args, ch, c.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
-                            per_img * args.batch, args.size // 4),
-           "mask_14x14": op_ab(args, ch, c.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
-                               per_img * args.batch // 4, args.size // 4)}
+    box, mask = c.MODEL.ROI_BOX_HEAD, c.MODEL.ROI_MASK_HEAD
+    ops = {"box_7x7": op_ab(args, ch, box.POOLER_RESOLUTION, per_img * args.batch,
+                            args.size // 4, box.POOLER_SAMPLING_RATIO),
+           "mask_14x14": op_ab(args, ch, mask.POOLER_RESOLUTION, per_img * args.batch // 4,
+                               args.size // 4, mask.POOLER_SAMPLING_RATIO)}
     med = statistics.median
-    out["train_step_s"] = step
-    out["train_step_speedup"] = med(step["off"]) / med(step["on"])
+    out["sampling_ratio"] = {"box_7x7": box.POOLER_SAMPLING_RATIO,
+                             "mask_14x14": mask.POOLER_SAMPLING_RATIO}
+    if step is not None:
+        out["train_step_s"] = step
+        out["train_step_speedup"] = med(step["off"]) / med(step["on"])
     out["roi_align_fwd_bwd_s"] = ops
     out["switch"] = args.switch
     out["roi_align_speedup"] = {k: med(v["torchvision"]) / med(v["parallel"])
@@ -105,8 +115,9 @@ def main() -> None:
         k: med(v["torchvision"]) / med(v["parallel_sparse_grad"]) for k, v in ops.items()}
     print(f"{os.path.basename(args.config_file)}, batch {args.batch}, {args.size} px, "
           f"{args.precision}, {out['torch_threads']} torch threads")
-    print(f"train step: {med(step['on']):.3f} s with {args.switch} on, "
-          f"{med(step['off']):.3f} s off: {out['train_step_speedup']:.2f}x")
+    if step is not None:
+        print(f"train step: {med(step['on']):.3f} s with {args.switch} on, "
+              f"{med(step['off']):.3f} s off: {out['train_step_speedup']:.2f}x")
     for k, v in ops.items():
         print(f"ROIAlign {k} forward + backward: {1e3 * med(v['torchvision']):.1f} ms "
               f"torchvision, {1e3 * med(v['parallel']):.1f} ms parallel "
