@@ -92,6 +92,23 @@ def test_predictor_sliding_window_on_a_unet():
     assert out["sem_seg"].shape == (5, 130, 200) and torch.isfinite(out["sem_seg"]).all()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a CPU-only machine")
+def test_predictor_of_a_cuda_config_runs_on_a_cpu_only_machine(caplog):
+    """The configs keep detectron2's MODEL.DEVICE "cuda"; on a machine without CUDA the
+    predictor builds on the CPU and says so (as train_net.py and predict.py do)."""
+    opts = [o for pair in zip(TINY_UNET[::2], TINY_UNET[1::2]) if pair[0] != "MODEL.DEVICE"
+            for o in pair]
+    cfg = load_config(UNET, opts + ["MODEL.DEVICE", "cuda"])
+    cfg.freeze()
+    with caplog.at_level("WARNING"):
+        pred = SegPredictor(cfg)
+    assert "CUDA is not available: predicting on CPU" in caplog.text
+    assert pred.cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.DEVICE == "cuda"  # the caller's cfg
+    assert next(pred.model.parameters()).device.type == "cpu"
+    out = pred(np.random.RandomState(0).randint(0, 255, (64, 80, 3), dtype=np.uint8))
+    assert out["sem_seg"].shape[1:] == (64, 80)
+
+
 def test_predict_tool_semantic_folder_and_glob(tmp_path):
     imgs = tmp_path / "in"
     imgs.mkdir()

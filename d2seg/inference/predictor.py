@@ -43,10 +43,27 @@ def is_semantic_model(model: nn.Module) -> bool:
     return not isinstance(model, (GeneralizedRCNN, RetinaNet))
 
 
+def _runnable(cfg):
+    """``cfg``, or a copy with ``MODEL.DEVICE`` "cpu" (and a warning) where it names CUDA and
+    this machine has none, as ``tools/train_net.py`` and ``tools/predict.py`` do."""
+    if not (cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()):
+        return cfg
+    logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available: predicting "
+                   "on CPU")
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
 def build_inference_model(cfg) -> nn.Module:
     """The model of ``cfg`` as evaluation runs it, in eval mode with ``MODEL.WEIGHTS`` loaded
     (:class:`d2seg.checkpoint.FinetuneCheckpointer`: d2seg / detectron2 / model-zoo files;
-    random weights with a warning when it is empty).
+    random weights with a warning when it is empty). A ``MODEL.DEVICE`` naming CUDA on a
+    machine without it builds on the CPU, with a warning.
 
     It gets ``Trainer.build_model``'s ``D2SEG.SPEED`` plan (``FOLD_NORM``,
     ``PARALLEL_ROI_ALIGN``, ``CHANNELS_LAST``, ``INFERENCE_AMP``, ...) without
@@ -54,6 +71,7 @@ def build_inference_model(cfg) -> nn.Module:
     (cuDNN benchmark, TF32) are left as they are. Gradients are off (predicting only: folded
     norms are cached on CPU).
     """
+    cfg = _runnable(cfg)
     model = build_model(cfg)
     model.eval()
     model.requires_grad_(False)
@@ -73,7 +91,7 @@ class SegPredictor(DefaultPredictor):
 
     def __init__(self, cfg):
         # DefaultPredictor.__init__, with d2seg's model preparation, loader and TTA wrapper
-        self.cfg = cfg.clone()
+        self.cfg = _runnable(cfg).clone()
         self.model = build_inference_model(self.cfg)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
