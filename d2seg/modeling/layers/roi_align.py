@@ -254,7 +254,8 @@ class ParallelROIAlign(ROIAlign):
     Attributes (set by :func:`use_parallel_roi_align`):
         split_channels: run the channels in chunks on torch's intra-op threads (bit-identical).
         sparse_grad: compute the input gradient as a sparse matrix product
-            (:func:`roi_align_grad_matrix`; the same gradient up to float rounding).
+            (:func:`roi_align_grad_matrix`; bit-identical with a fixed sampling ratio of 1, 2
+            or 4, float rounding with the adaptive grid).
     """
 
     split_channels: bool = True
