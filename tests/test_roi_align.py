@@ -113,8 +113,10 @@ def test_gradient_matrix_is_roi_align():
     rois = _rois(2, 30, seed=3).double()
     for sampling, aligned in ((0, True), (2, False)):
         mt = pra.roi_align_grad_matrix(rois, 0.25, 7, 7, sampling, aligned, 2, 20, 24)
-        assert mt.layout == torch.sparse_csr and mt.shape == (2 * 20 * 24, 30 * 7 * 7)
-        y = mt.to_dense().t() @ x.permute(0, 2, 3, 1).reshape(-1, 16)
+        assert mt.layout == torch.sparse_csr and mt.shape == (2 * 20 * 24 + 1, 30 * 7 * 7)
+        dense = mt.to_dense()
+        assert torch.all(dense[-1] == 0)  # the row of dropped entries holds only zeros
+        y = dense[:-1].t() @ x.permute(0, 2, 3, 1).reshape(-1, 16)
         y = y.view(30, 7, 7, 16).permute(0, 3, 1, 2)
         ref = torchvision.ops.roi_align(x, rois, (7, 7), 0.25, sampling, aligned)
         assert torch.allclose(y, ref, rtol=0, atol=1e-12)

@@ -106,7 +106,8 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
             None (the caller runs torchvision's backward instead).
 
     Returns:
-        ``M.T`` as a sparse CSR tensor (N*H*W, R*ph*pw) of ``rois.dtype``, or None. A column
+        ``M.T`` as a sparse CSR tensor (N*H*W + 1, R*ph*pw) of ``rois.dtype``, or None. Its
+        last row collects the entries of weight 0 (drop that row of any product). A column
         can appear more than once in a row (two sampling points sharing a pixel): the product
         sums every entry, in torchvision's order.
     """
@@ -167,20 +168,19 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
         rows = (roi * bins + b).view(-1, 1, 1).expand(-1, 2, 2)
     # M.T in CSR: entries ordered by input position (a stable sort keeps, for each position,
     # torchvision's order of regions, bins, samples and corners); entries of weight 0 (points
-    # more than a pixel outside the map, the far corner of a point on a pixel) sorted past the
-    # end and dropped
+    # more than a pixel outside the map, the far corner of a point on a pixel) go to one extra
+    # last row, which the caller drops (no read-back of how many there are)
     size = n * h * w
     vals = vals.reshape(-1)
     key = torch.where(vals != 0, cols.reshape(-1), size)
     key, order = torch.sort(key, stable=True)
-    kept = int(torch.searchsorted(key, size))
-    key, order = key[:kept], order[:kept]
-    crow = torch.zeros(size + 1, dtype=torch.long, device=dev)
-    torch.cumsum(torch.bincount(key, minlength=size), 0, out=crow[1:])
+    # row i starts at the number of keys below i
+    crow = torch.searchsorted(key, torch.arange(size + 2, device=dev))
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, rows.reshape(-1)[order], vals[order],
-                                       (size, r * pooled_h * pooled_w), check_invariants=False)
+                                       (size + 1, r * pooled_h * pooled_w),
+                                       check_invariants=False)
 
 
 def _sparse_input_grad(grad: Tensor, rois: Tensor, meta: tuple, channels_last: bool
@@ -195,7 +195,7 @@ def _sparse_input_grad(grad: Tensor, rois: Tensor, meta: tuple, channels_last: b
     g = grad.permute(0, 2, 3, 1).reshape(-1, c)  # (R*ph*pw, C), channels innermost
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        gi = (m @ g).view(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W), channels_last strides
+        gi = (m @ g)[:-1].view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last strides
     return gi if channels_last else gi.contiguous()
 
 
