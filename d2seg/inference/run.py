@@ -36,12 +36,7 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = score_threshold
-    if cfg.MODEL.DEVICE.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+    cfg.freeze()  # MODEL.DEVICE "cuda" without CUDA: SegPredictor predicts on the CPU
     register_datasets_from_cfg(cfg)
     return cfg
 

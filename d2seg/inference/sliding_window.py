@@ -95,4 +95,4 @@ def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (
             n += 1
     total = total / n if n > 1 else total
     # classes innermost on CPU, as the models return them (argmax(0) reads contiguous memory)
-    return pixel_major(total) if total.device.type == "cpu" else total
+    return pixel_major(total)

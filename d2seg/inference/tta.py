@@ -62,7 +62,6 @@ class SemanticSegmentorWithTTA(nn.Module):
             if tuple(logits.shape[-2:]) != (h, w):
                 logits = F.interpolate(logits[None], size=(h, w), mode="bilinear",
                                        align_corners=False)[0]
-            if logits.device.type == "cpu":  # classes innermost, as the models return them
-                logits = pixel_major(logits)
+            logits = pixel_major(logits)  # CPU: classes innermost, as the models return them
             results.append({"sem_seg": logits})
         return results

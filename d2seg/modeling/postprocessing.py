@@ -42,14 +42,16 @@ def class_labels(logits: Tensor) -> Tensor:
 
 
 def pixel_major(logits: Tensor) -> Tensor:
-    """(K, H, W) ``logits`` stored with the classes innermost (strides (1, W K, K)); same shape
-    and values, a copy only when they are not stored that way already.
+    """(K, H, W) CPU ``logits`` stored with the classes innermost (strides (1, W K, K)); same
+    shape and values, a copy only when they are not stored that way already. Tensors on
+    other devices are returned as they are.
 
     Reductions over the classes (``argmax(0)``, as detectron2's ``SemSegEvaluator`` and most
     user code call it, ``softmax(0)``) then read contiguous memory: on a CPU ``argmax(0)`` of
     a (2, 512, 512) map took 1.5 ms instead of 23 ms.
     """
-    if logits.dim() != 3 or logits.shape[0] == 1 or logits.stride(0) == 1:
+    if (logits.device.type != "cpu" or logits.dim() != 3 or logits.shape[0] == 1
+            or logits.stride(0) == 1):
         return logits
     return logits.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
@@ -59,8 +61,7 @@ def _pixel_major_hook(module, inputs, outputs):
     if module.training or not isinstance(outputs, list):
         return None
     for out in outputs:
-        if isinstance(out, dict) and isinstance(out.get("sem_seg"), Tensor) \
-                and out["sem_seg"].device.type == "cpu":
+        if isinstance(out, dict) and isinstance(out.get("sem_seg"), Tensor):
             out["sem_seg"] = pixel_major(out["sem_seg"])
     return None
 

@@ -186,10 +186,7 @@ class EncoderDecoderSegmentor(nn.Module):
             h = inp.get("height", size[0])
             w = inp.get("width", size[1])
             r = logits_to_output_size(logits[i:i + 1], size, h, w)
-            if r.shape[0] == 1:
-                r = binary_to_two_class_logits(r)
-            elif r.device.type == "cpu":
-                r = pixel_major(r)
+            r = binary_to_two_class_logits(r) if r.shape[0] == 1 else pixel_major(r)
             if self.postprocessor is None:
                 out.append({"sem_seg": r})
             else:
