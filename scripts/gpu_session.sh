@@ -295,8 +295,10 @@ case "$PART" in
     # (DeepLabV3+ with MATMUL_RESIZE beside its references; FOLD_NORM's CUDA rule; the loop
     # timed after 20 warm-up iterations, 40 timed: one metrics write per 20). ~250 s of
     # limits: after eighth-lease in the same lease if ~300 s of device time are left.
+    # Session 19: compared with the sixth lease's run (same preset and settings): each
+    # ratio against the H100's of 2026-11-27, absolute numbers too if the card is the same.
     bench gpu_semantic_v5 250 gpu-semantic --repeats 2 --iters 10 --loop-iters 40 \
-      --no-inference
+      --no-inference --compare benchmarks/results/gpu_h100_2026-11-27/benchmark_semantic_v4.json
     ;;
   tenth-lease)
     # Written 2026-11-27 (session 16): the semantic configs enable AMP since session 16 (bf16

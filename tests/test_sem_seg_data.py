@@ -324,3 +324,32 @@ def test_resize_shortest_edge_skips_only_the_same_size():
     for is_train in (True, False):  # the semantic mapper uses it, train and test
         augs = build_sem_seg_augmentation(cfg, is_train)
         assert any(isinstance(a, ResizeShortestEdge) for a in augs)
+
+
+def test_position_seeded_mapper_draws_by_position_and_restores_the_caller_rngs(monkeypatch):
+    """Each sample's python / numpy / torch draws depend only on (seed, rank, position); in
+    the training process the caller's RNG streams are left as they were. Only the CPU torch
+    generator is seeded (torch.manual_seed would also queue a lazy CUDA seeding that formats
+    the call stack for every sample)."""
+    import random
+
+    from d2seg.data.build import PositionSeededMapper
+
+    def draw(_):
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    def full_seed(_):
+        raise AssertionError("torch.manual_seed called per sample")
+
+    monkeypatch.setattr(torch, "manual_seed", full_seed)
+    a = PositionSeededMapper(draw, seed=3, batch_size=2)
+    torch.default_generator.manual_seed(11)
+    before = torch.rand(3)
+    torch.default_generator.manual_seed(11)
+    first = [a(None) for _ in range(4)]
+    assert torch.equal(torch.rand(3), before)  # the caller's torch stream is untouched
+    resumed = PositionSeededMapper(draw, seed=3, batch_size=2, start=2)  # skip one batch
+    assert [resumed(None) for _ in range(2)] == first[2:]
+    assert len(set(first)) == 4
+    other = PositionSeededMapper(draw, seed=4, batch_size=2)
+    assert other(None) != first[0]

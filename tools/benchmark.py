@@ -11,6 +11,8 @@ data loading, inference latency / throughput, peak memory; optional scaling tabl
         --batch 2 --size 256 --refs plain_unet,smp_unet_r34 --json out.json
     python tools/benchmark.py --preset gpu-semantic SOLVER.AMP.ENABLED True  # opts: d2seg side
     python tools/benchmark.py --config-file CFG --scaling --scaling-only --mem-cap-gb 8
+    python tools/benchmark.py --preset cpu-record --compare OLD.json  # did a change regress?
+    python tools/benchmark.py --compare OLD.json --against NEW.json  # two earlier runs
 
 Writes a JSON (machine, versions, date, every setting, raw timings, ratios, targets) and
 prints a markdown table. Trailing KEY VALUE pairs override config keys of the d2seg side of
@@ -25,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import d2seg  # noqa: E402,F401  (registers datasets and models)
+from d2seg.benchmark.compare import compare_results, format_comparison  # noqa: E402
 from d2seg.benchmark.harness import Case, Settings, format_report, run_benchmark  # noqa: E402
 from d2seg.benchmark.presets import PRESETS, get_preset  # noqa: E402
 from d2seg.benchmark.references import reference_names  # noqa: E402
@@ -99,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mem-cap-gb", type=float, default=None,
                     help="CPU: memory cap for the largest batch (peak RSS increase)")
     ap.add_argument("--max-batch", type=int, default=None, help="largest batch tried")
+    ap.add_argument("--compare", default="", metavar="OLD.json",
+                    help="compare this run with an earlier one: the ratios of each run "
+                         "always, absolute numbers on the same machine (docs/benchmarks.md)")
+    ap.add_argument("--against", default="", metavar="NEW.json",
+                    help="with --compare: compare two earlier runs, measuring nothing")
+    ap.add_argument("--tolerance", type=float, default=0.05,
+                    help="--compare: relative change counted as a regression (default 0.05)")
+    ap.add_argument("--fail-on-regression", action="store_true",
+                    help="--compare: exit with status 3 when a number regressed")
     ap.add_argument("--json", default="", help="JSON file to write (default: "
                     "output/benchmark/<preset or config>_<device>_<time>.json)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
@@ -172,6 +184,9 @@ def main(argv=None) -> dict:
         return {}
     if args.opts and args.opts[0] == "--":
         args.opts = args.opts[1:]
+    baseline = _load_compare(args)
+    if args.against:  # two earlier runs: nothing to measure
+        return _report_comparison(baseline, _read_json(args.against, "--against"), args)
     cases, settings, targets, scaling, label = plan(args)
     try:  # fail fast, in one line, on a bad config or override
         for c in cases:
@@ -190,13 +205,59 @@ def main(argv=None) -> dict:
         REPO, "output", "benchmark",
         f"{label}_{result['settings']['device'].replace(':', '')}_"
         f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    if baseline is not None:
+        result["comparison"] = compare_results(baseline, json.loads(json.dumps(result,
+                                               default=str)), args.tolerance)
+        result["comparison"]["old"]["file"] = args.compare
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print()
     print(format_report(result))
+    if baseline is not None:
+        print()
+        print(format_comparison(result["comparison"]))
     print(f"JSON: {path}")
+    if baseline is not None and args.fail_on_regression and result["comparison"]["regressions"]:
+        raise SystemExit(3)
     return result
+
+
+def _read_json(path: str, flag: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"benchmark.py: error: {flag} {path}: {e}")
+    if not isinstance(data, dict) or "cases" not in data or "settings" not in data:
+        raise SystemExit(f"benchmark.py: error: {flag} {path}: not a tools/benchmark.py JSON "
+                         f"(no 'cases' / 'settings')")
+    return data
+
+
+def _load_compare(args):
+    """The baseline of --compare (None without it), read before minutes of measuring."""
+    if not args.compare:
+        if args.against:
+            raise SystemExit("benchmark.py: error: --against NEW.json needs --compare OLD.json")
+        return None
+    if args.tolerance < 0:
+        raise SystemExit(f"benchmark.py: error: --tolerance {args.tolerance}: must be >= 0")
+    return _read_json(args.compare, "--compare")
+
+
+def _report_comparison(old: dict, new: dict, args) -> dict:
+    cmp = compare_results(old, new, args.tolerance)
+    cmp["old"]["file"], cmp["new"]["file"] = args.compare, args.against
+    print(format_comparison(cmp))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(cmp, f, indent=1, default=str)
+        print(f"JSON: {args.json}")
+    if args.fail_on_regression and cmp["regressions"]:
+        raise SystemExit(3)
+    return cmp
 
 
 if __name__ == "__main__":

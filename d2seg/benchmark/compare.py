@@ -1,0 +1,295 @@
+"""Compare two benchmark JSONs (``tools/benchmark.py --compare OLD.json``): did a change make
+d2seg slower, against the references or in absolute terms?
+
+Two kinds of numbers are compared:
+
+* **Ratios from one run** (d2seg against each reference, the train_net loop against the step
+  alone, the issue's targets). Both sides of a ratio were measured in the same process,
+  interleaved, so a ratio can be compared between runs on different days, loads and even
+  machines of the same kind.
+* **Absolute numbers** (img/s, latency, peak memory, host syncs per step) only when both runs
+  name the same machine (``machine.summary``: CPU or GPU model, torch threads, torch build).
+
+Either kind is compared only when the runs measured the same experiment: the same device type,
+precision, batch, input size, torch threads and config overrides (:data:`SAME_EXPERIMENT`).
+Otherwise the rows are listed as "settings differ" and never count as regressions.
+
+A row is a *regression* when it got worse by more than ``tolerance`` (relative) and by more
+than the spread of the repeated measurements behind it in either run (:func:`_spread`: the
+train step's rounds, the latency calls); for host syncs when their count rose at all; for a target
+when it went from pass to FAIL. The CPU's peak memory is a sampled approximation (it measured
+194 and 293 MB for the same Mask R-CNN step on two days), so its changes (and those of the
+d2seg / reference memory ratio on a CPU) are shown, not counted.
+"""
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+__all__ = ["SAME_EXPERIMENT", "compare_results", "format_comparison"]
+
+#: settings that must agree for two runs' numbers to measure the same thing
+SAME_EXPERIMENT = ("precision", "batch", "size", "threads", "opts", "ref_backend",
+                   "instances_per_image", "statistic")
+
+# (metric name, key in a case's ratios{ref: {...}}, which way is better)
+_RATIOS = (("train step speed-up", "train_step_speedup", "higher"),
+           ("inference throughput speed-up", "inference_throughput_speedup", "higher"),
+           ("latency speed-up", "latency_speedup", "higher"),
+           ("train memory ratio", "train_memory_ratio", "lower"))
+
+
+def _device_type(settings: Dict) -> str:
+    return str(settings.get("device", "")).split(":")[0]
+
+
+def _setting_differences(old: Dict, new: Dict) -> Dict[str, Tuple[object, object]]:
+    so, sn = old.get("settings", {}), new.get("settings", {})
+    diff = {}
+    if _device_type(so) != _device_type(sn):
+        diff["device"] = (so.get("device"), sn.get("device"))
+    for key in SAME_EXPERIMENT:
+        a, b = so.get(key), sn.get(key)
+        if isinstance(a, tuple):
+            a = list(a)
+        if isinstance(b, tuple):
+            b = list(b)
+        if a != b:
+            diff[key] = (a, b)
+    return diff
+
+
+def _subjects(case: Dict) -> Iterator[Tuple[str, Dict]]:
+    if "d2seg" in case:
+        yield "d2seg", case["d2seg"]
+    for r in case.get("references", []):
+        yield r["name"], r
+
+
+def _spread(xs: Optional[Sequence[float]]) -> Optional[float]:
+    """How far the median of repeated measurements of one number lies from the best one,
+    relative (the harness reports either); None below two measurements. The full range
+    would let one round slowed by another process on a shared machine hide any change."""
+    xs = sorted(float(x) for x in (xs or []) if isinstance(x, (int, float)) and x > 0)
+    if len(xs) < 2:
+        return None
+    mid = len(xs) // 2
+    median = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    return median / xs[0] - 1.0
+
+
+def _add(*spreads: Optional[float]) -> Optional[float]:
+    known = [x for x in spreads if x is not None]
+    return sum(known) if known else None
+
+
+def _rounds(sub: Dict) -> List[float]:
+    return list((sub.get("train_step") or {}).get("round_seconds") or [])
+
+
+def _latencies(sub: Dict) -> List[float]:
+    return list((sub.get("inference") or {}).get("latency_ms_all") or [])
+
+
+def _ratio_noise(key: str, ratio: Dict, d2: Dict, ref: Dict) -> Optional[float]:
+    """The spread of one within-run ratio: for the train step, between its value from the
+    median rounds and from the best rounds (both in the JSON); for the latency, the two
+    subjects' spreads added."""
+    if key == "train_step_speedup":
+        a, b = ratio.get("train_step_speedup_median"), ratio.get("train_step_speedup_best")
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
+            return abs(a / b - 1.0)
+        return None
+    if key == "latency_speedup":
+        return _add(_spread(_latencies(d2)), _spread(_latencies(ref)))
+    return None
+
+
+def _cpu_memory(sub: Dict) -> bool:
+    """Whether the subject's peak memory is the sampled CPU resident-set size (approximate),
+    not CUDA's allocator statistics (exact)."""
+    mem = sub.get("train_memory") or {}
+    return "peak_allocated_delta_mb" not in mem and "peak_rss_delta_mb" in mem
+
+
+def _absolute(sub: Dict) -> Iterator[Tuple[str, Optional[float], str, Optional[float], bool]]:
+    """(metric, value, better, spread of its measurements, approximate) of one subject."""
+    ts = sub.get("train_step") or {}
+    yield "train img/s", ts.get("img_per_s"), "higher", _spread(_rounds(sub)), False
+    inf = sub.get("inference") or {}
+    yield "latency b1 ms", inf.get("latency_batch1_ms"), "lower", _spread(_latencies(sub)), \
+        False
+    yield "infer img/s", inf.get("throughput_img_per_s"), "higher", None, False
+    mem = sub.get("train_memory") or {}
+    yield "train peak MB", mem.get("peak_allocated_delta_mb", mem.get("peak_rss_delta_mb")), \
+        "lower", None, _cpu_memory(sub)
+    syncs = sub.get("host_syncs") or {}
+    yield "host syncs/step", syncs.get("per_step"), "lower", None, False
+
+
+def _status(metric: str, old: Optional[float], new: Optional[float], better: str,
+            tolerance: float, noise: Optional[float] = None,
+            approximate: bool = False) -> Tuple[Optional[float], str]:
+    """(relative change new/old - 1, status) of one row. A change beyond ``tolerance`` is a
+    regression / improvement unless the repeated measurements behind the numbers spread
+    wider than the change ("within noise"), or the number is an approximation
+    ("approximate")."""
+    if not isinstance(old, (int, float)) or not isinstance(new, (int, float)) or old != old \
+            or new != new:
+        return None, "not measured"
+    if metric == "host syncs/step":  # a count: any increase is a new synchronisation
+        change = new / old - 1.0 if old else None
+        return change, "regression" if new > old else ("improvement" if new < old else "ok")
+    if old == 0:
+        return None, "ok" if new == 0 else "not measured"
+    change = new / old - 1.0
+    worse = -change if better == "higher" else change
+    if abs(worse) <= tolerance:
+        return change, "ok"
+    if approximate:
+        return change, "approximate"
+    if noise is not None and abs(worse) <= noise:
+        return change, "within noise"
+    return change, "regression" if worse > 0 else "improvement"
+
+
+def _same_config(cases: List[Dict], case: Dict) -> Optional[Dict]:
+    """The case of ``cases`` that ran the same config with the same case options (a preset's
+    case and a ``--config-file`` run of its config have different names)."""
+    for c in cases:
+        if c.get("config") == case.get("config") and \
+                list(c.get("case_opts") or []) == list(case.get("case_opts") or []):
+            return c
+    return None
+
+
+def _max(*xs: Optional[float]) -> Optional[float]:
+    known = [x for x in xs if x is not None]
+    return max(known) if known else None
+
+
+def _run_info(result: Dict) -> Dict[str, object]:
+    m = result.get("machine", {})
+    return {"summary": m.get("summary"), "date": m.get("date"), "command": result.get("command")}
+
+
+def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, object]:
+    """Compare two results of :func:`d2seg.benchmark.harness.run_benchmark`.
+
+    Args:
+        old, new: the two JSON objects (``old`` the baseline).
+        tolerance: relative change beyond which a row counts as a regression or an
+            improvement (0.05 = 5 %).
+
+    Returns:
+        ``{"old", "new": {summary, date, command}, "same_machine", "settings_differ":
+        {key: [old, new]}, "tolerance", "rows": [{case, subject, metric, kind ("ratio",
+        "absolute" or "target"), old, new, change (new / old - 1), better ("higher" or
+        "lower"), noise (the wider relative spread of the repeated measurements behind the
+        number in either run, None where it was measured once), status}], "regressions": n,
+        "improvements": n}``. ``status`` is "ok", "regression", "improvement", "within
+        noise", "approximate" (the CPU's sampled peak memory), "not measured", "settings
+        differ" or "other machine"; only "regression" and "improvement" are counted.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance {tolerance}: must be >= 0")
+    m_old, m_new = old.get("machine", {}), new.get("machine", {})
+    same_machine = bool(m_old.get("summary")) and m_old.get("summary") == m_new.get("summary")
+    differ = _setting_differences(old, new)
+    rows: List[Dict[str, object]] = []
+
+    def add(case, subject, metric, kind, a, b, better, blocked="", noise=None,
+            approximate=False):
+        change, status = _status(metric, a, b, better, tolerance, noise, approximate)
+        if blocked and status != "not measured":
+            status = blocked
+        rows.append({"case": case, "subject": subject, "metric": metric, "kind": kind,
+                     "old": a, "new": b, "change": change, "better": better,
+                     "noise": noise, "status": status})
+
+    blocked_all = "settings differ" if differ else ""
+    old_cases = {c["name"]: c for c in old.get("cases", [])}
+    for c in new.get("cases", []):
+        o = old_cases.get(c["name"]) or _same_config(old.get("cases", []), c)
+        if o is None or "error" in c or "error" in o:
+            continue
+        old_subs, new_subs = dict(_subjects(o)), dict(_subjects(c))
+        for ref, r_new in (c.get("ratios") or {}).items():
+            r_old = (o.get("ratios") or {}).get(ref)
+            if r_old is None or ref not in old_subs or ref not in new_subs:
+                continue
+            for metric, key, better in _RATIOS:
+                if key in r_new or key in r_old:
+                    noise = _max(_ratio_noise(key, r_old, old_subs["d2seg"], old_subs[ref]),
+                                 _ratio_noise(key, r_new, new_subs["d2seg"], new_subs[ref]))
+                    approx = key == "train_memory_ratio" and _cpu_memory(new_subs["d2seg"])
+                    add(c["name"], f"vs {ref}", metric, "ratio", r_old.get(key),
+                        r_new.get(key), better, blocked_all, noise, approx)
+        lo, ln = o.get("loop") or {}, c.get("loop") or {}
+        if "fraction_of_step" in lo or "fraction_of_step" in ln:
+            add(c["name"], "d2seg", "loop / step", "ratio", lo.get("fraction_of_step"),
+                ln.get("fraction_of_step"), "higher", blocked_all)
+        for name, sub in new_subs.items():
+            if name not in old_subs:
+                continue
+            before = {m: (v, sp) for m, v, _, sp, _ in _absolute(old_subs[name])}
+            for metric, value, better, sp, approx in _absolute(sub):
+                a, sp_old = before.get(metric, (None, None))
+                add(c["name"], name, metric, "absolute", a, value, better,
+                    blocked_all or ("" if same_machine else "other machine"),
+                    _max(sp_old, sp), approx)
+    old_targets = {t["name"]: t for t in old.get("targets", [])}
+    for t in new.get("targets", []):
+        ot = old_targets.get(t["name"])
+        if ot is None:
+            continue
+        status = "ok"
+        if ot.get("status") == "pass" and t.get("status") == "FAIL":
+            status = "regression"
+        elif ot.get("status") == "FAIL" and t.get("status") == "pass":
+            status = "improvement"
+        elif t.get("status") == "not measured" or ot.get("status") == "not measured":
+            status = "not measured"
+        if differ and status != "not measured":
+            status = "settings differ"
+        a, b = ot.get("value"), t.get("value")
+        change = b / a - 1.0 if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and a else None
+        rows.append({"case": t.get("case", ""), "subject": t["name"], "metric":
+                     f"target ({ot.get('status')} -> {t.get('status')})", "kind": "target",
+                     "old": a, "new": b, "change": change,
+                     "better": "lower" if t.get("kind") == "step_time_ratio" else "higher",
+                     "noise": None, "status": status})
+    return {
+        "old": _run_info(old), "new": _run_info(new), "same_machine": same_machine,
+        "settings_differ": {k: list(v) for k, v in differ.items()},
+        "tolerance": tolerance, "rows": rows,
+        "regressions": sum(r["status"] == "regression" for r in rows),
+        "improvements": sum(r["status"] == "improvement" for r in rows),
+    }
+
+
+def _num(x) -> str:
+    if not isinstance(x, (int, float)) or x != x:
+        return "-"
+    return f"{x:.4g}"
+
+
+def format_comparison(cmp: Dict[str, object]) -> str:
+    """Markdown: what was compared with what, then one row per number."""
+    lines = [f"### Compared with {cmp['old']['summary']} ({cmp['old']['date']})", ""]
+    if not cmp["same_machine"]:
+        lines.append("Other machine: only the ratios measured within each run are compared.")
+    if cmp["settings_differ"]:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in cmp["settings_differ"].items())
+        lines.append(f"The settings differ ({what}): nothing is counted as a regression.")
+    if lines[-1]:
+        lines.append("")
+    lines += ["| case | subject | metric | old | new | change | noise | status |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in cmp["rows"]:
+        ch = "-" if r["change"] is None else f"{100 * r['change']:+.1f}%"
+        noise = "-" if r.get("noise") is None else f"{100 * r['noise']:.1f}%"
+        st = f"**{r['status']}**" if r["status"] == "regression" else r["status"]
+        lines.append(f"| {r['case']} | {r['subject']} | {r['metric']} | {_num(r['old'])} | "
+                     f"{_num(r['new'])} | {ch} | {noise} | {st} |")
+    lines += ["", f"{cmp['regressions']} regression(s), {cmp['improvements']} improvement(s) "
+                  f"beyond {100 * cmp['tolerance']:.0f}%"]
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""`tools/benchmark.py --compare`: which numbers of two runs are compared, and when a change
+counts as a regression (d2seg/benchmark/compare.py)."""
+import copy
+import importlib.util
+import json
+import os
+
+import pytest
+
+from d2seg.benchmark.compare import compare_results, format_comparison
+
+from conftest import REPO
+
+UNET_CPU = os.path.join(REPO, "configs", "Shapes-SemanticSegmentation", "unet_cpu.yaml")
+MACHINE = "2-core CPU, no GPU: test CPU (1 torch threads; torch 2.x)"
+
+
+def _result(speedup=1.10, ips=2.0, ref_ips=None, syncs=3, loop=0.95, target="pass",
+            summary=MACHINE, **settings):
+    """A minimal tools/benchmark.py result with one case and one reference."""
+    ref_ips = ips / speedup if ref_ips is None else ref_ips
+    s = {"device": "cpu", "precision": "bf16", "batch": 2, "size": [64, 64], "threads": 1,
+         "opts": [], "ref_backend": "plain", "instances_per_image": 4, "statistic": "median"}
+    s.update(settings)
+
+    def sub(name, v, n):
+        return {"name": name, "train_step": {"img_per_s": v},
+                "inference": {"latency_batch1_ms": 100.0 / v, "throughput_img_per_s": v},
+                "train_memory": {"peak_rss_delta_mb": 300.0}, "host_syncs": {"per_step": n}}
+    return {"machine": {"summary": summary, "date": "2026-11-27"}, "settings": s,
+            "command": "benchmark.py", "cases": [{
+                "name": "unet", "config": "configs/x/unet.yaml", "case_opts": [],
+                "d2seg": sub("d2seg unet", ips, syncs), "references": [sub("plain", ref_ips, 2)],
+                "ratios": {"plain": {"train_step_speedup": speedup}},
+                "loop": {"fraction_of_step": loop}}],
+            "targets": [{"name": "speed-up", "kind": "speedup", "case": "unet",
+                         "value": speedup, "status": target}]}
+
+
+def _rows(cmp, **match):
+    return [r for r in cmp["rows"] if all(r[k] == v for k, v in match.items())]
+
+
+def test_identical_runs_have_no_regression():
+    old = _result()
+    cmp = compare_results(old, copy.deepcopy(old))
+    assert cmp["same_machine"] and not cmp["settings_differ"]
+    assert cmp["regressions"] == 0 and cmp["improvements"] == 0
+    assert {r["status"] for r in cmp["rows"]} == {"ok"}
+    kinds = {r["kind"] for r in cmp["rows"]}
+    assert kinds == {"ratio", "absolute", "target"}
+
+
+def test_a_lower_speedup_beyond_the_tolerance_is_a_regression():
+    old, new = _result(speedup=1.50), _result(speedup=1.30, target="FAIL")
+    cmp = compare_results(old, new, tolerance=0.05)
+    (row,) = _rows(cmp, metric="train step speed-up")
+    assert row["status"] == "regression" and row["change"] == pytest.approx(1.30 / 1.50 - 1)
+    (tgt,) = _rows(cmp, kind="target")
+    assert tgt["status"] == "regression" and "pass -> FAIL" in tgt["metric"]
+    # within the tolerance: not counted
+    cmp = compare_results(old, _result(speedup=1.46), tolerance=0.05)
+    assert _rows(cmp, metric="train step speed-up")[0]["status"] == "ok"
+    assert "**regression**" in format_comparison(compare_results(old, new))
+
+
+def test_lower_is_better_for_latency_memory_and_syncs():
+    old, new = _result(), _result(syncs=4)
+    new["cases"][0]["d2seg"]["train_memory"]["peak_rss_delta_mb"] = 400.0
+    new["cases"][0]["d2seg"]["inference"]["latency_batch1_ms"] *= 1.2
+    cmp = compare_results(old, new)
+    d2 = {r["metric"]: r["status"] for r in _rows(cmp, subject="d2seg", kind="absolute")}
+    assert d2["host syncs/step"] == "regression"  # one more sync is one too many
+    assert d2["train peak MB"] == "approximate"  # the sampled CPU RSS: shown, not counted
+    assert d2["latency b1 ms"] == "regression"
+    assert cmp["regressions"] == 2
+    # CUDA's allocator peak is exact: counted, lower is better
+    for r, mb in ((old, 1000.0), (new, 800.0)):
+        r["cases"][0]["d2seg"]["train_memory"] = {"peak_allocated_delta_mb": mb}
+    cmp = compare_results(old, new)
+    assert _rows(cmp, subject="d2seg", metric="train peak MB")[0]["status"] == "improvement"
+
+
+def test_a_change_inside_the_measurements_spread_is_within_noise():
+    """The train step's rounds and the latency calls give each number a spread (median
+    against best); a change smaller than it is not counted."""
+    old, new = _result(), _result(ips=1.8)  # 10 % fewer img/s, same speed-up
+    for r in (old, new):
+        r["cases"][0]["d2seg"]["train_step"]["round_seconds"] = [1.0, 1.2, 1.25, 1.3]
+    cmp = compare_results(old, new)
+    (row,) = _rows(cmp, subject="d2seg", metric="train img/s")
+    assert row["noise"] == pytest.approx(0.225) and row["status"] == "within noise"
+    for r in (old, new):
+        r["cases"][0]["d2seg"]["train_step"]["round_seconds"] = [1.0, 1.01, 1.02]
+    (row,) = _rows(compare_results(old, new), subject="d2seg", metric="train img/s")
+    assert row["status"] == "regression"
+    # the speed-up's spread: its value from the median rounds against the best rounds
+    old, new = _result(speedup=1.5), _result(speedup=1.3)
+    old["cases"][0]["ratios"]["plain"].update(train_step_speedup_best=1.5,
+                                              train_step_speedup_median=1.2)
+    (row,) = _rows(compare_results(old, new), metric="train step speed-up")
+    assert row["noise"] == pytest.approx(0.2) and row["status"] == "within noise"
+
+
+def test_absolute_numbers_only_on_the_same_machine():
+    old = _result(ips=2.0)
+    new = _result(ips=1.0, summary="1x NVIDIA H100 80GB HBM3 (torch 2.11, CUDA 12.8)")
+    cmp = compare_results(old, new)
+    assert not cmp["same_machine"]
+    assert {r["status"] for r in _rows(cmp, kind="absolute")} == {"other machine"}
+    assert _rows(cmp, metric="train step speed-up")[0]["status"] == "ok"  # same ratio
+    assert cmp["regressions"] == 0
+    assert "Other machine" in format_comparison(cmp)
+
+
+def test_different_experiments_never_count_as_regressions():
+    old, new = _result(speedup=2.0), _result(speedup=1.0, precision="fp32", batch=4)
+    cmp = compare_results(old, new)
+    assert cmp["settings_differ"] == {"precision": ["bf16", "fp32"], "batch": [2, 4]}
+    assert cmp["regressions"] == 0
+    assert _rows(cmp, metric="train step speed-up")[0]["status"] == "settings differ"
+    with pytest.raises(ValueError, match="tolerance"):
+        compare_results(old, new, tolerance=-1)
+
+
+def test_cases_match_by_name_or_by_config():
+    old, new = _result(), _result(speedup=1.0)
+    new["cases"][0]["name"] = "unet_cpu"  # a --config-file run of the preset's config
+    assert _rows(compare_results(old, new), metric="train step speed-up")[0]["case"] == \
+        "unet_cpu"
+    new["cases"][0]["config"] = "configs/other.yaml"
+    assert not _rows(compare_results(old, new), kind="ratio")
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("benchmark_cli",
+                                                  os.path.join(REPO, "tools", "benchmark.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_compares_a_new_run_and_two_files(tmp_path, capsys):
+    cli = _cli()
+    first, second = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    tiny = ["--config-file", UNET_CPU, "--refs", "plain_unet", "--device", "cpu",
+            "--precision", "fp32", "--batch", "1", "--size", "32", "--warmup", "1",
+            "--iters", "1", "--repeats", "1", "--threads", "1", "--no-inference",
+            "--loop-iters", "0"]
+    opts = ["MODEL.UNET.BASE_CHANNELS", "4", "MODEL.UNET.DEPTH", "2"]  # trailing KEY VALUE
+    cli.main(tiny + ["--json", first] + opts)
+    res = cli.main(tiny + ["--json", second, "--compare", first, "--tolerance", "10"] + opts)
+    cmp = res["comparison"]
+    assert cmp["same_machine"] and not cmp["settings_differ"]
+    assert cmp["old"]["file"] == first and cmp["regressions"] == 0
+    assert _rows(cmp, metric="train step speed-up", subject="vs plain_unet")
+    with open(second) as f:
+        assert json.load(f)["comparison"]["rows"] == cmp["rows"]
+    # two earlier runs, nothing measured: a doubled baseline speed-up is a regression
+    with open(first) as f:
+        old = json.load(f)
+    old["cases"][0]["ratios"]["plain_unet"]["train_step_speedup"] *= 2
+    baseline = str(tmp_path / "baseline.json")
+    with open(baseline, "w") as f:
+        json.dump(old, f)
+    out = str(tmp_path / "cmp.json")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--compare", baseline, "--against", first, "--fail-on-regression",
+                  "--json", out])
+    assert e.value.code == 3
+    with open(out) as f:
+        assert json.load(f)["regressions"] >= 1
+    assert "regression" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a tools/benchmark.py JSON"):
+        cli.main(["--compare", out, "--against", first])
+    with pytest.raises(SystemExit, match="--compare"):
+        cli.main(["--compare", str(tmp_path / "missing.json"), "--against", first])
+    with pytest.raises(SystemExit, match="needs --compare"):
+        cli.main(["--against", first])
