@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml
 DEMO_OUT ?= output/demo
 PYTEST_ARGS ?=
+# `make bench`: the CPU benchmark preset, compared with the last recorded run of it
+BENCH_BASELINE ?= benchmarks/results/benchmark_cpu_2026-11-27_session19_fp32.json
 
-.PHONY: setup demo test clean-cache
+.PHONY: setup demo test bench clean-cache
 
 setup:
 	@PYTHON=$(PYTHON_BIN) VENV=$(VENV) bash scripts/setup_venv.sh
@@ -19,6 +21,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) tools/benchmark.py --preset cpu-record --compare $(BENCH_BASELINE)
 
 clean-cache:
 	rm -rf $${D2SEG_DATASETS:-$$HOME/.cache/d2seg}
