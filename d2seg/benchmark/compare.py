@@ -197,6 +197,8 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
 
     def add(case, subject, metric, kind, a, b, better, blocked="", noise=None,
             approximate=False):
+        if not isinstance(a, (int, float)) and not isinstance(b, (int, float)):
+            return  # measured in neither run (e.g. --no-inference)
         change, status = _status(metric, a, b, better, tolerance, noise, approximate)
         if blocked and status != "not measured":
             status = blocked
