@@ -129,7 +129,9 @@ def test_cases_match_by_name_or_by_config():
     assert _rows(compare_results(old, new), metric="train step speed-up")[0]["case"] == \
         "unet_cpu"
     new["cases"][0]["config"] = "configs/other.yaml"
-    assert not _rows(compare_results(old, new), kind="ratio")
+    cmp = compare_results(old, new)
+    assert not _rows(cmp, kind="ratio") and cmp["unmatched_cases"] == ["unet_cpu"]
+    assert "Not in the old run" in format_comparison(cmp)
 
 
 def _cli():

@@ -179,7 +179,8 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
             improvement (0.05 = 5 %).
 
     Returns:
-        ``{"old", "new": {summary, date, command}, "same_machine", "settings_differ":
+        ``{"old", "new": {summary, date, command}, "same_machine", "unmatched_cases" (names
+        of this run's cases with nothing to compare), "settings_differ":
         {key: [old, new]}, "tolerance", "rows": [{case, subject, metric, kind ("ratio",
         "absolute" or "target"), old, new, change (new / old - 1), better ("higher" or
         "lower"), noise (the wider relative spread of the repeated measurements behind the
@@ -259,8 +260,11 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                      "old": a, "new": b, "change": change,
                      "better": "lower" if t.get("kind") == "step_time_ratio" else "higher",
                      "noise": None, "status": status})
+    unmatched = [c["name"] for c in new.get("cases", [])
+                 if c["name"] not in {r["case"] for r in rows}]
     return {
         "old": _run_info(old), "new": _run_info(new), "same_machine": same_machine,
+        "unmatched_cases": unmatched,
         "settings_differ": {k: list(v) for k, v in differ.items()},
         "tolerance": tolerance, "rows": rows,
         "regressions": sum(r["status"] == "regression" for r in rows),
@@ -282,6 +286,9 @@ def format_comparison(cmp: Dict[str, object]) -> str:
     if cmp["settings_differ"]:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in cmp["settings_differ"].items())
         lines.append(f"The settings differ ({what}): nothing is counted as a regression.")
+    if cmp.get("unmatched_cases"):
+        lines.append(f"Not in the old run (by name or config), or failed in either: "
+                     f"{', '.join(cmp['unmatched_cases'])}.")
     if lines[-1]:
         lines.append("")
     lines += ["| case | subject | metric | old | new | change | noise | status |",
