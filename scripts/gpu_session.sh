@@ -9,7 +9,10 @@
 #   bash scripts/gpu_session.sh fourth-lease  # after third-lease: DeepLabV3+ with a frozen
 #       backbone, DEVICE_PREFETCH with the models compiled, SegFormer-B2 default / CUDA
 #       graphs / eager
-#   bash scripts/gpu_session.sh eighth-lease  # FIRST in the next lease (~530 s): FOLD_NORM's
+#   bash scripts/gpu_session.sh eleventh-lease  # FIRST in the next lease (~430 s): issue 7's
+#       GPU targets (Mask R-CNN, Panoptic FPN, the semantic preset) with today's code,
+#       compared with the lease runs the README quotes (--compare): the regression sweep
+#   bash scripts/gpu_session.sh eighth-lease  # then, in a later lease (~530 s): FOLD_NORM's
 #       forward-only rule, SegFormer-B2 with and without MATMUL_RESIZE (time for a cold
 #       compile), the frozen-backbone DeepLabV3+ loop profiled
 #   bash scripts/gpu_session.sh ninth-lease   # then, if ~300 s are left: gpu-semantic (the
@@ -152,7 +155,23 @@ fold_norm_step() {  # fold_norm_step [NAME [SECONDS [args]]]: FOLD_NORM alone on
       --json "$OUTDIR/$name.json" "$@"
   fi
 }
+H100_26=benchmarks/results/gpu_h100_2026-11-26
+H100_27=benchmarks/results/gpu_h100_2026-11-27
 case "$PART" in
+  eleventh-lease)
+    # Written 2026-11-27 (session 19): FIRST in the next lease (~430 s with set-up). Issue 7's
+    # GPU targets with the code of sessions 15-19, each compared (--compare) with the lease run
+    # that the README quotes, same preset and settings: a regression shows as a row marked
+    # "regression" (ratios on any card; absolute numbers when the card is the same H100).
+    # Sessions 15-19 changed CPU paths (ROIAlign, the RPN's NMS threads), evaluation precision
+    # (INFERENCE_AMP) and the loader's seeding; none of the timed CUDA steps on purpose.
+    bench gpu_maskrcnn_frozenbn_v2 85 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
+      --iters 10 --warmup 5 --no-inference --compare "$H100_26/benchmark_maskrcnn_frozenbn.json"
+    bench gpu_panoptic_v2 70 gpu-panoptic --refs none --precision bf16 --repeats 2 --iters 10 \
+      --warmup 5 --no-inference --compare "$H100_26/benchmark_panoptic_batched.json"
+    bench gpu_semantic_v5 250 gpu-semantic --repeats 2 --iters 10 --loop-iters 40 \
+      --no-inference --compare "$H100_27/benchmark_semantic_v4.json"
+    ;;
   all)
     # The next lease (written 2026-11-26, session 5, after the first lease): measure the
     # sync-free semantic step (losses read nothing back; head + loss one compiled graph),
@@ -295,10 +314,10 @@ case "$PART" in
     # (DeepLabV3+ with MATMUL_RESIZE beside its references; FOLD_NORM's CUDA rule; the loop
     # timed after 20 warm-up iterations, 40 timed: one metrics write per 20). ~250 s of
     # limits: after eighth-lease in the same lease if ~300 s of device time are left.
-    # Session 19: compared with the sixth lease's run (same preset and settings): each
-    # ratio against the H100's of 2026-11-27, absolute numbers too if the card is the same.
+    # Session 19: compared with the sixth lease's run (same preset and settings); the same
+    # step is the last of eleventh-lease, which supersedes this part.
     bench gpu_semantic_v5 250 gpu-semantic --repeats 2 --iters 10 --loop-iters 40 \
-      --no-inference --compare benchmarks/results/gpu_h100_2026-11-27/benchmark_semantic_v4.json
+      --no-inference --compare "$H100_27/benchmark_semantic_v4.json"
     ;;
   tenth-lease)
     # Written 2026-11-27 (session 16): the semantic configs enable AMP since session 16 (bf16
