@@ -58,6 +58,10 @@ def test_end_to_end_json_fields(unet_result):
         assert len(ts["round_seconds"]) == 2 and all(t > 0 for t in ts["round_seconds"])
         assert ts["img_per_s"] > 0 and ts["s_per_iter"] > 0
         assert sub["inference"]["latency_batch1_ms"] > 0
+        blocks = sub["inference"]["throughput_blocks"]
+        assert sum(b["calls"] for b in blocks) == TINY.infer_iters
+        assert sum(b["seconds"] for b in blocks) == pytest.approx(
+            sub["inference"]["throughput_seconds"])
         assert sub["inference"]["throughput_img_per_s"] > 0
         assert sub["train_memory"]["kind"] == "cpu_rss_approx"
         assert sub["warmup_memory"]["kind"] == "cpu_rss_approx"

@@ -94,6 +94,14 @@ def test_a_change_inside_the_measurements_spread_is_within_noise():
         r["cases"][0]["d2seg"]["train_step"]["round_seconds"] = [1.0, 1.01, 1.02]
     (row,) = _rows(compare_results(old, new), subject="d2seg", metric="train img/s")
     assert row["status"] == "regression"
+    # the inference throughput's spread: seconds per call of its two timed blocks
+    old, new = _result(), _result()
+    new["cases"][0]["d2seg"]["inference"]["throughput_img_per_s"] *= 0.9
+    for r in (old, new):
+        r["cases"][0]["d2seg"]["inference"]["throughput_blocks"] = [
+            {"calls": 5, "seconds": 1.0}, {"calls": 5, "seconds": 1.3}]
+    (row,) = _rows(compare_results(old, new), subject="d2seg", metric="infer img/s")
+    assert row["noise"] == pytest.approx(0.15) and row["status"] == "within noise"
     # the speed-up's spread: its value from the median rounds against the best rounds
     old, new = _result(speedup=1.5), _result(speedup=1.3)
     old["cases"][0]["ratios"]["plain"].update(train_step_speedup_best=1.5,

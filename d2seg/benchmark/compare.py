@@ -88,10 +88,16 @@ def _latencies(sub: Dict) -> List[float]:
     return list((sub.get("inference") or {}).get("latency_ms_all") or [])
 
 
+def _per_call(sub: Dict) -> List[float]:
+    """Seconds per inference call of each timed throughput block (since session 19)."""
+    blocks = (sub.get("inference") or {}).get("throughput_blocks") or []
+    return [b["seconds"] / b["calls"] for b in blocks if b.get("calls")]
+
+
 def _ratio_noise(key: str, ratio: Dict, d2: Dict, ref: Dict) -> Optional[float]:
     """The spread of one within-run ratio: for the train step, between its value from the
-    median rounds and from the best rounds (both in the JSON); for the latency, the two
-    subjects' spreads added."""
+    median rounds and from the best rounds (both in the JSON); for the latency and the
+    inference throughput (its two timed blocks), the two subjects' spreads added."""
     if key == "train_step_speedup":
         a, b = ratio.get("train_step_speedup_median"), ratio.get("train_step_speedup_best")
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
@@ -99,6 +105,8 @@ def _ratio_noise(key: str, ratio: Dict, d2: Dict, ref: Dict) -> Optional[float]:
         return None
     if key == "latency_speedup":
         return _add(_spread(_latencies(d2)), _spread(_latencies(ref)))
+    if key == "inference_throughput_speedup":
+        return _add(_spread(_per_call(d2)), _spread(_per_call(ref)))
     return None
 
 
@@ -116,7 +124,8 @@ def _absolute(sub: Dict) -> Iterator[Tuple[str, Optional[float], str, Optional[f
     inf = sub.get("inference") or {}
     yield "latency b1 ms", inf.get("latency_batch1_ms"), "lower", _spread(_latencies(sub)), \
         False
-    yield "infer img/s", inf.get("throughput_img_per_s"), "higher", None, False
+    yield "infer img/s", inf.get("throughput_img_per_s"), "higher", _spread(_per_call(sub)), \
+        False
     mem = sub.get("train_memory") or {}
     yield "train peak MB", mem.get("peak_allocated_delta_mb", mem.get("peak_rss_delta_mb")), \
         "lower", None, _cpu_memory(sub)

@@ -182,12 +182,22 @@ def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch
     out["latency_ms_all"] = [1000 * x for x in lat]
     sub.set_infer_batch(_batch_for(sub, cfg, task, infer_batch, s.size, device, s))
     sub.infer()
-    with MemoryMeter(device) as mem, Timer(device) as t:
-        for _ in range(s.infer_iters):
-            sub.infer()
-    out.update(throughput_batch=infer_batch, throughput_seconds=t.seconds,
+    # two timed blocks (one synchronisation between them), so that a comparison of runs
+    # (d2seg/benchmark/compare.py) sees how far the throughput moved within this one
+    sizes = [s.infer_iters - s.infer_iters // 2, s.infer_iters // 2] if s.infer_iters > 1 \
+        else [s.infer_iters]
+    blocks = []
+    with MemoryMeter(device) as mem:
+        for n in sizes:
+            with Timer(device) as t:
+                for _ in range(n):
+                    sub.infer()
+            blocks.append(t.seconds)
+    total = sum(blocks)
+    out.update(throughput_batch=infer_batch, throughput_seconds=total,
                throughput_calls=s.infer_iters,
-               throughput_img_per_s=infer_batch * s.infer_iters / t.seconds)
+               throughput_blocks=[{"calls": n, "seconds": b} for n, b in zip(sizes, blocks)],
+               throughput_img_per_s=infer_batch * s.infer_iters / total)
     return {"inference": out, "inference_memory": mem.result}
 
 
