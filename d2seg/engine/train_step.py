@@ -39,6 +39,9 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..utils.deferred_scalars import (Deferred, collect_scalars, packed_counts, resolve_scalars,
+                                      stop_collecting, take_scalars)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["GuardedSimpleTrainer", "GuardedAMPTrainer", "NonFiniteLossError", "CHECK_MODES"]
@@ -78,10 +81,12 @@ class _Staged:
 
     iter: int
     keys: List[str]
-    host: torch.Tensor  # (len(keys) + 1,) float32: the losses, then the non-finite flag
+    host: torch.Tensor  # (len(keys) + 1 + counts,) float64: the losses, the non-finite flag,
+    #                     then the counts of the statistics queued during the step
     event: Optional["torch.cuda.Event"]  # recorded after the copy (CUDA), else None
     data_time: float
     files: List[str]
+    deferred: List[Deferred]  # d2seg.utils.deferred_scalars: their counts follow the flag
 
 
 def _batch_files(batch) -> List[str]:
@@ -133,13 +138,20 @@ class _NonFiniteGuard:
     def _check_losses(self, loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Raise or skip on non-finite losses; return the losses as 0-dim CPU float tensors.
 
-        All losses come to the host in one transfer (one device synchronisation per step,
-        instead of one per loss here and one more per loss in detectron2's ``write_metrics``,
-        which then reads the returned CPU copies)."""
+        All losses come to the host in one transfer, with the counts of the statistics the
+        model queued (``d2seg.utils.deferred_scalars``): one device synchronisation per step,
+        instead of one per loss here, one more per loss in detectron2's ``write_metrics``
+        (which then reads the returned CPU copies) and one per logged count."""
         keys = list(loss_dict)
+        deferred = take_scalars(get_event_storage())
+        if not keys and not deferred:
+            return {}
+        packed = self._pack(loss_dict, keys, deferred, flag=False).cpu()
+        values = packed[:len(keys)]
+        resolve_scalars(get_event_storage(), deferred, packed[len(keys):].tolist(),
+                        int(self.iter))
         if not keys:
             return {}
-        values = torch.stack([loss_dict[k].detach().float().sum() for k in keys]).cpu()
         host = dict(zip(keys, values.unbind(0)))
         finite = torch.isfinite(values).tolist()
         bad: Dict[str, float] = {k: float(values[i]) for i, k in enumerate(keys) if not finite[i]}
@@ -174,18 +186,36 @@ class _NonFiniteGuard:
             where += f" (rank {comm.get_rank()})"
         return where
 
+    @staticmethod
+    def _pack(loss_dict: Mapping[str, torch.Tensor], keys: List[str],
+              deferred: List[Deferred], flag: bool) -> torch.Tensor:
+        """One float64 vector on the losses' device: the summed losses, (``flag``) 1.0 if one
+        is non-finite, on every rank if any rank's is (an all-reduce), then the queued
+        counts. float64 holds the float32 losses and integer counts up to 2**53 exactly."""
+        parts = []
+        if keys:
+            vals = torch.stack([loss_dict[k].detach().float().sum() for k in keys]).double()
+            parts.append(vals)
+            if flag:
+                bad = (~torch.isfinite(vals)).any().double().reshape(1)
+                if comm.get_world_size() > 1:  # every rank must take the same decision
+                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                parts.append(bad)
+        elif flag:
+            parts.append(torch.zeros(1, dtype=torch.float64))
+        counts = packed_counts(deferred)
+        if counts is not None:
+            parts.append(counts.to(parts[0].device) if parts else counts)
+        return torch.cat(parts)
+
     # -- "lagged" ----------------------------------------------------------------------------
     def _stage(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> _Staged:
-        """Queue the losses and their non-finite flag for the host; no waiting."""
+        """Queue the losses, their non-finite flag and the step's logged counts for the
+        host; no waiting."""
         keys = list(loss_dict)
         files = _batch_files(self._last_batch) if self.report_images else []
-        if not keys:
-            return _Staged(int(self.iter), [], torch.zeros(1), None, data_time, files)
-        vals = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
-        flag = (~torch.isfinite(vals)).any().float().reshape(1)
-        if comm.get_world_size() > 1:  # every rank must take the same decision
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        packed = torch.cat([vals, flag])
+        deferred = take_scalars(get_event_storage())
+        packed = self._pack(loss_dict, keys, deferred, flag=True)
         event = None
         if packed.is_cuda:
             try:
@@ -200,14 +230,16 @@ class _NonFiniteGuard:
                 event.record()
         else:
             host = packed
-        return _Staged(int(self.iter), keys, host, event, data_time, files)
+        return _Staged(int(self.iter), keys, host, event, data_time, files, deferred)
 
     def _resolve(self, st: _Staged, late: bool = True) -> None:
         """Wait for ``st``'s copy; raise on a non-finite loss, else write its metrics.
         ``late``: ``st`` is the previous step's (its update was applied)."""
         if st.event is not None:
             st.event.synchronize()
-        values, flag = st.host[:-1], float(st.host[-1])
+        n = len(st.keys)
+        values, flag = st.host[:n], float(st.host[n])
+        resolve_scalars(get_event_storage(), st.deferred, st.host[n + 1:].tolist(), st.iter)
         if flag > 0:
             bad = {k: float(v) for k, v in zip(st.keys, values.tolist()) if not math.isfinite(v)}
             what = (", ".join(f"{k}={v}" for k, v in bad.items()) if bad
@@ -254,10 +286,16 @@ class _NonFiniteGuard:
     def run_step(self) -> None:
         if self.async_write_metrics:
             raise ValueError("D2SEG's non-finite guard needs async_write_metrics=False")
+        storage = get_event_storage()
+        collect_scalars(storage)  # statistics the model logs come with the losses
         try:
             super().run_step()
         except _SkipStep:
             self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            left = stop_collecting(storage)  # queued after _write_metrics, or a failed step
+            if left:
+                resolve_scalars(storage, left, None, int(self.iter))
 
 
 class GuardedSimpleTrainer(_NonFiniteGuard, SimpleTrainer):

@@ -53,6 +53,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import smooth_l1_loss
 
+from ..utils.deferred_scalars import put_scalars_later
 from ..utils.threads import chunk_bounds, run_in_parallel
 
 __all__ = ["batched_pairwise_iou", "batched_match", "sample_subsets", "rpn_label_and_sample",
@@ -192,17 +193,16 @@ def rpn_losses(self: RPN, anchors: List[Boxes], pred_objectness_logits: List[Ten
                gt_labels: List[Tensor], pred_anchor_deltas: List[Tensor],
                gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
     """``RPN.losses`` (smooth-L1 box loss) without boolean indexing: the same sums over the
-    sampled anchors as masked sums, the deltas of all images in one ``get_deltas`` call, one
-    host read for the logged anchor counts (detectron2: two). Returns ``loss_rpn_cls`` and
-    ``loss_rpn_loc`` (scalars)."""
+    sampled anchors as masked sums, the deltas of all images in one ``get_deltas`` call, the
+    logged anchor counts read with the losses (``d2seg.utils.deferred_scalars``; detectron2:
+    two host reads). Returns ``loss_rpn_cls`` and ``loss_rpn_loc`` (scalars)."""
     num_images = len(gt_labels)
     labels = torch.stack(gt_labels)  # (B, R)
     pos = labels == 1
     valid = labels >= 0
-    num_pos, num_neg = torch.stack([pos.sum(), (labels == 0).sum()]).tolist()
-    storage = get_event_storage()
-    storage.put_scalar("rpn/num_pos_anchors", num_pos / num_images)
-    storage.put_scalar("rpn/num_neg_anchors", num_neg / num_images)
+    put_scalars_later(torch.stack([pos.sum(), (labels == 0).sum()]),
+                      lambda c: {"rpn/num_pos_anchors": c[0] / num_images,
+                                 "rpn/num_neg_anchors": c[1] / num_images})
 
     anchors_t = Boxes.cat(anchors).tensor
     boxes = torch.stack(gt_boxes)  # (B, R, 4)

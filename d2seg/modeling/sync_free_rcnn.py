@@ -15,24 +15,45 @@ bit-identical results (same matches, labels and random sampling):
   proposals with boolean-mask writes (2 waits per image); here with ``torch.where``. The
   sampling itself (``subsample_labels``) is detectron2's, unchanged.
 
+The training statistics detectron2 logs have the same values read later
+(:mod:`d2seg.utils.deferred_scalars`: d2seg's trainer reads them with the losses):
+
+* :func:`log_classification_stats` - the box classifier's ``fast_rcnn/cls_accuracy``,
+  ``fg_cls_accuracy`` and ``false_negative`` (detectron2: 6 waits, ``nonzero`` and boolean
+  indexing), from 4 counts; swapped into ``FastRCNNOutputLayers.losses``;
+* :func:`mask_rcnn_loss` - detectron2's mask loss (the same value) with
+  ``mask_rcnn/accuracy``, ``false_positive`` and ``false_negative`` from 4 counts (detectron2:
+  4 ``.item()``), and the class index on the logits' device (detectron2 builds it on the CPU:
+  a host-to-device copy); swapped into ``BaseMaskRCNNHead`` heads.
+
 :func:`make_sync_free` swaps them into a built model (``D2SEG.SPEED.RCNN_SYNC_FREE``, applied
 by ``d2seg.engine.fast_paths.prepare_model``). What stays: sampling (``nonzero`` +
 ``randperm`` on value-dependent sizes), proposal filtering and NMS (value-dependent output
-sizes), detectron2's logging reads.
+sizes).
 """
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detectron2.layers import cat
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import ROIHeads
+from detectron2.modeling.roi_heads import fast_rcnn as d2_fast_rcnn
+from detectron2.modeling.roi_heads import mask_head as d2_mask_head
 from detectron2.modeling.sampling import subsample_labels
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
 
-__all__ = ["SyncFreeMatcher", "sample_proposals", "make_sync_free"]
+from ..utils.deferred_scalars import put_scalars_later
+
+__all__ = ["SyncFreeMatcher", "sample_proposals", "log_classification_stats", "mask_rcnn_loss",
+           "make_sync_free"]
 
 
 class SyncFreeMatcher(Matcher):
@@ -87,10 +108,123 @@ def sample_proposals(self: ROIHeads, matched_idxs: Tensor, matched_labels: Tenso
     return sampled, gt_classes[sampled]
 
 
+def log_classification_stats(pred_logits: Tensor, gt_classes: Tensor,
+                             prefix: str = "fast_rcnn") -> None:
+    """detectron2's ``_log_classification_stats`` without reading counts back mid-step.
+
+    Args:
+        pred_logits: (R, K + 1) class scores of R sampled proposals (K = background).
+        gt_classes: (R,) their classes in [0, K].
+
+    Logs ``<prefix>/cls_accuracy`` and, when some proposal is foreground, ``fg_cls_accuracy``
+    and ``false_negative`` (foreground predicted as background): the same values."""
+    num_instances = gt_classes.numel()
+    if num_instances == 0:
+        return
+    pred = pred_logits.argmax(dim=1)
+    bg = pred_logits.shape[1] - 1
+    fg = (gt_classes >= 0) & (gt_classes < bg)
+    right = pred == gt_classes
+    counts = torch.stack([right.sum(), fg.sum(), (fg & right).sum(), (fg & (pred == bg)).sum()])
+
+    def values(c: Sequence[float]) -> Dict[str, float]:
+        num_right, num_fg, fg_right, false_neg = c
+        out = {f"{prefix}/cls_accuracy": num_right / num_instances}
+        if num_fg > 0:
+            out[f"{prefix}/fg_cls_accuracy"] = fg_right / num_fg
+            out[f"{prefix}/false_negative"] = false_neg / num_fg
+        return out
+    put_scalars_later(counts, values)
+
+
+def mask_rcnn_loss(pred_mask_logits: Tensor, instances: List[Instances],
+                   vis_period: int = 0) -> Tensor:
+    """detectron2's ``mask_rcnn_loss`` (per-pixel binary cross-entropy against each
+    proposal's ground-truth mask cropped to it, for the ground-truth class) with its logged
+    accuracy, false positive and false negative rates read later.
+
+    Args:
+        pred_mask_logits: (B, C, M, M) mask logits (C = 1: class-agnostic) of the B
+            foreground proposals of ``instances``, in order.
+        instances: per image, the foreground proposals with ``proposal_boxes``,
+            ``gt_classes`` and ``gt_masks``.
+        vis_period: steps at which detectron2 also stores mask images; those steps run
+            detectron2's own function.
+
+    Returns the mean loss (0-dim); with no proposal, 0 connected to the logits."""
+    if vis_period > 0 and get_event_storage().iter % vis_period == 0:
+        return _D2_MASK_RCNN_LOSS(pred_mask_logits, instances, vis_period)
+    agnostic = pred_mask_logits.size(1) == 1
+    side = pred_mask_logits.size(2)
+    assert pred_mask_logits.size(2) == pred_mask_logits.size(3), "Mask prediction must be square!"
+    classes, masks = [], []
+    for inst in instances:
+        if len(inst) == 0:
+            continue
+        if not agnostic:
+            classes.append(inst.gt_classes.to(dtype=torch.int64))
+        masks.append(inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, side)
+                     .to(device=pred_mask_logits.device))
+    if not masks:
+        return pred_mask_logits.sum() * 0
+    gt = cat(masks, dim=0)
+    if agnostic:
+        logits = pred_mask_logits[:, 0]
+    else:
+        rows = torch.arange(pred_mask_logits.size(0), device=pred_mask_logits.device)
+        logits = pred_mask_logits[rows, cat(classes, dim=0)]
+    gt_bool = gt if gt.dtype == torch.bool else gt > 0.5
+    gt = gt.to(dtype=torch.float32)
+    wrong = (logits > 0.0) != gt_bool
+    numel = wrong.numel()
+    counts = torch.stack([wrong.sum(), gt_bool.sum(), (wrong & ~gt_bool).sum(),
+                          (wrong & gt_bool).sum()])
+
+    def values(c: Sequence[float]) -> Dict[str, float]:
+        num_wrong, num_pos, false_pos, false_neg = c
+        return {"mask_rcnn/accuracy": 1 - num_wrong / max(numel, 1.0),
+                "mask_rcnn/false_positive": false_pos / max(numel - num_pos, 1.0),
+                "mask_rcnn/false_negative": false_neg / max(num_pos, 1.0)}
+    put_scalars_later(counts, values)
+    return F.binary_cross_entropy_with_logits(logits, gt, reduction="mean")
+
+
+_D2_MASK_RCNN_LOSS = d2_mask_head.mask_rcnn_loss
+
+
+@contextlib.contextmanager
+def _module_function(module, name: str, fn) -> Iterator[None]:
+    """``module.<name>`` is ``fn`` inside the block (how detectron2's heads look up their loss
+    and logging functions)."""
+    saved = getattr(module, name)
+    setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _box_losses(self: d2_fast_rcnn.FastRCNNOutputLayers, predictions, proposals):
+    """``FastRCNNOutputLayers.losses`` with :func:`log_classification_stats`."""
+    with _module_function(d2_fast_rcnn, "_log_classification_stats", log_classification_stats):
+        return d2_fast_rcnn.FastRCNNOutputLayers.losses(self, predictions, proposals)
+
+
+def _mask_head_forward(self: d2_mask_head.BaseMaskRCNNHead, x, instances: List[Instances]):
+    """``BaseMaskRCNNHead.forward`` with :func:`mask_rcnn_loss` in training."""
+    if not self.training:
+        return d2_mask_head.BaseMaskRCNNHead.forward(self, x, instances)
+    with _module_function(d2_mask_head, "mask_rcnn_loss", mask_rcnn_loss):
+        return d2_mask_head.BaseMaskRCNNHead.forward(self, x, instances)
+
+
 def make_sync_free(model: nn.Module) -> int:
     """Swap :class:`SyncFreeMatcher` for every ``Matcher`` held by a sub-module
-    (``anchor_matcher``, ``proposal_matcher``, cascade ``proposal_matchers``) and
-    :func:`sample_proposals` into every ``ROIHeads``. Returns how many were swapped."""
+    (``anchor_matcher``, ``proposal_matcher``, cascade ``proposal_matchers``),
+    :func:`sample_proposals` into every ``ROIHeads``, and the read-later statistics into
+    detectron2's box predictors (``FastRCNNOutputLayers.losses``) and mask heads
+    (``BaseMaskRCNNHead.forward``) that use detectron2's own. Returns how many were
+    swapped."""
     swapped = 0
     for mod in model.modules():
         for name, value in list(vars(mod).items()):
@@ -103,5 +237,13 @@ def make_sync_free(model: nn.Module) -> int:
         if isinstance(mod, ROIHeads) and \
                 type(mod)._sample_proposals is ROIHeads._sample_proposals:
             mod._sample_proposals = types.MethodType(sample_proposals, mod)
+            swapped += 1
+        if isinstance(mod, d2_fast_rcnn.FastRCNNOutputLayers) and \
+                type(mod).losses is d2_fast_rcnn.FastRCNNOutputLayers.losses:
+            mod.losses = types.MethodType(_box_losses, mod)
+            swapped += 1
+        if isinstance(mod, d2_mask_head.BaseMaskRCNNHead) and \
+                type(mod).forward is d2_mask_head.BaseMaskRCNNHead.forward:
+            mod.forward = types.MethodType(_mask_head_forward, mod)
             swapped += 1
     return swapped
