@@ -9,7 +9,7 @@
 #   bash scripts/gpu_session.sh fourth-lease  # after third-lease: DeepLabV3+ with a frozen
 #       backbone, DEVICE_PREFETCH with the models compiled, SegFormer-B2 default / CUDA
 #       graphs / eager
-#   bash scripts/gpu_session.sh eleventh-lease  # FIRST in the next lease (~430 s): issue 7's
+#   bash scripts/gpu_session.sh eleventh-lease  # FIRST in the next lease (~480 s): issue 7's
 #       GPU targets (Mask R-CNN, Panoptic FPN, the semantic preset) with today's code,
 #       compared with the lease runs the README quotes (--compare): the regression sweep
 #   bash scripts/gpu_session.sh eighth-lease  # then, in a later lease (~530 s): FOLD_NORM's
@@ -159,14 +159,20 @@ H100_26=benchmarks/results/gpu_h100_2026-11-26
 H100_27=benchmarks/results/gpu_h100_2026-11-27
 case "$PART" in
   eleventh-lease)
-    # Written 2026-11-27 (session 19): FIRST in the next lease (~430 s with set-up). Issue 7's
+    # Written 2026-11-27 (session 19): FIRST in the next lease (~480 s with set-up). Issue 7's
     # GPU targets with the code of sessions 15-19, each compared (--compare) with the lease run
     # that the README quotes, same preset and settings: a regression shows as a row marked
     # "regression" (ratios on any card; absolute numbers when the card is the same H100).
-    # Sessions 15-19 changed CPU paths (ROIAlign, the RPN's NMS threads), evaluation precision
-    # (INFERENCE_AMP) and the loader's seeding; none of the timed CUDA steps on purpose.
+    # Sessions 15-18 changed CPU paths (ROIAlign, the RPN's NMS threads), evaluation precision
+    # (INFERENCE_AMP); session 19 the loader's seeding and, in R-CNN training, the statistics
+    # detectron2 logs (read with the losses: 11 fewer host waits per step; expected 60 -> 49
+    # on the H100). Then the same step with that off (RCNN_SYNC_FREE off, no reference;
+    # shown against the first, same card: "settings differ", the numbers side by side).
     bench gpu_maskrcnn_frozenbn_v2 85 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
       --iters 10 --warmup 5 --no-inference --compare "$H100_26/benchmark_maskrcnn_frozenbn.json"
+    bench gpu_maskrcnn_frozenbn_v2_nosyncfree 50 gpu-maskrcnn-frozenbn --precision bf16 \
+      --repeats 2 --iters 10 --warmup 5 --no-inference --refs none \
+      --compare "$OUTDIR/benchmark_maskrcnn_frozenbn_v2.json" D2SEG.SPEED.RCNN_SYNC_FREE off
     bench gpu_panoptic_v2 70 gpu-panoptic --refs none --precision bf16 --repeats 2 --iters 10 \
       --warmup 5 --no-inference --compare "$H100_26/benchmark_panoptic_batched.json"
     bench gpu_semantic_v5 250 gpu-semantic --repeats 2 --iters 10 --loop-iters 40 \
