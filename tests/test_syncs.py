@@ -240,3 +240,41 @@ def test_rcnn_sync_free_trains_identically_with_fewer_host_syncs():
     sites = counts[1].by_site()
     assert not [k for k in sites if "matcher.py" in k or "roi_heads.py:20" in k], sites
     assert counts[1].count < counts[0].count - 10, (counts[0].count, counts[1].count)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_sync_free_pooler_matches_detectron2_bit_for_bit(parallel):
+    """pooler_forward (RCNN_SYNC_FREE): the same pooled features and gradients as detectron2's
+    ROIPooler.forward, boxes spread over all FPN levels, an image without boxes, one host
+    read instead of a nonzero per level."""
+    import types
+
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    from d2seg.modeling.layers.roi_align import use_parallel_roi_align
+    from d2seg.modeling.sync_free_rcnn import pooler_forward
+
+    g = torch.Generator().manual_seed(0)
+    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 2, "ROIAlignV2")
+    if parallel:
+        assert use_parallel_roi_align(pooler, sparse_grad=True) == 4
+    feats = [torch.randn(3, 8, 256 // s, 256 // s, generator=g) for s in (4, 8, 16, 32)]
+
+    def boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 128
+        wh = torch.exp(torch.rand(n, 2, generator=g) * 5.5)  # 1 to 245 px: every level
+        return Boxes(torch.cat([xy, (xy + wh).clamp(max=255)], 1))
+    box_lists = [boxes(40), boxes(0), boxes(25)]
+    results = []
+    for fn in (ROIPooler.forward, pooler_forward):
+        xs = [f.clone().requires_grad_() for f in feats]
+        out = types.MethodType(fn, pooler)(xs, box_lists)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, [x.grad for x in xs]))
+    (ref, ref_grads), (new, new_grads) = results
+    assert torch.equal(ref, new) and ref.shape == (65, 8, 7, 7)
+    assert all(torch.equal(a, b) for a, b in zip(ref_grads, new_grads))
+    with HostSyncAudit("cpu", feats + [b.tensor for b in box_lists]) as a:
+        types.MethodType(pooler_forward, pooler)(feats, box_lists)
+    assert [e.what for e in a.events] == ["tolist"], a.by_site()
