@@ -129,6 +129,13 @@ def test_different_experiments_never_count_as_regressions():
     assert _rows(cmp, metric="train step speed-up")[0]["status"] == "settings differ"
     with pytest.raises(ValueError, match="tolerance"):
         compare_results(old, new, tolerance=-1)
+    # a JSON from before a setting existed ran with the harness's default
+    new = _result()
+    for key in ("statistic", "ref_backend"):
+        del old["settings"][key]
+    old["settings"]["precision"] = "bf16"
+    old["settings"]["batch"] = 2
+    assert compare_results(old, new)["settings_differ"] == {}
 
 
 def test_cases_match_by_name_or_by_config():

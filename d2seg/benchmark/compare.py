@@ -21,7 +21,10 @@ when it went from pass to FAIL. The CPU's peak memory is a sampled approximation
 194 and 293 MB for the same Mask R-CNN step on two days), so its changes (and those of the
 d2seg / reference memory ratio on a CPU) are shown, not counted.
 """
+import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from .harness import Settings
 
 __all__ = ["SAME_EXPERIMENT", "compare_results", "format_comparison"]
 
@@ -42,11 +45,13 @@ def _device_type(settings: Dict) -> str:
 
 def _setting_differences(old: Dict, new: Dict) -> Dict[str, Tuple[object, object]]:
     so, sn = old.get("settings", {}), new.get("settings", {})
+    # a JSON written before a setting existed ran with its default
+    defaults = dataclasses.asdict(Settings())
     diff = {}
     if _device_type(so) != _device_type(sn):
         diff["device"] = (so.get("device"), sn.get("device"))
     for key in SAME_EXPERIMENT:
-        a, b = so.get(key), sn.get(key)
+        a, b = so.get(key, defaults.get(key)), sn.get(key, defaults.get(key))
         if isinstance(a, tuple):
             a = list(a)
         if isinstance(b, tuple):
