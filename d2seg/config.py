@@ -317,9 +317,10 @@ def add_d2seg_config(cfg: _D2CfgNode) -> None:
     # widen them on the device. "auto": on for d2seg's segmentors with an IGNORE_VALUE in
     # [0, 255] (detectron2's own SemanticSegmentor keeps int64).
     cfg.D2SEG.SPEED.COMPACT_LABELS = "auto"
-    # R-CNN / panoptic: detectron2's ground-truth matcher, ROI-head relabelling and ROI
-    # poolers replaced by forms with identical results and fewer host waits, and the box /
-    # mask heads' logged statistics read with the losses (d2seg/modeling/sync_free_rcnn.py).
+    # R-CNN / panoptic: detectron2's ground-truth matcher, ROI-head relabelling, ROI poolers
+    # and anchor grids replaced by forms with identical results and fewer host waits, and the
+    # box / mask heads' logged statistics read with the losses
+    # (d2seg/modeling/sync_free_rcnn.py).
     cfg.D2SEG.SPEED.RCNN_SYNC_FREE = "auto"
     # R-CNN / panoptic: the RPN's proposals, its anchor targets and the ROI heads' proposal
     # targets computed for the whole batch at once instead of image by image

@@ -278,3 +278,27 @@ def test_sync_free_pooler_matches_detectron2_bit_for_bit(parallel):
     with HostSyncAudit("cpu", feats + [b.tensor for b in box_lists]) as a:
         types.MethodType(pooler_forward, pooler)(feats, box_lists)
     assert [e.what for e in a.events] == ["tolist"], a.by_site()
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_sync_free_anchor_grids_are_made_on_the_device(monkeypatch, offset):
+    """grid_offsets (RCNN_SYNC_FREE): detectron2's anchors, bit for bit, without building
+    each level's grid on the CPU and copying it over (a host wait per copy on a GPU)."""
+    import types
+
+    from detectron2.modeling import anchor_generator as d2_anchor
+
+    from d2seg.modeling.sync_free_rcnn import _grid_anchors
+
+    gen = d2_anchor.DefaultAnchorGenerator(
+        sizes=[[32], [64], [128], [256], [512]], aspect_ratios=[[0.5, 1.0, 2.0]],
+        strides=[4, 8, 16, 32, 64], offset=offset)
+    grids = [[200, 304], [100, 152], [50, 76], [25, 38], [13, 19]]  # 800x1216 input
+    ref = gen._grid_anchors(grids)
+
+    def no_copy(src, dst):
+        raise AssertionError("a grid was built on the CPU and copied")
+    monkeypatch.setattr(d2_anchor, "move_device_like", no_copy)
+    new = types.MethodType(_grid_anchors, gen)(grids)
+    assert len(new) == 5 and all(torch.equal(a, b) for a, b in zip(ref, new))
+    assert d2_anchor._create_grid_offsets.__module__ == d2_anchor.__name__  # restored

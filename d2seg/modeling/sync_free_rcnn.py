@@ -33,6 +33,11 @@ level's boxes from one stable sort by level and one read of the per-level counts
 (detectron2: a ``nonzero`` per level). The same boxes reach the same level's ROIAlign in the
 same order: bit-identical outputs and gradients, 1 wait per call instead of 5-6.
 
+And :func:`grid_offsets` - detectron2's anchor generator makes each FPN level's grid of
+anchor positions on the CPU and copies it to the device every forward pass (10 copies per
+step for 5 levels, each a host wait on a GPU); here the grids are made on the device, with the
+same values (multiples of half a stride: exact in float32).
+
 :func:`make_sync_free` swaps them into a built model (``D2SEG.SPEED.RCNN_SYNC_FREE``, applied
 by ``d2seg.engine.fast_paths.prepare_model``). What stays: sampling (``nonzero`` +
 ``randperm`` on value-dependent sizes), proposal filtering and NMS (value-dependent output
@@ -49,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectron2.layers import cat
+from detectron2.modeling import anchor_generator as d2_anchor
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.modeling.roi_heads import ROIHeads
@@ -62,7 +68,7 @@ from detectron2.utils.events import get_event_storage
 from ..utils.deferred_scalars import put_scalars_later
 
 __all__ = ["SyncFreeMatcher", "sample_proposals", "log_classification_stats", "mask_rcnn_loss",
-           "pooler_forward", "make_sync_free"]
+           "pooler_forward", "grid_offsets", "make_sync_free"]
 
 
 class SyncFreeMatcher(Matcher):
@@ -245,6 +251,35 @@ def pooler_forward(self: ROIPooler, x: List[Tensor], box_lists: List[Boxes]) -> 
     return out
 
 
+def grid_offsets(size: Sequence[int], stride: int, offset: float,
+                 target_device_tensor: Tensor) -> Tuple[Tensor, Tensor]:
+    """detectron2's ``_create_grid_offsets`` made on ``target_device_tensor``'s device.
+
+    Args:
+        size: (H, W) of the feature map.
+        stride: its stride in input pixels.
+        offset: the anchor centres' offset, in strides.
+
+    Returns (shift_x, shift_y): (H * W,) float32 each, row-major over the map."""
+    height, width = size
+    dev = target_device_tensor.device
+    xs = torch.arange(offset * stride, width * stride, step=stride, dtype=torch.float32,
+                      device=dev)
+    ys = torch.arange(offset * stride, height * stride, step=stride, dtype=torch.float32,
+                      device=dev)
+    shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")
+    return shift_x.reshape(-1), shift_y.reshape(-1)
+
+
+def _grid_anchors(self: d2_anchor.DefaultAnchorGenerator, grid_sizes: List[List[int]]):
+    """``DefaultAnchorGenerator._grid_anchors`` with :func:`grid_offsets` (tracing: detectron2's,
+    whose copy keeps the traced graph's device generic)."""
+    if torch.jit.is_tracing() or is_fx_tracing():
+        return d2_anchor.DefaultAnchorGenerator._grid_anchors(self, grid_sizes)
+    with _module_function(d2_anchor, "_create_grid_offsets", grid_offsets):
+        return d2_anchor.DefaultAnchorGenerator._grid_anchors(self, grid_sizes)
+
+
 @contextlib.contextmanager
 def _module_function(module, name: str, fn) -> Iterator[None]:
     """``module.<name>`` is ``fn`` inside the block (how detectron2's heads look up their loss
@@ -276,8 +311,9 @@ def make_sync_free(model: nn.Module) -> int:
     (``anchor_matcher``, ``proposal_matcher``, cascade ``proposal_matchers``),
     :func:`sample_proposals` into every ``ROIHeads``, the read-later statistics into
     detectron2's box predictors (``FastRCNNOutputLayers.losses``) and mask heads
-    (``BaseMaskRCNNHead.forward``) that use detectron2's own, and :func:`pooler_forward` into
-    every ``ROIPooler``. Returns how many were swapped."""
+    (``BaseMaskRCNNHead.forward``) that use detectron2's own, :func:`pooler_forward` into
+    every ``ROIPooler`` and :func:`grid_offsets` into every ``DefaultAnchorGenerator``.
+    Returns how many were swapped."""
     swapped = 0
     for mod in model.modules():
         for name, value in list(vars(mod).items()):
@@ -301,5 +337,9 @@ def make_sync_free(model: nn.Module) -> int:
             swapped += 1
         if type(mod) is ROIPooler:
             mod.forward = types.MethodType(pooler_forward, mod)
+            swapped += 1
+        if isinstance(mod, d2_anchor.DefaultAnchorGenerator) and \
+                type(mod)._grid_anchors is d2_anchor.DefaultAnchorGenerator._grid_anchors:
+            mod._grid_anchors = types.MethodType(_grid_anchors, mod)
             swapped += 1
     return swapped
