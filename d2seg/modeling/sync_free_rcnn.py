@@ -207,6 +207,11 @@ def mask_rcnn_loss(pred_mask_logits: Tensor, instances: List[Instances],
 _D2_MASK_RCNN_LOSS = d2_mask_head.mask_rcnn_loss
 
 
+def _tracing() -> bool:
+    """Under ``torch.jit.trace`` or FX (export): detectron2's trace-friendly code instead."""
+    return torch.jit.is_tracing() or is_fx_tracing()
+
+
 def pooler_forward(self: ROIPooler, x: List[Tensor], box_lists: List[Boxes]) -> Tensor:
     """``ROIPooler.forward`` with one host wait per call (see the module docstring).
 
@@ -216,8 +221,7 @@ def pooler_forward(self: ROIPooler, x: List[Tensor], box_lists: List[Boxes]) -> 
 
     Returns (M, C, S, S): the M boxes' pooled features, in the order of ``box_lists``.
     Rotated boxes and tracing run detectron2's forward."""
-    if torch.jit.is_tracing() or is_fx_tracing() or \
-            not all(type(b) is Boxes for b in box_lists):
+    if _tracing() or not all(type(b) is Boxes for b in box_lists):
         return ROIPooler.forward(self, x, box_lists)
     assert isinstance(x, list) and isinstance(box_lists, list), \
         "Arguments to pooler must be lists"
@@ -274,7 +278,7 @@ def grid_offsets(size: Sequence[int], stride: int, offset: float,
 def _grid_anchors(self: d2_anchor.DefaultAnchorGenerator, grid_sizes: List[List[int]]):
     """``DefaultAnchorGenerator._grid_anchors`` with :func:`grid_offsets` (tracing: detectron2's,
     whose copy keeps the traced graph's device generic)."""
-    if torch.jit.is_tracing() or is_fx_tracing():
+    if _tracing():
         return d2_anchor.DefaultAnchorGenerator._grid_anchors(self, grid_sizes)
     with _module_function(d2_anchor, "_create_grid_offsets", grid_offsets):
         return d2_anchor.DefaultAnchorGenerator._grid_anchors(self, grid_sizes)
