@@ -310,6 +310,14 @@ def _mask_head_forward(self: d2_mask_head.BaseMaskRCNNHead, x, instances: List[I
         return d2_mask_head.BaseMaskRCNNHead.forward(self, x, instances)
 
 
+# (detectron2 class, method, d2seg's replacement) for make_sync_free
+_METHODS = ((ROIHeads, "_sample_proposals", sample_proposals),
+            (d2_fast_rcnn.FastRCNNOutputLayers, "losses", _box_losses),
+            (d2_mask_head.BaseMaskRCNNHead, "forward", _mask_head_forward),
+            (ROIPooler, "forward", pooler_forward),
+            (d2_anchor.DefaultAnchorGenerator, "_grid_anchors", _grid_anchors))
+
+
 def make_sync_free(model: nn.Module) -> int:
     """Swap :class:`SyncFreeMatcher` for every ``Matcher`` held by a sub-module
     (``anchor_matcher``, ``proposal_matcher``, cascade ``proposal_matchers``),
@@ -327,23 +335,9 @@ def make_sync_free(model: nn.Module) -> int:
             elif isinstance(value, list) and value and all(type(v) is Matcher for v in value):
                 setattr(mod, name, [SyncFreeMatcher.from_matcher(v) for v in value])
                 swapped += len(value)
-        if isinstance(mod, ROIHeads) and \
-                type(mod)._sample_proposals is ROIHeads._sample_proposals:
-            mod._sample_proposals = types.MethodType(sample_proposals, mod)
-            swapped += 1
-        if isinstance(mod, d2_fast_rcnn.FastRCNNOutputLayers) and \
-                type(mod).losses is d2_fast_rcnn.FastRCNNOutputLayers.losses:
-            mod.losses = types.MethodType(_box_losses, mod)
-            swapped += 1
-        if isinstance(mod, d2_mask_head.BaseMaskRCNNHead) and \
-                type(mod).forward is d2_mask_head.BaseMaskRCNNHead.forward:
-            mod.forward = types.MethodType(_mask_head_forward, mod)
-            swapped += 1
-        if type(mod) is ROIPooler:
-            mod.forward = types.MethodType(pooler_forward, mod)
-            swapped += 1
-        if isinstance(mod, d2_anchor.DefaultAnchorGenerator) and \
-                type(mod)._grid_anchors is d2_anchor.DefaultAnchorGenerator._grid_anchors:
-            mod._grid_anchors = types.MethodType(_grid_anchors, mod)
-            swapped += 1
+        for cls, name, fn in _METHODS:
+            # only where the module keeps detectron2's own method (not a subclass's)
+            if isinstance(mod, cls) and getattr(type(mod), name) is getattr(cls, name):
+                setattr(mod, name, types.MethodType(fn, mod))
+                swapped += 1
     return swapped
