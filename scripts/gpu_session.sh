@@ -167,7 +167,8 @@ case "$PART" in
     # (INFERENCE_AMP); session 19 the loader's seeding and, in R-CNN training, the statistics
     # detectron2 logs (read with the losses: 11 fewer host waits per step), the ROI
     # poolers (one wait per call instead of 5-6) and the anchor grids (made on the device: 10
-    # copies fewer): expected about 27 waits per step on the H100 instead of 60. Then the same step with that off (RCNN_SYNC_FREE off, no reference;
+    # copies fewer), the box-delta check (CPU only: 2 fewer): expected about 25 waits per
+    # step on the H100 instead of 60. Then the same step with that off (RCNN_SYNC_FREE off, no reference;
     # shown against the first, same card: "settings differ", the numbers side by side).
     bench gpu_maskrcnn_frozenbn_v2 85 gpu-maskrcnn-frozenbn --precision bf16 --repeats 2 \
       --iters 10 --warmup 5 --no-inference --compare "$H100_26/benchmark_maskrcnn_frozenbn.json"

@@ -302,3 +302,34 @@ def test_sync_free_anchor_grids_are_made_on_the_device(monkeypatch, offset):
     new = types.MethodType(_grid_anchors, gen)(grids)
     assert len(new) == 5 and all(torch.equal(a, b) for a, b in zip(ref, new))
     assert d2_anchor._create_grid_offsets.__module__ == d2_anchor.__name__  # restored
+
+
+def test_sync_free_box_deltas_are_detectron2s_and_checked_on_cpu():
+    """SyncFreeBox2BoxTransform: detectron2's deltas bit for bit; the positive-width check
+    (a host read on a GPU) only for CPU tensors; swapped into a built Mask R-CNN."""
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    from d2seg.modeling.sync_free_rcnn import SyncFreeBox2BoxTransform, make_sync_free
+
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 100
+        return torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g) * 50], 1)
+    src, tgt = boxes(500), boxes(500)
+    for weights in ((10.0, 10.0, 5.0, 5.0), (1.0, 1.0, 1.0, 1.0)):
+        ref = Box2BoxTransform(weights)
+        new = SyncFreeBox2BoxTransform.from_transform(ref)
+        assert new.weights == ref.weights and new.scale_clamp == ref.scale_clamp
+        assert torch.equal(new.deltas(src, tgt), ref.get_deltas(src, tgt))
+        assert torch.equal(new.get_deltas(src, tgt), ref.get_deltas(src, tgt))
+    bad = src.clone()
+    bad[0, 2] = bad[0, 0]  # zero width
+    with pytest.raises(AssertionError, match="not valid"):
+        new.get_deltas(bad, tgt)  # CPU: still checked
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                         "mask_rcnn_R_18_FPN_cpu.yaml"), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    make_sync_free(model)
+    assert type(model.proposal_generator.box2box_transform) is SyncFreeBox2BoxTransform
+    assert type(model.roi_heads.box_predictor.box2box_transform) is SyncFreeBox2BoxTransform

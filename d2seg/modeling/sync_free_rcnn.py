@@ -11,6 +11,10 @@ bit-identical results (same matches, labels and random sampling):
   (``labels[mask] = l``: a ``nonzero`` each) and asserts non-negative qualities (a read
   back); the low-quality rule indexes with ``nonzero``. Here: ``torch.where`` throughout; the
   assertion runs for CPU tensors only. (3-5 waits per matcher call, 2 calls per image.)
+* :class:`SyncFreeBox2BoxTransform` - ``Box2BoxTransform.get_deltas`` asserts that the
+  source boxes have positive widths (a read back, RPN and box-head losses: 2 per step); here
+  only for CPU tensors (elsewhere a zero-width box gives non-finite deltas and losses, which
+  d2seg's non-finite guard reports).
 * :func:`sample_proposals` - ``ROIHeads._sample_proposals`` relabels background and ignored
   proposals with boolean-mask writes (2 waits per image); here with ``torch.where``. The
   sampling itself (``subsample_labels``) is detectron2's, unchanged.
@@ -55,6 +59,7 @@ from torch import Tensor, nn
 
 from detectron2.layers import cat
 from detectron2.modeling import anchor_generator as d2_anchor
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.modeling.roi_heads import ROIHeads
@@ -67,7 +72,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..utils.deferred_scalars import put_scalars_later
 
-__all__ = ["SyncFreeMatcher", "sample_proposals", "log_classification_stats", "mask_rcnn_loss",
+__all__ = ["SyncFreeMatcher", "SyncFreeBox2BoxTransform", "sample_proposals", "log_classification_stats", "mask_rcnn_loss",
            "pooler_forward", "grid_offsets", "make_sync_free"]
 
 
@@ -103,6 +108,37 @@ class SyncFreeMatcher(Matcher):
             best_of_some_gt = (q == q.max(dim=1).values[:, None]).any(dim=0)
             labels = torch.where(best_of_some_gt, 1, labels)
         return matches, labels
+
+
+class SyncFreeBox2BoxTransform(Box2BoxTransform):
+    """:class:`detectron2.modeling.box_regression.Box2BoxTransform` whose ``get_deltas``
+    checks the source boxes' widths for CPU tensors only (on a GPU the check waits for the
+    device). Same deltas: (N, 4) source and target boxes (x0, y0, x1, y1) -> (N, 4)
+    weighted (dx, dy, dw, dh)."""
+
+    @classmethod
+    def from_transform(cls, t: Box2BoxTransform) -> "SyncFreeBox2BoxTransform":
+        return cls(t.weights, scale_clamp=t.scale_clamp)
+
+    def get_deltas(self, src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+        if src_boxes.device.type == "cpu":  # free there
+            return super().get_deltas(src_boxes, target_boxes)
+        return self.deltas(src_boxes, target_boxes)
+
+    def deltas(self, src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+        """detectron2's encoding, operation for operation, without the check."""
+        src_w = src_boxes[:, 2] - src_boxes[:, 0]
+        src_h = src_boxes[:, 3] - src_boxes[:, 1]
+        src_x = src_boxes[:, 0] + 0.5 * src_w
+        src_y = src_boxes[:, 1] + 0.5 * src_h
+        tgt_w = target_boxes[:, 2] - target_boxes[:, 0]
+        tgt_h = target_boxes[:, 3] - target_boxes[:, 1]
+        tgt_x = target_boxes[:, 0] + 0.5 * tgt_w
+        tgt_y = target_boxes[:, 1] + 0.5 * tgt_h
+        wx, wy, ww, wh = self.weights
+        return torch.stack((wx * (tgt_x - src_x) / src_w, wy * (tgt_y - src_y) / src_h,
+                            ww * torch.log(tgt_w / src_w), wh * torch.log(tgt_h / src_h)),
+                           dim=1)
 
 
 def sample_proposals(self: ROIHeads, matched_idxs: Tensor, matched_labels: Tensor,
@@ -321,6 +357,7 @@ _METHODS = ((ROIHeads, "_sample_proposals", sample_proposals),
 def make_sync_free(model: nn.Module) -> int:
     """Swap :class:`SyncFreeMatcher` for every ``Matcher`` held by a sub-module
     (``anchor_matcher``, ``proposal_matcher``, cascade ``proposal_matchers``),
+    :class:`SyncFreeBox2BoxTransform` for every ``Box2BoxTransform``,
     :func:`sample_proposals` into every ``ROIHeads``, the read-later statistics into
     detectron2's box predictors (``FastRCNNOutputLayers.losses``) and mask heads
     (``BaseMaskRCNNHead.forward``) that use detectron2's own, :func:`pooler_forward` into
@@ -331,6 +368,9 @@ def make_sync_free(model: nn.Module) -> int:
         for name, value in list(vars(mod).items()):
             if type(value) is Matcher:
                 setattr(mod, name, SyncFreeMatcher.from_matcher(value))
+                swapped += 1
+            elif type(value) is Box2BoxTransform:
+                setattr(mod, name, SyncFreeBox2BoxTransform.from_transform(value))
                 swapped += 1
             elif isinstance(value, list) and value and all(type(v) is Matcher for v in value):
                 setattr(mod, name, [SyncFreeMatcher.from_matcher(v) for v in value])
