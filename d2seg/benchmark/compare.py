@@ -24,7 +24,7 @@ d2seg / reference memory ratio on a CPU) are shown, not counted.
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .harness import Settings
+from .harness import Settings, _median
 
 __all__ = ["SAME_EXPERIMENT", "compare_results", "format_comparison"]
 
@@ -72,12 +72,8 @@ def _spread(xs: Optional[Sequence[float]]) -> Optional[float]:
     """How far the median of repeated measurements of one number lies from the best one,
     relative (the harness reports either); None below two measurements. The full range
     would let one round slowed by another process on a shared machine hide any change."""
-    xs = sorted(float(x) for x in (xs or []) if isinstance(x, (int, float)) and x > 0)
-    if len(xs) < 2:
-        return None
-    mid = len(xs) // 2
-    median = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-    return median / xs[0] - 1.0
+    xs = [float(x) for x in (xs or []) if isinstance(x, (int, float)) and x > 0]
+    return _median(xs) / min(xs) - 1.0 if len(xs) >= 2 else None
 
 
 def _add(*spreads: Optional[float]) -> Optional[float]:

@@ -143,13 +143,13 @@ class _NonFiniteGuard:
         instead of one per loss here, one more per loss in detectron2's ``write_metrics``
         (which then reads the returned CPU copies) and one per logged count."""
         keys = list(loss_dict)
-        deferred = take_scalars(get_event_storage())
+        storage = get_event_storage()
+        deferred = take_scalars(storage)
         if not keys and not deferred:
             return {}
         packed = self._pack(loss_dict, keys, deferred, flag=False).cpu()
         values = packed[:len(keys)]
-        resolve_scalars(get_event_storage(), deferred, packed[len(keys):].tolist(),
-                        int(self.iter))
+        resolve_scalars(storage, deferred, packed[len(keys):].tolist(), int(self.iter))
         if not keys:
             return {}
         host = dict(zip(keys, values.unbind(0)))
