@@ -208,6 +208,38 @@ def test_mask_rcnn_case_vs_plain_detectron2():
     d2, (plain,) = case["d2seg"], case["references"]
     assert plain["name"] == "plain_d2" and d2["params"] == plain["params"]
     assert case["ratios"]["plain_d2"]["train_step_speedup"] > 0
+    # plain detectron2 infers with d2seg's weights: the same detections, the same work
+    assert d2["inference"]["weights"] == "own" and plain["inference"]["weights"] == "d2seg's"
+    assert d2["inference"]["detections_batch1"] == plain["inference"]["detections_batch1"]
+    assert d2["inference"]["detections_per_image"] == plain["inference"]["detections_per_image"]
+    assert len(d2["inference"]["detections_per_image"]) == 1  # infer_batch 1
+    assert "inference detections per image" in format_report(r)
+
+
+def test_inference_weights_are_lent_and_given_back():
+    """A reference with d2seg's layout holds d2seg's weights only inside the context; one
+    with another layout keeps its own."""
+    class Sub:
+        def __init__(self, m):
+            self.m = m
+
+        def weights_module(self):
+            return self.m
+
+    torch.manual_seed(0)
+    d2, same, other = (Sub(torch.nn.Linear(3, 2)), Sub(torch.nn.Linear(3, 2)),
+                       Sub(torch.nn.Linear(3, 4)))
+    before = same.m.weight.detach().clone()
+    with harness._inference_weights(d2, same) as whose:
+        assert whose == "d2seg's" and torch.equal(same.m.weight, d2.m.weight)
+    assert torch.equal(same.m.weight, before) and not torch.equal(before, d2.m.weight)
+    with harness._inference_weights(d2, other) as whose:
+        assert whose == "own"
+    with harness._inference_weights(d2, d2) as whose:
+        assert whose == "own"
+    same.m.half()  # another dtype: not lent
+    with harness._inference_weights(d2, same) as whose:
+        assert whose == "own"
 
 
 def test_scaling_grid_and_cpu_largest_batch():

@@ -138,6 +138,26 @@ def test_different_experiments_never_count_as_regressions():
     assert compare_results(old, new)["settings_differ"] == {}
 
 
+def test_inference_with_other_weights_is_not_compared():
+    """A run where the reference inferred with d2seg's weights is not compared, for its
+    inference numbers, with one where it used its own (a detector's work differs)."""
+    old, new = _result(), _result()
+    for r in (old, new):
+        r["cases"][0]["ratios"]["plain"]["latency_speedup"] = 1.0
+    new["cases"][0]["references"][0]["inference"]["weights"] = "d2seg's"
+    new["cases"][0]["references"][0]["inference"]["latency_batch1_ms"] *= 2
+    new["cases"][0]["ratios"]["plain"]["latency_speedup"] = 2.0
+    cmp = compare_results(old, new)
+    assert _rows(cmp, metric="latency speed-up")[0]["status"] == "method changed"
+    assert _rows(cmp, subject="plain", metric="latency b1 ms")[0]["status"] == "method changed"
+    assert _rows(cmp, subject="plain", metric="train img/s")[0]["status"] == "ok"
+    assert cmp["regressions"] == 0 and cmp["improvements"] == 0
+    # both runs lent the weights: compared as usual
+    old["cases"][0]["references"][0]["inference"]["weights"] = "d2seg's"
+    cmp = compare_results(old, new)
+    assert _rows(cmp, metric="latency speed-up")[0]["status"] == "improvement"
+
+
 def test_cases_match_by_name_or_by_config():
     old, new = _result(), _result(speedup=1.0)
     new["cases"][0]["name"] = "unet_cpu"  # a --config-file run of the preset's config

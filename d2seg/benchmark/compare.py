@@ -17,7 +17,8 @@ Otherwise the rows are listed as "settings differ" and never count as regression
 A row is a *regression* when it got worse by more than ``tolerance`` (relative) and by more
 than the spread of the repeated measurements behind it in either run (:func:`_spread`: the
 train step's rounds, the latency calls); for host syncs when their count rose at all; for a target
-when it went from pass to FAIL. The CPU's peak memory is a sampled approximation (it measured
+when it went from pass to FAIL. A reference's inference numbers are compared only when both runs
+gave it the same weights (its own, or d2seg's: see ``harness._inference_weights``). The CPU's peak memory is a sampled approximation (it measured
 194 and 293 MB for the same Mask R-CNN step on two days), so its changes (and those of the
 d2seg / reference memory ratio on a CPU) are shown, not counted.
 """
@@ -111,6 +112,17 @@ def _ratio_noise(key: str, ratio: Dict, d2: Dict, ref: Dict) -> Optional[float]:
     return None
 
 
+_INFERENCE_RATIOS = ("inference_throughput_speedup", "latency_speedup")
+_INFERENCE_ABSOLUTE = ("latency b1 ms", "infer img/s")
+
+
+def _weights(sub: Dict) -> str:
+    """Whose weights the subject's inference ran with: "own" (every JSON before session 20)
+    or "d2seg's" (a reference with d2seg's layout, since session 20). A detector's inference
+    time depends on its detections, so numbers measured the two ways are not compared."""
+    return str((sub.get("inference") or {}).get("weights", "own"))
+
+
 def _cpu_memory(sub: Dict) -> bool:
     """Whether the subject's peak memory is the sampled CPU resident-set size (approximate),
     not CUDA's allocator statistics (exact)."""
@@ -197,7 +209,9 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         number in either run, None where it was measured once), status}], "regressions": n,
         "improvements": n}``. ``status`` is "ok", "regression", "improvement", "within
         noise", "approximate" (the CPU's sampled peak memory), "not measured", "settings
-        differ" or "other machine"; only "regression" and "improvement" are counted.
+        differ", "other machine" or "method changed" (a reference's inference ran on its own
+        weights in one run and on d2seg's in the other); only "regression" and
+        "improvement" are counted.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance {tolerance}: must be >= 0")
@@ -233,8 +247,12 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                     noise = _max(_ratio_noise(key, r_old, old_subs["d2seg"], old_subs[ref]),
                                  _ratio_noise(key, r_new, new_subs["d2seg"], new_subs[ref]))
                     approx = key == "train_memory_ratio" and _cpu_memory(new_subs["d2seg"])
+                    blocked = blocked_all
+                    if not blocked and key in _INFERENCE_RATIOS and \
+                            _weights(old_subs[ref]) != _weights(new_subs[ref]):
+                        blocked = "method changed"
                     add(c["name"], f"vs {ref}", metric, "ratio", r_old.get(key),
-                        r_new.get(key), better, blocked_all, noise, approx)
+                        r_new.get(key), better, blocked, noise, approx)
         lo, ln = o.get("loop") or {}, c.get("loop") or {}
         if "fraction_of_step" in lo or "fraction_of_step" in ln:
             add(c["name"], "d2seg", "loop / step", "ratio", lo.get("fraction_of_step"),
@@ -245,8 +263,11 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
             before = {m: (v, sp) for m, v, _, sp, _ in _absolute(old_subs[name])}
             for metric, value, better, sp, approx in _absolute(sub):
                 a, sp_old = before.get(metric, (None, None))
-                add(c["name"], name, metric, "absolute", a, value, better,
-                    blocked_all or ("" if same_machine else "other machine"),
+                blocked = blocked_all or ("" if same_machine else "other machine")
+                if not blocked and metric in _INFERENCE_ABSOLUTE and \
+                        _weights(old_subs[name]) != _weights(sub):
+                    blocked = "method changed"
+                add(c["name"], name, metric, "absolute", a, value, better, blocked,
                     _max(sp_old, sp), approx)
     old_targets = {t["name"]: t for t in old.get("targets", [])}
     for t in new.get("targets", []):

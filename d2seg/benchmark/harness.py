@@ -26,13 +26,14 @@ Per case (one d2seg config) and per subject (d2seg's ``Trainer`` and each refere
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import statistics
 import time
 import traceback
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -172,7 +173,10 @@ def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch
     out: Dict[str, object] = {}
     sub.set_infer_batch(_batch_for(sub, cfg, task, 1, s.size, device, s))
     for _ in range(2):
-        sub.infer()
+        outputs = sub.infer()
+    dets = sub.detections(outputs)
+    if dets is not None:  # the work an inference call did (untimed call's outputs)
+        out["detections_batch1"] = dets
     lat = []
     for _ in range(s.latency_iters):
         with Timer(device) as t:
@@ -181,7 +185,9 @@ def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch
     out["latency_batch1_ms"] = 1000 * _median(lat)
     out["latency_ms_all"] = [1000 * x for x in lat]
     sub.set_infer_batch(_batch_for(sub, cfg, task, infer_batch, s.size, device, s))
-    sub.infer()
+    dets = sub.detections(sub.infer())
+    if dets is not None:
+        out["detections_per_image"] = dets
     # two timed blocks (one synchronisation between them), so that a comparison of runs
     # (d2seg/benchmark/compare.py) sees how far the throughput moved within this one
     sizes = [s.infer_iters - s.infer_iters // 2, s.infer_iters // 2] if s.infer_iters > 1 \
@@ -199,6 +205,42 @@ def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch
                throughput_blocks=[{"calls": n, "seconds": b} for n, b in zip(sizes, blocks)],
                throughput_img_per_s=infer_batch * s.infer_iters / total)
     return {"inference": out, "inference_memory": mem.result}
+
+
+def _same_layout(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts have the same keys, shapes and dtypes."""
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+
+
+@contextlib.contextmanager
+def _inference_weights(d2: Subject, sub: Subject) -> Iterator[str]:
+    """Inside: ``sub`` holds d2seg's trained weights when its layout is d2seg's (plain
+    detectron2 for a detectron2 architecture); yields "d2seg's" then, "own" otherwise, and
+    puts ``sub``'s own weights back on exit.
+
+    Each subject trained on its own for the timed rounds, so their weights differ. For a
+    semantic model that changes nothing an inference call does, but a detector's cost grows
+    with its detections (up to ``TEST.DETECTIONS_PER_IMAGE``; the mask head and the mask
+    pasting run per detection), and two randomly initialised detectors a few steps into
+    training keep very different numbers of boxes above the score threshold. With d2seg's
+    weights the reference does the same work; the JSON records the detections either way
+    (``detections_batch1``, ``detections_per_image``)."""
+    if sub is d2:
+        yield "own"
+        return
+    dst = sub.weights_module()
+    src_state = d2.weights_module().state_dict()
+    own = dst.state_dict()
+    if not _same_layout(src_state, own):
+        yield "own"
+        return
+    saved = {k: v.detach().clone() for k, v in own.items()}
+    dst.load_state_dict(src_state)
+    try:
+        yield "d2seg's"
+    finally:
+        dst.load_state_dict(saved)
 
 
 def run_case(case: Case, s: Settings, device: torch.device,
@@ -319,7 +361,9 @@ def run_case(case: Case, s: Settings, device: torch.device,
         if s.inference:
             with backend_flags(sub.backend_flags):
                 try:
-                    res.update(_measure_inference(sub, cfg, task, device, s, infer_batch))
+                    with _inference_weights(d2, sub) as weights:
+                        res.update(_measure_inference(sub, cfg, task, device, s, infer_batch))
+                    res["inference"]["weights"] = weights
                 except Exception as e:
                     res["inference_error"] = f"{type(e).__name__}: {e}"
                     print(f"[benchmark] {sub.name}: inference failed: {e}", flush=True)
@@ -723,6 +767,16 @@ def format_report(result: Dict) -> str:
                 f"{r.get('host_syncs', {}).get('per_step', '-')} |")
         for name, why in c["skipped_references"].items():
             lines.append(f"| {name} | skipped: {why} | | | | | | | |")
+        dets = []
+        for r in [c["d2seg"]] + c["references"]:
+            inf = r.get("inference", {})
+            if "detections_batch1" in inf:
+                per = "/".join(str(n) for n in inf.get("detections_per_image", []))
+                whose = " (on d2seg's weights)" if inf.get("weights") == "d2seg's" else ""
+                dets.append(f"{r['name']} {inf['detections_batch1'][0]}; {per}{whose}")
+        if dets:  # a detector's inference time grows with its detections
+            lines += ["", "inference detections per image (batch 1; throughput batch): "
+                      + ", ".join(dets)]
         for r in [c["d2seg"]] + c["references"]:
             pf = r.get("profile")
             if pf and "error" not in pf:

@@ -202,9 +202,22 @@ class Subject:
     def set_infer_batch(self, data: SyntheticBatch) -> None:
         raise NotImplementedError
 
-    def infer(self) -> None:
-        """One inference call (eval mode, no gradients) on the inference batch."""
+    def infer(self) -> object:
+        """One inference call (eval mode, no gradients) on the inference batch; returns the
+        model's outputs (for :meth:`detections`)."""
         raise NotImplementedError
+
+    def detections(self, outputs: object) -> Optional[List[int]]:
+        """Instances per image in ``outputs`` (of :meth:`infer`), or None for a model that
+        predicts no instances. A detector's inference time grows with it (the mask head
+        and the mask pasting run per detection)."""
+        return None
+
+    def weights_module(self) -> nn.Module:
+        """The module whose ``state_dict`` holds the weights (without DDP or compile
+        wrappers): what the harness loads d2seg's trained weights into before a
+        reference's inference when the layouts agree (the same detections, the same work)."""
+        return self.model
 
     def close(self) -> None:
         """Release what the subject holds (data loader workers, temporary folders)."""
@@ -244,6 +257,15 @@ class _D2Stepped(Subject):
     def params(self) -> int:
         return sum(p.numel() for p in self._unwrapped().parameters())
 
+    def weights_module(self) -> nn.Module:
+        return self._unwrapped()
+
+    def detections(self, outputs: object) -> Optional[List[int]]:
+        if isinstance(outputs, list) and outputs and isinstance(outputs[0], dict) \
+                and "instances" in outputs[0]:
+            return [len(o["instances"]) for o in outputs]
+        return None
+
     def set_batch(self, data: SyntheticBatch) -> None:
         self._model.train()
         self.inner.data_loader = _Repeat(data.d2_inputs(train=True))
@@ -271,13 +293,13 @@ class _D2Stepped(Subject):
     def set_infer_batch(self, data: SyntheticBatch) -> None:
         self._infer_inputs = data.d2_inputs(train=False)
 
-    def infer(self) -> None:
+    def infer(self) -> object:
         m = self._model
         was = m.training
         m.eval()
         try:
             with torch.no_grad(), autocast(self.device, self.precision):
-                m(self._infer_inputs)
+                return m(self._infer_inputs)
         finally:
             m.train(was)
 
@@ -580,14 +602,14 @@ class _TorchSubject(Subject):
             self.scaler.step(self.opt)
             self.scaler.update()
 
-    def _forward_eval(self) -> None:
+    def _forward_eval(self) -> object:
         raise NotImplementedError
 
-    def infer(self) -> None:
+    def infer(self) -> object:
         self._model.eval()
         try:
             with torch.no_grad(), autocast(self.device, self.precision):
-                self._forward_eval()
+                return self._forward_eval()
         finally:
             self._model.train()
 
@@ -640,8 +662,8 @@ class TorchSemanticSubject(_TorchSubject):
     def set_infer_batch(self, data: SyntheticBatch) -> None:
         self.x_infer = (data.images - self.mean) / self.std
 
-    def _forward_eval(self) -> None:
-        semantic_logits(self._model(self.x_infer))
+    def _forward_eval(self) -> object:
+        return semantic_logits(self._model(self.x_infer))
 
 
 class TorchMaskRCNNSubject(_TorchSubject):
@@ -673,8 +695,11 @@ class TorchMaskRCNNSubject(_TorchSubject):
         self._resize_to(data)
         self.images_infer = [im / 255.0 for im in data.images]
 
-    def _forward_eval(self) -> None:
-        self._model(self.images_infer)
+    def _forward_eval(self) -> object:
+        return self._model(self.images_infer)
+
+    def detections(self, outputs: object) -> Optional[List[int]]:
+        return [len(o["boxes"]) for o in outputs] if isinstance(outputs, list) else None
 
 
 def build_reference_subject(name: str, cfg, device: torch.device, precision: str) -> Subject:
