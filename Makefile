@@ -7,7 +7,7 @@ DEMO_CONFIG ?= configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml
 DEMO_OUT ?= output/demo
 PYTEST_ARGS ?=
 # `make bench`: the CPU benchmark preset, compared with the last recorded run of it
-BENCH_BASELINE ?= benchmarks/results/benchmark_cpu_2026-11-27_session19_fp32.json
+BENCH_BASELINE ?= benchmarks/results/benchmark_cpu_2026-11-27_session20_fp32.json
 
 .PHONY: setup demo test bench clean-cache
 

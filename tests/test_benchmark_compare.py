@@ -81,6 +81,22 @@ def test_lower_is_better_for_latency_memory_and_syncs():
     assert _rows(cmp, subject="d2seg", metric="train peak MB")[0]["status"] == "improvement"
 
 
+def test_a_references_own_numbers_are_shown_not_counted():
+    """The references are the yardstick: their absolute numbers moving says the machine or
+    torch changed, not d2seg (a faster yardstick shows in the speed-up rows)."""
+    old, new = _result(), _result()
+    new["cases"][0]["references"][0]["inference"]["throughput_img_per_s"] *= 0.8
+    new["cases"][0]["references"][0]["train_step"]["img_per_s"] *= 1.3
+    cmp = compare_results(old, new)
+    ref = {r["metric"]: r["status"] for r in _rows(cmp, subject="plain", kind="absolute")}
+    assert ref["infer img/s"] == "reference moved" and ref["train img/s"] == "reference moved"
+    assert ref["latency b1 ms"] == "ok"
+    assert cmp["regressions"] == 0 and cmp["improvements"] == 0
+    # the same change on d2seg's side counts
+    new["cases"][0]["d2seg"]["inference"]["throughput_img_per_s"] *= 0.8
+    assert compare_results(old, new)["regressions"] == 1
+
+
 def test_a_change_inside_the_measurements_spread_is_within_noise():
     """The train step's rounds and the latency calls give each number a spread (median
     against best); a change smaller than it is not counted."""

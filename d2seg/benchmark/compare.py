@@ -17,7 +17,9 @@ Otherwise the rows are listed as "settings differ" and never count as regression
 A row is a *regression* when it got worse by more than ``tolerance`` (relative) and by more
 than the spread of the repeated measurements behind it in either run (:func:`_spread`: the
 train step's rounds, the latency calls); for host syncs when their count rose at all; for a target
-when it went from pass to FAIL. A reference's inference numbers are compared only when both runs
+when it went from pass to FAIL. A reference's own absolute numbers are the yardstick, not
+d2seg: their changes are shown ("reference moved") and never counted (a slower or faster
+yardstick shows in the ratios). A reference's inference numbers are compared only when both runs
 gave it the same weights (its own, or d2seg's: see ``harness._inference_weights``). The CPU's peak memory is a sampled approximation (it measured
 194 and 293 MB for the same Mask R-CNN step on two days), so its changes (and those of the
 d2seg / reference memory ratio on a CPU) are shown, not counted.
@@ -209,9 +211,10 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         number in either run, None where it was measured once), status}], "regressions": n,
         "improvements": n}``. ``status`` is "ok", "regression", "improvement", "within
         noise", "approximate" (the CPU's sampled peak memory), "not measured", "settings
-        differ", "other machine" or "method changed" (a reference's inference ran on its own
-        weights in one run and on d2seg's in the other); only "regression" and
-        "improvement" are counted.
+        differ", "other machine", "method changed" (a reference's inference ran on its own
+        weights in one run and on d2seg's in the other) or "reference moved" (a reference's
+        own number changed beyond tolerance and noise: the machine or torch, not d2seg);
+        only "regression" and "improvement" are counted.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance {tolerance}: must be >= 0")
@@ -221,12 +224,14 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
     rows: List[Dict[str, object]] = []
 
     def add(case, subject, metric, kind, a, b, better, blocked="", noise=None,
-            approximate=False):
+            approximate=False, yardstick=False):
         if not isinstance(a, (int, float)) and not isinstance(b, (int, float)):
             return  # measured in neither run (e.g. --no-inference)
         change, status = _status(metric, a, b, better, tolerance, noise, approximate)
         if blocked and status != "not measured":
             status = blocked
+        elif yardstick and status in ("regression", "improvement"):
+            status = "reference moved"
         rows.append({"case": case, "subject": subject, "metric": metric, "kind": kind,
                      "old": a, "new": b, "change": change, "better": better,
                      "noise": noise, "status": status})
@@ -268,7 +273,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                         _weights(old_subs[name]) != _weights(sub):
                     blocked = "method changed"
                 add(c["name"], name, metric, "absolute", a, value, better, blocked,
-                    _max(sp_old, sp), approx)
+                    _max(sp_old, sp), approx, yardstick=name != "d2seg")
     old_targets = {t["name"]: t for t in old.get("targets", [])}
     for t in new.get("targets", []):
         ot = old_targets.get(t["name"])
