@@ -39,7 +39,8 @@
 # Every step has its own time limit, so one slow step (e.g. torch.compile) cannot lose the
 # others' results; a killed step's per-round timings are still in the log. Results (JSON + the
 # log) go to $OUT (the device tool brings them back) or output/gpu_session/.
-# D2SEG_GPU_DRY=1 runs the same plumbing on this CPU at toy sizes (.venv's python, no install).
+# D2SEG_GPU_DRY=1 runs the same plumbing on this CPU at toy sizes (.venv's python, or
+# D2SEG_GPU_DRY_PY's; no install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then  # no default: every part costs minutes of a lease's device time
@@ -52,7 +53,7 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 D2SEG_DATASETS=${D2SEG_DATASETS:-/tmp/d2seg_datasets}
 LOG="$OUTDIR/session_$PART.log"
 if [ "${D2SEG_GPU_DRY:-0}" = 1 ]; then
-  PY=.venv/bin/python
+  PY=${D2SEG_GPU_DRY_PY:-.venv/bin/python}  # another interpreter, e.g. one with the GPU image's torch
 else
   PY=python3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
