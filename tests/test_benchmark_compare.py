@@ -83,18 +83,33 @@ def test_lower_is_better_for_latency_memory_and_syncs():
 
 def test_a_references_own_numbers_are_shown_not_counted():
     """The references are the yardstick: their absolute numbers moving says the machine or
-    torch changed, not d2seg (a faster yardstick shows in the speed-up rows)."""
-    old, new = _result(), _result()
-    new["cases"][0]["references"][0]["inference"]["throughput_img_per_s"] *= 0.8
+    torch changed, not d2seg (a faster yardstick shows in the speed-up rows). d2seg's own
+    img/s counts only when its ratio to the references moved too."""
+    def infer(r, d2_ips, ref_ips):
+        c = r["cases"][0]
+        c["d2seg"]["inference"]["throughput_img_per_s"] = d2_ips
+        c["references"][0]["inference"]["throughput_img_per_s"] = ref_ips
+        c["ratios"]["plain"]["inference_throughput_speedup"] = d2_ips / ref_ips
+        return r
+
+    old = infer(_result(), 2.0, 2.0)
+    new = infer(_result(), 2.0, 1.6)
     new["cases"][0]["references"][0]["train_step"]["img_per_s"] *= 1.3
     cmp = compare_results(old, new)
     ref = {r["metric"]: r["status"] for r in _rows(cmp, subject="plain", kind="absolute")}
     assert ref["infer img/s"] == "reference moved" and ref["train img/s"] == "reference moved"
     assert ref["latency b1 ms"] == "ok"
+    assert _rows(cmp, metric="inference throughput speed-up")[0]["status"] == "improvement"
+    # d2seg alone slower: its ratio fell, both rows count
+    cmp = compare_results(old, infer(_result(), 1.6, 2.0))
+    assert _rows(cmp, subject="d2seg", metric="infer img/s")[0]["status"] == "regression"
+    assert _rows(cmp, metric="inference throughput speed-up")[0]["status"] == "regression"
+    assert cmp["regressions"] == 2
+    # both slower alike: the ratio held, the machine moved; nothing counts
+    cmp = compare_results(old, infer(_result(), 1.6, 1.6))
+    assert _rows(cmp, subject="d2seg", metric="infer img/s")[0]["status"] == "ratio held"
+    assert _rows(cmp, metric="inference throughput speed-up")[0]["status"] == "ok"
     assert cmp["regressions"] == 0 and cmp["improvements"] == 0
-    # the same change on d2seg's side counts
-    new["cases"][0]["d2seg"]["inference"]["throughput_img_per_s"] *= 0.8
-    assert compare_results(old, new)["regressions"] == 1
 
 
 def test_a_change_inside_the_measurements_spread_is_within_noise():
@@ -109,7 +124,13 @@ def test_a_change_inside_the_measurements_spread_is_within_noise():
     for r in (old, new):
         r["cases"][0]["d2seg"]["train_step"]["round_seconds"] = [1.0, 1.01, 1.02]
     (row,) = _rows(compare_results(old, new), subject="d2seg", metric="train img/s")
+    assert row["status"] == "ratio held"  # the reference slowed as much: the machine
+    new = _result(ips=1.8, speedup=1.8 / (2.0 / 1.10), ref_ips=2.0 / 1.10)  # d2seg alone
+    new["cases"][0]["d2seg"]["train_step"]["round_seconds"] = [1.0, 1.01, 1.02]
+    cmp = compare_results(old, new)
+    (row,) = _rows(cmp, subject="d2seg", metric="train img/s")
     assert row["status"] == "regression"
+    assert _rows(cmp, metric="train step speed-up")[0]["status"] == "regression"
     # the inference throughput's spread: seconds per call of its two timed blocks
     old, new = _result(), _result()
     new["cases"][0]["d2seg"]["inference"]["throughput_img_per_s"] *= 0.9

@@ -19,7 +19,9 @@ than the spread of the repeated measurements behind it in either run (:func:`_sp
 train step's rounds, the latency calls); for host syncs when their count rose at all; for a target
 when it went from pass to FAIL. A reference's own absolute numbers are the yardstick, not
 d2seg: their changes are shown ("reference moved") and never counted (a slower or faster
-yardstick shows in the ratios). A reference's inference numbers are compared only when both runs
+yardstick shows in the ratios). Where references measured the same thing in the run, d2seg's
+own img/s and latency count only if its ratio to them moved too ("ratio held" otherwise: the
+machine, not d2seg, changed). A reference's inference numbers are compared only when both runs
 gave it the same weights (its own, or d2seg's: see ``harness._inference_weights``). The CPU's peak memory is a sampled approximation (it measured
 194 and 293 MB for the same Mask R-CNN step on two days), so its changes (and those of the
 d2seg / reference memory ratio on a CPU) are shown, not counted.
@@ -115,6 +117,10 @@ def _ratio_noise(key: str, ratio: Dict, d2: Dict, ref: Dict) -> Optional[float]:
 
 
 _INFERENCE_RATIOS = ("inference_throughput_speedup", "latency_speedup")
+# d2seg's absolute time -> the within-run ratio that measures the same thing against the
+# references (when that ratio held, the absolute change was the machine's)
+_RATIO_OF = {"train img/s": "train step speed-up", "latency b1 ms": "latency speed-up",
+             "infer img/s": "inference throughput speed-up"}
 _INFERENCE_ABSOLUTE = ("latency b1 ms", "infer img/s")
 
 
@@ -213,8 +219,10 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         noise", "approximate" (the CPU's sampled peak memory), "not measured", "settings
         differ", "other machine", "method changed" (a reference's inference ran on its own
         weights in one run and on d2seg's in the other) or "reference moved" (a reference's
-        own number changed beyond tolerance and noise: the machine or torch, not d2seg);
-        only "regression" and "improvement" are counted.
+        own number changed beyond tolerance and noise: the machine or torch, not d2seg) or
+        "ratio held" (d2seg's img/s or latency changed, but its ratio to every reference
+        measuring the same thing in the run did not: the machine moved); only "regression"
+        and "improvement" are counted.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance {tolerance}: must be >= 0")
@@ -262,6 +270,11 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         if "fraction_of_step" in lo or "fraction_of_step" in ln:
             add(c["name"], "d2seg", "loop / step", "ratio", lo.get("fraction_of_step"),
                 ln.get("fraction_of_step"), "higher", blocked_all)
+        # the statuses of this case's ratio rows, by metric
+        held: Dict[str, List[str]] = {}
+        for r in rows:
+            if r["case"] == c["name"] and r["kind"] == "ratio":
+                held.setdefault(str(r["metric"]), []).append(str(r["status"]))
         for name, sub in new_subs.items():
             if name not in old_subs:
                 continue
@@ -274,6 +287,11 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                     blocked = "method changed"
                 add(c["name"], name, metric, "absolute", a, value, better, blocked,
                     _max(sp_old, sp), approx, yardstick=name != "d2seg")
+                ratio_rows = held.get(_RATIO_OF.get(metric, ""), [])
+                if name == "d2seg" and rows[-1]["status"] in ("regression", "improvement") \
+                        and ratio_rows and all(st in ("ok", "within noise")
+                                               for st in ratio_rows):
+                    rows[-1]["status"] = "ratio held"
     old_targets = {t["name"]: t for t in old.get("targets", [])}
     for t in new.get("targets", []):
         ot = old_targets.get(t["name"])
