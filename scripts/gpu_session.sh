@@ -53,7 +53,7 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 D2SEG_DATASETS=${D2SEG_DATASETS:-/tmp/d2seg_datasets}
 LOG="$OUTDIR/session_$PART.log"
 if [ "${D2SEG_GPU_DRY:-0}" = 1 ]; then
-  PY=${D2SEG_GPU_DRY_PY:-.venv/bin/python}  # another interpreter, e.g. one with the GPU image's torch
+  PY=${D2SEG_GPU_DRY_PY:-.venv/bin/python}  # or another, e.g. with the GPU image's torch
 else
   PY=python3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

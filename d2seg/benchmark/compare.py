@@ -22,9 +22,10 @@ d2seg: their changes are shown ("reference moved") and never counted (a slower o
 yardstick shows in the ratios). Where references measured the same thing in the run, d2seg's
 own img/s and latency count only if its ratio to them moved too ("ratio held" otherwise: the
 machine, not d2seg, changed). A reference's inference numbers are compared only when both runs
-gave it the same weights (its own, or d2seg's: see ``harness._inference_weights``). The CPU's peak memory is a sampled approximation (it measured
-194 and 293 MB for the same Mask R-CNN step on two days), so its changes (and those of the
-d2seg / reference memory ratio on a CPU) are shown, not counted.
+gave it the same weights (its own, or d2seg's: see ``harness._inference_weights``). The CPU's
+peak memory is a sampled approximation (it measured 194 and 293 MB for the same Mask R-CNN
+step on two days), so its changes (and those of the d2seg / reference memory ratio on a CPU)
+are shown, not counted.
 """
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
