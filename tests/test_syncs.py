@@ -333,3 +333,48 @@ def test_sync_free_box_deltas_are_detectron2s_and_checked_on_cpu():
     make_sync_free(model)
     assert type(model.proposal_generator.box2box_transform) is SyncFreeBox2BoxTransform
     assert type(model.roi_heads.box_predictor.box2box_transform) is SyncFreeBox2BoxTransform
+
+
+# Where d2seg's R-CNN trainer step still waits for the device (CPU emulation, batch B): the
+# RPN's NMS once per image (torchvision's kernel copies its mask to the host), the box-delta
+# width checks (CPU only: on a GPU the check is skipped), one count read per ROI pooler (box,
+# mask), the sampled-proposal and mask counts of the batched heads, the box loss's foreground
+# indices, and the one float64 transfer of the losses and the queued statistics. B + 8 in all
+# (plain detectron2: 75 at B = 2). A new wait anywhere in the step fails this test: on a GPU
+# each one stalls the launch queue (docs/benchmarks.md, "Host synchronisations").
+RCNN_SYNC_SITES = {
+    "nonzero @ torchvision/ops/boxes.py": "per image",
+    "_local_scalar_dense @ detectron2/modeling/box_regression.py": 2,
+    "tolist @ d2seg/modeling/sync_free_rcnn.py": 2,
+    "tolist @ d2seg/modeling/batched_rcnn.py": 2,
+    "nonzero @ detectron2/layers/wrappers.py": 1,
+    "cpu @ d2seg/engine/train_step.py": 1,
+}
+
+
+@pytest.mark.parametrize("config", ["Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml",
+                                    "Shapes-PanopticSegmentation/panoptic_fpn_R_18_cpu.yaml"])
+def test_rcnn_trainer_step_stays_inside_its_host_sync_budget(config):
+    from d2seg.benchmark.harness import Settings, _batch_for, audit_host_syncs
+    from d2seg.benchmark.subjects import D2SegSubject
+
+    cpu, batch = torch.device("cpu"), 2
+    sub = D2SegSubject(os.path.join(REPO, "configs", config), [], cpu, "fp32", batch,
+                       max_iter=10)
+    try:
+        data = _batch_for(sub, sub.cfg, sub.task, batch, (128, 128), cpu,
+                          Settings(instances_per_image=2))
+        sub.set_batch(data)
+        sub.train_steps(1)
+        audit = audit_host_syncs(sub, cpu)
+    finally:
+        sub.close()
+    counts = {}
+    for site, n in audit["sites"].items():
+        key = site.split(":")[0]
+        assert key in RCNN_SYNC_SITES, f"a new host sync in the step: {site} ({audit['sites']})"
+        counts[key] = counts.get(key, 0) + n
+    for key, n in counts.items():
+        allowed = batch if RCNN_SYNC_SITES[key] == "per image" else RCNN_SYNC_SITES[key]
+        assert n <= allowed, f"{key}: {n} > {allowed} ({audit['sites']})"
+    assert audit["per_step"] == sum(counts.values()) <= batch + 8, audit["sites"]
