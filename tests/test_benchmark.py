@@ -583,3 +583,23 @@ def test_switch_ab_script_compares_precisions(tmp_path):
     assert plans["fp32"]["amp_dtype"] is None, plans["fp32"]
     assert "bf16:" in r.stdout and "fp32," not in r.stdout.splitlines()[0]
     assert d["settings"]["precision"] == "per value"
+
+
+def test_torchvision_mask_rcnn_keeps_the_configs_proposal_and_detection_limits():
+    """torchvision's defaults keep 2000 proposals per training image and 100 detections;
+    beside a config with other limits its inference would do more work per image."""
+    from d2seg.benchmark.subjects import TorchMaskRCNNSubject
+    from d2seg.config import load_config
+
+    cfg = load_config(RCNN_CPU, ["MODEL.DEVICE", "cpu"])
+    sub = TorchMaskRCNNSubject(cfg, torch.device("cpu"), "fp32")
+    rpn, heads = sub.model.rpn, sub.model.roi_heads
+    assert rpn.pre_nms_top_n() == cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN  # the model trains
+    assert rpn.post_nms_top_n() == cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
+    sub.model.eval()
+    assert (rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (500, 300)  # the CPU config's
+    assert rpn.fg_bg_sampler.batch_size_per_image == cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE
+    assert heads.fg_bg_sampler.batch_size_per_image == 128
+    assert heads.detections_per_img == cfg.TEST.DETECTIONS_PER_IMAGE == 50
+    assert heads.score_thresh == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    assert heads.nms_thresh == cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST

@@ -666,14 +666,42 @@ class TorchSemanticSubject(_TorchSubject):
         return semantic_logits(self._model(self.x_infer))
 
 
+def configure_tv_maskrcnn(model: nn.Module, cfg) -> nn.Module:
+    """Set torchvision Mask R-CNN's proposal, sampling and detection limits from a detectron2
+    config, so that it keeps as many proposals and detections as the d2seg model beside it:
+    the RPN's pre-NMS top-k per level and post-NMS top-k per image (train / test), its NMS
+    threshold and sampled anchors; the ROI heads' sampled proposals, score and NMS thresholds
+    and detections per image. torchvision's defaults differ from detectron2's in places (2000
+    proposals per training image against detectron2's 1000; 100 detections against a config's
+    50). Returns ``model`` (changed in place)."""
+    rpn, heads = model.rpn, model.roi_heads
+    r, h = cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS
+    rpn._pre_nms_top_n = {"training": int(r.PRE_NMS_TOPK_TRAIN),
+                          "testing": int(r.PRE_NMS_TOPK_TEST)}
+    rpn._post_nms_top_n = {"training": int(r.POST_NMS_TOPK_TRAIN),
+                           "testing": int(r.POST_NMS_TOPK_TEST)}
+    rpn.nms_thresh = float(r.NMS_THRESH)
+    rpn.fg_bg_sampler.batch_size_per_image = int(r.BATCH_SIZE_PER_IMAGE)
+    rpn.fg_bg_sampler.positive_fraction = float(r.POSITIVE_FRACTION)
+    heads.fg_bg_sampler.batch_size_per_image = int(h.BATCH_SIZE_PER_IMAGE)
+    heads.fg_bg_sampler.positive_fraction = float(h.POSITIVE_FRACTION)
+    heads.score_thresh = float(h.SCORE_THRESH_TEST)
+    heads.nms_thresh = float(h.NMS_THRESH_TEST)
+    heads.detections_per_img = int(cfg.TEST.DETECTIONS_PER_IMAGE)
+    return model
+
+
 class TorchMaskRCNNSubject(_TorchSubject):
     """torchvision ``maskrcnn_resnet50_fpn`` (random init), resizing set to keep the
-    benchmark's image size (its transform still runs, as for any torchvision user)."""
+    benchmark's image size (its transform still runs, as for any torchvision user), proposal
+    and detection limits from the config (:func:`configure_tv_maskrcnn`)."""
 
     def __init__(self, cfg, device: torch.device, precision: str):
         name = "tv_maskrcnn_r50_fpn"
+        model = configure_tv_maskrcnn(
+            build_reference(name, int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)), cfg)
         super().__init__(name, REFERENCES[name].description, "instance", device, precision,
-                         build_reference(name, int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)), cfg)
+                         model, cfg)
 
     def _resize_to(self, data: SyntheticBatch) -> None:
         self._model.transform.min_size = (min(data.h, data.w),)
