@@ -74,6 +74,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log it, never stop 
   $PY -c "import torch, torchvision, detectron2, d2seg; print('torch', torch.__version__, 'tv', torchvision.__version__, 'd2', detectron2.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee -a "$LOG"
 DRY=${D2SEG_GPU_DRY:-0}
+# A lease without a working CUDA torch (or with a failed import) would run every GPU preset on
+# the CPU "and say so", spending the whole lease: stop before the first step instead.
+if [ "$DRY" != 1 ] && ! $PY -c "import sys, torch, detectron2, d2seg; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  echo "gpu_session: no CUDA device, or an import failed (the line above): no step run" | tee -a "$LOG"
+  exit 1
+fi
 isbi_anchor() {  # isbi_anchor SECONDS [extra opts for d2seg's run]
   local secs=$1; shift
   local data=.gpu_carry/data args
@@ -453,7 +459,7 @@ case "$PART" in
     bench gpu_maskrcnn 300 gpu-maskrcnn --repeats 2
     bench gpu_panoptic 240 gpu-panoptic --repeats 2
     ;;
-  *) echo "gpu_session: unknown part '$PART' (all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|seventh-lease|eighth-lease|ninth-lease|tenth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
+  *) echo "gpu_session: unknown part '$PART' (eleventh-lease|all|frozenbn|third-lease|fourth-lease|fifth-lease|sixth-lease|seventh-lease|eighth-lease|ninth-lease|tenth-lease|second-lease|second-lease-2|first-lease|targets|semantic|instance)"
      exit 2 ;;
 esac
 ls -la "$OUTDIR"

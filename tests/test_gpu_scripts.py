@@ -1,6 +1,7 @@
 """The GPU-lease scripts (scripts/gpu_prepare.sh, scripts/gpu_session.sh) parse, and the
 session script's plumbing runs on CPU in its dry mode."""
 import os
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,11 @@ def test_session_rejects_unknown_part(tmp_path):
                        timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "unknown part 'nonsense'" in p.stdout
+    # the message lists every part the script has
+    text = open(SCRIPTS[1]).read()
+    parts = re.findall(r"^  ([a-z0-9-]+)\)", text, flags=re.M)
+    listed = p.stdout.split("(")[-1].rstrip(")\n").split("|")
+    assert sorted(parts) == sorted(listed), (parts, listed)
     log = (tmp_path / "session_nonsense.log").read_text()
     assert "torch" in log and "d2" in log  # the environment line was written first
 
