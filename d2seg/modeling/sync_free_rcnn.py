@@ -67,13 +67,14 @@ from detectron2.modeling.roi_heads import fast_rcnn as d2_fast_rcnn
 from detectron2.modeling.roi_heads import mask_head as d2_mask_head
 from detectron2.modeling.sampling import subsample_labels
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.tracing import is_fx_tracing
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.tracing import is_fx_tracing
 
 from ..utils.deferred_scalars import put_scalars_later
 
-__all__ = ["SyncFreeMatcher", "SyncFreeBox2BoxTransform", "sample_proposals", "log_classification_stats", "mask_rcnn_loss",
-           "pooler_forward", "grid_offsets", "make_sync_free"]
+__all__ = ["SyncFreeMatcher", "SyncFreeBox2BoxTransform", "sample_proposals",
+           "log_classification_stats", "mask_rcnn_loss", "pooler_forward", "grid_offsets",
+           "make_sync_free"]
 
 
 class SyncFreeMatcher(Matcher):
@@ -207,7 +208,7 @@ def mask_rcnn_loss(pred_mask_logits: Tensor, instances: List[Instances],
         return _D2_MASK_RCNN_LOSS(pred_mask_logits, instances, vis_period)
     agnostic = pred_mask_logits.size(1) == 1
     side = pred_mask_logits.size(2)
-    assert pred_mask_logits.size(2) == pred_mask_logits.size(3), "Mask prediction must be square!"
+    assert side == pred_mask_logits.size(3), "Mask prediction must be square!"
     classes, masks = [], []
     for inst in instances:
         if len(inst) == 0:
