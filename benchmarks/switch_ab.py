@@ -48,10 +48,13 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int,
 
 def step_ab(config_file: str, key: str, values: Sequence[str], precision: str, batch: int,
             size: int, warmup: int, rounds: int, iters: int, opts: Sequence[str] = (),
-            plans: Optional[Dict[str, dict]] = None) -> Dict[str, List[float]]:
+            plans: Optional[Dict[str, dict]] = None,
+            first: Optional[Dict[str, float]] = None) -> Dict[str, List[float]]:
     """Train-step seconds per round for each value of ``key`` (see the module docstring).
     ``key`` "precision" compares precisions ("fp32", "bf16") instead of a config key.
-    ``plans``, when given, receives each value's resolved ``D2SEG.SPEED`` plan."""
+    ``plans``, when given, receives each value's resolved ``D2SEG.SPEED`` plan; ``first`` the
+    seconds of each value's first step (one-off costs: a ``torch.compile``, a first-call
+    allocation), which the warm-up then absorbs (``warmup`` >= 1)."""
     dev = torch.device("cpu")
     if key == "precision":
         subs = {v: D2SegSubject(config_file, list(opts), dev, v, batch, max_iter=10 ** 6)
@@ -59,15 +62,20 @@ def step_ab(config_file: str, key: str, values: Sequence[str], precision: str, b
     else:
         subs = {v: D2SegSubject(config_file, [key, v] + list(opts), dev, precision, batch,
                                 max_iter=10 ** 6) for v in values}
-    first = subs[values[0]]
-    s = harness.Settings(device="cpu", precision=first.precision, batch=batch,
+    lead = subs[values[0]]
+    s = harness.Settings(device="cpu", precision=lead.precision, batch=batch,
                          size=(size, size))
-    data = harness._batch_for(first, first.cfg, task_of(first.cfg), batch, (size, size), dev, s)
+    data = harness._batch_for(lead, lead.cfg, task_of(lead.cfg), batch, (size, size), dev, s)
     if plans is not None:
         plans.update({v: sub.speed_plan for v, sub in subs.items()})
-    for sub in subs.values():
+    for v, sub in subs.items():
         sub.set_batch(data)
-        sub.train_steps(warmup)
+        t = time.perf_counter()
+        sub.train_steps(1)
+        if first is not None:
+            first[v] = time.perf_counter() - t
+        if warmup > 1:
+            sub.train_steps(warmup - 1)
     times = interleaved({v: (lambda sub=sub: sub.train_steps(1)) for v, sub in subs.items()},
                         rounds, iters)
     for sub in subs.values():
@@ -93,32 +101,37 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=256, help="square synthetic image side")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps per value (>= 1); the first one's seconds are recorded "
+                         "as first_step_s (a torch.compile's cost, for instance)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--iters", type=int, default=2, help="steps per round")
     ap.add_argument("--json", default="")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                     help="KEY VALUE overrides of every side")
     args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error(f"--warmup must be >= 1, got {args.warmup}")
     values = [v for v in args.values.split(",") if v]
     logging.disable(logging.INFO)  # detectron2's set-up logging (config dumps)
     plans: Dict[str, dict] = {}
+    first: Dict[str, float] = {}
     times = step_ab(args.config_file, args.key, values, args.precision, args.batch, args.size,
-                    args.warmup, args.rounds, args.iters, args.opts, plans)
+                    args.warmup, args.rounds, args.iters, args.opts, plans, first)
     med = {v: statistics.median(t) for v, t in times.items()}
     settings = dict(vars(args))
     if args.key == "precision":
         settings["precision"] = "per value"  # --precision is unused then
     out = {"machine": machine_info(torch.device("cpu")), "settings": settings,
            "torch_threads": torch.get_num_threads(), "train_step_s": times,
-           "median_s": med, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values},
+           "median_s": med, "first_step_s": first, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values},
            "speed_plans": plans}
     prec = "" if args.key == "precision" else f", {args.precision}"
     print(f"{os.path.basename(args.config_file)}, {args.key}, batch {args.batch}, {args.size} "
           f"px{prec}, {out['torch_threads']} torch threads")
     for v in values:
         print(f"  {v}: {med[v]:.3f} s/step (rounds {[round(x, 3) for x in times[v]]}), "
-              f"{out['speedup_vs_last'][v]:.3f}x '{values[-1]}'")
+              f"{out['speedup_vs_last'][v]:.3f}x '{values[-1]}'; first step {first[v]:.1f} s")
     write_json(args.json, out)
 
 

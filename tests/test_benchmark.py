@@ -562,6 +562,9 @@ def test_switch_ab_script_compares_two_values_in_one_process(tmp_path):
     assert set(d["train_step_s"]) == {"on", "off"} and all(
         len(v) == 2 and min(v) > 0 for v in d["train_step_s"].values())
     assert d["speedup_vs_last"]["off"] == 1.0 and "on:" in r.stdout
+    # the first (warm-up) step of each value is timed on its own: one-off costs show there
+    assert set(d["first_step_s"]) == {"on", "off"} and min(d["first_step_s"].values()) > 0
+    assert "first step" in r.stdout
 
 
 def test_switch_ab_script_compares_precisions(tmp_path):

@@ -61,7 +61,9 @@ FAMILIES = ("semantic", "rcnn", "panoptic", "other")
 #:   panoptic under bf16 autocast (:func:`resolve`: 0.82-0.95x on the AMD EPYC).
 #: * compile: CUDA: the semantic models' backbone and head (static shapes with fixed-size
 #:   crops); off for R-CNN / panoptic (data-dependent proposal / ROI shapes recompile or
-#:   graph-break). CPU: off (the first step would spend minutes compiling C++).
+#:   graph-break). CPU: off, measured: compiled training steps ran 0.82-0.95x the eager
+#:   defaults (U-Net, DeepLabV3+, the demo's Mask R-CNN; 2-core AMD EPYC, fp32 and bf16)
+#:   after 44-99 s of compiling (docs/benchmarks.md, "torch.compile on CPU").
 #:
 #: AMP (``SOLVER.AMP.ENABLED``; on CPU bf16 only where :func:`cpu_bf16_speedup` measures it
 #: faster), TF32 and the optimizer / loader switches do not depend on the family: see
