@@ -124,7 +124,8 @@ def main() -> None:
         settings["precision"] = "per value"  # --precision is unused then
     out = {"machine": machine_info(torch.device("cpu")), "settings": settings,
            "torch_threads": torch.get_num_threads(), "train_step_s": times,
-           "median_s": med, "first_step_s": first, "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values},
+           "median_s": med, "first_step_s": first,
+           "speedup_vs_last": {v: med[values[-1]] / med[v] for v in values},
            "speed_plans": plans}
     prec = "" if args.key == "precision" else f", {args.precision}"
     print(f"{os.path.basename(args.config_file)}, {args.key}, batch {args.batch}, {args.size} "
