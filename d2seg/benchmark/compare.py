@@ -235,15 +235,16 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
     def add(case, subject, metric, kind, a, b, better, blocked="", noise=None,
             approximate=False, yardstick=False):
         if not isinstance(a, (int, float)) and not isinstance(b, (int, float)):
-            return  # measured in neither run (e.g. --no-inference)
+            return None  # measured in neither run (e.g. --no-inference)
         change, status = _status(metric, a, b, better, tolerance, noise, approximate)
         if blocked and status != "not measured":
             status = blocked
         elif yardstick and status in ("regression", "improvement"):
             status = "reference moved"
-        rows.append({"case": case, "subject": subject, "metric": metric, "kind": kind,
-                     "old": a, "new": b, "change": change, "better": better,
-                     "noise": noise, "status": status})
+        row = {"case": case, "subject": subject, "metric": metric, "kind": kind, "old": a,
+               "new": b, "change": change, "better": better, "noise": noise, "status": status}
+        rows.append(row)
+        return row
 
     blocked_all = "settings differ" if differ else ""
     old_cases = {c["name"]: c for c in old.get("cases", [])}
@@ -286,13 +287,14 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                 if not blocked and metric in _INFERENCE_ABSOLUTE and \
                         _weights(old_subs[name]) != _weights(sub):
                     blocked = "method changed"
-                add(c["name"], name, metric, "absolute", a, value, better, blocked,
-                    _max(sp_old, sp), approx, yardstick=name != "d2seg")
+                row = add(c["name"], name, metric, "absolute", a, value, better, blocked,
+                          _max(sp_old, sp), approx, yardstick=name != "d2seg")
                 ratio_rows = held.get(_RATIO_OF.get(metric, ""), [])
-                if name == "d2seg" and rows[-1]["status"] in ("regression", "improvement") \
+                if row is not None and name == "d2seg" \
+                        and row["status"] in ("regression", "improvement") \
                         and ratio_rows and all(st in ("ok", "within noise")
                                                for st in ratio_rows):
-                    rows[-1]["status"] = "ratio held"
+                    row["status"] = "ratio held"
     old_targets = {t["name"]: t for t in old.get("targets", [])}
     for t in new.get("targets", []):
         ot = old_targets.get(t["name"])
