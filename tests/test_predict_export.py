@@ -285,3 +285,30 @@ def test_semantic_tta_wrapper_resizes_to_height_width():
     assert (w.flip, w.rot90, w.window) == (False, True, (32, 32))
     with pytest.raises(RuntimeError, match="eval"):
         w.train()([{"image": torch.rand(3, 8, 8)}])
+
+
+def test_writer_image_ids_never_reuse_another_images_id(tmp_path, caplog):
+    """An input missing from the COCO json of ids gets an id above the json's largest (with a
+    warning), not its input index, which may be another image's id."""
+    import logging
+
+    from detectron2.data import MetadataCatalog
+
+    from d2seg.inference.writer import PredictionWriter
+
+    w = PredictionWriter(str(tmp_path), MetadataCatalog.get("__unused"), image_ids={
+        "a.jpg": 0, "b.jpg": 7}, overlays=False)
+    black = np.zeros((4, 4, 3), np.uint8)
+    sem = {"sem_seg": torch.zeros(2, 4, 4)}
+    for i, name in enumerate(["/x/b.jpg", "/x/new.jpg", "/x/a.jpg"]):
+        w.add(name, i, black, sem)
+    with caplog.at_level(logging.WARNING, logger="d2seg.inference.writer"):
+        w.finish()
+    ids = json.load(open(tmp_path / "image_ids.json"))
+    assert ids == {"/x/b.jpg": 7, "/x/new.jpg": 9, "/x/a.jpg": 0}
+    assert "1 input image(s) are not in the COCO json" in caplog.text and "new.jpg" in caplog.text
+    # without any json: the input index, as before
+    w = PredictionWriter(str(tmp_path / "n"), MetadataCatalog.get("__unused"), overlays=False)
+    w.add("/x/new.jpg", 3, black, sem)
+    w.finish()
+    assert json.load(open(tmp_path / "n" / "image_ids.json")) == {"/x/new.jpg": 3}

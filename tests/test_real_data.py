@@ -50,7 +50,12 @@ def test_fruits_from_coco_json_train_eval_predict(shared_data, tmp_path):
     assert len(val["images"]) == 4
     # predict.py (with flip TTA) on 2 validation images: COCO results that pycocotools loads
     pred = tmp_path / "pred"
+    # ... and 1 training image: every image id is the unsplit json's (trainval.json), not an
+    # input index that could be another image's id
+    train_json = MetadataCatalog.get("rd_fruits_train").json_file
+    train_file = json.load(open(train_json))["images"][0]["file_name"]
     images = [os.path.join(root, "images", im["file_name"]) for im in val["images"][:2]]
+    images.append(os.path.join(root, "images", train_file))
     written = predict_tool.main([
         "--config-file", FRUITS_CFG, "--input", *images, "--output", str(pred),
         "--score-threshold", "0.0", "--dataset", "rd_fruits_val", "--flip",
@@ -62,14 +67,18 @@ def test_fruits_from_coco_json_train_eval_predict(shared_data, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt = COCO(val_json)
+    all_ids = {im["file_name"]: im["id"] for im in json.load(open(f"{root}/trainval.json"))["images"]}
+    used = json.load(open(pred / "image_ids.json"))
+    assert {os.path.basename(p): i for p, i in used.items()} == \
+        {os.path.basename(p): all_ids[os.path.basename(p)] for p in images}
+    gt = COCO(f"{root}/trainval.json")
     dt = gt.loadRes(results)
-    assert {r["image_id"] for r in results} <= {im["id"] for im in val["images"]}
+    assert {r["image_id"] for r in results} <= set(used.values())
     assert {r["category_id"] for r in results} <= {1, 2, 3}  # the json's category ids
     ev = COCOeval(gt, dt, "segm")
     ev.evaluate()
     ev.accumulate()
-    assert len(os.listdir(pred / "overlays")) == 2
+    assert len(os.listdir(pred / "overlays")) == 3
 
 
 def test_isbi_folder_unet_train_hooks_predict(shared_data, tmp_path):

@@ -9,7 +9,9 @@ Writes OUT/overlays/*.png and, by model type, OUT/coco_instances_results.json (i
 OUT/sem_seg/*.png label maps (semantic) or OUT/panoptic/*.png + OUT/panoptic.json (panoptic);
 see d2seg/inference/writer.py. Class names and COCO category ids come from --dataset (default:
 the config's first DATASETS.TEST, else TRAIN); image ids of the COCO results from --coco-json
-(matched by file name; default: the dataset's json_file), else the input's index.
+(matched by file name; default: the dataset's json_file, or for a split made by val_fraction
+the unsplit json), else the input's index (an image missing from a given json gets an id above
+its largest, with a warning).
 """
 import argparse
 import os

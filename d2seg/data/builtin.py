@@ -84,7 +84,8 @@ def _register_fruits_nuts(root: str) -> None:
         DatasetCatalog.register(
             name, lambda name=name: load_coco_json(split_json(name), image_root, name))
         MetadataCatalog.get(name).set(thing_classes=["date", "fig", "hazelnut"],
-                                      image_root=image_root, evaluator_type="coco")
+                                      image_root=image_root, evaluator_type="coco",
+                                      source_json_file=json_all)
         _PREPARE[name] = lambda name=name: split_json(name)
 
 

@@ -285,14 +285,18 @@ def split_coco_json(json_file: str, val_fraction: float, seed: int = 0,
 # ----------------------------------------------------------------------------------------
 # registration by type
 # ----------------------------------------------------------------------------------------
-def _register_coco(name: str, json_file: str, image_root: str) -> None:
+def _register_coco(name: str, json_file: str, image_root: str,
+                   source_json_file: Optional[str] = None) -> None:
+    """``source_json_file``: the unsplit json a split's ``json_file`` was cut from (its image ids
+    are the same); ``tools/predict.py`` reads image ids from it."""
     unregister(name)
     # detectron2's register_coco_instances, also keeping each annotation's "id" so that checks
     # and skipped-annotation warnings can name it
     DatasetCatalog.register(name, lambda: guard_load(
         json_file, load_coco_json, json_file, image_root, name, extra_annotation_keys=["id"]))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
-                                  evaluator_type="coco")
+                                  evaluator_type="coco",
+                                  source_json_file=source_json_file or json_file)
     # thing_classes are known before the first load (predict / visualizers need them)
     with open(json_file) as f:
         cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
@@ -395,7 +399,8 @@ def _load_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_json
 
 
 def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_json: str,
-                       instances_json: Optional[str]) -> None:
+                       instances_json: Optional[str],
+                       source_json_file: Optional[str] = None) -> None:
     derived_inst, sem_seg_root = _convert_panoptic(panoptic_json, panoptic_root)
     inst = instances_json or derived_inst
     if instances_json:  # keep only the split's images of a user-given instances json
@@ -418,6 +423,7 @@ def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_
     MetadataCatalog.get(name).set(
         image_root=image_root, panoptic_root=panoptic_root, panoptic_json=panoptic_json,
         sem_seg_root=sem_seg_root, json_file=inst, evaluator_type="coco_panoptic_seg",
+        source_json_file=source_json_file or panoptic_json,
         ignore_label=255, label_divisor=1000, **meta,
     )
 
@@ -460,8 +466,8 @@ def _register_entry(e: Dict[str, Any]) -> None:
         _register_coco(name, e["json_file"], e["image_root"])
         if frac:
             tr, va = split_coco_json(e["json_file"], frac, seed)
-            _register_coco(f"{name}_train", tr, e["image_root"])
-            _register_coco(f"{name}_val", va, e["image_root"])
+            _register_coco(f"{name}_train", tr, e["image_root"], e["json_file"])
+            _register_coco(f"{name}_val", va, e["image_root"], e["json_file"])
     elif kind == "sem_seg":
         kw = dict(classes=e["classes"], ignore_label=e["ignore_label"],
                   label_map=e.get("label_map"), colors=e.get("colors"))
@@ -479,8 +485,10 @@ def _register_entry(e: Dict[str, Any]) -> None:
         _register_panoptic(name, *args, e["panoptic_json"], e.get("instances_json"))
         if frac:
             tr, va = split_coco_json(e["panoptic_json"], frac, seed)
-            _register_panoptic(f"{name}_train", *args, tr, e.get("instances_json"))
-            _register_panoptic(f"{name}_val", *args, va, e.get("instances_json"))
+            _register_panoptic(f"{name}_train", *args, tr, e.get("instances_json"),
+                               e["panoptic_json"])
+            _register_panoptic(f"{name}_val", *args, va, e.get("instances_json"),
+                               e["panoptic_json"])
 
 
 def register_datasets_from_cfg(cfg) -> List[str]:

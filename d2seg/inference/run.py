@@ -61,7 +61,11 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
     if dataset and getattr(metadata, "json_file", None) and \
             not hasattr(metadata, "thing_dataset_id_to_contiguous_id"):
         DatasetCatalog.get(dataset)  # load_coco_json sets the category id map
-    coco_json = coco_json or (getattr(metadata, "json_file", "") if dataset else "")
+    # image ids from the unsplit json where the dataset is a split of one (a split's json
+    # lists only its own images)
+    if not coco_json and dataset:
+        coco_json = (getattr(metadata, "source_json_file", "") or
+                     getattr(metadata, "json_file", "") or "")
     ids = image_ids_from_coco_json(coco_json) if coco_json and os.path.isfile(coco_json) else {}
     predictor = SegPredictor(cfg)
     writer = PredictionWriter(out_dir, metadata, score_threshold, ids, overlays)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -25,6 +26,8 @@ from PIL import Image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
 from ..modeling.postprocessing import class_labels
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["list_inputs", "image_ids_from_coco_json", "PredictionWriter", "IMAGE_EXTS"]
 
@@ -74,7 +77,9 @@ class PredictionWriter:
             out_dir: output folder (created).
             metadata: the dataset metadata (classes, colors, id maps).
             score_threshold: instances below it are neither drawn nor written.
-            image_ids: file (base) name -> COCO image id; images not in it get their index.
+            image_ids: file (base) name -> COCO image id. Without it, images get their index;
+                with it, an image it lacks gets ``max id + 1 + index`` (never an id of the
+                json's, so a result cannot be scored against another image) and a warning.
             overlays: write ``overlays/*.png``.
         """
         self.out_dir = out_dir
@@ -85,6 +90,7 @@ class PredictionWriter:
         self.coco_results: List[dict] = []
         self.panoptic_annotations: List[dict] = []
         self.used_ids: Dict[str, int] = {}
+        self.unmatched: List[str] = []
         self.kinds: set = set()
         os.makedirs(out_dir, exist_ok=True)
 
@@ -92,7 +98,12 @@ class PredictionWriter:
         for key in (path, os.path.basename(path)):
             if key in self.image_ids:
                 return self.image_ids[key]
-        return index
+        if not self.image_ids:
+            return index
+        # the json has ids but not this file: an id past the json's largest, so that no
+        # result can be scored against another image's ground truth
+        self.unmatched.append(path)
+        return max(self.image_ids.values()) + 1 + index
 
     def add(self, path: str, index: int, bgr: np.ndarray, output: Dict) -> None:
         """Record the model ``output`` for the image ``path`` (``bgr``: (H, W, 3) uint8)."""
@@ -154,6 +165,12 @@ class PredictionWriter:
     def finish(self) -> Dict[str, str]:
         """Write the json files; returns {kind: path}."""
         written = {}
+        if self.unmatched:
+            shown = ", ".join(os.path.basename(p) for p in self.unmatched[:5])
+            more = f" and {len(self.unmatched) - 5} more" if len(self.unmatched) > 5 else ""
+            logger.warning(f"{len(self.unmatched)} input image(s) are not in the COCO json of "
+                           f"the image ids ({shown}{more}): given ids above the json's largest "
+                           "(see image_ids.json); pass --coco-json with the json that lists them")
         with open(os.path.join(self.out_dir, "image_ids.json"), "w") as f:
             json.dump(self.used_ids, f, indent=1)
         if "instances" in self.kinds:
