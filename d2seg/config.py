@@ -17,7 +17,8 @@ from typing import IO, List, Sequence
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
-__all__ = ["CfgNode", "ConfigError", "add_d2seg_config", "get_cfg", "load_config", "ZOO_PREFIX"]
+__all__ = ["CfgNode", "ConfigError", "add_d2seg_config", "get_cfg", "load_config",
+           "load_config_or_exit", "ZOO_PREFIX"]
 
 ZOO_PREFIX = "zoo://"
 
@@ -403,7 +404,12 @@ def _explain(err: BaseException, cfg) -> str:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"unknown config key '{key}'{hint}"
     if isinstance(err, ValueError) and "Type mismatch" in msg:
-        return msg.replace("Type mismatch", "wrong type:")
+        out = msg.replace("Type mismatch", "wrong type:")
+        if "<class 'bool'>" in msg and "<class 'str'>" in msg:
+            # YAML 1.1 reads an unquoted on / off / yes / no as a boolean
+            out += ('; YAML reads an unquoted on / off / yes / no as true / false: quote the '
+                    'value (e.g. "off")')
+        return out
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
@@ -433,4 +439,74 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"command line override: {_explain(e, cfg)}") from e
+    _check_names(cfg, config_file, opts)
     return cfg
+
+
+def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str) -> CfgNode:
+    """:func:`load_config` for command-line tools, with the ``D2SEG.DATASETS.REGISTER`` entries
+    parsed and their paths checked (nothing registered yet): a :class:`ConfigError` exits
+    with the one line ``<prog>: error: <file>: <key> ...`` instead of a traceback."""
+    import sys
+
+    from .data.register import check_register_entries
+
+    try:
+        cfg = load_config(config_file, opts)
+        check_register_entries(cfg, config_file)
+    except ConfigError as e:
+        sys.exit(f"{prog}: error: {e}")
+    return cfg
+
+
+# (config key, registry getter): names looked up in a registry when the model is built
+def _registries():
+    from detectron2.modeling import (BACKBONE_REGISTRY, META_ARCH_REGISTRY,
+                                     PROPOSAL_GENERATOR_REGISTRY, SEM_SEG_HEADS_REGISTRY)
+    from detectron2.modeling.roi_heads import (ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY,
+                                               ROI_MASK_HEAD_REGISTRY)
+
+    return (("MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY),
+            ("MODEL.BACKBONE.NAME", BACKBONE_REGISTRY),
+            ("MODEL.SEM_SEG_HEAD.NAME", SEM_SEG_HEADS_REGISTRY),
+            ("MODEL.PROPOSAL_GENERATOR.NAME", PROPOSAL_GENERATOR_REGISTRY),
+            ("MODEL.ROI_HEADS.NAME", ROI_HEADS_REGISTRY),
+            ("MODEL.ROI_BOX_HEAD.NAME", ROI_BOX_HEAD_REGISTRY),
+            ("MODEL.ROI_MASK_HEAD.NAME", ROI_MASK_HEAD_REGISTRY))
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_names(cfg, config_file: str, opts: Sequence[str]) -> None:
+    """Registry names and loss names, checked when the config is loaded (instead of deep in
+    model building, after the dataset checks): a ConfigError naming where the value came
+    from, the key, the value and the closest valid names."""
+    from .modeling.losses import LOSS_NAMES
+
+    given = {str(k) for k in list(opts)[0::2]}
+
+    def fail(key: str, value: str, what: str, valid: Sequence[str]) -> None:
+        where = "command line override" if key in given else \
+            (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+        close = difflib.get_close_matches(value, list(valid), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"{where}: {key}={value!r} is not {what}; {hint}"
+                          f"choose from {sorted(valid)}")
+
+    for key, registry in _registries():
+        value = _get(cfg, key)
+        if value and value not in registry:
+            valid = [name for name, _ in registry]
+            fail(key, value, f"registered in detectron2's {registry._name} registry "
+                             "(import the module that registers it before loading the config)",
+                 valid)
+    canon = {n.lower() for n in LOSS_NAMES}
+    for key in ("MODEL.SEM_SEG_LOSS.NAMES",):
+        for name in _get(cfg, key):
+            if str(name).lower() not in canon:
+                fail(key, str(name), "a d2seg loss (case-insensitive)", LOSS_NAMES)

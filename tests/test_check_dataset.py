@@ -210,3 +210,71 @@ def test_train_net_refuses_broken_data_before_training(fruits_copy, tmp_path):
     with pytest.raises(DatasetCheckError, match="5.jpg"):
         main(args)
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+
+
+def test_split_reports_unpaired_files_and_only_its_own_unmapped_values(isbi_copy):
+    """A val_fraction split of a mask folder: an image without mask and a mask without image
+    are warnings naming the file; a raw value outside label_map is reported by the split
+    holding that mask only."""
+    img, _, raw = isbi_copy
+    (raw / "2.png").unlink()  # image 2 has no mask
+    (img / "3.png").unlink()  # mask 3 has no image
+    m = np.asarray(Image.open(raw / "0.png")).copy()
+    m[10:20, 10:20] = 128
+    Image.fromarray(m).save(raw / "0.png")
+    names = register_dataset(f"name=isbi_pairs,type=sem_seg,image_root={img},"
+                             f"sem_seg_root={raw},classes=[cell,membrane],"
+                             "label_map={255:0,0:1},val_fraction=0.35")
+    assert names == ["isbi_pairs", "isbi_pairs_train", "isbi_pairs_val"]
+    reports = {n: check_dataset(n) for n in names[1:]}
+    for r in reports.values():
+        assert r.ok
+        (a,) = _problems(r, "unpaired_image")
+        (b,) = _problems(r, "unpaired_mask")
+        assert a.file == str(img / "2.png") and b.file == str(raw / "3.png")
+        assert "(value:" not in str(a)  # no "(value: None)"
+    holder = [n for n in names[1:] if any(
+        os.path.basename(d["file_name"]) == "0.png" for d in DatasetCatalog.get(n))]
+    assert len(holder) == 1
+    for n, r in reports.items():
+        assert bool(_problems(r, "unmapped_mask_value")) == (n == holder[0])
+
+
+def test_more_num_classes_than_an_evaluated_dataset_names_is_fatal(shared_data):
+    cfg = load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                      ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "5", "D2SEG.DATASETS.CHECK", "warn"])
+    reports = {r.name: r for r in run_pre_training_checks(cfg)}
+    tr, va = (_problems(reports[n], "num_classes_mismatch")[0]
+              for n in ("isbi2012_membrane_train", "isbi2012_membrane_val"))
+    assert tr.severity == "warning"  # training only: fine
+    assert va.severity == "error" and "cannot score predictions of classes 2..4" in va.message
+
+
+def test_rle_masks_under_polygon_format_are_fatal_for_training(fruits_copy):
+    from pycocotools import mask as mask_util
+
+    data, path, img_dir = fruits_copy
+    ann = data["annotations"][0]
+    im = next(i for i in data["images"] if i["id"] == ann["image_id"])
+    rle = mask_util.frPyObjects(ann["segmentation"], im["height"], im["width"])
+    rle = mask_util.merge(rle)
+    rle["counts"] = rle["counts"].decode("ascii")
+    ann["segmentation"] = rle
+    spec = f"name=fruits_rle,type=coco,json_file={_write(data, path)},image_root={img_dir}"
+    opts = ["D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TRAIN", "('fruits_rle',)",
+            "DATASETS.TEST", "()"]
+    cfg_file = os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                            "mask_rcnn_R_18_FPN_cpu.yaml")
+    cfg = load_config(cfg_file, opts)
+    register_dataset(spec)
+    with pytest.raises(DatasetCheckError, match="INPUT.MASK_FORMAT bitmask"):
+        run_pre_training_checks(cfg)
+    cfg = load_config(cfg_file, opts + ["INPUT.MASK_FORMAT", "bitmask"])
+    (r,) = run_pre_training_checks(cfg)
+    assert not _problems(r, "mask_format")
+
+
+def test_check_tool_without_config_checks_the_data_alone(shared_data, capsys):
+    assert check_tool.main(["--dataset", "fruits_nuts_all", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "num_classes_mismatch" not in out  # no model to compare with

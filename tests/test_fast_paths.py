@@ -167,6 +167,25 @@ def test_cpu_bf16_speedup_is_measured_or_pinned(monkeypatch):
         fast_paths.cpu_bf16_speedup.cache_clear()
 
 
+def test_cpu_bf16_measurement_near_the_decision_takes_the_median_of_three():
+    calls = []
+
+    def fake(values):
+        it = iter(values)
+
+        def measure():
+            calls.append(1)
+            return next(it)
+        return measure
+
+    # a noisy first measurement near the threshold (a 1.8x CPU measured 0.93x once)
+    assert fast_paths._rechecked(fake([0.93, 1.8, 1.9])) == 1.8 and len(calls) == 3
+    calls.clear()
+    assert fast_paths._rechecked(fake([1.9])) == 1.9 and len(calls) == 1  # clear: once
+    calls.clear()
+    assert fast_paths._rechecked(fake([0.5])) == 0.5 and len(calls) == 1
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """resolve() as it decides on an Ampere+ GPU (nothing runs on it)."""

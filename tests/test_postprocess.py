@@ -195,6 +195,14 @@ def test_search_threshold_tool_on_isbi(tmp_path, shared_data):
     assert [t for t, _ in res["scores"]] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
     assert res["dice"] == max(d for _, d in res["scores"])
     assert json.load(open(out))["threshold"] == res["threshold"]
+    # a dataset of D2SEG.DATASETS.REGISTER (your own data) is registered by the tool too
+    base = os.path.join(shared_data, "isbi2012_membrane", "train")
+    spec = (f"name=thr_own,type=sem_seg,image_root={base}/image,sem_seg_root={base}/label,"
+            "classes=[cell,membrane],label_map={255:0,0:1},val_fraction=0.1")
+    res = tool.main(["--config-file", config, "--thresholds", "0.5", "MODEL.UNET.BASE_CHANNELS",
+                     "4", "MODEL.WEIGHTS", str(weights / "model.pth"),
+                     "D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TEST", "('thr_own_val',)"])
+    assert res["dataset"] == "thr_own_val" and res["num_images"] == 3
 
 
 # ----------------------------------------------------------------------------------------

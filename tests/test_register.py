@@ -161,3 +161,42 @@ def test_coco_panoptic_registered_in_separated_format(shared_data):
         assert vals and max(vals) < len(meta.stuff_classes)
         assert os.path.isfile(d["pan_seg_file_name"])
         assert all(isinstance(s["isthing"], bool) for s in d["segments_info"])
+    # detectron2's SemSegEvaluator (train_net's panoptic evaluation) looks up every predicted
+    # stuff-map label, the "things" class 0 included
+    from detectron2.evaluation import SemSegEvaluator
+
+    ev = SemSegEvaluator("own_pan", distributed=False)
+    pred = np.arange(len(meta.stuff_classes)).reshape(1, -1)
+    assert len(ev.encode_json_sem_seg(pred, "x.jpg")) == len(meta.stuff_classes)
+
+
+def test_coco_panoptic_check_against_panoptic_fpn_config(shared_data):
+    """The panoptic report gives both NUM_CLASSES (things; stuff + 1); a Panoptic FPN config is
+    checked against both, and the PNG-derived (RLE) instance masks need MASK_FORMAT bitmask."""
+    from d2seg.config import load_config
+    from d2seg.data.checks import check_datasets_from_cfg
+
+    from conftest import REPO
+
+    root = os.path.join(shared_data, "coco_panoptic_sample")
+    spec = (f"name=own_pan_chk,type=coco_panoptic,image_root={root}/input_images,"
+            f"panoptic_root={root}/panoptic_examples,"
+            f"panoptic_json={root}/panoptic_examples.json")
+    cfg_file = os.path.join(REPO, "configs/Shapes-PanopticSegmentation/panoptic_fpn_R_18_cpu.yaml")
+    opts = ["D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TRAIN", "('own_pan_chk',)",
+            "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES", "80"]
+    register_dataset(spec)
+    pan = json.load(open(f"{root}/panoptic_examples.json"))
+    n_stuff = sum(1 for c in pan["categories"] if not c["isthing"]) + 1
+    (r,) = check_datasets_from_cfg(load_config(cfg_file, opts + [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3"]), mode="warn", log=False)
+    assert r.num_stuff_classes_implied == n_stuff
+    assert f"{n_stuff} (MODEL.SEM_SEG_HEAD.NUM_CLASSES" in r.format()
+    codes = {(p.code, p.severity) for p in r.problems}
+    assert ("mask_format", "error") in codes  # RLE masks, polygon format
+    bad = [p for p in r.problems if p.code == "num_classes_mismatch"]
+    assert bad and bad[0].severity == "error" and "SEM_SEG_HEAD.NUM_CLASSES=3" in bad[0].message
+    (r,) = check_datasets_from_cfg(load_config(cfg_file, opts + [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(n_stuff), "INPUT.MASK_FORMAT", "bitmask"]),
+        mode="warn", log=False)
+    assert r.ok, [str(p) for p in r.errors]

@@ -1,5 +1,6 @@
 """Crash-safe checkpoints, non-finite losses and malformed configs (train_net's code path)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -150,10 +151,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         (["SOLVER.MAX_ITR", "3"], "unknown config key 'SOLVER.MAX_ITR'; did you mean SOLVER.MAX_ITER"),
         (["SOLVER.MAX_ITER", "three"], "for config key: SOLVER.MAX_ITER"),
         (["SOLVER.MAX_ITER"], "KEY VALUE pairs"),
+        # registry and loss names: at load time, not after the dataset checks
+        (["MODEL.META_ARCHITECTURE", "GeneralizedRCN"], "command line override: "
+         "MODEL.META_ARCHITECTURE='GeneralizedRCN' is not registered in detectron2's META_ARCH "
+         "registry (import the module that registers it before loading the config); did you "
+         "mean GeneralizedRCNN"),
+        (["MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsample"], "did you mean "
+         "MaskRCNNConvUpsampleHead"),
+        (["MODEL.SEM_SEG_LOSS.NAMES", "['CE','Dise']"], "MODEL.SEM_SEG_LOSS.NAMES='Dise' is "
+         "not a d2seg loss (case-insensitive); did you mean Dice"),
     ],
 )
 def test_bad_overrides_name_the_key(opts, expect):
-    with pytest.raises(ConfigError, match=expect.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(expect)):
         load_config(CPU_CFG, opts)
 
 
@@ -164,6 +174,11 @@ def test_bad_overrides_name_the_key(opts, expect):
         ("SOLVER:\n  BASE_LR: fast\n", "SOLVER.BASE_LR"),
         ("MODEL:\n  ROI_HEADS:\n    NUM_CLASSES: [1\n", "line 3"),
         ('_BASE_: "zoo://nope/none.yaml"\n', "nope/none.yaml"),
+        ("MODEL:\n  BACKBONE:\n    NAME: build_resnet_fpn_backbon\n",
+         "(or a file in its _BASE_): MODEL.BACKBONE.NAME='build_resnet_fpn_backbon' is not "
+         "registered"),
+        # YAML 1.1 reads an unquoted off as False
+        ("D2SEG:\n  SPEED:\n    CHANNELS_LAST: off\n", 'quote the value (e.g. "off")'),
     ],
 )
 def test_bad_config_files_name_file_and_key(tmp_path, text, expect):
@@ -183,3 +198,25 @@ def test_train_net_reports_config_error_in_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("train_net.py: error:") and "SOLVER.MAX_ITR" in last
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("name=own,type=sem_seg,image_root=img,sem_seg_dir=lab,classes=[a,b]",
+     "entry 'own' (type sem_seg): unknown keys ['sem_seg_dir'] (did you mean 'sem_seg_dir' -> "
+     "'sem_seg_root'?)"),
+    ("name=own,type=coco,json_file=no/such.json,image_root=.",
+     "json_file 'no/such.json' does not exist"),
+])
+def test_tools_report_bad_register_entries_in_one_line(tmp_path, spec, expect):
+    for tool in ("train_net.py", "predict.py", "search_threshold.py", "check_dataset.py"):
+        extra = ["--input", "x.png", "--output", str(tmp_path)] if tool == "predict.py" else []
+        r = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", tool), "--config-file", CPU_CFG, *extra,
+             "D2SEG.DATASETS.REGISTER", str((spec,))],
+            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        assert r.returncode != 0, tool
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{tool}: error: {CPU_CFG}") and expect in last, (tool, last)
+        assert "Traceback" not in r.stderr, tool
+        if "does not exist" in expect:  # a relative path: the directory it resolved against
+            assert f"working directory {tmp_path}" in last

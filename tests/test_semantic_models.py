@@ -95,8 +95,6 @@ def test_forward_backward_odd_sizes(arch, num_classes):
     torch.manual_seed(0)
     name, opts = TINY[arch]
     cfg = cfg_from(os.path.join(SHAPES, name), opts, num_classes)
-    if arch == "semantic_fpn" and num_classes == 1:
-        pytest.skip("detectron2's SemanticSegmentor has no binary (one-channel) output mode")
     model = build_model(cfg)
     model.train()
     sizes = [(37, 53), (45, 31)]
@@ -301,6 +299,32 @@ def test_eval_only_with_post_processing_through_train_net(tmp_path):
                         "MODEL.SEM_SEG_POSTPROCESS.MIN_AREA", "20", flags=["--eval-only"])
     check_metrics(res, ["water", "sand", "circle"])
     assert not (tmp_path / "eval" / "model_final.pth").exists()  # evaluated, not trained
+    # a config whose model does not fit the checkpoint (another NUM_CLASSES): stop, not
+    # evaluate random layers
+    with pytest.raises(ValueError, match=r"--eval-only: 2 tensor\(s\) of .*model_final.pth have "
+                                         r"other shapes than the model"):
+        run_train_net(cfg, tmp_path / "eval2", *opts, "MODEL.WEIGHTS",
+                      str(tmp_path / "model_final.pth"), "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7",
+                      "D2SEG.DATASETS.CHECK", "off", flags=["--eval-only"])
+
+
+def test_integer_pixel_mean_and_an_unused_head_name(caplog):
+    import logging
+
+    from d2seg.modeling.backbone import UNetEncoder
+    from d2seg.modeling.heads import UNetHead
+    from d2seg.modeling.meta_arch import UNet
+
+    backbone = UNetEncoder(depth=2, base_channels=4)
+    model = UNet(backbone=backbone, sem_seg_head=UNetHead(backbone.output_shape(), num_classes=2),
+                 pixel_mean=[128, 128, 128], pixel_std=[64, 64, 64]).eval()
+    assert model.pixel_mean.dtype == torch.float32
+    with torch.no_grad():
+        assert model([{"image": torch.rand(3, 16, 16) * 255}])[0]["sem_seg"].shape == (2, 16, 16)
+    cfg = cfg_from(os.path.join(SHAPES, "unet_cpu.yaml"), ["MODEL.SEM_SEG_HEAD.NAME", "ASPPHead"])
+    with caplog.at_level(logging.WARNING):
+        assert isinstance(build_model(cfg).sem_seg_head, UNetHead)
+    assert "MODEL.SEM_SEG_HEAD.NAME='ASPPHead' is not used" in caplog.text
 
 
 def test_isbi_config_trains_and_reports_membrane(tmp_path, shared_data):

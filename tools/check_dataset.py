@@ -34,16 +34,17 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     import d2seg  # noqa: F401  (registers builtin datasets)
 
-    from d2seg.config import load_config
+    from d2seg.config import load_config_or_exit
     from d2seg.data.checks import check_datasets_from_cfg
     from d2seg.data.register import register_datasets_from_cfg
 
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config_or_exit(args.config_file, args.opts, "check_dataset.py")
     cfg.freeze()
     register_datasets_from_cfg(cfg)
     names = args.dataset or None
-    reports = check_datasets_from_cfg(cfg, names, mode="warn",
-                                      decode_images=not args.fast, log=False)
+    # without a config there is no model to compare NUM_CLASSES and INPUT.MASK_FORMAT with
+    reports = check_datasets_from_cfg(cfg, names, mode="warn", decode_images=not args.fast,
+                                      log=False, compare_with_cfg=bool(args.config_file))
     if not reports:
         print("no dataset to check (give --dataset or a config with DATASETS.TRAIN/TEST)")
         return 1

@@ -45,13 +45,13 @@ def main(argv=None) -> list:
     from detectron2.utils.logger import setup_logger
 
     from d2seg.checkpoint import load_weights
-    from d2seg.config import load_config
+    from d2seg.config import load_config_or_exit
     from d2seg.export import export_rcnn, export_semantic
     from d2seg.inference import is_semantic_model
 
     setup_logger(name="d2seg")
     setup_logger(name="fvcore")
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config_or_exit(args.config_file, args.opts, "export_model.py")
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

@@ -44,8 +44,10 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     import d2seg  # noqa: F401  (registers datasets and models)
+    from d2seg.config import load_config_or_exit
     from d2seg.inference.run import predict_from_args
 
+    load_config_or_exit(args.config_file, args.opts, "predict.py")  # a bad config: one line
     return predict_from_args(args)
 
 

@@ -95,16 +95,16 @@ def main(argv=None) -> Dict:
 
     import torch
 
-    from d2seg.config import get_cfg
+    from d2seg.config import load_config_or_exit
     from d2seg.data.catalogs import register_shapes_from_cfg
+    from d2seg.data.register import register_datasets_from_cfg
 
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config_or_exit(args.config_file, args.opts, "search_threshold.py")
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = False  # raw probabilities
     register_shapes_from_cfg(cfg)
+    register_datasets_from_cfg(cfg)  # D2SEG.DATASETS.REGISTER (your own data)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
     if not dataset:
         ap.error("no --dataset and DATASETS.TEST is empty")

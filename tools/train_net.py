@@ -16,14 +16,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import d2seg  # noqa: E402,F401  (registers datasets and models)
-from d2seg.config import ConfigError, load_config  # noqa: E402
+from d2seg.config import load_config_or_exit  # noqa: E402
 from d2seg.engine import default_argument_parser, run  # noqa: E402
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    try:  # fail fast, in one line, before any process is launched
-        load_config(args.config_file, args.opts)
-    except ConfigError as e:
-        sys.exit(f"train_net.py: error: {e}")
+    # fail fast, in one line, before any process is launched
+    load_config_or_exit(args.config_file, args.opts, "train_net.py")
     run(args)

@@ -6,14 +6,17 @@ Every problem names the file, the annotation id (or mask value) and the bad valu
   or corrupt images or masks; image size differing from the recorded height/width or from its
   mask; mask labels outside ``[0, num_classes)`` other than the ignore label; category ids
   missing from the json's category list; duplicated image ids, annotation ids or image files;
-  more classes in the data than the model's ``NUM_CLASSES``.
+  more classes in the data than the model's ``NUM_CLASSES`` (for Panoptic FPN also the stuff
+  map's classes against ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``); fewer classes named by a dataset in
+  ``DATASETS.TEST`` than ``NUM_CLASSES`` (the evaluators could not score the others); RLE instance masks in a training dataset under ``INPUT.MASK_FORMAT: polygon``.
 * ``skip`` (the annotation is left out of training, with one warning line each): polygons with
   fewer than 3 points, an odd number of coordinates or zero area; boxes with zero or negative
   width/height; boxes entirely outside the image. :func:`filter_invalid_annotations` applies
   this to the training dicts, so what the report lists is exactly what is dropped.
 * ``warning`` (kept): boxes partly outside the image (detectron2 clips them); raw mask values
-  that a ``label_map`` does not map (they become the ignore label); fewer classes in the data
-  than ``NUM_CLASSES``; images without annotations; strong class imbalance.
+  that a ``label_map`` does not map (they become the ignore label); images without a mask
+  and masks without an image in a mask folder (left out); fewer classes in a training-only
+  dataset than ``NUM_CLASSES``; images without annotations; strong class imbalance.
 
 Each dataset's report also holds class frequencies (instances or pixels, and images per class)
 and the ``NUM_CLASSES`` the data implies.
@@ -67,8 +70,8 @@ class Problem:
 
     def __str__(self) -> str:
         aid = "" if self.ann_id is None else f" [id {self.ann_id}]"
-        return f"{self.severity.upper():7s} {self.code}: {self.file}{aid}: {self.message} " \
-               f"(value: {self.value})"
+        value = "" if self.value is None else f" (value: {self.value})"
+        return f"{self.severity.upper():7s} {self.code}: {self.file}{aid}: {self.message}{value}"
 
 
 class DatasetCheckError(RuntimeError):
@@ -97,6 +100,9 @@ class DatasetReport:
     class_counts: Dict[int, int] = field(default_factory=dict)
     image_counts: Dict[int, int] = field(default_factory=dict)
     num_classes_implied: int = 0
+    # panoptic data: the stuff map's classes + 1 ("things"): MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    num_stuff_classes_implied: int = 0
+    rle_annotations: int = 0  # instance masks given as RLE (need INPUT.MASK_FORMAT bitmask)
     problems: List[Problem] = field(default_factory=list)
 
     def by_severity(self, severity: str) -> List[Problem]:
@@ -150,7 +156,13 @@ class DatasetReport:
         if absent:
             lines.append(f"  absent ({len(absent)}): {', '.join(absent)}")
         lines.append(f"imbalance (most / least frequent): {self.imbalance():.1f}")
-        lines.append(f"NUM_CLASSES implied by the data: {self.num_classes_implied}")
+        if self.kind == "panoptic" and self.num_stuff_classes_implied:
+            lines.append(f"NUM_CLASSES implied by the data: {self.num_classes_implied} "
+                         f"(MODEL.ROI_HEADS.NUM_CLASSES, thing classes), "
+                         f"{self.num_stuff_classes_implied} (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
+                         "stuff classes + 1 for all things)")
+        else:
+            lines.append(f"NUM_CLASSES implied by the data: {self.num_classes_implied}")
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -160,6 +172,7 @@ class DatasetReport:
             "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
             "image_counts": {str(k): v for k, v in sorted(self.image_counts.items())},
             "num_classes_implied": self.num_classes_implied,
+            "num_stuff_classes_implied": self.num_stuff_classes_implied,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -426,6 +439,8 @@ def _check_instances(dicts: List[Dict], report: DatasetReport, num_things: int) 
                            f"category index outside [0, {num_things})")
                 continue
             report.num_annotations += 1
+            if isinstance(a.get("segmentation"), dict):
+                report.rle_annotations += 1
             if h is not None:
                 for sev, code, value, msg in annotation_problems(a, h, w):
                     report.add(sev, code, d["file_name"], aid, value, msg)
@@ -474,8 +489,30 @@ def _check_masks(dicts: List[Dict], report: DatasetReport, num_classes: int, ign
     return largest
 
 
-def _check_raw_masks(meta, report: DatasetReport) -> None:
-    """With a ``label_map``: raw mask values it does not map become the ignore label."""
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _check_unpaired(meta, report: DatasetReport) -> None:
+    """A mask-folder dataset: images without a mask and masks without an image (paired by
+    file stem) are left out of it and of every split; say so, file by file."""
+    image_root, root = getattr(meta, "image_root", None), getattr(meta, "sem_seg_root", None)
+    if not image_root or not root or not os.path.isdir(image_root) or not os.path.isdir(root):
+        return
+    from .sem_seg_folder import _list_by_stem
+
+    images, masks = _list_by_stem(image_root), _list_by_stem(root)
+    for stem in sorted(set(images) - set(masks)):
+        report.add(WARNING, "unpaired_image", images[stem], stem, None,
+                   f"no mask with this stem in {root}: the image is left out")
+    for stem in sorted(set(masks) - set(images)):
+        report.add(WARNING, "unpaired_mask", masks[stem], stem, None,
+                   f"no image with this stem in {image_root}: the mask is left out")
+
+
+def _check_raw_masks(meta, report: DatasetReport, dicts: List[Dict]) -> None:
+    """With a ``label_map``: raw mask values it does not map become the ignore label. Only the
+    raw masks of ``dicts`` (this dataset, e.g. one split of the folder) are read."""
     label_map = getattr(meta, "label_map", None)
     root = getattr(meta, "sem_seg_root", None)
     if not label_map or not root or not os.path.isdir(root):
@@ -483,7 +520,10 @@ def _check_raw_masks(meta, report: DatasetReport) -> None:
     from .sem_seg_folder import _list_by_stem
 
     keys = {int(k) for k in label_map}
+    mine = {_stem(d["file_name"]) for d in dicts}
     for stem, path in _list_by_stem(root).items():
+        if stem not in mine:
+            continue
         m, err = _safe(_read_mask, path)
         if err:
             continue  # reported on the remapped copy
@@ -530,11 +570,13 @@ def check_dataset_dicts(dicts: List[Dict], metadata, name: str = "",
             report.classes = stuff
             largest = _check_masks(dicts, report, len(stuff), ignore)
             report.num_classes_implied = max(len(stuff), largest + 1)
-            _check_raw_masks(metadata, report)
+            _check_raw_masks(metadata, report, dicts)
+            _check_unpaired(metadata, report)
         else:  # stuff map of a panoptic dataset: label range only, counts stay per thing
             sub = DatasetReport(name=name, kind="sem_seg")
-            _check_masks(dicts, sub, len(stuff), ignore)
+            largest = _check_masks(dicts, sub, len(stuff), ignore)
             report.problems += sub.problems
+            report.num_stuff_classes_implied = max(len(stuff), largest + 1)
     if kind == "panoptic":
         for d in dicts:
             if "pan_seg_file_name" in d and not os.path.isfile(d["pan_seg_file_name"]):
@@ -594,18 +636,61 @@ def expected_num_classes(cfg, kind: str) -> Optional[Tuple[str, int, int]]:
     return None
 
 
+def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
+    """The findings that depend on the model's config: ``NUM_CLASSES`` and the mask format."""
+    exp = expected_num_classes(cfg, r.kind)
+    evaluated = name in cfg.DATASETS.TEST
+    if exp and r.num_classes_implied:
+        key, value, covers = exp
+        if r.num_classes_implied > covers:
+            r.add(ERROR, "num_classes_mismatch", name, None, value,
+                  f"{key}={value} but the data has {r.num_classes_implied} classes")
+        elif r.num_classes_implied < covers:
+            if evaluated:
+                # the evaluators count the dataset's classes: predictions of the others cannot
+                # be scored (detectron2's SemSegEvaluator stops with a reshape error and
+                # COCOEvaluator with an assertion, after the whole training)
+                r.add(ERROR, "num_classes_mismatch", name, None, value,
+                      f"{key}={value} but the data names only {r.num_classes_implied} classes "
+                      f"({r.classes}): evaluation on DATASETS.TEST cannot score predictions of "
+                      f"classes {r.num_classes_implied}..{covers - 1}; set {key} "
+                      f"{r.num_classes_implied} or list every class in the dataset")
+            else:
+                r.add(WARNING, "num_classes_mismatch", name, None, value,
+                      f"{key}={value} but the data has only {r.num_classes_implied} classes")
+    if r.kind == "panoptic" and r.num_stuff_classes_implied and \
+            cfg.MODEL.META_ARCHITECTURE == "PanopticFPN":
+        n = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        if n != r.num_stuff_classes_implied:
+            more = n < r.num_stuff_classes_implied
+            r.add(ERROR if more else WARNING, "num_classes_mismatch", name, None, n,
+                  f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={n} but the stuff map has "
+                  f"{r.num_stuff_classes_implied} classes (stuff classes + 1 for all things)")
+    if r.rle_annotations and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
+        training = name in cfg.DATASETS.TRAIN
+        r.add(ERROR if training else WARNING, "mask_format", name, None, "polygon",
+              f"{r.rle_annotations} instance masks are RLE, which INPUT.MASK_FORMAT 'polygon' "
+              f"cannot load{'' if training else ' for training'}: set INPUT.MASK_FORMAT bitmask")
+
+
 def check_datasets_from_cfg(cfg, names: Optional[Iterable[str]] = None, mode: Optional[str] = None,
-                            decode_images: bool = True, log: bool = True) -> List[DatasetReport]:
+                            decode_images: bool = True, log: bool = True,
+                            compare_with_cfg: bool = True) -> List[DatasetReport]:
     """Check ``DATASETS.TRAIN`` + ``DATASETS.TEST`` (or ``names``) against the data and config.
 
-    Adds a fatal ``num_classes_mismatch`` when the data has more classes than the model's
-    ``NUM_CLASSES`` (a warning when fewer). Logs every report.
+    With ``compare_with_cfg``, adds a fatal ``num_classes_mismatch`` when the data has more
+    classes than the model's ``NUM_CLASSES`` (a warning when fewer, fatal for a dataset in
+    ``DATASETS.TEST``, which the evaluators could not score; Panoptic FPN's
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` against the stuff map too) and a fatal ``mask_format``
+    for RLE masks in a training dataset under ``INPUT.MASK_FORMAT: polygon``. Logs every report.
 
     Args:
         mode: "error" (default ``cfg.D2SEG.DATASETS.CHECK``): raise :class:`DatasetCheckError`
             on fatal problems; "warn": only log; "off": check nothing.
         decode_images: decode images fully (finds truncated files) or read headers only.
         log: log each report (``format()``).
+        compare_with_cfg: False: check the data alone (``tools/check_dataset.py`` without
+            ``--config-file``, where the config is detectron2's defaults).
 
     Returns:
         The reports, one per dataset.
@@ -620,15 +705,8 @@ def check_datasets_from_cfg(cfg, names: Optional[Iterable[str]] = None, mode: Op
     reports = []
     for name in names:
         r = check_dataset(name, decode_images)
-        exp = expected_num_classes(cfg, r.kind)
-        if exp and r.num_classes_implied:
-            key, value, covers = exp
-            if r.num_classes_implied > covers:
-                r.add(ERROR, "num_classes_mismatch", name, None, value,
-                      f"{key}={value} but the data has {r.num_classes_implied} classes")
-            elif r.num_classes_implied < covers:
-                r.add(WARNING, "num_classes_mismatch", name, None, value,
-                      f"{key}={value} but the data has only {r.num_classes_implied} classes")
+        if compare_with_cfg:
+            _check_against_cfg(cfg, name, r)
         if log:
             (logger.warning if r.problems else logger.info)("Dataset check\n" + r.format())
         reports.append(r)
@@ -642,8 +720,9 @@ def check_datasets_from_cfg(cfg, names: Optional[Iterable[str]] = None, mode: Op
     return reports
 
 
-def run_pre_training_checks(cfg) -> List[DatasetReport]:
-    """What train_net's ``main`` runs before training (``D2SEG.DATASETS.CHECK``).
+def run_pre_training_checks(cfg, eval_only: bool = False) -> List[DatasetReport]:
+    """What train_net's ``main`` runs before training (``D2SEG.DATASETS.CHECK``); with
+    ``eval_only`` (``--eval-only``) on ``DATASETS.TEST`` only, with no annotation filter.
 
     The main process checks ``DATASETS.TRAIN`` + ``DATASETS.TEST`` (images from their headers,
     to stay fast on large datasets; masks fully; ``tools/check_dataset.py`` also decodes every
@@ -660,12 +739,15 @@ def run_pre_training_checks(cfg) -> List[DatasetReport]:
     error: Optional[str] = None
     if comm.is_main_process():
         try:
-            reports = check_datasets_from_cfg(cfg, decode_images=False)
+            names = list(cfg.DATASETS.TEST) if eval_only else None
+            reports = check_datasets_from_cfg(cfg, names, decode_images=False)
         except DatasetCheckError as e:
             reports, error = e.reports, str(e)
     errors = comm.all_gather(error) if comm.get_world_size() > 1 else [error]
     if errors[0] is not None:
         raise DatasetCheckError(errors[0], reports)
+    if eval_only:
+        return reports
     for name in cfg.DATASETS.TRAIN:
         install_annotation_filter(name)
     return reports

@@ -44,6 +44,7 @@ Relative paths are relative to the current directory.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import logging
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DatasetLoadError",
     "DATASET_TYPES",
+    "check_register_entries",
     "parse_dataset_spec",
     "register_dataset",
     "register_datasets_from_cfg",
@@ -169,18 +171,25 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     if kind not in DATASET_TYPES:
         raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': type={kind!r} is not one of "
                          f"{DATASET_TYPES}")
+    allowed = set(_COMMON) | set(_REQUIRED[kind]) | set(_OPTIONAL[kind])
+    unknown = sorted(set(entry) - allowed)
+    if unknown:  # before "missing": a misspelt required key is reported as the typo it is
+        close = {u: difflib.get_close_matches(u, sorted(allowed), n=1, cutoff=0.5)
+                 for u in unknown}
+        hints = [f"'{u}' -> '{c[0]}'?" for u, c in close.items() if c]
+        hint = f" (did you mean {', '.join(hints)})" if hints else ""
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}' (type {kind}): unknown keys "
+                         f"{unknown}{hint}; allowed: {sorted(allowed)}")
     missing = [k for k in _REQUIRED[kind] if entry.get(k) in (None, "", [])]
     if missing:
         raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}' (type {kind}): missing "
                          f"{missing}; needs {list(_REQUIRED[kind])}")
-    allowed = set(_COMMON) | set(_REQUIRED[kind]) | set(_OPTIONAL[kind])
-    unknown = sorted(set(entry) - allowed)
-    if unknown:
-        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}' (type {kind}): unknown keys "
-                         f"{unknown}; allowed: {sorted(allowed)}")
+    given = {}
     for k in _PATH_KEYS:
         if entry.get(k):
+            given[k] = str(entry[k])
             entry[k] = os.path.abspath(os.path.expanduser(str(entry[k])))
+    entry["_given_paths"] = given  # as written, for error messages
     if kind == "sem_seg":
         classes = entry["classes"]
         if isinstance(classes, str):
@@ -314,7 +323,10 @@ def _panoptic_meta(categories: List[dict]) -> Dict[str, Any]:
         "thing_classes": [c["name"] for c in things],
         "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(things)},
         "stuff_classes": ["things"] + [c["name"] for c in stuff],
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i + 1 for i, c in enumerate(stuff)},
+        # 0 -> 0: the "things" class of the stuff map, as detectron2's separated COCO metadata
+        # (its SemSegEvaluator looks every predicted label up in this map)
+        "stuff_dataset_id_to_contiguous_id": {0: 0, **{c["id"]: i + 1 for i, c in
+                                                      enumerate(stuff)}},
     }
     if all("color" in c for c in categories):
         meta["thing_colors"] = [tuple(c["color"]) for c in things]
@@ -445,10 +457,7 @@ def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
     """
     e = parse_dataset_spec(spec)
     name, kind, frac = e["name"], e["type"], e.get("val_fraction")
-    for k in _PATH_KEYS:
-        if e.get(k) and not os.path.exists(e[k]):
-            raise FileNotFoundError(f"D2SEG.DATASETS.REGISTER entry '{name}': {k} "
-                                    f"'{e[k]}' does not exist")
+    _check_paths(e)
     main_file = {"coco": "json_file", "sem_seg": "sem_seg_root", "coco_panoptic": "panoptic_json"}
     guard_load(e[main_file[kind]], _register_entry, e)
     names = [name] + ([f"{name}_train", f"{name}_val"] if frac else [])
@@ -458,6 +467,35 @@ def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
     _REGISTERED[name] = names
     logger.info(f"Registered {kind} dataset(s) {names} from D2SEG.DATASETS.REGISTER")
     return names
+
+
+def _check_paths(e: Dict[str, Any]) -> None:
+    """FileNotFoundError naming the entry, the key, the value as written and, for a relative
+    one, the working directory it was resolved against."""
+    for k in _PATH_KEYS:
+        if e.get(k) and not os.path.exists(e[k]):
+            given = e.get("_given_paths", {}).get(k, e[k])
+            where = "" if os.path.isabs(os.path.expanduser(given)) else \
+                f" (relative paths resolve against the working directory {os.getcwd()})"
+            raise FileNotFoundError(f"D2SEG.DATASETS.REGISTER entry '{e['name']}': {k} "
+                                    f"'{given}' does not exist: {e[k]}{where}")
+
+
+def check_register_entries(cfg, config_file: str = "") -> None:
+    """Parse every ``D2SEG.DATASETS.REGISTER`` entry and check its paths, without registering:
+    what the command-line tools run before they start, so that a bad entry fails in one line.
+
+    Raises:
+        d2seg.config.ConfigError: naming the config file, the entry, the key and the value.
+    """
+    from ..config import ConfigError
+
+    for spec in cfg.D2SEG.DATASETS.REGISTER:
+        try:
+            _check_paths(parse_dataset_spec(spec))
+        except (ValueError, FileNotFoundError) as err:
+            where = f"{config_file} (or the command line)" if config_file else "command line"
+            raise ConfigError(f"{where}: {err}") from err
 
 
 def _register_entry(e: Dict[str, Any]) -> None:

@@ -109,6 +109,10 @@ def load_sem_seg_folder(
         if missing:
             logger.warning(f"{len(missing)} images in {image_dir} have no mask in {mask_dir}, "
                            f"e.g. {missing[:3]}; they are left out")
+        orphans = sorted(set(masks) - set(images))
+        if orphans:
+            logger.warning(f"{len(orphans)} masks in {mask_dir} have no image in {image_dir}, "
+                           f"e.g. {orphans[:3]}; they are left out")
     else:
         stems = [str(s) for s in stems]
         for s in stems:

@@ -257,6 +257,8 @@ def cpu_has_native_bf16() -> bool:
 
 #: bf16 autocast is chosen on CPU ("auto") when it is at least this much faster than fp32.
 CPU_BF16_MIN_SPEEDUP = 1.2
+#: A first measurement in [low, high) is repeated twice and the median of the three is used.
+CPU_BF16_RECHECK = (0.85, 1.55)
 #: Environment variable that replaces the measurement by a number (tests pin it to 1.0, so
 #: the suite runs the same precision on every CPU; users can pin the decision the same way).
 CPU_BF16_SPEEDUP_ENV = "D2SEG_CPU_BF16_SPEEDUP"
@@ -266,7 +268,8 @@ CPU_BF16_SPEEDUP_ENV = "D2SEG_CPU_BF16_SPEEDUP"
 def cpu_bf16_speedup() -> float:
     """fp32 time / bf16-autocast time of a small convolution block's forward and backward on
     this CPU (two 3x3 convolutions, 64 channels, 4 x 56 x 56, channels_last; minimum of 5
-    interleaved rounds; about 0.3 s, once per process).
+    interleaved rounds; about 0.3 s, once per process; where that lands near the decision, in
+    ``CPU_BF16_RECHECK``, the median of three such measurements).
 
     Returns 0.0 without native bf16 instructions (nothing is measured). Measured: 1.8-1.9 on
     an AMD EPYC (Zen 4), where a whole training step was 1.46x (Mask R-CNN R18-FPN) to 1.84x
@@ -291,7 +294,13 @@ def cpu_bf16_speedup() -> float:
         y.float().sum().backward()
         return time.perf_counter() - t0
 
-    times: Dict[bool, List[float]] = {False: [], True: []}
+    def ratio() -> float:
+        times: Dict[bool, List[float]] = {False: [], True: []}
+        for r in range(5):
+            for bf16 in ((False, True) if r % 2 == 0 else (True, False)):
+                times[bf16].append(step(bf16))
+        return min(times[False]) / min(times[True])
+
     # callable from evaluation code; the global RNG (the convolutions' init) is left untouched
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         gen = torch.Generator().manual_seed(0)
@@ -301,10 +310,17 @@ def cpu_bf16_speedup() -> float:
         x = torch.randn(4, c, 56, 56, generator=gen).to(memory_format=torch.channels_last)
         x.requires_grad_()
         step(False), step(True)  # oneDNN primitive creation
-        for r in range(5):
-            for bf16 in ((False, True) if r % 2 == 0 else (True, False)):
-                times[bf16].append(step(bf16))
-    return min(times[False]) / min(times[True])
+        return _rechecked(ratio)
+
+
+def _rechecked(measure: Callable[[], float]) -> float:
+    """``measure()``; where it lands in ``CPU_BF16_RECHECK`` (near the decision, where one burst
+    of other work on a shared CPU can flip it: a 1.8x CPU once measured 0.93x), the median of
+    it and two more measurements."""
+    ratios = [measure()]
+    if CPU_BF16_RECHECK[0] <= ratios[0] < CPU_BF16_RECHECK[1]:
+        ratios += [measure(), measure()]
+    return sorted(ratios)[len(ratios) // 2]
 
 
 def _resolve_amp(cfg, device: str, notes: List[str]) -> Optional[torch.dtype]:

@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -41,7 +40,7 @@ def adapt_to_hardware(cfg: CfgNode) -> List[Tuple[int, str]]:
     said: List[Tuple[int, str]] = []
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         said.append((logging.WARNING, f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not "
-                                      "available: training on CPU"))
+                                      "available: running on CPU"))
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         # the outcome is written into the config, so config.yaml records the precision the
@@ -126,10 +125,9 @@ def main(args) -> Optional[Dict[str, Any]]:
     """
     cfg = setup(args)
     if args.eval_only:
+        run_pre_training_checks(cfg, eval_only=True)  # DATASETS.TEST only
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_eval_weights(model, cfg, resume=args.resume)
         res = Trainer.test(cfg, model)
     else:
         run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
@@ -152,6 +150,32 @@ def main(args) -> Optional[Dict[str, Any]]:
             paths = visualize_predictions(cfg, model, cfg.DATASETS.TEST[0], out, cfg.TEST.NUM_VIS)
             logger.info("Wrote %d visualizations (prediction | ground truth) to %s", len(paths), out)
     return res
+
+
+def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False) -> None:
+    """``--eval-only``'s weights: ``MODEL.WEIGHTS`` (or, with ``resume``, the last checkpoint of
+    ``OUTPUT_DIR``) through :class:`d2seg.checkpoint.FinetuneCheckpointer` (also torchvision
+    ResNets; one line for skipped tensors).
+
+    Raises:
+        ValueError: when tensors of the file have other shapes than the model's: the model
+            would be evaluated with randomly initialised layers (usually a ``NUM_CLASSES``
+            that differs from the one the checkpoint was trained with).
+    """
+    from ..checkpoint import FinetuneCheckpointer
+
+    ck = FinetuneCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    ck.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    shapes = ck.last_summary.get("skipped_shape") or []
+    if shapes:
+        shown = "; ".join(f"{k} {tuple(a)} in the file, {tuple(b)} in the model"
+                          for k, a, b in shapes[:3])
+        raise ValueError(
+            f"--eval-only: {len(shapes)} tensor(s) of {ck.last_summary.get('file')} have other "
+            f"shapes than the model built from the config ({shown}"
+            f"{'; ...' if len(shapes) > 3 else ''}); the model would be evaluated with random "
+            "layers. Use the config it was trained with (its OUTPUT_DIR/config.yaml), e.g. the "
+            "same MODEL.ROI_HEADS.NUM_CLASSES / MODEL.SEM_SEG_HEAD.NUM_CLASSES")
 
 
 def run(args) -> Optional[Dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 import weakref
 from typing import Callable, List, Optional
 
@@ -175,6 +176,14 @@ class Trainer(DefaultTrainer):
     Everything else (hooks, checkpointing, LR schedule, AMP through ``SOLVER.AMP.ENABLED``,
     DDP) is detectron2's.
     """
+
+    def __init__(self, cfg):
+        with warnings.catch_warnings():
+            # DefaultTrainer's AMPTrainer makes a CUDA GradScaler, which warns on a CPU-only
+            # machine; build_hooks replaces that trainer and its scaler (_install_reliability)
+            warnings.filterwarnings("ignore", message=r"torch\.cuda\.amp\.GradScaler is enabled, "
+                                    r"but CUDA is not available")
+            super().__init__(cfg)
 
     def build_writers(self):
         """detectron2's writers (console, ``metrics.json``, TensorBoard), with TensorBoard's

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
 from torch import Tensor
 
 from detectron2.config import configurable
@@ -24,8 +25,12 @@ __all__ = ["SemSegFPNLossHead"]
 class SemSegFPNLossHead(SemSegFPNHead):
     """``SemSegFPNHead`` (same layers and outputs) whose ``losses`` is a :class:`SemSegLoss`.
 
-    Training returns ``(None, {"loss_sem_seg_<name>": ...})``; inference (N, C, H, W) fp32
-    logits.
+    Training returns ``(None, {"loss_sem_seg_<name>": ...})`` (lower-case loss names);
+    inference (N, C, H, W) fp32 logits. ``NUM_CLASSES: 1`` (binary, sigmoid) trains one
+    channel and infers the two channels [0, z] that d2seg's own models return
+    (:func:`d2seg.modeling.meta_arch.segmentor.binary_to_two_class_logits`), so that
+    detectron2's ``SemanticSegmentor`` and the evaluators (which argmax) see class 1 where
+    sigmoid(z) > 0.5.
     """
 
     @configurable
@@ -38,7 +43,10 @@ class SemSegFPNLossHead(SemSegFPNHead):
         """detectron2's layers; in eval mode the logits in fp32 (upsampled in fp32 under
         inference autocast, ``D2SEG.SPEED.INFERENCE_AMP``)."""
         x = super().layers(features)
-        return x if self.training else x.float()
+        if self.training:
+            return x
+        x = x.float()
+        return torch.cat([torch.zeros_like(x), x], dim=1) if x.shape[1] == 1 else x
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):

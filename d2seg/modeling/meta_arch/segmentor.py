@@ -1,6 +1,7 @@
 """The encoder-decoder meta-architecture that d2seg's semantic models share."""
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -15,6 +16,8 @@ from ..batching import batch_size, pad_to_batch
 from ..heads.base import resize_logits
 from ..losses import check_targets
 from ..postprocessing import SemSegPostProcessor, pixel_major
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EncoderDecoderSegmentor", "binary_to_two_class_logits", "logits_to_output_size"]
 
@@ -98,8 +101,11 @@ class EncoderDecoderSegmentor(nn.Module):
         if len(pixel_mean) != len(pixel_std):
             raise ValueError(f"MODEL.PIXEL_MEAN {pixel_mean} and MODEL.PIXEL_STD {pixel_std} "
                              "differ in length")
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # float32 whatever the numbers' type (integer means would make integer buffers)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32)
+                             .view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)
+                             .view(-1, 1, 1), False)
         own = int(getattr(backbone, "size_divisibility", 0) or 0)
         if size_divisibility is None or size_divisibility < 0:
             size_divisibility = own or 32
@@ -116,6 +122,11 @@ class EncoderDecoderSegmentor(nn.Module):
     def from_config(cls, cfg):
         if cls.head_class is None:
             raise TypeError(f"{cls.__name__} has no head_class")
+        name = cfg.MODEL.SEM_SEG_HEAD.NAME
+        if name not in ("SemSegFPNHead", cls.head_class.__name__):  # detectron2's default: unset
+            logger.warning(f"MODEL.SEM_SEG_HEAD.NAME={name!r} is not used: {cls.__name__} "
+                           f"always builds its {cls.head_class.__name__} (to put another head on "
+                           "a backbone, use META_ARCHITECTURE SemanticSegmentor)")
         backbone = build_backbone(cfg)
         post = SemSegPostProcessor(cfg) if cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED else None
         return {
