@@ -67,7 +67,8 @@ def test_fruits_from_coco_json_train_eval_predict(shared_data, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    all_ids = {im["file_name"]: im["id"] for im in json.load(open(f"{root}/trainval.json"))["images"]}
+    trainval = json.load(open(f"{root}/trainval.json"))
+    all_ids = {im["file_name"]: im["id"] for im in trainval["images"]}
     used = json.load(open(pred / "image_ids.json"))
     assert {os.path.basename(p): i for p, i in used.items()} == \
         {os.path.basename(p): all_ids[os.path.basename(p)] for p in images}

@@ -8,7 +8,8 @@ Every problem names the file, the annotation id (or mask value) and the bad valu
   missing from the json's category list; duplicated image ids, annotation ids or image files;
   more classes in the data than the model's ``NUM_CLASSES`` (for Panoptic FPN also the stuff
   map's classes against ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``); fewer classes named by a dataset in
-  ``DATASETS.TEST`` than ``NUM_CLASSES`` (the evaluators could not score the others); RLE instance masks in a training dataset under ``INPUT.MASK_FORMAT: polygon``.
+  ``DATASETS.TEST`` than ``NUM_CLASSES`` (the evaluators could not score the others); RLE
+  instance masks in a training dataset under ``INPUT.MASK_FORMAT: polygon``.
 * ``skip`` (the annotation is left out of training, with one warning line each): polygons with
   fewer than 3 points, an odd number of coordinates or zero area; boxes with zero or negative
   width/height; boxes entirely outside the image. :func:`filter_invalid_annotations` applies
