@@ -86,6 +86,8 @@ class PredictionWriter:
         self.metadata = metadata
         self.score_threshold = score_threshold
         self.image_ids = image_ids or {}
+        # ids for images the json lacks start past its largest
+        self._first_free_id = max(self.image_ids.values(), default=-1) + 1
         self.overlays = overlays
         self.coco_results: List[dict] = []
         self.panoptic_annotations: List[dict] = []
@@ -103,7 +105,7 @@ class PredictionWriter:
         # the json has ids but not this file: an id past the json's largest, so that no
         # result can be scored against another image's ground truth
         self.unmatched.append(path)
-        return max(self.image_ids.values()) + 1 + index
+        return self._first_free_id + index
 
     def add(self, path: str, index: int, bgr: np.ndarray, output: Dict) -> None:
         """Record the model ``output`` for the image ``path`` (``bgr``: (H, W, 3) uint8)."""
