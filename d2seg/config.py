@@ -10,12 +10,15 @@ installed. Only configs loaded through :func:`d2seg.config.get_cfg` understand t
 """
 from __future__ import annotations
 
-import os
 import difflib
+import logging
+import os
 from typing import IO, List, Sequence
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CfgNode", "ConfigError", "add_d2seg_config", "get_cfg", "load_config",
            "load_config_or_exit", "ZOO_PREFIX"]
@@ -48,10 +51,37 @@ class CfgNode(_D2CfgNode):
 def add_d2seg_config(cfg: _D2CfgNode) -> None:
     """Add every d2seg config key, with its default, to ``cfg`` (in place).
 
+    Keys ``cfg`` already has keep their values: after another plugin's ``add_*_config`` (e.g.
+    detectron2's Panoptic-DeepLab: ``SOLVER.OPTIMIZER`` "ADAM", ``MODEL.RESNETS.STEM_TYPE``
+    "deeplab") or values set by hand, only the missing keys are added. On detectron2's
+    ``get_cfg()`` no existing value changes.
+
     Idempotent: calling it twice leaves ``cfg`` unchanged the second time.
     """
     if "D2SEG" in cfg:
         return
+    before = cfg.clone()
+    _add_d2seg_keys(cfg)
+    kept = _restore_existing(cfg, before)
+    if kept:
+        logger.info("add_d2seg_config kept the values these keys already had (d2seg's "
+                    "defaults in brackets): " + ", ".join(kept))
+
+
+def _restore_existing(cfg: _D2CfgNode, before: _D2CfgNode, prefix: str = "") -> List[str]:
+    """Give the leaves of ``before`` their values back in ``cfg``; the keys whose value the
+    defaults had changed, as "KEY=value (default)"."""
+    kept = []
+    for k, v in before.items():
+        if isinstance(v, _D2CfgNode) and isinstance(cfg.get(k), _D2CfgNode):
+            kept += _restore_existing(cfg[k], v, f"{prefix}{k}.")
+        elif cfg.get(k) != v:
+            kept.append(f"{prefix}{k}={v!r} ({cfg.get(k)!r})")
+            cfg[k] = v
+    return kept
+
+
+def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     CN = type(cfg)  # children of the same class, so that yaml merges type-check
     cfg.D2SEG = CN()
 

@@ -73,3 +73,31 @@ def test_importing_d2seg_prints_no_deprecation_warning():
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "jit.script" not in r.stderr, r.stderr[-2000:]
+
+
+def test_add_d2seg_config_keeps_values_another_plugin_set():
+    """Panoptic-DeepLab's (and DeepLab's) keys keep their values; only missing keys are added."""
+    from detectron2.config import get_cfg as d2_get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+    from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
+
+    cfg = d2_get_cfg()
+    add_panoptic_deeplab_config(cfg)
+    add_d2seg_config(cfg)
+    assert cfg.SOLVER.OPTIMIZER == "ADAM" and cfg.MODEL.RESNETS.STEM_TYPE == "deeplab"
+    assert cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE == "hard_pixel_mining"
+    assert cfg.D2SEG.SPEED.COMPILE == "auto" and cfg.INPUT.DATASET_MAPPER_NAME == ""
+    cfg = d2_get_cfg()
+    add_deeplab_config(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [1, 2, 3]
+    cfg.SOLVER.POLY_LR_POWER = 2.0
+    add_d2seg_config(cfg)
+    assert cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS == [1, 2, 3] and cfg.SOLVER.POLY_LR_POWER == 2.0
+    # on detectron2's own defaults d2seg changes nothing
+    plain, cfg = d2_get_cfg(), d2_get_cfg()
+    add_d2seg_config(cfg)
+    assert cfg.MODEL.RESNETS.STEM_TYPE == "basic" and cfg.SOLVER.OPTIMIZER == "SGD"
+    for key in ("MODEL", "INPUT", "SOLVER", "TEST", "DATALOADER"):
+        for k, v in plain[key].items():
+            if not isinstance(v, dict):
+                assert cfg[key][k] == v, f"{key}.{k}"

@@ -200,6 +200,9 @@ def test_gn_and_syncbn_norms():
 def test_build_without_config():
     bb = HRNet(in_channels=1, spec=TINY_SPEC)
     head = HRNetV2Head(bb.output_shape(), num_classes=3)
+    # [] means all features, as for SegFormerHead and MODEL.SEM_SEG_HEAD.IN_FEATURES
+    assert HRNetV2Head(bb.output_shape(), num_classes=3, in_features=[]).in_features == \
+        head.in_features == list(bb.output_shape())
     model = HRNetV2(backbone=bb, sem_seg_head=head, pixel_mean=[0.0], pixel_std=[1.0])
     assert model.size_divisibility == 32
     model.eval()

@@ -225,3 +225,83 @@ def test_check_targets_names_the_bad_value():
         check_targets(torch.tensor([[0, 3, 255]]), 3, 255)
     with pytest.raises(ValueError, match="binary .* got 2"):
         check_targets(torch.tensor([[0, 1, 2]]), 1, 255)
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 2.0])
+def test_focal_gradients_stay_finite_with_saturated_and_ignored_logits(gamma):
+    """(1 - p_t) ** gamma has an infinite derivative at p_t = 1 for gamma < 1; torchvision's
+    sigmoid_focal_loss then gives NaN gradients (the loss itself stays finite)."""
+    x = torch.tensor([[[[0.3, 20.0, -200.0, 90.0]]]], requires_grad=True)
+    y = torch.tensor([[[1, 1, 0, 255]]])
+    focal_loss(x, y, gamma=gamma).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0, 0, 0, 3] == 0
+    xm = torch.zeros(1, 3, 1, 3)
+    xm[0, 0, 0, 1] = 60.0
+    xm[0, 2, 0, 2] = 1e4  # an ignored pixel's logits do not matter
+    xm.requires_grad_()
+    focal_loss(xm, torch.tensor([[[1, 0, 255]]]), gamma=gamma).backward()
+    assert torch.isfinite(xm.grad[..., :2]).all() and (xm.grad[..., 2] == 0).all()
+    # values unchanged: torchvision's definition
+    z = torch.randn(2, 1, 4, 5) * 4
+    t = torch.randint(0, 2, (2, 4, 5))
+    ref = sigmoid_focal_loss(z[:, 0], t.float(), alpha=0.25, gamma=gamma, reduction="mean")
+    assert focal_loss(z, t, gamma=gamma, alpha=0.25).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_ce_and_bce_together_is_an_error():
+    with pytest.raises(ValueError, match="'CE' and 'BCE' are the same"):
+        SemSegLoss(names=["CE", "BCE"])
+
+
+@pytest.mark.parametrize("num_classes, key, value, match", [
+    (3, "CLASS_WEIGHTS", [1.0, 2.0], "needs 3 values"),
+    (1, "CLASS_WEIGHTS", [1.0], r"needs 2 values \(\[background, foreground\]"),
+    (3, "FOCAL_ALPHA", [0.2, 0.8], "FOCAL_ALPHA"),
+    (1, "FOCAL_ALPHA", [0.2, 0.8], "FOCAL_ALPHA"),
+])
+def test_loss_list_lengths_are_checked_when_built(num_classes, key, value, match):
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    cfg.MODEL.SEM_SEG_LOSS[key] = value
+    with pytest.raises(ValueError, match=match):
+        SemSegLoss(cfg)
+
+
+def test_psp_head_default_aux_loss_keeps_the_main_loss_settings():
+    from detectron2.layers import ShapeSpec
+
+    from d2seg.modeling.heads.psp_head import PSPHead
+
+    shapes = {"res4": ShapeSpec(channels=8, stride=8), "res5": ShapeSpec(channels=16, stride=8)}
+    main = SemSegLoss(names=["CE", "Dice"], weights=[1, 2], loss_weight=0.5,
+                      class_weights=[1, 2, 3])
+    head = PSPHead(shapes, in_feature="res5", aux_in_feature="res4", num_classes=3,
+                   pool_channels=8, convs_dim=8, aux_convs_dim=8, loss=main)
+    aux = head.aux_loss
+    assert aux.names == ["CE", "Dice"] and aux.weights == [1.0, 2.0]
+    assert aux.loss_weight == pytest.approx(0.2) and aux.class_weights == [1, 2, 3]
+    assert aux.prefix == "loss_aux" and main.prefix == "loss_sem_seg" and main.loss_weight == 0.5
+    head.train()
+    feats = {"res4": torch.randn(2, 8, 4, 4), "res5": torch.randn(2, 16, 4, 4)}
+    losses = head(feats, torch.randint(0, 3, (2, 32, 32)))[1]
+    assert set(losses) == {"loss_sem_seg_ce", "loss_sem_seg_dice", "loss_aux_ce", "loss_aux_dice"}
+
+
+def test_fpn_loss_head_builds_without_a_loss_and_applies_loss_weight():
+    from detectron2.layers import ShapeSpec
+
+    from d2seg.modeling.heads.fpn_loss_head import SemSegFPNLossHead
+
+    shapes = {"p2": ShapeSpec(channels=8, stride=4), "p3": ShapeSpec(channels=8, stride=8)}
+    feats = {"p2": torch.randn(2, 8, 8, 8), "p3": torch.randn(2, 8, 4, 4)}
+    t = torch.randint(0, 3, (2, 32, 32))
+    out = {}
+    for lw in (1.0, 0.5):
+        torch.manual_seed(0)
+        head = SemSegFPNLossHead(shapes, num_classes=3, conv_dims=8, common_stride=4, norm="",
+                                 loss_weight=lw, ignore_value=255).train()
+        out[lw] = head(feats, t)[1]["loss_sem_seg_ce"].item()
+        assert head.loss.ignore_index == 255
+    assert out[0.5] == pytest.approx(out[1.0] / 2)

@@ -1,4 +1,5 @@
 """Metric values on hand-made masks, numpy and torch, including the empty cases."""
+import json
 import math
 
 import numpy as np
@@ -177,7 +178,10 @@ def test_evaluator_pools_over_images(tmp_path, distributed):
     assert res["mDice"] == pytest.approx(100 * (4 / 7 + 20 / 23) / 2)
     assert res["pACC"] == pytest.approx(100 * 12 / 15)
     assert 0 <= res["mBIoU"] <= 100 and all(isinstance(v, float) for v in res.values())
-    assert (tmp_path / "out" / "sem_seg_metrics.json").is_file()
+    # strict JSON (no NaN token): the class absent from both is null
+    written = json.loads((tmp_path / "out" / "sem_seg_metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert written["IoU-unused"] is None and written["IoU-fg"] == pytest.approx(100 * 2 / 5)
     # detectron2's print_csv_format accepts the flat dict
     from detectron2.evaluation import print_csv_format
 

@@ -256,3 +256,55 @@ def test_segmentor_output_matches_detectron2_postprocess(num_classes, hw, out_hw
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert out.stride()[0] == 1  # classes innermost
     assert torch.equal(out.argmax(0), ref.argmax(0))
+
+
+class _LogitsInImage(torch.nn.Module):
+    """A 'model' whose binary logit is the image's first channel minus 128, post-processed
+    as d2seg's models do: sliding windows and views see exactly the crop they are given."""
+
+    def __init__(self, postprocessor):
+        super().__init__()
+        self.postprocessor = postprocessor
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, inputs):
+        from d2seg.modeling.postprocessing import semantic_output
+
+        return [semantic_output(torch.stack([torch.zeros_like(x["image"][0]),
+                                             x["image"][0].float() - 128]), self.postprocessor)
+                for x in inputs]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_tta_and_windows_post_process_once_on_the_whole_image(flip):
+    """KEEP_LARGEST over sliding windows keeps the image's largest component, not each
+    window's; the wrapper returns the raw averaged logits beside the one-hot map."""
+    from d2seg.inference import SemanticSegmentorWithTTA
+
+    img = torch.zeros(3, 32, 64)
+    img[0, 5:15, 5:15] = 255  # 100 px, alone in the left window
+    img[0, 5:17, 40:55] = 255  # 180 px, alone in the right window
+    post = SemSegPostProcessor(num_classes=1, keep_largest=True)
+    model = _LogitsInImage(post).eval()
+    assert int(model([{"image": img}])[0]["sem_seg"].argmax(0).sum()) == 180
+    tta = SemanticSegmentorWithTTA(model, flip=flip, window=(32, 32), overlap=0.0).eval()
+    out = tta([{"image": img, "height": 32, "width": 64}])[0]
+    assert out["sem_seg"].shape == (2, 32, 64) and out["sem_seg_logits"].shape == (2, 32, 64)
+    assert int(out["sem_seg"].argmax(0).sum()) == 180
+    assert out["sem_seg_logits"][1].max() == pytest.approx(127.0)
+    assert model.postprocessor is post  # restored after the wrapper's call
+
+
+def test_sliding_window_sizes_are_checked():
+    from d2seg.inference.sliding_window import semantic_logits, sliding_window_logits, window_starts
+
+    model = _LogitsInImage(None).eval()
+    img = torch.zeros(3, 16, 16)
+    for bad in [(0, 8), (8, -1)]:
+        with pytest.raises(ValueError, match="both sides > 0"):
+            semantic_logits(model, img, bad)
+    with pytest.raises(ValueError, match="both sides > 0"):
+        sliding_window_logits(model, img, (0, 8))
+    with pytest.raises(ValueError, match="must be > 0"):
+        window_starts(10, 0, 0.2)
+    assert semantic_logits(model, img, (0, 0)).shape == (2, 16, 16)

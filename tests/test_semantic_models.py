@@ -210,6 +210,24 @@ def test_build_without_config():
     assert set(losses) == {"loss_sem_seg_ce"}
     with pytest.raises(ValueError, match="PROJECT_FEATURES"):
         ASPPDecoderHead(shapes, project_features=["res3"], project_channels=[4], num_classes=2)
+    # a backbone's whole output_shape(): ASPP on the deepest non-project feature, as ASPPHead
+    more = dict(shapes, res3=ShapeSpec(channels=8, stride=8), res4=ShapeSpec(channels=8, stride=16))
+    more["res5"] = ShapeSpec(channels=16, stride=32)
+    h = ASPPDecoderHead(more, project_features=["res2"], project_channels=[4], num_classes=2,
+                        decoder_channels=8, aspp_channels=8)
+    assert h.in_feature == "res5"
+    with pytest.raises(ValueError, match="besides PROJECT_FEATURES"):
+        ASPPDecoderHead({"res2": shapes["res2"]}, project_features=["res2"], project_channels=[4],
+                        num_classes=2)
+    # a 1-channel image for a 3-channel model: an error naming MODEL.PIXEL_MEAN, not a silent
+    # broadcast (float) or an in-place error (uint8)
+    for dtype in (torch.float32, torch.uint8):
+        with pytest.raises(ValueError, match="C = 3 channels.*MODEL.PIXEL_MEAN"):
+            model([{"image": torch.zeros(1, 10, 7, dtype=dtype)}])
+    model.train()
+    with pytest.raises(ValueError, match=r"missing in \['b.png'\]"):
+        model([{"image": torch.rand(3, 8, 8), "sem_seg": torch.zeros(8, 8, dtype=torch.long)},
+               {"image": torch.rand(3, 8, 8), "file_name": "b.png"}])
 
 
 def test_unet_learns_a_toy_task():

@@ -5,6 +5,7 @@ Reported beside detectron2's ``SemSegEvaluator`` under the result key ``"sem_seg
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 from collections import OrderedDict
@@ -59,7 +60,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
                 ``stuff_classes`` (and ``ignore_label``) in its metadata.
             distributed: gather the statistics of all processes (main process returns them).
             output_dir: if set, the results are also written to
-                ``<output_dir>/sem_seg_metrics.json``.
+                ``<output_dir>/sem_seg_metrics.json`` (strict JSON: null where a
+                metric is NaN, e.g. a class absent from ground truth and predictions).
             num_classes, ignore_label: override the metadata's.
             boundary_iou: also compute Boundary IoU per class (Cheng et al., 2021), pooled.
             boundary_dilation_ratio: boundary width as a fraction of the image diagonal.
@@ -156,5 +158,9 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)
             with PathManager.open(os.path.join(self._output_dir, "sem_seg_metrics.json"), "w") as f:
-                json.dump({"num_images": int(n), **res}, f, indent=1)
+                # strict JSON: null (not NaN) for a class absent from ground truth and
+                # predictions alike
+                json.dump({"num_images": int(n),
+                           **{k: (v if math.isfinite(v) else None) for k, v in res.items()}},
+                          f, indent=1, allow_nan=False)
         return OrderedDict({RESULT_KEY: res})

@@ -6,6 +6,7 @@ with ``{"image", "height", "width"}`` and returns ``[{"sem_seg": (K, h, w)}]`` l
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import List, Sequence, Tuple
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from ..modeling.postprocessing import pixel_major
 
-__all__ = ["window_starts", "sliding_window_logits", "semantic_logits"]
+__all__ = ["window_starts", "sliding_window_logits", "semantic_logits", "without_postprocessor"]
 
 
 def window_starts(length: int, window: int, overlap: float) -> List[int]:
@@ -22,6 +23,8 @@ def window_starts(length: int, window: int, overlap: float) -> List[int]:
     Consecutive windows overlap by at least ``overlap`` (a share of ``window``, in [0, 1));
     the last window ends exactly at ``length``. One window at 0 when ``window >= length``.
     """
+    if window <= 0:
+        raise ValueError(f"sliding-window size must be > 0 pixels, got {window}")
     if window >= length:
         return [0]
     if not 0.0 <= overlap < 1.0:
@@ -34,7 +37,25 @@ def window_starts(length: int, window: int, overlap: float) -> List[int]:
 
 def _run(model: nn.Module, crops: List[Tensor]) -> List[Tensor]:
     inputs = [{"image": c, "height": c.shape[-2], "width": c.shape[-1]} for c in crops]
-    return [o["sem_seg"] for o in model(inputs)]
+    # raw logits where the model post-processes ("sem_seg" is then a one-hot label map)
+    return [o.get("sem_seg_logits", o["sem_seg"]) for o in model(inputs)]
+
+
+@contextmanager
+def without_postprocessor(model: nn.Module):
+    """Within the block, ``model`` (a d2seg semantic model with a ``postprocessor``) returns
+    raw logits: windows and views are averaged as logits and post-processed once, by the
+    caller, on the whole image (a component filter per window would keep one component per
+    window, and averaged one-hot maps are no logits)."""
+    post = getattr(model, "postprocessor", None)
+    if post is None:
+        yield model
+        return
+    model.postprocessor = None
+    try:
+        yield model
+    finally:
+        model.postprocessor = post
 
 
 @torch.no_grad()
@@ -53,13 +74,18 @@ def sliding_window_logits(model: nn.Module, image: Tensor, window: Sequence[int]
         (K, H, W) float logits (the mean of the windows' logits where they overlap).
     """
     _, h, w = image.shape
+    if len(window) != 2 or min(int(s) for s in window) <= 0:
+        raise ValueError(f"sliding window must be (h, w) with both sides > 0 "
+                         f"(D2SEG.INFERENCE.SLIDING_WINDOW.SIZE / --sliding-window), got "
+                         f"{tuple(window)}")
     wh, ww = min(int(window[0]), h), min(int(window[1]), w)
     boxes = [(y, x) for y in window_starts(h, wh, overlap) for x in window_starts(w, ww, overlap)]
     total = None
     count = torch.zeros((1, h, w), dtype=torch.float32, device=image.device)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
-        outs = _run(model, [image[:, y:y + wh, x:x + ww] for y, x in chunk])
+        with without_postprocessor(model):
+            outs = _run(model, [image[:, y:y + wh, x:x + ww] for y, x in chunk])
         for (y, x), o in zip(chunk, outs):
             o = o.float()
             if total is None:
@@ -80,19 +106,26 @@ def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (
     orientation, e.g. microscopy). On a CPU the result is stored with the classes innermost
     (:func:`~d2seg.modeling.postprocessing.pixel_major`).
     """
+    window = tuple(int(s) for s in window) if window else (0, 0)
+    if len(window) != 2 or (any(s <= 0 for s in window) and any(s != 0 for s in window)):
+        raise ValueError(f"sliding window must be (h, w) with both sides > 0, or (0, 0) for the "
+                         f"whole image (D2SEG.INFERENCE.SLIDING_WINDOW.SIZE / --sliding-window), "
+                         f"got {window}")
+
     def once(img: Tensor) -> Tensor:
         if window and min(window) > 0 and (img.shape[-2] > window[0] or img.shape[-1] > window[1]):
             return sliding_window_logits(model, img, window, overlap)
         return _run(model, [img])[0].float()
 
     total, n = None, 0
-    for k in (0, 1, 2, 3) if rot90 else (0,):
-        view = torch.rot90(image, k, (-2, -1)) if k else image
-        for flipped in (False, True) if flip else (False,):
-            out = once(view.flip(-1)).flip(-1) if flipped else once(view)
-            out = torch.rot90(out, -k, (-2, -1)) if k else out
-            total = out if total is None else total + out
-            n += 1
+    with without_postprocessor(model):
+        for k in (0, 1, 2, 3) if rot90 else (0,):
+            view = torch.rot90(image, k, (-2, -1)) if k else image
+            for flipped in (False, True) if flip else (False,):
+                out = once(view.flip(-1)).flip(-1) if flipped else once(view)
+                out = torch.rot90(out, -k, (-2, -1)) if k else out
+                total = out if total is None else total + out
+                n += 1
     total = total / n if n > 1 else total
     # classes innermost on CPU, as the models return them (argmax(0) reads contiguous memory)
     return pixel_major(total)

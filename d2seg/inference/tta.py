@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 
-from ..modeling.postprocessing import pixel_major
+from ..modeling.postprocessing import pixel_major, semantic_output
 from .sliding_window import semantic_logits
 
 __all__ = ["SemanticSegmentorWithTTA"]
@@ -22,7 +22,9 @@ class SemanticSegmentorWithTTA(nn.Module):
     over flips / rotations and, optionally, sliding windows (:func:`semantic_logits`).
 
     Input: detectron2's list of dicts with "image" (C, H, W) and optionally "height"/"width".
-    Output, in eval mode only: ``[{"sem_seg": (K, height, width) logits}]`` per image.
+    Output, in eval mode only: ``[{"sem_seg": (K, height, width) logits}]`` per image; where
+    the model has a ``postprocessor`` (``MODEL.SEM_SEG_POSTPROCESS.ENABLED``), it runs once on
+    the averaged logits: ``{"sem_seg": one-hot (K, height, width), "sem_seg_logits": logits}``.
     """
 
     @configurable
@@ -63,5 +65,6 @@ class SemanticSegmentorWithTTA(nn.Module):
                 logits = F.interpolate(logits[None], size=(h, w), mode="bilinear",
                                        align_corners=False)[0]
             logits = pixel_major(logits)  # CPU: classes innermost, as the models return them
-            results.append({"sem_seg": logits})
+            # the model's post-processing, once, on the averaged full-size logits
+            results.append(semantic_output(logits, getattr(self.model, "postprocessor", None)))
         return results

@@ -23,12 +23,12 @@ training.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import sigmoid_focal_loss as _tv_sigmoid_focal_loss
 
 from detectron2.config import configurable
 
@@ -197,6 +197,16 @@ def tversky_loss(
     return 1.0 - _region_index(tp, fp, fn, alpha, beta, smooth).mean()
 
 
+def _focal_factor(q: Tensor, gamma: float) -> Tensor:
+    """``q ** gamma`` for ``q = 1 - p_t`` in [0, 1], with a finite gradient at q = 0 also for
+    gamma < 1 (where ``q ** gamma``'s derivative is infinite and times 0 gives NaN)."""
+    if gamma == 0:
+        return torch.ones_like(q)
+    q = q.clamp(0.0, 1.0)
+    tiny = torch.finfo(q.dtype).tiny
+    return torch.where(q > 0, q.clamp_min(tiny) ** gamma, torch.zeros_like(q))
+
+
 def focal_loss(
     logits: Tensor,
     targets: Tensor,
@@ -207,12 +217,14 @@ def focal_loss(
 ) -> Tensor:
     """Focal loss, averaged over valid pixels.
 
-    * binary (one channel): ``torchvision.ops.sigmoid_focal_loss`` with ``alpha`` (a float in
-      [0, 1] weighting positives, ``1 - alpha`` negatives; None or < 0 = no weighting);
+    * binary (one channel): ``torchvision.ops.sigmoid_focal_loss``'s definition with ``alpha``
+      (a float in [0, 1] weighting positives, ``1 - alpha`` negatives; None or < 0 = no
+      weighting);
     * multi-class: ``-alpha_y (1 - p_y)^gamma log p_y`` with p the softmax; ``alpha`` None
       (all 1), a float (all classes), or one float per class.
 
-    ``gamma = 0`` and no alpha gives the (binary) cross-entropy.
+    ``gamma = 0`` and no alpha gives the (binary) cross-entropy. Gradients stay finite for
+    any ``gamma >= 0``, also with saturated logits; ignored pixels get zero gradients.
 
     Returns:
         scalar tensor; 0 when no pixel is valid.
@@ -227,14 +239,21 @@ def focal_loss(
             if len(alpha) != 1:
                 raise ValueError(f"binary focal loss takes one alpha, got {list(alpha)}")
             alpha = alpha[0]
-        a = -1.0 if alpha is None else float(alpha)
-        return _masked_mean(_tv_sigmoid_focal_loss(x, y, alpha=a, gamma=gamma, reduction="none"),
-                            w)
+        # torchvision's sigmoid_focal_loss, with a modulating factor whose gradient stays
+        # finite where 1 - p_t is 0 (gamma < 1 with saturated logits gave NaN gradients), and
+        # ignored pixels' logits zeroed so that they cannot poison the gradient
+        x = torch.where(valid, x, torch.zeros_like(x))
+        ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        loss = ce * _focal_factor(torch.sigmoid(torch.where(y > 0, -x, x)), gamma)
+        if alpha is not None and float(alpha) >= 0:
+            a = float(alpha)
+            loss = loss * (a * y + (1.0 - a) * (1.0 - y))
+        return _masked_mean(loss, w)
     c = logits.shape[1]
     logp = F.log_softmax(logits.float(), dim=1)
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
-    loss = -((1.0 - logp_t.exp()).clamp_min(0) ** gamma) * logp_t
+    loss = -_focal_factor(-torch.expm1(logp_t), gamma) * logp_t
     if alpha is not None:
         if isinstance(alpha, (int, float)):
             loss = loss * float(alpha)
@@ -336,6 +355,9 @@ class SemSegLoss(nn.Module):
                                  f"{list(LOSS_NAMES)}")
         if len({n.lower() for n in names}) != len(names):
             raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES has duplicates: {names}")
+        if {"ce", "bce"} <= {n.lower() for n in names}:
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES {names}: 'CE' and 'BCE' are the same "
+                             "loss on one output channel (and 'BCE' needs one); name only one")
         weights = [1.0] * len(names) if weights is None or len(weights) == 0 else list(weights)
         if len(weights) != len(names):
             raise ValueError(f"MODEL.SEM_SEG_LOSS.WEIGHTS {weights} must have one value per "
@@ -356,6 +378,17 @@ class SemSegLoss(nn.Module):
     def from_config(cls, cfg, prefix: str = "loss_sem_seg"):
         c = cfg.MODEL.SEM_SEG_LOSS
         alpha = list(c.FOCAL_ALPHA)
+        # lengths checked when the model is built, not at the first forward
+        k = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        n_cw = 2 if k == 1 else k
+        if c.CLASS_WEIGHTS and len(c.CLASS_WEIGHTS) != n_cw:
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS {list(c.CLASS_WEIGHTS)} needs "
+                             f"{n_cw} values ({'[background, foreground] for ' if k == 1 else ''}"
+                             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {k}), got {len(c.CLASS_WEIGHTS)}")
+        if len(alpha) > 1 and (k == 1 or len(alpha) != k):
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} needs one value, or (with "
+                             f"NUM_CLASSES > 1) one per class: MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
+                             f"{k}")
         return {
             "names": list(c.NAMES),
             "weights": list(c.WEIGHTS),
@@ -372,6 +405,15 @@ class SemSegLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{w} * {n}" for n, w in zip(self.names, self.weights))
+
+    def derived(self, weight_factor: float = 1.0, prefix: Optional[str] = None) -> "SemSegLoss":
+        """A copy with every setting of this one, ``loss_weight`` times ``weight_factor`` and
+        the keys under ``prefix`` (e.g. an auxiliary head's losses)."""
+        new = copy.deepcopy(self)
+        new.loss_weight = self.loss_weight * float(weight_factor)
+        if prefix is not None:
+            new.prefix = prefix
+        return new
 
     def forward(self, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
         """logits (N, C, H, W), targets (N, H, W) -> dict of weighted scalar losses."""

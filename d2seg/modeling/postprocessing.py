@@ -25,6 +25,7 @@ __all__ = [
     "keep_largest_component",
     "postprocess_mask",
     "SemSegPostProcessor",
+    "semantic_output",
     "foreground_probability",
     "search_threshold",
 ]
@@ -247,6 +248,22 @@ class SemSegPostProcessor:
                 label[m & ~pm] = self.background
                 label[pm & ~m & (label == self.background)] = c
         return torch.as_tensor(label, device=logits.device)
+
+
+def semantic_output(logits: Tensor,
+                    postprocessor: Optional["SemSegPostProcessor"] = None) -> Dict[str, Tensor]:
+    """One image's output dict in detectron2's semantic contract from its (K, H, W) logits at
+    the original size: ``{"sem_seg": logits}``; with a ``postprocessor``, ``{"sem_seg": one-hot
+    (K, H, W) float of the post-processed label map, "sem_seg_logits": logits}``.
+
+    Shared by the models and the test-time wrappers, so that the post-processing runs once on
+    the final (averaged, full-size) logits, never per sliding window or per view.
+    """
+    if postprocessor is None:
+        return {"sem_seg": logits}
+    label = postprocessor(logits)
+    onehot = torch.nn.functional.one_hot(label, logits.shape[0]).permute(2, 0, 1)
+    return {"sem_seg": onehot.to(logits.dtype), "sem_seg_logits": logits}
 
 
 def search_threshold(

@@ -125,7 +125,8 @@ class ASPPDecoderHead(SemSegHeadBase):
     ):
         """
         Args:
-            input_shape: ASPP's feature (the deepest) plus the ``project_features``.
+            input_shape: features including the ``project_features``; ASPP runs on the
+                deepest of the others (e.g. a backbone's whole ``output_shape()``).
             project_features: low-level features fused by the decoder (e.g. ["res2"]).
             project_channels: 1x1 projection width of each (e.g. [48]).
             decoder_channels: width of the decoder's 3x3 convs.
@@ -142,10 +143,11 @@ class ASPPDecoderHead(SemSegHeadBase):
                 raise ValueError(f"MODEL.SEM_SEG_HEAD.PROJECT_FEATURES: '{n}' is not among the "
                                  f"head's inputs {list(input_shape.keys())}")
         deep = [k for k in input_shape if k not in project_features]
-        if len(deep) != 1:
-            raise ValueError(f"ASPPDecoderHead needs exactly one ASPP feature besides "
-                             f"PROJECT_FEATURES {project_features}, got {deep}")
-        deep_name = deep[0]
+        if not deep:
+            raise ValueError(f"ASPPDecoderHead needs an ASPP feature besides PROJECT_FEATURES "
+                             f"{project_features}, got only {list(input_shape.keys())}")
+        # as ASPPHead: the deepest of the others (a backbone's whole output_shape() works)
+        deep_name = max(deep, key=lambda k: input_shape[k].stride)
         low = sorted(((n, c) for n, c in zip(project_features, project_channels)),
                      key=lambda nc: input_shape[nc[0]].stride, reverse=True)
         if any(input_shape[n].stride >= input_shape[deep_name].stride for n, _ in low):

@@ -5,7 +5,7 @@ under the same loss (``MODEL.SEM_SEG_LOSS``); ``"SemSegFPNHead"`` keeps detectro
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -34,9 +34,21 @@ class SemSegFPNLossHead(SemSegFPNHead):
     """
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, loss: SemSegLoss, **kwargs):
-        super().__init__(input_shape, **kwargs)
-        self.loss = loss
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, loss: Optional[SemSegLoss] = None,
+                 loss_weight: float = 1.0, **kwargs):
+        """
+        Args:
+            input_shape, kwargs: as detectron2's ``SemSegFPNHead`` (``num_classes``,
+                ``conv_dims``, ``common_stride``, ``norm``, ``ignore_value``).
+            loss: the losses; default: cross-entropy ignoring ``ignore_value``. The loss's own
+                ``ignore_index`` is what the losses ignore.
+            loss_weight: multiplies ``loss``'s terms (from a config it is already inside
+                ``loss``: ``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``).
+        """
+        super().__init__(input_shape, loss_weight=loss_weight, **kwargs)
+        if loss is None:
+            loss = SemSegLoss(ignore_index=self.ignore_value)
+        self.loss = loss.derived(loss_weight) if loss_weight != 1.0 else loss
         self.resize_impl = "interpolate"  # the loss's resize: see d2seg.modeling.layers.resize
 
     def layers(self, features: Dict[str, Tensor]) -> Tensor:

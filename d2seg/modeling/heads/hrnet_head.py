@@ -45,12 +45,12 @@ class HRNetV2Head(SemSegHeadBase):
         """
         Args:
             input_shape: the backbone's features.
-            in_features: the features concatenated; None = all of ``input_shape``.
+            in_features: the features concatenated; None or [] = all of ``input_shape``.
             channels: width of the 1x1 conv before the classifier; 0 = the sum of the input
                 channels (HRNetV2).
             norm: norm of that conv ("GN" accepts any width, see ``hrnet_norm``).
         """
-        names = list(input_shape) if in_features is None else list(in_features)
+        names = list(in_features) if in_features else list(input_shape)
         missing = [n for n in names if n not in input_shape]
         if missing or not names:
             raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES {names}: {missing} not among the "

@@ -77,9 +77,8 @@ class PSPHead(SemSegHeadBase):
                 conv_norm_act(input_shape[aux_in_feature].channels, aux_convs_dim, 3, norm=norm),
                 _classifier(aux_convs_dim, num_classes, dropout),
             )
-            if aux_loss is None:
-                aux_loss = SemSegLoss(ignore_index=ignore_value, loss_weight=0.4,
-                                      prefix="loss_aux")
+            if aux_loss is None:  # the main losses' settings, weighted 0.4 (PSPNet's paper)
+                aux_loss = self.loss.derived(0.4, prefix="loss_aux")
             self.aux_loss = aux_loss
 
     @classmethod

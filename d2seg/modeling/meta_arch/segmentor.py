@@ -15,7 +15,7 @@ from detectron2.structures import ImageList
 from ..batching import batch_size, pad_to_batch
 from ..heads.base import resize_logits
 from ..losses import check_targets
-from ..postprocessing import SemSegPostProcessor, pixel_major
+from ..postprocessing import SemSegPostProcessor, pixel_major, semantic_output
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,13 @@ class EncoderDecoderSegmentor(nn.Module):
         normalised as one batch: three device operations instead of three per image, same
         values."""
         images = [x["image"].to(self.device, non_blocking=True) for x in batched_inputs]
+        c = self.pixel_mean.shape[0]
+        bad = [tuple(x.shape) for x in images if x.dim() != 3 or x.shape[0] != c]
+        if bad:
+            raise ValueError(f"images must be (C, H, W) with C = {c} channels, as "
+                             f"MODEL.PIXEL_MEAN {self.pixel_mean.flatten().tolist()} has; got "
+                             f"{bad[:3]} (set MODEL.PIXEL_MEAN/PIXEL_STD to one value per "
+                             "channel of your images)")
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             sizes, hw = batch_size(images, self.size_divisibility)
             if all(s == hw for s in sizes) and all(x.shape == images[0].shape for x in images):
@@ -167,9 +174,12 @@ class EncoderDecoderSegmentor(nn.Module):
         """See the class docstring for inputs and what train / eval mode return."""
         images = self.preprocess_image(batched_inputs)
         if self.training:
-            if "sem_seg" not in batched_inputs[0]:
-                raise ValueError("training inputs need 'sem_seg' (use a sem_seg dataset and "
-                                 "INPUT.DATASET_MAPPER_NAME 'sem_seg' or detectron2's mapper)")
+            missing = [x.get("file_name", f"input {i}") for i, x in enumerate(batched_inputs)
+                       if "sem_seg" not in x]
+            if missing:
+                raise ValueError(f"training inputs need 'sem_seg', missing in {missing[:3]} "
+                                 "(use a sem_seg dataset and INPUT.DATASET_MAPPER_NAME 'sem_seg' "
+                                 "or detectron2's mapper)")
             # Labels are queued for the device before the backbone runs: a blocking copy
             # after it would make the host wait for the whole encoder (a GPU bubble per step).
             # uint8 labels (D2SEG.SPEED.COMPACT_LABELS) are widened there, after the copy.
@@ -198,10 +208,5 @@ class EncoderDecoderSegmentor(nn.Module):
             w = inp.get("width", size[1])
             r = logits_to_output_size(logits[i:i + 1], size, h, w)
             r = binary_to_two_class_logits(r) if r.shape[0] == 1 else pixel_major(r)
-            if self.postprocessor is None:
-                out.append({"sem_seg": r})
-            else:
-                label = self.postprocessor(r)
-                onehot = F.one_hot(label, r.shape[0]).permute(2, 0, 1).to(r.dtype)
-                out.append({"sem_seg": onehot, "sem_seg_logits": r})
+            out.append(semantic_output(r, self.postprocessor))
         return out
