@@ -33,6 +33,7 @@ __all__ = [
     "convert_torchvision_resnet",
     "freeze_parameters",
     "load_weights",
+    "require_complete_weights",
 ]
 
 _TV_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
@@ -134,11 +135,46 @@ class FinetuneCheckpointer(DetectionCheckpointer):
                          f"tensors from {self._file} ({self._format})")
 
 
-def load_weights(model: nn.Module, path: str) -> Dict[str, Any]:
-    """Load ``path`` into ``model`` with :class:`FinetuneCheckpointer`; returns its summary."""
+def load_weights(model: nn.Module, path: str, complete: bool = False,
+                 context: str = "") -> Dict[str, Any]:
+    """Load ``path`` into ``model`` with :class:`FinetuneCheckpointer`; returns its summary.
+    With ``complete``, :func:`require_complete_weights` (inference: no random layers)."""
     ck = FinetuneCheckpointer(model)
     ck.load(path, checkpointables=[])
+    if complete:
+        require_complete_weights(ck.last_summary, model, context)
     return ck.last_summary
+
+
+def require_complete_weights(summary: Dict[str, Any], model: nn.Module, context: str) -> None:
+    """For inference (``--eval-only``, ``tools/predict.py``, export): every parameter of
+    ``model`` must come from the file (``summary``: :attr:`FinetuneCheckpointer.last_summary`).
+
+    Fine-tuning may skip a head of another shape or start a missing one from scratch; a model
+    that predicts or is evaluated would silently use those random layers.
+
+    Raises:
+        ValueError: naming the file, the tensors of other shapes and the missing parameters.
+    """
+    shapes = summary.get("skipped_shape") or []
+    params = {n for n, _ in model.named_parameters()}
+    missing = [k for k in summary.get("missing") or [] if k in params]
+    if not shapes and not missing:
+        return
+    parts = []
+    if shapes:
+        shown = "; ".join(f"{k} {tuple(a)} in the file, {tuple(b)} in the model"
+                          for k, a, b in shapes[:3])
+        parts.append(f"{len(shapes)} tensor(s) have other shapes than the model built from the "
+                     f"config ({shown}{'; ...' if len(shapes) > 3 else ''})")
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) of the model are not in it "
+                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    raise ValueError(
+        f"{context}: {summary.get('file')}: " + "; ".join(parts) + ". The model would run with "
+        "random layers. Use the config it was trained with (its OUTPUT_DIR/config.yaml), e.g. "
+        "the same MODEL.META_ARCHITECTURE and MODEL.ROI_HEADS.NUM_CLASSES / "
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES")
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

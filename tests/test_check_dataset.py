@@ -278,3 +278,24 @@ def test_check_tool_without_config_checks_the_data_alone(shared_data, capsys):
     assert check_tool.main(["--dataset", "fruits_nuts_all", "--fast"]) == 0
     out = capsys.readouterr().out
     assert "num_classes_mismatch" not in out  # no model to compare with
+
+
+def test_missing_box_and_empty_datasets_are_fatal(fruits_copy):
+    """An annotation without 'bbox' crashed the loader mid-training (or COCO evaluation after
+    it); an empty dataset or split failed in detectron2's loader, a test one after training."""
+    data, path, img_dir = fruits_copy
+    one = dict(data, images=data["images"][:1], annotations=[
+        dict(a) for a in data["annotations"] if a["image_id"] == data["images"][0]["id"]])
+    ann = data["annotations"][5]
+    del ann["bbox"]
+    register_dataset(f"name=no_box,type=coco,json_file={_write(data, path)},image_root={img_dir}")
+    r = check_dataset("no_box")
+    (p,) = _problems(r, "missing_box")
+    assert not r.ok and p.severity == "error" and p.ann_id == ann["id"]
+    one_path = path.parent / "one.json"
+    register_dataset(f"name=one_img,type=coco,json_file={_write(one, one_path)},"
+                     f"image_root={img_dir},val_fraction=0.25")
+    assert check_dataset("one_img_train").ok
+    r = check_dataset("one_img_val")
+    (p,) = _problems(r, "empty_dataset")
+    assert not r.ok and "fewer than 2 images" in p.message

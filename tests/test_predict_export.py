@@ -312,3 +312,45 @@ def test_writer_image_ids_never_reuse_another_images_id(tmp_path, caplog):
     w.add("/x/new.jpg", 3, black, sem)
     w.finish()
     assert json.load(open(tmp_path / "n" / "image_ids.json")) == {"/x/new.jpg": 3}
+
+
+def test_writer_never_gives_a_json_id_to_a_look_alike_file(tmp_path, caplog):
+    """Same-named inputs in different folders: matched by path, ambiguous ones get free ids
+    with a warning, and their outputs do not overwrite each other."""
+    import logging
+
+    from detectron2.data import MetadataCatalog
+
+    from d2seg.inference.writer import PredictionWriter
+
+    black = np.zeros((4, 4, 3), np.uint8)
+    sem = {"sem_seg": torch.zeros(2, 4, 4)}
+
+    def run(out, image_ids, paths, image_root=""):
+        meta = MetadataCatalog.get("d2seg_test_look_alike")
+        if not hasattr(meta, "stuff_classes"):
+            meta.set(stuff_classes=["bg", "fg"], stuff_colors=[(0, 0, 0), (255, 0, 0)])
+        w = PredictionWriter(str(tmp_path / out), meta, image_ids=image_ids,
+                             image_root=image_root)
+        for i, p in enumerate(paths):
+            w.add(p, i, black, sem)
+        with caplog.at_level(logging.WARNING, logger="d2seg.inference.writer"):
+            w.finish()
+        return json.load(open(tmp_path / out / "image_ids.json"))
+
+    # a json naming "0.jpg": two inputs called 0.jpg are ambiguous, neither takes id 0
+    ids = run("amb", {"0.jpg": 0, "1.jpg": 1}, ["/d/a/0.jpg", "/d/b/0.jpg", "/d/a/1.jpg"])
+    assert ids == {"/d/a/0.jpg": 2, "/d/b/0.jpg": 3, "/d/a/1.jpg": 1}
+    assert "match the same COCO json entry" in caplog.text
+    assert sorted(os.listdir(tmp_path / "amb" / "sem_seg")) == ["0.png", "0_1.png", "1.png"]
+    assert sorted(os.listdir(tmp_path / "amb" / "overlays")) == ["0.png", "0_1.png", "1.png"]
+    # a json whose file names tell them apart: the longest trailing match
+    ids = run("sub", {"a/0.jpg": 5, "b/0.jpg": 6}, ["/d/a/0.jpg", "/d/b/0.jpg"])
+    assert ids == {"/d/a/0.jpg": 5, "/d/b/0.jpg": 6}
+    # the dataset's image root: only the file there is that image
+    root = tmp_path / "root"
+    root.mkdir()
+    caplog.clear()
+    ids = run("root", {"0.jpg": 0}, [str(root / "0.jpg"), "/elsewhere/0.jpg"], str(root))
+    assert ids == {str(root / "0.jpg"): 0, "/elsewhere/0.jpg": 2}
+    assert "under its image root" in caplog.text and "/elsewhere/0.jpg" in caplog.text

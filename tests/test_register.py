@@ -200,3 +200,47 @@ def test_coco_panoptic_check_against_panoptic_fpn_config(shared_data):
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(n_stuff), "INPUT.MASK_FORMAT", "bitmask"]),
         mode="warn", log=False)
     assert r.ok, [str(p) for p in r.errors]
+    # more stuff channels than the map: a warning for training only, fatal where evaluated
+    # (the panoptic evaluator fails on labels the metadata does not know, after training)
+    more = opts + ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(n_stuff + 2), "INPUT.MASK_FORMAT",
+                   "bitmask"]
+    (r,) = check_datasets_from_cfg(load_config(cfg_file, more), mode="warn", log=False)
+    (p,) = [p for p in r.problems if p.code == "num_classes_mismatch"]
+    assert p.severity == "warning"
+    more[more.index("DATASETS.TEST") + 1] = "('own_pan_chk',)"
+    (r,) = check_datasets_from_cfg(load_config(cfg_file, more), mode="warn", log=False)
+    (p,) = [p for p in r.problems if p.code == "num_classes_mismatch"]
+    assert p.severity == "error" and f"NUM_CLASSES {n_stuff}" in p.message
+
+
+def test_coco_panoptic_with_unsorted_categories_and_a_detection_format_instances_json(
+        shared_data, tmp_path):
+    """Categories in any order (numbered by id, as detectron2's load_coco_json numbers the
+    things), and an instances json that also lists the stuff categories (COCO's detection
+    format): both loaded, not a metadata conflict."""
+    root = os.path.join(shared_data, "coco_panoptic_sample")
+    pan = json.load(open(f"{root}/panoptic_examples.json"))
+    pan["categories"] = pan["categories"][::-1]
+    rev = tmp_path / "reversed.json"
+    rev.write_text(json.dumps(pan))
+    spec = {"name": "own_pan_rev", "type": "coco_panoptic", "image_root": f"{root}/input_images",
+            "panoptic_root": f"{root}/panoptic_examples", "panoptic_json": str(rev)}
+    register_dataset(spec)
+    dicts = DatasetCatalog.get("own_pan_rev")
+    meta = MetadataCatalog.get("own_pan_rev")
+    things = sorted((c for c in pan["categories"] if c["isthing"]), key=lambda c: c["id"])
+    assert meta.thing_classes == [c["name"] for c in things]
+    assert len(dicts) == 2 and all(d["annotations"] for d in dicts)
+    det = json.load(open(f"{root}/panoptic_coco_detection_format.json"))
+    assert any(not c.get("isthing", 1) for c in det["categories"]) or \
+        len(det["categories"]) > len(things)
+    register_dataset(dict(spec, name="own_pan_det",
+                          instances_json=f"{root}/panoptic_coco_detection_format.json"))
+    dicts = DatasetCatalog.get("own_pan_det")
+    assert MetadataCatalog.get("own_pan_det").thing_classes == meta.thing_classes
+    assert len(dicts) == 2
+    bad = dict(det, categories=[c for c in det["categories"] if c["id"] != things[0]["id"]])
+    (tmp_path / "bad_inst.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=rf"bad_inst.json: lacks the thing categories "
+                                         rf"\[{things[0]['id']}\]"):
+        register_dataset(dict(spec, name="own_pan_bad", instances_json=str(tmp_path / "bad_inst.json")))

@@ -319,11 +319,27 @@ def test_eval_only_with_post_processing_through_train_net(tmp_path):
     assert not (tmp_path / "eval" / "model_final.pth").exists()  # evaluated, not trained
     # a config whose model does not fit the checkpoint (another NUM_CLASSES): stop, not
     # evaluate random layers
-    with pytest.raises(ValueError, match=r"--eval-only: 2 tensor\(s\) of .*model_final.pth have "
+    with pytest.raises(ValueError, match=r"--eval-only: .*model_final.pth: 2 tensor\(s\) have "
                                          r"other shapes than the model"):
         run_train_net(cfg, tmp_path / "eval2", *opts, "MODEL.WEIGHTS",
                       str(tmp_path / "model_final.pth"), "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7",
                       "D2SEG.DATASETS.CHECK", "off", flags=["--eval-only"])
+    # nor a checkpoint that lacks layers of the model (here: the head), nor predict with either
+    ck = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    ck["model"] = {k: v for k, v in ck["model"].items() if "sem_seg_head" not in k}
+    torch.save(ck, tmp_path / "no_head.pth")
+    with pytest.raises(ValueError, match=r"--eval-only: .*no_head.pth: \d+ parameter\(s\) of the "
+                                         r"model are not in it \(sem_seg_head"):
+        run_train_net(cfg, tmp_path / "eval3", *opts, "MODEL.WEIGHTS", str(tmp_path / "no_head.pth"),
+                      "D2SEG.DATASETS.CHECK", "off", flags=["--eval-only"])
+    from d2seg.inference import SegPredictor
+    from d2seg.inference.run import predict_config
+
+    for weights, extra in (("model_final.pth", ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7"]),
+                           ("no_head.pth", [])):
+        pcfg = predict_config(cfg, opts + ["MODEL.WEIGHTS", str(tmp_path / weights)] + extra)
+        with pytest.raises(ValueError, match=r"MODEL.WEIGHTS: .*random layers"):
+            SegPredictor(pcfg)
 
 
 def test_integer_pixel_mean_and_an_unused_head_name(caplog):

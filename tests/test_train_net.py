@@ -117,3 +117,21 @@ def test_eval_with_tta_semantic(tmp_path):
     assert os.path.isdir(tmp_path / "inference_TTA")
     assert "Evaluating with test-time augmentation (SemanticSegmentorWithTTA)" in open(
         tmp_path / "log.txt").read()
+
+
+def test_eval_only_keeps_the_recorded_random_seed(tmp_path):
+    """SEED -1 draws a seed recorded in OUTPUT_DIR/config.yaml for --resume; --eval-only in
+    that folder rewrites the file and must keep it (else a later --resume reorders the data)."""
+    from d2seg.config import get_cfg
+    from d2seg.engine.train_loop import _fix_seed
+
+    (tmp_path / "config.yaml").write_text("SEED: 123\n")
+
+    def seed(**kw):
+        cfg = get_cfg()
+        cfg.OUTPUT_DIR, cfg.SEED = str(tmp_path), -1
+        _fix_seed(cfg, **kw)
+        return cfg.SEED
+
+    assert seed(resume=True) == 123 and seed(resume=False, eval_only=True) == 123
+    assert len({seed(resume=False) for _ in range(3)} | {123}) > 1  # a new training: new seed

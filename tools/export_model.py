@@ -57,7 +57,7 @@ def main(argv=None) -> list:
     cfg.freeze()
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        load_weights(model, cfg.MODEL.WEIGHTS)
+        load_weights(model, cfg.MODEL.WEIGHTS, complete=True, context="MODEL.WEIGHTS")
     if is_semantic_model(model):
         results = export_semantic(model, args.output, args.height, args.width, args.format)
     elif isinstance(model, GeneralizedRCNN) and not isinstance(model, PanopticFPN):

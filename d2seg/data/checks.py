@@ -313,7 +313,11 @@ def annotation_problems(ann: Dict, height: int, width: int) -> List[Tuple[str, s
             isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
             and np.isfinite(x) for x in v)
 
-    if box is not None and not (numbers(box) and len(box) in (4, 5)):
+    if "bbox" not in ann:
+        out.append((ERROR, "missing_box", None,
+                    "annotation without 'bbox' (detectron2's mapper and COCO evaluation need "
+                    "one per instance)"))
+    elif box is not None and not (numbers(box) and len(box) in (4, 5)):
         out.append((ERROR, "malformed_box", box, "bbox is not a list of 4 finite numbers"))
         box = None
     segm = ann.get("segmentation")
@@ -548,6 +552,11 @@ def check_dataset_dicts(dicts: List[Dict], metadata, name: str = "",
     """
     kind = _kind(metadata, dicts)
     report = DatasetReport(name=name, kind=kind, num_images=len(dicts))
+    if not dicts:
+        report.add(ERROR, "empty_dataset", name, None, 0,
+                   "the dataset has no images (detectron2's loaders refuse it, a test dataset "
+                   "only after training; a val_fraction split of fewer than 2 images is empty)")
+        return report
     dicts = [dict(d) for d in dicts]
     ids = collections.Counter(d.get("image_id") for d in dicts)
     for iid, n in ids.items():
@@ -663,10 +672,14 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
             cfg.MODEL.META_ARCHITECTURE == "PanopticFPN":
         n = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         if n != r.num_stuff_classes_implied:
-            more = n < r.num_stuff_classes_implied
-            r.add(ERROR if more else WARNING, "num_classes_mismatch", name, None, n,
+            # too few: the loss fails on the labels; too many on a test dataset: the panoptic
+            # evaluator fails on predicted labels the metadata does not know, after training
+            fatal = n < r.num_stuff_classes_implied or evaluated
+            r.add(ERROR if fatal else WARNING, "num_classes_mismatch", name, None, n,
                   f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={n} but the stuff map has "
-                  f"{r.num_stuff_classes_implied} classes (stuff classes + 1 for all things)")
+                  f"{r.num_stuff_classes_implied} classes (stuff classes + 1 for all things)"
+                  + (f"; set MODEL.SEM_SEG_HEAD.NUM_CLASSES {r.num_stuff_classes_implied}"
+                     if fatal else ""))
     if r.rle_annotations and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
         training = name in cfg.DATASETS.TRAIN
         r.add(ERROR if training else WARNING, "mask_format", name, None, "polygon",

@@ -316,7 +316,10 @@ def _register_coco(name: str, json_file: str, image_root: str,
 
 
 def _panoptic_meta(categories: List[dict]) -> Dict[str, Any]:
-    """Separated-format metadata (things: 0..T-1; stuff: 0 = "things", 1..S)."""
+    """Separated-format metadata (things: 0..T-1; stuff: 0 = "things", 1..S), both in
+    category-id order (as detectron2's ``load_coco_json`` numbers the things, whatever the
+    json's order)."""
+    categories = sorted(categories, key=lambda c: c["id"])
     things = [c for c in categories if c.get("isthing", 1)]
     stuff = [c for c in categories if not c.get("isthing", 1)]
     meta = {
@@ -344,7 +347,8 @@ def _convert_panoptic(panoptic_json: str, panoptic_root: str) -> Tuple[str, str]
     from panopticapi.utils import rgb2id
     from pycocotools import mask as mask_util
 
-    key = _file_key(panoptic_json, extra=os.path.abspath(panoptic_root))
+    # "id-order": stuff maps numbered in category-id order (earlier caches: file order)
+    key = _file_key(panoptic_json, extra=[os.path.abspath(panoptic_root), "id-order"])
     out = os.path.join(_cache_root(), "panoptic_separated", key)
     inst_path, sem_dir = os.path.join(out, "instances.json"), os.path.join(out, "sem_seg")
     if os.path.isfile(inst_path):
@@ -415,19 +419,35 @@ def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_
                        source_json_file: Optional[str] = None) -> None:
     derived_inst, sem_seg_root = _convert_panoptic(panoptic_json, panoptic_root)
     inst = instances_json or derived_inst
-    if instances_json:  # keep only the split's images of a user-given instances json
-        with open(panoptic_json) as f:
-            ids = {im["id"] for im in json.load(f)["images"]}
+    with open(panoptic_json) as f:
+        pan = json.load(f)
+    meta = _panoptic_meta(pan["categories"])
+    if instances_json:
+        # keep the split's images and the panoptic json's thing categories of a user-given
+        # instances json (a detection-format json may list the stuff categories too)
+        ids = {im["id"] for im in pan["images"]}
+        things = set(meta["thing_dataset_id_to_contiguous_id"])
         with open(instances_json) as f:
             full = json.load(f)
-        if {im["id"] for im in full["images"]} != ids:
+        cat_ids = {c["id"] for c in full.get("categories", [])}
+        lacking = sorted(things - cat_ids)
+        if lacking:
+            raise ValueError(f"instances_json {instances_json}: lacks the thing categories "
+                             f"{lacking} of panoptic_json {panoptic_json}; give the instances "
+                             "json of the same dataset, or leave instances_json out (derived "
+                             "from the panoptic PNGs)")
+        if {im["id"] for im in full["images"]} != ids or cat_ids != things:
+            dropped = sum(1 for a in full["annotations"] if a["category_id"] not in things)
+            if dropped:
+                logger.warning(f"instances_json {instances_json}: {dropped} annotation(s) of "
+                               f"categories that are not things in {panoptic_json} left out")
             full["images"] = [im for im in full["images"] if im["id"] in ids]
-            full["annotations"] = [a for a in full["annotations"] if a["image_id"] in ids]
+            full["annotations"] = [a for a in full["annotations"]
+                                   if a["image_id"] in ids and a["category_id"] in things]
+            full["categories"] = [c for c in full["categories"] if c["id"] in things]
             inst = os.path.join(os.path.dirname(derived_inst),
                                 f"instances_{_file_key(instances_json, panoptic_json)}.json")
             _atomic_json(full, inst)
-    with open(panoptic_json) as f:
-        meta = _panoptic_meta(json.load(f)["categories"])
     unregister(name)
     DatasetCatalog.register(name, lambda: guard_load(
         panoptic_json, _load_panoptic, name, image_root, panoptic_root, panoptic_json, inst,

@@ -73,18 +73,20 @@ def set_deterministic(cfg: CfgNode) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _fix_seed(cfg: CfgNode, resume: bool) -> None:
+def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False) -> None:
     """Replace ``SEED = -1`` (random) by a concrete seed that ends up in ``config.yaml``.
 
     The data order is a function of the seed, so a ``--resume``d run can only continue the
     same order if it knows the seed: it reuses the one recorded in ``OUTPUT_DIR/config.yaml``.
-    All processes of a distributed run use rank 0's choice.
+    ``--eval-only`` (which rewrites that file, as detectron2's ``default_setup`` does) keeps
+    the recorded seed too, so that evaluating in the training folder does not change the data
+    order of a later ``--resume``. All processes of a distributed run use rank 0's choice.
     """
     if cfg.SEED >= 0:
         return
     seed = -1
     prev = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if resume and os.path.isfile(prev):
+    if (resume or eval_only) and os.path.isfile(prev):
         import yaml
 
         with open(prev) as f:
@@ -103,7 +105,8 @@ def setup(args) -> CfgNode:
     """
     cfg = load_config(args.config_file, args.opts)
     adapted = adapt_to_hardware(cfg)
-    _fix_seed(cfg, resume=bool(getattr(args, "resume", False)))
+    _fix_seed(cfg, resume=bool(getattr(args, "resume", False)),
+              eval_only=bool(getattr(args, "eval_only", False)))
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.D2SEG.DETERMINISTIC:
@@ -158,24 +161,17 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
     ResNets; one line for skipped tensors).
 
     Raises:
-        ValueError: when tensors of the file have other shapes than the model's: the model
-            would be evaluated with randomly initialised layers (usually a ``NUM_CLASSES``
-            that differs from the one the checkpoint was trained with).
+        ValueError: when tensors of the file have other shapes than the model's, or parameters
+            of the model are not in it: the model would be evaluated with randomly
+            initialised layers (usually another ``NUM_CLASSES`` or meta-architecture than the
+            checkpoint was trained with); see :func:`d2seg.checkpoint.require_complete_weights`.
     """
-    from ..checkpoint import FinetuneCheckpointer
+    from ..checkpoint import FinetuneCheckpointer, require_complete_weights
 
     ck = FinetuneCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     ck.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    shapes = ck.last_summary.get("skipped_shape") or []
-    if shapes:
-        shown = "; ".join(f"{k} {tuple(a)} in the file, {tuple(b)} in the model"
-                          for k, a, b in shapes[:3])
-        raise ValueError(
-            f"--eval-only: {len(shapes)} tensor(s) of {ck.last_summary.get('file')} have other "
-            f"shapes than the model built from the config ({shown}"
-            f"{'; ...' if len(shapes) > 3 else ''}); the model would be evaluated with random "
-            "layers. Use the config it was trained with (its OUTPUT_DIR/config.yaml), e.g. the "
-            "same MODEL.ROI_HEADS.NUM_CLASSES / MODEL.SEM_SEG_HEAD.NUM_CLASSES")
+    if ck.last_summary:
+        require_complete_weights(ck.last_summary, model, "--eval-only")
 
 
 def run(args) -> Optional[Dict[str, Any]]:

@@ -25,7 +25,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 
-from ..checkpoint import FinetuneCheckpointer
+from ..checkpoint import load_weights
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
 from .tta import SemanticSegmentorWithTTA
@@ -78,7 +78,7 @@ def build_inference_model(cfg) -> nn.Module:
     plan = dataclasses.replace(fast_paths.resolve(cfg), compile=False)
     fast_paths.prepare_model(model, cfg, plan)
     if cfg.MODEL.WEIGHTS:
-        FinetuneCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+        load_weights(model, cfg.MODEL.WEIGHTS, complete=True, context="MODEL.WEIGHTS")
     else:
         logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
     return model
@@ -145,7 +145,10 @@ class SegPredictor(DefaultPredictor):
             inputs = {"image": self._to_tensor(image), "height": height, "width": width}
             return self.semantic_model([inputs])[0]
         if self.tta_model is not None:
-            inputs = {"image": self._to_tensor(original_image), "height": height, "width": width}
+            # uint8, as the data loader gives it: detectron2's TTA wrapper then resizes with
+            # PIL as the loader does (a float image is resized by torch, without antialiasing)
+            image = torch.as_tensor(np.ascontiguousarray(original_image.transpose(2, 0, 1)))
+            inputs = {"image": image, "height": height, "width": width}
             return self.tta_model([inputs])[0]
         image = self.aug.get_transform(original_image).apply_image(original_image)
         inputs = {"image": self._to_tensor(image), "height": height, "width": width}

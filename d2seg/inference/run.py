@@ -62,13 +62,15 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
             not hasattr(metadata, "thing_dataset_id_to_contiguous_id"):
         DatasetCatalog.get(dataset)  # load_coco_json sets the category id map
     # image ids from the unsplit json where the dataset is a split of one (a split's json
-    # lists only its own images)
+    # lists only its own images); only the files in the dataset's image folder take its ids
+    image_root = ""
     if not coco_json and dataset:
         coco_json = (getattr(metadata, "source_json_file", "") or
                      getattr(metadata, "json_file", "") or "")
+        image_root = getattr(metadata, "image_root", "") or ""
     ids = image_ids_from_coco_json(coco_json) if coco_json and os.path.isfile(coco_json) else {}
     predictor = SegPredictor(cfg)
-    writer = PredictionWriter(out_dir, metadata, score_threshold, ids, overlays)
+    writer = PredictionWriter(out_dir, metadata, score_threshold, ids, overlays, image_root)
     for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
         bgr = read_image(path, format="BGR")
         writer.add(path, i, bgr, predictor(bgr))

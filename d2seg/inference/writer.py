@@ -3,9 +3,10 @@
 Under the output folder:
 
 * ``overlays/<stem>.png``: the prediction drawn on the image (detectron2's ``Visualizer``);
+  an input whose name another input already took gets ``<stem>_1``, ``<stem>_2``, ...
 * instances: ``coco_instances_results.json`` (COCO results: image_id, category_id in the
   dataset's ids, bbox XYWH, score, RLE segmentation), loadable with pycocotools'
-  ``COCO.loadRes``; ``image_ids.json`` maps file names to the image ids used;
+  ``COCO.loadRes``; ``image_ids.json`` maps input paths to the image ids used;
 * semantic: ``sem_seg/<stem>.png`` label maps (class index per pixel; 8-bit, 16-bit above 256
   classes);
 * panoptic: ``panoptic/<stem>.png`` (COCO panoptic RGB ids) and ``panoptic.json`` (COCO
@@ -57,35 +58,76 @@ def list_inputs(inputs: Sequence[str]) -> List[str]:
 
 
 def image_ids_from_coco_json(json_file: str) -> Dict[str, int]:
-    """file name (and base name) -> image id, from a COCO json's "images"."""
+    """file name (as the json gives it, relative to its image root) -> image id, from a COCO
+    json's "images"."""
     with open(json_file) as f:
         images = json.load(f)["images"]
-    ids: Dict[str, int] = {}
-    for im in images:
-        ids[im["file_name"]] = im["id"]
-        ids.setdefault(os.path.basename(im["file_name"]), im["id"])
-    return ids
+    return {im["file_name"]: im["id"] for im in images}
+
+
+def _parts(path: str) -> tuple:
+    """The components of a path ("/" or "\\" separated), without empty and "." ones."""
+    norm = os.path.normpath(path).replace("\\", "/")
+    return tuple(p for p in norm.split("/") if p not in ("", "."))
+
+
+class _IdMatcher:
+    """Input path -> the json's image id, never another image's.
+
+    * With ``image_root`` (the registered dataset's): only the file at ``image_root/<file_name>``
+      (same real path) has that entry's id; another file with the same name does not.
+    * Without it (``--coco-json``): the entry whose ``file_name`` is the longest trailing part
+      of the input's path; inputs that share that best match (``a/0.jpg`` and ``b/0.jpg``
+      against ``0.jpg``) are ambiguous, and none of them gets the id.
+    """
+
+    def __init__(self, image_ids: Dict[str, int], image_root: str = ""):
+        self.image_root = image_root
+        self.exact = {os.path.realpath(os.path.join(image_root, f)): i
+                      for f, i in image_ids.items()} if image_root else {}
+        self.by_name: Dict[str, List[tuple]] = {}
+        for f, i in image_ids.items():
+            parts = _parts(f)
+            if parts:
+                self.by_name.setdefault(parts[-1], []).append((parts, i))
+
+    def candidates(self, path: str) -> Optional[tuple]:
+        """(matched file-name parts, id) or None."""
+        if self.image_root:
+            i = self.exact.get(os.path.realpath(path))
+            return None if i is None else ((os.path.realpath(path),), i)
+        parts = _parts(os.path.abspath(path))
+        best = None
+        for fparts, i in self.by_name.get(parts[-1] if parts else "", []):
+            if parts[-len(fparts):] == fparts and (best is None or len(fparts) > len(best[0])):
+                best = (fparts, i)
+        return best
 
 
 class PredictionWriter:
     """Accumulates per-image outputs and writes the files listed in the module docstring."""
 
     def __init__(self, out_dir: str, metadata, score_threshold: float = 0.5,
-                 image_ids: Optional[Dict[str, int]] = None, overlays: bool = True):
+                 image_ids: Optional[Dict[str, int]] = None, overlays: bool = True,
+                 image_root: str = ""):
         """
         Args:
             out_dir: output folder (created).
             metadata: the dataset metadata (classes, colors, id maps).
             score_threshold: instances below it are neither drawn nor written.
-            image_ids: file (base) name -> COCO image id. Without it, images get their index;
-                with it, an image it lacks gets ``max id + 1 + index`` (never an id of the
-                json's, so a result cannot be scored against another image) and a warning.
+            image_ids: file name (as in the COCO json) -> COCO image id. Without it, images
+                get their index; with it, an image it lacks, or one whose match is ambiguous,
+                gets ``max id + 1 + index`` (never an id of the json's, so a result cannot be
+                scored against another image) and a warning.
             overlays: write ``overlays/*.png``.
+            image_root: the json's image folder: only the files there match its entries
+                (see :class:`_IdMatcher`); "" matches by the trailing part of the path.
         """
         self.out_dir = out_dir
         self.metadata = metadata
         self.score_threshold = score_threshold
         self.image_ids = image_ids or {}
+        self._matcher = _IdMatcher(self.image_ids, image_root)
         # ids for images the json lacks start past its largest
         self._first_free_id = max(self.image_ids.values(), default=-1) + 1
         self.overlays = overlays
@@ -93,25 +135,62 @@ class PredictionWriter:
         self.panoptic_annotations: List[dict] = []
         self.used_ids: Dict[str, int] = {}
         self.unmatched: List[str] = []
+        self.ambiguous: List[str] = []
+        self._claimed: Dict[int, str] = {}  # json id -> the input that took it
+        self._stems: Dict[str, str] = {}  # output name -> input path
+        self._index: Dict[str, int] = {}  # input path -> its index
         self.kinds: set = set()
         os.makedirs(out_dir, exist_ok=True)
 
     def _image_id(self, path: str, index: int) -> int:
-        for key in (path, os.path.basename(path)):
-            if key in self.image_ids:
-                return self.image_ids[key]
         if not self.image_ids:
             return index
-        # the json has ids but not this file: an id past the json's largest, so that no
-        # result can be scored against another image's ground truth
-        self.unmatched.append(path)
+        match = self._matcher.candidates(path)
+        if match is not None:
+            i = match[1]
+            other = self._claimed.get(i)
+            if other is None:
+                self._claimed[i] = path
+                return i
+            # a second input matches the same entry: neither can be trusted to be that image
+            self.ambiguous.append(path)
+            if other in self.used_ids and self.used_ids[other] == i:
+                self.ambiguous.append(other)
+                self._reassign(other)
+        else:
+            self.unmatched.append(path)
+        # an id past the json's largest, so that no result can be scored against another
+        # image's ground truth
         return self._first_free_id + index
+
+    def _reassign(self, path: str) -> None:
+        """Give an input that turned out ambiguous a free id, in every record written so far."""
+        old = self.used_ids[path]
+        new = self._first_free_id + self._index[path]
+        self.used_ids[path] = new
+        for r in self.coco_results:
+            if r["image_id"] == old:
+                r["image_id"] = new
+        for a in self.panoptic_annotations:
+            if a["image_id"] == old:
+                a["image_id"] = new
+
+    def _output_stem(self, path: str) -> str:
+        """``<stem>``, or ``<stem>_1``, ``<stem>_2``, ... for a name another input took."""
+        base = os.path.splitext(os.path.basename(path))[0]
+        stem, k = base, 0
+        while stem in self._stems:
+            k += 1
+            stem = f"{base}_{k}"
+        self._stems[stem] = path
+        return stem
 
     def add(self, path: str, index: int, bgr: np.ndarray, output: Dict) -> None:
         """Record the model ``output`` for the image ``path`` (``bgr``: (H, W, 3) uint8)."""
         from ..utils.visualize import draw_prediction
 
-        stem = os.path.splitext(os.path.basename(path))[0]
+        self._index[path] = index
+        stem = self._output_stem(path)
         image_id = self._image_id(path, index)
         self.used_ids[path] = image_id
         if "instances" in output:
@@ -168,11 +247,20 @@ class PredictionWriter:
         """Write the json files; returns {kind: path}."""
         written = {}
         if self.unmatched:
-            shown = ", ".join(os.path.basename(p) for p in self.unmatched[:5])
+            shown = ", ".join(self.unmatched[:5])
             more = f" and {len(self.unmatched) - 5} more" if len(self.unmatched) > 5 else ""
+            where = (f" under its image root {self._matcher.image_root}"
+                     if self._matcher.image_root else "")
             logger.warning(f"{len(self.unmatched)} input image(s) are not in the COCO json of "
-                           f"the image ids ({shown}{more}): given ids above the json's largest "
-                           "(see image_ids.json); pass --coco-json with the json that lists them")
+                           f"the image ids{where} ({shown}{more}): given ids above the json's "
+                           "largest (see image_ids.json); pass --coco-json with the json that "
+                           "lists them")
+        if self.ambiguous:
+            amb = list(dict.fromkeys(self.ambiguous))
+            logger.warning(f"{len(amb)} input images match the same COCO json entry "
+                           f"({', '.join(amb[:5])}): none of them gets its id (ids above the "
+                           "json's largest, see image_ids.json); predict them separately or "
+                           "pass --coco-json whose file names tell them apart")
         with open(os.path.join(self.out_dir, "image_ids.json"), "w") as f:
             json.dump(self.used_ids, f, indent=1)
         if "instances" in self.kinds:
