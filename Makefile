@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml
 DEMO_OUT ?= output/demo
+# extra KEY VALUE overrides for the demo, shell-quoted, e.g.
+#   make demo DEMO_OPTS="SOLVER.MAX_ITER 20 SOLVER.STEPS '(15, 18)' SEED 7"
+DEMO_OPTS ?=
 PYTEST_ARGS ?=
 # `make bench`: the CPU benchmark preset, compared with the last recorded run of it
 BENCH_BASELINE ?= benchmarks/results/benchmark_cpu_2026-11-27_session20_fp32.json
@@ -16,7 +19,7 @@ setup:
 
 demo: setup
 	@start=$$(date +%s); \
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT) && \
+	$(PY) tools/train_net.py --config-file "$(DEMO_CONFIG)" OUTPUT_DIR "$(DEMO_OUT)" $(DEMO_OPTS) && \
 	echo "[demo] done in $$(( $$(date +%s) - start )) s; metrics: $(DEMO_OUT)/log.txt, overlays (prediction | ground truth): $(DEMO_OUT)/vis/"
 
 test: setup

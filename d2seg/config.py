@@ -484,9 +484,20 @@ def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str) -> Cfg
     try:
         cfg = load_config(config_file, opts)
         check_register_entries(cfg, config_file)
+        _check_weights_path(cfg, config_file)
     except ConfigError as e:
         sys.exit(f"{prog}: error: {e}")
     return cfg
+
+
+def _check_weights_path(cfg: CfgNode, config_file: str) -> None:
+    """A local ``MODEL.WEIGHTS`` that does not exist (URLs and ``scheme://`` paths are left to
+    detectron2's path handlers)."""
+    w = cfg.MODEL.WEIGHTS
+    if w and "://" not in w and not os.path.exists(w):
+        raise ConfigError(f"{config_file} (or the command line): MODEL.WEIGHTS '{w}' does not "
+                          f"exist (relative paths resolve against the working directory "
+                          f"{os.getcwd()})")
 
 
 # (config key, registry getter): names looked up in a registry when the model is built

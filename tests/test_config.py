@@ -101,3 +101,16 @@ def test_add_d2seg_config_keeps_values_another_plugin_set():
         for k, v in plain[key].items():
             if not isinstance(v, dict):
                 assert cfg[key][k] == v, f"{key}.{k}"
+
+
+def test_command_line_tools_stop_in_one_line_on_a_missing_weights_file(tmp_path):
+    from d2seg.config import load_config_or_exit
+
+    cfg_file = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml")
+    with pytest.raises(SystemExit, match=r"predict.py: error: .*unet_cpu.yaml \(or the command "
+                                         r"line\): MODEL.WEIGHTS 'nope/model_final.pth' does not "
+                                         r"exist"):
+        load_config_or_exit(cfg_file, ["MODEL.WEIGHTS", "nope/model_final.pth"], "predict.py")
+    (tmp_path / "w.pth").write_bytes(b"")
+    cfg = load_config_or_exit(cfg_file, ["MODEL.WEIGHTS", str(tmp_path / "w.pth")], "predict.py")
+    assert cfg.MODEL.WEIGHTS == str(tmp_path / "w.pth")

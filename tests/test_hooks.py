@@ -156,3 +156,28 @@ def test_plot_metrics_json(tmp_path):
     out = plot_metrics_json(str(path), str(tmp_path / "curves.png"))
     im = Image.open(out)
     assert im.format == "PNG" and im.size[0] > 3 * im.size[1] // 2  # three panels side by side
+
+
+def test_a_mistyped_best_checkpoint_metric_is_reported_at_start(caplog):
+    """Not only at the first evaluation (iteration 200 of the fruits config): when the hooks
+    are built, with the close matches; the metrics of the configs' own settings pass."""
+    import logging
+
+    from d2seg.engine.hooks import _check_best_metric, evaluation_metric_names
+
+    cfg = get_cfg()
+    cfg.DATASETS.TEST = ("fruits_nuts_val",)
+    cfg.MODEL.MASK_ON = True
+    names, prefixes = evaluation_metric_names(cfg)
+    assert "segm/AP" in names and "bbox/AP50" in names and "segm/AP-" in prefixes
+    with caplog.at_level(logging.WARNING, logger="d2seg.engine.hooks"):
+        for ok in ("segm/AP", "bbox/APl", "segm/AP-date", "val_total_loss"):
+            _check_best_metric(cfg, ok)
+        assert not caplog.records
+        _check_best_metric(cfg, "segm/APx")
+    assert "'segm/APx' is not among the metrics" in caplog.text and "'segm/AP'" in caplog.text
+    cfg.DATASETS.TEST = ("isbi2012_membrane_val", "fruits_nuts_val")
+    names, _ = evaluation_metric_names(cfg)
+    assert "isbi2012_membrane_val/sem_seg/mIoU" in names
+    assert "isbi2012_membrane_val/sem_seg_metrics/mDice" in names
+    assert "fruits_nuts_val/segm/AP" in names

@@ -44,6 +44,9 @@ def test_parse_mapping_form_makes_paths_absolute():
      ["'x'", "label_map"]),
     ("name=x,type=coco,json_file=a,image_root=b,val_fraction=1.5", ["'x'", "val_fraction=1.5"]),
     ("name=x,type=coco,json_file", ["is not key=value"]),
+    ("name=x,type=coco,json_file=a,image_root=b,val_fraction=abc",
+     ["'x'", "val_fraction='abc' is not a number"]),
+    ("name=x,type=coco,json_file=a,image_root=b,seed=1.5x", ["'x'", "seed='1.5x' is not an integer"]),
 ])
 def test_parse_errors_name_entry_and_key(spec, words):
     with pytest.raises(ValueError) as e:
@@ -244,3 +247,25 @@ def test_coco_panoptic_with_unsorted_categories_and_a_detection_format_instances
     with pytest.raises(ValueError, match=rf"bad_inst.json: lacks the thing categories "
                                          rf"\[{things[0]['id']}\]"):
         register_dataset(dict(spec, name="own_pan_bad", instances_json=str(tmp_path / "bad_inst.json")))
+
+
+def test_unregistered_dataset_names_fail_in_one_line_with_a_hint(shared_data):
+    """A mistyped DATASETS.TRAIN / TEST name: one ConfigError with close matches, before any
+    process starts; names an entry of D2SEG.DATASETS.REGISTER will register count."""
+    from d2seg.config import ConfigError
+    from d2seg.data.register import check_register_entries
+
+    from conftest import REPO
+
+    cfg_file = os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                  "mask_rcnn_R_18_FPN_cpu.yaml")
+    root = os.path.join(shared_data, "fruits_nuts_coco")
+    entry = (f"name=own_typo,type=coco,json_file={root}/trainval.json,"
+             f"image_root={root}/images,val_fraction=0.25")
+    ok = ["D2SEG.DATASETS.REGISTER", str((entry,)), "DATASETS.TRAIN", "('own_typo_train',)",
+          "DATASETS.TEST", "('own_typo_val', 'shapes_sem_seg_val')"]
+    check_register_entries(load_config(cfg_file, ok), cfg_file)
+    bad = ok[:3] + ["('own_typo_trian',)"] + ok[4:]
+    with pytest.raises(ConfigError, match=r"DATASETS.TRAIN: dataset 'own_typo_trian' is not "
+                                          r"registered; did you mean 'own_typo_train'"):
+        check_register_entries(load_config(cfg_file, bad), cfg_file)

@@ -123,8 +123,15 @@ def test_nonfinite_check_auto_is_step_on_cpu():
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = nn.Linear(3, 2)
     ck = D2SegCheckpointer(model, str(tmp_path))
-    ck.save("model_0000001")
+    old_umask = os.umask(0o022)
+    try:
+        ck.save("model_0000001")
+    finally:
+        os.umask(old_umask)
     good = (tmp_path / "model_0000001.pth").read_bytes()
+    # readable by others as detectron2's own writes are (mkstemp alone gives 0600)
+    for name in ("model_0000001.pth", "last_checkpoint"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):

@@ -60,6 +60,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ..utils.files import umask_mode
 from .catalog_utils import unregister
 from .errors import DatasetLoadError, guard_load
 from .sem_seg_folder import _list_by_stem, register_sem_seg_folder
@@ -195,7 +196,7 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
         if isinstance(classes, str):
             classes = [c.strip() for c in classes.split(",")]
         entry["classes"] = [str(c) for c in classes]
-        entry["ignore_label"] = int(entry.get("ignore_label", 255))
+        entry["ignore_label"] = _number(int, entry, "ignore_label", name, 255)
         lm = entry.get("label_map")
         if lm:
             try:
@@ -204,13 +205,30 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
                 raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': label_map {lm!r} "
                                  "must map integers to integers") from e
     if entry.get("val_fraction") is not None:
-        f = float(entry["val_fraction"])
+        f = _number(float, entry, "val_fraction", name)
         if not 0.0 < f < 1.0:
             raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': val_fraction={f} is not "
                              "in (0, 1)")
         entry["val_fraction"] = f
-    entry["seed"] = int(entry.get("seed", 0))
+    entry["seed"] = _number(int, entry, "seed", name, 0)
     return entry
+
+
+def _number(kind, entry: Dict[str, Any], key: str, name: str, default: Any = None):
+    """``kind(entry[key])``, or an error naming the entry, the key and the value."""
+    value = entry.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': {key}={value!r} is not "
+                         f"{'an integer' if kind is int else 'a number'}") from None
+
+
+def registered_names_of_entry(entry: Dict[str, Any]) -> List[str]:
+    """The dataset names a parsed entry registers: ``name``, and with ``val_fraction``
+    ``name_train`` and ``name_val``."""
+    n = entry["name"]
+    return [n, f"{n}_train", f"{n}_val"] if entry.get("val_fraction") else [n]
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,6 +272,7 @@ def _atomic_json(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 -> what a plain write would give
     os.replace(tmp, path)
 
 
@@ -510,12 +529,30 @@ def check_register_entries(cfg, config_file: str = "") -> None:
     """
     from ..config import ConfigError
 
+    where = f"{config_file} (or the command line)" if config_file else "command line"
+    names = set(DatasetCatalog.list())
     for spec in cfg.D2SEG.DATASETS.REGISTER:
         try:
-            _check_paths(parse_dataset_spec(spec))
+            entry = parse_dataset_spec(spec)
+            _check_paths(entry)
         except (ValueError, FileNotFoundError) as err:
-            where = f"{config_file} (or the command line)" if config_file else "command line"
             raise ConfigError(f"{where}: {err}") from err
+        names.update(registered_names_of_entry(entry))
+    # the shapes catalogs are (re-)registered from D2SEG.SHAPES by train_net's setup
+    names.update(_shapes_names())
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+        for n in cfg.get("DATASETS")[key.split(".")[1]]:
+            if n not in names:
+                close = difflib.get_close_matches(n, sorted(names), n=3, cutoff=0.6)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                    ("; register it with D2SEG.DATASETS.REGISTER (docs/own_data.md) or "
+                     "detectron2's DatasetCatalog")
+                raise ConfigError(f"{where}: {key}: dataset '{n}' is not registered{hint}")
+
+
+def _shapes_names() -> List[str]:
+    return [f"shapes_{kind}_{split}" for kind in ("instance", "sem_seg", "panoptic")
+            for split in ("train", "val")]
 
 
 def _register_entry(e: Dict[str, Any]) -> None:

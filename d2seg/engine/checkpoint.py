@@ -15,6 +15,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..utils.files import umask_mode
+
 __all__ = ["atomic_write_bytes", "AtomicSaveMixin", "D2SegCheckpointer"]
 
 
@@ -26,6 +28,7 @@ def _atomic_write(path: str, write_fn) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp's 0600 -> what a plain write would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

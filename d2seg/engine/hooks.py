@@ -154,6 +154,65 @@ class BestCheckpointer(hooks.BestCheckpointer):
             os.remove(tag)
 
 
+_TASK_METRICS = {
+    "bbox": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
+    "segm": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
+    "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC"),
+    "sem_seg_metrics": ("mIoU", "mDice", "pACC", "mBIoU"),
+    "panoptic_seg": tuple(f"{m}{s}" for m in ("PQ", "SQ", "RQ") for s in ("", "_th", "_st")),
+}
+# per-class metrics: "<task>/<prefix>-<class name>"
+_TASK_CLASS_PREFIXES = {"bbox": ("AP",), "segm": ("AP",), "sem_seg": ("IoU", "ACC"),
+                        "sem_seg_metrics": ("IoU", "Dice", "BIoU")}
+
+
+def evaluation_metric_names(cfg) -> Tuple[List[str], List[str]]:
+    """(metric names, per-class name prefixes) that the evaluators of ``DATASETS.TEST`` report
+    in the training storage, as detectron2 flattens them ("segm/AP"; with several test
+    datasets "<dataset>/segm/AP")."""
+    from .trainer import evaluator_types
+
+    names: List[str] = []
+    prefixes: List[str] = []
+    for d in cfg.DATASETS.TEST:
+        types = evaluator_types(d)
+        tasks = []
+        if "sem_seg" in types or "coco_panoptic_seg" in types:
+            tasks.append("sem_seg")
+        if "sem_seg" in types:
+            tasks.append("sem_seg_metrics")
+        if "coco" in types or "coco_panoptic_seg" in types:
+            tasks += ["bbox", "segm"] if cfg.MODEL.MASK_ON else ["bbox"]
+        if "coco_panoptic_seg" in types:
+            tasks.append("panoptic_seg")
+        lead = f"{d}/" if len(cfg.DATASETS.TEST) > 1 else ""
+        names += [f"{lead}{t}/{m}" for t in tasks for m in _TASK_METRICS[t]]
+        prefixes += [f"{lead}{t}/{p}-" for t in tasks for p in _TASK_CLASS_PREFIXES.get(t, ())]
+    return names, prefixes
+
+
+def _check_best_metric(cfg, metric: str) -> None:
+    """Warn at start-up, not at the first evaluation, about a metric the evaluators do not
+    report (a custom evaluator's metric may still be fine)."""
+    import difflib
+
+    if not metric or metric.startswith("val_") or not len(cfg.DATASETS.TEST):
+        return
+    try:
+        names, prefixes = evaluation_metric_names(cfg)
+    except Exception:  # noqa: BLE001 - an advisory check: never stop training over it
+        return
+    if not names or metric in names or any(metric.startswith(p) and len(metric) > len(p)
+                                            for p in prefixes):
+        return
+    close = difflib.get_close_matches(metric, names, n=3, cutoff=0.6)
+    logger.warning(
+        f"D2SEG.BEST_CHECKPOINT.METRIC '{metric}' is not among the metrics the evaluators of "
+        f"DATASETS.TEST report" + (f"; did you mean {' or '.join(repr(c) for c in close)}?"
+                                   if close else f" ({', '.join(names[:8])}, ...)")
+        + " model_best.pth is written only when that metric exists.")
+
+
 # ----------------------------------------------------------------------------------------
 # curves
 # ----------------------------------------------------------------------------------------
@@ -269,6 +328,7 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
             val_period, lambda: build_val_loss_loader(cfg, cfg.DATASETS.TEST)))
     if comm.is_main_process():
         if metric:
+            _check_best_metric(cfg, metric)
             mode = cfg.D2SEG.BEST_CHECKPOINT.MODE
             period = val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD
             extra.append(BestCheckpointer(period, trainer.checkpointer, metric, mode))
