@@ -473,17 +473,20 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     return cfg
 
 
-def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str) -> CfgNode:
+def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str,
+                        dataset_keys: Sequence[str] = ()) -> CfgNode:
     """:func:`load_config` for command-line tools, with the ``D2SEG.DATASETS.REGISTER`` entries
-    parsed and their paths checked (nothing registered yet): a :class:`ConfigError` exits
-    with the one line ``<prog>: error: <file>: <key> ...`` instead of a traceback."""
+    parsed and their paths checked (nothing registered yet), the dataset names under
+    ``dataset_keys`` (those the tool uses, e.g. ``("DATASETS.TRAIN", "DATASETS.TEST")``) known
+    and a local ``MODEL.WEIGHTS`` present: a :class:`ConfigError` exits with the one line
+    ``<prog>: error: <file>: <key> ...`` instead of a traceback."""
     import sys
 
     from .data.register import check_register_entries
 
     try:
         cfg = load_config(config_file, opts)
-        check_register_entries(cfg, config_file)
+        check_register_entries(cfg, config_file, dataset_keys)
         _check_weights_path(cfg, config_file)
     except ConfigError as e:
         sys.exit(f"{prog}: error: {e}")

@@ -264,8 +264,11 @@ def test_unregistered_dataset_names_fail_in_one_line_with_a_hint(shared_data):
              f"image_root={root}/images,val_fraction=0.25")
     ok = ["D2SEG.DATASETS.REGISTER", str((entry,)), "DATASETS.TRAIN", "('own_typo_train',)",
           "DATASETS.TEST", "('own_typo_val', 'shapes_sem_seg_val')"]
-    check_register_entries(load_config(cfg_file, ok), cfg_file)
+    keys = ("DATASETS.TRAIN", "DATASETS.TEST")
+    check_register_entries(load_config(cfg_file, ok), cfg_file, keys)
     bad = ok[:3] + ["('own_typo_trian',)"] + ok[4:]
     with pytest.raises(ConfigError, match=r"DATASETS.TRAIN: dataset 'own_typo_trian' is not "
                                           r"registered; did you mean 'own_typo_train'"):
-        check_register_entries(load_config(cfg_file, bad), cfg_file)
+        check_register_entries(load_config(cfg_file, bad), cfg_file, keys)
+    # a tool that does not read DATASETS.TRAIN (predict.py, --eval-only) does not check it
+    check_register_entries(load_config(cfg_file, bad), cfg_file, ("DATASETS.TEST",))

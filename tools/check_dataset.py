@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     from d2seg.data.checks import check_datasets_from_cfg
     from d2seg.data.register import register_datasets_from_cfg
 
-    cfg = load_config_or_exit(args.config_file, args.opts, "check_dataset.py")
+    cfg = load_config_or_exit(args.config_file, args.opts, "check_dataset.py",
+                              () if args.dataset else ("DATASETS.TRAIN", "DATASETS.TEST"))
     cfg.freeze()
     register_datasets_from_cfg(cfg)
     names = args.dataset or None

@@ -99,7 +99,8 @@ def main(argv=None) -> Dict:
     from d2seg.data.catalogs import register_shapes_from_cfg
     from d2seg.data.register import register_datasets_from_cfg
 
-    cfg = load_config_or_exit(args.config_file, args.opts, "search_threshold.py")
+    cfg = load_config_or_exit(args.config_file, args.opts, "search_threshold.py",
+                              () if args.dataset else ("DATASETS.TEST",))
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = False  # raw probabilities

@@ -23,5 +23,7 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     # fail fast, in one line, before any process is launched
-    load_config_or_exit(args.config_file, args.opts, "train_net.py")
+    load_config_or_exit(args.config_file, args.opts, "train_net.py",
+                        ("DATASETS.TEST",) if args.eval_only else
+                        ("DATASETS.TRAIN", "DATASETS.TEST"))
     run(args)

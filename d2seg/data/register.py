@@ -520,9 +520,12 @@ def _check_paths(e: Dict[str, Any]) -> None:
                                     f"'{given}' does not exist: {e[k]}{where}")
 
 
-def check_register_entries(cfg, config_file: str = "") -> None:
+def check_register_entries(cfg, config_file: str = "",
+                           dataset_keys: Sequence[str] = ()) -> None:
     """Parse every ``D2SEG.DATASETS.REGISTER`` entry and check its paths, without registering:
     what the command-line tools run before they start, so that a bad entry fails in one line.
+    The dataset names under ``dataset_keys`` (e.g. "DATASETS.TRAIN") must be registered, or be
+    registered by an entry or the shapes catalogs (with close matches in the error).
 
     Raises:
         d2seg.config.ConfigError: naming the config file, the entry, the key and the value.
@@ -540,8 +543,8 @@ def check_register_entries(cfg, config_file: str = "") -> None:
         names.update(registered_names_of_entry(entry))
     # the shapes catalogs are (re-)registered from D2SEG.SHAPES by train_net's setup
     names.update(_shapes_names())
-    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
-        for n in cfg.get("DATASETS")[key.split(".")[1]]:
+    for key in dataset_keys:
+        for n in cfg.DATASETS[key.split(".")[1]]:
             if n not in names:
                 close = difflib.get_close_matches(n, sorted(names), n=3, cutoff=0.6)
                 hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
