@@ -91,17 +91,16 @@ class _IdMatcher:
             if parts:
                 self.by_name.setdefault(parts[-1], []).append((parts, i))
 
-    def candidates(self, path: str) -> Optional[tuple]:
-        """(matched file-name parts, id) or None."""
+    def match(self, path: str) -> Optional[int]:
+        """The id of the json entry that ``path`` is, or None."""
         if self.image_root:
-            i = self.exact.get(os.path.realpath(path))
-            return None if i is None else ((os.path.realpath(path),), i)
+            return self.exact.get(os.path.realpath(path))
         parts = _parts(os.path.abspath(path))
         best = None
         for fparts, i in self.by_name.get(parts[-1] if parts else "", []):
             if parts[-len(fparts):] == fparts and (best is None or len(fparts) > len(best[0])):
                 best = (fparts, i)
-        return best
+        return None if best is None else best[1]
 
 
 class PredictionWriter:
@@ -145,9 +144,8 @@ class PredictionWriter:
     def _image_id(self, path: str, index: int) -> int:
         if not self.image_ids:
             return index
-        match = self._matcher.candidates(path)
-        if match is not None:
-            i = match[1]
+        i = self._matcher.match(path)
+        if i is not None:
             other = self._claimed.get(i)
             if other is None:
                 self._claimed[i] = path
