@@ -606,3 +606,22 @@ def test_torchvision_mask_rcnn_keeps_the_configs_proposal_and_detection_limits()
     assert heads.detections_per_img == cfg.TEST.DETECTIONS_PER_IMAGE == 50
     assert heads.score_thresh == cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     assert heads.nms_thresh == cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST
+
+
+def test_torchvision_deeplabv3_reference_runs_at_the_configs_output_stride():
+    """deeplabv3_resnet50 is output stride 8 (12/24/36): ~3x the FLOPs of d2seg's OS16
+    deeplabv3_R_50.yaml. The reference is built at the config's stride and rates."""
+    from d2seg.benchmark.subjects import TorchSemanticSubject
+    from d2seg.config import load_config
+
+    for cfg_name, stride, rates in (("deeplabv3_R_50.yaml", 16, (6, 12, 18)),
+                                    ("deeplabv3_R_101_os8.yaml", 8, None)):
+        cfg = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation", cfg_name),
+                          ["MODEL.DEVICE", "cpu"])
+        sub = TorchSemanticSubject("tv_deeplabv3_r50", cfg, torch.device("cpu"), "fp32")
+        with torch.no_grad():
+            out = sub._model.eval().backbone(torch.zeros(1, 3, 64, 64))["out"]
+        assert out.shape[-1] == 64 // stride
+        aspp = sub._model.classifier[0]
+        got = tuple(m[0].dilation[0] for m in list(aspp.convs)[1:-1])
+        assert got == tuple(rates or cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS)

@@ -12,8 +12,8 @@ and eval alike; :func:`semantic_logits` unwraps torchvision's ``{"out": ...}`` d
                                  ``UNet`` with ``UPSAMPLE: transposed``)
 ``plain_deeplabv3plus_r50``      :class:`PlainDeepLabV3Plus`: torchvision ResNet-50 (output
                                  stride 16) + torchvision's ASPP + the V3+ decoder
-``tv_deeplabv3_r50``             torchvision ``deeplabv3_resnet50``: DeepLab**V3** (no V3+
-                                 decoder), output stride 8
+``tv_deeplabv3_r50``             torchvision's DeepLab**V3**-ResNet50 (no V3+ decoder) at the
+                                 d2seg config's output stride (8 or 16) and ASPP rates
 ``smp_unet_r34``                 segmentation_models_pytorch ``Unet(resnet34)`` (optional)
 ``smp_deeplabv3plus_r50``        segmentation_models_pytorch ``DeepLabV3Plus(resnet50)``
 ``smp_pspnet_r50``               segmentation_models_pytorch ``PSPNet(resnet50)``
@@ -27,7 +27,7 @@ detectron2" (detectron2's own model from the same config, trained by detectron2'
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -159,11 +159,20 @@ def _plain_dlv3p(num_classes: int, **_) -> nn.Module:
     return PlainDeepLabV3Plus(num_classes)
 
 
-def _tv_deeplabv3(num_classes: int, **_) -> nn.Module:
-    from torchvision.models.segmentation import deeplabv3_resnet50
+def _tv_deeplabv3(num_classes: int, output_stride: int = 8,
+                  atrous_rates: Sequence[int] = (12, 24, 36), **_) -> nn.Module:
+    """torchvision's DeepLabV3-ResNet50 (its own classes), at ``output_stride`` 8
+    (``deeplabv3_resnet50`` exactly) or 16 (layer4 dilated only, as d2seg's R50 configs)."""
+    from torchvision.models import resnet50
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 
-    return deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes,
-                              aux_loss=False)
+    if output_stride not in (8, 16):
+        raise ValueError(f"tv_deeplabv3_r50: output stride 8 or 16, got {output_stride}")
+    dilate = [False, output_stride == 8, True]
+    backbone = IntermediateLayerGetter(resnet50(weights=None, replace_stride_with_dilation=dilate),
+                                       return_layers={"layer4": "out"})
+    return DeepLabV3(backbone, DeepLabHead(2048, num_classes, tuple(atrous_rates)), None)
 
 
 def _tv_maskrcnn(num_classes: int, min_size: int = 800, max_size: int = 1333, **_) -> nn.Module:
@@ -192,7 +201,8 @@ REFERENCES: Dict[str, ReferenceSpec] = {
         "semantic", "plain-PyTorch DeepLabV3+ from torchvision ResNet-50 (OS16, 7x7 stem, no "
         "multi-grid) + torchvision ASPP (6,12,18) + V3+ decoder", _plain_dlv3p),
     "tv_deeplabv3_r50": ReferenceSpec(
-        "semantic", "torchvision deeplabv3_resnet50: DeepLabV3, NOT V3+ (no decoder), OS8",
+        "semantic", "torchvision DeepLabV3-ResNet50 (deeplabv3_resnet50's classes): DeepLabV3, "
+        "NOT V3+ (no decoder); built at the d2seg config's output stride and ASPP rates",
         _tv_deeplabv3),
     "smp_unet_r34": ReferenceSpec(
         "semantic", "segmentation_models_pytorch Unet(resnet34): a ResNet-34 U-Net, not the "
@@ -225,8 +235,8 @@ def reference_unavailable(name: str) -> Optional[str]:
 def build_reference(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build reference ``name`` (a key of :data:`REFERENCES`) with random initialisation.
 
-    ``kwargs``: ``base``/``depth`` (plain_unet), ``min_size``/``max_size``
-    (tv_maskrcnn_r50_fpn); others are ignored.
+    ``kwargs``: ``base``/``depth`` (plain_unet), ``output_stride``/``atrous_rates``
+    (tv_deeplabv3_r50), ``min_size``/``max_size`` (tv_maskrcnn_r50_fpn); others are ignored.
     Raises ValueError for an unknown name, RuntimeError when an optional package is missing.
     """
     why = reference_unavailable(name)

@@ -625,6 +625,11 @@ class TorchSemanticSubject(_TorchSubject):
         kw = {}
         if name == "plain_unet":
             kw = {"base": cfg.MODEL.UNET.BASE_CHANNELS, "depth": cfg.MODEL.UNET.DEPTH}
+        elif name == "tv_deeplabv3_r50":  # the same output stride and rates as d2seg's
+            r = cfg.MODEL.RESNETS
+            kw = {"output_stride": 32 // (2 if r.RES4_DILATION > 1 else 1)
+                                      // (2 if r.RES5_DILATION > 1 else 1),
+                  "atrous_rates": tuple(cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS)}
         self.num_classes = k
         super().__init__(name, spec.description, "semantic", device, precision,
                          build_reference(name, k, **kw), cfg)
