@@ -470,7 +470,22 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     except (KeyError, ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"command line override: {_explain(e, cfg)}") from e
     _check_names(cfg, config_file, opts)
+    _check_speed(cfg, config_file, opts)
     return cfg
+
+
+def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
+    """``D2SEG.SPEED.*`` values (see :func:`d2seg.engine.fast_paths.validate`), at load time
+    rather than when the trainer is built."""
+    from .engine import fast_paths
+
+    try:
+        fast_paths.validate(cfg)
+    except ValueError as e:
+        key = str(e).split(" ", 1)[0]
+        where = "command line override" if key in opts else \
+            f"{config_file or 'config'} (or the command line)"
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str,

@@ -251,3 +251,72 @@ def test_cli_compares_a_new_run_and_two_files(tmp_path, capsys):
         cli.main(["--compare", str(tmp_path / "missing.json"), "--against", first])
     with pytest.raises(SystemExit, match="needs --compare"):
         cli.main(["--against", first])
+
+
+def test_failed_missing_and_other_cases_are_not_silent():
+    """A case that ran and now fails, or is missing from a run of the same preset, is a
+    regression; a reference that ran and is missing is shown; a namesake with another config
+    or other options is not compared (it was, by name)."""
+    old = dict(_result(), preset="cpu-record")
+    failed = dict(_result(), preset="cpu-record")
+    failed["cases"][0] = {"name": "unet", "config": "configs/x/unet.yaml", "case_opts": [],
+                          "error": "RuntimeError: boom"}
+    cmp = compare_results(old, failed)
+    (row,) = _rows(cmp, metric="case ran")
+    assert row["status"] == "regression" and row["new"] == "error" and cmp["regressions"] >= 1
+    assert "| error |" in format_comparison(cmp)
+    gone = dict(_result(), preset="cpu-record", cases=[])
+    assert _rows(compare_results(old, gone), metric="case ran")[0]["status"] == "regression"
+    other_preset = dict(_result(), preset="", cases=[])
+    assert _rows(compare_results(old, other_preset), metric="case ran")[0]["status"] == "not run"
+    no_ref = dict(_result(), preset="cpu-record")
+    no_ref["cases"][0]["references"] = []
+    no_ref["cases"][0]["ratios"] = {}
+    no_ref["cases"][0]["skipped_references"] = {"plain": "not installed"}
+    cmp = compare_results(old, no_ref)
+    (row,) = _rows(cmp, metric="reference ran")
+    assert row["status"] == "missing reference" and row["new"] == "not installed"
+    assert cmp["missing_references"] == 1
+    other = _result(speedup=0.5)
+    other["cases"][0]["case_opts"] = ["MODEL.UNET.BASE_CHANNELS", "8"]
+    cmp = compare_results(_result(), other)
+    assert not _rows(cmp, kind="ratio") and cmp["regressions"] == 0
+    assert _rows(cmp, metric="config + options")[0]["status"] == "settings differ"
+
+
+def test_preset_options_given_as_trailing_opts_match_the_preset_case():
+    old = _result()
+    old["cases"][0]["case_opts"] = ["D2SEG.SHAPES.NUM_TRAIN", "8"]
+    new = _result(opts=["D2SEG.SHAPES.NUM_TRAIN", "8"])
+    new["cases"][0]["name"] = "unet_cpu"
+    cmp = compare_results(old, new)
+    assert cmp["settings_differ"] == {}
+    assert _rows(cmp, metric="train step speed-up")[0]["status"] == "ok"
+
+
+def test_inference_and_loop_settings_block_only_their_rows():
+    old, new = _result(), _result(infer_batch=8, loop_iters=30)
+    new["cases"][0]["d2seg"]["inference"]["throughput_img_per_s"] *= 2
+    new["cases"][0]["loop"]["fraction_of_step"] = 0.5
+    cmp = compare_results(old, new)
+    d2 = {r["metric"]: r["status"] for r in _rows(cmp, subject="d2seg")}
+    assert d2["infer img/s"] == "settings differ" and d2["loop / step"] == "settings differ"
+    assert d2["train img/s"] == "ok" and cmp["regressions"] == 0 and cmp["improvements"] == 0
+
+
+def test_cli_exits_4_when_a_case_failed(tmp_path, monkeypatch, capsys):
+    cli = _cli()
+
+    def fake_run(cases, settings, targets, preset="", scaling=None):
+        ok = _result()["cases"][0]
+        return {"machine": {"summary": MACHINE}, "settings": {"device": "cpu"},
+                "cases": [ok, {"name": "unet2", "config": "c.yaml", "error": "RuntimeError: x"}],
+                "targets": []}
+
+    monkeypatch.setattr(cli, "run_benchmark", fake_run)
+    monkeypatch.setattr(cli, "format_report", lambda r: "report")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--preset", "cpu-smoke", "--json", str(tmp_path / "r.json")])
+    assert e.value.code == 4
+    assert "1 case(s) failed: unet2" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "r.json"))["cases"][1]["error"] == "RuntimeError: x"

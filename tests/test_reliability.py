@@ -167,6 +167,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
          "MaskRCNNConvUpsampleHead"),
         (["MODEL.SEM_SEG_LOSS.NAMES", "['CE','Dise']"], "MODEL.SEM_SEG_LOSS.NAMES='Dise' is "
          "not a d2seg loss (case-insensitive); did you mean Dice"),
+        # fast-path values: at load time, not when the trainer is built
+        (["D2SEG.SPEED.COMPILE", "maybe"], "command line override: D2SEG.SPEED.COMPILE must be "
+         "'auto', 'on' or 'off', got 'maybe'"),
+        (["D2SEG.SPEED.AMP_DTYPE", "half"], "D2SEG.SPEED.AMP_DTYPE must be 'auto', 'float16' "
+         "or 'bfloat16', got 'half'"),
     ],
 )
 def test_bad_overrides_name_the_key(opts, expect):
@@ -186,6 +191,8 @@ def test_bad_overrides_name_the_key(opts, expect):
          "registered"),
         # YAML 1.1 reads an unquoted off as False
         ("D2SEG:\n  SPEED:\n    CHANNELS_LAST: off\n", 'quote the value (e.g. "off")'),
+        ('D2SEG:\n  SPEED:\n    COMPILE_MODE: "fastest"\n', "D2SEG.SPEED.COMPILE_MODE must be "
+         "one of"),
     ],
 )
 def test_bad_config_files_name_file_and_key(tmp_path, text, expect):

@@ -159,6 +159,11 @@ def plan(args):
             print("[benchmark] this preset is for CUDA but no GPU is visible: running on CPU "
                   "(the numbers are not the targets')", flush=True)
             settings.device = "cpu"
+            if settings.precision == "fp16" and args.precision is None:
+                # CPU fp16 autocast is unusably slow or unsupported (sparse ROIAlign gradient)
+                print("[benchmark] fp16 on CPU: running bf16 instead (--precision to choose)",
+                      flush=True)
+                settings.precision = "bf16"
     settings.opts = list(args.opts)
     if args.scaling or args.scaling_only:
         scaling = dict(scaling or {"config_file": cases[0].config_file,
@@ -220,6 +225,11 @@ def main(argv=None) -> dict:
     print(f"JSON: {path}")
     if baseline is not None and args.fail_on_regression and result["comparison"]["regressions"]:
         raise SystemExit(3)
+    failed = [c["name"] for c in result["cases"] if "error" in c]
+    if failed:  # recorded in the JSON, the other cases measured; the run did not succeed
+        print(f"benchmark.py: {len(failed)} case(s) failed: {', '.join(failed)} (their errors "
+              f"are in {path})", file=sys.stderr)
+        raise SystemExit(4)
     return result
 
 

@@ -34,9 +34,13 @@ from .harness import Settings, _median
 
 __all__ = ["SAME_EXPERIMENT", "compare_results", "format_comparison"]
 
-#: settings that must agree for two runs' numbers to measure the same thing
-SAME_EXPERIMENT = ("precision", "batch", "size", "threads", "opts", "ref_backend",
+#: settings that must agree for two runs' numbers to measure the same thing (the trailing
+#: ``opts`` are compared per case, with the case's own options: see :func:`_effective_opts`)
+SAME_EXPERIMENT = ("precision", "batch", "size", "threads", "ref_backend",
                    "instances_per_image", "statistic")
+#: settings that only the inference rows (``INFERENCE``) or the loop row (``LOOP``) depend on
+INFERENCE_SETTINGS = ("infer_batch",)
+LOOP_SETTINGS = ("loop_iters", "loop_warmup")
 
 # (metric name, key in a case's ratios{ref: {...}}, which way is better)
 _RATIOS = (("train step speed-up", "train_step_speedup", "higher"),
@@ -49,15 +53,19 @@ def _device_type(settings: Dict) -> str:
     return str(settings.get("device", "")).split(":")[0]
 
 
-def _setting_differences(old: Dict, new: Dict) -> Dict[str, Tuple[object, object]]:
+def _setting_differences(old: Dict, new: Dict, keys: Sequence[str] = SAME_EXPERIMENT
+                         ) -> Dict[str, Tuple[object, object]]:
     so, sn = old.get("settings", {}), new.get("settings", {})
     # a JSON written before a setting existed ran with its default
     defaults = dataclasses.asdict(Settings())
     diff = {}
-    if _device_type(so) != _device_type(sn):
+    if keys is SAME_EXPERIMENT and _device_type(so) != _device_type(sn):
         diff["device"] = (so.get("device"), sn.get("device"))
-    for key in SAME_EXPERIMENT:
+    for key in keys:
         a, b = so.get(key, defaults.get(key)), sn.get(key, defaults.get(key))
+        if key == "infer_batch":  # 0 = the train batch
+            a = a or so.get("batch", defaults["batch"])
+            b = b or sn.get("batch", defaults["batch"])
         if isinstance(a, tuple):
             a = list(a)
         if isinstance(b, tuple):
@@ -65,6 +73,26 @@ def _setting_differences(old: Dict, new: Dict) -> Dict[str, Tuple[object, object
         if a != b:
             diff[key] = (a, b)
     return diff
+
+
+def _effective_opts(result: Dict, case: Dict) -> List[str]:
+    """The config options a case ran with: the case's own (a preset's) + the run's trailing
+    ``KEY VALUE`` pairs, so that a ``--config-file`` run given a preset case's options as
+    trailing pairs compares with that case."""
+    return [str(x) for x in list(case.get("case_opts") or []) +
+            list((result.get("settings") or {}).get("opts") or [])]
+
+
+def _match_case(old: Dict, new: Dict, case: Dict) -> Optional[Dict]:
+    """The case of ``old`` that ran what ``case`` (of ``new``) ran: the same config with the
+    same effective options, preferring the same name."""
+    key = (case.get("config"), _effective_opts(new, case))
+    same = [c for c in old.get("cases", [])
+            if (c.get("config"), _effective_opts(old, c)) == key]
+    for c in same:
+        if c.get("name") == case.get("name"):
+            return c
+    return same[0] if same else None
 
 
 def _subjects(case: Dict) -> Iterator[Tuple[str, Dict]]:
@@ -181,16 +209,6 @@ def _status(metric: str, old: Optional[float], new: Optional[float], better: str
     return change, "regression" if worse > 0 else "improvement"
 
 
-def _same_config(cases: List[Dict], case: Dict) -> Optional[Dict]:
-    """The case of ``cases`` that ran the same config with the same case options (a preset's
-    case and a ``--config-file`` run of its config have different names)."""
-    for c in cases:
-        if c.get("config") == case.get("config") and \
-                list(c.get("case_opts") or []) == list(case.get("case_opts") or []):
-            return c
-    return None
-
-
 def _max(*xs: Optional[float]) -> Optional[float]:
     known = [x for x in xs if x is not None]
     return max(known) if known else None
@@ -213,7 +231,8 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         ``{"old", "new": {summary, date, command}, "same_machine", "unmatched_cases" (names
         of this run's cases with nothing to compare), "settings_differ":
         {key: [old, new]}, "tolerance", "rows": [{case, subject, metric, kind ("ratio",
-        "absolute" or "target"), old, new, change (new / old - 1), better ("higher" or
+        "absolute", "target" or "case": whether a case or reference ran, or what its config
+        and options were), old, new, change (new / old - 1), better ("higher" or
         "lower"), noise (the wider relative spread of the repeated measurements behind the
         number in either run, None where it was measured once), status}], "regressions": n,
         "improvements": n}``. ``status`` is "ok", "regression", "improvement", "within
@@ -222,8 +241,14 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         weights in one run and on d2seg's in the other) or "reference moved" (a reference's
         own number changed beyond tolerance and noise: the machine or torch, not d2seg) or
         "ratio held" (d2seg's img/s or latency changed, but its ratio to every reference
-        measuring the same thing in the run did not: the machine moved); only "regression"
-        and "improvement" are counted.
+        measuring the same thing in the run did not: the machine moved) or "missing
+        reference" (it ran in the baseline, not now: counted in ``missing_references``) or
+        "not run" (a baseline case this run, of another preset, did not run); only
+        "regression" and "improvement" are counted. A case that ran in the baseline and
+        fails now, or is missing from a run of the same preset, is a regression. Cases are matched by config and effective
+        options (the case's own + the trailing ``KEY VALUE`` pairs), preferring the same
+        name; ``infer_batch`` differences block the inference rows only, ``loop_iters`` /
+        ``loop_warmup`` differences the loop row only.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance {tolerance}: must be >= 0")
@@ -247,12 +272,43 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         return row
 
     blocked_all = "settings differ" if differ else ""
-    old_cases = {c["name"]: c for c in old.get("cases", [])}
+    blocked_inf = "settings differ" if _setting_differences(old, new, INFERENCE_SETTINGS) \
+        else ""
+    blocked_loop = "settings differ" if _setting_differences(old, new, LOOP_SETTINGS) else ""
+    matched = set()
     for c in new.get("cases", []):
-        o = old_cases.get(c["name"]) or _same_config(old.get("cases", []), c)
-        if o is None or "error" in c or "error" in o:
+        o = _match_case(old, new, c)
+        if o is None:
+            namesake = next((x for x in old.get("cases", []) if x.get("name") == c["name"]),
+                            None)
+            if namesake is not None:  # same name, another config or other options
+                rows.append({"case": c["name"], "subject": "d2seg", "metric": "config + options",
+                             "kind": "case",
+                             "old": " ".join([str(namesake.get("config"))]
+                                             + _effective_opts(old, namesake)),
+                             "new": " ".join([str(c.get("config"))] + _effective_opts(new, c)),
+                             "change": None, "better": "higher", "noise": None,
+                             "status": "settings differ"})
+            continue
+        matched.add(id(o))
+        if "error" in c or "error" in o:
+            # a case that ran before and fails now is a regression; failing before is shown
+            rows.append({"case": c["name"], "subject": "d2seg", "metric": "case ran",
+                         "kind": "case", "old": "error" if "error" in o else "ok",
+                         "new": "error" if "error" in c else "ok", "change": None,
+                         "better": "higher", "noise": None,
+                         "status": "regression" if "error" in c and "error" not in o
+                         else ("improvement" if "error" in o and "error" not in c
+                               else "not measured")})
             continue
         old_subs, new_subs = dict(_subjects(o)), dict(_subjects(c))
+        for ref in old_subs:
+            if ref != "d2seg" and ref not in new_subs:
+                why = str((c.get("skipped_references") or {}).get(ref, ""))
+                rows.append({"case": c["name"], "subject": ref, "metric": "reference ran",
+                             "kind": "case", "old": "ok", "new": why or "missing",
+                             "change": None, "better": "higher", "noise": None,
+                             "status": "missing reference"})
         for ref, r_new in (c.get("ratios") or {}).items():
             r_old = (o.get("ratios") or {}).get(ref)
             if r_old is None or ref not in old_subs or ref not in new_subs:
@@ -262,7 +318,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                     noise = _max(_ratio_noise(key, r_old, old_subs["d2seg"], old_subs[ref]),
                                  _ratio_noise(key, r_new, new_subs["d2seg"], new_subs[ref]))
                     approx = key == "train_memory_ratio" and _cpu_memory(new_subs["d2seg"])
-                    blocked = blocked_all
+                    blocked = blocked_all or (blocked_inf if key in _INFERENCE_RATIOS else "")
                     if not blocked and key in _INFERENCE_RATIOS and \
                             _weights(old_subs[ref]) != _weights(new_subs[ref]):
                         blocked = "method changed"
@@ -271,7 +327,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         lo, ln = o.get("loop") or {}, c.get("loop") or {}
         if "fraction_of_step" in lo or "fraction_of_step" in ln:
             add(c["name"], "d2seg", "loop / step", "ratio", lo.get("fraction_of_step"),
-                ln.get("fraction_of_step"), "higher", blocked_all)
+                ln.get("fraction_of_step"), "higher", blocked_all or blocked_loop)
         # the statuses of this case's ratio rows, by metric
         held: Dict[str, List[str]] = {}
         for r in rows:
@@ -283,7 +339,8 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
             before = {m: (v, sp) for m, v, _, sp, _ in _absolute(old_subs[name])}
             for metric, value, better, sp, approx in _absolute(sub):
                 a, sp_old = before.get(metric, (None, None))
-                blocked = blocked_all or ("" if same_machine else "other machine")
+                blocked = blocked_all or ("" if same_machine else "other machine") or \
+                    (blocked_inf if metric in _INFERENCE_ABSOLUTE else "")
                 if not blocked and metric in _INFERENCE_ABSOLUTE and \
                         _weights(old_subs[name]) != _weights(sub):
                     blocked = "method changed"
@@ -317,6 +374,17 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                      "old": a, "new": b, "change": change,
                      "better": "lower" if t.get("kind") == "step_time_ratio" else "higher",
                      "noise": None, "status": status})
+    # a case the baseline ran that this run of the same preset lacks: a regression (another
+    # preset or a --config-file run is a subset by design: "not run", shown only)
+    same_preset = bool(old.get("preset")) and old.get("preset") == new.get("preset")
+    for o in old.get("cases", []):
+        if id(o) not in matched and "error" not in o and \
+                o.get("name") not in {c.get("name") for c in new.get("cases", [])}:
+            status = "not run" if not same_preset else (
+                "settings differ" if differ else "regression")
+            rows.append({"case": o["name"], "subject": "d2seg", "metric": "case ran",
+                         "kind": "case", "old": "ok", "new": "missing", "change": None,
+                         "better": "higher", "noise": None, "status": status})
     unmatched = [c["name"] for c in new.get("cases", [])
                  if c["name"] not in {r["case"] for r in rows}]
     return {
@@ -326,10 +394,13 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         "tolerance": tolerance, "rows": rows,
         "regressions": sum(r["status"] == "regression" for r in rows),
         "improvements": sum(r["status"] == "improvement" for r in rows),
+        "missing_references": sum(r["status"] == "missing reference" for r in rows),
     }
 
 
 def _num(x) -> str:
+    if isinstance(x, str):  # "ok" / "error" / "missing" of the "case ran" rows
+        return x[:60]
     if not isinstance(x, (int, float)) or x != x:
         return "-"
     return f"{x:.4g}"
@@ -344,8 +415,8 @@ def format_comparison(cmp: Dict[str, object]) -> str:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in cmp["settings_differ"].items())
         lines.append(f"The settings differ ({what}): nothing is counted as a regression.")
     if cmp.get("unmatched_cases"):
-        lines.append(f"Not in the old run (by name or config), or failed in either: "
-                     f"{', '.join(cmp['unmatched_cases'])}.")
+        lines.append(f"Not in the old run (no case there ran the same config with the same "
+                     f"options): {', '.join(cmp['unmatched_cases'])}.")
     if lines[-1]:
         lines.append("")
     lines += ["| case | subject | metric | old | new | change | noise | status |",

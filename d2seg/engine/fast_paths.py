@@ -257,8 +257,10 @@ def cpu_has_native_bf16() -> bool:
 
 #: bf16 autocast is chosen on CPU ("auto") when it is at least this much faster than fp32.
 CPU_BF16_MIN_SPEEDUP = 1.2
-#: A first measurement in [low, high) is repeated twice and the median of the three is used.
-CPU_BF16_RECHECK = (0.85, 1.55)
+#: A first measurement in [low, high) is repeated twice and the median of the three is used:
+#: every reading below a clear win, since a burst of other work on a shared CPU only has to
+#: land in the bf16 rounds to make a 1.7x CPU read 0.7x (seen beside another training run).
+CPU_BF16_RECHECK = (0.01, 1.55)
 #: Environment variable that replaces the measurement by a number (tests pin it to 1.0, so
 #: the suite runs the same precision on every CPU; users can pin the decision the same way).
 CPU_BF16_SPEEDUP_ENV = "D2SEG_CPU_BF16_SPEEDUP"
@@ -329,7 +331,8 @@ def _resolve_amp(cfg, device: str, notes: List[str]) -> Optional[torch.dtype]:
         raise ValueError(f"D2SEG.SPEED.AMP_DTYPE must be 'auto', 'float16' or 'bfloat16', got "
                          f"'{cfg.D2SEG.SPEED.AMP_DTYPE}'")
     if not cfg.SOLVER.AMP.ENABLED:
-        measured = cpu_bf16_speedup.cache_info().currsize or os.environ.get(CPU_BF16_SPEEDUP_ENV)
+        info = getattr(cpu_bf16_speedup, "cache_info", None)  # replaced in tests
+        measured = (info().currsize if info else 1) or os.environ.get(CPU_BF16_SPEEDUP_ENV)
         if device == "cpu" and not measured and cpu_has_native_bf16():
             notes.append("this CPU computes bf16 natively (AVX512-BF16 / AMX): with "
                          "SOLVER.AMP.ENABLED True d2seg measures whether bf16 autocast is "
@@ -385,6 +388,20 @@ def resolve_amp(cfg) -> Tuple[Optional[torch.dtype], List[str]]:
     """The autocast dtype for ``cfg`` on this machine (None: fp32) and why, in words."""
     notes: List[str] = []
     return _resolve_amp(cfg, _device(cfg), notes), notes
+
+
+def validate(cfg) -> None:
+    """Check every ``D2SEG.SPEED`` (and ``D2SEG.NONFINITE``) value, deciding nothing and
+    measuring nothing (no CPU bf16 probe): what :func:`resolve` would refuse, at config load.
+
+    Raises:
+        ValueError: naming the key and the value.
+    """
+    c = cfg.clone()
+    c.defrost()
+    c.SOLVER.AMP.ENABLED = False  # AMP_DTYPE is still checked; the probe does not run
+    c.MODEL.DEVICE = "cpu"
+    resolve(c)
 
 
 def resolve(cfg) -> SpeedPlan:
