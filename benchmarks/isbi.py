@@ -176,6 +176,11 @@ def main() -> None:
     args = ap.parse_args()
     if not os.path.isdir(os.path.join(args.data, "isbi2012_membrane")):
         sys.exit(f"--data {args.data}: no isbi2012_membrane/ inside")
+    import torch
+
+    if args.preset == "gpu" and not torch.cuda.is_available():
+        sys.exit("--preset gpu: no CUDA device here (the full-size schedules take hours on a "
+                 "CPU); use --preset cpu")
     rows = []
     for arch in args.archs:
         name = CPU.get(arch, f"{arch}_cpu.yaml") if args.preset == "cpu" else FULL[arch]
@@ -190,7 +195,7 @@ def main() -> None:
         unet = [r for r in rows if r["arch"] == "unet"]
         if not unet:
             sys.exit("--reference needs 'unet' among --archs")
-        device = "cuda" if args.preset == "gpu" else "cpu"
+        device = "cuda" if torch.cuda.is_available() and args.preset == "gpu" else "cpu"
         rows.append(run_reference(unet[0], os.path.join(args.output_dir, "reference"), args.data,
                                   device))
         r = rows[-1]

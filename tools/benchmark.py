@@ -9,14 +9,16 @@ data loading, inference latency / throughput, peak memory; optional scaling tabl
     python tools/benchmark.py --preset cpu-smoke             # a quick check without GPU
     python tools/benchmark.py --config-file configs/Shapes-SemanticSegmentation/unet.yaml \\
         --batch 2 --size 256 --refs plain_unet,smp_unet_r34 --json out.json
-    python tools/benchmark.py --preset gpu-semantic SOLVER.AMP.ENABLED True  # opts: d2seg side
+    python tools/benchmark.py --preset gpu-semantic D2SEG.SPEED.COMPILE off  # opts: config
     python tools/benchmark.py --config-file CFG --scaling --scaling-only --mem-cap-gb 8
     python tools/benchmark.py --preset cpu-record --compare OLD.json  # did a change regress?
     python tools/benchmark.py --compare OLD.json --against NEW.json  # two earlier runs
 
 Writes a JSON (machine, versions, date, every setting, raw timings, ratios, targets) and
-prints a markdown table. Trailing KEY VALUE pairs override config keys of the d2seg side of
-every case, e.g. to switch a fast path (D2SEG.SPEED.*) on or off. See docs/benchmarks.md.
+prints a markdown table. Trailing KEY VALUE pairs override config keys of every case, e.g. to
+switch a fast path (D2SEG.SPEED.*) on or off; the references read the same config (plain
+detectron2 is that config, plain_unet takes its width and depth, the reference losses its loss
+names), so network-changing keys change both sides. See docs/benchmarks.md.
 """
 import argparse
 import datetime
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default="", help="JSON file to write (default: "
                     "output/benchmark/<preset or config>_<device>_<time>.json)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                    help="KEY VALUE config overrides for the d2seg side of every case")
+                    help="KEY VALUE config overrides of every case (the references built "
+                         "from the config follow them)")
     return ap
 
 

@@ -415,6 +415,11 @@ class D2SegSubject(_D2Stepped):
         if speed and precision == "fp32":  # inference in the harness's precision too
             harness_opts += ["D2SEG.SPEED.INFERENCE_AMP", "off"]
         self.opts = list(opts)
+        pairs = dict(zip(self.opts[0::2], self.opts[1::2]))
+        if str(pairs.get("SOLVER.AMP.ENABLED", "")).lower() == "true" and precision == "fp32":
+            raise ValueError("SOLVER.AMP.ENABLED True with the harness's fp32: give "
+                             "--precision bf16 (or fp16 on CUDA) instead; the harness sets AMP "
+                             "for d2seg and the references alike")
         args = argparse.Namespace(config_file=config_file, opts=harness_opts + self.opts,
                                   resume=False, eval_only=False, num_gpus=1, num_machines=1,
                                   machine_rank=0, dist_url="auto")
@@ -489,7 +494,11 @@ class D2SegSubject(_D2Stepped):
         tr.register_hooks([timer.hook] + ([prof.hook] if prof else []))
         tr.start_iter = 0
         self._model.train()
-        tr.train()
+        if self.outer_autocast:  # the same precision as the step alone (no AMP trainer)
+            with autocast(self.device, self.precision):
+                tr.train()
+        else:
+            tr.train()
         hist = tr.storage.history("data_time").values() if "data_time" in \
             tr.storage.histories() else []
         data_times = [v for v, it in hist if warmup <= it < warmup + iters]
