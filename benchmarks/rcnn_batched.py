@@ -5,8 +5,9 @@ Runs the three places the switch changes - RPN anchor targets + RPN losses, prop
 (checks, clipping, small-box filter, NMS), ROI-head proposal targets + the mask head's
 foreground selection - on the RPN and ROI heads of a model built from a config, for one
 batch, detectron2's way and the batched way, in turns. With few anchors and proposals per
-image (the defaults) the arithmetic is negligible, so the time is what these sections cost
-the host: Python, dispatch and one launch per operation. On a GPU that time is exposed - the
+image (e.g. ``--anchors 300``) the arithmetic is negligible, so the time is what these sections
+cost the host: Python, dispatch and one launch per operation; the default ``--anchors 3000``
+is nearer a real image, where NMS takes a larger share. On a GPU that time is exposed - the
 device waits - because these sections run after the first host synchronisation of the step.
 It also counts the operations and the host synchronisations of each way (CPU emulation,
 ``d2seg.benchmark.syncs.HostSyncAudit``).

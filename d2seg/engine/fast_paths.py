@@ -458,6 +458,17 @@ def resolve(cfg) -> SpeedPlan:
     if not str(sp.COMPILE_BACKEND):
         raise ValueError("D2SEG.SPEED.COMPILE_BACKEND must name a torch.compile backend "
                          "(e.g. 'inductor'), got ''")
+    if not callable(sp.COMPILE_BACKEND):
+        try:
+            from torch._dynamo import list_backends
+
+            known = set(list_backends(exclude_tags=()))
+            usual = sorted(set(list_backends()) | {"inductor", "eager", "aot_eager"})
+        except Exception:  # noqa: BLE001 - older torch: leave the check to torch.compile
+            known, usual = set(), []
+        if known and str(sp.COMPILE_BACKEND) not in known:
+            raise ValueError(f"D2SEG.SPEED.COMPILE_BACKEND must name a torch.compile backend "
+                             f"(e.g. {', '.join(usual)}), got '{sp.COMPILE_BACKEND}'")
 
     impl = str(sp.OPTIMIZER_IMPL).strip().lower()
     if impl not in _OPT_IMPLS:
