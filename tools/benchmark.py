@@ -47,6 +47,13 @@ def _size(text: str):
     raise argparse.ArgumentTypeError(f"size '{text}': use S, HxW or 'H W'")
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _names(text: str):
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -70,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                          f"or names of {', '.join(reference_names())}")
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=_positive, default=None)
     ap.add_argument("--size", type=_size, default=None, help="S or HxW of the synthetic batch")
-    ap.add_argument("--iters", type=int, default=None, help="train steps per timed round")
+    ap.add_argument("--iters", type=_positive, default=None, help="train steps per timed round")
     ap.add_argument("--warmup", type=int, default=None, help="untimed train steps first")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (interleaved)")
+    ap.add_argument("--repeats", type=_positive, default=None, help="timed rounds (interleaved)")
     ap.add_argument("--infer-batch", type=int, default=None, help="inference throughput batch")
-    ap.add_argument("--infer-iters", type=int, default=None)
-    ap.add_argument("--latency-iters", type=int, default=None)
+    ap.add_argument("--infer-iters", type=_positive, default=None)
+    ap.add_argument("--latency-iters", type=_positive, default=None)
     ap.add_argument("--loop-iters", type=int, default=None,
                     help="timed train_net loop iterations (0: no loop)")
     ap.add_argument("--loop-warmup", type=int, default=None)
@@ -138,6 +145,12 @@ def plan(args):
                          "(--list-presets lists the presets)")
     if args.refs is not None:
         refs = None if args.refs == ["auto"] else ([] if args.refs == ["none"] else args.refs)
+        from d2seg.benchmark.references import REFERENCES
+
+        unknown = [r for r in refs or [] if r not in REFERENCES and r != "plain_d2"]
+        if unknown:
+            raise SystemExit(f"benchmark.py: error: --refs {','.join(unknown)}: not a reference "
+                             f"(choose from auto, none, plain_d2, {', '.join(REFERENCES)})")
         for c in cases:
             c.references = refs
     over = {"device": args.device, "precision": args.precision, "batch": args.batch,
