@@ -277,8 +277,16 @@ def test_failed_missing_and_other_cases_are_not_silent():
     (row,) = _rows(cmp, metric="reference ran")
     assert row["status"] == "missing reference" and row["new"] == "not installed"
     assert cmp["missing_references"] == 1
+    # the same config with other options (a switch's A/B): side by side, nothing counted
     other = _result(speedup=0.5)
-    other["cases"][0]["case_opts"] = ["MODEL.UNET.BASE_CHANNELS", "8"]
+    other["cases"][0]["case_opts"] = ["D2SEG.SPEED.RCNN_SYNC_FREE", "off"]
+    cmp = compare_results(_result(), other)
+    assert _rows(cmp, metric="config + options")[0]["status"] == "settings differ"
+    (row,) = _rows(cmp, metric="train step speed-up")
+    assert row["status"] == "settings differ" and row["new"] == 0.5
+    assert cmp["regressions"] == 0
+    # another config under the same name: not compared at all
+    other["cases"][0]["config"] = "configs/x/other.yaml"
     cmp = compare_results(_result(), other)
     assert not _rows(cmp, kind="ratio") and cmp["regressions"] == 0
     assert _rows(cmp, metric="config + options")[0]["status"] == "settings differ"

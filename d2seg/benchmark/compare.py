@@ -247,7 +247,9 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         "regression" and "improvement" are counted. A case that ran in the baseline and
         fails now, or is missing from a run of the same preset, is a regression. Cases are matched by config and effective
         options (the case's own + the trailing ``KEY VALUE`` pairs), preferring the same
-        name; ``infer_batch`` differences block the inference rows only, ``loop_iters`` /
+        name (a namesake with the same config and other options, e.g. a switch's A/B, is
+        shown side by side as "settings differ"); ``infer_batch`` differences block the
+        inference rows only, ``loop_iters`` /
         ``loop_warmup`` differences the loop row only.
     """
     if tolerance < 0:
@@ -278,6 +280,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
     matched = set()
     for c in new.get("cases", []):
         o = _match_case(old, new, c)
+        case_blocked = ""
         if o is None:
             namesake = next((x for x in old.get("cases", []) if x.get("name") == c["name"]),
                             None)
@@ -289,7 +292,13 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                              "new": " ".join([str(c.get("config"))] + _effective_opts(new, c)),
                              "change": None, "better": "higher", "noise": None,
                              "status": "settings differ"})
-            continue
+                if namesake.get("config") != c.get("config"):
+                    continue
+                # the same config with other options (an A/B of a switch): side by side,
+                # nothing counted
+                o, case_blocked = namesake, "settings differ"
+            else:
+                continue
         matched.add(id(o))
         if "error" in c or "error" in o:
             # a case that ran before and fails now is a regression; failing before is shown
@@ -297,11 +306,13 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                          "kind": "case", "old": "error" if "error" in o else "ok",
                          "new": "error" if "error" in c else "ok", "change": None,
                          "better": "higher", "noise": None,
-                         "status": "regression" if "error" in c and "error" not in o
-                         else ("improvement" if "error" in o and "error" not in c
-                               else "not measured")})
+                         "status": case_blocked or blocked_all or (
+                             "regression" if "error" in c and "error" not in o
+                             else ("improvement" if "error" in o and "error" not in c
+                                   else "not measured"))})
             continue
         old_subs, new_subs = dict(_subjects(o)), dict(_subjects(c))
+        blocked_case = blocked_all or case_blocked
         for ref in old_subs:
             if ref != "d2seg" and ref not in new_subs:
                 why = str((c.get("skipped_references") or {}).get(ref, ""))
@@ -318,7 +329,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
                     noise = _max(_ratio_noise(key, r_old, old_subs["d2seg"], old_subs[ref]),
                                  _ratio_noise(key, r_new, new_subs["d2seg"], new_subs[ref]))
                     approx = key == "train_memory_ratio" and _cpu_memory(new_subs["d2seg"])
-                    blocked = blocked_all or (blocked_inf if key in _INFERENCE_RATIOS else "")
+                    blocked = blocked_case or (blocked_inf if key in _INFERENCE_RATIOS else "")
                     if not blocked and key in _INFERENCE_RATIOS and \
                             _weights(old_subs[ref]) != _weights(new_subs[ref]):
                         blocked = "method changed"
@@ -327,7 +338,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         lo, ln = o.get("loop") or {}, c.get("loop") or {}
         if "fraction_of_step" in lo or "fraction_of_step" in ln:
             add(c["name"], "d2seg", "loop / step", "ratio", lo.get("fraction_of_step"),
-                ln.get("fraction_of_step"), "higher", blocked_all or blocked_loop)
+                ln.get("fraction_of_step"), "higher", blocked_case or blocked_loop)
         # the statuses of this case's ratio rows, by metric
         held: Dict[str, List[str]] = {}
         for r in rows:
@@ -339,7 +350,7 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
             before = {m: (v, sp) for m, v, _, sp, _ in _absolute(old_subs[name])}
             for metric, value, better, sp, approx in _absolute(sub):
                 a, sp_old = before.get(metric, (None, None))
-                blocked = blocked_all or ("" if same_machine else "other machine") or \
+                blocked = blocked_case or ("" if same_machine else "other machine") or \
                     (blocked_inf if metric in _INFERENCE_ABSOLUTE else "")
                 if not blocked and metric in _INFERENCE_ABSOLUTE and \
                         _weights(old_subs[name]) != _weights(sub):
