@@ -524,8 +524,9 @@ def check_register_entries(cfg, config_file: str = "",
                            dataset_keys: Sequence[str] = ()) -> None:
     """Parse every ``D2SEG.DATASETS.REGISTER`` entry and check its paths, without registering:
     what the command-line tools run before they start, so that a bad entry fails in one line.
-    The dataset names under ``dataset_keys`` (e.g. "DATASETS.TRAIN") must be registered, or be
-    registered by an entry or the shapes catalogs (with close matches in the error).
+    The dataset names under ``dataset_keys`` (e.g. "DATASETS.TRAIN") must be registered
+    (builtins and the shapes catalogs are, on import) or be registered by an entry (with close
+    matches in the error).
 
     Raises:
         d2seg.config.ConfigError: naming the config file, the entry, the key and the value.
@@ -541,8 +542,6 @@ def check_register_entries(cfg, config_file: str = "",
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"{where}: {err}") from err
         names.update(registered_names_of_entry(entry))
-    # the shapes catalogs are (re-)registered from D2SEG.SHAPES by train_net's setup
-    names.update(_shapes_names())
     for key in dataset_keys:
         for n in cfg.DATASETS[key.split(".")[1]]:
             if n not in names:
@@ -551,11 +550,6 @@ def check_register_entries(cfg, config_file: str = "",
                     ("; register it with D2SEG.DATASETS.REGISTER (docs/own_data.md) or "
                      "detectron2's DatasetCatalog")
                 raise ConfigError(f"{where}: {key}: dataset '{n}' is not registered{hint}")
-
-
-def _shapes_names() -> List[str]:
-    return [f"shapes_{kind}_{split}" for kind in ("instance", "sem_seg", "panoptic")
-            for split in ("train", "val")]
 
 
 def _register_entry(e: Dict[str, Any]) -> None:
