@@ -258,12 +258,16 @@ def test_failed_missing_and_other_cases_are_not_silent():
     regression; a reference that ran and is missing is shown; a namesake with another config
     or other options is not compared (it was, by name)."""
     old = dict(_result(), preset="cpu-record")
-    failed = dict(_result(), preset="cpu-record")
-    failed["cases"][0] = {"name": "unet", "config": "configs/x/unet.yaml", "case_opts": [],
-                          "error": "RuntimeError: boom"}
-    cmp = compare_results(old, failed)
-    (row,) = _rows(cmp, metric="case ran")
-    assert row["status"] == "regression" and row["new"] == "error" and cmp["regressions"] >= 1
+    old["cases"][0]["case_opts"] = ["D2SEG.SHAPES.NUM_TRAIN", "8"]  # a preset case's options
+    for record in ({"case_opts": ["D2SEG.SHAPES.NUM_TRAIN", "8"]}, {}):  # {}: an older JSON
+        failed = dict(_result(), preset="cpu-record")
+        failed["cases"][0] = dict({"name": "unet", "config": "configs/x/unet.yaml",
+                                   "error": "RuntimeError: boom"}, **record)
+        cmp = compare_results(old, failed)
+        (row,) = _rows(cmp, metric="case ran")
+        assert row["status"] == "regression" and row["new"] == "error"
+        assert cmp["regressions"] >= 1 and not _rows(cmp, metric="config + options")
+    old["cases"][0]["case_opts"] = []
     assert "| error |" in format_comparison(cmp)
     gone = dict(_result(), preset="cpu-record", cases=[])
     assert _rows(compare_results(old, gone), metric="case ran")[0]["status"] == "regression"

@@ -86,6 +86,9 @@ def _effective_opts(result: Dict, case: Dict) -> List[str]:
 def _match_case(old: Dict, new: Dict, case: Dict) -> Optional[Dict]:
     """The case of ``old`` that ran what ``case`` (of ``new``) ran: the same config with the
     same effective options, preferring the same name."""
+    if "error" in case and "case_opts" not in case:  # a failed case of an older JSON
+        return next((c for c in old.get("cases", []) if c.get("name") == case.get("name")
+                     and c.get("config") == case.get("config")), None)
     key = (case.get("config"), _effective_opts(new, case))
     same = [c for c in old.get("cases", [])
             if (c.get("config"), _effective_opts(old, c)) == key]

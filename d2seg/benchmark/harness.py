@@ -712,7 +712,7 @@ def _run(cases, settings, targets, preset, scaling, device) -> Dict[str, object]
             traceback.print_exc()
             print(f"[benchmark] case {case.name} failed: {msg}", flush=True)
             result["cases"].append({"name": case.name, "config": case.config_file,
-                                    "error": msg[:2000]})
+                                    "case_opts": list(case.opts), "error": msg[:2000]})
             free_memory(device)
     result["targets"] = evaluate_targets(result["cases"], targets)
     if scaling is not None:
