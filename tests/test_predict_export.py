@@ -354,3 +354,16 @@ def test_writer_never_gives_a_json_id_to_a_look_alike_file(tmp_path, caplog):
     ids = run("root", {"0.jpg": 0}, [str(root / "0.jpg"), "/elsewhere/0.jpg"], str(root))
     assert ids == {str(root / "0.jpg"): 0, "/elsewhere/0.jpg": 2}
     assert "under its image root" in caplog.text and "/elsewhere/0.jpg" in caplog.text
+
+
+def test_panoptic_ground_truth_is_drawn_from_its_segments_alone():
+    """train_net's vis/: a panoptic dict's ground truth once (its panoptic segments), not also
+    its instance annotations and the separated stuff map (whose class 0 reads "things")."""
+    from d2seg.utils.visualize import _ground_truth_to_draw
+
+    pan = {"file_name": "a.png", "annotations": [{}], "sem_seg_file_name": "s.png",
+           "pan_seg_file_name": "p.png", "segments_info": [{"id": 1}]}
+    assert set(_ground_truth_to_draw(pan)) == {"file_name", "pan_seg_file_name", "segments_info"}
+    sem = {"file_name": "a.png", "sem_seg_file_name": "s.png"}
+    inst = {"file_name": "a.png", "annotations": [{}]}
+    assert _ground_truth_to_draw(sem) is sem and _ground_truth_to_draw(inst) is inst

@@ -38,6 +38,16 @@ def draw_prediction(image_rgb: np.ndarray, output: Dict, metadata, score_thresh:
     return vis.get_image()
 
 
+def _ground_truth_to_draw(d: Dict) -> Dict:
+    """The fields of a dataset dict that show its ground truth once: a panoptic dict (with
+    ``pan_seg_file_name``) is drawn from its panoptic segments alone, as its prediction is;
+    detectron2's ``draw_dataset_dict`` would also draw the instance annotations and the
+    "separated" stuff map, whose class 0 labels every thing pixel "things"."""
+    if "pan_seg_file_name" in d and "segments_info" in d:
+        return {k: v for k, v in d.items() if k not in ("sem_seg_file_name", "annotations")}
+    return d
+
+
 def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_dir: str,
                           num: int = 4) -> List[str]:
     """Write ``num`` PNGs of ``dataset_name``: model prediction (left) | ground truth (right)."""
@@ -58,7 +68,7 @@ def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_di
             with torch.no_grad():
                 out = model([{"image": tensor, "height": img.shape[0], "width": img.shape[1]}])[0]
             pred = draw_prediction(rgb, out, metadata)
-            gt = Visualizer(rgb, metadata).draw_dataset_dict(d).get_image()
+            gt = Visualizer(rgb, metadata).draw_dataset_dict(_ground_truth_to_draw(d)).get_image()
             path = os.path.join(out_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
             cv2.imwrite(path, np.concatenate([pred, gt], axis=1)[..., ::-1])
             paths.append(path)
