@@ -84,3 +84,20 @@ def test_config_selects_backend(gt_file, tmp_path, backend):
     assert ev._use_fast_impl == (backend != "pycocotools")
     if backend == "faster_coco_eval":
         assert getattr(coco_evaluation.COCOeval_opt, "_d2seg_faster_coco_eval", False)
+
+
+def test_the_chosen_implementation_is_logged_once(monkeypatch, caplog):
+    """Not only faster-coco-eval: "auto" falling back to pycocotools says so (and why)."""
+    import logging
+
+    from d2seg.evaluation import coco_backend
+
+    monkeypatch.setattr(coco_backend, "_said", {})
+    monkeypatch.setattr(coco_backend, "_detectron2_cpp_available", lambda: False)
+    monkeypatch.setattr(coco_backend, "faster_coco_eval_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="d2seg.evaluation.coco_backend"):
+        assert coco_backend.coco_evaluator_kwargs("auto") == {"use_fast_impl": False}
+        coco_backend.coco_evaluator_kwargs("auto")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["COCO evaluation: pycocotools (D2SEG.EVAL.COCO_BACKEND 'auto') "
+                     "(faster-coco-eval is not installed: pip install faster-coco-eval)"]

@@ -29,6 +29,7 @@ __all__ = ["BACKENDS", "faster_coco_eval_available", "resolve_backend", "coco_ev
 
 BACKENDS = ("auto", "faster_coco_eval", "pycocotools")
 logger = logging.getLogger(__name__)
+_said: Dict[str, str] = {}  # the implementation last logged
 
 
 def faster_coco_eval_available() -> bool:
@@ -81,6 +82,12 @@ def coco_evaluator_kwargs(backend: str) -> Dict[str, bool]:
     (a ``D2SEG.EVAL.COCO_BACKEND`` value), installing faster-coco-eval as detectron2's
     ``COCOeval_opt`` when it is the one chosen."""
     impl = resolve_backend(backend)
+    if impl != "faster_coco_eval" and _said.get("impl") != impl:  # once per choice and process
+        _said["impl"] = impl
+        why = (" (faster-coco-eval is not installed: pip install faster-coco-eval)"
+               if impl == "pycocotools" and backend == "auto" else "")
+        logger.info(f"COCO evaluation: {'detectron2 C++' if impl == 'detectron2_cpp' else impl}"
+                    f" (D2SEG.EVAL.COCO_BACKEND '{backend}'){why}")
     if impl == "pycocotools":
         return {"use_fast_impl": False}
     if impl == "faster_coco_eval":
