@@ -332,3 +332,15 @@ def test_cli_exits_4_when_a_case_failed(tmp_path, monkeypatch, capsys):
     assert e.value.code == 4
     assert "1 case(s) failed: unet2" in capsys.readouterr().err
     assert json.load(open(tmp_path / "r.json"))["cases"][1]["error"] == "RuntimeError: x"
+
+
+def test_cli_refuses_a_device_this_machine_lacks_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=r"benchmark.py: error: --device cuda: CUDA is not "
+                                         r"available"):
+        _cli().main(["--preset", "cpu-smoke", "--device", "cuda"])
+    with pytest.raises(SystemExit, match=r"benchmark.py: error: --device gpu: "):
+        _cli().main(["--preset", "cpu-smoke", "--device", "gpu"])

@@ -209,6 +209,13 @@ def main(argv=None) -> dict:
     if args.against:  # two earlier runs: nothing to measure
         return _report_comparison(baseline, _read_json(args.against, "--against"), args)
     cases, settings, targets, scaling, label = plan(args)
+    try:  # a device this machine lacks: one line, before anything is built
+        from d2seg.benchmark.harness import resolve_device
+
+        resolve_device(settings.device)
+    except RuntimeError as e:
+        msg = str(e) if str(e).startswith("--device") else f"--device {settings.device}: {e}"
+        raise SystemExit(f"benchmark.py: error: {msg}")
     try:  # fail fast, in one line, on a bad config or override
         for c in cases:
             cfg_file = c.config_file if os.path.isfile(c.config_file) else \
