@@ -458,7 +458,10 @@ def resolve(cfg) -> SpeedPlan:
     if not str(sp.COMPILE_BACKEND):
         raise ValueError("D2SEG.SPEED.COMPILE_BACKEND must name a torch.compile backend "
                          "(e.g. 'inductor'), got ''")
-    if not callable(sp.COMPILE_BACKEND):
+    # a name other than torch's usual ones: checked against dynamo's list (importing it costs
+    # 0.3 s, not spent on every config load for the default)
+    if not callable(sp.COMPILE_BACKEND) and \
+            str(sp.COMPILE_BACKEND) not in ("inductor", "eager", "aot_eager"):
         try:
             from torch._dynamo import list_backends
 

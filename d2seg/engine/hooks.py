@@ -170,21 +170,12 @@ def evaluation_metric_names(cfg) -> Tuple[List[str], List[str]]:
     """(metric names, per-class name prefixes) that the evaluators of ``DATASETS.TEST`` report
     in the training storage, as detectron2 flattens them ("segm/AP"; with several test
     datasets "<dataset>/segm/AP")."""
-    from .trainer import evaluator_types
+    from .trainer import evaluation_tasks
 
     names: List[str] = []
     prefixes: List[str] = []
     for d in cfg.DATASETS.TEST:
-        types = evaluator_types(d)
-        tasks = []
-        if "sem_seg" in types or "coco_panoptic_seg" in types:
-            tasks.append("sem_seg")
-        if "sem_seg" in types:
-            tasks.append("sem_seg_metrics")
-        if "coco" in types or "coco_panoptic_seg" in types:
-            tasks += ["bbox", "segm"] if cfg.MODEL.MASK_ON else ["bbox"]
-        if "coco_panoptic_seg" in types:
-            tasks.append("panoptic_seg")
+        tasks = evaluation_tasks(cfg, d)
         lead = f"{d}/" if len(cfg.DATASETS.TEST) > 1 else ""
         names += [f"{lead}{t}/{m}" for t in tasks for m in _TASK_METRICS[t]]
         prefixes += [f"{lead}{t}/{p}-" for t in tasks for p in _TASK_CLASS_PREFIXES.get(t, ())]

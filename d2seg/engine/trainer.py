@@ -34,7 +34,7 @@ from ..evaluation.coco_backend import coco_evaluator_kwargs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "build_evaluators", "evaluator_types"]
+__all__ = ["Trainer", "build_evaluators", "evaluation_tasks", "evaluator_types"]
 
 KNOWN_EVALUATOR_TYPES = ("coco", "sem_seg", "coco_panoptic_seg")
 
@@ -56,6 +56,23 @@ def evaluator_types(dataset_name: str) -> List[str]:
                 f"{KNOWN_EVALUATOR_TYPES}"
             )
     return types
+
+
+def evaluation_tasks(cfg, dataset_name: str) -> List[str]:
+    """The result keys :func:`build_evaluators` produces for the dataset, in its order:
+    "sem_seg" (detectron2's SemSegEvaluator), "sem_seg_metrics" (d2seg's), "bbox", "segm"
+    (COCOEvaluator, "segm" with ``MODEL.MASK_ON``), "panoptic_seg" (COCOPanopticEvaluator)."""
+    types = evaluator_types(dataset_name)
+    tasks = []
+    if "sem_seg" in types or "coco_panoptic_seg" in types:
+        tasks.append("sem_seg")
+    if "sem_seg" in types:
+        tasks.append("sem_seg_metrics")
+    if "coco" in types or "coco_panoptic_seg" in types:
+        tasks += ["bbox", "segm"] if cfg.MODEL.MASK_ON else ["bbox"]
+    if "coco_panoptic_seg" in types:
+        tasks.append("panoptic_seg")
+    return tasks
 
 
 def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
@@ -90,21 +107,21 @@ def build_evaluators(cfg, dataset_name: str, output_folder: Optional[str] = None
     """
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     prepare_dataset(dataset_name)  # COCOEvaluator reads json_file at construction
-    types = evaluator_types(dataset_name)
+    tasks = evaluation_tasks(cfg, dataset_name)
     evaluators: List[DatasetEvaluator] = []
-    if "sem_seg" in types or "coco_panoptic_seg" in types:
+    if "sem_seg" in tasks:
         evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
                                           sem_seg_loading_fn=load_sem_seg_gt))
-    if "sem_seg" in types:
+    if "sem_seg_metrics" in tasks:
         extra = _sem_seg_metrics_evaluator(dataset_name, output_folder)
         if extra is not None:
             evaluators.append(extra)
-    if "coco" in types or "coco_panoptic_seg" in types:
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        evaluators.append(COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
-                                        output_dir=output_folder,
+    if "bbox" in tasks:
+        evaluators.append(COCOEvaluator(dataset_name,
+                                        tasks=tuple(t for t in tasks if t in ("bbox", "segm")),
+                                        distributed=True, output_dir=output_folder,
                                         **coco_evaluator_kwargs(cfg.D2SEG.EVAL.COCO_BACKEND)))
-    if "coco_panoptic_seg" in types:
+    if "panoptic_seg" in tasks:
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 

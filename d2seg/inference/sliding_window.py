@@ -82,17 +82,18 @@ def sliding_window_logits(model: nn.Module, image: Tensor, window: Sequence[int]
     boxes = [(y, x) for y in window_starts(h, wh, overlap) for x in window_starts(w, ww, overlap)]
     total = None
     count = torch.zeros((1, h, w), dtype=torch.float32, device=image.device)
-    for i in range(0, len(boxes), batch_size):
-        chunk = boxes[i:i + batch_size]
-        with without_postprocessor(model):
+    with without_postprocessor(model):
+        for i in range(0, len(boxes), batch_size):
+            chunk = boxes[i:i + batch_size]
             outs = _run(model, [image[:, y:y + wh, x:x + ww] for y, x in chunk])
-        for (y, x), o in zip(chunk, outs):
-            o = o.float()
-            if total is None:
-                total = torch.zeros((o.shape[0], h, w), dtype=torch.float32, device=o.device)
-                count = count.to(o.device)
-            total[:, y:y + wh, x:x + ww] += o
-            count[:, y:y + wh, x:x + ww] += 1
+            for (y, x), o in zip(chunk, outs):
+                o = o.float()
+                if total is None:
+                    total = torch.zeros((o.shape[0], h, w), dtype=torch.float32,
+                                        device=o.device)
+                    count = count.to(o.device)
+                total[:, y:y + wh, x:x + ww] += o
+                count[:, y:y + wh, x:x + ww] += 1
     return total / count
 
 

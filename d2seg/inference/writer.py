@@ -83,7 +83,9 @@ class _IdMatcher:
 
     def __init__(self, image_ids: Dict[str, int], image_root: str = ""):
         self.image_root = image_root
-        self.exact = {os.path.realpath(os.path.join(image_root, f)): i
+        real_root = os.path.realpath(image_root) if image_root else ""
+        # one realpath for the root, not one per entry (COCO train lists 118k images)
+        self.exact = {os.path.normpath(os.path.join(real_root, f)): i
                       for f, i in image_ids.items()} if image_root else {}
         self.by_name: Dict[str, List[tuple]] = {}
         for f, i in image_ids.items():
