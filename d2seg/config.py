@@ -266,7 +266,9 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # (checked every TEST.EVAL_PERIOD) or "val_total_loss" (every VAL_LOSS_PERIOD, MODE "min").
     cfg.D2SEG.BEST_CHECKPOINT = CN()
     cfg.D2SEG.BEST_CHECKPOINT.METRIC = ""
-    cfg.D2SEG.BEST_CHECKPOINT.MODE = "max"
+    # "auto": "min" for a metric whose name holds "loss" (val_total_loss), "max" otherwise
+    # (AP, mIoU, mDice, PQ); or "max" / "min" as detectron2's BestCheckpointer takes them
+    cfg.D2SEG.BEST_CHECKPOINT.MODE = "auto"
     # Plot losses, learning rate and evaluation metrics to OUTPUT_DIR/curves.png after training.
     cfg.D2SEG.PLOT_CURVES = True
 
@@ -541,6 +543,20 @@ def _get(cfg, key: str):
     return node
 
 
+BEST_CHECKPOINT_MODES = ("auto", "max", "min")
+
+
+def best_checkpoint_mode(metric: str, mode: str) -> str:
+    """``D2SEG.BEST_CHECKPOINT.MODE`` resolved for ``metric``: "auto" is "min" for a loss
+    (a name holding "loss", e.g. ``val_total_loss``) and "max" for a score."""
+    if mode not in BEST_CHECKPOINT_MODES:
+        raise ValueError(f"D2SEG.BEST_CHECKPOINT.MODE must be one of {BEST_CHECKPOINT_MODES}, "
+                         f"got {mode!r}")
+    if mode == "auto":
+        return "min" if "loss" in metric.lower() else "max"
+    return mode
+
+
 def _check_names(cfg, config_file: str, opts: Sequence[str]) -> None:
     """Registry names and loss names, checked when the config is loaded (instead of deep in
     model building, after the dataset checks): a ConfigError naming where the value came
@@ -564,6 +580,10 @@ def _check_names(cfg, config_file: str, opts: Sequence[str]) -> None:
             fail(key, value, f"registered in detectron2's {registry._name} registry "
                              "(import the module that registers it before loading the config)",
                  valid)
+    mode = str(cfg.D2SEG.BEST_CHECKPOINT.MODE)
+    if mode not in BEST_CHECKPOINT_MODES:
+        fail("D2SEG.BEST_CHECKPOINT.MODE", mode, "a best-checkpoint mode",
+             BEST_CHECKPOINT_MODES)
     canon = {n.lower() for n in LOSS_NAMES}
     for key in ("MODEL.SEM_SEG_LOSS.NAMES",):
         for name in _get(cfg, key):

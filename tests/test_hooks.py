@@ -2,6 +2,7 @@
 training run are checked in test_real_data.py."""
 import json
 import logging
+import operator
 import os
 from types import SimpleNamespace
 
@@ -137,6 +138,19 @@ def test_extend_hooks_order_writer_last(tmp_path):
     kinds = [type(h) for h in out]
     assert kinds == [d2hooks.IterationTimer, d2hooks.EvalHook, ValidationLoss, BestCheckpointer,
                      PlotCurves, d2hooks.PeriodicWriter]
+    cfg.TEST.EVAL_PERIOD = 7
+
+    def best(metric, mode="auto"):
+        cfg.D2SEG.BEST_CHECKPOINT.METRIC, cfg.D2SEG.BEST_CHECKPOINT.MODE = metric, mode
+        h = [h for h in extend_hooks(trainer, base) if isinstance(h, BestCheckpointer)]
+        return ({operator.gt: "max", operator.lt: "min"}[h[0]._compare], h[0]._period,
+                h[0]._val_metric)
+
+    # a score every evaluation, a loss every validation-loss period, the larger / smaller kept
+    assert best("sem_seg/mIoU") == ("max", 7, "sem_seg/mIoU")
+    assert best("val_total_loss") == ("min", 5, "val_total_loss")
+    assert best("val_total_loss", "max") == ("max", 5, "val_total_loss")  # as asked, warned
+    assert best("segm/AP", "min") == ("min", 7, "segm/AP")
     cfg.D2SEG.VAL_LOSS_PERIOD = 0
     cfg.D2SEG.BEST_CHECKPOINT.METRIC = ""
     cfg.D2SEG.PLOT_CURVES = False

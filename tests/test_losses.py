@@ -108,6 +108,10 @@ def test_softmax_focal_closed_form():
     pts = [0.8, 0.8, 0.6, 0.4]
     assert got.item() == pytest.approx(
         sum(-(1 - p) ** 2 * math.log(p) for p in pts) / 4, rel=1e-5)
+    # one alpha for all classes scales the loss
+    got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=0.25)
+    assert got.item() == pytest.approx(
+        0.25 * sum(-(1 - p) ** 2 * math.log(p) for p in pts) / 4, rel=1e-5)
     # per-class alpha
     got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=[0.3, 0.7])
     w = [0.7, 0.3, 0.7, 0.7]
@@ -174,6 +178,33 @@ def test_sem_seg_loss_from_config():
     loss = SemSegLoss(cfg)
     assert loss.names == ["Focal", "Dice"] and loss.weights == [2.0, 1.0]
     assert loss.focal_alpha == 0.25 and loss.ignore_index == 255
+    # every setting reaches the loss, none is a default re-read
+    cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Tversky", "Dice", "Focal"]
+    cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = [1.0, 1.0, 1.0]
+    cfg.MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA, cfg.MODEL.SEM_SEG_LOSS.TVERSKY_BETA = 0.2, 0.8
+    cfg.MODEL.SEM_SEG_LOSS.SMOOTH, cfg.MODEL.SEM_SEG_LOSS.FOCAL_GAMMA = 0.5, 1.5
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 0
+    loss = SemSegLoss(cfg)
+    assert (loss.tversky_alpha, loss.tversky_beta, loss.smooth, loss.focal_gamma,
+            loss.ignore_index) == (0.2, 0.8, 0.5, 1.5, 0)
+
+
+def test_sem_seg_loss_forward_passes_its_settings_on():
+    """SemSegLoss's own settings reach the loss functions (closed-form values, 4 pixels)."""
+    out = SemSegLoss(names=["Tversky"], tversky_alpha=0.3, tversky_beta=0.7, smooth=0.0)(
+        binary_logits(), targets())
+    assert out["loss_sem_seg_tversky"].item() == pytest.approx(
+        1 - 1.8 / (1.8 + 0.3 * 0.2 + 0.7 * 1.2), abs=1e-6)
+    out = SemSegLoss(names=["Dice"], smooth=0.0)(binary_logits(), targets())
+    assert out["loss_sem_seg_dice"].item() == pytest.approx(1 - 3.6 / 5.0, abs=1e-6)
+    # ignore_index: pixels labelled 0 ignored, so only the three foreground pixels count
+    out = SemSegLoss(names=["CE"], ignore_index=0)(two_class_logits(), targets())
+    assert out["loss_sem_seg_ce"].item() == pytest.approx(
+        -(math.log(0.8) + math.log(0.6) + math.log(0.4)) / 3, rel=1e-5)
+    out = SemSegLoss(names=["Focal"], focal_gamma=2.0, focal_alpha=0.25)(
+        two_class_logits(), targets())
+    assert out["loss_sem_seg_focal"].item() == pytest.approx(
+        0.25 * sum(-(1 - p) ** 2 * math.log(p) for p in [0.8, 0.8, 0.6, 0.4]) / 4, rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, match", [

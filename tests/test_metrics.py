@@ -130,7 +130,7 @@ def test_boundary_iou_hand_made():
     assert boundary_iou(thin_p, thin_g) == pytest.approx(iou(thin_p, thin_g))
 
 
-def _register(name, tmp_path, gts, classes):
+def _register(name, tmp_path, gts, classes, ignore_label=255):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     dicts = []
@@ -143,7 +143,7 @@ def _register(name, tmp_path, gts, classes):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: dicts)
-    MetadataCatalog.get(name).set(stuff_classes=classes, ignore_label=255,
+    MetadataCatalog.get(name).set(stuff_classes=classes, ignore_label=ignore_label,
                                   evaluator_type="sem_seg")
     return dicts
 
@@ -177,7 +177,10 @@ def test_evaluator_pools_over_images(tmp_path, distributed):
     assert res["mIoU"] == pytest.approx(100 * (2 / 5 + 10 / 13) / 2)
     assert res["mDice"] == pytest.approx(100 * (4 / 7 + 20 / 23) / 2)
     assert res["pACC"] == pytest.approx(100 * 12 / 15)
-    assert 0 <= res["mBIoU"] <= 100 and all(isinstance(v, float) for v in res.values())
+    assert all(isinstance(v, float) for v in res.values())
+    # mBIoU: the mean over the classes that occur, the absent one (NaN) left out
+    assert math.isnan(res["BIoU-unused"])
+    assert res["mBIoU"] == pytest.approx((res["BIoU-bg"] + res["BIoU-fg"]) / 2)
     # strict JSON (no NaN token): the class absent from both is null
     written = json.loads((tmp_path / "out" / "sem_seg_metrics.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -186,3 +189,36 @@ def test_evaluator_pools_over_images(tmp_path, distributed):
     from detectron2.evaluation import print_csv_format
 
     print_csv_format({"sem_seg_metrics": res})
+
+
+def test_evaluator_ignores_the_metadata_ignore_label_everywhere(tmp_path):
+    """Pixels labelled with the dataset's ``ignore_label`` (here 2, inside [0, C)) count
+    nowhere: not in IoU, pixel accuracy or Boundary IoU, whatever is predicted there."""
+    from d2seg.evaluation import SemSegMetricsEvaluator
+
+    g = np.zeros((24, 24), np.uint8)
+    g[4:14, 4:14] = 1
+    g[16:22, 2:22] = 2  # ignored band
+    p = np.where(g == 2, 1, g).astype(np.int64)  # right except in the ignored band
+    p[18, 5:9] = 0
+    dicts = _register("d2seg_test_metrics_ign", tmp_path, [g], ["bg", "fg", "other"],
+                      ignore_label=2)
+    ev = SemSegMetricsEvaluator("d2seg_test_metrics_ign")
+    ev.reset()
+    ev.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p, 3)}])
+    res = ev.evaluate()["sem_seg_metrics"]
+    assert res["IoU-bg"] == res["IoU-fg"] == res["pACC"] == 100.0
+    assert res["BIoU-bg"] == res["BIoU-fg"] == res["mBIoU"] == 100.0
+    # the same pixels counted when nothing is ignored: the band predicted as fg is wrong
+    ev = SemSegMetricsEvaluator("d2seg_test_metrics_ign", ignore_label=255)
+    ev.reset()
+    ev.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p, 3)}])
+    assert ev.evaluate()["sem_seg_metrics"]["pACC"] < 100.0
+
+
+def test_confusion_matrix_ignore_label_inside_the_class_range():
+    g = np.array([[0, 1, 2], [0, 2, 1]])
+    p = np.array([[1, 1, 2], [2, 0, 1]])
+    cm = confusion_matrix(p, g, 3, ignore_label=0)
+    assert cm[0].sum() == 0
+    assert cm.tolist() == [[0, 0, 0], [0, 2, 0], [1, 0, 1]]

@@ -68,6 +68,30 @@ def test_sliding_window_matches_whole_image_for_a_per_pixel_model():
     assert len(model.calls) == len(window_starts(150, 64, 0.3)) * len(window_starts(230, 96, 0.3))
 
 
+class WindowMeanModel(nn.Module):
+    """Logits that depend on the whole window: every pixel gets the window's mean (per
+    channel), so overlapping windows disagree and their average is checkable by hand."""
+
+    def forward(self, inputs):
+        return [{"sem_seg": x["image"].float().mean((1, 2))[:, None, None].expand(
+            -1, x["height"], x["width"]).clone()} for x in inputs]
+
+
+def test_sliding_window_averages_overlapping_windows():
+    torch.manual_seed(0)
+    image = torch.rand(3, 70, 90) * 255
+    win = (32, 40)
+    got = sliding_window_logits(WindowMeanModel(), image, win, overlap=0.4, batch_size=2)
+    total, count = torch.zeros(3, 70, 90), torch.zeros(1, 70, 90)
+    for y in window_starts(70, win[0], 0.4):
+        for x in window_starts(90, win[1], 0.4):
+            crop = image[:, y:y + win[0], x:x + win[1]]
+            total[:, y:y + win[0], x:x + win[1]] += crop.mean((1, 2))[:, None, None]
+            count[:, y:y + win[0], x:x + win[1]] += 1
+    assert count.min() >= 1 and count.max() >= 4  # windows do overlap
+    assert torch.allclose(got, total / count, atol=1e-4)
+
+
 def test_flip_tta_averages_with_flipped_prediction():
     torch.manual_seed(0)
     model = PixelModel(kernel=3).eval()  # 3x3 kernel: not flip-symmetric
@@ -347,6 +371,10 @@ def test_writer_never_gives_a_json_id_to_a_look_alike_file(tmp_path, caplog):
     # a json whose file names tell them apart: the longest trailing match
     ids = run("sub", {"a/0.jpg": 5, "b/0.jpg": 6}, ["/d/a/0.jpg", "/d/b/0.jpg"])
     assert ids == {"/d/a/0.jpg": 5, "/d/b/0.jpg": 6}
+    # both "0.jpg" and "a/0.jpg" trail /d/a/0.jpg: the longer one wins, in either json order
+    for image_ids in ({"0.jpg": 1, "a/0.jpg": 5}, {"a/0.jpg": 5, "0.jpg": 1}):
+        ids = run("longest", image_ids, ["/d/a/0.jpg", "/d/b/0.jpg"])
+        assert ids == {"/d/a/0.jpg": 5, "/d/b/0.jpg": 1}
     # the dataset's image root: only the file there is that image
     root = tmp_path / "root"
     root.mkdir()

@@ -85,6 +85,16 @@ def test_split_coco_json_keeps_annotations_with_their_images(tmp_path):
     assert all(a["image_id"] in vi for a in v["annotations"])
     assert len(t["annotations"]) + len(v["annotations"]) == 30
     assert t["categories"] == data["categories"] and v["info"] == {"x": 1}
+    # another seed gives another split, in the same folder as in the keyed cache
+    _, va1 = split_coco_json(str(src), 0.3, seed=1, out_dir=str(tmp_path / "out"))
+    assert {im["id"] for im in json.load(open(va1))["images"]} != vi
+    ids = []
+    for seed in (0, 1, 0):
+        _, v = split_coco_json(str(src), 0.3, seed=seed)  # cache under $D2SEG_DATASETS
+        ids.append({im["id"] for im in json.load(open(v))["images"]})
+    assert ids[0] == vi and ids[1] != ids[0] and ids[2] == ids[0]
+    _, v = split_coco_json(str(src), 0.4, seed=0)
+    assert len(json.load(open(v))["images"]) == 4
 
 
 def test_coco_from_command_line_with_split(shared_data):
@@ -129,12 +139,44 @@ D2SEG:
     assert meta.evaluator_type == "sem_seg"
     tr, va = DatasetCatalog.get("own_isbi_train"), DatasetCatalog.get("own_isbi_val")
     assert (len(tr), len(va)) == (24, 6)
+    stems = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(base, "image"))}
+    tr_ids, va_ids = {d["image_id"] for d in tr}, {d["image_id"] for d in va}
+    assert not tr_ids & va_ids and tr_ids | va_ids == stems
+    assert all(os.path.splitext(os.path.basename(d["file_name"]))[0] == d["image_id"]
+               for d in tr + va)
     raw = np.asarray(Image.open(os.path.join(base, "label", va[0]["image_id"] + ".png")))
     remapped = np.asarray(Image.open(va[0]["sem_seg_file_name"]))
     assert set(np.unique(remapped)) <= {0, 1}
     assert np.array_equal(remapped == 1, raw == 0)  # membrane (raw 0) -> class 1
     # config dump (default_setup writes config.yaml) round-trips
     assert "own_isbi" in cfg.dump()
+
+
+def test_label_map_remaps_each_value_and_unmapped_values_become_ignore(tmp_path):
+    """label_map's values reach the masks (another map, another cache), values not in the
+    map become ignore_label."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lbl").mkdir()
+    raws = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"s{i}.png")
+        raw = rng.choice(np.array([0, 128, 255], np.uint8), (12, 16))
+        Image.fromarray(raw).save(tmp_path / "lbl" / f"s{i}.png")
+        raws.append(raw)
+    got = {}
+    for name, lmap in (("lm_a", "{255: 0, 0: 1}"), ("lm_b", "{255: 1, 0: 0}")):
+        register_dataset(f"name={name},type=sem_seg,image_root={tmp_path}/img,"
+                         f"sem_seg_root={tmp_path}/lbl,classes=[a,b],ignore_label=254,"
+                         f"label_map={lmap}")
+        dicts = sorted(DatasetCatalog.get(name), key=lambda d: d["image_id"])
+        got[name] = [np.asarray(Image.open(d["sem_seg_file_name"])) for d in dicts]
+    for raw, a, b in zip(raws, got["lm_a"], got["lm_b"]):
+        assert np.array_equal(a == 254, raw == 128) and np.array_equal(b == 254, raw == 128)
+        assert np.array_equal(a[raw == 255], np.zeros((raw == 255).sum(), np.uint8))
+        assert np.array_equal(a[raw == 0], np.ones((raw == 0).sum(), np.uint8))
+        assert np.array_equal(b[raw != 128], 1 - a[raw != 128])
 
 
 def test_coco_panoptic_registered_in_separated_format(shared_data):

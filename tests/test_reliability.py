@@ -193,6 +193,8 @@ def test_bad_overrides_name_the_key(opts, expect):
         ("D2SEG:\n  SPEED:\n    CHANNELS_LAST: off\n", 'quote the value (e.g. "off")'),
         ('D2SEG:\n  SPEED:\n    COMPILE_MODE: "fastest"\n', "D2SEG.SPEED.COMPILE_MODE must be "
          "one of"),
+        ("D2SEG:\n  BEST_CHECKPOINT:\n    MODE: maximum\n",
+         "D2SEG.BEST_CHECKPOINT.MODE='maximum' is not a best-checkpoint mode; did you mean max"),
     ],
 )
 def test_bad_config_files_name_file_and_key(tmp_path, text, expect):

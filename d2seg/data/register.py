@@ -285,17 +285,19 @@ def split_coco_json(json_file: str, val_fraction: float, seed: int = 0,
     Args:
         json_file: the json holding all images.
         val_fraction: share of images for val (see :func:`split_items`).
-        out_dir: where to write ``train.json`` / ``val.json``; default a folder of the dataset
-            cache keyed by the input file and the split parameters (written once).
+        out_dir: where to write ``train.json`` / ``val.json`` (written on every call);
+            default a folder of the dataset cache keyed by the input file and the split
+            parameters (written once, then reused).
 
     Returns:
         (train_json, val_json) paths.
     """
-    if out_dir is None:
+    cached = out_dir is None
+    if cached:
         key = _file_key(json_file, extra=[val_fraction, seed])
         out_dir = os.path.join(_cache_root(), "splits", key)
     tr_path, va_path = os.path.join(out_dir, "train.json"), os.path.join(out_dir, "val.json")
-    if os.path.isfile(tr_path) and os.path.isfile(va_path):
+    if cached and os.path.isfile(tr_path) and os.path.isfile(va_path):
         return tr_path, va_path
     with open(json_file) as f:
         data = json.load(f)

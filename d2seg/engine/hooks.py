@@ -27,6 +27,8 @@ from torch import nn
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
+from ..config import best_checkpoint_mode
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["extend_hooks", "ValidationLoss", "BestCheckpointer", "PlotCurves",
@@ -320,7 +322,12 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
     if comm.is_main_process():
         if metric:
             _check_best_metric(cfg, metric)
-            mode = cfg.D2SEG.BEST_CHECKPOINT.MODE
+            mode = best_checkpoint_mode(metric, cfg.D2SEG.BEST_CHECKPOINT.MODE)
+            if ("loss" in metric.lower()) != (mode == "min"):
+                logger.warning(f"D2SEG.BEST_CHECKPOINT: keeping the checkpoint with the "
+                               f"{'lowest' if mode == 'min' else 'highest'} '{metric}' "
+                               f"(MODE {cfg.D2SEG.BEST_CHECKPOINT.MODE}); 'auto' would pick "
+                               f"{'max' if mode == 'min' else 'min'}")
             period = val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD
             extra.append(BestCheckpointer(period, trainer.checkpointer, metric, mode))
         if cfg.D2SEG.PLOT_CURVES:
