@@ -19,10 +19,12 @@ import logging
 import re
 from typing import Any, Dict, List, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import FrozenBatchNorm2d
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 _TV_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
+# prefixes of a ResNet saved as part of another model: DataParallel, smp / timm encoders
+_WRAPPER_PREFIXES = ("module.", "encoder.", "backbone.", "model.", "body.")
+# entries under which training frameworks save the weights
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net")
 
 
 def is_torchvision_resnet(state_dict: Dict[str, Any]) -> bool:
@@ -94,6 +100,23 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         self._file = filename
         loaded = super()._load_file(filename)
         sd = loaded.get("model", {})
+        # {"state_dict": ...} (timm, mmcv, Lightning) and similar wrappers
+        wrapped = [k for k in _WRAPPER_KEYS if isinstance(sd, dict) and isinstance(sd.get(k), dict)]
+        if wrapped and not any(torch.is_tensor(v) for v in sd.values()):
+            self.logger.info(f"{filename}: weights read from its '{wrapped[0]}' entry")
+            sd = loaded["model"] = dict(sd[wrapped[0]])
+        if not isinstance(sd, dict) or not any(
+                torch.is_tensor(v) or isinstance(v, np.ndarray) for v in sd.values()):
+            keys = sd if isinstance(sd, dict) else loaded
+            raise ValueError(f"{filename}: holds no model weights (no tensors under 'model' or "
+                             f"'state_dict'; its keys: {sorted(map(str, keys))[:8]})")
+        # a ResNet saved inside another model (smp's "encoder.", DataParallel's "module.", ...)
+        for p in _WRAPPER_PREFIXES:
+            if not is_torchvision_resnet(sd) and all(str(k).startswith(p) for k in sd):
+                stripped = {k[len(p):]: v for k, v in sd.items()}
+                if is_torchvision_resnet(stripped):
+                    self.logger.info(f"{filename}: '{p}' stripped from every key")
+                    sd = stripped
         if is_torchvision_resnet(sd):
             anchors = [k for k in self.model.state_dict() if k.endswith("stem.conv1.weight")]
             if not anchors:
@@ -101,7 +124,9 @@ class FinetuneCheckpointer(DetectionCheckpointer):
                                  "has no detectron2 ResNet ('...stem.conv1.weight') to load it "
                                  "into")
             prefix = anchors[0][: -len("stem.conv1.weight")]
-            loaded = {"model": convert_torchvision_resnet(sd, prefix), "__author__": "torchvision"}
+            converted = convert_torchvision_resnet(sd, prefix)
+            self._check_torchvision_fit(filename, converted, prefix)
+            loaded = {"model": converted, "__author__": "torchvision"}
             self._format = "torchvision-resnet"
             self.logger.info(f"{filename}: torchvision ResNet state dict, loaded under "
                              f"'{prefix}' with detectron2 key names")
@@ -109,15 +134,55 @@ class FinetuneCheckpointer(DetectionCheckpointer):
             self._format = str(loaded.get("__author__", "d2seg/detectron2"))
         return loaded
 
+    def _check_torchvision_fit(self, filename: str, converted: Dict[str, torch.Tensor],
+                               prefix: str) -> None:
+        """Say where a torchvision ResNet does not fit the model's ResNet (a DeepLab stem,
+        GroupNorm), and keep its stem norm out of a stem whose convolution it does not fit."""
+        model_sd = self.model.state_dict()
+        key = prefix + "stem.conv1.weight"
+        if tuple(converted[key].shape) != tuple(model_sd[key].shape):
+            for k in [k for k in converted if k.startswith(prefix + "stem.conv1.")]:
+                del converted[k]  # its bn1 would land on another, random convolution
+            self.logger.warning(
+                f"{filename}: the torchvision ResNet's stem (conv1 7x7, 64 channels) does not fit "
+                f"this model's ({key} {tuple(model_sd[key].shape)}: MODEL.RESNETS.STEM_TYPE "
+                f"'deeplab'); the stem and the first res2 block start from scratch, so the "
+                f"pretrained layers after them see other features. For the whole ResNet as "
+                f"trained: MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64")
+        norm = getattr(self.model.get_submodule(prefix + "stem.conv1"), "norm", None)
+        if isinstance(norm, nn.GroupNorm):
+            self.logger.warning(
+                f"{filename}: its BatchNorm weights go into this model's GroupNorm layers "
+                f"(MODEL.RESNETS.NORM GN) and its running statistics are dropped; "
+                f"MODEL.RESNETS.NORM FrozenBN (or BN) runs the ResNet as it was trained")
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        # detectron2's name-matching heuristics (model-zoo .pkl files) first, as
+        # DetectionCheckpointer does, so that the keys counted below are those really loaded
+        if checkpoint.get("matching_heuristics", False):
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            checkpoint["model"] = align_and_update_state_dicts(
+                self.model.state_dict(), checkpoint["model"],
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
+            checkpoint["matching_heuristics"] = False
+        keys = [str(k) for k in checkpoint["model"]]
+        if keys and all(k.startswith("module.") for k in keys):  # fvcore strips it
+            keys = [k[len("module."):] for k in keys]
+        self._file_keys = keys
+        return super()._load_model(checkpoint)
+
     def _log_incompatible_keys(self, incompatible) -> None:
         shapes = list(incompatible.incorrect_shapes)
         model_keys = set(self.model.state_dict())
         skipped = {k for k, _, _ in shapes}
         missing = [k for k in incompatible.missing_keys if k in model_keys and k not in skipped]
+        # tensors that came from the file (not: buffers the model filled in itself, such as
+        # FrozenBatchNorm statistics absent from a Caffe2 file)
+        loaded = sorted(set(self._file_keys) & model_keys - skipped)
         self.last_summary = {
             "file": self._file,
             "format": self._format,
-            "loaded": len(model_keys) - len(missing) - len(shapes),
+            "loaded": len(loaded),
             "skipped_shape": shapes,
             "missing": missing,
             "unexpected": list(incompatible.unexpected_keys),
@@ -133,6 +198,15 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(rest)
         self.logger.info(f"Loaded {self.last_summary['loaded']} of {len(model_keys)} model "
                          f"tensors from {self._file} ({self._format})")
+        if not loaded:
+            def prefixes(names):
+                return sorted({n.split(".")[0] + "." for n in names})[:6]
+            raise ValueError(
+                f"{self._file}: none of its {len(self._file_keys)} tensors fits the model "
+                f"(names in the file start with {prefixes(self._file_keys)}, the model's with "
+                f"{prefixes(model_keys)}{'; shapes differ for ' + str(len(shapes)) if shapes else ''}"
+                f"). Give MODEL.WEIGHTS a checkpoint of this model, a detectron2 model-zoo file "
+                f"or a torchvision ResNet state dict (docs/own_data.md)")
 
 
 def load_weights(model: nn.Module, path: str, complete: bool = False,

@@ -127,7 +127,40 @@ def test_torchvision_resnet18_state_dict(tmp_path):
     for d2k, tvk in pairs.items():
         assert torch.equal(sd[d2k], tvsd[tvk]), d2k
     n_tv = len([k for k in tvsd if not k.startswith("fc.") and "num_batches" not in k])
-    assert s["loaded"] >= n_tv
+    assert s["loaded"] == n_tv  # what came from the file, not the tensors the model has
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "encoder.", "module.", "plain"])
+def test_wrapped_torchvision_resnet_files_load_the_same(tmp_path, wrap):
+    """A ResNet saved as {"state_dict": ...} (timm, Lightning), as smp's "encoder." or
+    DataParallel's "module."; the count is what came from the file."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tvsd = torchvision.models.resnet18(weights=None).state_dict()
+    obj = {"state_dict": tvsd} if wrap == "state_dict" else \
+        tvsd if wrap == "plain" else {wrap + k: v for k, v in tvsd.items()}
+    torch.save(obj, tmp_path / "w.pth")
+    model = build_model(_cfg("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1",
+                             "False"))
+    summary = load_weights(model, str(tmp_path / "w.pth"))
+    assert summary["format"] == "torchvision-resnet"
+    assert summary["loaded"] == len([k for k in tvsd if not k.startswith("fc.")
+                                     and "num_batches" not in k])
+    assert torch.equal(model.state_dict()["backbone.bottom_up.res4.1.conv2.weight"],
+                       tvsd["layer3.1.conv2.weight"])
+
+
+def test_a_file_that_fits_nothing_is_an_error(tmp_path):
+    torch.save({"model": {"encoder.conv.weight": torch.zeros(3, 3), "decoder.w": torch.ones(2)}},
+               tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other\.pth: none of its 2 tensors fits the model "
+                                         r"\(names in the file start with \['decoder\.', "
+                                         r"'encoder\.'\], the model's with \['backbone\."):
+        load_weights(build_model(_cfg()), str(tmp_path / "other.pth"))
+    torch.save({"optimizer": {}}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match="empty.pth"):
+        load_weights(build_model(_cfg()), str(tmp_path / "empty.pth"))
 
 
 def test_torchvision_bottleneck_keys_match_detectron2_resnet50():
@@ -182,3 +215,28 @@ def test_finetune_through_train_net(five_class_ckpt, shared_data, tmp_path):
     log = open(tmp_path / "log.txt").read()
     assert log.count("skipped because their shape differs") == 1
     assert "Froze" in log
+
+
+def test_torchvision_resnet50_into_a_deeplab_stem_and_the_fix(tmp_path, fvcore_log):
+    """torchvision's 7x7 stem does not fit the DeepLab configs' 3-conv stem: said, and its
+    bn1 kept off the random stem conv; with the basic stem the whole ResNet-50 loads."""
+    import torchvision
+
+    tvsd = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(tvsd, tmp_path / "r50.pth")
+    n_tv = len([k for k in tvsd if not k.startswith("fc.") and "num_batches" not in k])
+    deeplab = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/deeplabv3_R_50.yaml")
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STRIDE_IN_1X1", "False"]
+    model = build_model(load_config(deeplab, opts))
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".stem." in k}
+    summary = load_weights(model, str(tmp_path / "r50.pth"))
+    assert any("STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64" in r.getMessage()
+               for r in fvcore_log)
+    for k, v in before.items():  # nothing of torchvision's stem landed on the deep stem
+        assert torch.equal(model.state_dict()[k], v), k
+    assert summary["loaded"] < n_tv
+    model = build_model(load_config(deeplab, opts + ["MODEL.RESNETS.STEM_TYPE", "basic",
+                                                     "MODEL.RESNETS.STEM_OUT_CHANNELS", "64"]))
+    summary = load_weights(model, str(tmp_path / "r50.pth"))
+    assert summary["loaded"] == n_tv and summary["skipped_shape"] == []
+    assert torch.equal(model.state_dict()["backbone.stem.conv1.weight"], tvsd["conv1.weight"])

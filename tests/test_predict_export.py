@@ -155,6 +155,80 @@ def test_predict_tool_semantic_folder_and_glob(tmp_path):
                            "--output", str(out), *TINY_UNET])
 
 
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, caplog):
+    """A 16-bit or float grey image reads as its 8-bit version (scaled by its own range), in
+    d2seg's reader and in the one detectron2's DatasetMapper calls; masks ("L") are not
+    scaled; SegPredictor takes such arrays and (H, W) grey ones too."""
+    from detectron2.data import detection_utils
+
+    from d2seg.data import image_io
+
+    rs = np.random.RandomState(0)
+    g8 = rs.randint(0, 256, (40, 50)).astype(np.uint8)
+    g8[0, 0], g8[0, 1] = 0, 255
+    Image.fromarray(g8).save(tmp_path / "g8.png")
+    Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    Image.fromarray((g8.astype(np.float32) / 255) * 3 - 1).save(tmp_path / "gf.tif")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert Image.open(tmp_path / "gf.tif").mode == "F"
+    ref = detection_utils.convert_PIL_to_numpy(Image.open(tmp_path / "g8.png"), "BGR")
+    assert detection_utils.read_image is image_io.read_image  # installed by `import d2seg`
+    with caplog.at_level("WARNING", logger="d2seg.data.image_io"):
+        for name in ("g16.png", "gf.tif"):
+            for fmt in ("BGR", "RGB"):
+                got = detection_utils.read_image(str(tmp_path / name), format=fmt)
+                assert got.dtype == np.uint8 and np.array_equal(got, ref), (name, fmt)
+    # detectron2's own reader clips the 16-bit image to almost white
+    assert image_io._detectron2_read_image(str(tmp_path / "g16.png"), "BGR").mean() > 250
+    # a 16-bit label map with class ids is read as the ids, never scaled
+    lab = (rs.randint(0, 3, (20, 30))).astype(np.uint16)
+    Image.fromarray(lab).save(tmp_path / "lab16.png")
+    assert np.array_equal(detection_utils.read_image(str(tmp_path / "lab16.png"), "L")[..., 0],
+                          lab)
+    assert image_io.to_uint8(np.full((3, 3), 7, np.uint16)).max() == 0  # constant image
+    with pytest.raises(ValueError, match="NaN"):
+        image_io.to_uint8(np.array([[0.0, np.nan]], np.float32), "x.tif")
+
+    cfg = load_config(UNET, TINY_UNET + ["INPUT.MIN_SIZE_TEST", "0"])
+    pred = SegPredictor(cfg)
+    want = pred(np.repeat(g8[:, :, None], 3, axis=2))["sem_seg"]
+    for arr in (g8, g8[:, :, None], g8.astype(np.uint16) * 257,
+                np.repeat((g8.astype(np.float32) / 255)[:, :, None], 3, axis=2)):
+        assert torch.equal(pred(arr)["sem_seg"], want)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) BGR image"):
+        pred(np.zeros((4, 5, 4), np.uint8))
+
+
+def test_predict_tool_skips_unreadable_files_and_writes_the_rest(tmp_path):
+    imgs = tmp_path / "in"
+    imgs.mkdir()
+    rs = np.random.RandomState(0)
+    Image.fromarray(rs.randint(0, 255, (40, 60, 3), dtype=np.uint8)).save(imgs / "a.png")
+    (imgs / "broken.png").write_text("not an image")
+    Image.fromarray(rs.randint(0, 255, (30, 20, 3), dtype=np.uint8)).save(imgs / "c.png")
+    out = tmp_path / "out"
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # predict.py's "d2seg" logger does not propagate
+    logging.getLogger("d2seg.inference.run").addHandler(handler)
+    try:
+        predict_tool.main(["--config-file", UNET, "--input", str(imgs), "--output", str(out),
+                           *TINY_UNET, "INPUT.MIN_SIZE_TEST", "0"])
+    finally:
+        logging.getLogger("d2seg.inference.run").removeHandler(handler)
+    log = "\n".join(r.getMessage() for r in records)
+    assert sorted(os.listdir(out / "sem_seg")) == ["a.png", "c.png"]
+    assert set(json.load(open(out / "image_ids.json"))) == {str(imgs / "a.png"),
+                                                            str(imgs / "c.png")}
+    assert f"{imgs / 'broken.png'}: not a readable image" in log
+    assert "1 of 3 inputs skipped" in log
+    with pytest.raises(ValueError, match="none of the 1 inputs is a readable image"):
+        predict_tool.main(["--config-file", UNET, "--input", str(imgs / "broken.png"),
+                           "--output", str(tmp_path / "o2"), *TINY_UNET])
+
+
 def test_predict_tool_panoptic(tmp_path):
     """Panoptic FPN (random weights): panoptic PNG + json with dataset category ids."""
     img = tmp_path / "x.png"
@@ -271,6 +345,33 @@ def test_export_tool_writes_report(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"))
     (out,) = sess.run(None, {"image": np.random.rand(3, 80, 112).astype(np.float32) * 255})
     assert out.shape == (5, 80, 112)
+
+
+def test_exported_semantic_model_with_its_input_spec_predicts_as_the_predictor(tmp_path):
+    """The test resize is outside the graph: the exported model, with the resize written to
+    input_spec.json done before and after it, gives SegPredictor's logits."""
+    from detectron2.data.transforms import ResizeShortestEdge
+    from detectron2.modeling import build_model
+
+    opts = TINY_UNET + ["D2SEG.SPEED.INFERENCE_AMP", "off", "INPUT.MIN_SIZE_TEST", "96"]
+    torch.manual_seed(0)
+    torch.save({"model": build_model(load_config(UNET, opts)).state_dict()},
+               tmp_path / "w.pth")
+    opts += ["MODEL.WEIGHTS", str(tmp_path / "w.pth")]
+    export_tool.main(["--config-file", UNET, "--format", "torchscript", "--output",
+                      str(tmp_path / "x"), *opts])
+    spec = json.load(open(tmp_path / "x" / "input_spec.json"))
+    assert (spec["min_size_test"], spec["channel_order"]) == (96, "BGR")
+    image = np.random.RandomState(0).randint(0, 256, (83, 111, 3), dtype=np.uint8)
+    want = SegPredictor(load_config(UNET, opts))(image)["sem_seg"]
+    resized = ResizeShortestEdge([spec["min_size_test"]] * 2, spec["max_size_test"]) \
+        .get_transform(image).apply_image(image)
+    assert min(resized.shape[:2]) == 96
+    ts = torch.jit.load(str(tmp_path / "x" / "model.ts"))
+    out = ts(torch.as_tensor(resized.transpose(2, 0, 1).astype(np.float32)))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    got = F.interpolate(out[None].float(), (83, 111), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(got, want, atol=1e-3)
 
 
 def test_rot90_and_flip_tta_average_the_eight_views():

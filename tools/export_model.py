@@ -6,7 +6,9 @@
 
 Semantic models (UNet, DeepLabV3(Plus), PSPNet, SemanticSegmentor): OUT/model.ts,
 OUT/model.onnx taking a (3, H, W) float image (0-255, INPUT.FORMAT channel order) and returning
-(K, H, W) logits; H, W dynamic (PSPNet's ONNX file: fixed size). R-CNN (Mask R-CNN): detectron2's
+(K, H, W) logits; H, W dynamic (PSPNet's ONNX file: fixed size). The config's test resize
+(INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) is not part of the exported graph: OUT/input_spec.json
+says what to do before and after, as tools/predict.py does. R-CNN (Mask R-CNN): detectron2's
 tracing export (boxes, classes, 28x28 mask probabilities, scores at the input resolution). The
 comparison with PyTorch on random images is written to OUT/export_report.json; the command
 exits 1 when an export fails. See d2seg/export.py and docs/own_data.md.
@@ -33,6 +35,19 @@ def get_parser() -> argparse.ArgumentParser:
                    help="R-CNN: compare on these images (test-resized) instead of random ones")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return p
+
+
+def input_spec(cfg) -> dict:
+    """What the exported model expects of its input, which ``tools/predict.py`` does before
+    and after the model (written to OUT/input_spec.json)."""
+    lo, hi = int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
+    resize = (f"resize the image (bilinear) so that its shorter side is {lo} px and its longer "
+              f"at most {hi} px (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST), run the model, then "
+              f"resize its output to the original size (semantic logits: bilinear; R-CNN: "
+              f"scale the boxes)" if lo > 0 else
+              "the image at its own size (INPUT.MIN_SIZE_TEST 0: no test resize)")
+    return {"channel_order": cfg.INPUT.FORMAT, "value_range": [0, 255], "layout": "(3, H, W)",
+            "min_size_test": lo, "max_size_test": hi, "resize": resize}
 
 
 def main(argv=None) -> list:
@@ -80,6 +95,10 @@ def main(argv=None) -> list:
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "export_report.json"), "w") as f:
         json.dump(results, f, indent=1)
+    spec = input_spec(cfg)
+    with open(os.path.join(args.output, "input_spec.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    print(f"input: {spec['resize']}")
     failed = False
     for r in results:
         status = f"ERROR {r['error']}" if r["error"] else f"max |diff| {r['max_abs_diff']:.3g}"

@@ -17,7 +17,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BadInputError", "SafeMapper", "INPUT_ERRORS"]
+__all__ = ["BadInputError", "SafeMapper", "INPUT_ERRORS", "is_input_error"]
 
 from .errors import BadInputError  # noqa: E402
 
@@ -27,7 +27,8 @@ INPUT_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, SizeMi
                 EOFError, IndexError, AssertionError)  # detectron2 asserts on shape mismatches
 
 
-def _is_input_error(e: BaseException) -> bool:
+def is_input_error(e: BaseException) -> bool:
+    """Whether ``e`` is what reading a broken or non-image file raises."""
     return isinstance(e, INPUT_ERRORS) or type(e).__name__ == "error"  # cv2.error
 
 
@@ -50,7 +51,7 @@ class SafeMapper:
         try:
             return self.mapper(dataset_dict)
         except Exception as e:  # noqa: BLE001 - filtered right below
-            if not _is_input_error(e):
+            if not is_input_error(e):
                 raise
             files = [dataset_dict.get(k) for k in ("file_name", "sem_seg_file_name",
                                                     "pan_seg_file_name") if dataset_dict.get(k)]

@@ -26,6 +26,7 @@ from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_m
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 
 from ..checkpoint import load_weights
+from ..data.image_io import to_uint8
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
 from .tta import SemanticSegmentorWithTTA
@@ -84,6 +85,19 @@ def build_inference_model(cfg) -> nn.Module:
     return model
 
 
+def _as_bgr_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 from what a user may hand the predictor (see ``SegPredictor.__call__``)."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(to_uint8(image, "SegPredictor input")[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"SegPredictor takes an (H, W, 3) BGR image or an (H, W) grey one, got "
+                         f"shape {tuple(image.shape)}")
+    return to_uint8(image, "SegPredictor input")
+
+
 class SegPredictor(DefaultPredictor):
     """Like ``DefaultPredictor``: ``predictor(bgr_image (H, W, 3) uint8)`` -> the model's output
     dict for one image at its original size ("sem_seg" (K, H, W) logits, "instances",
@@ -106,6 +120,10 @@ class SegPredictor(DefaultPredictor):
         if inf.ROT90 and not self.semantic:
             logger.warning(f"D2SEG.INFERENCE.ROT90: semantic models only, not "
                            f"{type(self.model).__name__}; predicting without it")
+        if min(inf.SLIDING_WINDOW.SIZE) > 0 and not self.semantic:
+            logger.warning(f"D2SEG.INFERENCE.SLIDING_WINDOW.SIZE "
+                           f"{tuple(inf.SLIDING_WINDOW.SIZE)}: semantic models only, not "
+                           f"{type(self.model).__name__}; predicting each image whole")
         self.tta_model = None
         if self.semantic:  # windows, flips and rotations as D2SEG.INFERENCE says
             self.semantic_model = SemanticSegmentorWithTTA(
@@ -131,11 +149,14 @@ class SegPredictor(DefaultPredictor):
     def __call__(self, original_image: np.ndarray) -> Dict:
         """
         Args:
-            original_image: (H, W, C) uint8 image in BGR order (as cv2.imread).
+            original_image: (H, W, 3) uint8 image in BGR order (as cv2.imread); an (H, W) or
+                (H, W, 1) grey image is repeated over the 3 channels, and a 16-bit or float
+                one scaled to 0-255 by its own minimum and maximum (as d2seg reads such files).
 
         Returns:
             the model's output for the image, at the original size.
         """
+        original_image = _as_bgr_uint8(original_image)
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
         height, width = original_image.shape[:2]

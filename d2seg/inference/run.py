@@ -6,11 +6,12 @@ import os
 from typing import Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from ..config import CfgNode, load_config
+from ..data.image_io import read_image
 from ..data.register import register_datasets_from_cfg
+from ..data.safe_mapper import is_input_error
 from .predictor import SegPredictor
 from .writer import PredictionWriter, image_ids_from_coco_json, list_inputs
 
@@ -71,10 +72,24 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
     ids = image_ids_from_coco_json(coco_json) if coco_json and os.path.isfile(coco_json) else {}
     predictor = SegPredictor(cfg)
     writer = PredictionWriter(out_dir, metadata, score_threshold, ids, overlays, image_root)
+    skipped = []
     for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
-        bgr = read_image(path, format="BGR")
+        try:
+            bgr = read_image(path, format="BGR")
+        except Exception as e:  # noqa: BLE001 - only unreadable files, filtered right below
+            if not is_input_error(e):
+                raise
+            logger.warning(f"{path}: not a readable image ({type(e).__name__}: {e}); skipped")
+            skipped.append(path)
+            continue
         writer.add(path, i, bgr, predictor(bgr))
+    if skipped and len(skipped) == len(paths):
+        raise ValueError(f"none of the {len(paths)} inputs is a readable image: "
+                         f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     written = writer.finish()
+    if skipped:
+        logger.warning(f"{len(skipped)} of {len(paths)} inputs skipped as unreadable: "
+                       f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     for kind, p in written.items():
         logger.info(f"{kind} predictions of {len(paths)} images written to {p}")
     return written

@@ -1,0 +1,78 @@
+"""Reading images with more than 8 bits per pixel (16-bit and float TIFF / PNG: EM and medical
+data often are).
+
+detectron2's ``read_image`` converts every image to the 8-bit format the models take through
+PIL, which clips a 16-bit image at 255 (almost all white) and a float one to 0 or 1 (black):
+the model then trains on, or predicts, a constant image without any message. d2seg reads such
+images by scaling each one by its own minimum and maximum to 0-255 (logged for the first such
+image in a process), then converts as detectron2 does. Masks are never scaled: they are read in
+the "L" format, whose values are class ids.
+
+:func:`install` puts :func:`read_image` in the place of ``detection_utils.read_image``, so that
+detectron2's own ``DatasetMapper`` (Mask R-CNN, Panoptic FPN) reads images the same way; it is
+called when ``d2seg`` is imported. 8-bit images give exactly what detectron2's reader gives.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from detectron2.data import detection_utils
+from detectron2.utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["read_image", "to_uint8", "HIGH_BIT_MODES", "install"]
+
+# PIL modes of one-channel images with more than 8 bits (integer or float)
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# formats whose values are intensities (scaled); others ("L" for masks, None) are kept as read
+_COLOR_FORMATS = ("BGR", "RGB", "YUV-BT.601")
+_warned = False
+_detectron2_read_image = detection_utils.read_image
+
+
+def to_uint8(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """``array`` (any integer or float dtype) scaled by its own minimum and maximum to uint8
+    0-255; uint8 is returned unchanged, a constant array becomes 0. NaN / inf are refused."""
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what}: NaN or infinite pixel values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(f"{what}: {array.dtype} pixels ({lo:g}..{hi:g}) scaled to 0-255 by the "
+                       f"image's own minimum and maximum, as is every such image (the models "
+                       f"take 8-bit input); convert them beforehand for another scaling")
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
+    """detectron2's ``read_image`` (EXIF orientation applied; (H, W, C) uint8 in ``format``),
+    with 16-bit and float images scaled to 0-255 by their own range instead of clipped, when
+    ``format`` is a colour format ("BGR", "RGB", "YUV-BT.601")."""
+    if format not in _COLOR_FORMATS:
+        return _detectron2_read_image(file_name, format)
+    with PathManager.open(file_name, "rb") as f:
+        image = Image.open(f)
+        image = detection_utils._apply_exif_orientation(image)
+        if image.mode in HIGH_BIT_MODES:
+            image = Image.fromarray(to_uint8(np.asarray(image), str(file_name)), mode="L")
+        return detection_utils.convert_PIL_to_numpy(image, format)
+
+
+def install() -> None:
+    """Make ``detectron2.data.detection_utils.read_image`` this module's :func:`read_image`
+    (idempotent)."""
+    detection_utils.read_image = read_image
