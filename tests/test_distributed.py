@@ -130,6 +130,8 @@ def _compiled_worker(out: str, opts):
     from d2seg.engine import Trainer, default_argument_parser, fast_paths, setup
     from detectron2.utils import comm
 
+    from d2seg.engine import hooks as d2seg_hooks
+
     args = default_argument_parser().parse_args(["--config-file", SEM_CFG, "OUTPUT_DIR", out,
                                                  *opts])
     cfg = setup(args)
@@ -137,11 +139,22 @@ def _compiled_worker(out: str, opts):
     trainer.resume_or_load(resume=False)
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     init = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # each rank's BatchNorm statistics right before SyncAcrossRanks averages them
+    before_sync = {}
+    average = d2seg_hooks.average_norm_statistics
+
+    def spy(m):
+        before_sync.update({k: v.detach().clone() for k, v in m.state_dict().items()
+                            if k.endswith("running_mean")})
+        return average(m)
+
+    d2seg_hooks.average_norm_statistics = spy
     trainer.train()
     compiled = fast_paths.compiled_modules(model)
     torch.save({"weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "init": init, "params": [n for n, _ in model.named_parameters()], "ddp": hasattr(trainer.model, "module"),
-                "compiled": len(compiled), "failed": [c["failed"] for c in compiled if c["failed"]]},
+                "compiled": len(compiled), "failed": [c["failed"] for c in compiled if c["failed"]],
+                "before_sync": before_sync, "rng_states": trainer.rank_rng_states},
                os.path.join(out, f"rank{comm.get_rank()}.pth"))
 
 
@@ -172,11 +185,22 @@ def test_two_processes_with_compiled_modules(tmp_path):
     assert c0["ddp"] and c0["compiled"] == 2 and not c0["failed"] and not c1["failed"]
     assert runs["eager"][0]["compiled"] == 0
     w0, w1, we = c0["weights"], c1["weights"], runs["eager"][0]["weights"]
-    for k in c0["params"]:  # (BatchNorm's running statistics stay per rank, as in detectron2)
+    for k in c0["params"]:
         assert torch.equal(w0[k], w1[k]), k  # all-reduced gradients: the ranks agree
-    # the ranks saw different images (their BatchNorm statistics differ), so equal weights
-    # are the all-reduce's doing
-    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith("running_mean"))
+    # the ranks saw different images (their BatchNorm statistics differed before the last
+    # step's sync), so equal weights are the all-reduce's doing; after the sync both ranks
+    # hold the mean statistics, which model_final.pth saved
+    b0, b1 = c0["before_sync"], c1["before_sync"]
+    assert b0 and any(not torch.equal(b0[k], b1[k]) for k in b0)
+    final = torch.load(tmp_path / "compiled" / "model_final.pth", weights_only=False)
+    for k in b0:
+        assert torch.allclose(w0[k], (b0[k] + b1[k]) / 2, atol=1e-6) and torch.equal(w0[k], w1[k])
+        assert torch.equal(final["model"][k], w0[k])
+    # every rank's RNG states are in the checkpoint, for --resume to give each its own
+    it, states = c0["rng_states"]
+    assert it == 2 and len(states) == 2 and len(final["trainer"]["rng_per_rank"]) == 2
+    assert not torch.equal(final["trainer"]["rng_per_rank"][0]["torch"], final["trainer"]["rng_per_rank"][1]["torch"])
+    assert torch.equal(final["trainer"]["rng_per_rank"][1]["torch"], c1["rng_states"][1][1]["torch"])
     for k in w0:
         assert torch.allclose(w0[k].float(), we[k].float(), rtol=1e-4, atol=1e-5), k
     init = c0["init"]

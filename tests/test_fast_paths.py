@@ -718,3 +718,33 @@ def test_first_metrics_write_imports_nothing(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("NEW_MODULES")]
     assert line == ["NEW_MODULES []"], line or out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("recorded_bf16", [True, False])
+def test_resume_keeps_the_recorded_cpu_precision(monkeypatch, tmp_path, recorded_bf16):
+    """--resume (and --eval-only in the training folder) does not measure bf16 again: the
+    probe's ratio moves with the CPU's load, and a new answer would switch precision in the
+    middle of a run."""
+    from d2seg.engine.train_loop import _recorded_config, adapt_to_hardware
+
+    monkeypatch.delenv(fast_paths.CPU_BF16_SPEEDUP_ENV, raising=False)
+    monkeypatch.setattr(fast_paths, "cpu_bf16_speedup", lambda: 1.0 if recorded_bf16 else 2.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    first = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
+    first.SOLVER.AMP.ENABLED = recorded_bf16
+    first.D2SEG.SPEED.AMP_DTYPE = "bfloat16" if recorded_bf16 else "auto"
+    (out / "config.yaml").write_text(first.dump())
+    cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
+    said = adapt_to_hardware(cfg, _recorded_config(cfg, resume=True, eval_only=False))
+    assert bool(cfg.SOLVER.AMP.ENABLED) == recorded_bf16
+    assert (cfg.D2SEG.SPEED.AMP_DTYPE == "bfloat16") == recorded_bf16
+    assert "recorded in" in said[-1][1]
+    # a fresh run measures; a pinned choice wins over the record
+    cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
+    adapt_to_hardware(cfg, _recorded_config(cfg, resume=False, eval_only=False))
+    assert bool(cfg.SOLVER.AMP.ENABLED) != recorded_bf16
+    monkeypatch.setenv(fast_paths.CPU_BF16_SPEEDUP_ENV, "2" if not recorded_bf16 else "1")
+    cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
+    adapt_to_hardware(cfg, _recorded_config(cfg, resume=True, eval_only=False))
+    assert bool(cfg.SOLVER.AMP.ENABLED) != recorded_bf16

@@ -195,3 +195,49 @@ def test_a_mistyped_best_checkpoint_metric_is_reported_at_start(caplog):
     assert "isbi2012_membrane_val/sem_seg/mIoU" in names
     assert "isbi2012_membrane_val/sem_seg_metrics/mDice" in names
     assert "fruits_nuts_val/segm/AP" in names
+
+
+def test_best_checkpointer_remembers_its_best_across_a_resume(tmp_path):
+    """The best value is part of the trainer's checkpoint: a resumed run keeps model_best.pth
+    unless it beats it."""
+    ck = DetectionCheckpointer(nn.Linear(1, 1), str(tmp_path))
+    hook = BestCheckpointer(10, ck, "sem_seg/mIoU", "max")
+    assert hook.state_dict() == {}
+    hook.best_metric, hook.best_iter = 15.42, 9
+    again = BestCheckpointer(10, ck, "sem_seg/mIoU", "max")
+    again.load_state_dict(hook.state_dict())
+    assert (again.best_metric, again.best_iter) == (15.42, 9)
+    assert not again._compare(15.29, again.best_metric) and again._compare(15.5, again.best_metric)
+
+
+def test_resumed_processes_get_their_own_rng_states(monkeypatch, caplog):
+    """A checkpoint with every process's RNG states gives each process its own; one from
+    another world size (or older, with rank 0's only) gives rank 0's to all; hooks that run on
+    rank 0 only (BestCheckpointer) are not looked for on the others."""
+    from detectron2.utils import comm
+
+    from d2seg.engine.trainer import Trainer
+
+    class Inner:
+        def load_state_dict(self, sd):
+            pass
+
+    def fresh():
+        t = Trainer.__new__(Trainer)
+        t._hooks, t._trainer = [], Inner()
+        return t
+
+    state = {"iteration": 9, "_trainer": {}, "rng": "rank0", "rng_per_rank": ["r0", "r1"],
+             "hooks": {"BestCheckpointer": {"best_metric": 1.0, "best_iter": 3}}}
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "get_rank", lambda: 1)
+    monkeypatch.setattr(comm, "is_main_process", lambda: False)
+    t = fresh()
+    with caplog.at_level(logging.WARNING):
+        t.load_state_dict(state)
+    assert "Cannot find the hook" not in caplog.text
+    assert t._loaded_rng_state == "r1" and t.iter == 9
+    monkeypatch.setattr(comm, "get_world_size", lambda: 4)
+    t = fresh()
+    t.load_state_dict(state)
+    assert t._loaded_rng_state == "rank0"

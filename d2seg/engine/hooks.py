@@ -31,7 +31,8 @@ from ..config import best_checkpoint_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["extend_hooks", "ValidationLoss", "BestCheckpointer", "PlotCurves",
+__all__ = ["extend_hooks", "ValidationLoss", "BestCheckpointer", "PlotCurves", "SyncAcrossRanks",
+           "average_norm_statistics",
            "build_val_loss_loader", "plot_curves", "plot_metrics_json"]
 
 
@@ -137,7 +138,18 @@ class ValidationLoss(HookBase):
 class BestCheckpointer(hooks.BestCheckpointer):
     """detectron2's ``BestCheckpointer`` (saves ``<file_prefix>.pth`` when the metric improves),
     except that ``last_checkpoint`` (what ``--resume`` reads) keeps naming the last periodic
-    checkpoint, and a missing metric is reported with the metrics that do exist."""
+    checkpoint, a missing metric is reported with the metrics that do exist, and the best
+    value so far is part of the trainer's checkpoint (a resumed run does not replace
+    ``model_best.pth`` by a worse model)."""
+
+    def state_dict(self) -> Dict:
+        if self.best_metric is None:
+            return {}
+        return {"best_metric": float(self.best_metric), "best_iter": int(self.best_iter)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("best_metric") is not None:
+            self.best_metric, self.best_iter = float(state["best_metric"]), int(state["best_iter"])
 
     def _best_checking(self):
         latest = self.trainer.storage.latest()
@@ -204,6 +216,69 @@ def _check_best_metric(cfg, metric: str) -> None:
         f"DATASETS.TEST report" + (f"; did you mean {' or '.join(repr(c) for c in close)}?"
                                    if close else f" ({', '.join(names[:8])}, ...)")
         + " model_best.pth is written only when that metric exists.")
+
+
+# ----------------------------------------------------------------------------------------
+# distributed runs: one model state to evaluate and save
+# ----------------------------------------------------------------------------------------
+def norm_statistics(model: nn.Module) -> List[torch.Tensor]:
+    """The running statistics of the model's BatchNorm-like layers that training updates
+    (``running_mean`` / ``running_var`` of ``_BatchNorm`` modules that track them)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    out: List[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            out += [m.running_mean, m.running_var]
+    return out
+
+
+def average_norm_statistics(model: nn.Module) -> int:
+    """Average the BatchNorm running statistics over all processes (in place); returns how
+    many tensors. DDP leaves each process its own (``broadcast_buffers=False``, detectron2's
+    choice), so without this each process would evaluate its share of the images with other
+    statistics than the checkpoint rank 0 saves."""
+    import torch.distributed as dist
+
+    stats = norm_statistics(model)
+    if not stats or comm.get_world_size() < 2:
+        return 0
+    with torch.no_grad():
+        for dtype in {t.dtype for t in stats}:
+            group = [t for t in stats if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat)
+            flat /= comm.get_world_size()
+            for t, v in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(v.view_as(t))
+    return len(stats)
+
+
+class SyncAcrossRanks(HookBase):
+    """Distributed runs: before every iteration that saves a checkpoint, evaluates or computes
+    the validation loss (and the last one), every process gets the same BatchNorm statistics
+    (their mean), so that evaluation, ``model_best.pth`` and the saved checkpoint describe one
+    model; at checkpoint iterations each process's RNG states are gathered into the trainer's
+    checkpoint, so that ``--resume`` gives every process its own states back. Runs on every
+    process, before detectron2's ``PeriodicCheckpointer``."""
+
+    def __init__(self, checkpoint_period: int, other_periods: Sequence[int]):
+        self._ckpt = int(checkpoint_period)
+        self._periods = [int(p) for p in other_periods if int(p) > 0]
+
+    def after_step(self) -> None:
+        if comm.get_world_size() < 2:
+            return
+        nxt = self.trainer.iter + 1
+        last = nxt >= self.trainer.max_iter
+        ckpt = last or (self._ckpt > 0 and nxt % self._ckpt == 0)
+        if ckpt or any(nxt % p == 0 for p in self._periods):
+            model = self.trainer.model
+            average_norm_statistics(getattr(model, "module", model))
+        if ckpt:
+            from .trainer import get_rng_state
+
+            self.trainer.rank_rng_states = (self.trainer.iter, comm.all_gather(get_rng_state()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,6 +391,8 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
     metric = cfg.D2SEG.BEST_CHECKPOINT.METRIC
     extra: List[HookBase] = []
     val_period = cfg.D2SEG.VAL_LOSS_PERIOD
+    best_period = (val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD) \
+        if metric else 0
     if len(cfg.DATASETS.TEST) and (val_period > 0 or metric.startswith("val_")):
         extra.append(ValidationLoss(
             val_period, lambda: build_val_loss_loader(cfg, cfg.DATASETS.TEST)))
@@ -328,10 +405,16 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
                                f"{'lowest' if mode == 'min' else 'highest'} '{metric}' "
                                f"(MODE {cfg.D2SEG.BEST_CHECKPOINT.MODE}); 'auto' would pick "
                                f"{'max' if mode == 'min' else 'min'}")
-            period = val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD
-            extra.append(BestCheckpointer(period, trainer.checkpointer, metric, mode))
+            extra.append(BestCheckpointer(best_period, trainer.checkpointer, metric, mode))
         if cfg.D2SEG.PLOT_CURVES:
             extra.append(PlotCurves(os.path.join(cfg.OUTPUT_DIR, "curves.png")))
     writer_at = next((i for i, h in enumerate(hooks_list) if isinstance(h, hooks.PeriodicWriter)),
                      len(hooks_list))
-    return hooks_list[:writer_at] + extra + hooks_list[writer_at:]
+    out = hooks_list[:writer_at] + extra + hooks_list[writer_at:]
+    if comm.get_world_size() > 1:
+        sync = SyncAcrossRanks(cfg.SOLVER.CHECKPOINT_PERIOD,
+                               [cfg.TEST.EVAL_PERIOD, val_period, best_period])
+        at = next((i for i, h in enumerate(out) if isinstance(h, (hooks.PeriodicCheckpointer,
+                                                                   hooks.EvalHook))), len(out))
+        out.insert(at, sync)
+    return out

@@ -30,10 +30,46 @@ logger = logging.getLogger("d2seg")
 __all__ = ["setup", "main", "default_argument_parser", "launch", "run"]
 
 
-def adapt_to_hardware(cfg: CfgNode) -> List[Tuple[int, str]]:
+def _recorded_config(cfg: CfgNode, resume: bool, eval_only: bool) -> Dict[str, Any]:
+    """``OUTPUT_DIR/config.yaml`` as the run being resumed (or evaluated in its training
+    folder) recorded it, before this run's ``default_setup`` rewrites it; {} otherwise."""
+    prev = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if not (resume or eval_only) or not os.path.isfile(prev):
+        return {}
+    import yaml
+
+    try:
+        with open(prev) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _recorded_cpu_amp(cfg: CfgNode, recorded: Dict[str, Any]) -> Optional[bool]:
+    """Whether the recorded CPU run trained in bf16 (True / False), or None where there is
+    nothing to follow: no record, another device, another AMP request, or a pinned choice."""
+    if not recorded or os.environ.get(fast_paths.CPU_BF16_SPEEDUP_ENV):
+        return None
+    if str(cfg.D2SEG.SPEED.AMP_DTYPE).strip().lower() != "auto":
+        return None
+    try:
+        if recorded["MODEL"]["DEVICE"] != "cpu":
+            return None
+        enabled = bool(recorded["SOLVER"]["AMP"]["ENABLED"])
+        dtype = str(recorded["D2SEG"]["SPEED"]["AMP_DTYPE"]).lower()
+    except (KeyError, TypeError):
+        return None
+    return enabled and dtype == "bfloat16"
+
+
+def adapt_to_hardware(cfg: CfgNode, recorded: Optional[Dict[str, Any]] = None
+                      ) -> List[Tuple[int, str]]:
     """Run where we are: CPU when CUDA is absent; AMP on CPU only as bf16 autocast, where
     ``D2SEG.SPEED.AMP_DTYPE`` asks for it or ("auto") it measured faster than fp32 on this CPU
-    (:func:`d2seg.engine.fast_paths.cpu_bf16_speedup`).
+    (:func:`d2seg.engine.fast_paths.cpu_bf16_speedup`). A resumed CPU run (``recorded``: the
+    config it wrote; also ``--eval-only`` in its folder) keeps the precision it trained in
+    instead of measuring again.
 
     Returns what it changed and why, as ``(logging level, message)`` pairs, for the caller to
     log (``setup`` logs them once the log file exists)."""
@@ -42,7 +78,17 @@ def adapt_to_hardware(cfg: CfgNode) -> List[Tuple[int, str]]:
         said.append((logging.WARNING, f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not "
                                       "available: running on CPU"))
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
+    keep = _recorded_cpu_amp(cfg, recorded or {}) if cfg.MODEL.DEVICE == "cpu" else None
+    if cfg.SOLVER.AMP.ENABLED and keep is not None:
+        # a new measurement could switch precision in the middle of a run (the bf16 probe's
+        # ratio moves with the CPU's other load)
+        said.append((logging.INFO, f"SOLVER.AMP.ENABLED {keep} on CPU"
+                     f"{' (bf16 autocast)' if keep else ''}: the precision recorded in "
+                     f"{os.path.join(cfg.OUTPUT_DIR, 'config.yaml')} by the run in this folder"))
+        cfg.SOLVER.AMP.ENABLED = keep
+        if keep:
+            cfg.D2SEG.SPEED.AMP_DTYPE = "bfloat16"
+    elif cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         # the outcome is written into the config, so config.yaml records the precision the
         # run trained in (and --resume / --eval-only of that file do not measure again)
         dtype, notes = fast_paths.resolve_amp(cfg)
@@ -84,13 +130,10 @@ def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False) -> None:
     """
     if cfg.SEED >= 0:
         return
-    seed = -1
-    prev = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if (resume or eval_only) and os.path.isfile(prev):
-        import yaml
-
-        with open(prev) as f:
-            seed = int((yaml.safe_load(f) or {}).get("SEED", -1))
+    try:
+        seed = int(_recorded_config(cfg, resume, eval_only).get("SEED", -1))
+    except (TypeError, ValueError):
+        seed = -1
     if seed < 0:
         seed = int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
     seed = comm.all_gather(seed)[0] if comm.get_world_size() > 1 else seed
@@ -104,9 +147,9 @@ def setup(args) -> CfgNode:
     registers the shapes catalogs with ``cfg.D2SEG.SHAPES``.
     """
     cfg = load_config(args.config_file, args.opts)
-    adapted = adapt_to_hardware(cfg)
-    _fix_seed(cfg, resume=bool(getattr(args, "resume", False)),
-              eval_only=bool(getattr(args, "eval_only", False)))
+    resume, eval_only = bool(getattr(args, "resume", False)), bool(getattr(args, "eval_only", False))
+    adapted = adapt_to_hardware(cfg, _recorded_config(cfg, resume, eval_only))
+    _fix_seed(cfg, resume=resume, eval_only=eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.D2SEG.DETERMINISTIC:

@@ -23,6 +23,7 @@ from detectron2.evaluation import (
     DatasetEvaluators,
     SemSegEvaluator,
 )
+from detectron2.utils import comm
 from detectron2.utils.events import TensorboardXWriter
 
 from ..data import build as data_build
@@ -140,8 +141,7 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`get_rng_state` returned (in a distributed run every rank restores
-    the main process's states: checkpoints are written by rank 0)."""
+    """Restore what :func:`get_rng_state` returned."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -174,8 +174,6 @@ def _create_ddp_model_cpu_aware(model, *, fp16_compression: bool = False, **kwar
     detectron2 0.7 always passes ``device_ids=[local_rank]``, which DDP rejects for CPU modules,
     so ``--num-gpus N`` could not train on a machine without GPUs.
     """
-    from detectron2.utils import comm
-
     if comm.get_world_size() > 1 and "device_ids" not in kwargs:
         param = next(model.parameters(), None)
         if param is not None and param.device.type == "cpu":
@@ -296,15 +294,30 @@ class Trainer(DefaultTrainer):
                                                            checkpointables=[])
 
     def state_dict(self):
-        """detectron2's trainer state plus the RNG states (python, numpy, torch, CUDA)."""
+        """detectron2's trainer state plus the RNG states (python, numpy, torch, CUDA): this
+        process's, and in a distributed run every process's (gathered by
+        :class:`~d2seg.engine.hooks.SyncAcrossRanks` at this iteration)."""
         ret = super().state_dict()
         ret["rng"] = get_rng_state()
+        gathered = getattr(self, "rank_rng_states", None)
+        if gathered is not None and gathered[0] == self.iter:
+            ret["rng_per_rank"] = gathered[1]
         return ret
 
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        if not comm.is_main_process():  # hooks that run on rank 0 only (BestCheckpointer)
+            mine = {type(h).__qualname__ for h in self._hooks}
+            state_dict["hooks"] = {k: v for k, v in state_dict.get("hooks", {}).items()
+                                   if k in mine}
         super().load_state_dict(state_dict)
-        # applied by resume_or_load once the data loader has started
-        self._loaded_rng_state = state_dict.get("rng")
+        # applied by resume_or_load once the data loader has started: this process's own
+        # states where the checkpoint has every process's (same world size), else rank 0's
+        per_rank = state_dict.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == comm.get_world_size():
+            self._loaded_rng_state = per_rank[comm.get_rank()]
+        else:
+            self._loaded_rng_state = state_dict.get("rng")
 
     @classmethod
     def build_optimizer(cls, cfg, model):
