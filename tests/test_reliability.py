@@ -206,13 +206,19 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, expect):
     assert "\n" not in str(e.value)
 
 
-def test_train_net_reports_config_error_in_one_line(tmp_path):
+@pytest.mark.parametrize("args, words", [
+    (["SOLVER.MAX_ITR", "3"], "SOLVER.MAX_ITR"),
+    # before any process is launched
+    (["--num-gpus", "2", "SOLVER.IMS_PER_BATCH", "3"], "SOLVER.IMS_PER_BATCH 3 is not divisible "
+                                                       "by the 2 processes"),
+])
+def test_train_net_reports_config_error_in_one_line(tmp_path, args, words):
     r = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--config-file", CPU_CFG,
-         "SOLVER.MAX_ITR", "3"], capture_output=True, text=True, timeout=300)
+         *args], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("train_net.py: error:") and "SOLVER.MAX_ITR" in last
+    assert last.startswith("train_net.py: error:") and words in last
     assert "Traceback" not in r.stderr
 
 

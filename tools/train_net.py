@@ -23,7 +23,12 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     # fail fast, in one line, before any process is launched
-    load_config_or_exit(args.config_file, args.opts, "train_net.py",
-                        ("DATASETS.TEST",) if args.eval_only else
-                        ("DATASETS.TRAIN", "DATASETS.TEST"))
+    cfg = load_config_or_exit(args.config_file, args.opts, "train_net.py",
+                              ("DATASETS.TEST",) if args.eval_only else
+                              ("DATASETS.TRAIN", "DATASETS.TEST"))
+    world = args.num_gpus * args.num_machines
+    if not args.eval_only and world > 1 and cfg.SOLVER.IMS_PER_BATCH % world:
+        sys.exit(f"train_net.py: error: SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not "
+                 f"divisible by the {world} processes (--num-gpus {args.num_gpus} x "
+                 f"--num-machines {args.num_machines}): each takes an equal share of the batch")
     run(args)
