@@ -286,7 +286,25 @@ def check_metrics(res, classes):
                                                    for p in ("IoU", "Dice", "BIoU")]:
         assert k in m, k
         assert math.isnan(m[k]) or 0.0 <= m[k] <= 100.0, (k, m[k])
-    assert 0.0 <= m["pACC"] <= 100.0
+    # d2seg's evaluator against detectron2's SemSegEvaluator (an independent implementation)
+    # on the same predictions, and Dice against IoU (Dice = 2 IoU / (1 + IoU) per class)
+    # (detectron2 leaves out a class absent from the ground truth, d2seg scores a prediction
+    # of it 0: docs/semantic.md, Metrics)
+    d2 = res["sem_seg"]
+    for c in classes:
+        iou, ref = m[f"IoU-{c}"], d2[f"IoU-{c}"]
+        if math.isnan(ref):
+            assert math.isnan(iou) or iou == 0.0, c
+        else:
+            assert iou == pytest.approx(ref, abs=1e-6), c
+        if not math.isnan(iou):
+            assert m[f"Dice-{c}"] == pytest.approx(200 * iou / (100 + iou), abs=1e-6), c
+    every = [k[len("IoU-"):] for k in m if k.startswith("IoU-")]
+    ious = [m[f"IoU-{c}"] for c in every if not math.isnan(m[f"IoU-{c}"])]
+    assert m["mIoU"] == pytest.approx(sum(ious) / len(ious), abs=1e-6)
+    if all(math.isnan(m[f"IoU-{c}"]) == math.isnan(d2[f"IoU-{c}"]) for c in every):
+        assert m["mIoU"] == pytest.approx(d2["mIoU"], abs=1e-6)
+    assert m["pACC"] == pytest.approx(d2["pACC"], abs=1e-6)
 
 
 @pytest.mark.parametrize("config", ["unet_cpu.yaml", "deeplabv3_cpu.yaml",
