@@ -110,13 +110,18 @@ class FinetuneCheckpointer(DetectionCheckpointer):
             keys = sd if isinstance(sd, dict) else loaded
             raise ValueError(f"{filename}: holds no model weights (no tensors under 'model' or "
                              f"'state_dict'; its keys: {sorted(map(str, keys))[:8]})")
-        # a ResNet saved inside another model (smp's "encoder.", DataParallel's "module.", ...)
+        # a ResNet saved inside another model: DataParallel's "module.", a whole
+        # segmentation_models_pytorch model's "encoder." (its decoder left out), ...
         for p in _WRAPPER_PREFIXES:
-            if not is_torchvision_resnet(sd) and all(str(k).startswith(p) for k in sd):
-                stripped = {k[len(p):]: v for k, v in sd.items()}
-                if is_torchvision_resnet(stripped):
-                    self.logger.info(f"{filename}: '{p}' stripped from every key")
-                    sd = stripped
+            if is_torchvision_resnet(sd):
+                break
+            sub = {k[len(p):]: v for k, v in sd.items() if str(k).startswith(p)}
+            if is_torchvision_resnet(sub):
+                rest = len(sd) - len(sub)
+                self.logger.info(f"{filename}: the ResNet under '{p}' taken" + (
+                    f"; its {rest} other tensors (e.g. {next(k for k in sd if not str(k).startswith(p))})"
+                    f" left out" if rest else ""))
+                sd = sub
         if is_torchvision_resnet(sd):
             anchors = [k for k in self.model.state_dict() if k.endswith("stem.conv1.weight")]
             if not anchors:

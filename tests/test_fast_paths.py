@@ -659,7 +659,8 @@ def test_cpu_amp_decision_follows_rank_0(monkeypatch, rank0_bf16, mine):
 
     monkeypatch.setattr(fast_paths, "cpu_bf16_speedup", lambda: mine)
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
-    monkeypatch.setattr(comm, "all_gather", lambda x: [rank0_bf16, x])
+    # (the first gather, of the recorded precision to keep, is None on every rank here)
+    monkeypatch.setattr(comm, "all_gather", lambda x: [rank0_bf16 if isinstance(x, bool) else x, x])
     cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True")
     said = adapt_to_hardware(cfg)
     assert bool(cfg.SOLVER.AMP.ENABLED) == rank0_bf16
@@ -744,6 +745,11 @@ def test_resume_keeps_the_recorded_cpu_precision(monkeypatch, tmp_path, recorded
     cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
     adapt_to_hardware(cfg, _recorded_config(cfg, resume=False, eval_only=False))
     assert bool(cfg.SOLVER.AMP.ENABLED) != recorded_bf16
+    # as does D2SEG.DETERMINISTIC (fp32) and a pinned choice
+    cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out),
+               "D2SEG.DETERMINISTIC", "True")
+    adapt_to_hardware(cfg, _recorded_config(cfg, resume=True, eval_only=False))
+    assert not cfg.SOLVER.AMP.ENABLED
     monkeypatch.setenv(fast_paths.CPU_BF16_SPEEDUP_ENV, "2" if not recorded_bf16 else "1")
     cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
     adapt_to_hardware(cfg, _recorded_config(cfg, resume=True, eval_only=False))

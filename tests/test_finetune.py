@@ -130,7 +130,7 @@ def test_torchvision_resnet18_state_dict(tmp_path):
     assert s["loaded"] == n_tv  # what came from the file, not the tensors the model has
 
 
-@pytest.mark.parametrize("wrap", ["state_dict", "encoder.", "module.", "plain"])
+@pytest.mark.parametrize("wrap", ["state_dict", "encoder.", "module.", "plain", "smp"])
 def test_wrapped_torchvision_resnet_files_load_the_same(tmp_path, wrap):
     """A ResNet saved as {"state_dict": ...} (timm, Lightning), as smp's "encoder." or
     DataParallel's "module."; the count is what came from the file."""
@@ -139,7 +139,10 @@ def test_wrapped_torchvision_resnet_files_load_the_same(tmp_path, wrap):
     torch.manual_seed(0)
     tvsd = torchvision.models.resnet18(weights=None).state_dict()
     obj = {"state_dict": tvsd} if wrap == "state_dict" else \
-        tvsd if wrap == "plain" else {wrap + k: v for k, v in tvsd.items()}
+        tvsd if wrap == "plain" else {wrap + k: v for k, v in tvsd.items()} if wrap != "smp" \
+        else {**{"encoder." + k: v for k, v in tvsd.items() if not k.startswith("fc.")},
+              "decoder.blocks.0.conv1.0.weight": torch.zeros(256, 768, 3, 3),
+              "segmentation_head.0.weight": torch.zeros(1, 16, 3, 3)}  # a whole smp Unet
     torch.save(obj, tmp_path / "w.pth")
     model = build_model(_cfg("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1",
                              "False"))

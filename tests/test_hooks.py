@@ -210,6 +210,33 @@ def test_best_checkpointer_remembers_its_best_across_a_resume(tmp_path):
     assert not again._compare(15.29, again.best_metric) and again._compare(15.5, again.best_metric)
 
 
+def test_best_checkpointer_record_beats_an_older_checkpoint_state(tmp_path):
+    """The periodic checkpoint of an iteration is saved before that iteration's evaluation, so
+    its best value can be older than model_best.pth's: model_best.json, written with every new
+    best, wins where better; a fresh run (start_iter 0) ignores it."""
+    model = nn.Linear(2, 2)
+    ck = DetectionCheckpointer(model, str(tmp_path))
+    hook = BestCheckpointer(10, ck, "segm/AP", "max")
+    hook.trainer = _trainer(model)
+    with hook.trainer.storage as st:
+        st.put_scalars(**{"segm/AP": 20.0}, smoothing_hint=False)
+        hook._best_checking()
+    rec = json.load(open(tmp_path / "model_best.json"))
+    assert rec == {"metric": "segm/AP", "mode": "max", "best_metric": 20.0, "best_iter": 9}
+    for start_iter, state, expect in ((10, {"best_metric": 15.0, "best_iter": 4}, 20.0),
+                                      (10, {"best_metric": 25.0, "best_iter": 4}, 25.0),
+                                      (10, {}, 20.0), (0, {}, None)):
+        resumed = BestCheckpointer(10, ck, "segm/AP", "max")
+        resumed.trainer = SimpleNamespace(start_iter=start_iter)
+        resumed.load_state_dict(state)
+        resumed.before_train()
+        assert resumed.best_metric == expect, (start_iter, state)
+    other = BestCheckpointer(10, ck, "segm/AP", "min")  # another mode: not its record
+    other.trainer = SimpleNamespace(start_iter=10)
+    other.before_train()
+    assert other.best_metric is None
+
+
 def test_resumed_processes_get_their_own_rng_states(monkeypatch, caplog):
     """A checkpoint with every process's RNG states gives each process its own; one from
     another world size (or older, with rank 0's only) gives rank 0's to all; hooks that run on

@@ -16,7 +16,8 @@ from detectron2.modeling import build_model
 
 from d2seg.config import load_config
 from d2seg.modeling.backbone import HRNet, build_hrnet_backbone
-from d2seg.modeling.backbone.hrnet import HRNET_PRESETS, HRModule, HRNetSpec, _gn_groups
+from d2seg.modeling.backbone.hrnet import HRNET_PRESETS, HRModule, HRNetSpec
+from d2seg.modeling.layers.blocks import gn_groups as _gn_groups
 from d2seg.modeling.heads import ASPPDecoderHead, HRNetV2Head, PSPHead
 from d2seg.modeling.meta_arch import HRNetV2
 

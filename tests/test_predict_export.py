@@ -192,9 +192,25 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, caplog):
     cfg = load_config(UNET, TINY_UNET + ["INPUT.MIN_SIZE_TEST", "0"])
     pred = SegPredictor(cfg)
     want = pred(np.repeat(g8[:, :, None], 3, axis=2))["sem_seg"]
-    for arr in (g8, g8[:, :, None], g8.astype(np.uint16) * 257,
-                np.repeat((g8.astype(np.float32) / 255)[:, :, None], 3, axis=2)):
+    for arr in (g8, g8[:, :, None], g8.astype(np.uint16) * 257, g8.astype(np.int64),
+                np.repeat(g8.astype(np.float32)[:, :, None], 3, axis=2)):
         assert torch.equal(pred(arr)["sem_seg"], want)
+    # 0-255 floats are taken as they are, not stretched to the array's range
+    dim = (g8 // 2).astype(np.float32)
+    assert torch.equal(pred(dim)["sem_seg"], pred((g8 // 2).astype(np.uint8))["sem_seg"])
+    # a grey model (INPUT.FORMAT "L"): its mapper scales a 16-bit image as well (a mask, read
+    # as "L" too, is not), and the predictor hands it the image's grey
+    from d2seg.data.sem_seg_mapper import SemSegDatasetMapper
+
+    grey = load_config(UNET, TINY_UNET + ["INPUT.FORMAT", "L", "MODEL.PIXEL_MEAN", "[128.0]",
+                                          "MODEL.PIXEL_STD", "[50.0]", "INPUT.MIN_SIZE_TEST", "0"])
+    mapper = SemSegDatasetMapper(grey, is_train=False)
+    for name in ("g8.png", "g16.png"):
+        got = mapper({"file_name": str(tmp_path / name), "height": 40, "width": 50})["image"]
+        assert got.shape == (1, 40, 50) and torch.equal(got[0], torch.from_numpy(g8).to(got.dtype))
+    gpred = SegPredictor(grey)
+    assert gpred(g8)["sem_seg"].shape == (5, 40, 50)
+    assert torch.equal(gpred(g8)["sem_seg"], gpred(g8.astype(np.uint16) * 257)["sem_seg"])
     with pytest.raises(ValueError, match=r"\(H, W, 3\) BGR image"):
         pred(np.zeros((4, 5, 4), np.uint8))
 

@@ -95,6 +95,10 @@ def test_split_coco_json_keeps_annotations_with_their_images(tmp_path):
     assert ids[0] == vi and ids[1] != ids[0] and ids[2] == ids[0]
     _, v = split_coco_json(str(src), 0.4, seed=0)
     assert len(json.load(open(v))["images"]) == 4
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="would overwrite it"):
+        split_coco_json(str(tmp_path / "train.json"), 0.3, out_dir=str(tmp_path))
+    assert len(json.load(open(tmp_path / "train.json"))["images"]) == 10
 
 
 def test_coco_from_command_line_with_split(shared_data):

@@ -191,6 +191,27 @@ def test_aspp_rates_and_image_pooling_configurable():
     assert head.aspp.dilations == [6, 12] and not head.aspp.image_pooling
 
 
+@pytest.mark.parametrize("config, opts", [
+    ("deeplabv3plus_cpu.yaml", ["MODEL.SEM_SEG_HEAD.NORM", "GN"]),  # 24-channel projection
+    ("unet_cpu.yaml", ["MODEL.UNET.NORM", "GN"]),  # 16-channel first level
+])
+def test_group_norm_at_widths_that_are_not_multiples_of_32(config, opts):
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(SHAPES, config))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts] + [str(x) for x in TINY_RESNET])
+    model = build_model(cfg)
+    gns = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert gns and all(m.num_channels % m.num_groups == 0 for m in gns)
+    from d2seg.modeling.layers.blocks import gn_groups
+
+    assert any(m.num_channels % 32 for m in gns)  # the widths that failed before
+    assert all(m.num_groups == gn_groups(m.num_channels) for m in gns)  # 32 where they allow
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 64, 64) * 255}])
+    assert out[0]["sem_seg"].shape == (5, 64, 64)
+
+
 def test_build_without_config():
     enc = UNetEncoder(in_channels=3, depth=2, base_channels=4, norm="BN")
     head = UNetHead(enc.output_shape(), num_classes=3, norm="BN", upsample="bilinear")
@@ -216,6 +237,14 @@ def test_build_without_config():
     h = ASPPDecoderHead(more, project_features=["res2"], project_channels=[4], num_classes=2,
                         decoder_channels=8, aspp_channels=8)
     assert h.in_feature == "res5"
+    # a dilated ResNet: res4 and res5 share the stride; ASPP takes res5 (2048 channels in R50)
+    dilated = {"res2": shapes["res2"], "res3": ShapeSpec(channels=8, stride=8),  # stage order
+               "res4": ShapeSpec(channels=8, stride=16), "res5": ShapeSpec(channels=16, stride=16)}
+    h = ASPPDecoderHead(dilated, project_features=["res2"], project_channels=[4], num_classes=2,
+                        decoder_channels=8, aspp_channels=8)
+    assert h.in_feature == "res5" and h.aspp.branches[0].weight.shape[1] == 16
+    h = ASPPHead(dilated, num_classes=2, aspp_channels=8)
+    assert h.in_feature == "res5" and h.aspp.branches[0].weight.shape[1] == 16
     with pytest.raises(ValueError, match="besides PROJECT_FEATURES"):
         ASPPDecoderHead({"res2": shapes["res2"]}, project_features=["res2"], project_channels=[4],
                         num_classes=2)

@@ -46,8 +46,17 @@ def input_spec(cfg) -> dict:
               f"resize its output to the original size (semantic logits: bilinear; R-CNN: "
               f"scale the boxes)" if lo > 0 else
               "the image at its own size (INPUT.MIN_SIZE_TEST 0: no test resize)")
-    return {"channel_order": cfg.INPUT.FORMAT, "value_range": [0, 255], "layout": "(3, H, W)",
-            "min_size_test": lo, "max_size_test": hi, "resize": resize}
+    inf = cfg.D2SEG.INFERENCE
+    tta = [name for name, on in (("sliding windows " + str(tuple(inf.SLIDING_WINDOW.SIZE)),
+                                  min(inf.SLIDING_WINDOW.SIZE) > 0),
+                                 ("horizontal flip", inf.FLIP), ("90-degree rotations", inf.ROT90))
+           if on]
+    return {"channel_order": cfg.INPUT.FORMAT, "value_range": [0, 255],
+            "layout": f"({len(cfg.MODEL.PIXEL_MEAN)}, H, W)",
+            "min_size_test": lo, "max_size_test": hi, "resize": resize,
+            "not_exported": ("D2SEG.INFERENCE " + ", ".join(tta) + ": predict.py averages the "
+                             "model's logits over these, the exported model is one pass")
+            if tta else ""}
 
 
 def main(argv=None) -> list:

@@ -27,8 +27,11 @@ if __name__ == "__main__":
                               ("DATASETS.TEST",) if args.eval_only else
                               ("DATASETS.TRAIN", "DATASETS.TEST"))
     world = args.num_gpus * args.num_machines
-    if not args.eval_only and world > 1 and cfg.SOLVER.IMS_PER_BATCH % world:
-        sys.exit(f"train_net.py: error: SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not "
-                 f"divisible by the {world} processes (--num-gpus {args.num_gpus} x "
-                 f"--num-machines {args.num_machines}): each takes an equal share of the batch")
+    batch, ref = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    # with REFERENCE_WORLD_SIZE, detectron2 scales the batch to world / ref times itself
+    share, by = (ref, f"SOLVER.REFERENCE_WORLD_SIZE {ref}") if ref else \
+        (world, f"the {world} processes (--num-gpus {args.num_gpus} x --num-machines "
+                f"{args.num_machines}), each of which takes an equal share")
+    if not args.eval_only and (ref or world > 1) and batch % share:
+        sys.exit(f"train_net.py: error: SOLVER.IMS_PER_BATCH {batch} is not divisible by {by}")
     run(args)

@@ -58,11 +58,21 @@ def to_uint8(array: np.ndarray, what: str = "image") -> np.ndarray:
     return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def read_image(file_name: str, format: Optional[str] = None) -> np.ndarray:
+def read_image(file_name: str, format: Optional[str] = None,
+               scale: Optional[bool] = None) -> np.ndarray:
     """detectron2's ``read_image`` (EXIF orientation applied; (H, W, C) uint8 in ``format``),
-    with 16-bit and float images scaled to 0-255 by their own range instead of clipped, when
-    ``format`` is a colour format ("BGR", "RGB", "YUV-BT.601")."""
-    if format not in _COLOR_FORMATS:
+    with 16-bit and float images scaled to 0-255 by their own range instead of clipped.
+
+    Args:
+        scale: whether the file is an image whose values are intensities (scaled when it has
+            more than 8 bits) rather than a mask of class ids (never scaled). None: decided by
+            ``format``: colour formats ("BGR", "RGB", "YUV-BT.601") scale, "L" (how detectron2
+            reads masks) does not; d2seg's mappers pass True for images in any format (a grey
+            model's "L").
+    """
+    if scale is None:
+        scale = format in _COLOR_FORMATS
+    if not scale or format not in _COLOR_FORMATS + ("L",):
         return _detectron2_read_image(file_name, format)
     with PathManager.open(file_name, "rb") as f:
         image = Image.open(f)

@@ -299,6 +299,9 @@ def split_coco_json(json_file: str, val_fraction: float, seed: int = 0,
     tr_path, va_path = os.path.join(out_dir, "train.json"), os.path.join(out_dir, "val.json")
     if cached and os.path.isfile(tr_path) and os.path.isfile(va_path):
         return tr_path, va_path
+    if os.path.realpath(json_file) in (os.path.realpath(tr_path), os.path.realpath(va_path)):
+        raise ValueError(f"{json_file}: splitting it into {out_dir} would overwrite it; give "
+                         f"another out_dir")
     with open(json_file) as f:
         data = json.load(f)
     ids = [im["id"] for im in data["images"]]

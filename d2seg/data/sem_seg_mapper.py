@@ -12,6 +12,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .image_io import read_image
 from .sem_seg_transforms import (
     ForegroundCenteredCrop,
     RandomElasticDeformation,
@@ -126,7 +127,7 @@ class SemSegDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         d = copy.deepcopy(dataset_dict)
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        image = read_image(d["file_name"], format=self.image_format, scale=True)
         utils.check_image_size(d, image)
         sem_seg: Optional[np.ndarray] = None
         if "sem_seg_file_name" in d and (self.is_train or self.load_gt_in_eval):

@@ -139,8 +139,14 @@ class BestCheckpointer(hooks.BestCheckpointer):
     """detectron2's ``BestCheckpointer`` (saves ``<file_prefix>.pth`` when the metric improves),
     except that ``last_checkpoint`` (what ``--resume`` reads) keeps naming the last periodic
     checkpoint, a missing metric is reported with the metrics that do exist, and the best
-    value so far is part of the trainer's checkpoint (a resumed run does not replace
-    ``model_best.pth`` by a worse model)."""
+    value so far is part of the trainer's checkpoint and of ``<file_prefix>.json`` beside
+    ``<file_prefix>.pth`` (a resumed run does not replace ``model_best.pth`` by a worse
+    model)."""
+
+    def __init__(self, eval_period: int, checkpointer, val_metric: str, mode: str = "max",
+                 file_prefix: str = "model_best"):
+        super().__init__(eval_period, checkpointer, val_metric, mode, file_prefix)
+        self._mode = mode
 
     def state_dict(self) -> Dict:
         if self.best_metric is None:
@@ -151,6 +157,26 @@ class BestCheckpointer(hooks.BestCheckpointer):
         if state.get("best_metric") is not None:
             self.best_metric, self.best_iter = float(state["best_metric"]), int(state["best_iter"])
 
+    def _record_path(self) -> str:
+        return os.path.join(self._checkpointer.save_dir, f"{self._file_prefix}.json")
+
+    def before_train(self) -> None:
+        """A resumed run also knows the best that ``<file_prefix>.json`` records: a periodic
+        checkpoint saved before the same iteration's evaluation, or the one resumed from
+        when an evaluation after it improved the best, holds an older best."""
+        if getattr(self.trainer, "start_iter", 0) <= 0 or not os.path.isfile(self._record_path()):
+            return
+        try:
+            with open(self._record_path()) as f:
+                rec = json.load(f)
+            if rec.get("metric") != self._val_metric or rec.get("mode") != self._mode:
+                return
+            value, it = float(rec["best_metric"]), int(rec["best_iter"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if self.best_metric is None or self._compare(value, self.best_metric):
+            self.best_metric, self.best_iter = value, it
+
     def _best_checking(self):
         latest = self.trainer.storage.latest()
         if self._val_metric not in latest:
@@ -158,6 +184,17 @@ class BestCheckpointer(hooks.BestCheckpointer):
                 f"D2SEG.BEST_CHECKPOINT.METRIC '{self._val_metric}' was not computed; metrics "
                 f"available: {sorted(k for k in latest if '/' in k or k.startswith('val_'))}")
             return
+        before = (self.best_metric, self.best_iter)
+        self._check_and_keep_last()
+        if (self.best_metric, self.best_iter) != before and self._checkpointer.save_dir:
+            from .checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(self._record_path(), json.dumps(
+                {"metric": self._val_metric, "mode": self._mode,
+                 "best_metric": float(self.best_metric), "best_iter": int(self.best_iter)},
+                indent=1).encode())
+
+    def _check_and_keep_last(self):
         ck = self._checkpointer
         previous = ck.get_checkpoint_file() if ck.has_checkpoint() else None
         super()._best_checking()
@@ -244,7 +281,7 @@ def average_norm_statistics(model: nn.Module) -> int:
     if not stats or comm.get_world_size() < 2:
         return 0
     with torch.no_grad():
-        for dtype in {t.dtype for t in stats}:
+        for dtype in sorted({t.dtype for t in stats}, key=str):  # same order on every rank
             group = [t for t in stats if t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in group])
             dist.all_reduce(flat)

@@ -51,7 +51,8 @@ def _recorded_cpu_amp(cfg: CfgNode, recorded: Dict[str, Any]) -> Optional[bool]:
     nothing to follow: no record, another device, another AMP request, or a pinned choice."""
     if not recorded or os.environ.get(fast_paths.CPU_BF16_SPEEDUP_ENV):
         return None
-    if str(cfg.D2SEG.SPEED.AMP_DTYPE).strip().lower() != "auto":
+    if str(cfg.D2SEG.SPEED.AMP_DTYPE).strip().lower() != "auto" or \
+            cfg.D2SEG.get("DETERMINISTIC", False):  # deterministic: fp32, as a new decision
         return None
     try:
         if recorded["MODEL"]["DEVICE"] != "cpu":
@@ -79,6 +80,8 @@ def adapt_to_hardware(cfg: CfgNode, recorded: Optional[Dict[str, Any]] = None
                                       "available: running on CPU"))
         cfg.MODEL.DEVICE = "cpu"
     keep = _recorded_cpu_amp(cfg, recorded or {}) if cfg.MODEL.DEVICE == "cpu" else None
+    if comm.get_world_size() > 1:  # rank 0's reading (another rank may read after rank 0
+        keep = comm.all_gather(keep)[0]  # rewrote config.yaml): one path for all
     if cfg.SOLVER.AMP.ENABLED and keep is not None:
         # a new measurement could switch precision in the middle of a run (the bf16 probe's
         # ratio moves with the CPU's other load)

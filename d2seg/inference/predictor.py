@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from typing import Dict
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -85,17 +86,29 @@ def build_inference_model(cfg) -> nn.Module:
     return model
 
 
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels: unsigned 16/32-bit and out-of-range values scaled by the image's range
+    (as d2seg reads such files); other integer and float arrays already in 0-255 as they are."""
+    if image.dtype == np.uint8:
+        return image
+    high_bit = image.dtype.kind == "u" and image.dtype.itemsize > 1
+    if not high_bit and image.size and np.isfinite(image).all() and \
+            image.min() >= 0 and image.max() <= 255:
+        return np.rint(image).astype(np.uint8)
+    return to_uint8(image, "SegPredictor input")
+
+
 def _as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 from what a user may hand the predictor (see ``SegPredictor.__call__``)."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 2:
-        image = np.repeat(to_uint8(image, "SegPredictor input")[:, :, None], 3, axis=2)
+        image = np.repeat(_as_uint8(image)[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"SegPredictor takes an (H, W, 3) BGR image or an (H, W) grey one, got "
                          f"shape {tuple(image.shape)}")
-    return to_uint8(image, "SegPredictor input")
+    return _as_uint8(image)
 
 
 class SegPredictor(DefaultPredictor):
@@ -113,7 +126,9 @@ class SegPredictor(DefaultPredictor):
         self.aug = ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
-        assert self.input_format in ["RGB", "BGR"], self.input_format
+        if self.input_format not in ("RGB", "BGR", "L"):
+            raise ValueError(f"INPUT.FORMAT '{self.input_format}': SegPredictor takes BGR, RGB "
+                             f"and L (grey) models")
         self.semantic = is_semantic_model(self.model)
         inf = cfg.D2SEG.INFERENCE
         self.flip = bool(inf.FLIP)
@@ -150,8 +165,10 @@ class SegPredictor(DefaultPredictor):
         """
         Args:
             original_image: (H, W, 3) uint8 image in BGR order (as cv2.imread); an (H, W) or
-                (H, W, 1) grey image is repeated over the 3 channels, and a 16-bit or float
-                one scaled to 0-255 by its own minimum and maximum (as d2seg reads such files).
+                (H, W, 1) grey image is repeated over the 3 channels; a 16- or 32-bit unsigned
+                one (or any with values outside 0-255) is scaled to 0-255 by its own minimum
+                and maximum, as d2seg reads such files; float or signed arrays in 0-255 are
+                taken as they are. A grey model (INPUT.FORMAT "L") gets the image's grey.
 
         Returns:
             the model's output for the image, at the original size.
@@ -159,6 +176,8 @@ class SegPredictor(DefaultPredictor):
         original_image = _as_bgr_uint8(original_image)
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
+        elif self.input_format == "L":  # PIL's (ITU-R 601-2) grey, as the loader reads "L"
+            original_image = cv2.cvtColor(original_image, cv2.COLOR_BGR2GRAY)[:, :, None]
         height, width = original_image.shape[:2]
         if self.semantic:
             image = self.aug.get_transform(original_image).apply_image(original_image) \

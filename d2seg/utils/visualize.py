@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from ..data.image_io import read_image
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..modeling.postprocessing import class_labels
 
@@ -61,7 +62,7 @@ def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_di
     aug = ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     try:
         for d in dicts:
-            img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+            img = read_image(d["file_name"], format=cfg.INPUT.FORMAT, scale=True)
             rgb = utils.convert_image_to_rgb(img, cfg.INPUT.FORMAT)
             resized = aug.get_transform(img).apply_image(img) if cfg.INPUT.MIN_SIZE_TEST else img
             tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))

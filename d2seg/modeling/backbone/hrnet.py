@@ -34,6 +34,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
+from ..layers.blocks import gn_groups
 from ..layers.resize import resize_bilinear
 
 __all__ = ["HRNet", "HRNetSpec", "HRNET_PRESETS", "HRModule", "build_hrnet_backbone",
@@ -77,23 +78,12 @@ HRNET_PRESETS: Dict[str, HRNetSpec] = {
 }
 
 
-def _gn_groups(channels: int) -> int:
-    """32 groups when the channels allow (detectron2's "GN"); otherwise the largest divisor of
-    ``channels`` below 32 that leaves at least 4 channels per group (HRNet widths such as 18,
-    36, 72, 270 are not multiples of 32)."""
-    if channels % 32 == 0:
-        return 32
-    for g in range(min(32, channels // 4), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
 def hrnet_norm(norm: Norm) -> Norm:
     """``norm`` for :func:`detectron2.layers.get_norm`, with "GN" made valid for any width
-    (see :func:`_gn_groups`); every other value is passed through."""
+    (see :func:`d2seg.modeling.layers.blocks.gn_groups`); every other value is passed
+    through."""
     if norm == "GN":
-        return lambda c: nn.GroupNorm(_gn_groups(c), c)
+        return lambda c: nn.GroupNorm(gn_groups(c), c)
     return norm
 
 

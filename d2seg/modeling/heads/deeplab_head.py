@@ -7,7 +7,7 @@ config keys (``MODEL.SEM_SEG_HEAD.ASPP_*``, ``PROJECT_FEATURES``, ``PROJECT_CHAN
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,14 @@ def _pick(input_shape: Dict[str, ShapeSpec], names: Sequence[str], key: str):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
+
+def _deepest(input_shape: Dict[str, ShapeSpec]) -> Tuple[str, ShapeSpec]:
+    """The feature ASPP runs on: the one of largest stride, and of those the last (a dilated
+    ResNet's res4 and res5 share a stride: res5, as the DeepLab papers use)."""
+    items = list(input_shape.items())
+    i = max(range(len(items)), key=lambda j: (items[j][1].stride, j))
+    return items[i]
+
 class ASPPHead(SemSegHeadBase):
     """DeepLabV3 head: ASPP on the deepest feature, a 3x3 conv, a 1x1 classifier.
 
@@ -75,7 +83,7 @@ class ASPPHead(SemSegHeadBase):
         Args:
             input_shape: the feature ASPP runs on (the deepest, if several are given).
         """
-        name, shape = max(input_shape.items(), key=lambda kv: kv[1].stride)
+        name, shape = _deepest(input_shape)
         super().__init__(num_classes=num_classes, ignore_value=ignore_value,
                          common_stride=shape.stride, loss=loss)
         self.in_feature = name
@@ -147,7 +155,7 @@ class ASPPDecoderHead(SemSegHeadBase):
             raise ValueError(f"ASPPDecoderHead needs an ASPP feature besides PROJECT_FEATURES "
                              f"{project_features}, got only {list(input_shape.keys())}")
         # as ASPPHead: the deepest of the others (a backbone's whole output_shape() works)
-        deep_name = max(deep, key=lambda k: input_shape[k].stride)
+        deep_name = _deepest({k: input_shape[k] for k in deep})[0]
         low = sorted(((n, c) for n, c in zip(project_features, project_channels)),
                      key=lambda nc: input_shape[nc[0]].stride, reverse=True)
         if any(input_shape[n].stride >= input_shape[deep_name].stride for n, _ in low):

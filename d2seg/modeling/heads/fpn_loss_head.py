@@ -44,6 +44,9 @@ class SemSegFPNLossHead(SemSegFPNHead):
                 ``ignore_index`` is what the losses ignore.
             loss_weight: multiplies ``loss``'s terms (from a config it is already inside
                 ``loss``: ``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``).
+
+        The classifier keeps detectron2's MSRA initialisation, so the first losses are larger
+        than d2seg's heads' (whose classifiers start at N(0, 0.001): loss ln K).
         """
         super().__init__(input_shape, loss_weight=loss_weight, **kwargs)
         if loss is None:

@@ -9,9 +9,28 @@ from torch.nn import functional as F
 
 from detectron2.layers import Conv2d, get_norm
 
-__all__ = ["conv_norm_act", "DoubleConv"]
+__all__ = ["conv_norm_act", "DoubleConv", "gn_groups", "norm_layer"]
 
 Norm = Union[str, Callable[[int], nn.Module], None]
+
+
+def gn_groups(channels: int) -> int:
+    """32 groups when the channels allow (detectron2's "GN"); otherwise the largest divisor of
+    ``channels`` below 32 that leaves at least 4 channels per group (widths such as DeepLabV3+'s
+    48-channel projection, a 16-channel U-Net level or HRNet's 18 are not multiples of 32)."""
+    if channels % 32 == 0:
+        return 32
+    for g in range(min(32, channels // 4), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def norm_layer(norm: Norm, channels: int) -> Optional[nn.Module]:
+    """detectron2's ``get_norm``, with "GN" valid for any width (:func:`gn_groups`)."""
+    if norm == "GN":
+        return nn.GroupNorm(gn_groups(channels), channels)
+    return get_norm(norm, channels)
 
 
 def conv_norm_act(
@@ -32,7 +51,7 @@ def conv_norm_act(
         bias = not norm
     conv = Conv2d(
         in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
-        dilation=dilation, bias=bias, norm=get_norm(norm, out_channels),
+        dilation=dilation, bias=bias, norm=norm_layer(norm, out_channels),
         activation=F.relu if activation else None,
     )
     weight_init.c2_msra_fill(conv)
