@@ -420,3 +420,25 @@ def test_isbi_config_trains_and_reports_membrane(tmp_path, shared_data):
                         "SOLVER.IMS_PER_BATCH", "2", "MODEL.UNET.BASE_CHANNELS", "4",
                         "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1")
     check_metrics(res, ["cell", "membrane"])
+
+
+def test_registered_names_are_the_documented_modules():
+    """Every head, backbone and meta-architecture d2seg documents is in its detectron2
+    registry under its name (a decorator above the wrong definition registered a helper)."""
+    import inspect
+
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+    heads = {n for n, _ in SEM_SEG_HEADS_REGISTRY}
+    # the lists of d2seg/modeling/__init__.py's docstring
+    assert {"UNetHead", "ASPPHead", "ASPPDecoderHead", "PSPHead", "SemSegFPNLossHead",
+            "SegFormerHead", "HRNetV2Head"} <= heads
+    assert {"UNet", "DeepLabV3", "DeepLabV3Plus", "PSPNet", "SegFormer", "HRNetV2"} <= \
+        {n for n, _ in META_ARCH_REGISTRY}
+    assert {"build_unet_backbone", "build_mit_backbone", "build_hrnet_backbone",
+            "build_hrnet_fpn_backbone", "build_resnet_deeplab_backbone"} <= \
+        {n for n, _ in BACKBONE_REGISTRY}
+    for n, obj in SEM_SEG_HEADS_REGISTRY:
+        assert inspect.isclass(obj) and not n.startswith("_"), n
+    for n, obj in META_ARCH_REGISTRY:
+        assert inspect.isclass(obj), n

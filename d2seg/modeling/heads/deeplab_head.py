@@ -48,8 +48,6 @@ def _pick(input_shape: Dict[str, ShapeSpec], names: Sequence[str], key: str):
     return {n: input_shape[n] for n in names}
 
 
-@SEM_SEG_HEADS_REGISTRY.register()
-
 def _deepest(input_shape: Dict[str, ShapeSpec]) -> Tuple[str, ShapeSpec]:
     """The feature ASPP runs on: the one of largest stride, and of those the last (a dilated
     ResNet's res4 and res5 share a stride: res5, as the DeepLab papers use)."""
@@ -57,6 +55,8 @@ def _deepest(input_shape: Dict[str, ShapeSpec]) -> Tuple[str, ShapeSpec]:
     i = max(range(len(items)), key=lambda j: (items[j][1].stride, j))
     return items[i]
 
+
+@SEM_SEG_HEADS_REGISTRY.register()
 class ASPPHead(SemSegHeadBase):
     """DeepLabV3 head: ASPP on the deepest feature, a 3x3 conv, a 1x1 classifier.
 
