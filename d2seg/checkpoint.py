@@ -145,15 +145,19 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         GroupNorm), and keep its stem norm out of a stem whose convolution it does not fit."""
         model_sd = self.model.state_dict()
         key = prefix + "stem.conv1.weight"
-        if tuple(converted[key].shape) != tuple(model_sd[key].shape):
+        theirs, mine = tuple(converted[key].shape), tuple(model_sd[key].shape)
+        if theirs != mine:
             for k in [k for k in converted if k.startswith(prefix + "stem.conv1.")]:
                 del converted[k]  # its bn1 would land on another, random convolution
+            why = ("MODEL.RESNETS.STEM_TYPE 'deeplab'" if mine[-1] != 7 else
+                   "another number of input channels: MODEL.PIXEL_MEAN")
+            fix = ("MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64"
+                   if mine[-1] != 7 else "3 input channels (INPUT.FORMAT BGR or RGB)")
             self.logger.warning(
-                f"{filename}: the torchvision ResNet's stem (conv1 7x7, 64 channels) does not fit "
-                f"this model's ({key} {tuple(model_sd[key].shape)}: MODEL.RESNETS.STEM_TYPE "
-                f"'deeplab'); the stem and the first res2 block start from scratch, so the "
-                f"pretrained layers after them see other features. For the whole ResNet as "
-                f"trained: MODEL.RESNETS.STEM_TYPE basic MODEL.RESNETS.STEM_OUT_CHANNELS 64")
+                f"{filename}: the torchvision ResNet's stem (conv1 {theirs}) does not fit this "
+                f"model's ({key} {mine}: {why}); the stem starts from scratch (and with a DeepLab stem the first res2 "
+                f"block), so the pretrained layers after it see other features. For the whole "
+                f"ResNet as trained: {fix}")
         norm = getattr(self.model.get_submodule(prefix + "stem.conv1"), "norm", None)
         if isinstance(norm, nn.GroupNorm):
             self.logger.warning(
