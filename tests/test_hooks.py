@@ -268,3 +268,26 @@ def test_resumed_processes_get_their_own_rng_states(monkeypatch, caplog):
     t = fresh()
     t.load_state_dict(state)
     assert t._loaded_rng_state == "rank0"
+
+
+def test_validation_loss_is_pooled_over_processes(monkeypatch):
+    """Each process computes its shard; the means are over every image of all of them (an
+    uneven split weighs each image once, not each process)."""
+    from detectron2.utils import comm
+
+    model = ToyModel().train()
+    data = [[{"x": torch.ones(3)} for _ in range(2)]]  # this rank: 2 images, loss_b = 2
+    other = ({"loss_a": 30.0, "loss_b": 2.0 * 4}, 4)  # another rank: 4 images, sum of loss_a 30
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "all_gather", lambda mine: [mine, other])
+    hook = ValidationLoss(10, lambda: data)
+    hook.trainer = _trainer(model)
+    with torch.no_grad():
+        model.eval()
+        mine_a = (model.bn(torch.ones(2, 3)) ** 2).mean().item() * 2
+        model.train()
+    with hook.trainer.storage:
+        hook.after_step()
+        latest = hook.trainer.storage.latest()
+    assert latest["val_loss_a"][0] == pytest.approx((mine_a + 30.0) / 6, rel=1e-5)
+    assert latest["val_loss_b"][0] == pytest.approx(2.0)
