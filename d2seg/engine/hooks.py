@@ -8,6 +8,8 @@
 * :class:`PlotCurves` (``D2SEG.PLOT_CURVES``): losses, learning rate and metrics drawn to
   ``OUTPUT_DIR/curves.png`` after training (:func:`plot_metrics_json` redraws from
   ``metrics.json``).
+* :class:`SyncAcrossRanks` (distributed runs only): one BatchNorm state for evaluation and
+  checkpoints, every process's RNG states in the checkpoint.
 
 TensorBoard event files come from detectron2's default writers (``TensorboardXWriter`` in
 ``OUTPUT_DIR``): ``tensorboard --logdir OUTPUT_DIR``.
@@ -32,8 +34,7 @@ from ..config import best_checkpoint_mode
 logger = logging.getLogger(__name__)
 
 __all__ = ["extend_hooks", "ValidationLoss", "BestCheckpointer", "PlotCurves", "SyncAcrossRanks",
-           "average_norm_statistics",
-           "build_val_loss_loader", "plot_curves", "plot_metrics_json"]
+           "average_norm_statistics", "build_val_loss_loader", "plot_curves", "plot_metrics_json"]
 
 
 # ----------------------------------------------------------------------------------------
