@@ -344,3 +344,28 @@ def test_cli_refuses_a_device_this_machine_lacks_in_one_line():
         _cli().main(["--preset", "cpu-smoke", "--device", "cuda"])
     with pytest.raises(SystemExit, match=r"benchmark.py: error: --device gpu: "):
         _cli().main(["--preset", "cpu-smoke", "--device", "gpu"])
+
+
+def test_one_more_host_sync_in_twenty_is_a_regression():
+    cmp = compare_results(_result(syncs=40), _result(syncs=41), tolerance=0.05)
+    (row,) = _rows(cmp, subject="d2seg", metric="host syncs/step")
+    assert row["status"] == "regression"
+
+
+def test_latency_ratio_noise_adds_both_subjects_spreads():
+    old, new = _result(), _result()
+    for r in (old, new):
+        c = r["cases"][0]
+        c["d2seg"]["inference"]["latency_ms_all"] = [10.0, 11.0, 12.0]   # spread 0.1
+        c["references"][0]["inference"]["latency_ms_all"] = [10.0, 12.0, 13.0]  # 0.2
+        c["ratios"]["plain"]["latency_speedup"] = 1.0
+    (row,) = _rows(compare_results(old, new), metric="latency speed-up")
+    assert row["noise"] == pytest.approx(0.3)
+
+
+def test_cpu_memory_ratio_is_approximate():
+    old, new = _result(), _result()
+    old["cases"][0]["ratios"]["plain"]["train_memory_ratio"] = 1.0
+    new["cases"][0]["ratios"]["plain"]["train_memory_ratio"] = 1.5
+    (row,) = _rows(compare_results(old, new), metric="train memory ratio")
+    assert row["status"] == "approximate"

@@ -299,3 +299,32 @@ def test_missing_box_and_empty_datasets_are_fatal(fruits_copy):
     r = check_dataset("one_img_val")
     (p,) = _problems(r, "empty_dataset")
     assert not r.ok and "fewer than 2 images" in p.message
+
+
+def test_instance_category_equal_to_num_classes_is_out_of_range(tmp_path):
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.data.checks import check_dataset_dicts
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    meta = Metadata(name="audit_inst").set(thing_classes=["a", "b"])
+    d = [{"file_name": str(tmp_path / "a.png"), "image_id": 0, "height": 20, "width": 20,
+          "annotations": [{"bbox": [1, 1, 5, 5], "bbox_mode": 1, "category_id": 2}]}]
+    r = check_dataset_dicts(d, meta)
+    assert [p.value for p in r.problems if p.code == "label_out_of_range"] == [2]
+
+
+def test_mask_label_equal_to_num_classes_is_out_of_range(tmp_path):
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.data.checks import check_dataset_dicts
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((20, 20), np.uint8)
+    m[0, 0] = 2
+    Image.fromarray(m).save(tmp_path / "m.png")
+    meta = Metadata(name="audit_sem").set(stuff_classes=["a", "b"], ignore_label=255)
+    d = [{"file_name": str(tmp_path / "a.png"), "image_id": 0, "height": 20, "width": 20,
+          "sem_seg_file_name": str(tmp_path / "m.png")}]
+    r = check_dataset_dicts(d, meta)
+    assert [p.value for p in r.problems if p.code == "label_out_of_range"] == [2]

@@ -101,3 +101,25 @@ def test_the_chosen_implementation_is_logged_once(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["COCO evaluation: pycocotools (D2SEG.EVAL.COCO_BACKEND 'auto') "
                      "(faster-coco-eval is not installed: pip install faster-coco-eval)"]
+
+
+@pytest.mark.parametrize("cpp, fce, want", [(True, True, "detectron2_cpp"),
+                                            (True, False, "detectron2_cpp"),
+                                            (False, True, "faster_coco_eval"),
+                                            (False, False, "pycocotools")])
+def test_auto_backend_table(monkeypatch, cpp, fce, want):
+    from d2seg.evaluation import coco_backend
+    monkeypatch.setattr(coco_backend, "_detectron2_cpp_available", lambda: cpp)
+    monkeypatch.setattr(coco_backend, "faster_coco_eval_available", lambda: fce)
+    assert coco_backend.resolve_backend("auto") == want
+
+
+def test_installed_faster_coco_eval_is_not_mistaken_for_detectron2_cpp(monkeypatch):
+    from detectron2.evaluation import coco_evaluation
+    from d2seg.evaluation import coco_backend
+    if not coco_backend.faster_coco_eval_available():
+        pytest.skip()
+    monkeypatch.setattr(coco_evaluation, "COCOeval_opt", coco_evaluation.COCOeval_opt)
+    coco_backend.coco_evaluator_kwargs("faster_coco_eval")
+    assert not coco_backend._detectron2_cpp_available()
+    assert coco_backend.resolve_backend("auto") == "faster_coco_eval"

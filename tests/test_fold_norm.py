@@ -374,3 +374,17 @@ def test_string_padding_folds_like_the_conv(padding):
     for size in (3, 16):  # below and above the size where folding pays
         x = torch.randn(1, 6, size, size, generator=gen)
         torch.testing.assert_close(conv(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_uses_the_norms_eps():
+    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+    from d2seg.modeling.fold_norm import fold_norms
+
+    norm = FrozenBatchNorm2d(4, eps=1e-3)
+    norm.running_var.fill_(1e-3)
+    conv = Conv2d(3, 4, 3, padding=1, bias=False, norm=norm).eval()
+    x = torch.randn(1, 3, 8, 8)
+    ref = conv(x)
+    fold_norms(conv)
+    torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)

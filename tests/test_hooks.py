@@ -291,3 +291,21 @@ def test_validation_loss_is_pooled_over_processes(monkeypatch):
         latest = hook.trainer.storage.latest()
     assert latest["val_loss_a"][0] == pytest.approx((mine_a + 30.0) / 6, rel=1e-5)
     assert latest["val_loss_b"][0] == pytest.approx(2.0)
+
+
+def test_sync_across_ranks_averages_at_checkpoint_iterations(monkeypatch):
+    from detectron2.utils import comm
+
+    from d2seg.engine import hooks
+
+    calls = []
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "all_gather", lambda x: [x, x])
+    monkeypatch.setattr(hooks, "average_norm_statistics", lambda m: calls.append(tr.iter + 1))
+    tr = SimpleNamespace(iter=0, max_iter=10, model=torch.nn.Linear(1, 1))
+    h = hooks.SyncAcrossRanks(4, [0])
+    h.trainer = tr
+    for i in range(10):
+        tr.iter = i
+        h.after_step()
+    assert calls == [4, 8, 10]

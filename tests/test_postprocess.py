@@ -308,3 +308,21 @@ def test_sliding_window_sizes_are_checked():
     with pytest.raises(ValueError, match="must be > 0"):
         window_starts(10, 0, 0.2)
     assert semantic_logits(model, img, (0, 0)).shape == (2, 16, 16)
+
+
+def test_search_threshold_ties_go_to_nearest_half():
+    from d2seg.modeling.postprocessing import search_threshold
+
+    p = [np.array([[0.0, 1.0]], np.float32)]
+    g = [np.array([[0, 1]], np.uint8)]
+    assert search_threshold(p, g, thresholds=[0.1, 0.3, 0.5, 0.7, 0.9])["threshold"] == 0.5
+    assert search_threshold(p, g, thresholds=[0.9, 0.4, 0.2])["threshold"] == 0.4
+
+
+def test_search_threshold_is_strictly_greater_like_the_postprocessor():
+    from d2seg.modeling.postprocessing import search_threshold
+
+    p = [np.array([[0.5, 0.75]], np.float32)]
+    g = [np.array([[0, 1]], np.uint8)]
+    scores = dict(search_threshold(p, g, thresholds=[0.5])["scores"])
+    assert scores[0.5] == 1.0

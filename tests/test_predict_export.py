@@ -512,3 +512,33 @@ def test_panoptic_ground_truth_is_drawn_from_its_segments_alone():
     sem = {"file_name": "a.png", "sem_seg_file_name": "s.png"}
     inst = {"file_name": "a.png", "annotations": [{}]}
     assert _ground_truth_to_draw(sem) is sem and _ground_truth_to_draw(inst) is inst
+
+
+def test_writer_maps_contiguous_to_dataset_ids(tmp_path):
+    from detectron2.data.catalog import Metadata
+    from detectron2.structures import Boxes, Instances
+
+    from d2seg.inference.writer import PredictionWriter
+
+    meta = Metadata(name="audit_w").set(thing_classes=["x", "y"], stuff_classes=["things", "s"],
+                                        thing_dataset_id_to_contiguous_id={11: 0, 12: 1},
+                                        stuff_dataset_id_to_contiguous_id={0: 0, 20: 1})
+    w = PredictionWriter(str(tmp_path), meta, overlays=False)
+    inst = Instances((8, 8), pred_boxes=Boxes(torch.tensor([[0., 0, 4, 4], [1, 1, 5, 5]])),
+                     scores=torch.tensor([0.9, 0.8]), pred_classes=torch.tensor([0, 1]))
+    w.add("a.png", 0, np.zeros((8, 8, 3), np.uint8), {"instances": inst})
+    assert [r["category_id"] for r in w.coco_results] == [11, 12]
+    seg = torch.zeros(8, 8, dtype=torch.int32)
+    seg[:4], seg[4:] = 1, 2
+    w.add("b.png", 1, np.zeros((8, 8, 3), np.uint8), {"panoptic_seg": (seg, [
+        {"id": 1, "category_id": 1, "isthing": True},
+        {"id": 2, "category_id": 1, "isthing": False}])})
+    segs = w.panoptic_annotations[0]["segments_info"]
+    assert [s["category_id"] for s in segs] == [12, 20]
+
+
+def test_to_uint8_uses_the_images_range_not_the_dtype_max():
+    from d2seg.data.image_io import to_uint8
+
+    a = np.array([[100, 4000, 2050]], np.uint16)  # a 12-bit image in a 16-bit file
+    assert to_uint8(a).tolist() == [[0, 255, 128]]
