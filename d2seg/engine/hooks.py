@@ -429,8 +429,6 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
     metric = cfg.D2SEG.BEST_CHECKPOINT.METRIC
     extra: List[HookBase] = []
     val_period = cfg.D2SEG.VAL_LOSS_PERIOD
-    best_period = (val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD) \
-        if metric else 0
     if len(cfg.DATASETS.TEST) and (val_period > 0 or metric.startswith("val_")):
         extra.append(ValidationLoss(
             val_period, lambda: build_val_loss_loader(cfg, cfg.DATASETS.TEST)))
@@ -443,7 +441,8 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
                                f"{'lowest' if mode == 'min' else 'highest'} '{metric}' "
                                f"(MODE {cfg.D2SEG.BEST_CHECKPOINT.MODE}); 'auto' would pick "
                                f"{'max' if mode == 'min' else 'min'}")
-            extra.append(BestCheckpointer(best_period, trainer.checkpointer, metric, mode))
+            period = val_period if metric.startswith("val_") else cfg.TEST.EVAL_PERIOD
+            extra.append(BestCheckpointer(period, trainer.checkpointer, metric, mode))
         if cfg.D2SEG.PLOT_CURVES:
             extra.append(PlotCurves(os.path.join(cfg.OUTPUT_DIR, "curves.png")))
     writer_at = next((i for i, h in enumerate(hooks_list) if isinstance(h, hooks.PeriodicWriter)),
@@ -451,7 +450,7 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
     out = hooks_list[:writer_at] + extra + hooks_list[writer_at:]
     if comm.get_world_size() > 1:
         sync = SyncAcrossRanks(cfg.SOLVER.CHECKPOINT_PERIOD,
-                               [cfg.TEST.EVAL_PERIOD, val_period, best_period])
+                               [cfg.TEST.EVAL_PERIOD, val_period])  # (and the best check's)
         at = next((i for i, h in enumerate(out) if isinstance(h, (hooks.PeriodicCheckpointer,
                                                                    hooks.EvalHook))), len(out))
         out.insert(at, sync)

@@ -122,7 +122,8 @@ def set_deterministic(cfg: CfgNode) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False) -> None:
+def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False,
+              recorded: Optional[Dict[str, Any]] = None) -> None:
     """Replace ``SEED = -1`` (random) by a concrete seed that ends up in ``config.yaml``.
 
     The data order is a function of the seed, so a ``--resume``d run can only continue the
@@ -130,11 +131,14 @@ def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False) -> None:
     ``--eval-only`` (which rewrites that file, as detectron2's ``default_setup`` does) keeps
     the recorded seed too, so that evaluating in the training folder does not change the data
     order of a later ``--resume``. All processes of a distributed run use rank 0's choice.
+    ``recorded``: that file as :func:`_recorded_config` read it (read here when not given).
     """
     if cfg.SEED >= 0:
         return
+    if recorded is None:
+        recorded = _recorded_config(cfg, resume, eval_only)
     try:
-        seed = int(_recorded_config(cfg, resume, eval_only).get("SEED", -1))
+        seed = int(recorded.get("SEED", -1))
     except (TypeError, ValueError):
         seed = -1
     if seed < 0:
@@ -151,8 +155,9 @@ def setup(args) -> CfgNode:
     """
     cfg = load_config(args.config_file, args.opts)
     resume, eval_only = bool(getattr(args, "resume", False)), bool(getattr(args, "eval_only", False))
-    adapted = adapt_to_hardware(cfg, _recorded_config(cfg, resume, eval_only))
-    _fix_seed(cfg, resume=resume, eval_only=eval_only)
+    recorded = _recorded_config(cfg, resume, eval_only)  # read once, before it is rewritten
+    adapted = adapt_to_hardware(cfg, recorded)
+    _fix_seed(cfg, resume=resume, eval_only=eval_only, recorded=recorded)
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.D2SEG.DETERMINISTIC:
