@@ -275,11 +275,18 @@ def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> List[str]:
         Names of the frozen parameters.
 
     Raises:
-        ValueError: a pattern matches no parameter (naming the pattern and example names).
+        ValueError: a pattern is not a regular expression, or matches no parameter (naming
+            the pattern and example names).
     """
     if not patterns:
         return []
-    regexes = [re.compile(p) for p in patterns]
+    regexes = []
+    for p in patterns:
+        try:
+            regexes.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"D2SEG.FINETUNE.FREEZE pattern {p!r} is not a regular "
+                             f"expression: {e}") from None
     names = [n for n, _ in model.named_parameters()]
     for p, r in zip(patterns, regexes):
         if not any(r.match(n) for n in names):

@@ -10,10 +10,12 @@ installed. Only configs loaded through :func:`d2seg.config.get_cfg` understand t
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
-from typing import IO, List, Sequence
+import re
+from typing import IO, Iterator, List, Sequence
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
@@ -21,7 +23,7 @@ from detectron2.config import get_cfg as _d2_get_cfg
 logger = logging.getLogger(__name__)
 
 __all__ = ["CfgNode", "ConfigError", "add_d2seg_config", "get_cfg", "load_config",
-           "load_config_or_exit", "ZOO_PREFIX"]
+           "load_config_or_exit", "naming_config_file", "ZOO_PREFIX"]
 
 ZOO_PREFIX = "zoo://"
 
@@ -224,6 +226,11 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # share of images containing each class (LVIS rule, DATALOADER.REPEAT_THRESHOLD); a class
     # counts as present in an image from this many pixels on.
     cfg.DATALOADER.SEM_SEG_REPEAT_MIN_PIXELS = 1
+    # DATALOADER.SAMPLER_TRAIN = "RandomSubsetTrainingSampler" (detectron2's sampler, whose key
+    # detectron2's defaults lack): train on this share (0, 1] of the training images, one
+    # subset drawn with SEED and kept for the whole run.
+    if "RANDOM_SUBSET_RATIO" not in cfg.DATALOADER:
+        cfg.DATALOADER.RANDOM_SUBSET_RATIO = 1.0
 
     # --- your own data, fine-tuning, predict/export, training conveniences (issue 4) ---------
     # (owned by the own-data work; documented in docs/own_data.md)
@@ -418,6 +425,25 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names file, key and value."""
 
 
+# a message that starts with a config key, as d2seg's and its modules' value checks do
+_KEY_FIRST = re.compile(r"(MODEL|INPUT|SOLVER|DATALOADER|DATASETS|TEST|D2SEG)\.[A-Z0-9_]")
+
+
+@contextlib.contextmanager
+def naming_config_file(config_file: str) -> Iterator[None]:
+    """Re-raise a plain ``ValueError`` whose message starts with a config key (``"MODEL.UNET.
+    DEPTH must be >= 1, got -1"``: the checks of d2seg's modules, run when the model, the
+    loader or the optimizer is built) as a :class:`ConfigError` that also names
+    ``config_file``. Other exceptions pass unchanged."""
+    try:
+        yield
+    except ValueError as e:
+        if type(e) is not ValueError or not config_file or not _KEY_FIRST.match(str(e)):
+            raise
+        raise ConfigError(f"{config_file} (or the command line): "
+                          f"{' '.join(str(e).split())}") from e
+
+
 def _all_keys(node, prefix: str = "") -> List[str]:
     out = []
     for k, v in node.items():
@@ -472,8 +498,40 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     except (KeyError, ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"command line override: {_explain(e, cfg)}") from e
     _check_names(cfg, config_file, opts)
+    _check_ranges(cfg, config_file, opts)
     _check_speed(cfg, config_file, opts)
     return cfg
+
+
+# (key, test, what the value must be): values that no run can use, whichever model or tool
+# reads them, checked at load time rather than (or besides) where they are read
+_RANGES = (
+    ("D2SEG.SHAPES.NUM_TRAIN", lambda v: v >= 1, ">= 1"),
+    ("D2SEG.SHAPES.NUM_VAL", lambda v: v >= 1, ">= 1"),
+    ("TEST.NUM_VIS", lambda v: v >= 0, ">= 0"),
+    ("D2SEG.NONFINITE.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
+    ("D2SEG.BAD_INPUT.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
+    ("MODEL.SEM_SEG_LOSS.WEIGHTS", lambda v: all(w >= 0 for w in v), "weights >= 0"),
+    ("MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS", lambda v: all(w >= 0 for w in v), "weights >= 0"),
+    ("MODEL.SEM_SEG_LOSS.FOCAL_GAMMA", lambda v: v >= 0, ">= 0"),
+    ("MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA", lambda v: v >= 0, ">= 0"),
+    ("MODEL.SEM_SEG_LOSS.TVERSKY_BETA", lambda v: v >= 0, ">= 0"),
+    ("D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("D2SEG.EVAL.COCO_BACKEND", lambda v: v in ("auto", "faster_coco_eval", "pycocotools"),
+     "one of 'auto', 'faster_coco_eval', 'pycocotools'"),
+)
+
+
+def _check_ranges(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
+    """The :data:`_RANGES` table: a ConfigError naming where the value came from, the key and
+    the value."""
+    given = {str(k) for k in list(opts)[0::2]}
+    for key, ok, what in _RANGES:
+        value = _get(cfg, key)
+        if not ok(value):
+            where = "command line override" if key in given else \
+                (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+            raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
 
 
 def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ pixels whose ground truth is ``ignore_label`` (or outside ``[0, C)``) are left o
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def _overlap_score(pred, target, empty_score: float, per_image: bool, dice_score
 
 
 def iou(pred: ArrayLike, target: ArrayLike, *, empty_score: float = 1.0,
-        per_image: bool = False):
+        per_image: bool = False) -> Union[float, ArrayLike]:
     """Intersection over union |P & G| / |P | G| of two binary masks.
 
     Args:
@@ -102,7 +102,7 @@ def iou(pred: ArrayLike, target: ArrayLike, *, empty_score: float = 1.0,
 
 
 def dice(pred: ArrayLike, target: ArrayLike, *, empty_score: float = 1.0,
-         per_image: bool = False):
+         per_image: bool = False) -> Union[float, ArrayLike]:
     """Dice coefficient 2 |P & G| / (|P| + |G|) of two binary masks (= F1 score).
 
     Same arguments and empty-case rules as :func:`iou`.
@@ -197,7 +197,8 @@ def _boundary_dilation(shape, dilation_ratio: float) -> int:
     return max(1, int(round(dilation_ratio * np.sqrt(h * h + w * w))))
 
 
-def boundary_counts(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float = 0.02):
+def boundary_counts(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float = 0.02
+                    ) -> Tuple[int, int]:
     """(intersection, union) pixel counts of the boundary regions of two (H, W) binary masks."""
     p, g = _to_numpy(pred) != 0, _to_numpy(target) != 0
     if p.shape != g.shape:

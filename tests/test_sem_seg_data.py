@@ -192,6 +192,23 @@ def test_loaders_with_repeat_sampler(tmp_path):
     assert len(items) == 4 and "sem_seg" not in items[0]
 
 
+def test_random_subset_sampler_has_its_key_and_trains_on_a_fixed_subset(tmp_path):
+    # detectron2's defaults lack DATALOADER.RANDOM_SUBSET_RATIO; add_d2seg_config adds it
+    make_dataset(tmp_path, "d2seg_test_subset", labels_with_rare_class())
+    cfg = sem_cfg("d2seg_test_subset")
+    assert cfg.DATALOADER.RANDOM_SUBSET_RATIO == 1.0
+    cfg.DATALOADER.SAMPLER_TRAIN = "RandomSubsetTrainingSampler"
+    cfg.DATALOADER.RANDOM_SUBSET_RATIO = 0.5
+    cfg.SEED = 3
+    it = iter(build_train_loader(cfg))
+    seen = {b["image_id"] for _ in range(20) for b in next(it)}
+    assert len(seen) == 2  # half of the 4 images, the same half all run
+    cfg.DATALOADER.RANDOM_SUBSET_RATIO = 1.5
+    with pytest.raises(ValueError, match=r"DATALOADER\.RANDOM_SUBSET_RATIO must be in \(0, 1\], "
+                                         r"got 1\.5"):
+        build_train_loader(cfg)
+
+
 def test_elastic_transform_zero_field_is_identity_and_shift_is_exact():
     img = np.arange(6 * 7 * 3, dtype=np.uint8).reshape(6, 7, 3)
     lab = np.arange(42, dtype=np.int64).reshape(6, 7)

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import d2seg  # noqa: E402,F401  (registers datasets and models)
-from d2seg.config import load_config_or_exit  # noqa: E402
+from d2seg.config import ConfigError, load_config_or_exit  # noqa: E402
 from d2seg.engine import default_argument_parser, run  # noqa: E402
 
 if __name__ == "__main__":
@@ -34,4 +34,7 @@ if __name__ == "__main__":
                 f"{args.num_machines}), each of which takes an equal share")
     if not args.eval_only and (ref or world > 1) and batch % share:
         sys.exit(f"train_net.py: error: SOLVER.IMS_PER_BATCH {batch} is not divisible by {by}")
-    run(args)
+    try:
+        run(args)
+    except ConfigError as e:  # a bad value found while building the model, loader, optimizer
+        sys.exit(f"train_net.py: error: {e}")

@@ -124,6 +124,8 @@ class Target:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device``: "auto" = CUDA when available, else the CPU; a CUDA device without CUDA
+    raises ``RuntimeError``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

@@ -184,6 +184,8 @@ PRESETS: Dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
+    """A copy of ``PRESETS[name]`` (``--preset``) that the caller may change; ``ValueError``
+    naming the known presets for an unknown name."""
     if name not in PRESETS:
         raise ValueError(f"--preset {name}: unknown (known: {', '.join(PRESETS)})")
     p = PRESETS[name]

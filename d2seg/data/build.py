@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterable, Iterator, List
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from detectron2.data.samplers import (
     RepeatFactorTrainingSampler,
     TrainingSampler,
 )
+from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from .pack import PackedBatchCollator, PackedMapper
@@ -39,7 +40,7 @@ MAPPER_NAMES = ("", "sem_seg")
 SEM_SEG_REPEAT_SAMPLER = "SemSegRepeatFactorTrainingSampler"
 
 
-def build_mapper(cfg, is_train: bool):
+def build_mapper(cfg: CfgNode, is_train: bool) -> Callable[[Dict], Dict]:
     """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
     name = cfg.INPUT.DATASET_MAPPER_NAME
     if name == "":
@@ -119,7 +120,10 @@ def _build_sampler(cfg, dataset) -> Sampler:
             dataset, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
         return RepeatFactorTrainingSampler(factors, seed=seed)
     if name == "RandomSubsetTrainingSampler":
-        return RandomSubsetTrainingSampler(len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO,
+        ratio = cfg.DATALOADER.RANDOM_SUBSET_RATIO
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"DATALOADER.RANDOM_SUBSET_RATIO must be in (0, 1], got {ratio}")
+        return RandomSubsetTrainingSampler(len(dataset), ratio,
                                            seed_shuffle=seed, seed_subset=seed)
     if name == SEM_SEG_REPEAT_SAMPLER:
         from .sem_seg_sampler import build_sem_seg_repeat_sampler
@@ -130,7 +134,7 @@ def _build_sampler(cfg, dataset) -> Sampler:
                      f"{SEM_SEG_REPEAT_SAMPLER}")
 
 
-def build_train_loader(cfg, start_iter: int = 0):
+def build_train_loader(cfg: CfgNode, start_iter: int = 0) -> Iterable[List[Dict]]:
     """detectron2's train loader with
 
     * the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, wrapped in
@@ -193,6 +197,6 @@ def build_train_loader(cfg, start_iter: int = 0):
     return loader
 
 
-def build_test_loader(cfg, dataset_name: str):
+def build_test_loader(cfg: CfgNode, dataset_name: str) -> torch.utils.data.DataLoader:
     """detectron2's test loader for ``dataset_name`` with the configured mapper."""
     return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))

@@ -90,6 +90,8 @@ def _register_fruits_nuts(root: str) -> None:
 
 
 def register_all_builtin() -> None:
+    """Register the shapes catalogs (default sizes) and, when the shared data folder exists
+    (:func:`shared_data_root`), ISBI and fruits-nuts. Run on ``import d2seg``."""
     register_shapes_catalogs()
     root = shared_data_root()
     if root is not None:

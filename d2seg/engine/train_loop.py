@@ -7,6 +7,7 @@ Usage is detectron2's::
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,7 +19,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import CfgNode, load_config
+from ..config import CfgNode, load_config, naming_config_file
 from ..data.catalogs import register_shapes_from_cfg
 from ..data.checks import run_pre_training_checks
 from ..data.register import register_datasets_from_cfg
@@ -147,7 +148,7 @@ def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False,
     cfg.SEED = seed
 
 
-def setup(args) -> CfgNode:
+def setup(args: argparse.Namespace) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts``, adapted to the hardware, frozen.
 
     Also runs detectron2's ``default_setup`` (logging, output dir, config dump, seeding) and
@@ -172,20 +173,22 @@ def setup(args) -> CfgNode:
     return cfg
 
 
-def main(args) -> Optional[Dict[str, Any]]:
+def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Train (or evaluate with ``--eval-only``); return the last evaluation results.
 
     In distributed runs, the results are returned on the main process (None elsewhere).
     """
     cfg = setup(args)
     if args.eval_only:
-        run_pre_training_checks(cfg, eval_only=True)  # DATASETS.TEST only
-        model = Trainer.build_model(cfg)
+        with naming_config_file(args.config_file):  # a bad value: the file, the key, the value
+            run_pre_training_checks(cfg, eval_only=True)  # DATASETS.TEST only
+            model = Trainer.build_model(cfg)
         load_eval_weights(model, cfg, resume=args.resume)
         res = Trainer.test(cfg, model)
     else:
-        run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
-        trainer = Trainer(cfg)
+        with naming_config_file(args.config_file):  # a bad value: the file, the key, the value
+            run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
+            trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
         model = trainer.model
@@ -225,7 +228,7 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
         require_complete_weights(ck.last_summary, model, "--eval-only")
 
 
-def run(args) -> Optional[Dict[str, Any]]:
+def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """``main`` through detectron2's ``launch`` (multi-GPU / multi-machine per ``args``)."""
     return launch(
         main,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.engine import defaults as _d2_defaults
@@ -96,7 +97,8 @@ def _sem_seg_metrics_evaluator(dataset_name: str, output_folder: str) -> Optiona
     return SemSegMetricsEvaluator(dataset_name, distributed=True, output_dir=output_folder)
 
 
-def build_evaluators(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+def build_evaluators(cfg: CfgNode, dataset_name: str,
+                     output_folder: Optional[str] = None) -> DatasetEvaluator:
     """The evaluators a dataset's ``evaluator_type`` calls for.
 
     * ``sem_seg``: detectron2's ``SemSegEvaluator`` (mIoU, fwIoU, mACC, pACC) and d2seg's
@@ -327,6 +329,10 @@ class Trainer(DefaultTrainer):
         name = cfg.SOLVER.OPTIMIZER.upper()
         if name not in ("SGD", "ADAM", "ADAMW"):
             raise ValueError(f"SOLVER.OPTIMIZER must be SGD, ADAM or ADAMW, got '{cfg.SOLVER.OPTIMIZER}'")
+        betas = tuple(cfg.SOLVER.BETAS)
+        if name != "SGD" and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"SOLVER.BETAS must be two numbers in [0, 1) for {name}, got "
+                             f"{cfg.SOLVER.BETAS}")
         from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
         params = get_default_optimizer_params(

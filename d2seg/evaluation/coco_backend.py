@@ -33,6 +33,7 @@ _said: Dict[str, str] = {}  # the implementation last logged
 
 
 def faster_coco_eval_available() -> bool:
+    """Whether the ``faster_coco_eval`` package imports on this machine."""
     try:
         import faster_coco_eval  # noqa: F401
     except Exception:  # ImportError, or a wheel that does not load on this platform

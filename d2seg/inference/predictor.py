@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_model
@@ -61,7 +62,7 @@ def _runnable(cfg):
     return cfg
 
 
-def build_inference_model(cfg) -> nn.Module:
+def build_inference_model(cfg: CfgNode) -> nn.Module:
     """The model of ``cfg`` as evaluation runs it, in eval mode with ``MODEL.WEIGHTS`` loaded
     (:class:`d2seg.checkpoint.FinetuneCheckpointer`: d2seg / detectron2 / model-zoo files;
     random weights with a warning when it is empty). A ``MODEL.DEVICE`` naming CUDA on a
@@ -116,7 +117,7 @@ class SegPredictor(DefaultPredictor):
     dict for one image at its original size ("sem_seg" (K, H, W) logits, "instances",
     "panoptic_seg")."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: CfgNode):
         # DefaultPredictor.__init__, with d2seg's model preparation, loader and TTA wrapper
         self.cfg = _runnable(cfg).clone()
         self.model = build_inference_model(self.cfg)

@@ -24,11 +24,13 @@ def window_starts(length: int, window: int, overlap: float) -> List[int]:
     the last window ends exactly at ``length``. One window at 0 when ``window >= length``.
     """
     if window <= 0:
-        raise ValueError(f"sliding-window size must be > 0 pixels, got {window}")
+        raise ValueError(f"D2SEG.INFERENCE.SLIDING_WINDOW.SIZE (--sliding-window) must be > 0 "
+                         f"pixels, got {window}")
     if window >= length:
         return [0]
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
+        raise ValueError(f"D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP (--overlap) must be in "
+                         f"[0, 1), got {overlap}")
     stride = max(1, int(window * (1.0 - overlap)))
     starts = list(range(0, length - window, stride))
     starts.append(length - window)

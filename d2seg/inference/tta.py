@@ -3,7 +3,7 @@ detectron2's ``inference_on_dataset`` and every evaluator see exactly what ``too
 writes (the counterpart of detectron2's ``GeneralizedRCNNWithTTA``)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ class SemanticSegmentorWithTTA(nn.Module):
 
     @configurable
     def __init__(self, model: nn.Module, *, flip: bool = True, rot90: bool = False,
-                 window=(0, 0), overlap: float = 0.25):
+                 window: Tuple[int, int] = (0, 0), overlap: float = 0.25):
         """
         Args:
             model: a semantic model, e.g. d2seg's UNet or detectron2's SemanticSegmentor.

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-from ..layers.blocks import gn_groups
+from ..layers.blocks import gn_groups, norm_layer
 from ..layers.resize import resize_bilinear
 
 __all__ = ["HRNet", "HRNetSpec", "HRNET_PRESETS", "HRModule", "build_hrnet_backbone",
@@ -91,7 +91,7 @@ def _conv(in_ch: int, out_ch: int, k: int, *, stride: int = 1, norm: Norm = "BN"
           relu: bool = True) -> Conv2d:
     """``k x k`` conv ('same' padding, ``stride``) -> norm -> optional ReLU, MSRA init."""
     conv = Conv2d(in_ch, out_ch, k, stride=stride, padding=k // 2, bias=not norm,
-                  norm=get_norm(norm, out_ch), activation=F.relu if relu else None)
+                  norm=norm_layer(norm, out_ch), activation=F.relu if relu else None)
     weight_init.c2_msra_fill(conv)
     return conv
 
@@ -346,14 +346,14 @@ def hrnet_spec_from_config(cfg) -> HRNetSpec:
 
 
 @BACKBONE_REGISTRY.register()
-def build_hrnet_backbone(cfg, input_shape: ShapeSpec) -> HRNet:
+def build_hrnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> HRNet:
     """HRNet from ``cfg.MODEL.HRNET`` (NAME, WIDTH, STEM_CHANNELS, STAGE1_CHANNELS,
     NUM_MODULES, NUM_BLOCKS, NORM, OUT_FEATURES)."""
     return HRNet(cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
-def build_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+def build_hrnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """detectron2's ``FPN`` (``MODEL.FPN.*``, plus a max-pooled p6 as
     ``build_resnet_fpn_backbone``) on HRNet's ``MODEL.FPN.IN_FEATURES``
     (e.g. ["hr1", "hr2", "hr3", "hr4"] -> p2..p6). HRNet then outputs exactly those features

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
@@ -249,6 +249,11 @@ class MixVisionTransformer(Backbone):
                        ("NUM_HEADS", num_heads), ("SR_RATIOS", sr_ratios)):
             if len(v) != 4 or any(int(x) < 1 for x in v):
                 raise ValueError(f"MODEL.MIT.{key} must hold 4 positive ints, got {list(v)}")
+        for key, v in (("DROP_RATE", drop_rate), ("ATTN_DROP_RATE", attn_drop_rate)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"MODEL.MIT.{key} must be in [0, 1], got {v}")
+        if not 0.0 <= drop_path_rate < 1.0:  # the last block drops with this probability
+            raise ValueError(f"MODEL.MIT.DROP_PATH_RATE must be in [0, 1), got {drop_path_rate}")
         if out_features is None or len(out_features) == 0:
             out_features = _STAGE_NAMES
         bad = [n for n in out_features if n not in _STAGE_NAMES]
@@ -328,7 +333,7 @@ def _init_weights(m: nn.Module) -> None:
 
 
 @BACKBONE_REGISTRY.register()
-def build_mit_backbone(cfg, input_shape: ShapeSpec) -> MixVisionTransformer:
+def build_mit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> MixVisionTransformer:
     """MiT encoder from ``cfg.MODEL.MIT`` (NAME "b0".."b5", optional EMBED_DIMS / DEPTHS /
     NUM_HEADS / SR_RATIOS overrides, MLP_RATIO, QKV_BIAS, DROP_RATE, ATTN_DROP_RATE,
     DROP_PATH_RATE, OUT_FEATURES)."""

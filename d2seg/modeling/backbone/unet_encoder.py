@@ -6,7 +6,7 @@ from typing import Dict
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
@@ -20,7 +20,8 @@ class UNetEncoder(Backbone):
 
     Level 0 is a double conv at full resolution; each level i = 1..depth max-pools by 2 and
     double-convs to ``base_channels * 2**i`` channels. Input (N, in_channels, H, W) with H, W
-    divisible by ``2**depth``; output ``{"enc<i>": (N, base * 2**i, H / 2**i, W / 2**i)}``.
+    divisible by ``2**depth``; output ``{"enc<i>": (N, base * 2**i, H / 2**i, W / 2**i)}``
+    for i = 0..depth, the same in training and eval.
     """
 
     @configurable
@@ -71,6 +72,6 @@ class UNetEncoder(Backbone):
 
 
 @BACKBONE_REGISTRY.register()
-def build_unet_backbone(cfg, input_shape: ShapeSpec) -> UNetEncoder:
+def build_unet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> UNetEncoder:
     """U-Net encoder from ``cfg.MODEL.UNET`` (DEPTH, BASE_CHANNELS, NORM, CONV_BIAS)."""
     return UNetEncoder(cfg, input_shape)

@@ -51,7 +51,10 @@ class SemSegHeadBase(nn.Module):
     def layers(self, features: Dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, features: Dict[str, Tensor], targets: Optional[Tensor] = None):
+    def forward(self, features: Dict[str, Tensor], targets: Optional[Tensor] = None
+                ) -> Tuple[Optional[Tensor], Dict[str, Tensor]]:
+        """See the class docstring: ``(None, losses)`` in training, ``(logits, {})`` in
+        inference."""
         logits = self.layers(features)
         if self.training:
             if targets is None:
@@ -64,5 +67,7 @@ class SemSegHeadBase(nn.Module):
         return logits, {}
 
     def losses(self, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        """(N, K, h, w) logits resized (in fp32) to the (N, H, W) targets' size, then
+        ``self.loss``: ``{"loss_sem_seg_<name>": scalar}``."""
         logits = resize_logits(logits.float(), targets.shape[-2:], self.resize_impl)
         return self.loss(logits, targets)

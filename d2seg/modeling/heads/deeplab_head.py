@@ -110,7 +110,9 @@ class ASPPHead(SemSegHeadBase):
 class ASPPDecoderHead(SemSegHeadBase):
     """DeepLabV3+ head: ASPP on the deepest feature, then a decoder that, for each low-level
     feature from deep to shallow, up-samples to it, concatenates its 1x1 projection and
-    applies two 3x3 convs. Logits at the shallowest low-level feature's stride (4 for res2).
+    applies two 3x3 convs. Logits at the shallowest low-level feature's stride (4 for res2):
+    (N, K, H / 4, W / 4) in ``layers``; see :class:`SemSegHeadBase` for the forward protocol
+    (training: losses at the targets' resolution; inference: logits up-sampled to (N, K, H, W)).
     """
 
     @configurable

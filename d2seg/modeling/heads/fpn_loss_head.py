@@ -71,5 +71,7 @@ class SemSegFPNLossHead(SemSegFPNHead):
         return ret
 
     def losses(self, predictions: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        """(N, K, h, w) predictions resized (in fp32) to the (N, H, W) targets' size, then
+        ``self.loss``: ``{"loss_sem_seg_<name>": scalar}``."""
         predictions = resize_bilinear(predictions.float(), targets.shape[-2:], self.resize_impl)
         return self.loss(predictions, targets)

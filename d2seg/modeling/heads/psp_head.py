@@ -1,7 +1,7 @@
 """PSPNet head with pyramid pooling and an auxiliary head (``"PSPHead"``)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -65,6 +65,8 @@ class PSPHead(SemSegHeadBase):
             if n and n not in input_shape:
                 raise ValueError(f"{key} '{n}' is not among the backbone's outputs "
                                  f"{list(input_shape.keys())} (see MODEL.RESNETS.OUT_FEATURES)")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"MODEL.PSP.DROPOUT must be in [0, 1], got {dropout}")
         super().__init__(num_classes=num_classes, ignore_value=ignore_value,
                          common_stride=input_shape[in_feature].stride, loss=loss)
         self.in_feature = in_feature
@@ -105,7 +107,10 @@ class PSPHead(SemSegHeadBase):
     def layers(self, features: Dict[str, Tensor]) -> Tensor:
         return self.predictor(self.bottleneck(self.ppm(features[self.in_feature])))
 
-    def forward(self, features: Dict[str, Tensor], targets: Optional[Tensor] = None):
+    def forward(self, features: Dict[str, Tensor], targets: Optional[Tensor] = None
+                ) -> Tuple[Optional[Tensor], Dict[str, Tensor]]:
+        """:meth:`SemSegHeadBase.forward`, plus the auxiliary ``loss_aux_*`` terms in
+        training."""
         logits, losses = super().forward(features, targets)
         if self.training and self.aux_in_feature:
             aux = self.aux(features[self.aux_in_feature]).float()

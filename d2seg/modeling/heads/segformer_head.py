@@ -71,6 +71,8 @@ class SegFormerHead(SemSegHeadBase):
                              "(see MODEL.MIT.OUT_FEATURES)")
         if decoder_dim < 1:
             raise ValueError(f"MODEL.SEGFORMER.DECODER_DIM must be >= 1, got {decoder_dim}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"MODEL.SEGFORMER.DROPOUT must be in [0, 1], got {dropout}")
         in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
         super().__init__(num_classes=num_classes, ignore_value=ignore_value,
                          common_stride=input_shape[in_features[0]].stride, loss=loss)

@@ -48,7 +48,10 @@ class ASPP(nn.Module):
         super().__init__()
         dilations = [int(d) for d in dilations]
         if any(d < 1 for d in dilations):
-            raise ValueError(f"ASPP dilations must be >= 1, got {dilations}")
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.ASPP_DILATIONS: ASPP dilations must be >= 1, "
+                             f"got {dilations}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.ASPP_DROPOUT must be in [0, 1], got {dropout}")
         self.dilations = dilations
         self.image_pooling = image_pooling
         self.dropout = dropout

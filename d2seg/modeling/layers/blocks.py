@@ -26,11 +26,28 @@ def gn_groups(channels: int) -> int:
     return 1
 
 
+# the names detectron2's get_norm knows (detectron2/layers/batch_norm.py), for error messages
+NORM_NAMES = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N",
+              "LN")
+
+
 def norm_layer(norm: Norm, channels: int) -> Optional[nn.Module]:
-    """detectron2's ``get_norm``, with "GN" valid for any width (:func:`gn_groups`)."""
+    """detectron2's ``get_norm``, with "GN" valid for any width (:func:`gn_groups`).
+
+    Raises:
+        ValueError: ``norm`` is a name ``get_norm`` does not know (instead of its bare
+            ``KeyError``).
+    """
     if norm == "GN":
         return nn.GroupNorm(gn_groups(channels), channels)
-    return get_norm(norm, channels)
+    try:
+        return get_norm(norm, channels)
+    except KeyError:
+        if not isinstance(norm, str):
+            raise
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.NORM / MODEL.UNET.NORM / MODEL.HRNET.NORM: "
+                         f"{norm!r} is not one of detectron2's get_norm names "
+                         f"{list(NORM_NAMES)}") from None
 
 
 def conv_norm_act(

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -170,7 +170,8 @@ class EncoderDecoderSegmentor(nn.Module):
             return x.to(self.pixel_mean.dtype).sub_(self.pixel_mean).div_(self.pixel_std)
         return (x - self.pixel_mean) / self.pixel_std
 
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: List[Dict]
+                ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
         """See the class docstring for inputs and what train / eval mode return."""
         images = self.preprocess_image(batched_inputs)
         if self.training:
