@@ -284,6 +284,7 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # naming the loss, the iteration and the batch's images; N > 0 = skip up to N such steps.
     cfg.D2SEG.NONFINITE = CN()
     cfg.D2SEG.NONFINITE.MAX_SKIPS = 0
+    # Name the file_name of each image in the offending batch in that error / warning.
     cfg.D2SEG.NONFINITE.REPORT_IMAGES = True
     # When the check runs: "step" (before each update: the host waits for the GPU once per
     # step), "lagged" (during the next step, no wait; checkpoint, evaluation, writer and last

@@ -167,6 +167,33 @@ def test_cpu_bf16_speedup_is_measured_or_pinned(monkeypatch):
         fast_paths.cpu_bf16_speedup.cache_clear()
 
 
+def test_cpu_bf16_probe_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    """The probe measures on one intra-op thread (a ratio that other work on the machine does
+    not move) and hands the caller's thread count back, also when the measurement fails."""
+    seen = []
+    monkeypatch.delenv(fast_paths.CPU_BF16_SPEEDUP_ENV, raising=False)
+    monkeypatch.setattr(fast_paths, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(fast_paths, "_rechecked",
+                        lambda measure: seen.append(torch.get_num_threads()) or 1.7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    fast_paths.cpu_bf16_speedup.cache_clear()
+    try:
+        assert fast_paths.cpu_bf16_speedup() == 1.7
+        assert seen == [1] and torch.get_num_threads() == 2
+        fast_paths.cpu_bf16_speedup.cache_clear()
+
+        def boom(measure):
+            raise RuntimeError("oneDNN failed")
+        monkeypatch.setattr(fast_paths, "_rechecked", boom)
+        with pytest.raises(RuntimeError, match="oneDNN"):
+            fast_paths.cpu_bf16_speedup()
+        assert torch.get_num_threads() == 2
+    finally:
+        fast_paths.cpu_bf16_speedup.cache_clear()
+        torch.set_num_threads(before)
+
+
 def test_cpu_bf16_measurement_near_the_decision_takes_the_median_of_three():
     calls = []
 

@@ -72,6 +72,22 @@ def test_validation_loss_uses_eval_norm_and_restores_mode():
         assert "val_total_loss" not in hook2.trainer.storage.latest()
 
 
+def test_validation_loss_runs_once_at_the_last_iteration():
+    """At the last iteration (a multiple of the period) the loss is computed once, by
+    after_train, not also by after_step; an interrupted run (iter < max_iter - 1) computes none."""
+    calls = []
+    data = [[{"x": torch.randn(3)} for _ in range(2)]]
+    hook = ValidationLoss(10, lambda: calls.append(1) or data)
+    hook._compute = lambda: calls.append("c") or {}
+    hook.trainer = _trainer(ToyModel().train(), it=19, max_iter=20)
+    hook.after_step()
+    hook.after_train()
+    assert calls == ["c"]
+    hook.trainer = _trainer(ToyModel().train(), it=12, max_iter=20)
+    hook.after_train()
+    assert calls == ["c"]
+
+
 def test_best_checkpointer_keeps_last_checkpoint(tmp_path, caplog):
     model = nn.Linear(2, 2)
     ck = DetectionCheckpointer(model, str(tmp_path))

@@ -203,6 +203,13 @@ def test_search_threshold_tool_on_isbi(tmp_path, shared_data):
                      "4", "MODEL.WEIGHTS", str(weights / "model.pth"),
                      "D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TEST", "('thr_own_val',)"])
     assert res["dataset"] == "thr_own_val" and res["num_images"] == 3
+    # a malformed --thresholds is the tool's own one-line error, before anything is built
+    for bad, msg in (("0.1:0.9", "start:stop:step"), ("a,b", "comma-separated"),
+                     ("0.9:0.1:0.1", "start <= stop"), ("0.5,1.5", "in \\[0, 1\\], got 1.5")):
+        with pytest.raises(ValueError, match=msg):
+            tool.parse_thresholds(bad)
+    with pytest.raises(SystemExit):
+        tool.main(["--config-file", config, "--thresholds", "0.1:0.9"])
 
 
 # ----------------------------------------------------------------------------------------

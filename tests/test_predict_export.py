@@ -198,6 +198,10 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, caplog):
     # 0-255 floats are taken as they are, not stretched to the array's range
     dim = (g8 // 2).astype(np.float32)
     assert torch.equal(pred(dim)["sem_seg"], pred((g8 // 2).astype(np.uint8))["sem_seg"])
+    # a bool mask is black and white (0/255), as d2seg reads bool images, not 0/1
+    mask = g8 > 128
+    assert torch.equal(pred(mask)["sem_seg"], pred(mask.astype(np.uint8) * 255)["sem_seg"])
+    assert not torch.equal(pred(mask)["sem_seg"], pred(mask.astype(np.uint8))["sem_seg"])
     # a grey model (INPUT.FORMAT "L"): its mapper scales a 16-bit image as well (a mask, read
     # as "L" too, is not), and the predictor hands it the image's grey
     from d2seg.data.sem_seg_mapper import SemSegDatasetMapper

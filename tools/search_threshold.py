@@ -30,13 +30,28 @@ import d2seg  # noqa: E402,F401  (registers datasets and models)
 
 
 def parse_thresholds(spec: str) -> List[float]:
-    """"a:b:step" (inclusive) or "t1,t2,..."."""
+    """"a:b:step" (inclusive) or "t1,t2,..." -> the thresholds, each in [0, 1]. A spec that is
+    neither raises ValueError naming ``--thresholds`` and the value."""
+    how = "expected start:stop:step (e.g. 0.05:0.95:0.05) or a comma-separated list"
+    parts = spec.split(":") if ":" in spec else spec.split(",")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        raise ValueError(f"--thresholds '{spec}': {how}") from None
     if ":" in spec:
-        a, b, step = (float(x) for x in spec.split(":"))
-        if step <= 0 or a > b:
+        if len(values) != 3:
+            raise ValueError(f"--thresholds '{spec}': {how}")
+        a, b, step = values
+        if not step > 0 or a > b:
             raise ValueError(f"--thresholds '{spec}': need start <= stop and step > 0")
-        return [round(float(t), 6) for t in np.arange(a, b + step / 2, step)]
-    return [float(t) for t in spec.split(",")]
+        out = [round(float(t), 6) for t in np.arange(a, b + step / 2, step)]
+    else:
+        out = values
+    bad = [t for t in out if not 0.0 <= t <= 1.0]
+    if bad:
+        raise ValueError(f"--thresholds '{spec}': foreground probabilities lie in [0, 1], got "
+                         f"{bad[0]:g}")
+    return out
 
 
 def collect(cfg, dataset: str):
@@ -92,6 +107,10 @@ def main(argv=None) -> Dict:
     ap.add_argument("--output", default="", help="write the result as JSON here")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = ap.parse_args(argv)
+    try:
+        thresholds = parse_thresholds(args.thresholds)
+    except ValueError as e:
+        ap.error(str(e))
 
     import torch
 
@@ -111,7 +130,7 @@ def main(argv=None) -> Dict:
         ap.error("no --dataset and DATASETS.TEST is empty")
     post = dict(open_kernel=args.open, close_kernel=args.close, min_area=args.min_area,
                 keep_largest=args.keep_largest)
-    res = run(cfg, dataset, parse_thresholds(args.thresholds), post)
+    res = run(cfg, dataset, thresholds, post)
     print(f"{dataset}: {res['num_images']} images; Dice (pooled) per threshold:")
     for t, d in res["scores"]:
         mark = "  <- best" if t == res["threshold"] else ""

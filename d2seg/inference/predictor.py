@@ -89,9 +89,12 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
 
 def _as_uint8(image: np.ndarray) -> np.ndarray:
     """uint8 pixels: unsigned 16/32-bit and out-of-range values scaled by the image's range
-    (as d2seg reads such files); other integer and float arrays already in 0-255 as they are."""
+    (as d2seg reads such files), bool as 0/255; other integer and float arrays already in 0-255
+    as they are."""
     if image.dtype == np.uint8:
         return image
+    if image.dtype == bool:  # a mask: True is white (255), as d2seg reads bool images, not 1
+        return to_uint8(image, "SegPredictor input")
     high_bit = image.dtype.kind == "u" and image.dtype.itemsize > 1
     if not high_bit and image.size and np.isfinite(image).all() and \
             image.min() >= 0 and image.max() <= 255:
