@@ -275,15 +275,20 @@ def test_export_torchscript_and_onnx_dynamic_size(tmp_path):
 
 
 def test_drop_path_drops_whole_samples_in_training_only():
-    from d2seg.modeling.backbone.mit import drop_path
+    """The blocks' stochastic depth (torchvision's StochasticDepth, "row"): whole samples of
+    the residual branch zeroed with probability p and the rest scaled by 1 / (1 - p) in
+    training; identity in eval."""
+    from d2seg.modeling.backbone.mit import MiTBlock
 
+    block = MiTBlock(8, 1, 1.0, 2, drop_path=0.3)
     torch.manual_seed(0)
     x = torch.ones(1000, 4, 3)
-    y = drop_path(x, 0.3, training=True)
+    block.drop_path.train()
+    y = block.drop_path(x)
     per_sample = y.flatten(1)
     assert torch.all((per_sample == 0).all(1) | (per_sample == 1 / 0.7).all(1))
     assert 0.2 < (per_sample[:, 0] == 0).float().mean() < 0.4
-    assert torch.equal(drop_path(x, 0.3, training=False), x)
+    assert torch.equal(block.drop_path.eval()(x), x)
 
 
 @pytest.mark.parametrize("norm", ["BN", ""])

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.ops import StochasticDepth
 
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
@@ -53,30 +54,6 @@ def mit_settings(name: str, **overrides) -> Dict[str, List[int]]:
         if v is not None and len(v) > 0:
             out[k] = [int(x) for x in v]
     return out
-
-
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth: zero whole samples of the residual branch with probability ``p``
-    (and rescale the rest by 1 / (1 - p)) in training; identity otherwise."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
-
-
-class DropPath(nn.Module):
-    """Module form of :func:`drop_path`."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return drop_path(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -172,7 +149,8 @@ class MiTBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
-        self.drop_path = DropPath(drop_path)
+        # stochastic depth on whole samples of the residual branch (torchvision's)
+        self.drop_path = StochasticDepth(drop_path, "row")
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
 
