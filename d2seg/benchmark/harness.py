@@ -33,7 +33,7 @@ import os
 import statistics
 import time
 import traceback
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, TYPE_CHECKING, Tuple
 
 import torch
 
@@ -41,6 +41,9 @@ from .measure import (MemoryMeter, ThreadCPU, Timer, backend_flags, capture_back
                       free_memory, is_oom, machine_info, sync, thread_cpu_per_iter)
 from .references import reference_unavailable
 from .subjects import (D2SegSubject, Subject, SyntheticBatch, build_reference_subject, task_of)
+
+if TYPE_CHECKING:  # for annotations only
+    from detectron2.config import CfgNode
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def auto_references(cfg) -> List[str]:
+def auto_references(cfg: CfgNode) -> List[str]:
     """The references of a config's network, chosen by ``MODEL.META_ARCHITECTURE``."""
     arch = cfg.MODEL.META_ARCHITECTURE
     bb = cfg.MODEL.BACKBONE.NAME

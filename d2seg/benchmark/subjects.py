@@ -23,7 +23,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,9 @@ from .measure import (DTYPES, autocast, capture_backend_flags, sync, thread_cpu_
 from .references import (REFERENCES, build_plain_detectron2, build_reference,
                          semantic_logits)
 
+if TYPE_CHECKING:  # for annotations only
+    from detectron2.config import CfgNode
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SyntheticBatch", "Subject", "D2SegSubject", "PlainD2Subject",
@@ -43,7 +46,7 @@ SEMANTIC_ARCHS = ("UNet", "DeepLabV3", "DeepLabV3Plus", "PSPNet", "SegFormer", "
                   "SemanticSegmentor")
 
 
-def task_of(cfg) -> str:
+def task_of(cfg: CfgNode) -> str:
     """"semantic", "instance" or "panoptic" from ``MODEL.META_ARCHITECTURE``."""
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "PanopticFPN":

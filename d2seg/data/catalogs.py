@@ -19,6 +19,7 @@ import copy
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 
@@ -187,7 +188,7 @@ def register_shapes_catalogs(
         )
 
 
-def register_shapes_from_cfg(cfg) -> None:
+def register_shapes_from_cfg(cfg: CfgNode) -> None:
     """Re-register the shapes catalogs from ``cfg.D2SEG.SHAPES``."""
     s = cfg.D2SEG.SHAPES
     register_shapes_catalogs(

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 from PIL import Image
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
@@ -636,7 +637,7 @@ def check_dataset(name: str, decode_images: bool = True) -> DatasetReport:
     return report
 
 
-def expected_num_classes(cfg, kind: str) -> Optional[Tuple[str, int, int]]:
+def expected_num_classes(cfg: CfgNode, kind: str) -> Optional[Tuple[str, int, int]]:
     """(config key, value, classes it covers) the model uses for data of ``kind``, or None.
 
     A one-channel semantic head (``NUM_CLASSES: 1``) is binary: it covers 2 classes.
@@ -692,7 +693,7 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
               f"cannot load{'' if training else ' for training'}: set INPUT.MASK_FORMAT bitmask")
 
 
-def check_datasets_from_cfg(cfg, names: Optional[Iterable[str]] = None, mode: Optional[str] = None,
+def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None, mode: Optional[str] = None,
                             decode_images: bool = True, log: bool = True,
                             compare_with_cfg: bool = True) -> List[DatasetReport]:
     """Check ``DATASETS.TRAIN`` + ``DATASETS.TEST`` (or ``names``) against the data and config.
@@ -739,7 +740,7 @@ def check_datasets_from_cfg(cfg, names: Optional[Iterable[str]] = None, mode: Op
     return reports
 
 
-def run_pre_training_checks(cfg, eval_only: bool = False) -> List[DatasetReport]:
+def run_pre_training_checks(cfg: CfgNode, eval_only: bool = False) -> List[DatasetReport]:
     """What train_net's ``main`` runs before training (``D2SEG.DATASETS.CHECK``); with
     ``eval_only`` (``--eval-only``) on ``DATASETS.TEST`` only, with no annotation filter.
 

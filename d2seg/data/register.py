@@ -57,6 +57,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
@@ -525,7 +526,7 @@ def _check_paths(e: Dict[str, Any]) -> None:
                                     f"'{given}' does not exist: {e[k]}{where}")
 
 
-def check_register_entries(cfg, config_file: str = "",
+def check_register_entries(cfg: CfgNode, config_file: str = "",
                            dataset_keys: Sequence[str] = ()) -> None:
     """Parse every ``D2SEG.DATASETS.REGISTER`` entry and check its paths, without registering:
     what the command-line tools run before they start, so that a bad entry fails in one line.
@@ -588,7 +589,7 @@ def _register_entry(e: Dict[str, Any]) -> None:
                                e["panoptic_json"])
 
 
-def register_datasets_from_cfg(cfg) -> List[str]:
+def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
     """Register every entry of ``cfg.D2SEG.DATASETS.REGISTER``; returns all names registered."""
     names: List[str] = []
     for spec in cfg.D2SEG.DATASETS.REGISTER:

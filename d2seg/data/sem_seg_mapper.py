@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
@@ -25,7 +25,7 @@ __all__ = ["SemSegDatasetMapper", "build_sem_seg_augmentation"]
 FLIP_CHOICES = ("none", "horizontal", "vertical", "both")
 
 
-def build_sem_seg_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
+def build_sem_seg_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
     """Augmentations from ``cfg.INPUT``.
 
     Training: ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING)``

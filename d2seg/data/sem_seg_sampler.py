@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detectron2.config import CfgNode
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 
 __all__ = ["classes_per_image", "repeat_factors_from_sem_seg", "build_sem_seg_repeat_sampler"]
@@ -70,7 +71,7 @@ def repeat_factors_from_sem_seg(
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def build_sem_seg_repeat_sampler(cfg, dataset_dicts: Sequence[Dict]) -> RepeatFactorTrainingSampler:
+def build_sem_seg_repeat_sampler(cfg: CfgNode, dataset_dicts: Sequence[Dict]) -> RepeatFactorTrainingSampler:
     """detectron2's ``RepeatFactorTrainingSampler`` with :func:`repeat_factors_from_sem_seg`."""
     factors = repeat_factors_from_sem_seg(
         dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD,

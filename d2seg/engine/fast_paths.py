@@ -30,10 +30,13 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, TYPE_CHECKING, Tuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # for annotations only
+    from detectron2.config import CfgNode
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------
 # the decision
 # ----------------------------------------------------------------------------------------
-def model_family(cfg) -> str:
+def model_family(cfg: CfgNode) -> str:
     """``"semantic"``, ``"rcnn"``, ``"panoptic"`` or ``"other"`` for ``MODEL.META_ARCHITECTURE``.
 
     semantic: detectron2's ``SemanticSegmentor`` and every d2seg
@@ -393,13 +396,13 @@ def _resolve_inference_amp(cfg, family: str, device: str,
     return torch.bfloat16
 
 
-def resolve_amp(cfg) -> Tuple[Optional[torch.dtype], List[str]]:
+def resolve_amp(cfg: CfgNode) -> Tuple[Optional[torch.dtype], List[str]]:
     """The autocast dtype for ``cfg`` on this machine (None: fp32) and why, in words."""
     notes: List[str] = []
     return _resolve_amp(cfg, _device(cfg), notes), notes
 
 
-def validate(cfg) -> None:
+def validate(cfg: CfgNode) -> None:
     """Check every ``D2SEG.SPEED`` (and ``D2SEG.NONFINITE``) value, deciding nothing and
     measuring nothing (no CPU bf16 probe): what :func:`resolve` would refuse, at config load.
 
@@ -413,7 +416,7 @@ def validate(cfg) -> None:
     resolve(c)
 
 
-def resolve(cfg) -> SpeedPlan:
+def resolve(cfg: CfgNode) -> SpeedPlan:
     """Validate ``cfg.D2SEG.SPEED`` and decide every fast path for this config and device.
 
     Raises:
@@ -581,7 +584,7 @@ def resolve(cfg) -> SpeedPlan:
                      inference_amp_dtype=infer_amp, notes=notes)
 
 
-def describe(cfg) -> str:
+def describe(cfg: CfgNode) -> str:
     """One log line with the effective fast paths of ``cfg``."""
     p = resolve(cfg)
     amp = str(p.amp_dtype).replace("torch.", "") if p.amp_dtype else "off"
@@ -609,7 +612,7 @@ def describe(cfg) -> str:
 # ----------------------------------------------------------------------------------------
 # process-wide switches and AMP
 # ----------------------------------------------------------------------------------------
-def configure_backends(cfg) -> SpeedPlan:
+def configure_backends(cfg: CfgNode) -> SpeedPlan:
     """Set ``torch.backends.cudnn.benchmark`` and TF32 for ``cfg`` (CUDA only; on CPU nothing
     global is touched). Returns the plan.
 
@@ -630,7 +633,7 @@ def configure_backends(cfg) -> SpeedPlan:
     return plan
 
 
-def amp_dtype(cfg) -> Optional[torch.dtype]:
+def amp_dtype(cfg: CfgNode) -> Optional[torch.dtype]:
     """The autocast dtype for training with ``cfg`` (None: AMP off or not possible here).
 
     ``SOLVER.AMP.ENABLED`` turns AMP on; ``D2SEG.SPEED.AMP_DTYPE`` picks the dtype: "auto" =
@@ -945,7 +948,7 @@ def _fused_devices() -> Tuple[str, ...]:
         return ("cuda",)
 
 
-def optimizer_impl_kwargs(cfg, params: Iterable, plan: Optional[SpeedPlan] = None
+def optimizer_impl_kwargs(cfg: CfgNode, params: Iterable, plan: Optional[SpeedPlan] = None
                           ) -> Dict[str, bool]:
     """``{"fused": True}``, ``{"foreach": True}`` or ``{"foreach": False}`` for
     ``torch.optim.SGD/Adam/AdamW``, from ``D2SEG.SPEED.OPTIMIZER_IMPL``.
@@ -1001,7 +1004,7 @@ def prime_momentum_buffers(optimizer: torch.optim.Optimizer) -> int:
     return made
 
 
-def loader_kwargs(cfg, plan: Optional[SpeedPlan] = None) -> Dict[str, Any]:
+def loader_kwargs(cfg: CfgNode, plan: Optional[SpeedPlan] = None) -> Dict[str, Any]:
     """``pin_memory`` / ``persistent_workers`` / ``prefetch_factor`` for detectron2's
     ``build_detection_train_loader`` (which passes them to ``torch.utils.data.DataLoader``).
 

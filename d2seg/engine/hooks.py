@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from detectron2.config import CfgNode
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
@@ -40,7 +41,7 @@ __all__ = ["extend_hooks", "ValidationLoss", "BestCheckpointer", "PlotCurves", "
 # ----------------------------------------------------------------------------------------
 # validation loss
 # ----------------------------------------------------------------------------------------
-def build_val_loss_loader(cfg, dataset_names: Sequence[str]):
+def build_val_loss_loader(cfg: CfgNode, dataset_names: Sequence[str]):
     """Loader of ``dataset_names`` with ground truth and test-time resizing only.
 
     Semantic mapper ("sem_seg"): ``SemSegDatasetMapper(is_train=False, load_gt_in_eval=True)``;
@@ -218,7 +219,7 @@ _TASK_CLASS_PREFIXES = {"bbox": ("AP",), "segm": ("AP",), "sem_seg": ("IoU", "AC
                         "sem_seg_metrics": ("IoU", "Dice", "BIoU")}
 
 
-def evaluation_metric_names(cfg) -> Tuple[List[str], List[str]]:
+def evaluation_metric_names(cfg: CfgNode) -> Tuple[List[str], List[str]]:
     """(metric names, per-class name prefixes) that the evaluators of ``DATASETS.TEST`` report
     in the training storage, as detectron2 flattens them ("segm/AP"; with several test
     datasets "<dataset>/segm/AP")."""

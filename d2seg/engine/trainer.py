@@ -60,7 +60,7 @@ def evaluator_types(dataset_name: str) -> List[str]:
     return types
 
 
-def evaluation_tasks(cfg, dataset_name: str) -> List[str]:
+def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> List[str]:
     """The result keys :func:`build_evaluators` produces for the dataset, in its order:
     "sem_seg" (detectron2's SemSegEvaluator), "sem_seg_metrics" (d2seg's), "bbox", "segm"
     (COCOEvaluator, "segm" with ``MODEL.MASK_ON``), "panoptic_seg" (COCOPanopticEvaluator)."""
@@ -254,7 +254,7 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
-    def build_model(cls, cfg):
+    def build_model(cls, cfg: CfgNode):
         """detectron2's ``build_model``, then ``D2SEG.FINETUNE.FREEZE`` (d2seg/checkpoint.py),
         then the fast paths of ``D2SEG.SPEED`` (d2seg/engine/fast_paths.py: cuDNN benchmark /
         TF32 for this model family, channels_last, torch.compile)."""
@@ -322,7 +322,7 @@ class Trainer(DefaultTrainer):
             self._loaded_rng_state = state_dict.get("rng")
 
     @classmethod
-    def build_optimizer(cls, cfg, model):
+    def build_optimizer(cls, cfg: CfgNode, model):
         """detectron2's SGD, or Adam / AdamW with ``SOLVER.OPTIMIZER`` (same parameter groups,
         weight-decay rules and gradient clipping as detectron2's); fused / foreach / for-loop
         implementation from ``D2SEG.SPEED.OPTIMIZER_IMPL`` (d2seg/engine/fast_paths.py)."""
@@ -351,7 +351,7 @@ class Trainer(DefaultTrainer):
             weight_decay=cfg.SOLVER.WEIGHT_DECAY, **impl)
 
     @classmethod
-    def build_lr_scheduler(cls, cfg, optimizer):
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer):
         """detectron2's schedulers plus ``SOLVER.LR_SCHEDULER_NAME: "WarmupPolyLR"`` (the
         DeepLab / SegFormer poly schedule: ``(1 - iter / MAX_ITER) ** SOLVER.POLY_LR_POWER``,
         from ``detectron2.projects.deeplab``)."""
@@ -360,11 +360,11 @@ class Trainer(DefaultTrainer):
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         return build_evaluators(cfg, dataset_name, output_folder)
 
     @classmethod
-    def test_with_TTA(cls, cfg, model):
+    def test_with_TTA(cls, cfg: CfgNode, model):
         """Evaluate ``model`` on DATASETS.TEST with test-time augmentation (detectron2's
         ``tools/train_net.py`` convention, run by train_net when ``TEST.AUG.ENABLED``).
 
@@ -397,9 +397,9 @@ class Trainer(DefaultTrainer):
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     @classmethod
-    def build_train_loader(cls, cfg, start_iter: int = 0):
+    def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0):
         return data_build.build_train_loader(cfg, start_iter=start_iter)
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name: str):
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         return data_build.build_test_loader(cfg, dataset_name)
