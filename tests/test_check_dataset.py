@@ -328,3 +328,114 @@ def test_mask_label_equal_to_num_classes_is_out_of_range(tmp_path):
           "sem_seg_file_name": str(tmp_path / "m.png")}]
     r = check_dataset_dicts(d, meta)
     assert [p.value for p in r.problems if p.code == "label_out_of_range"] == [2]
+
+
+def test_annotation_problems_edges_polygons_and_box_modes():
+    """annotation_problems: boxes starting at the right/bottom edge are outside, a box past
+    the bottom is partly outside, polygons need >= 3 points and an even length, a bbox needs
+    4 numbers, and bbox_mode is honoured."""
+    from detectron2.structures import BoxMode
+
+    from d2seg.data.checks import annotation_problems
+
+    def codes(ann):
+        return [p[1] for p in annotation_problems(ann, 20, 30)]
+
+    assert codes({"bbox": [30, 0, 5, 5]}) == ["box_outside_image"]
+    assert codes({"bbox": [0, 20, 5, 5]}) == ["box_outside_image"]
+    assert codes({"bbox": [0, 10, 5, 15]}) == ["box_partly_outside_image"]
+    sq = [1, 1, 6, 1, 6, 6]
+    assert codes({"bbox": [1, 1, 5, 5], "segmentation": [sq]}) == []
+    assert codes({"bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 6]]}) == ["degenerate_polygon"]
+    assert codes({"bbox": [1, 1, 5, 5], "segmentation": [sq + [7]]}) == ["degenerate_polygon"]
+    assert codes({"bbox": [1, 1, 5]}) == ["malformed_box"]
+    assert codes({"bbox": [6, 6, 2, 2], "bbox_mode": BoxMode.XYXY_ABS}) == ["degenerate_box"]
+
+
+def test_binary_head_covers_two_classes_and_panoptic_stuff_mismatch_on_test_data():
+    """NUM_CLASSES 1 (binary) covers a two-class dataset; extra stuff classes in the head are
+    fatal for a dataset in DATASETS.TEST."""
+    from d2seg.config import get_cfg
+    from d2seg.data.checks import DatasetReport, _check_against_cfg, expected_num_classes
+
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "UNet"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 1
+    assert expected_num_classes(cfg, "sem_seg") == ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 1, 2)
+    r = DatasetReport(name="bin", kind="sem_seg", num_classes_implied=2)
+    _check_against_cfg(cfg, "bin", r)
+    assert r.problems == []
+    cfg.MODEL.META_ARCHITECTURE = "PanopticFPN"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
+    cfg.DATASETS.TEST = ("pan",)
+    r = DatasetReport(name="pan", kind="panoptic", num_stuff_classes_implied=3)
+    _check_against_cfg(cfg, "pan", r)
+    assert [p.severity for p in _problems(r, "num_classes_mismatch")] == ["error"]
+
+
+def test_duplicate_ids_and_class_imbalance_are_reported(tmp_path):
+    """Two dicts sharing an image_id are an error; a class 10x rarer than another warns; a
+    non-square mask of the image's size is no size mismatch."""
+    from detectron2.data import MetadataCatalog
+
+    from d2seg.data.checks import check_dataset_dicts
+
+    lab = np.zeros((20, 30), np.uint8)
+    lab[0, 0] = 1  # 1 pixel of class 1 against 599 of class 0
+    dicts = []
+    for i in range(2):
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray(lab).save(tmp_path / f"m{i}.png")
+        dicts.append({"file_name": str(tmp_path / f"i{i}.png"), "height": 20, "width": 30,
+                      "sem_seg_file_name": str(tmp_path / f"m{i}.png"), "image_id": 0})
+    meta = MetadataCatalog.get("d2seg_test_check_imbalance")
+    meta.set(stuff_classes=["bg", "fg"], ignore_label=255)
+    r = check_dataset_dicts(dicts, meta, "d2seg_test_check_imbalance")
+    assert [p.value for p in _problems(r, "duplicate_image_id")] == [2]
+    assert [p.value for p in _problems(r, "class_imbalance")] == [599.0]
+    assert not _problems(r, "mask_size_mismatch")  # a non-square mask of the image's size
+
+
+def test_pre_training_checks_install_the_annotation_filter_on_train_sets():
+    """run_pre_training_checks leaves 'skip' annotations out of DATASETS.TRAIN; with
+    eval_only it checks DATASETS.TEST alone and installs no filter."""
+    from detectron2.data import MetadataCatalog
+
+    from d2seg.config import get_cfg
+
+    name = "d2seg_test_check_filter"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    anns = [{"bbox": [0, 0, 5, 5], "category_id": 0}, {"bbox": [0, 0, 0, 5], "category_id": 0}]
+    DatasetCatalog.register(name, lambda: [{"file_name": "/nonexistent/a.png", "height": 10,
+                                            "width": 10, "image_id": 1,
+                                            "annotations": list(anns)}])
+    MetadataCatalog.get(name).set(thing_classes=["a"])
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (name,), ()
+    cfg.D2SEG.DATASETS.CHECK = "warn"
+    assert run_pre_training_checks(cfg, eval_only=True) == []  # DATASETS.TEST only: none
+    assert len(DatasetCatalog.get(name)[0]["annotations"]) == 2  # and no filter
+    run_pre_training_checks(cfg)
+    assert len(DatasetCatalog.get(name)[0]["annotations"]) == 1
+
+
+def test_panoptic_kind_from_detectron2_evaluator_type():
+    """A dataset whose evaluator_type is detectron2's "coco_panoptic_seg" is panoptic."""
+    from types import SimpleNamespace
+
+    from d2seg.data.checks import _kind
+
+    assert _kind(SimpleNamespace(evaluator_type="coco_panoptic_seg"), []) == "panoptic"
+
+
+def test_instances_without_thing_classes_imply_one_class_per_category_seen():
+    """Without thing_classes, category 0 annotations imply NUM_CLASSES 1 (max id + 1)."""
+    from types import SimpleNamespace
+
+    from d2seg.data.checks import check_dataset_dicts
+
+    d = {"file_name": "/nonexistent/a.png", "height": 10, "width": 10, "image_id": 1,
+         "annotations": [{"bbox": [0, 0, 5, 5], "category_id": 0}]}
+    r = check_dataset_dicts([d], SimpleNamespace(evaluator_type="coco"), "no_things")
+    assert r.kind == "instances" and r.num_classes_implied == 1

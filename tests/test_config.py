@@ -114,3 +114,41 @@ def test_command_line_tools_stop_in_one_line_on_a_missing_weights_file(tmp_path)
     (tmp_path / "w.pth").write_bytes(b"")
     cfg = load_config_or_exit(cfg_file, ["MODEL.WEIGHTS", str(tmp_path / "w.pth")], "predict.py")
     assert cfg.MODEL.WEIGHTS == str(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("opts, expect", [
+    (["D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", "1.0"],
+     "command line override: D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP must be in [0, 1), got 1.0"),
+    (["D2SEG.NONFINITE.MAX_SKIPS", "-1"], "D2SEG.NONFINITE.MAX_SKIPS must be >= 0, got -1"),
+])
+def test_range_table_names_the_key_and_where_the_value_came_from(opts, expect):
+    """Load-time range checks name the source (command line / file), the key and the value."""
+    import re
+
+    from d2seg.config import ConfigError, load_config
+
+    cfg_file = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml")
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        load_config(cfg_file, opts)
+
+
+def test_range_table_accepts_gamma_zero_and_names_the_config_file(tmp_path):
+    """FOCAL_GAMMA 0 (cross-entropy) is valid; a bad value from a file names that file."""
+    from d2seg.config import ConfigError, load_config
+
+    base = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml")
+    assert load_config(base, ["MODEL.SEM_SEG_LOSS.FOCAL_GAMMA", "0.0"]).MODEL.SEM_SEG_LOSS \
+        .FOCAL_GAMMA == 0.0
+    f = tmp_path / "bad.yaml"
+    f.write_text(f'_BASE_: "{base}"\nTEST:\n  NUM_VIS: -1\n')
+    with pytest.raises(ConfigError, match=r"bad\.yaml \(or a file in its _BASE_\): TEST.NUM_VIS"):
+        load_config(str(f))
+
+
+def test_weights_given_as_a_url_are_left_to_detectron2():
+    """A MODEL.WEIGHTS URL is not checked as a local path."""
+    from d2seg.config import _check_weights_path, get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.WEIGHTS = "https://example.invalid/model.pth"
+    _check_weights_path(cfg, "x.yaml")

@@ -325,3 +325,11 @@ def test_sync_across_ranks_averages_at_checkpoint_iterations(monkeypatch):
         tr.iter = i
         h.after_step()
     assert calls == [4, 8, 10]
+
+
+def test_best_checkpoint_auto_mode_finds_loss_in_any_case():
+    """MODE auto minimises a metric naming "loss" in any case ("val_Loss") and maximises others."""
+    from d2seg.config import best_checkpoint_mode
+
+    assert best_checkpoint_mode("val_Loss", "auto") == "min"
+    assert best_checkpoint_mode("sem_seg/mIoU", "auto") == "max"

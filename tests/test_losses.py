@@ -336,3 +336,58 @@ def test_fpn_loss_head_builds_without_a_loss_and_applies_loss_weight():
         out[lw] = head(feats, t)[1]["loss_sem_seg_ce"].item()
         assert head.loss.ignore_index == 255
     assert out[0.5] == pytest.approx(out[1.0] / 2)
+
+
+def test_check_targets_rejects_negative_values_and_batch_size_mismatch():
+    """Negative targets (not the ignore value) and a batch-size mismatch raise ValueError."""
+    from d2seg.modeling.losses import check_targets
+
+    with pytest.raises(ValueError, match="target value -1 is outside"):
+        check_targets(torch.tensor([[0, -1, 255]]), 3, 255)
+    with pytest.raises(ValueError, match="got -1"):
+        check_targets(torch.tensor([[0, -1]]), 1, 255)
+    with pytest.raises(ValueError, match="do not match"):
+        soft_dice_loss(torch.zeros(2, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_dice_without_smoothing_scores_an_exact_empty_class_one():
+    """smooth=0: a class with no true and exactly no predicted pixel has Dice 1 (loss 0)."""
+    logits = torch.full((1, 1, 2, 2), -200.0)  # sigmoid underflows to exactly 0
+    t = torch.zeros(1, 2, 2, dtype=torch.long)
+    assert soft_dice_loss(logits, t, smooth=0.0).item() == 0.0
+    assert tversky_loss(logits, t, smooth=0.0).item() == 0.0
+
+
+def test_tversky_rejects_negative_beta():
+    """A negative Tversky beta raises like a negative alpha."""
+    with pytest.raises(ValueError, match="beta=-0.1"):
+        tversky_loss(two_class_logits(), targets(), alpha=0.3, beta=-0.1)
+
+
+def test_binary_focal_ignores_infinite_logits_and_negative_alpha():
+    """Binary focal: an ignored pixel's infinite logit changes nothing; alpha < 0 = no alpha."""
+    ref = focal_loss(binary_logits(), targets(), gamma=2.0)
+    x = binary_logits([float("inf")]).requires_grad_()
+    got = focal_loss(x, targets([255]), gamma=2.0)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    got.backward()
+    assert torch.isfinite(x.grad).all()
+    assert focal_loss(binary_logits(), targets(), gamma=2.0, alpha=-1.0).item() == \
+        pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_softmax_focal_per_class_alpha_follows_each_image_target():
+    """Per-class alpha weighs each pixel by its own image's target class (batch of 2)."""
+    logits = torch.cat([two_class_logits(), 3 * two_class_logits()], 0)
+    t = torch.stack([targets()[0], 1 - targets()[0]])
+    alpha = [0.3, 0.7]
+    got = focal_loss(logits, t, gamma=0.0, alpha=alpha)
+    logp = F.log_softmax(logits, 1).gather(1, t[:, None])[:, 0]
+    w = torch.tensor(alpha)[t]
+    assert got.item() == pytest.approx((-(w * logp)).mean().item(), rel=1e-5)
+
+
+def test_cross_entropy_rejects_too_many_class_weights():
+    """More class weights than classes is an error, not silently truncated."""
+    with pytest.raises(ValueError, match="3 class weights for 2 classes"):
+        cross_entropy_loss(two_class_logits(), targets(), class_weights=[1.0, 2.0, 3.0])

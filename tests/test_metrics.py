@@ -222,3 +222,89 @@ def test_confusion_matrix_ignore_label_inside_the_class_range():
     cm = confusion_matrix(p, g, 3, ignore_label=0)
     assert cm[0].sum() == 0
     assert cm.tolist() == [[0, 0, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_torch_masks_nonzero_foreground_empty_score_and_per_image_shape():
+    """Torch masks: any non-zero (also negative) is foreground, empty_score is honoured, and
+    per_image needs a batch dimension."""
+    p = torch.tensor([[-1, 0], [2, 0]])
+    g = torch.tensor([[1, 0], [1, 1]])
+    assert iou(p, g) == pytest.approx(2 / 3)
+    z = torch.zeros(2, 2)
+    assert iou(z, z, empty_score=0.0) == 0.0 and dice(z, z, empty_score=0.25) == 0.25
+    with pytest.raises(ValueError, match="per_image=True needs"):
+        iou(np.zeros((3, 3)), np.zeros((3, 3)), per_image=True)
+
+
+def test_confusion_matrix_skips_out_of_range_targets_and_rejects_negative_predictions():
+    """Targets outside [0, C) are skipped (also with ignore_label None); a negative
+    prediction on a valid pixel raises."""
+    g = np.array([0, 1, 3, -1, 1])
+    p = np.array([0, 1, 2, 2, 0])
+    cm = confusion_matrix(p, g, 3, ignore_label=None)
+    assert cm.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match="predicted label outside"):
+        confusion_matrix(np.array([0, -1]), np.array([0, 1]), 3)
+
+
+def test_boundary_at_the_image_border_rounded_width_and_empty_score():
+    """The image border counts as background, the width is the rounded ratio x diagonal, and
+    boundary_iou returns empty_score for two empty masks."""
+    from d2seg.metrics import boundary_counts
+
+    full = np.ones((5, 5), bool)
+    assert boundary_mask(full, 1).sum() == 16  # the outer ring
+    # 48x64: diagonal 80, 0.02 x 80 = 1.6 -> 2 pixels
+    a = np.zeros((48, 64), bool)
+    a[10:30, 10:40] = True
+    inter, union = boundary_counts(a, a, dilation_ratio=0.02)
+    assert inter == union == int(boundary_mask(a, 2).sum()) != int(boundary_mask(a, 1).sum())
+    z = np.zeros((4, 4), bool)
+    assert boundary_iou(z, z, empty_score=0.0) == 0.0
+
+
+def test_evaluator_boundary_width_on_wide_images_and_predicted_only_classes(tmp_path):
+    """Evaluator: the boundary width uses the image's own diagonal (a wide image), a class
+    only predicted scores BIoU 0 (not NaN), and class names fall back to indices when
+    num_classes differs from the metadata's."""
+    from d2seg.evaluation import SemSegMetricsEvaluator
+    from d2seg.metrics import boundary_counts
+
+    g = np.zeros((10, 60), np.uint8)
+    g[2:9, 5:50] = 1
+    p = g.astype(np.int64).copy()
+    p[3:8, 8:20] = 0
+    p[0, 55:58] = 2  # class 2 predicted, never present
+    dicts = _register("d2seg_test_metrics_wide", tmp_path, [g], ["bg", "fg", "x"])
+    ev = SemSegMetricsEvaluator("d2seg_test_metrics_wide", distributed=False,
+                                boundary_dilation_ratio=0.05)
+    ev.reset()
+    ev.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p, 3)}])
+    res = ev.evaluate()["sem_seg_metrics"]
+    inter, union = boundary_counts(p == 1, g == 1, dilation_ratio=0.05)
+    assert res["BIoU-fg"] == pytest.approx(100 * inter / union)
+    assert res["BIoU-x"] == 0.0 and res["IoU-x"] == 0.0
+    ev4 = SemSegMetricsEvaluator("d2seg_test_metrics_wide", distributed=False, num_classes=4)
+    ev4.reset()
+    ev4.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p, 4)}])
+    assert "IoU-3" in ev4.evaluate()["sem_seg_metrics"]
+
+
+def test_evaluator_reads_the_input_gt_path_first_channel_and_returns_empty_without_images(
+        tmp_path):
+    """The input's own sem_seg_file_name wins, an RGB label map is read from its first
+    channel, and evaluate() without any image returns {}."""
+    from d2seg.evaluation import SemSegMetricsEvaluator
+
+    g = np.array([[0, 1], [1, 1]], np.uint8)
+    dicts = _register("d2seg_test_metrics_rgb", tmp_path, [np.zeros_like(g)], ["bg", "fg"])
+    rgb = np.stack([g, np.zeros_like(g), np.zeros_like(g)], -1)
+    Image.fromarray(rgb).save(tmp_path / "rgb_gt.png")
+    ev = SemSegMetricsEvaluator("d2seg_test_metrics_rgb", distributed=False,
+                                boundary_iou=False)
+    ev.reset()
+    assert ev.evaluate() == {}
+    ev.process([{"file_name": dicts[0]["file_name"],
+                 "sem_seg_file_name": str(tmp_path / "rgb_gt.png")}],
+               [{"sem_seg": _onehot_logits(g.astype(np.int64), 2)}])
+    assert ev.evaluate()["sem_seg_metrics"]["pACC"] == 100.0

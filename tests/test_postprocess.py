@@ -333,3 +333,98 @@ def test_search_threshold_is_strictly_greater_like_the_postprocessor():
     g = [np.array([[0, 1]], np.uint8)]
     scores = dict(search_threshold(p, g, thresholds=[0.5])["scores"])
     assert scores[0.5] == 1.0
+
+
+def test_postprocess_mask_opens_before_closing():
+    """postprocess_mask opens first, then closes (the orders differ on a random mask)."""
+    m = np.random.default_rng(0).random((12, 12)) > 0.5
+    expected = morphological_close(morphological_open(m, 3), 3)
+    assert (expected != morphological_open(morphological_close(m, 3), 3)).any()
+    np.testing.assert_array_equal(postprocess_mask(m, open_kernel=3, close_kernel=3), expected)
+
+
+def test_post_processor_threshold_is_strict_and_two_class_probability_is_a_softmax():
+    """P = threshold is background; two-class probability is softmax(logits)[1], not
+    sigmoid(logit 1)."""
+    assert SemSegPostProcessor(num_classes=1)(torch.zeros(1, 1, 2)).tolist() == [[0, 0]]
+    two = torch.tensor([[[1.0]], [[2.0]]])
+    assert foreground_probability(two).item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)))
+    assert SemSegPostProcessor(num_classes=2, threshold=0.8)(two).tolist() == [[0]]
+
+
+def test_post_processor_class_defaults_background_range_and_closing_takes_background_only():
+    """Binary: only class 1 is processed by default (a background hole stays); BACKGROUND
+    outside the classes raises; closing a class takes pixels from the background only."""
+    holed = np.ones((12, 12), bool)
+    holed[5, 5] = False
+    lg = torch.from_numpy(np.where(holed, 5.0, -5.0)).float().unsqueeze(0)
+    assert SemSegPostProcessor(num_classes=1, min_area=2)(lg)[5, 5].item() == 0
+    with pytest.raises(ValueError, match=r"BACKGROUND \[3\] outside"):
+        SemSegPostProcessor(num_classes=3, background=3)
+    label = np.zeros((10, 10), int)
+    label[2:8, 2:5] = 1
+    label[2:8, 5] = 2  # a one-pixel column of class 2 between two class-1 blocks
+    label[2:8, 6:9] = 1
+    logits = torch.nn.functional.one_hot(torch.from_numpy(label), 3).permute(2, 0, 1).float()
+    out = SemSegPostProcessor(num_classes=3, close_kernel=3, classes=[1])(logits).numpy()
+    np.testing.assert_array_equal(out[2:8, 5], 2)
+
+
+def test_search_threshold_scores_an_empty_set_one():
+    """No foreground in targets and predictions at any threshold: Dice 1 (nothing to find)."""
+    p = [np.zeros((2, 2), np.float32)]
+    g = [np.zeros((2, 2), np.uint8)]
+    assert search_threshold(p, g, thresholds=[0.5])["dice"] == 1.0
+
+
+def test_windows_cap_each_side_at_its_own_image_side_and_overlap_one_is_refused():
+    """A window wider than a wide image is capped at the image width (not its height), a
+    side longer than the window alone starts sliding, and overlap 1 raises."""
+    from d2seg.inference.sliding_window import semantic_logits, window_starts
+
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, inputs):
+            seen.extend(tuple(x["image"].shape[-2:]) for x in inputs)
+            return [{"sem_seg": x["image"][:2].float()} for x in inputs]
+
+    img = torch.rand(3, 16, 32)
+    out = semantic_logits(Record(), img, (8, 64), overlap=0.0)
+    assert seen == [(8, 32), (8, 32)] and torch.allclose(out, img[:2])
+    with pytest.raises(ValueError, match=r"OVERLAP \(--overlap\) must be in"):
+        window_starts(10, 4, 1.0)
+
+
+def test_tta_wrapper_takes_detectron2_flip_option():
+    """TEST.AUG.FLIP turns on flip TTA like D2SEG.INFERENCE.FLIP."""
+    from d2seg.inference.tta import SemanticSegmentorWithTTA
+
+    cfg = _tiny_unet_cfg(2)
+    cfg.TEST.AUG.FLIP = True
+    assert SemanticSegmentorWithTTA.from_config(cfg, torch.nn.Linear(1, 1))["flip"] is True
+
+
+def test_segmentor_pads_targets_with_the_ignore_value_and_normalises_uint8_images():
+    """Training targets are padded with IGNORE_VALUE (not class 0); uint8 images are divided
+    by PIXEL_STD too."""
+    from detectron2.modeling import build_model
+
+    cfg = _tiny_unet_cfg(2)
+    cfg.MODEL.PIXEL_STD = [2.0, 4.0, 8.0]
+    model = build_model(cfg).train()
+    seen = {}
+
+    def head(features, targets):
+        seen["targets"] = targets
+        return None, {"loss": features[next(iter(features))].sum() * 0}
+
+    model.sem_seg_head.forward = head
+    model([{"image": torch.zeros(3, 13, 10, dtype=torch.uint8),
+            "sem_seg": torch.zeros(13, 10, dtype=torch.long)}])
+    t = seen["targets"][0]
+    assert t.shape[-2] > 13 and (t[13:] == cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE).all()
+    assert (t[:13, :10] == 0).all()
+    x = torch.full((3, 2, 2), 200, dtype=torch.uint8)
+    expected = (x.float() - model.pixel_mean.cpu()) / model.pixel_std.cpu()
+    assert torch.allclose(model._normalize(x), expected)

@@ -546,3 +546,12 @@ def test_to_uint8_uses_the_images_range_not_the_dtype_max():
 
     a = np.array([[100, 4000, 2050]], np.uint16)  # a 12-bit image in a 16-bit file
     assert to_uint8(a).tolist() == [[0, 255, 128]]
+
+
+def test_predict_config_applies_overlap_zero_and_rot90():
+    """predict_config: --overlap 0 is a value (not "unset"), --rot90 turns on rotation TTA."""
+    from d2seg.inference.run import predict_config
+
+    cfg = predict_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml"),
+                         [], overlap=0.0, rot90=True)
+    assert cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP == 0.0 and cfg.D2SEG.INFERENCE.ROT90

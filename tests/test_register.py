@@ -318,3 +318,45 @@ def test_unregistered_dataset_names_fail_in_one_line_with_a_hint(shared_data):
         check_register_entries(load_config(cfg_file, bad), cfg_file, keys)
     # a tool that does not read DATASETS.TRAIN (predict.py, --eval-only) does not check it
     check_register_entries(load_config(cfg_file, bad), cfg_file, ("DATASETS.TEST",))
+
+
+def test_split_items_rounds_and_keeps_one_training_item():
+    """val count is round(n * fraction), capped so that at least one item trains."""
+    train, val = split_items(range(10), 0.29)
+    assert len(val) == 3 and len(train) == 7
+    train, val = split_items(range(3), 0.9)
+    assert len(val) == 2 and len(train) == 1
+
+
+def test_parse_spec_defaults_values_with_equals_and_empty_required_keys(tmp_path):
+    """ignore_label defaults to 255, a value may hold '=', 'null' stays a string, an empty
+    required key is missing, val_fraction 0 is rejected, and no split means one name."""
+    from d2seg.data.register import registered_names_of_entry
+
+    root = tmp_path / "a=b"
+    e = parse_dataset_spec(f"name=s,type=sem_seg,image_root={root},sem_seg_root={tmp_path},"
+                           "classes=[bg,null]")
+    assert e["ignore_label"] == 255 and e["image_root"] == str(root)
+    assert e["classes"] == ["bg", "null"]
+    assert registered_names_of_entry(e) == ["s"]
+    with pytest.raises(ValueError, match="missing"):
+        parse_dataset_spec({"name": "s", "type": "sem_seg", "image_root": "",
+                            "sem_seg_root": str(tmp_path), "classes": ["a", "b"]})
+    with pytest.raises(ValueError, match="val_fraction=0.0 is not in"):
+        parse_dataset_spec(f"name=s,type=sem_seg,image_root={tmp_path},"
+                           f"sem_seg_root={tmp_path},classes=[a,b],val_fraction=0")
+
+
+def test_mask_folder_sizes_extensions_and_remap_cache_key(tmp_path):
+    """Mask folders: height/width of a non-square image, upper-case extensions, and a remap
+    cache that depends on the ignore label."""
+    from d2seg.data.sem_seg_folder import _remap_cache_dir, load_sem_seg_folder
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "m").mkdir()
+    Image.fromarray(np.zeros((3, 5, 3), np.uint8)).save(tmp_path / "im" / "x.PNG")
+    Image.fromarray(np.zeros((3, 5), np.uint8)).save(tmp_path / "m" / "x.png")
+    (d,) = load_sem_seg_folder(str(tmp_path / "im"), str(tmp_path / "m"))
+    assert (d["height"], d["width"]) == (3, 5) and d["image_id"] == "x"
+    files = [str(tmp_path / "m" / "x.png")]
+    assert _remap_cache_dir(files, {1: 0}, 255) != _remap_cache_dir(files, {1: 0}, 0)

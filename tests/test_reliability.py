@@ -242,3 +242,30 @@ def test_tools_report_bad_register_entries_in_one_line(tmp_path, spec, expect):
         assert "Traceback" not in r.stderr, tool
         if "does not exist" in expect:  # a relative path: the directory it resolved against
             assert f"working directory {tmp_path}" in last
+
+
+def test_guard_raises_on_an_infinite_loss_and_refuses_lagged_skips():
+    """The guard stops on +inf (not only NaN) before the update; configure_guard refuses
+    skipping steps with the lagged check."""
+    from detectron2.utils.events import EventStorage
+
+    from d2seg.engine.train_step import GuardedSimpleTrainer
+
+    class Inf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, batch):
+            return {"loss_a": self.w.sum() * float("inf")}
+
+    model = Inf()
+    trainer = GuardedSimpleTrainer(model, [[{"file_name": "a.png"}]] * 2,
+                                   torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.configure_guard(max_skips=0)
+    trainer.iter = 0
+    with EventStorage(0), pytest.raises(NonFiniteLossError, match=r"loss_a=inf.*a\.png"):
+        trainer.run_step()
+    assert model.w.item() == 1.0
+    with pytest.raises(ValueError, match="'lagged' cannot skip steps"):
+        trainer.configure_guard(max_skips=1, lagged=True)

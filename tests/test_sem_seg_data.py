@@ -370,3 +370,37 @@ def test_position_seeded_mapper_draws_by_position_and_restores_the_caller_rngs(m
     assert len(set(first)) == 4
     other = PositionSeededMapper(draw, seed=4, batch_size=2)
     assert other(None) != first[0]
+
+
+def test_repeat_sampler_takes_seed_and_min_pixels_from_the_config(tmp_path):
+    """build_sem_seg_repeat_sampler passes cfg.SEED and DATALOADER.SEM_SEG_REPEAT_MIN_PIXELS."""
+    from d2seg.data.sem_seg_sampler import build_sem_seg_repeat_sampler
+
+    dicts = make_dataset(tmp_path, "d2seg_test_repeat_cfg", labels_with_rare_class())
+    cfg = sem_cfg("d2seg_test_repeat_cfg")
+    cfg.DATALOADER.REPEAT_THRESHOLD = 0.5
+    cfg.SEED = 7
+    cfg.DATALOADER.SEM_SEG_REPEAT_MIN_PIXELS = 2  # the one rare pixel no longer counts
+    sampler = build_sem_seg_repeat_sampler(cfg, dicts)
+    assert sampler._seed == 7
+    np.testing.assert_allclose(sampler._int_part + sampler._frac_part, [1, 1, 1, 1])
+
+
+def test_mapper_loads_gt_in_eval_when_asked_and_drops_annotations(tmp_path):
+    """load_gt_in_eval=True gives "sem_seg" at inference; "annotations" never reach the model."""
+    dicts = make_dataset(tmp_path, "d2seg_test_mapper_gt", labels_with_rare_class(1))
+    d = dict(dicts[0], annotations=[{"bbox": [0, 0, 1, 1]}])
+    mapper = SemSegDatasetMapper(is_train=False, augmentations=[], load_gt_in_eval=True)
+    out = mapper(d)
+    assert out["sem_seg"].shape == (40, 48) and int((out["sem_seg"] == 2).sum()) == 1
+    assert "annotations" not in out
+    assert "annotations" not in SemSegDatasetMapper(is_train=True, augmentations=[])(d)
+
+
+def test_repeat_factor_classes_read_the_first_channel_of_rgb_label_maps(tmp_path):
+    """classes_per_image reads an RGB label map's first channel (as the evaluator does)."""
+    m = np.zeros((4, 4, 3), np.uint8)
+    m[..., 0] = 1
+    m[..., 1:] = 7  # other channels hold no class ids
+    Image.fromarray(m).save(tmp_path / "rgb.png")
+    assert classes_per_image([{"sem_seg_file_name": str(tmp_path / "rgb.png")}]) == [[1]]
