@@ -33,12 +33,12 @@ def parse_thresholds(spec: str) -> List[float]:
     """"a:b:step" (inclusive) or "t1,t2,..." -> the thresholds, each in [0, 1]. A spec that is
     neither raises ValueError naming ``--thresholds`` and the value."""
     how = "expected start:stop:step (e.g. 0.05:0.95:0.05) or a comma-separated list"
-    parts = spec.split(":") if ":" in spec else spec.split(",")
+    is_range = ":" in spec
     try:
-        values = [float(x) for x in parts]
+        values = [float(x) for x in spec.split(":" if is_range else ",")]
     except ValueError:
         raise ValueError(f"--thresholds '{spec}': {how}") from None
-    if ":" in spec:
+    if is_range:
         if len(values) != 3:
             raise ValueError(f"--thresholds '{spec}': {how}")
         a, b, step = values

@@ -693,8 +693,8 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
               f"cannot load{'' if training else ' for training'}: set INPUT.MASK_FORMAT bitmask")
 
 
-def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None, mode: Optional[str] = None,
-                            decode_images: bool = True, log: bool = True,
+def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None,
+                            mode: Optional[str] = None, decode_images: bool = True, log: bool = True,
                             compare_with_cfg: bool = True) -> List[DatasetReport]:
     """Check ``DATASETS.TRAIN`` + ``DATASETS.TEST`` (or ``names``) against the data and config.
 

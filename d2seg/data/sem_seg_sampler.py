@@ -71,7 +71,8 @@ def repeat_factors_from_sem_seg(
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def build_sem_seg_repeat_sampler(cfg: CfgNode, dataset_dicts: Sequence[Dict]) -> RepeatFactorTrainingSampler:
+def build_sem_seg_repeat_sampler(cfg: CfgNode, dataset_dicts: Sequence[Dict]
+                                 ) -> RepeatFactorTrainingSampler:
     """detectron2's ``RepeatFactorTrainingSampler`` with :func:`repeat_factors_from_sem_seg`."""
     factors = repeat_factors_from_sem_seg(
         dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD,

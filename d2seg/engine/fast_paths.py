@@ -318,7 +318,8 @@ def cpu_bf16_speedup() -> float:
             gen = torch.Generator().manual_seed(0)
             c = 64
             block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, padding=1)).to(memory_format=torch.channels_last)
+                                  nn.Conv2d(c, c, 3, padding=1))
+            block = block.to(memory_format=torch.channels_last)
             x = torch.randn(4, c, 56, 56, generator=gen).to(memory_format=torch.channels_last)
             x.requires_grad_()
             step(False), step(True)  # oneDNN primitive creation
