@@ -694,8 +694,8 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
 
 
 def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None,
-                            mode: Optional[str] = None, decode_images: bool = True, log: bool = True,
-                            compare_with_cfg: bool = True) -> List[DatasetReport]:
+                            mode: Optional[str] = None, decode_images: bool = True,
+                            log: bool = True, compare_with_cfg: bool = True) -> List[DatasetReport]:
     """Check ``DATASETS.TRAIN`` + ``DATASETS.TEST`` (or ``names``) against the data and config.
 
     With ``compare_with_cfg``, adds a fatal ``num_classes_mismatch`` when the data has more
