@@ -290,15 +290,14 @@ def test_evaluator_boundary_width_on_wide_images_and_predicted_only_classes(tmp_
     assert "IoU-3" in ev4.evaluate()["sem_seg_metrics"]
 
 
-def test_evaluator_reads_the_input_gt_path_first_channel_and_returns_empty_without_images(
-        tmp_path):
-    """The input's own sem_seg_file_name wins, an RGB label map is read from its first
-    channel, and evaluate() without any image returns {}."""
+def test_evaluator_reads_the_input_gt_path_and_returns_empty_without_images(tmp_path):
+    """The input's own sem_seg_file_name wins, a grey label map saved as RGB is read as its
+    ids, and evaluate() without any image returns {}."""
     from d2seg.evaluation import SemSegMetricsEvaluator
 
     g = np.array([[0, 1], [1, 1]], np.uint8)
     dicts = _register("d2seg_test_metrics_rgb", tmp_path, [np.zeros_like(g)], ["bg", "fg"])
-    rgb = np.stack([g, np.zeros_like(g), np.zeros_like(g)], -1)
+    rgb = np.stack([g, g, g], -1)
     Image.fromarray(rgb).save(tmp_path / "rgb_gt.png")
     ev = SemSegMetricsEvaluator("d2seg_test_metrics_rgb", distributed=False,
                                 boundary_iou=False)

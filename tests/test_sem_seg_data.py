@@ -397,10 +397,17 @@ def test_mapper_loads_gt_in_eval_when_asked_and_drops_annotations(tmp_path):
     assert "annotations" not in SemSegDatasetMapper(is_train=True, augmentations=[])(d)
 
 
-def test_repeat_factor_classes_read_the_first_channel_of_rgb_label_maps(tmp_path):
-    """classes_per_image reads an RGB label map's first channel (as the evaluator does)."""
+def test_repeat_factor_classes_read_label_maps_by_the_one_rule(tmp_path):
+    """classes_per_image reads a grey label map saved as RGB as its ids and refuses a
+    colour-coded one (as the mapper and the evaluators do: read_sem_seg)."""
+    from d2seg.data.image_io import LabelMapError
+
     m = np.zeros((4, 4, 3), np.uint8)
-    m[..., 0] = 1
-    m[..., 1:] = 7  # other channels hold no class ids
+    m[:2] = 1
+    m[2:] = 3
     Image.fromarray(m).save(tmp_path / "rgb.png")
-    assert classes_per_image([{"sem_seg_file_name": str(tmp_path / "rgb.png")}]) == [[1]]
+    assert classes_per_image([{"sem_seg_file_name": str(tmp_path / "rgb.png")}]) == [[1, 3]]
+    m[..., 1:] = 7  # other channels differ: colours, not ids
+    Image.fromarray(m).save(tmp_path / "colour.png")
+    with pytest.raises(LabelMapError, match="colour.png: a colour-coded"):
+        classes_per_image([{"sem_seg_file_name": str(tmp_path / "colour.png")}])

@@ -57,11 +57,10 @@ def parse_thresholds(spec: str) -> List[float]:
 def collect(cfg, dataset: str):
     """(foreground probabilities, ground-truth label maps, ignore label) over ``dataset``."""
     import torch
-    from PIL import Image
-
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from d2seg.data.build import build_test_loader
+    from d2seg.data.image_io import read_sem_seg
     from d2seg.inference import build_inference_model
     from d2seg.modeling.postprocessing import foreground_probability
 
@@ -77,7 +76,7 @@ def collect(cfg, dataset: str):
             for inp, out in zip(inputs, model(inputs)):
                 logits = out.get("sem_seg_logits", out["sem_seg"])
                 probs.append(foreground_probability(logits).cpu().numpy())
-                gts.append(np.asarray(Image.open(gt_files[inp["file_name"]])))
+                gts.append(read_sem_seg(gt_files[inp["file_name"]]))
     return probs, gts, getattr(MetadataCatalog.get(dataset), "ignore_label", 255)
 
 

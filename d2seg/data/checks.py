@@ -3,9 +3,11 @@
 Every problem names the file, the annotation id (or mask value) and the bad value. Severities:
 
 * ``error`` (fatal: training does not start, ``check_dataset.py`` exits 1): missing, unreadable
-  or corrupt images or masks; image size differing from the recorded height/width or from its
-  mask; mask labels outside ``[0, num_classes)`` other than the ignore label; category ids
-  missing from the json's category list; duplicated image ids, annotation ids or image files;
+  or corrupt images or masks; masks whose values are not class ids (colour-coded RGB, fractional
+  floats: :func:`~d2seg.data.image_io.read_sem_seg` is the one rule for reading them); image
+  size differing from the recorded height/width or from its mask; mask labels outside
+  ``[0, num_classes)`` other than the ignore label; category ids missing from the json's
+  category list; duplicated image ids, annotation ids or image files;
   more classes in the data than the model's ``NUM_CLASSES`` (for Panoptic FPN also the stuff
   map's classes against ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``); fewer classes named by a dataset in
   ``DATASETS.TEST`` than ``NUM_CLASSES`` (the evaluators could not score the others); RLE
@@ -38,6 +40,8 @@ from PIL import Image
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+
+from .image_io import LabelMapError, read_sem_seg
 
 logger = logging.getLogger(__name__)
 
@@ -198,11 +202,7 @@ def _image_size(path: str, decode: bool = True) -> Tuple[int, int]:
 
 
 def _read_mask(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        m = np.asarray(im)
-    if m.ndim == 3:
-        m = m[..., 0]
-    return m
+    return read_sem_seg(path)
 
 
 def _parallel(fn: Callable, items: Sequence) -> List:
@@ -218,6 +218,8 @@ def _safe(fn: Callable, *a) -> Tuple[Any, Optional[str]]:
         return fn(*a), None
     except FileNotFoundError:
         return None, "missing"
+    except LabelMapError as e:
+        return None, f"label_map: {e}"
     except Exception as e:  # noqa: BLE001 - any decoder error means a bad file
         return None, f"{type(e).__name__}: {e}"
 
@@ -473,6 +475,10 @@ def _check_masks(dicts: List[Dict], report: DatasetReport, num_classes: int, ign
         f = d[key]
         if err == "missing":
             report.add(ERROR, "missing_mask", f, d.get("image_id"), None, "mask file not found")
+            continue
+        if err and err.startswith("label_map: "):
+            report.add(ERROR, "not_class_ids", f, d.get("image_id"), None,
+                       err[len("label_map: "):].replace(f"{f}: ", "", 1))
             continue
         if err:
             report.add(ERROR, "corrupt_mask", f, d.get("image_id"), err,

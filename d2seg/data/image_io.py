@@ -5,8 +5,14 @@ detectron2's ``read_image`` converts every image to the 8-bit format the models 
 PIL, which clips a 16-bit image at 255 (almost all white) and a float one to 0 or 1 (black):
 the model then trains on, or predicts, a constant image without any message. d2seg reads such
 images by scaling each one by its own minimum and maximum to 0-255 (logged for the first such
-image in a process), then converts as detectron2 does. Masks are never scaled: they are read in
-the "L" format, whose values are class ids.
+image in a process), then converts as detectron2 does.
+
+Label maps (semantic segmentation ground truth) follow one rule, :func:`read_sem_seg`, wherever
+d2seg reads them (training mapper, evaluators, dataset checks, repeat-factor sampler, folder
+remapping, threshold search): the stored values are the class ids, never scaled or converted.
+detectron2's mapper reads them through PIL's "L" conversion, which turns palette PNGs (the
+Pascal VOC format) into the luminance of each class's colour (class 1 becomes 38, the ignore
+value 255 becomes 220) and clips 16-bit ids at 255; d2seg does not.
 
 :func:`install` puts :func:`read_image` in the place of ``detection_utils.read_image``, so that
 detectron2's own ``DatasetMapper`` (Mask R-CNN, Panoptic FPN) reads images the same way; it is
@@ -25,7 +31,8 @@ from detectron2.utils.file_io import PathManager
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_image", "to_uint8", "HIGH_BIT_MODES", "install"]
+__all__ = ["read_image", "read_sem_seg", "LabelMapError", "to_uint8", "HIGH_BIT_MODES",
+           "install"]
 
 # PIL modes of one-channel images with more than 8 bits (integer or float)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -80,6 +87,48 @@ def read_image(file_name: str, format: Optional[str] = None,
         if image.mode in HIGH_BIT_MODES:
             image = Image.fromarray(to_uint8(np.asarray(image), str(file_name)), mode="L")
         return detection_utils.convert_PIL_to_numpy(image, format)
+
+
+class LabelMapError(ValueError):
+    """A label map file that decodes but whose values are not class ids."""
+
+
+def read_sem_seg(file_name: str) -> np.ndarray:
+    """A label map as its class ids: (H, W) array, EXIF orientation applied as for the image.
+
+    The values are read as stored: "L" and palette ("P", e.g. Pascal VOC) PNGs give uint8 (for
+    a palette image, the palette indices, not the colours), 16-bit and 32-bit ones give their
+    integer ids (uint16 / int32), bilevel ("1") ones 0 and 1 (uint8). A grey label map saved as
+    RGB(A) with equal channels gives that one channel; an alpha channel is ignored.
+
+    Raises:
+        LabelMapError (a ValueError) naming the file: a colour-coded map (RGB channels that
+        differ: the colours need a colour -> id table first), or float values that are not
+        whole numbers.
+    """
+    with PathManager.open(file_name, "rb") as f:
+        im = detection_utils._apply_exif_orientation(Image.open(f))
+        mode = im.mode
+        m = np.asarray(im)
+    if mode == "1":
+        return m.astype(np.uint8)
+    if mode == "F":
+        if not (np.isfinite(m).all() and np.array_equal(m, np.rint(m))):
+            raise LabelMapError(f"{file_name}: label map of float values that are not "
+                                f"whole numbers; class ids must be integers")
+        return m.astype(np.int32)
+    if m.ndim == 3:
+        if mode in ("LA", "La", "PA"):
+            return np.ascontiguousarray(m[..., 0])
+        c = m[..., :3]
+        if not ((c[..., 0] == c[..., 1]).all() and (c[..., 0] == c[..., 2]).all()):
+            raise LabelMapError(f"{file_name}: a colour-coded label map ({mode} with "
+                                f"channels that differ); d2seg reads class ids as stored "
+                                f"values, so save it as a one-channel (\"L\") or palette "
+                                f"(\"P\") PNG of ids, e.g. with a colour -> id table and "
+                                f"Image.fromarray(ids.astype('uint8'))")
+        return np.ascontiguousarray(m[..., 0])
+    return m
 
 
 def install() -> None:

@@ -23,6 +23,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .catalog_utils import unregister
 from .errors import guard_load
+from .image_io import read_sem_seg
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +63,20 @@ def _remap_masks(mask_files: List[str], label_map: Dict[int, int], ignore_label:
         return outs
     lut = np.full(256, ignore_label, np.uint8)
     for raw, cls in label_map.items():
-        lut[int(raw)] = int(cls)
+        if 0 <= int(raw) <= 255:
+            lut[int(raw)] = int(cls)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".remap-", dir=os.path.dirname(out_dir))
     try:
         for src, dst in zip(mask_files, outs):
-            m = np.asarray(Image.open(src))
-            if m.ndim == 3:
-                m = m[..., 0]
-            if m.dtype != np.uint8:
-                raise ValueError(f"{src}: mask dtype {m.dtype} is not 8-bit; cannot remap")
-            Image.fromarray(lut[m]).save(os.path.join(tmp, os.path.basename(dst)))
+            m = read_sem_seg(src)
+            if m.dtype == np.uint8:
+                out = lut[m]
+            else:  # 16/32-bit raw values: one comparison per mapped value
+                out = np.full(m.shape, ignore_label, np.uint8)
+                for raw, cls in label_map.items():
+                    out[m == int(raw)] = int(cls)
+            Image.fromarray(out).save(os.path.join(tmp, os.path.basename(dst)))
         open(os.path.join(tmp, "done"), "w").close()
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .image_io import read_image
+from .image_io import read_image, read_sem_seg
 from .sem_seg_transforms import (
     ForegroundCenteredCrop,
     RandomElasticDeformation,
@@ -101,7 +101,9 @@ class SemSegDatasetMapper:
             image_format: ``detection_utils.read_image`` format (e.g. "BGR", "RGB", "L").
             load_gt_in_eval: also load "sem_seg" at inference (evaluators read the original
                 ground truth themselves, so it is off by default).
-            label_dtype: torch.int64 or torch.uint8 (label files are 8-bit: no value lost).
+            label_dtype: torch.int64 or torch.uint8 (no value lost: label maps with ids outside
+                0-255 raise a ValueError naming the file). Label maps are read by
+                :func:`~d2seg.data.image_io.read_sem_seg` (stored values are the ids).
         """
         if label_dtype not in (torch.int64, torch.uint8):
             raise ValueError(f"label_dtype must be torch.int64 or torch.uint8, got {label_dtype}")
@@ -125,13 +127,30 @@ class SemSegDatasetMapper:
             "label_dtype": torch.uint8 if resolve(cfg).compact_labels else torch.int64,
         }
 
+    def _narrow_labels(self, sem_seg: np.ndarray, path: str) -> np.ndarray:
+        """Wide integer ids as uint8 when they fit (no value lost), else as float32, which
+        detectron2's resize takes (its nearest resize refuses other integer types) and which
+        holds every id below 2**24 exactly; int64 again after the augmentations."""
+        lo, hi = (int(sem_seg.min()), int(sem_seg.max())) if sem_seg.size else (0, 0)
+        if 0 <= lo and hi <= 255:
+            return sem_seg.astype(np.uint8)
+        if self.label_dtype == torch.uint8:
+            raise ValueError(f"{path}: label values {lo}..{hi} do not fit the uint8 label "
+                             f"maps of D2SEG.SPEED.COMPACT_LABELS; set it 'off' for class ids "
+                             f"outside 0-255")
+        if max(-lo, hi) >= 2 ** 24:
+            raise ValueError(f"{path}: label values {lo}..{hi}; class ids must lie below 2**24")
+        return sem_seg.astype(np.float32)
+
     def __call__(self, dataset_dict: Dict) -> Dict:
         d = copy.deepcopy(dataset_dict)
         image = read_image(d["file_name"], format=self.image_format, scale=True)
         utils.check_image_size(d, image)
         sem_seg: Optional[np.ndarray] = None
         if "sem_seg_file_name" in d and (self.is_train or self.load_gt_in_eval):
-            sem_seg = utils.read_image(d["sem_seg_file_name"], "L").squeeze(2)
+            sem_seg = read_sem_seg(d["sem_seg_file_name"])
+            if sem_seg.dtype != np.uint8:  # 16/32-bit ids
+                sem_seg = self._narrow_labels(sem_seg, d["sem_seg_file_name"])
         elif self.is_train:
             raise ValueError(f"{d.get('file_name')}: no 'sem_seg_file_name' in the dataset dict; "
                              "SemSegDatasetMapper trains on semantic segmentation datasets")

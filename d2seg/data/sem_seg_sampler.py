@@ -11,10 +11,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from detectron2.config import CfgNode
 from detectron2.data.samplers import RepeatFactorTrainingSampler
+
+from .image_io import read_sem_seg
 
 __all__ = ["classes_per_image", "repeat_factors_from_sem_seg", "build_sem_seg_repeat_sampler"]
 
@@ -29,10 +30,7 @@ def classes_per_image(dataset_dicts: Sequence[Dict], *, ignore_label: Optional[i
         if "sem_seg_file_name" not in d:
             raise ValueError(f"{d.get('file_name')}: no 'sem_seg_file_name'; semantic repeat "
                              "factors need label maps")
-        with Image.open(d["sem_seg_file_name"]) as im:
-            m = np.asarray(im)
-        if m.ndim == 3:
-            m = m[..., 0]
+        m = read_sem_seg(d["sem_seg_file_name"])
         ids, counts = np.unique(m, return_counts=True)
         keep = counts >= max(int(min_pixels), 1)
         if ignore_label is not None:

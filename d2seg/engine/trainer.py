@@ -10,7 +10,6 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
@@ -78,15 +77,15 @@ def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> List[str]:
 
 
 def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
-    """Read a label PNG as an integer array (H, W).
+    """Read a label map as an integer array (H, W) by d2seg's one rule
+    (:func:`d2seg.data.image_io.read_sem_seg`: the stored values are the class ids).
 
     detectron2 0.7's ``SemSegEvaluator`` reads with ``np.array(..., copy=False)``, which NumPy 2
     rejects for PIL images; every SemSegEvaluator d2seg builds uses this loader instead.
     """
-    from detectron2.utils.file_io import PathManager
+    from ..data.image_io import read_sem_seg
 
-    with PathManager.open(filename, "rb") as f:
-        return np.asarray(Image.open(f), dtype=dtype)
+    return read_sem_seg(filename).astype(dtype, copy=False)
 
 
 def _sem_seg_metrics_evaluator(dataset_name: str, output_folder: str) -> Optional[DatasetEvaluator]:

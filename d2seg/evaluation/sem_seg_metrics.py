@@ -12,13 +12,13 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import numpy as np
-from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from ..data.image_io import read_sem_seg
 from ..metrics import boundary_mask, confusion_matrix, segmentation_metrics
 from ..modeling.postprocessing import class_labels
 
@@ -101,9 +101,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         if path is None:
             raise KeyError(f"No ground truth for '{inp['file_name']}' in dataset "
                            f"'{self._dataset_name}'")
-        with PathManager.open(path, "rb") as f:
-            gt = np.asarray(Image.open(f), dtype=np.int64)
-        return gt[..., 0] if gt.ndim == 3 else gt
+        return read_sem_seg(path).astype(np.int64, copy=False)
 
     def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
         """inputs: the model inputs ("file_name"); outputs: dicts with "sem_seg" (C, H, W)."""
