@@ -394,8 +394,9 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     cfg.D2SEG.SPEED.PARALLEL_ROI_ALIGN = "auto"
     # ROIAlign's input gradient on CPU as one sparse-dense matrix product (the bilinear
     # weights computed once per sampling point) instead of torchvision's CPU backward, which
-    # recomputes them for every channel on one thread: bit-identical gradients with a fixed
-    # POOLER_SAMPLING_RATIO (the CPU configs' 2), float rounding with the adaptive one (0)
+    # recomputes them for every channel on one thread: gradients within float rounding of
+    # torchvision's (bit-identical with a fixed POOLER_SAMPLING_RATIO, the CPU configs' 2,
+    # where MKL adds in order: AMD EPYC; ~1 ulp apart on an Intel AVX-512 CPU)
     # (d2seg/modeling/layers/roi_align.py). "auto": on for CPU training; never on CUDA.
     cfg.D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD = "auto"
     # Each training sample's tensors (image, labels, boxes, ...) copied into one buffer in the

@@ -1,7 +1,9 @@
 """CPU ROIAlign with its channels split over threads (D2SEG.SPEED.PARALLEL_ROI_ALIGN):
 bit-identical to detectron2's ROIAlign (torchvision's kernels), forward and backward; its
-input gradient as a sparse matrix product (D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD): bit-identical
-with a fixed sampling ratio, within float rounding with the adaptive grid."""
+input gradient as a sparse matrix product (D2SEG.SPEED.SPARSE_ROI_ALIGN_GRAD): the forward
+unchanged, the gradient within a few float roundings (bit-identical with a fixed sampling
+ratio where MKL's sparse product adds in order, as on the AMD EPYC development CPU; an Intel
+AVX-512 CPU's MKL path adds in another order: ~1 ulp)."""
 import os
 
 import pytest
@@ -35,6 +37,18 @@ def _rois(n_img: int, r: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([b, xy, xy + wh], 1)
 
 
+def _within_rounding(a: torch.Tensor, ref: torch.Tensor, ulps: float = 4) -> bool:
+    """|a - ref| <= ulps * eps(dtype) * max|ref| everywhere: the same sums added in another
+    order (or with fused multiply-adds), not different arithmetic."""
+    if a.dtype != ref.dtype or a.shape != ref.shape:
+        return False
+    if ref.numel() == 0:
+        return True
+    a64, r64 = a.double(), ref.double()
+    return float((a64 - r64).abs().max()) <= ulps * torch.finfo(ref.dtype).eps * float(
+        r64.abs().max())
+
+
 def _run(cls, x, rois, size, autocast, sampling=2, aligned=True, sparse=False):
     m = cls(size, 0.25, sampling, aligned)
     if sparse:
@@ -66,8 +80,11 @@ def test_parallel_roi_align_is_bit_identical(two_threads, dtype, autocast, size,
                                             (torch.float64, False)])
 @pytest.mark.parametrize("size,sampling,aligned", [((7, 7), 2, True), ((14, 14), 1, False),
                                                    ((5, 3), 4, True)])
-def test_sparse_gradient_is_bit_identical_with_a_fixed_sampling_ratio(threads, dtype, autocast,
-                                                                      size, sampling, aligned):
+def test_sparse_gradient_matches_with_a_fixed_sampling_ratio(threads, dtype, autocast, size,
+                                                             sampling, aligned):
+    """Power-of-two sample counts: the division is exact, so what is left is the order of the
+    additions inside the sparse product (measured on an Intel Xeon with AVX-512, 2026-11-29:
+    float32 max 1.9e-6 on gradients up to 12.4; bit-identical on the AMD EPYC)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -82,7 +99,8 @@ def test_sparse_gradient_is_bit_identical_with_a_fixed_sampling_ratio(threads, d
     finally:
         torch.set_num_threads(before)
     assert grad.dtype == ref_grad.dtype == dtype
-    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    assert torch.equal(out, ref_out)
+    assert ref_grad.abs().max() > 0 and _within_rounding(grad, ref_grad)
 
 
 @pytest.mark.parametrize("aligned", [True, False])
@@ -143,6 +161,9 @@ def test_sparse_gradient_falls_back_and_handles_no_regions(two_threads, monkeypa
     ref = _run(ROIAlign, x, rois, (7, 7), False)[1]
     monkeypatch.setattr(pra, "MAX_SPARSE_ENTRIES", 10)
     assert torch.equal(_run(pra.ParallelROIAlign, x, rois, (7, 7), False, sparse=True)[1], ref)
+    monkeypatch.setattr(pra, "MAX_SPARSE_ENTRIES", 10 ** 9)  # and the product: within rounding
+    sparse = _run(pra.ParallelROIAlign, x, rois, (7, 7), False, sparse=True)[1]
+    assert _within_rounding(sparse, ref)
     # channels_last input: the gradient comes back channels_last
     xc = x.detach().to(memory_format=torch.channels_last)
     grad = _run(pra.ParallelROIAlign, xc, rois, (7, 7), False, sparse=True)[1]
@@ -200,8 +221,9 @@ def test_auto_is_off_on_cuda(monkeypatch):
 
 
 def test_a_training_step_matches_with_and_without(two_threads):
-    """The whole Mask R-CNN loss and every gradient, bit for bit (one step, same seed): both
-    switches on, the split only, neither (the CPU config's fixed sampling ratio of 2)."""
+    """The whole Mask R-CNN loss bit for bit and every gradient (one step, same seed): the
+    split alone bit for bit against neither switch; both switches (the CPU config's fixed
+    sampling ratio of 2) within float rounding of the sparse product's addition order."""
     from d2seg.benchmark.subjects import SyntheticBatch
     from detectron2.utils.events import EventStorage
 
@@ -219,10 +241,11 @@ def test_a_training_step_matches_with_and_without(two_threads):
         sum(losses.values()).backward()
         results.append(({k: v.detach() for k, v in losses.items()},
                         [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (la, ga) = results[0]
-    for lb, gb in results[1:]:
-        assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
-        assert len(ga) == len(gb) > 0 and all(torch.equal(a, b) for a, b in zip(ga, gb))
+    (la, ga), (lb, gb), (lc, gc) = results
+    for losses in (la, lb):
+        assert losses.keys() == lc.keys() and all(torch.equal(losses[k], lc[k]) for k in lc)
+    assert len(gb) == len(gc) > 0 and all(torch.equal(b, c) for b, c in zip(gb, gc))
+    assert len(ga) == len(gc) and all(_within_rounding(a, c, ulps=64) for a, c in zip(ga, gc))
 
 
 def test_benchmark_script_writes_its_json(tmp_path):

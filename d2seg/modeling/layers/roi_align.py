@@ -20,7 +20,11 @@ sampling point instead of once per point and channel, and the product runs on ev
 The matrix's entries for each input position keep torchvision's order, so where every bin
 has a power-of-two number of samples (a fixed ``sampling_ratio`` of 1, 2 or 4, as in d2seg's
 CPU configs) the gradient was bit-identical to torchvision's in every test on the
-development CPU; with the adaptive grid (``sampling_ratio`` 0) a bin's sample count can be
+development CPU (AMD EPYC). That last step depends on the order in which MKL's sparse
+product adds each row's entries: on an Intel Xeon with AVX-512 (2026-11-29) its vectorised
+path adds them in another order, and the float32 gradient differs from torchvision's by about
+one rounding (largest difference 1.9e-6 on gradients up to 12.4, float64 1.8e-15, bf16 3-4
+elements of 142k by one bf16 step); with the adaptive grid (``sampling_ratio`` 0) a bin's sample count can be
 3, 5, ... and the division by it rounds differently (relative differences about 1e-7).
 The forward stays torchvision's in both cases.
 
@@ -87,7 +91,7 @@ def _bilinear(c: Tensor, length: int) -> Tuple[Tensor, Tensor]:
 
 def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
                           sampling_ratio: int, aligned: bool, n: int, h: int, w: int,
-                          max_entries: int = MAX_SPARSE_ENTRIES) -> Optional[Tensor]:
+                          max_entries: Optional[int] = None) -> Optional[Tensor]:
     """ROIAlign's bilinear sampling as a sparse matrix, transposed for the backward.
 
     ``roi_align(x)`` is linear in ``x``: with ``x`` laid out as ``X`` (N*H*W, C) (channels
@@ -103,7 +107,8 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
         rois: (R, 5) rows of (batch index, x0, y0, x1, y1), float32 or float64.
         n, h, w: the feature map's batch size, height and width.
         max_entries: above this many matrix entries (R*ph*pw * samples per bin * 4) return
-            None (the caller runs torchvision's backward instead).
+            None (the caller runs torchvision's backward instead); None: the module's
+            ``MAX_SPARSE_ENTRIES`` as it is at the call.
 
     Returns:
         ``M.T`` as a sparse CSR tensor (N*H*W + 1, R*ph*pw) of ``rois.dtype``, or None. Its
@@ -111,6 +116,8 @@ def roi_align_grad_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, poo
         can appear more than once in a row (two sampling points sharing a pixel): the product
         sums every entry, in torchvision's order.
     """
+    if max_entries is None:
+        max_entries = MAX_SPARSE_ENTRIES
     r = rois.shape[0]
     dt, dev = rois.dtype, rois.device
     off = 0.5 if aligned else 0.0
