@@ -11,7 +11,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -99,6 +98,56 @@ def test_semantic_folder_inputs(tmp_path_factory, img, mask_hw, mask_val):
         assert out["image"].shape[-2:] == out["sem_seg"].shape
     except Exception as e:  # noqa: BLE001
         assert _explained(e, str(root)), f"unexplained {type(e).__name__}: {e}"
+
+
+def _encode_mask(mask: np.ndarray, encoding: str) -> bytes:
+    """One label map (uint8 ids) in one of the encodings users' mask folders hold."""
+    if encoding == "P":  # palette: colours whose luminance is not the index
+        im = Image.fromarray(mask, mode="P")
+        im.putpalette([(37 * i) % 256 for i in range(768)])
+    elif encoding == "I;16":
+        im = Image.fromarray(mask.astype(np.uint16))
+    elif encoding == "RGB-grey":
+        im = Image.fromarray(np.repeat(mask[:, :, None], 3, axis=2))
+    else:  # "RGB-colour": one channel holds the id, the others a colour
+        rgb = np.zeros(mask.shape + (3,), np.uint8)
+        rgb[..., 0], rgb[..., 1] = mask, 255 - mask
+        im = Image.fromarray(rgb)
+    b = io.BytesIO()
+    im.save(b, format="PNG")
+    return b.getvalue()
+
+
+@settings(**SETTINGS)
+@given(encoding=st.sampled_from(["P", "I;16", "RGB-grey", "RGB-colour"]),
+       mask_val=st.sampled_from([0, 1, 2, 255]))
+def test_label_map_encodings(tmp_path_factory, encoding, mask_val):
+    """Whatever the encoding, d2seg's checker and semantic mapper read the same ids
+    (d2seg.data.image_io.read_sem_seg) or both refuse the file by name."""
+    from d2seg.data.sem_seg_mapper import SemSegDatasetMapper
+
+    root = tmp_path_factory.mktemp("enc")
+    (root / "img").mkdir()
+    (root / "mask").mkdir()
+    (root / "img" / "a.png").write_bytes(_png(GOOD))
+    mask = np.full((40, 48), mask_val, np.uint8)
+    mask[:10] = 0
+    (root / "mask" / "a.png").write_bytes(_encode_mask(mask, encoding))
+    name = "fuzz_enc"
+    register_dataset({"name": name, "type": "sem_seg", "image_root": str(root / "img"),
+                      "sem_seg_root": str(root / "mask"), "classes": ["bg", "fg"]})
+    colour = encoding == "RGB-colour"  # the channels differ (id 0 is drawn (0, 255, 0))
+    report = check_dataset(name)
+    codes = {p.code for p in report.errors}
+    assert codes == ({"not_class_ids"} if colour else
+                     {"label_out_of_range"} if mask_val == 2 else set()), codes
+    mapper = SafeMapper(SemSegDatasetMapper(is_train=True, augmentations=[],
+                                            image_format="RGB"), policy="fail")
+    try:
+        out = mapper(copy.deepcopy(DatasetCatalog.get(name)[0]))
+        assert not colour and np.array_equal(out["sem_seg"].numpy(), mask)
+    except Exception as e:  # noqa: BLE001
+        assert colour and _explained(e, str(root)), f"{type(e).__name__}: {e}"
 
 
 VALID_COCO = {
