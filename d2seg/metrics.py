@@ -40,6 +40,7 @@ __all__ = [
     "boundary_mask",
     "boundary_iou",
     "boundary_counts",
+    "class_boundary_counts",
     "segmentation_metrics",
 ]
 
@@ -206,6 +207,57 @@ def boundary_counts(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float
     d = _boundary_dilation(p.shape, dilation_ratio)
     bp, bg = boundary_mask(p, d), boundary_mask(g, d)
     return int(np.logical_and(bp, bg).sum()), int(np.logical_or(bp, bg).sum())
+
+
+def _label_boundary(labels: np.ndarray, dilation: int, sentinel: int) -> np.ndarray:
+    """Pixels whose (2d+1)-square window, the image padded with ``sentinel``, holds more than
+    one label: for a pixel of class c, exactly ``boundary_mask(labels == c, d)``."""
+    import cv2
+
+    d = max(int(dilation), 1)
+    padded = cv2.copyMakeBorder(labels, d, d, d, d, cv2.BORDER_CONSTANT, value=sentinel)
+    k = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
+    return cv2.erode(padded, k)[d:-d, d:-d] != cv2.dilate(padded, k)[d:-d, d:-d]
+
+
+def class_boundary_counts(pred: ArrayLike, target: ArrayLike, num_classes: int,
+                          ignore_label: Optional[int] = 255, *, dilation: Optional[int] = None,
+                          dilation_ratio: float = 0.02) -> Tuple[np.ndarray, np.ndarray]:
+    """Boundary IoU's (intersection, union) pixel counts for every class of two (H, W) label
+    maps: two (C,) int64 arrays.
+
+    For class c: the boundary regions ``boundary_mask(pred == c, d)`` and
+    ``boundary_mask(target == c, d)``, counted on the valid pixels only (target in
+    ``[0, C)`` and not ``ignore_label``, as :func:`confusion_matrix`). The same counts as those
+    two calls per class, from one erosion and one dilation of each label map instead of two
+    erosions per class (a pixel is inside its class's mask, away from the contour, exactly
+    when its window holds one label). ``d``: ``dilation``, or ``dilation_ratio`` x the image
+    diagonal (at least 1 pixel).
+    """
+    p = _to_numpy(pred).astype(np.int64)
+    g = _to_numpy(target).astype(np.int64)
+    if p.shape != g.shape or p.ndim != 2:
+        raise ValueError(f"two (H, W) label maps expected, got {p.shape} and {g.shape}")
+    c = int(num_classes)
+    valid = (g >= 0) & (g < c)
+    if ignore_label is not None:
+        valid &= g != ignore_label
+    if p[valid].size and (p[valid].min() < 0 or p[valid].max() >= c):
+        raise ValueError(f"predicted label outside [0, {c}) on a valid pixel")
+    # OpenCV morphology on the smallest unsigned type with a value no class uses
+    dt, sentinel = (np.uint8, 255) if c <= 255 else (np.uint16, 65535)
+    if c > 65535:
+        raise ValueError(f"num_classes={c}: at most 65535 classes")
+    d = dilation if dilation is not None else _boundary_dilation(p.shape, dilation_ratio)
+    p_map = np.where((p >= 0) & (p < c), p, sentinel).astype(dt)
+    g_map = np.where(valid, g, sentinel).astype(dt)
+    bp = _label_boundary(p_map, d, sentinel) & valid
+    bg = _label_boundary(g_map, d, sentinel) & valid
+    n_p = np.bincount(p[bp], minlength=c)
+    n_g = np.bincount(g[bg], minlength=c)
+    both = bp & bg & (p == g)
+    inter = np.bincount(p[both], minlength=c)
+    return inter, n_p + n_g - inter
 
 
 def boundary_iou(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float = 0.02,

@@ -307,3 +307,32 @@ def test_evaluator_reads_the_input_gt_path_and_returns_empty_without_images(tmp_
                  "sem_seg_file_name": str(tmp_path / "rgb_gt.png")}],
                [{"sem_seg": _onehot_logits(g.astype(np.int64), 2)}])
     assert ev.evaluate()["sem_seg_metrics"]["pACC"] == 100.0
+
+
+@pytest.mark.parametrize("num_classes,shape,dilation", [(3, (40, 57), 1), (19, (64, 48), 3),
+                                                        (300, (33, 31), 2), (2, (5, 7), 9)])
+def test_class_boundary_counts_equal_the_per_class_masks(num_classes, shape, dilation):
+    """One erosion + dilation of each label map gives, for every class, the counts of
+    boundary_mask(pred == c) and boundary_mask(target == c) on the valid pixels."""
+    from d2seg.metrics import class_boundary_counts
+
+    rng = np.random.default_rng(num_classes)
+    h, w = shape
+    blocks = lambda: rng.integers(0, num_classes, (h // 4 + 1, w // 4 + 1)).repeat(4, 0).repeat(
+        4, 1)[:h, :w]
+    pred, gt = blocks(), blocks()
+    gt[rng.random(shape) < 0.1] = 255 if num_classes < 255 else -1  # ignored pixels
+    gt[0, 0] = num_classes  # outside [0, C): skipped like the ignore label
+    pred[rng.random(shape) < 0.05] = rng.integers(0, num_classes)  # speckle
+    inter, union = class_boundary_counts(pred, gt, num_classes, 255, dilation=dilation)
+    valid = (gt >= 0) & (gt < num_classes) & (gt != 255)
+    want_i, want_u = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    for c in range(num_classes):
+        bp = boundary_mask(pred == c, dilation) & valid
+        bg = boundary_mask(gt == c, dilation) & valid
+        want_i[c], want_u[c] = (bp & bg).sum(), (bp | bg).sum()
+    assert want_u.sum() > 0
+    np.testing.assert_array_equal(inter, want_i)
+    np.testing.assert_array_equal(union, want_u)
+    with pytest.raises(ValueError, match="predicted label outside"):
+        class_boundary_counts(np.full(shape, num_classes), gt, num_classes, 255, dilation=1)

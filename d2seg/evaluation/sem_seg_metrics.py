@@ -19,7 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..data.image_io import read_sem_seg
-from ..metrics import boundary_mask, confusion_matrix, segmentation_metrics
+from ..metrics import class_boundary_counts, confusion_matrix, segmentation_metrics
 from ..modeling.postprocessing import class_labels
 
 __all__ = ["SemSegMetricsEvaluator"]
@@ -115,19 +115,15 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
             self._cm += cm
             self._num_images += 1
             if self._boundary:
-                self._accumulate_boundary(pred, gt, cm)
+                self._accumulate_boundary(pred, gt)
 
-    def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray, cm: np.ndarray) -> None:
-        """Boundary intersections / unions of the classes in the image's valid pixels, as
-        ground truth or prediction (read from its confusion matrix ``cm``)."""
-        valid = (gt != self._ignore_label) & (gt >= 0) & (gt < self._num_classes)
-        h, w = gt.shape
-        d = max(1, int(round(self._ratio * np.sqrt(h * h + w * w))))
-        for c in np.flatnonzero(cm.sum(0) + cm.sum(1)):
-            bp = boundary_mask(pred == c, d) & valid
-            bg = boundary_mask(gt == c, d) & valid
-            self._b_inter[c] += int(np.logical_and(bp, bg).sum())
-            self._b_union[c] += int(np.logical_or(bp, bg).sum())
+    def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Per-class boundary intersections / unions on the image's valid pixels
+        (:func:`d2seg.metrics.class_boundary_counts`)."""
+        inter, union = class_boundary_counts(pred, gt, self._num_classes, self._ignore_label,
+                                             dilation_ratio=self._ratio)
+        self._b_inter += inter
+        self._b_union += union
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         cm, bi, bu, n = self._cm, self._b_inter, self._b_union, self._num_images
