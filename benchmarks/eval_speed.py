@@ -6,6 +6,8 @@ Instance AP (bbox and segm) runs through detectron2's own ``_evaluate_prediction
 faster-coco-eval, on the same predictions; every number detectron2 prints (the 12 summary
 stats and per-category AP, x100 with 3 decimals) is compared. Panoptic PQ runs panopticapi's
 ``pq_compute`` (what ``COCOPanopticEvaluator`` calls) on the shapes panoptic validation set.
+Semantic evaluation (``--semantic NxHxWxC``) times detectron2's ``SemSegEvaluator`` beside
+d2seg's ``SemSegMetricsEvaluator`` against d2seg's one-pass ``SemSegEvaluator``.
 
     python benchmarks/eval_speed.py                                  # shapes val, 3000 preds
     python benchmarks/eval_speed.py --synthetic 20000
@@ -158,6 +160,76 @@ def time_panoptic(dataset: str, workdir: str) -> Dict:
             "PQ": round(100 * res["All"]["pq"], 3), "workers": os.cpu_count()}
 
 
+def time_semantic(n: int, h: int, w: int, classes: int, workdir: str, repeats: int) -> Dict:
+    """Semantic evaluation per image: detectron2's ``SemSegEvaluator`` beside d2seg's
+    ``SemSegMetricsEvaluator`` (each reading the label maps and taking the argmax itself, as
+    train_net ran them before session 27) against d2seg's one-pass ``SemSegEvaluator`` feeding
+    the same metrics; blocky random label maps (ignore pixels included) and random scores.
+    The results must be identical."""
+    import math
+
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import SemSegEvaluator as D2SemSegEvaluator
+    from PIL import Image
+
+    from d2seg.engine.trainer import load_sem_seg_gt
+    from d2seg.evaluation import SemSegEvaluator, SemSegMetricsEvaluator
+    from d2seg.modeling.postprocessing import pixel_major
+
+    rng = np.random.default_rng(0)
+    dicts = []
+    for i in range(n):
+        g = rng.integers(0, classes, (h // 32 + 1, w // 32 + 1)).repeat(32, 0).repeat(32, 1)
+        g = g[:h, :w].astype(np.uint8)
+        g[rng.random((h, w)) < 0.02] = 255
+        path = os.path.join(workdir, f"{i}.png")
+        Image.fromarray(g).save(path)
+        dicts.append({"file_name": f"img{i}.jpg", "sem_seg_file_name": path,
+                      "height": h, "width": w})
+    name = "eval_speed_semantic"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(stuff_classes=[f"c{c}" for c in range(classes)],
+                                  ignore_label=255)
+    # stored with the classes innermost, as d2seg's models return CPU scores (pixel_major;
+    # detectron2's argmax(0) over a (K, H, W)-contiguous map is several times slower)
+    scores = [pixel_major(torch.nn.functional.interpolate(
+        torch.randn(1, classes, h // 4, w // 4), (h, w), mode="bilinear")[0])
+        for _ in range(min(n, 4))]
+
+    def run(evaluators) -> tuple:
+        best, res = float("inf"), {}
+        for _ in range(repeats):
+            for ev in evaluators:
+                ev.reset()
+            t0 = time.perf_counter()
+            for i, d in enumerate(dicts):
+                for ev in evaluators:
+                    ev.process([{"file_name": d["file_name"]}], [{"sem_seg": scores[i % 4]}])
+            res = {}
+            for ev in evaluators:
+                res.update(ev.evaluate())
+            best = min(best, time.perf_counter() - t0)
+        return best, res
+
+    two, res_two = run([D2SemSegEvaluator(name, distributed=False,
+                                          sem_seg_loading_fn=load_sem_seg_gt),
+                        SemSegMetricsEvaluator(name, distributed=False)])
+    one, res_one = run([SemSegEvaluator(name, distributed=False, metrics=SemSegMetricsEvaluator(
+        name, distributed=False))])
+    same = all(k in res_one and all(
+        (math.isnan(v) and math.isnan(res_one[k][m])) or v == res_one[k][m]
+        for m, v in res_two[k].items()) for k in res_two)
+    return {"images": n, "size": [h, w], "classes": classes,
+            "ms_per_image_detectron2_plus_metrics": round(1e3 * two / n, 1),
+            "ms_per_image_one_pass": round(1e3 * one / n, 1),
+            "speedup": round(two / one, 2), "results_identical": bool(same),
+            "mIoU": round(float(res_one["sem_seg"]["mIoU"]), 3)}
+
+
 def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +240,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--repeats", type=int, default=2, help="timings are the best of this many")
     ap.add_argument("--panoptic", default="shapes_panoptic_val",
                     help="panoptic dataset to time PQ on ('' to skip)")
+    ap.add_argument("--semantic", default="40x512x512x19", metavar="NxHxWxC",
+                    help="semantic evaluation: N label maps of HxW with C classes ('' to skip)")
     ap.add_argument("--out", default="", help="JSON file to write")
     args = ap.parse_args(argv)
 
@@ -195,6 +269,10 @@ def main(argv=None) -> Dict:
     if args.panoptic:
         with tempfile.TemporaryDirectory() as tmp:
             report["panoptic"] = time_panoptic(args.panoptic, tmp)
+    if args.semantic:
+        n, h, w, c = (int(x) for x in args.semantic.lower().split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            report["semantic"] = time_semantic(n, h, w, c, tmp, args.repeats)
     inst = report["instances"]
     print(f"{inst['num_predictions']} predictions on {inst['num_images']} images "
           f"({inst['num_gt_instances']} ground-truth instances), {report['machine']}")
@@ -212,6 +290,13 @@ def main(argv=None) -> Dict:
         p = report["panoptic"]
         print(f"PQ ({p['dataset']}, {p['num_images']} images): {p['seconds']:.2f} s, "
               f"PQ {p['PQ']:.3f}")
+    if "semantic" in report:
+        s = report["semantic"]
+        print(f"semantic ({s['images']} images {s['size'][0]}x{s['size'][1]}, {s['classes']} "
+              f"classes): detectron2's SemSegEvaluator + SemSegMetricsEvaluator "
+              f"{s['ms_per_image_detectron2_plus_metrics']} ms/image, d2seg's one pass "
+              f"{s['ms_per_image_one_pass']} ms/image ({s['speedup']}x), results identical: "
+              f"{s['results_identical']}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -118,8 +118,8 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int,
     Pixels whose target is ``ignore_label`` or outside ``[0, C)`` are skipped; a prediction
     outside ``[0, C)`` on a valid pixel raises.
     """
-    p = _to_numpy(pred).astype(np.int64).ravel()
-    g = _to_numpy(target).astype(np.int64).ravel()
+    p = _to_numpy(pred).astype(np.int64, copy=False).ravel()
+    g = _to_numpy(target).astype(np.int64, copy=False).ravel()
     if p.shape != g.shape:
         raise ValueError(f"pred has {p.size} pixels, target {g.size}")
     valid = (g >= 0) & (g < num_classes)
@@ -234,23 +234,27 @@ def class_boundary_counts(pred: ArrayLike, target: ArrayLike, num_classes: int,
     when its window holds one label). ``d``: ``dilation``, or ``dilation_ratio`` x the image
     diagonal (at least 1 pixel).
     """
-    p = _to_numpy(pred).astype(np.int64)
-    g = _to_numpy(target).astype(np.int64)
+    p = _to_numpy(pred).astype(np.int64, copy=False)
+    g = _to_numpy(target).astype(np.int64, copy=False)
     if p.shape != g.shape or p.ndim != 2:
         raise ValueError(f"two (H, W) label maps expected, got {p.shape} and {g.shape}")
     c = int(num_classes)
+    if c > 65535:
+        raise ValueError(f"num_classes={c}: at most 65535 classes")
     valid = (g >= 0) & (g < c)
     if ignore_label is not None:
         valid &= g != ignore_label
-    if p[valid].size and (p[valid].min() < 0 or p[valid].max() >= c):
-        raise ValueError(f"predicted label outside [0, {c}) on a valid pixel")
     # OpenCV morphology on the smallest unsigned type with a value no class uses
     dt, sentinel = (np.uint8, 255) if c <= 255 else (np.uint16, 65535)
-    if c > 65535:
-        raise ValueError(f"num_classes={c}: at most 65535 classes")
+    p_map = p.astype(dt)
+    if p.size and (p.min() < 0 or p.max() >= c):  # allowed on ignored pixels only
+        inside = (p >= 0) & (p < c)
+        if not inside[valid].all():
+            raise ValueError(f"predicted label outside [0, {c}) on a valid pixel")
+        p_map[~inside] = sentinel
+    g_map = g.astype(dt)
+    g_map[~valid] = sentinel
     d = dilation if dilation is not None else _boundary_dilation(p.shape, dilation_ratio)
-    p_map = np.where((p >= 0) & (p < c), p, sentinel).astype(dt)
-    g_map = np.where(valid, g, sentinel).astype(dt)
     bp = _label_boundary(p_map, d, sentinel) & valid
     bg = _label_boundary(g_map, d, sentinel) & valid
     n_p = np.bincount(p[bp], minlength=c)

@@ -123,3 +123,11 @@ def test_installed_faster_coco_eval_is_not_mistaken_for_detectron2_cpp(monkeypat
     coco_backend.coco_evaluator_kwargs("faster_coco_eval")
     assert not coco_backend._detectron2_cpp_available()
     assert coco_backend.resolve_backend("auto") == "faster_coco_eval"
+
+
+def test_eval_speed_semantic_section_compares_identical_results(tmp_path):
+    from benchmarks.eval_speed import time_semantic
+
+    r = time_semantic(3, 40, 64, 5, str(tmp_path), repeats=1)
+    assert r["results_identical"] and r["images"] == 3 and r["size"] == [40, 64]
+    assert r["ms_per_image_one_pass"] > 0 and r["speedup"] > 0

@@ -336,3 +336,88 @@ def test_class_boundary_counts_equal_the_per_class_masks(num_classes, shape, dil
     np.testing.assert_array_equal(union, want_u)
     with pytest.raises(ValueError, match="predicted label outside"):
         class_boundary_counts(np.full(shape, num_classes), gt, num_classes, 255, dilation=1)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("write_predictions", [False, True])
+def test_d2seg_sem_seg_evaluator_gives_detectron2s_and_d2segs_results(tmp_path,
+                                                                     write_predictions):
+    """One reading of each label map: "sem_seg" exactly detectron2's SemSegEvaluator's
+    (boundary IoU, a class absent from the ground truth, ignored pixels), "sem_seg_metrics"
+    exactly the standalone SemSegMetricsEvaluator's; the RLE json only on request."""
+    from detectron2.evaluation import SemSegEvaluator as D2SemSegEvaluator
+
+    from d2seg.engine.trainer import load_sem_seg_gt
+    from d2seg.evaluation import SemSegEvaluator, SemSegMetricsEvaluator
+
+    rng = np.random.default_rng(3)
+    gts, preds = [], []
+    for _ in range(3):
+        g = rng.integers(0, 3, (6, 8)).repeat(4, 0).repeat(4, 1)  # class 3 never in the gt
+        g[rng.random(g.shape) < 0.1] = 255
+        gts.append(g)
+        preds.append(rng.integers(0, 4, (6, 8)).repeat(4, 0).repeat(4, 1))
+    classes = ["a", "b", "c", "d"]
+    dicts = _register("d2seg_test_metrics_both", tmp_path, gts, classes)
+    inputs = [{"file_name": d["file_name"]} for d in dicts]
+    outputs = [{"sem_seg": _onehot_logits(p, 4)} for p in preds]
+
+    def run(ev):
+        ev.reset()
+        for i, o in zip(inputs, outputs):
+            ev.process([i], [o])
+        return ev.evaluate()
+
+    ref_dir, out_dir = tmp_path / "ref", tmp_path / "out"
+    ref = run(D2SemSegEvaluator("d2seg_test_metrics_both", distributed=False,
+                                output_dir=str(ref_dir), sem_seg_loading_fn=load_sem_seg_gt))
+    ref_m = run(SemSegMetricsEvaluator("d2seg_test_metrics_both", distributed=False))
+    ev = SemSegEvaluator("d2seg_test_metrics_both", distributed=False, output_dir=str(out_dir),
+                         metrics=SemSegMetricsEvaluator("d2seg_test_metrics_both",
+                                                        distributed=False),
+                         write_predictions=write_predictions)
+    got = run(ev)
+    assert list(got) == ["sem_seg", "sem_seg_metrics"]
+    assert "BoundaryIoU-a" in got["sem_seg"] and math.isnan(got["sem_seg"]["IoU-d"])
+    assert _same(got["sem_seg"], ref["sem_seg"])
+    assert _same(got["sem_seg_metrics"], ref_m["sem_seg_metrics"])
+    assert got["sem_seg_metrics"]["IoU-d"] == 0.0  # predicted, never present
+    assert _same(torch.load(out_dir / "sem_seg_evaluation.pth", weights_only=False), ref["sem_seg"])
+    if write_predictions:
+        assert (json.loads((out_dir / "sem_seg_predictions.json").read_text())
+                == json.loads((ref_dir / "sem_seg_predictions.json").read_text()))
+    else:
+        assert not (out_dir / "sem_seg_predictions.json").exists()
+    # without metrics: detectron2's results only; a size mismatch names the file
+    alone = SemSegEvaluator("d2seg_test_metrics_both", distributed=False)
+    assert list(run(alone)) == ["sem_seg"]
+    with pytest.raises(ValueError, match=r"img_d2seg_test_metrics_both_0.png: prediction"):
+        alone.process(inputs[:1], [{"sem_seg": torch.zeros(4, 3, 3)}])
+    with pytest.raises(ValueError, match=r"labels 0..5 outside \[0, 4\): the model has more"):
+        alone.process(inputs[:1], [{"sem_seg": _onehot_logits(np.eye(24, 32, dtype=int) * 5, 6)}])
+    # a metrics evaluator with its own ignore label counts its own confusion matrix
+    own = SemSegEvaluator("d2seg_test_metrics_both", distributed=False,
+                          metrics=SemSegMetricsEvaluator("d2seg_test_metrics_both",
+                                                         distributed=False, ignore_label=0))
+    want = run(SemSegMetricsEvaluator("d2seg_test_metrics_both", distributed=False,
+                                      ignore_label=0))["sem_seg_metrics"]
+    assert _same(run(own)["sem_seg_metrics"], want)
+    assert want["mIoU"] != got["sem_seg_metrics"]["mIoU"]
+
+
+def test_build_evaluators_reads_each_semantic_label_map_once(tmp_path):
+    from d2seg.config import get_cfg
+    from d2seg.engine.trainer import build_evaluators
+    from d2seg.evaluation import SemSegEvaluator, SemSegMetricsEvaluator
+
+    _register("d2seg_test_metrics_build", tmp_path, [np.zeros((4, 4), np.uint8)], ["a", "b"])
+    cfg = get_cfg()
+    ev = build_evaluators(cfg, "d2seg_test_metrics_build", str(tmp_path))
+    assert isinstance(ev, SemSegEvaluator) and isinstance(ev._metrics, SemSegMetricsEvaluator)
+    assert not ev._write_predictions
+    cfg.D2SEG.EVAL.SEM_SEG_PREDICTIONS_JSON = True
+    assert build_evaluators(cfg, "d2seg_test_metrics_build", str(tmp_path))._write_predictions

@@ -21,7 +21,6 @@ from detectron2.evaluation import (
     COCOPanopticEvaluator,
     DatasetEvaluator,
     DatasetEvaluators,
-    SemSegEvaluator,
 )
 from detectron2.utils import comm
 from detectron2.utils.events import TensorboardXWriter
@@ -32,6 +31,8 @@ from .checkpoint import D2SegCheckpointer
 from .train_step import GuardedAMPTrainer, GuardedSimpleTrainer
 from ..data.catalogs import prepare_dataset
 from ..evaluation.coco_backend import coco_evaluator_kwargs
+from ..evaluation.sem_seg_evaluator import SemSegEvaluator
+from ..evaluation.sem_seg_metrics import SemSegMetricsEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def evaluator_types(dataset_name: str) -> List[str]:
 
 def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> List[str]:
     """The result keys :func:`build_evaluators` produces for the dataset, in its order:
-    "sem_seg" (detectron2's SemSegEvaluator), "sem_seg_metrics" (d2seg's), "bbox", "segm"
+    "sem_seg" (detectron2's SemSegEvaluator metrics), "sem_seg_metrics" (d2seg's), "bbox", "segm"
     (COCOEvaluator, "segm" with ``MODEL.MASK_ON``), "panoptic_seg" (COCOPanopticEvaluator)."""
     types = evaluator_types(dataset_name)
     tasks = []
@@ -88,20 +89,14 @@ def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
     return read_sem_seg(filename).astype(dtype, copy=False)
 
 
-def _sem_seg_metrics_evaluator(dataset_name: str, output_folder: str) -> Optional[DatasetEvaluator]:
-    try:
-        from ..evaluation.sem_seg_metrics import SemSegMetricsEvaluator
-    except ImportError:  # pragma: no cover - only while the module is absent
-        return None
-    return SemSegMetricsEvaluator(dataset_name, distributed=True, output_dir=output_folder)
-
-
 def build_evaluators(cfg: CfgNode, dataset_name: str,
                      output_folder: Optional[str] = None) -> DatasetEvaluator:
     """The evaluators a dataset's ``evaluator_type`` calls for.
 
-    * ``sem_seg``: detectron2's ``SemSegEvaluator`` (mIoU, fwIoU, mACC, pACC) and d2seg's
-      ``SemSegMetricsEvaluator`` (per-class IoU/Dice, mDice, ...).
+    * ``sem_seg``: d2seg's ``SemSegEvaluator``: detectron2's results (mIoU, fwIoU, mACC, pACC)
+      under "sem_seg" and d2seg's ``SemSegMetricsEvaluator`` (per-class IoU/Dice, mDice,
+      boundary IoU) under "sem_seg_metrics", from one reading of each label map
+      (``D2SEG.EVAL.SEM_SEG_PREDICTIONS_JSON`` adds detectron2's RLE predictions file).
     * ``coco``: ``COCOEvaluator`` (bbox, and segm when ``MODEL.MASK_ON``), computed by the
       implementation ``D2SEG.EVAL.COCO_BACKEND`` selects (see ``d2seg.evaluation.coco_backend``).
     * ``coco_panoptic_seg``: ``COCOPanopticEvaluator`` (PQ/SQ/RQ) + ``COCOEvaluator`` on the
@@ -112,12 +107,13 @@ def build_evaluators(cfg: CfgNode, dataset_name: str,
     tasks = evaluation_tasks(cfg, dataset_name)
     evaluators: List[DatasetEvaluator] = []
     if "sem_seg" in tasks:
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
-                                          sem_seg_loading_fn=load_sem_seg_gt))
-    if "sem_seg_metrics" in tasks:
-        extra = _sem_seg_metrics_evaluator(dataset_name, output_folder)
-        if extra is not None:
-            evaluators.append(extra)
+        metrics = (SemSegMetricsEvaluator(dataset_name, distributed=True,
+                                          output_dir=output_folder)
+                   if "sem_seg_metrics" in tasks else None)
+        evaluators.append(SemSegEvaluator(
+            dataset_name, distributed=True, output_dir=output_folder,
+            sem_seg_loading_fn=load_sem_seg_gt, metrics=metrics,
+            write_predictions=bool(cfg.D2SEG.EVAL.SEM_SEG_PREDICTIONS_JSON)))
     if "bbox" in tasks:
         evaluators.append(COCOEvaluator(dataset_name,
                                         tasks=tuple(t for t in tasks if t in ("bbox", "segm")),

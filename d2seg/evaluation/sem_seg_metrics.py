@@ -1,6 +1,8 @@
 """``SemSegMetricsEvaluator``: per-class IoU / Dice, mIoU, mDice, pixel accuracy, boundary IoU.
 
-Reported beside detectron2's ``SemSegEvaluator`` under the result key ``"sem_seg_metrics"``.
+Reported beside detectron2's metrics under the result key ``"sem_seg_metrics"``; in training
+and ``tools/train_net.py --eval-only`` it is fed by d2seg's ``SemSegEvaluator``
+(:mod:`d2seg.evaluation.sem_seg_evaluator`), which reads each label map once for both.
 """
 from __future__ import annotations
 
@@ -111,11 +113,20 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
             if pred.shape != gt.shape:
                 raise ValueError(f"{inp['file_name']}: prediction {pred.shape} and ground truth "
                                  f"{gt.shape} differ in size")
+            self.accumulate(pred, gt)
+
+    def accumulate(self, pred: np.ndarray, gt: np.ndarray, cm: Optional[np.ndarray] = None
+                   ) -> None:
+        """Add one image: ``pred`` (H, W) labels in ``[0, C)``, ``gt`` (H, W) ids (what
+        :meth:`process` does after reading them; d2seg's ``SemSegEvaluator`` calls it with the
+        maps it has read itself, and ``cm``, their (C, C) confusion matrix, rows = ground
+        truth, when it has counted it already)."""
+        if cm is None:
             cm = confusion_matrix(pred, gt, self._num_classes, self._ignore_label)
-            self._cm += cm
-            self._num_images += 1
-            if self._boundary:
-                self._accumulate_boundary(pred, gt)
+        self._cm += cm
+        self._num_images += 1
+        if self._boundary:
+            self._accumulate_boundary(pred, gt)
 
     def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
         """Per-class boundary intersections / unions on the image's valid pixels
