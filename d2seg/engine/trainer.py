@@ -31,7 +31,7 @@ from .checkpoint import D2SegCheckpointer
 from .train_step import GuardedAMPTrainer, GuardedSimpleTrainer
 from ..data.catalogs import prepare_dataset
 from ..evaluation.coco_backend import coco_evaluator_kwargs
-from ..evaluation.sem_seg_evaluator import SemSegEvaluator
+from ..evaluation.sem_seg_evaluator import SemSegEvaluator, load_sem_seg_gt
 from ..evaluation.sem_seg_metrics import SemSegMetricsEvaluator
 
 logger = logging.getLogger(__name__)
@@ -75,18 +75,6 @@ def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> List[str]:
     if "coco_panoptic_seg" in types:
         tasks.append("panoptic_seg")
     return tasks
-
-
-def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
-    """Read a label map as an integer array (H, W) by d2seg's one rule
-    (:func:`d2seg.data.image_io.read_sem_seg`: the stored values are the class ids).
-
-    detectron2 0.7's ``SemSegEvaluator`` reads with ``np.array(..., copy=False)``, which NumPy 2
-    rejects for PIL images; every SemSegEvaluator d2seg builds uses this loader instead.
-    """
-    from ..data.image_io import read_sem_seg
-
-    return read_sem_seg(filename).astype(dtype, copy=False)
 
 
 def build_evaluators(cfg: CfgNode, dataset_name: str,

@@ -24,10 +24,21 @@ import torch
 from detectron2.evaluation import SemSegEvaluator as _D2SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 
+from ..data.image_io import read_sem_seg
 from ..modeling.postprocessing import class_labels
 from .sem_seg_metrics import SemSegMetricsEvaluator
 
-__all__ = ["SemSegEvaluator"]
+__all__ = ["SemSegEvaluator", "load_sem_seg_gt"]
+
+
+def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
+    """A label map as an integer array (H, W) by d2seg's one rule
+    (:func:`d2seg.data.image_io.read_sem_seg`: the stored values are the class ids).
+
+    detectron2 0.7's default loader reads with ``np.array(..., copy=False)``, which NumPy 2
+    rejects for PIL images; every semantic evaluator d2seg builds uses this one instead.
+    """
+    return read_sem_seg(filename).astype(dtype, copy=False)
 
 
 class SemSegEvaluator(_D2SemSegEvaluator):
@@ -50,19 +61,15 @@ class SemSegEvaluator(_D2SemSegEvaluator):
         Args:
             dataset_name, distributed, output_dir: as detectron2's; with ``output_dir``,
                 ``sem_seg_evaluation.pth`` (the results) is written there.
-            sem_seg_loading_fn: ``fn(path, dtype=int) -> (H, W) array``; default d2seg's
-                :func:`~d2seg.engine.trainer.load_sem_seg_gt` (stored values are the ids).
+            sem_seg_loading_fn: ``fn(path, dtype=int) -> (H, W) array``; default
+                :func:`load_sem_seg_gt` (stored values are the ids).
             metrics: a ``SemSegMetricsEvaluator`` of the same dataset, fed this evaluator's
                 label maps (its ``process`` is not called); its results are returned too.
             write_predictions: also write detectron2's ``sem_seg_predictions.json`` (every
                 prediction RLE-encoded per class, COCO-stuff format) to ``output_dir``.
         """
-        if sem_seg_loading_fn is None:
-            from ..engine.trainer import load_sem_seg_gt
-
-            sem_seg_loading_fn = load_sem_seg_gt
         super().__init__(dataset_name, distributed=distributed, output_dir=output_dir,
-                         sem_seg_loading_fn=sem_seg_loading_fn)
+                         sem_seg_loading_fn=sem_seg_loading_fn or load_sem_seg_gt)
         self._metrics = metrics
         self._write_predictions = bool(write_predictions)
 
