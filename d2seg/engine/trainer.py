@@ -62,7 +62,8 @@ def evaluator_types(dataset_name: str) -> List[str]:
 
 def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> List[str]:
     """The result keys :func:`build_evaluators` produces for the dataset, in its order:
-    "sem_seg" (detectron2's SemSegEvaluator metrics), "sem_seg_metrics" (d2seg's), "bbox", "segm"
+    "sem_seg" (detectron2's SemSegEvaluator metrics), "sem_seg_metrics" (d2seg's), "bbox",
+    "segm"
     (COCOEvaluator, "segm" with ``MODEL.MASK_ON``), "panoptic_seg" (COCOPanopticEvaluator)."""
     types = evaluator_types(dataset_name)
     tasks = []

@@ -24,8 +24,9 @@ development CPU (AMD EPYC). That last step depends on the order in which MKL's s
 product adds each row's entries: on an Intel Xeon with AVX-512 (2026-11-29) its vectorised
 path adds them in another order, and the float32 gradient differs from torchvision's by about
 one rounding (largest difference 1.9e-6 on gradients up to 12.4, float64 1.8e-15, bf16 3-4
-elements of 142k by one bf16 step); with the adaptive grid (``sampling_ratio`` 0) a bin's sample count can be
-3, 5, ... and the division by it rounds differently (relative differences about 1e-7).
+elements of 142k by one bf16 step). With the adaptive grid (``sampling_ratio`` 0) a bin's
+sample count can be 3, 5, ... and the division by it rounds differently (relative
+differences about 1e-7).
 The forward stays torchvision's in both cases.
 
 Where neither can help or reproduce torchvision, the layer calls detectron2's
