@@ -5,7 +5,7 @@ and return their floating-point outputs in fp32, so evaluators, writers and the 
 search see the dtype they always see. Training-mode calls, TorchScript tracing / scripting and
 ONNX export run the model's own forward unchanged. Parameters, ``state_dict`` keys and hooks
 are untouched: the wrapper is stored as the instance attribute ``forward`` (as
-:class:`d2seg.engine.fast_paths.CompiledForward` is), so checkpoints load either way.
+:class:`d2seg.engine.compiled_forward.CompiledForward` is), so checkpoints load either way.
 
 d2seg's semantic heads cast their logits to fp32 before upsampling them in eval mode, so only
 the backbone and the head's layers run in reduced precision; on 7 ISBI models trained in bf16
