@@ -201,10 +201,6 @@ def _image_size(path: str, decode: bool = True) -> Tuple[int, int]:
     return h, w
 
 
-def _read_mask(path: str) -> np.ndarray:
-    return read_sem_seg(path)
-
-
 def _parallel(fn: Callable, items: Sequence) -> List:
     workers = min(8, os.cpu_count() or 1)
     if len(items) < 8 or workers == 1:
@@ -469,7 +465,7 @@ def _check_instances(dicts: List[Dict], report: DatasetReport, num_things: int) 
 def _check_masks(dicts: List[Dict], report: DatasetReport, num_classes: int, ignore: int,
                  key: str = "sem_seg_file_name") -> int:
     """Label range and size of every mask; returns the largest non-ignore label seen."""
-    masks = _parallel(lambda d: _safe(_read_mask, d[key]), dicts)
+    masks = _parallel(lambda d: _safe(read_sem_seg, d[key]), dicts)
     largest = -1
     for d, (m, err) in zip(dicts, masks):
         f = d[key]
@@ -541,7 +537,7 @@ def _check_raw_masks(meta, report: DatasetReport, dicts: List[Dict]) -> None:
     for stem, path in _list_by_stem(root).items():
         if stem not in mine:
             continue
-        m, err = _safe(_read_mask, path)
+        m, err = _safe(read_sem_seg, path)
         if err:
             continue  # reported on the remapped copy
         values, counts = np.unique(m, return_counts=True)

@@ -24,21 +24,10 @@ import torch
 from detectron2.evaluation import SemSegEvaluator as _D2SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 
-from ..data.image_io import read_sem_seg
 from ..modeling.postprocessing import class_labels
-from .sem_seg_metrics import SemSegMetricsEvaluator
+from .sem_seg_metrics import SemSegMetricsEvaluator, load_sem_seg_gt
 
 __all__ = ["SemSegEvaluator", "load_sem_seg_gt"]
-
-
-def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
-    """A label map as an integer array (H, W) by d2seg's one rule
-    (:func:`d2seg.data.image_io.read_sem_seg`: the stored values are the class ids).
-
-    detectron2 0.7's default loader reads with ``np.array(..., copy=False)``, which NumPy 2
-    rejects for PIL images; every semantic evaluator d2seg builds uses this one instead.
-    """
-    return read_sem_seg(filename).astype(dtype, copy=False)
 
 
 class SemSegEvaluator(_D2SemSegEvaluator):

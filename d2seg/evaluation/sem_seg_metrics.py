@@ -24,7 +24,17 @@ from ..data.image_io import read_sem_seg
 from ..metrics import class_boundary_counts, confusion_matrix, segmentation_metrics
 from ..modeling.postprocessing import class_labels
 
-__all__ = ["SemSegMetricsEvaluator"]
+__all__ = ["SemSegMetricsEvaluator", "load_sem_seg_gt"]
+
+
+def load_sem_seg_gt(filename: str, dtype=int) -> np.ndarray:
+    """A label map as an integer array (H, W) by d2seg's one rule
+    (:func:`d2seg.data.image_io.read_sem_seg`: the stored values are the class ids).
+
+    detectron2 0.7's default loader reads with ``np.array(..., copy=False)``, which NumPy 2
+    rejects for PIL images; every semantic evaluator d2seg builds uses this one instead.
+    """
+    return read_sem_seg(filename).astype(dtype, copy=False)
 
 RESULT_KEY = "sem_seg_metrics"
 
@@ -103,7 +113,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         if path is None:
             raise KeyError(f"No ground truth for '{inp['file_name']}' in dataset "
                            f"'{self._dataset_name}'")
-        return read_sem_seg(path).astype(np.int64, copy=False)
+        return load_sem_seg_gt(path, dtype=np.int64)
 
     def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
         """inputs: the model inputs ("file_name"); outputs: dicts with "sem_seg" (C, H, W)."""
