@@ -307,6 +307,15 @@ def test_compact_labels_are_uint8_with_the_same_values(tmp_path):
                                          "IGNORE_VALUE in \\[0, 255\\], got 300"):
         fast_paths.resolve(cfg)
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
+    # more classes than uint8 holds: auto turns it off, "on" names the key
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 847
+    with pytest.raises(ValueError, match="NUM_CLASSES <= 256, got 847"):
+        fast_paths.resolve(cfg)
+    cfg.D2SEG.SPEED.COMPACT_LABELS = "auto"
+    assert not fast_paths.resolve(cfg).compact_labels
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 256
+    assert fast_paths.resolve(cfg).compact_labels
+    cfg.D2SEG.SPEED.COMPACT_LABELS = "on"
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
     with pytest.raises(ValueError, match="not one; its head may need int64 labels"):
         fast_paths.resolve(cfg)

@@ -239,6 +239,9 @@ def _compact_labels_possible(cfg) -> Tuple[bool, str]:
     ignore = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
     if not 0 <= ignore <= 255:
         return False, f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE in [0, 255], got {ignore}"
+    n = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    if n > 256:  # class ids 0..n-1 must fit in uint8 (ADE20K-full, 847 classes, does not)
+        return False, f"MODEL.SEM_SEG_HEAD.NUM_CLASSES <= 256, got {n}"
     return True, ""
 
 
