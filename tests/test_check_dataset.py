@@ -76,6 +76,31 @@ def test_coco_json_level_problems(fruits_copy):
         anns[7]["image_id"])]["file_name"]
     (img,) = _problems(r, "duplicate_image_id")
     assert img.ann_id == data["images"][2]["id"]
+    assert "trainval.json" in cat.message  # names the json as well as the image
+
+
+def test_json_level_errors_do_not_hide_image_problems(fruits_copy, capsys):
+    """An unknown category id stops detectron2's loader; the image files and sizes of the raw
+    json are still checked in the same run, and the counts are the json's, not zeros."""
+    data, path, img_dir = fruits_copy
+    data["annotations"][51]["category_id"] = 7
+    data["images"][1]["height"] += 5
+    data["images"][2]["file_name"] = "nope.jpg"
+    register_dataset(f"name=json_and_images,type=coco,json_file={_write(data, path)},"
+                     f"image_root={img_dir}")
+    r = check_dataset("json_and_images")
+    codes = [p.code for p in r.problems]
+    assert {"unknown_category_id", "image_size_mismatch", "missing_image",
+            "checks_incomplete"} <= set(codes)
+    assert (r.num_images, r.num_annotations, r.num_classes_implied) == (18, 165, 3)
+    assert r.class_counts == {0: 71, 1: 41, 2: 52}  # the annotation of category 7 counts nowhere
+    text = r.format()
+    assert "nan" not in text and "18 images, 165 annotations" in text
+    # a name nobody registered: one line with the closest names, exit status 2
+    assert check_tool.main(["--dataset", "fruits_nuts_al"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset: dataset 'fruits_nuts_al' is not registered; did you mean " in err
+    assert "'fruits_nuts_all'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_image_and_geometry_problems(fruits_copy):
@@ -330,6 +355,55 @@ def test_mask_label_equal_to_num_classes_is_out_of_range(tmp_path):
     assert [p.value for p in r.problems if p.code == "label_out_of_range"] == [2]
 
 
+def test_labels_beyond_the_named_classes_are_one_problem(tmp_path):
+    """A label above the named classes is label_out_of_range; it is not also a NUM_CLASSES
+    mismatch inviting NUM_CLASSES 8 when the model covers every named class."""
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.data.checks import _check_against_cfg, check_dataset_dicts
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((20, 20), np.uint8)
+    m[:2, :2] = 7
+    Image.fromarray(m).save(tmp_path / "m.png")
+    meta = Metadata(name="beyond_names").set(stuff_classes=["a", "b", "c"], ignore_label=255)
+    d = [{"file_name": str(tmp_path / "a.png"), "image_id": 0, "height": 20, "width": 20,
+          "sem_seg_file_name": str(tmp_path / "m.png")}]
+    r = check_dataset_dicts(d, meta, "beyond_names")
+    cfg = load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                      ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3"])
+    _check_against_cfg(cfg, "beyond_names", r)
+    assert [p.code for p in r.errors] == ["label_out_of_range"]
+    assert "labels beyond the 3 named classes" in r.format()
+
+
+def test_binary_masks_read_as_ignore_are_fatal(tmp_path):
+    """0/255 masks, two classes, no label_map: 255 is the ignore label, so the foreground is
+    never trained. A fatal problem that says which label_map fixes it; the ignore share is
+    printed with the class frequencies."""
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.data.checks import check_dataset_dicts
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((20, 20), np.uint8)
+    m[5:15, 5:15] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    d = [{"file_name": str(tmp_path / "a.png"), "image_id": 0, "height": 20, "width": 20,
+          "sem_seg_file_name": str(tmp_path / "m.png")}]
+    meta = Metadata(name="bin_ignore").set(stuff_classes=["bg", "fg"], ignore_label=255)
+    r = check_dataset_dicts(d, meta, "bin_ignore")
+    (p,) = _problems(r, "foreground_is_ignore")
+    assert p.severity == "error" and "label_map={0:0,255:1}" in p.message
+    assert r.ignore_pixels == 100 and "ignore label: 100 pixels, 25.00% of all" in r.format()
+    # with a label_map (the remapped masks hold 0/1) or three classes it is not reported
+    meta3 = Metadata(name="bin_ignore3").set(stuff_classes=["bg", "fg", "x"], ignore_label=255)
+    assert not _problems(check_dataset_dicts(d, meta3, "bin_ignore3"), "foreground_is_ignore")
+    meta_lm = Metadata(name="bin_lm").set(stuff_classes=["bg", "fg"], ignore_label=255,
+                                          label_map={0: 0, 128: 1})
+    assert not _problems(check_dataset_dicts(d, meta_lm, "bin_lm"), "foreground_is_ignore")
+
+
 def test_annotation_problems_edges_polygons_and_box_modes():
     """annotation_problems: boxes starting at the right/bottom edge are outside, a box past
     the bottom is partly outside, polygons need >= 3 points and an even length, a bbox needs
@@ -439,3 +513,41 @@ def test_instances_without_thing_classes_imply_one_class_per_category_seen():
          "annotations": [{"bbox": [0, 0, 5, 5], "category_id": 0}]}
     r = check_dataset_dicts([d], SimpleNamespace(evaluator_type="coco"), "no_things")
     assert r.kind == "instances" and r.num_classes_implied == 1
+
+
+def test_bad_label_with_checks_off_names_the_batch_files(tmp_path):
+    """D2SEG.DATASETS.CHECK 'warn': a label beyond NUM_CLASSES reaches the loss; its error
+    names the iteration, the batch's images and label maps (the non-finite guard's style)."""
+    from d2seg.modeling.losses import TargetValueError
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lab").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "im" / f"s{i}.png")
+        Image.fromarray(np.full((32, 32), 7 * i, np.uint8)).save(tmp_path / "lab" / f"s{i}.png")
+    spec = (f"name=bad_label,type=sem_seg,image_root={tmp_path}/im,"
+            f"sem_seg_root={tmp_path}/lab,classes=[a,b]")
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+        "OUTPUT_DIR", str(tmp_path / "out"), "D2SEG.DATASETS.REGISTER", str((spec,)),
+        "DATASETS.TRAIN", "('bad_label',)", "DATASETS.TEST", "()", "D2SEG.DATASETS.CHECK",
+        "warn", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "INPUT.CROP.ENABLED",
+        "False", "DATALOADER.NUM_WORKERS", "0", "MODEL.UNET.BASE_CHANNELS", "4"])
+    with pytest.raises(TargetValueError, match=r"target value 7 .* at iteration 0; images in "
+                                               r"this rank's batch: .*s1.png.*label maps: "
+                                               r".*lab/s1.png"):
+        main(args)
+
+
+def test_an_empty_split_is_not_advised_to_train_anyway(tmp_path):
+    """An empty dataset cannot train in 'warn' mode either: the error does not suggest it."""
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.data.checks import check_datasets_from_cfg
+
+    DatasetCatalog.register("empty_for_advice", lambda: [])
+    Metadata(name="empty_for_advice").set(stuff_classes=["a", "b"], evaluator_type="sem_seg")
+    cfg = load_config("", ["DATASETS.TRAIN", "('empty_for_advice',)", "DATASETS.TEST", "()"])
+    with pytest.raises(DatasetCheckError) as e:
+        check_datasets_from_cfg(cfg, log=False)
+    assert "empty_dataset" in str(e.value) and "'warn'" not in str(e.value)

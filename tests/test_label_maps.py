@@ -181,3 +181,18 @@ def test_folder_remap_of_16_bit_masks(tmp_path, monkeypatch):
                                label_map={0: 0, 1000: 1}, ignore_label=255)
     want = np.array([[0, 1, 1], [255, 0, 1]], np.uint8)
     assert np.array_equal(read_sem_seg(d["sem_seg_file_name"]), want)
+
+
+def test_read_sem_seg_returns_a_writable_array(tmp_path):
+    """fvcore's flips hand the label map to torch.from_numpy, which warns on read-only arrays
+    (np.asarray of a PIL image is one)."""
+    import warnings
+
+    from detectron2.data import transforms as T
+
+    Image.fromarray(IDS).save(tmp_path / "m.png")
+    m = read_sem_seg(str(tmp_path / "m.png"))
+    assert m.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.HFlipTransform(m.shape[1]).apply_segmentation(m)

@@ -360,3 +360,43 @@ def test_mask_folder_sizes_extensions_and_remap_cache_key(tmp_path):
     assert (d["height"], d["width"]) == (3, 5) and d["image_id"] == "x"
     files = [str(tmp_path / "m" / "x.png")]
     assert _remap_cache_dir(files, {1: 0}, 255) != _remap_cache_dir(files, {1: 0}, 0)
+
+
+def test_masks_with_a_suffix_pair_with_mask_suffix_and_are_named_without_it(tmp_path):
+    """Masks named <stem>_mask.png pair nowhere by stem: the entry fails at start-up with the
+    counts, an example and the mask_suffix to set; with it they pair (splits too)."""
+    from d2seg.config import ConfigError
+    from d2seg.data.register import check_register_entries
+    from d2seg.data.sem_seg_folder import guess_mask_suffix, load_sem_seg_folder
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lab").mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "im" / f"c{i}.jpg")
+        Image.fromarray(np.full((8, 8), i % 2, np.uint8)).save(tmp_path / "lab" /
+                                                              f"c{i}_mask.png")
+    assert guess_mask_suffix(["c0", "c1", "c12"], ["c0_mask", "c12_mask", "zz"]) == "_mask"
+    assert guess_mask_suffix(["a"], ["b", "c"]) is None
+    entry = f"name=suffixed,type=sem_seg,image_root={tmp_path}/im,sem_seg_root={tmp_path}/lab," \
+            "classes=[bg,fg],val_fraction=0.5"
+    cfg = load_config("", ["D2SEG.DATASETS.REGISTER", str((entry,))])
+    with pytest.raises(ConfigError, match=r"'suffixed': 4 images in .* and 4 masks in .* share "
+                                          r"no file stem.*e.g. image 'c0', mask 'c0_mask'.*"
+                                          r"set mask_suffix=_mask"):
+        check_register_entries(cfg)
+    with pytest.raises(ValueError, match="set mask_suffix=_mask"):
+        load_sem_seg_folder(str(tmp_path / "im"), str(tmp_path / "lab"))
+    names = register_dataset(entry + ",mask_suffix=_mask")
+    assert names == ["suffixed", "suffixed_train", "suffixed_val"]
+    dicts = DatasetCatalog.get("suffixed")
+    assert [d["image_id"] for d in dicts] == ["c0", "c1", "c2", "c3"]
+    assert dicts[2]["sem_seg_file_name"].endswith("c2_mask.png")
+    assert len(DatasetCatalog.get("suffixed_train")) == len(DatasetCatalog.get("suffixed_val")) == 2
+    from d2seg.data.checks import check_dataset
+
+    r = check_dataset("suffixed")
+    assert r.ok and not _unpaired(r)
+
+
+def _unpaired(report):
+    return [p for p in report.problems if p.code.startswith("unpaired")]

@@ -36,12 +36,22 @@ def main(argv=None) -> int:
 
     from d2seg.config import load_config_or_exit
     from d2seg.data.checks import check_datasets_from_cfg
-    from d2seg.data.register import register_datasets_from_cfg
+    from d2seg.data.register import not_registered, register_datasets_from_cfg
+    from detectron2.data import DatasetCatalog
 
     cfg = load_config_or_exit(args.config_file, args.opts, "check_dataset.py",
                               () if args.dataset else ("DATASETS.TRAIN", "DATASETS.TEST"))
     cfg.freeze()
     register_datasets_from_cfg(cfg)
+    known = DatasetCatalog.list()
+    for n in args.dataset:
+        if n not in known:
+            hint = "" if args.config_file else \
+                (" (datasets of D2SEG.DATASETS.REGISTER are registered from the --config-file "
+                 "or a D2SEG.DATASETS.REGISTER override)")
+            print(f"check_dataset.py: error: --dataset: {not_registered(n, known)}{hint}",
+                  file=sys.stderr)
+            return 2
     names = args.dataset or None
     # without a config there is no model to compare NUM_CLASSES and INPUT.MASK_FORMAT with
     reports = check_datasets_from_cfg(cfg, names, mode="warn", decode_images=not args.fast,
@@ -53,6 +63,7 @@ def main(argv=None) -> int:
         print(r.format(args.max_problems))
         print()
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in reports], f, indent=1, default=str)
     bad = [r.name for r in reports if not r.ok]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class DatasetReport:
     # panoptic data: the stuff map's classes + 1 ("things"): MODEL.SEM_SEG_HEAD.NUM_CLASSES
     num_stuff_classes_implied: int = 0
     rle_annotations: int = 0  # instance masks given as RLE (need INPUT.MASK_FORMAT bitmask)
+    ignore_pixels: int = 0  # semantic data: pixels with the ignore label (not in class_counts)
     problems: List[Problem] = field(default_factory=list)
 
     def by_severity(self, severity: str) -> List[Problem]:
@@ -161,14 +163,26 @@ class DatasetReport:
                          f"{self.image_counts.get(i, 0)} images")
         if absent:
             lines.append(f"  absent ({len(absent)}): {', '.join(absent)}")
-        lines.append(f"imbalance (most / least frequent): {self.imbalance():.1f}")
+        if self.ignore_pixels:
+            share = 100.0 * self.ignore_pixels / (self.ignore_pixels + sum(
+                self.class_counts.values()))
+            lines.append(f"  ignore label: {self.ignore_pixels} pixels, {share:.2f}% of all "
+                         "(not trained on, not scored)")
+        ratio = self.imbalance()
+        lines.append("imbalance (most / least frequent): "
+                     + ("n/a (no class occurs)" if math.isnan(ratio) else f"{ratio:.1f}"))
         if self.kind == "panoptic" and self.num_stuff_classes_implied:
             lines.append(f"NUM_CLASSES implied by the data: {self.num_classes_implied} "
                          f"(MODEL.ROI_HEADS.NUM_CLASSES, thing classes), "
                          f"{self.num_stuff_classes_implied} (MODEL.SEM_SEG_HEAD.NUM_CLASSES, "
                          "stuff classes + 1 for all things)")
         else:
-            lines.append(f"NUM_CLASSES implied by the data: {self.num_classes_implied}")
+            implied = str(self.num_classes_implied) if self.num_classes_implied or \
+                self.num_images else "n/a (no data read)"
+            if self.kind == "sem_seg" and 0 < len(self.classes) < self.num_classes_implied:
+                implied += (f" (labels beyond the {len(self.classes)} named classes: see "
+                            "label_out_of_range; fix the masks or name every class)")
+            lines.append(f"NUM_CLASSES implied by the data: {implied}")
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -179,6 +193,7 @@ class DatasetReport:
             "image_counts": {str(k): v for k, v in sorted(self.image_counts.items())},
             "num_classes_implied": self.num_classes_implied,
             "num_stuff_classes_implied": self.num_stuff_classes_implied,
+            "ignore_pixels": self.ignore_pixels,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -279,7 +294,8 @@ def check_coco_json(json_file: str, report: DatasetReport) -> bool:
             if s.get("category_id") not in known:
                 report.add(ERROR, "unknown_category_id", where, s.get("id"),
                            s.get("category_id"),
-                           f"category id not in the category list {sorted(known)}")
+                           f"category id not in the category list of "
+                           f"{os.path.basename(json_file)}, {sorted(known)}")
         if is_panoptic:
             continue
         segm = a.get("segmentation")
@@ -489,6 +505,7 @@ def _check_masks(dicts: List[Dict], report: DatasetReport, num_classes: int, ign
         values, counts = np.unique(m, return_counts=True)
         for v, n in zip(values.tolist(), counts.tolist()):
             if v == ignore:
+                report.ignore_pixels += n
                 continue
             largest = max(largest, v)
             if not 0 <= v < num_classes:
@@ -514,13 +531,28 @@ def _check_unpaired(meta, report: DatasetReport) -> None:
         return
     from .sem_seg_folder import _list_by_stem
 
-    images, masks = _list_by_stem(image_root), _list_by_stem(root)
+    images = _list_by_stem(image_root)
+    masks = _list_by_stem(root, getattr(meta, "mask_suffix", "") or "")
     for stem in sorted(set(images) - set(masks)):
         report.add(WARNING, "unpaired_image", images[stem], stem, None,
                    f"no mask with this stem in {root}: the image is left out")
     for stem in sorted(set(masks) - set(images)):
         report.add(WARNING, "unpaired_mask", masks[stem], stem, None,
                    f"no image with this stem in {image_root}: the mask is left out")
+
+
+def _check_binary_as_ignore(meta, report: DatasetReport, ignore: int) -> None:
+    """Two classes, masks of only 0 and the ignore label (255), no ``label_map``: 0/255 binary
+    masks read as class ids, so every foreground pixel is ignored and class 1 never trained."""
+    if len(report.classes) != 2 or getattr(meta, "label_map", None) or not report.ignore_pixels:
+        return
+    if set(report.class_counts) - {0} or report.errors:
+        return
+    report.add(ERROR, "foreground_is_ignore", report.name, None, ignore,
+               f"the masks hold only 0 and {ignore}, the ignore label: class "
+               f"'{report.classes[1]}' never occurs and every other pixel is ignored. For 0/"
+               f"{ignore} binary masks map the values to classes: label_map={{0:0,{ignore}:1}} "
+               f"(D2SEG.DATASETS.REGISTER; docs/own_data.md)")
 
 
 def _check_raw_masks(meta, report: DatasetReport, dicts: List[Dict]) -> None:
@@ -534,7 +566,7 @@ def _check_raw_masks(meta, report: DatasetReport, dicts: List[Dict]) -> None:
 
     keys = {int(k) for k in label_map}
     mine = {_stem(d["file_name"]) for d in dicts}
-    for stem, path in _list_by_stem(root).items():
+    for stem, path in _list_by_stem(root, getattr(meta, "mask_suffix", "") or "").items():
         if stem not in mine:
             continue
         m, err = _safe(read_sem_seg, path)
@@ -564,6 +596,7 @@ def check_dataset_dicts(dicts: List[Dict], metadata, name: str = "",
         report.add(ERROR, "empty_dataset", name, None, 0,
                    "the dataset has no images (detectron2's loaders refuse it, a test dataset "
                    "only after training; a val_fraction split of fewer than 2 images is empty)")
+        _check_unpaired(metadata, report)  # e.g. masks named differently from the images
         return report
     dicts = [dict(d) for d in dicts]
     ids = collections.Counter(d.get("image_id") for d in dicts)
@@ -590,6 +623,7 @@ def check_dataset_dicts(dicts: List[Dict], metadata, name: str = "",
             report.num_classes_implied = max(len(stuff), largest + 1)
             _check_raw_masks(metadata, report, dicts)
             _check_unpaired(metadata, report)
+            _check_binary_as_ignore(metadata, report, ignore)
         else:  # stuff map of a panoptic dataset: label range only, counts stay per thing
             sub = DatasetReport(name=name, kind="sem_seg")
             largest = _check_masks(dicts, sub, len(stuff), ignore)
@@ -613,6 +647,38 @@ def check_dataset_dicts(dicts: List[Dict], metadata, name: str = "",
     return report
 
 
+def _check_json_images(json_file: str, meta, report: DatasetReport, decode: bool) -> None:
+    """With json-level errors (detectron2's loader would stop at the first one): what the raw
+    json still allows: its image files and sizes, the image, annotation and class counts."""
+    with open(json_file) as f:
+        data = json.load(f)
+    image_root = getattr(meta, "image_root", "") or ""
+    images = [im for im in data.get("images", []) if isinstance(im.get("file_name"), str)]
+    dicts = [{"file_name": os.path.join(image_root, im["file_name"]), "image_id": im.get("id"),
+              **{k: im[k] for k in ("height", "width") if k in im}} for im in images]
+    report.num_images = len(dicts)
+    _check_images(dicts, report, decode)
+    cats = sorted((c for c in data.get("categories", []) if "id" in c), key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    report.classes = [str(c.get("name", c["id"])) for c in cats]
+    report.num_classes_implied = len(cats)
+    anns = data.get("annotations", [])
+    panoptic = bool(anns) and "segments_info" in anns[0]
+    per_image: Dict[int, set] = collections.defaultdict(set)
+    for a in anns:
+        for seg in (a.get("segments_info", []) if panoptic else [a]):
+            report.num_annotations += 1
+            c = index.get(seg.get("category_id"))
+            if c is not None:
+                report.class_counts[c] = report.class_counts.get(c, 0) + 1
+                per_image[c].add(a.get("image_id"))
+    report.image_counts = {c: len(v) for c, v in per_image.items()}
+    report.add(WARNING, "checks_incomplete", json_file, None, None,
+               "the annotations' geometry and the dataset dicts are checked once the json "
+               "errors above are fixed (detectron2's loader stops at them); image files, sizes "
+               "and counts are checked from the raw json")
+
+
 def check_dataset(name: str, decode_images: bool = True) -> DatasetReport:
     """Check a registered dataset: its COCO/panoptic json first (if any), then its dicts."""
     from .catalogs import prepare_dataset
@@ -622,9 +688,11 @@ def check_dataset(name: str, decode_images: bool = True) -> DatasetReport:
     json_file = getattr(meta, "panoptic_json", None) or getattr(meta, "json_file", None)
     pre = DatasetReport(name=name, kind="instances")
     if json_file and os.path.isfile(json_file):
-        check_coco_json(json_file, pre)
+        readable = check_coco_json(json_file, pre)
         if pre.errors:  # detectron2's loader would stop at the first one
             pre.kind = _kind(meta, [])
+            if readable:
+                _check_json_images(json_file, meta, pre, decode_images)
             return pre
     try:
         dicts = DatasetCatalog.get(name)
@@ -658,9 +726,16 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
     """The findings that depend on the model's config: ``NUM_CLASSES`` and the mask format."""
     exp = expected_num_classes(cfg, r.kind)
     evaluated = name in cfg.DATASETS.TEST
+    # labels beyond the named classes are label_out_of_range errors already: not a NUM_CLASSES
+    # to raise when NUM_CLASSES covers every named class
+    beyond_names = r.kind == "sem_seg" and r.classes and \
+        r.num_classes_implied > len(r.classes) and \
+        any(p.code == "label_out_of_range" for p in r.errors)
     if exp and r.num_classes_implied:
         key, value, covers = exp
-        if r.num_classes_implied > covers:
+        if beyond_names and covers >= len(r.classes):
+            pass
+        elif r.num_classes_implied > covers:
             r.add(ERROR, "num_classes_mismatch", name, None, value,
                   f"{key}={value} but the data has {r.num_classes_implied} classes")
         elif r.num_classes_implied < covers:
@@ -735,10 +810,11 @@ def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None,
     bad = [r for r in reports if not r.ok]
     if bad and mode == "error":
         lines = [str(p) for r in bad for p in r.errors[:10]]
+        empty = any(p.code == "empty_dataset" for r in bad for p in r.errors)
+        advice = "" if empty else "set D2SEG.DATASETS.CHECK 'warn' to train anyway; "
         raise DatasetCheckError(
-            f"Fatal problems in dataset(s) {[r.name for r in bad]} (set D2SEG.DATASETS.CHECK "
-            "'warn' to train anyway; run tools/check_dataset.py for the full report):\n  "
-            + "\n  ".join(lines), reports)
+            f"Fatal problems in dataset(s) {[r.name for r in bad]} ({advice}run "
+            "tools/check_dataset.py for the full report):\n  " + "\n  ".join(lines), reports)
     return reports
 
 

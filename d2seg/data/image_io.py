@@ -109,7 +109,7 @@ def read_sem_seg(file_name: str) -> np.ndarray:
     with PathManager.open(file_name, "rb") as f:
         im = detection_utils._apply_exif_orientation(Image.open(f))
         mode = im.mode
-        m = np.asarray(im)
+        m = np.array(im)  # a writable copy: fvcore's flips hand it to torch.from_numpy
     if mode == "1":
         return m.astype(np.uint8)
     if mode == "F":

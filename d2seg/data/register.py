@@ -27,7 +27,8 @@ Types and their keys:
 * ``sem_seg`` (image folder + mask folder, paired by file stem;
   :func:`d2seg.data.sem_seg_folder.register_sem_seg_folder`): ``image_root``,
   ``sem_seg_root``, ``classes``; optional ``ignore_label`` (255), ``label_map`` (raw mask value
-  -> class id; unmapped values become ``ignore_label``), ``colors``. ``evaluator_type="sem_seg"``.
+  -> class id; unmapped values become ``ignore_label``), ``colors``, ``mask_suffix`` (masks
+  named ``<image stem><mask_suffix>``, e.g. ``_mask``). ``evaluator_type="sem_seg"``.
 * ``coco_panoptic`` (COCO panoptic json + PNG folder): ``image_root``, ``panoptic_root``,
   ``panoptic_json``; optional ``instances_json`` (COCO instances of the same images; derived
   from the PNGs when absent). Registered in the "separated" format Panoptic FPN trains on
@@ -51,7 +52,7 @@ import logging
 import os
 import random
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import yaml
@@ -64,7 +65,7 @@ from detectron2.data.datasets import load_coco_json
 from ..utils.files import umask_mode
 from .catalog_utils import unregister
 from .errors import DatasetLoadError, guard_load
-from .sem_seg_folder import _list_by_stem, register_sem_seg_folder
+from .sem_seg_folder import _list_by_stem, pairing_problem, register_sem_seg_folder
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ _REQUIRED = {
 }
 _OPTIONAL = {
     "coco": (),
-    "sem_seg": ("ignore_label", "label_map", "colors"),
+    "sem_seg": ("ignore_label", "label_map", "colors", "mask_suffix"),
     "coco_panoptic": ("instances_json",),
 }
 _COMMON = ("name", "type", "val_fraction", "seed")
@@ -198,6 +199,8 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
             classes = [c.strip() for c in classes.split(",")]
         entry["classes"] = [str(c) for c in classes]
         entry["ignore_label"] = _number(int, entry, "ignore_label", name, 255)
+        entry["mask_suffix"] = "" if entry.get("mask_suffix") is None else \
+            str(entry["mask_suffix"])
         lm = entry.get("label_map")
         if lm:
             try:
@@ -545,17 +548,26 @@ def check_register_entries(cfg: CfgNode, config_file: str = "",
         try:
             entry = parse_dataset_spec(spec)
             _check_paths(entry)
+            problem = pairing_problem(entry["image_root"], entry["sem_seg_root"],
+                                      entry["mask_suffix"]) if entry["type"] == "sem_seg" else None
+            if problem:
+                raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{entry['name']}': {problem}")
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"{where}: {err}") from err
         names.update(registered_names_of_entry(entry))
     for key in dataset_keys:
         for n in cfg.DATASETS[key.split(".")[1]]:
             if n not in names:
-                close = difflib.get_close_matches(n, sorted(names), n=3, cutoff=0.6)
-                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-                    ("; register it with D2SEG.DATASETS.REGISTER (docs/own_data.md) or "
-                     "detectron2's DatasetCatalog")
-                raise ConfigError(f"{where}: {key}: dataset '{n}' is not registered{hint}")
+                raise ConfigError(f"{where}: {key}: {not_registered(n, names)}")
+
+
+def not_registered(name: str, names: Iterable[str]) -> str:
+    """"dataset 'name' is not registered", with the closest of ``names`` or how to register."""
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+        ("; register it with D2SEG.DATASETS.REGISTER (docs/own_data.md) or detectron2's "
+         "DatasetCatalog")
+    return f"dataset '{name}' is not registered{hint}"
 
 
 def _register_entry(e: Dict[str, Any]) -> None:
@@ -568,10 +580,15 @@ def _register_entry(e: Dict[str, Any]) -> None:
             _register_coco(f"{name}_val", va, e["image_root"], e["json_file"])
     elif kind == "sem_seg":
         kw = dict(classes=e["classes"], ignore_label=e["ignore_label"],
-                  label_map=e.get("label_map"), colors=e.get("colors"))
+                  label_map=e.get("label_map"), colors=e.get("colors"),
+                  mask_suffix=e["mask_suffix"])
+        problem = pairing_problem(e["image_root"], e["sem_seg_root"], e["mask_suffix"])
+        if problem:  # an empty dataset (and empty splits) would only fail later
+            raise ValueError(problem)
         register_sem_seg_folder(name, e["image_root"], e["sem_seg_root"], **kw)
         if frac:
-            images, masks = _list_by_stem(e["image_root"]), _list_by_stem(e["sem_seg_root"])
+            images = _list_by_stem(e["image_root"])
+            masks = _list_by_stem(e["sem_seg_root"], e["mask_suffix"])
             stems = [s for s in images if s in masks]
             tr, va = split_items(stems, frac, seed)
             register_sem_seg_folder(f"{name}_train", e["image_root"], e["sem_seg_root"],

@@ -7,6 +7,7 @@ every detectron2 component (``DatasetMapper``, ``SemSegEvaluator``) reads class 
 """
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -14,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -27,18 +28,54 @@ from .image_io import read_sem_seg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_sem_seg_folder", "register_sem_seg_folder"]
+__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "guess_mask_suffix"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def _list_by_stem(folder: str) -> Dict[str, str]:
+def _list_by_stem(folder: str, suffix: str = "") -> Dict[str, str]:
+    """Image files of ``folder`` by file stem. With ``suffix`` (masks named ``<image
+    stem><suffix>``, e.g. ``12_mask.png``), a stem ending with it is listed without it."""
     out = {}
     for p in sorted(glob.glob(os.path.join(folder, "*"))):
         stem, ext = os.path.splitext(os.path.basename(p))
         if ext.lower() in IMAGE_EXTS:
+            if suffix and stem.endswith(suffix) and len(stem) > len(suffix):
+                stem = stem[:-len(suffix)]
             out[stem] = p
     return out
+
+
+def guess_mask_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> Optional[str]:
+    """The ``suffix`` for which mask stem = image stem + suffix holds for at least half of the
+    masks (the most such masks), e.g. "_mask" for ``12.png`` / ``12_mask.png``; else None."""
+    images, masks = set(image_stems), list(mask_stems)
+    counts: collections.Counter = collections.Counter()
+    for m in masks:
+        counts.update({m[k:] for k in range(1, len(m)) if m[:k] in images})
+    if not counts:
+        return None
+    suffix, n = counts.most_common(1)[0]
+    return suffix if 2 * n >= len(masks) else None
+
+
+def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "") -> Optional[str]:
+    """Why no image of ``image_dir`` pairs with a mask of ``mask_dir`` (None when some do):
+    the counts, an example of each side and, when the masks carry a common suffix, the
+    ``mask_suffix`` that pairs them."""
+    images, masks = _list_by_stem(image_dir), _list_by_stem(mask_dir, suffix)
+    if set(images) & set(masks):
+        return None
+    msg = (f"{len(images)} images in {image_dir} and {len(masks)} masks in {mask_dir} share no "
+           f"file stem (images are paired with masks by stem")
+    msg += f" after removing mask_suffix '{suffix}')" if suffix else ")"
+    if images and masks:
+        msg += f", e.g. image '{next(iter(images))}', mask '{next(iter(masks))}'"
+    guess = guess_mask_suffix(images, _list_by_stem(mask_dir)) if images and masks else None
+    if guess and guess != suffix:
+        msg += (f"; the masks are named <image stem>{guess}: set mask_suffix={guess} (a "
+                f"D2SEG.DATASETS.REGISTER key, and register_sem_seg_folder's argument)")
+    return msg
 
 
 def _remap_cache_dir(mask_files: List[str], label_map: Dict[int, int], ignore_label: int) -> str:
@@ -92,6 +129,7 @@ def load_sem_seg_folder(
     label_map: Optional[Dict[int, int]] = None,
     ignore_label: int = 255,
     stems: Optional[Sequence[str]] = None,
+    mask_suffix: str = "",
 ) -> List[dict]:
     """Dataset dicts (``file_name``, ``sem_seg_file_name``, ``height``, ``width``, ``image_id``).
 
@@ -103,12 +141,20 @@ def load_sem_seg_folder(
         label_map: raw mask value -> class id; values absent from it become ``ignore_label``.
             None: mask values are class ids already.
         stems: keep only these stems, in this order (e.g. a train/val split).
+        mask_suffix: masks are named ``<image stem><mask_suffix>`` (e.g. "_mask" for
+            ``12.png`` / ``12_mask.png``); "" = the same stem.
+
+    Raises:
+        FileNotFoundError: no image in ``image_dir``; ValueError: no image pairs with a mask
+            (the message says why and, when the masks share a suffix, which ``mask_suffix``).
     """
-    images, masks = _list_by_stem(image_dir), _list_by_stem(mask_dir)
+    images, masks = _list_by_stem(image_dir), _list_by_stem(mask_dir, mask_suffix)
     if not images:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
     if stems is None:
         stems = [s for s in images if s in masks]
+        if not stems:
+            raise ValueError(pairing_problem(image_dir, mask_dir, mask_suffix))
         missing = sorted(set(images) - set(masks))
         if missing:
             logger.warning(f"{len(missing)} images in {image_dir} have no mask in {mask_dir}, "
@@ -146,16 +192,20 @@ def register_sem_seg_folder(
     label_map: Optional[Dict[int, int]] = None,
     stems: Optional[Sequence[str]] = None,
     colors: Optional[Sequence[Sequence[int]]] = None,
+    mask_suffix: str = "",
 ) -> None:
-    """Register a mask-folder dataset under ``name`` (``evaluator_type="sem_seg"``)."""
+    """Register a mask-folder dataset under ``name`` (``evaluator_type="sem_seg"``); the
+    arguments are :func:`load_sem_seg_folder`'s."""
     unregister(name)
     DatasetCatalog.register(name, lambda: guard_load(
-        mask_dir, load_sem_seg_folder, image_dir, mask_dir, label_map, ignore_label, stems))
+        mask_dir, load_sem_seg_folder, image_dir, mask_dir, label_map, ignore_label, stems,
+        mask_suffix))
     meta = dict(
         stuff_classes=list(classes),
         ignore_label=ignore_label,
         image_root=image_dir,
         sem_seg_root=mask_dir,
+        mask_suffix=mask_suffix,
         evaluator_type="sem_seg",
     )
     if colors is not None:

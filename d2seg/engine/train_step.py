@@ -39,6 +39,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..modeling.losses import TargetValueError
 from ..utils.deferred_scalars import (Deferred, collect_scalars, packed_counts, resolve_scalars,
                                       stop_collecting, take_scalars)
 
@@ -292,6 +293,16 @@ class _NonFiniteGuard:
             super().run_step()
         except _SkipStep:
             self.optimizer.zero_grad(set_to_none=True)
+        except TargetValueError as e:  # name the files (D2SEG.DATASETS.CHECK 'warn' or 'off')
+            if self._last_batch is None:
+                raise
+            labels = [str(d.get("sem_seg_file_name")) for d in self._last_batch
+                      if isinstance(d, dict) and d.get("sem_seg_file_name")]
+            raise TargetValueError(
+                f"{e} at iteration {self.iter}; images in this rank's batch: "
+                f"{_batch_files(self._last_batch)}" +
+                (f", label maps: {labels}" if labels else "") +
+                "; tools/check_dataset.py names the file (label_out_of_range)") from e
         finally:
             left = stop_collecting(storage)  # queued after _write_metrics, or a failed step
             if left:

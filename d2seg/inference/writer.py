@@ -6,7 +6,10 @@ Under the output folder:
   an input whose name another input already took gets ``<stem>_1``, ``<stem>_2``, ...
 * instances: ``coco_instances_results.json`` (COCO results: image_id, category_id in the
   dataset's ids, bbox XYWH, score, RLE segmentation), loadable with pycocotools'
-  ``COCO.loadRes``; ``image_ids.json`` maps input paths to the image ids used;
+  ``COCO.loadRes``;
+* every kind: ``image_ids.json``, each input path with the image id it was given (the ids of
+  the COCO results and of ``panoptic.json``; for semantic output the list of inputs
+  predicted);
 * semantic: ``sem_seg/<stem>.png`` label maps (class index per pixel; 8-bit, 16-bit above 256
   classes);
 * panoptic: ``panoptic/<stem>.png`` (COCO panoptic RGB ids) and ``panoptic.json`` (COCO

@@ -38,6 +38,7 @@ __all__ = [
     "focal_loss",
     "cross_entropy_loss",
     "check_targets",
+    "TargetValueError",
     "SemSegLoss",
     "LOSS_NAMES",
 ]
@@ -66,8 +67,13 @@ def _check_targets(logits: Tensor, targets: Tensor) -> None:
         )
 
 
+class TargetValueError(ValueError):
+    """A label value outside the model's classes (the training step adds the batch's files)."""
+
+
 def check_targets(targets: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise ``ValueError`` naming a target value the model cannot have predicted.
+    """Raise :class:`TargetValueError` (a ``ValueError``) naming a target value the model
+    cannot have predicted.
 
     ``num_classes`` >= 2 (multi-class): valid values are ``[0, num_classes)`` and
     ``ignore_index``; ``num_classes`` = 1 (binary, one channel): 0, 1 and ``ignore_index``.
@@ -79,10 +85,10 @@ def check_targets(targets: Tensor, num_classes: int, ignore_index: int) -> None:
     if bool(bad.any()):
         value = targets[bad][0].item()
         if num_classes == 1:
-            raise ValueError(f"binary (one-channel) logits need targets 0, 1 or the ignore value "
+            raise TargetValueError(f"binary (one-channel) logits need targets 0, 1 or the ignore value "
                              f"{ignore_index}; got {value} (set MODEL.SEM_SEG_HEAD.NUM_CLASSES "
                              f">= 2 for classes)")
-        raise ValueError(f"target value {value} is outside [0, {c}) and not ignore_index "
+        raise TargetValueError(f"target value {value} is outside [0, {c}) and not ignore_index "
                          f"({ignore_index})")
 
 
