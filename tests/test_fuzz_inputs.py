@@ -139,8 +139,10 @@ def test_label_map_encodings(tmp_path_factory, encoding, mask_val):
     colour = encoding == "RGB-colour"  # the channels differ (id 0 is drawn (0, 255, 0))
     report = check_dataset(name)
     codes = {p.code for p in report.errors}
+    # 0 and 255 only, two classes, no label_map: 0/255 binary masks read as ignore
     assert codes == ({"not_class_ids"} if colour else
-                     {"label_out_of_range"} if mask_val == 2 else set()), codes
+                     {"label_out_of_range"} if mask_val == 2 else
+                     {"foreground_is_ignore"} if mask_val == 255 else set()), codes
     mapper = SafeMapper(SemSegDatasetMapper(is_train=True, augmentations=[],
                                             image_format="RGB"), policy="fail")
     try:
