@@ -396,6 +396,19 @@ def test_masks_with_a_suffix_pair_with_mask_suffix_and_are_named_without_it(tmp_
 
     r = check_dataset("suffixed")
     assert r.ok and not _unpaired(r)
+    # images and masks in one folder: the files named <stem>_mask are the masks
+    import shutil
+
+    for f in (tmp_path / "lab").iterdir():
+        shutil.copy(f, tmp_path / "im" / f.name)
+    one = f"name=one_folder,type=sem_seg,image_root={tmp_path}/im,sem_seg_root={tmp_path}/im," \
+          "classes=[bg,fg],mask_suffix=_mask"
+    register_dataset(one)
+    dicts = DatasetCatalog.get("one_folder")
+    assert [(d["image_id"], os.path.basename(d["sem_seg_file_name"])) for d in dicts] == \
+        [(f"c{i}", f"c{i}_mask.png") for i in range(4)]
+    r = check_dataset("one_folder")
+    assert r.ok and not _unpaired(r)
 
 
 def _unpaired(report):

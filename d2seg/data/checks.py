@@ -529,10 +529,9 @@ def _check_unpaired(meta, report: DatasetReport) -> None:
     image_root, root = getattr(meta, "image_root", None), getattr(meta, "sem_seg_root", None)
     if not image_root or not root or not os.path.isdir(image_root) or not os.path.isdir(root):
         return
-    from .sem_seg_folder import _list_by_stem
+    from .sem_seg_folder import list_pairs
 
-    images = _list_by_stem(image_root)
-    masks = _list_by_stem(root, getattr(meta, "mask_suffix", "") or "")
+    images, masks = list_pairs(image_root, root, getattr(meta, "mask_suffix", "") or "")
     for stem in sorted(set(images) - set(masks)):
         report.add(WARNING, "unpaired_image", images[stem], stem, None,
                    f"no mask with this stem in {root}: the image is left out")
@@ -562,11 +561,13 @@ def _check_raw_masks(meta, report: DatasetReport, dicts: List[Dict]) -> None:
     root = getattr(meta, "sem_seg_root", None)
     if not label_map or not root or not os.path.isdir(root):
         return
-    from .sem_seg_folder import _list_by_stem
+    from .sem_seg_folder import list_pairs
 
     keys = {int(k) for k in label_map}
     mine = {_stem(d["file_name"]) for d in dicts}
-    for stem, path in _list_by_stem(root, getattr(meta, "mask_suffix", "") or "").items():
+    image_root = getattr(meta, "image_root", None) or root
+    _, masks = list_pairs(image_root, root, getattr(meta, "mask_suffix", "") or "")
+    for stem, path in masks.items():
         if stem not in mine:
             continue
         m, err = _safe(read_sem_seg, path)

@@ -65,7 +65,7 @@ from detectron2.data.datasets import load_coco_json
 from ..utils.files import umask_mode
 from .catalog_utils import unregister
 from .errors import DatasetLoadError, guard_load
-from .sem_seg_folder import _list_by_stem, pairing_problem, register_sem_seg_folder
+from .sem_seg_folder import list_pairs, pairing_problem, register_sem_seg_folder
 
 logger = logging.getLogger(__name__)
 
@@ -587,8 +587,7 @@ def _register_entry(e: Dict[str, Any]) -> None:
             raise ValueError(problem)
         register_sem_seg_folder(name, e["image_root"], e["sem_seg_root"], **kw)
         if frac:
-            images = _list_by_stem(e["image_root"])
-            masks = _list_by_stem(e["sem_seg_root"], e["mask_suffix"])
+            images, masks = list_pairs(e["image_root"], e["sem_seg_root"], e["mask_suffix"])
             stems = [s for s in images if s in masks]
             tr, va = split_items(stems, frac, seed)
             register_sem_seg_folder(f"{name}_train", e["image_root"], e["sem_seg_root"],

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -28,22 +28,37 @@ from .image_io import read_sem_seg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "guess_mask_suffix"]
+__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "list_pairs", "guess_mask_suffix"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def _list_by_stem(folder: str, suffix: str = "") -> Dict[str, str]:
-    """Image files of ``folder`` by file stem. With ``suffix`` (masks named ``<image
-    stem><suffix>``, e.g. ``12_mask.png``), a stem ending with it is listed without it."""
+def _list_by_stem(folder: str) -> Dict[str, str]:
     out = {}
     for p in sorted(glob.glob(os.path.join(folder, "*"))):
         stem, ext = os.path.splitext(os.path.basename(p))
         if ext.lower() in IMAGE_EXTS:
-            if suffix and stem.endswith(suffix) and len(stem) > len(suffix):
-                stem = stem[:-len(suffix)]
             out[stem] = p
     return out
+
+
+def list_pairs(image_dir: str, mask_dir: str,
+               mask_suffix: str = "") -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(images by stem, masks by the image stem they belong to): what
+    :func:`load_sem_seg_folder` pairs. With ``mask_suffix`` a mask named ``<stem><suffix>``
+    belongs to ``<stem>``; when images and masks share one folder, the files named so are the
+    masks and the others the images."""
+    images = _list_by_stem(image_dir)
+    if not mask_suffix:
+        return images, _list_by_stem(mask_dir)
+    n, raw = len(mask_suffix), _list_by_stem(mask_dir)
+    named = {s: p for s, p in raw.items() if s.endswith(mask_suffix) and len(s) > n}
+    if os.path.realpath(image_dir) == os.path.realpath(mask_dir):
+        images = {s: p for s, p in images.items() if s not in named}
+        others: Dict[str, str] = {}
+    else:  # masks without the suffix keep their stem (reported as unpaired by the checker)
+        others = {s: p for s, p in raw.items() if s not in named}
+    return images, {**others, **{s[:-n]: p for s, p in named.items()}}
 
 
 def guess_mask_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> Optional[str]:
@@ -63,7 +78,7 @@ def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "") -> Optional
     """Why no image of ``image_dir`` pairs with a mask of ``mask_dir`` (None when some do):
     the counts, an example of each side and, when the masks carry a common suffix, the
     ``mask_suffix`` that pairs them."""
-    images, masks = _list_by_stem(image_dir), _list_by_stem(mask_dir, suffix)
+    images, masks = list_pairs(image_dir, mask_dir, suffix)
     if set(images) & set(masks):
         return None
     msg = (f"{len(images)} images in {image_dir} and {len(masks)} masks in {mask_dir} share no "
@@ -148,7 +163,7 @@ def load_sem_seg_folder(
         FileNotFoundError: no image in ``image_dir``; ValueError: no image pairs with a mask
             (the message says why and, when the masks share a suffix, which ``mask_suffix``).
     """
-    images, masks = _list_by_stem(image_dir), _list_by_stem(mask_dir, mask_suffix)
+    images, masks = list_pairs(image_dir, mask_dir, mask_suffix)
     if not images:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
     if stems is None:
