@@ -27,6 +27,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import FrozenBatchNorm2d
 
+from .config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -108,7 +110,7 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         if not isinstance(sd, dict) or not any(
                 torch.is_tensor(v) or isinstance(v, np.ndarray) for v in sd.values()):
             keys = sd if isinstance(sd, dict) else loaded
-            raise ValueError(f"{filename}: holds no model weights (no tensors under 'model' or "
+            raise ConfigError(f"{filename}: holds no model weights (no tensors under 'model' or "
                              f"'state_dict'; its keys: {sorted(map(str, keys))[:8]})")
         # a ResNet saved inside another model: DataParallel's "module.", a whole
         # segmentation_models_pytorch model's "encoder." (its decoder left out), ...
@@ -125,7 +127,7 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         if is_torchvision_resnet(sd):
             anchors = [k for k in self.model.state_dict() if k.endswith("stem.conv1.weight")]
             if not anchors:
-                raise ValueError(f"{filename} is a torchvision ResNet state dict, but the model "
+                raise ConfigError(f"{filename} is a torchvision ResNet state dict, but the model "
                                  "has no detectron2 ResNet ('...stem.conv1.weight') to load it "
                                  "into")
             prefix = anchors[0][: -len("stem.conv1.weight")]
@@ -210,7 +212,7 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         if not loaded:
             def prefixes(names):
                 return sorted({n.split(".")[0] + "." for n in names})[:6]
-            raise ValueError(
+            raise ConfigError(
                 f"{self._file}: none of its {len(self._file_keys)} tensors fits the model "
                 f"(names in the file start with {prefixes(self._file_keys)}, the model's with "
                 f"{prefixes(model_keys)}{'; shapes differ for ' + str(len(shapes)) if shapes else ''}"
@@ -253,7 +255,7 @@ def require_complete_weights(summary: Dict[str, Any], model: nn.Module, context:
     if missing:
         parts.append(f"{len(missing)} parameter(s) of the model are not in it "
                      f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    raise ValueError(
+    raise ConfigError(
         f"{context}: {summary.get('file')}: " + "; ".join(parts) + ". The model would run with "
         "random layers. Use the config it was trained with (its OUTPUT_DIR/config.yaml), e.g. "
         "the same MODEL.META_ARCHITECTURE and MODEL.ROI_HEADS.NUM_CLASSES / "
@@ -285,12 +287,12 @@ def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> List[str]:
         try:
             regexes.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"D2SEG.FINETUNE.FREEZE pattern {p!r} is not a regular "
+            raise ConfigError(f"D2SEG.FINETUNE.FREEZE pattern {p!r} is not a regular "
                              f"expression: {e}") from None
     names = [n for n, _ in model.named_parameters()]
     for p, r in zip(patterns, regexes):
         if not any(r.match(n) for n in names):
-            raise ValueError(f"D2SEG.FINETUNE.FREEZE pattern '{p}' matches no parameter; "
+            raise ConfigError(f"D2SEG.FINETUNE.FREEZE pattern '{p}' matches no parameter; "
                              f"parameter names look like {names[:3]} ... {names[-2:]}")
     frozen = []
     for n, param in model.named_parameters():

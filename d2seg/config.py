@@ -474,6 +474,10 @@ def _explain(err: BaseException, cfg) -> str:
             # YAML 1.1 reads an unquoted on / off / yes / no as a boolean
             out += ('; YAML reads an unquoted on / off / yes / no as true / false: quote the '
                     'value (e.g. "off")')
+        elif re.search(r"\(<class '(list|tuple)'> vs\. <class 'str'>\)", msg):
+            # a list key given one string on the command line
+            out += ("; the key takes a list: on the command line write it as a tuple, e.g. "
+                    "\"('backbone\\.',)\" or \"('a', 'b')\"")
         return out
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 

@@ -141,6 +141,26 @@ def test_best_checkpointer_names_available_metrics(tmp_path):
     assert not os.path.exists(tmp_path / "model_best.pth")
 
 
+def test_best_checkpointer_says_why_a_nan_metric_saves_nothing(tmp_path):
+    """segm/AP is NaN while a young model detects nothing: detectron2 skips it silently."""
+    model = nn.Linear(2, 2)
+    hook = BestCheckpointer(10, DetectionCheckpointer(model, str(tmp_path)), "segm/AP", "max")
+    hook.trainer = _trainer(model)
+    records = []
+    h = logging.Handler()
+    h.emit = records.append
+    hook._logger.addHandler(h)
+    try:
+        with hook.trainer.storage as st:
+            st.put_scalars(**{"segm/AP": float("nan")}, smoothing_hint=False)
+            hook._best_checking()
+    finally:
+        hook._logger.removeHandler(h)
+    msg = " ".join(r.getMessage() for r in records)
+    assert "'segm/AP' is nan" in msg and "no model_best.pth" in msg
+    assert not os.path.exists(tmp_path / "model_best.pth") and hook.best_metric is None
+
+
 def test_extend_hooks_order_writer_last(tmp_path):
     cfg = get_cfg()
     cfg.OUTPUT_DIR = str(tmp_path)

@@ -555,3 +555,13 @@ def test_predict_config_applies_overlap_zero_and_rot90():
     cfg = predict_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml"),
                          [], overlap=0.0, rot90=True)
     assert cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP == 0.0 and cfg.D2SEG.INFERENCE.ROT90
+
+
+def test_predict_with_an_unregistered_dataset_names_the_closest(tmp_path):
+    from d2seg.config import ConfigError, load_config
+    from d2seg.inference.run import predict_files
+
+    cfg = load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"))
+    with pytest.raises(ConfigError, match=r"--dataset .*: dataset 'isbi2012_membrane_tset' is "
+                                          r"not registered; did you mean 'isbi2012_membrane_"):
+        predict_files(cfg, [], str(tmp_path), "isbi2012_membrane_tset")

@@ -269,3 +269,11 @@ def test_guard_raises_on_an_infinite_loss_and_refuses_lagged_skips():
     assert model.w.item() == 1.0
     with pytest.raises(ValueError, match="'lagged' cannot skip steps"):
         trainer.configure_guard(max_skips=1, lagged=True)
+
+
+def test_a_list_key_given_one_string_says_how_to_write_a_list():
+    from d2seg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"D2SEG.FINETUNE.FREEZE; the key takes a list: .*"
+                                          r"as a tuple"):
+        load_config("", ["D2SEG.FINETUNE.FREEZE", "backbone\\."])

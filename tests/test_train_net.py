@@ -136,3 +136,21 @@ def test_eval_only_keeps_the_recorded_random_seed(tmp_path):
 
     assert seed(resume=True) == 123 and seed(resume=False, eval_only=True) == 123
     assert len({seed(resume=False) for _ in range(3)} | {123}) > 1  # a new training: new seed
+
+
+def test_resume_with_another_freeze_stops_before_rewriting_config_yaml(tmp_path):
+    """A --resume without the run's D2SEG.FINETUNE.FREEZE would fail in torch's optimizer
+    loading after config.yaml was rewritten; it stops first, naming both values."""
+    from d2seg.config import ConfigError, load_config
+    from d2seg.engine.train_loop import _check_resume_matches
+
+    cfg = load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                      ["OUTPUT_DIR", str(tmp_path)])
+    recorded = {"D2SEG": {"FINETUNE": {"FREEZE": ["backbone\\."]}}}
+    _check_resume_matches(cfg, recorded)  # no checkpoint in the folder: a fresh start
+    (tmp_path / "last_checkpoint").write_text("model_0000002.pth")
+    with pytest.raises(ConfigError, match=r"--resume: D2SEG.FINETUNE.FREEZE \[\] differs from "
+                                          r"the run .*\['backbone"):
+        _check_resume_matches(cfg, recorded)
+    cfg.D2SEG.FINETUNE.FREEZE = ["backbone\\."]
+    _check_resume_matches(cfg, recorded)

@@ -4,14 +4,17 @@
     python tools/export_model.py --config-file CFG --output OUT [--format torchscript onnx] \\
         [--height 256 --width 256] MODEL.WEIGHTS output/model_final.pth [KEY VALUE ...]
 
-Semantic models (UNet, DeepLabV3(Plus), PSPNet, SemanticSegmentor): OUT/model.ts,
-OUT/model.onnx taking a (3, H, W) float image (0-255, INPUT.FORMAT channel order) and returning
-(K, H, W) logits; H, W dynamic (PSPNet's ONNX file: fixed size). The config's test resize
-(INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) is not part of the exported graph: OUT/input_spec.json
-says what to do before and after, as tools/predict.py does. R-CNN (Mask R-CNN): detectron2's
-tracing export (boxes, classes, 28x28 mask probabilities, scores at the input resolution). The
-comparison with PyTorch on random images is written to OUT/export_report.json; the command
-exits 1 when an export fails. See d2seg/export.py and docs/own_data.md.
+Semantic models (UNet, DeepLabV3(Plus), PSPNet, SegFormer, HRNet, SemanticSegmentor):
+OUT/model.ts, OUT/model.onnx taking a (3, H, W) float image (0-255, INPUT.FORMAT channel order)
+and returning (K, H, W) logits; H, W dynamic (PSPNet's pooling included: it is exported as
+matrix products). The config's test resize (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) is not part
+of the exported graph: OUT/input_spec.json says what to do before and after, as
+tools/predict.py does. R-CNN (Mask R-CNN): detectron2's tracing export, outputs boxes, classes,
+28x28 mask probabilities, scores (at the input resolution) and image_size; loading model.ts
+needs `import torchvision` first (its nms op). The comparison with PyTorch on random images is
+written to OUT/export_report.json; the command exits 1 when an export fails. Without
+MODEL.WEIGHTS the model has random weights (a warning says so). See d2seg/export.py and
+docs/own_data.md.
 """
 import argparse
 import json
@@ -82,6 +85,9 @@ def main(argv=None) -> list:
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         load_weights(model, cfg.MODEL.WEIGHTS, complete=True, context="MODEL.WEIGHTS")
+    else:
+        print("export_model.py: warning: MODEL.WEIGHTS is empty: exporting random weights",
+              file=sys.stderr)
     if is_semantic_model(model):
         results = export_semantic(model, args.output, args.height, args.width, args.format)
     elif isinstance(model, GeneralizedRCNN) and not isinstance(model, PanopticFPN):
@@ -126,4 +132,9 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    from d2seg.config import ConfigError
+
+    try:
+        main()
+    except ConfigError as e:  # e.g. MODEL.WEIGHTS of another model: file, key and value
+        sys.exit(f"export_model.py: error: {e}")

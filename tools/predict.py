@@ -52,4 +52,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from d2seg.config import ConfigError
+    from d2seg.data.errors import DatasetLoadError
+
+    try:
+        main()
+    except (ConfigError, DatasetLoadError, FileNotFoundError) as e:  # named file, key, value
+        sys.exit(f"predict.py: error: {e}")

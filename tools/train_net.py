@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import d2seg  # noqa: E402,F401  (registers datasets and models)
 from d2seg.config import ConfigError, load_config_or_exit  # noqa: E402
+from d2seg.data.checks import DatasetCheckError  # noqa: E402
+from d2seg.data.errors import DatasetLoadError  # noqa: E402
 from d2seg.engine import default_argument_parser, run  # noqa: E402
 
 if __name__ == "__main__":
@@ -36,5 +38,7 @@ if __name__ == "__main__":
         sys.exit(f"train_net.py: error: SOLVER.IMS_PER_BATCH {batch} is not divisible by {by}")
     try:
         run(args)
-    except ConfigError as e:  # a bad value found while building the model, loader, optimizer
+    # a bad value found while building the model, loader, optimizer or loading MODEL.WEIGHTS,
+    # or data the pre-training checks refuse: the message names file, key and value
+    except (ConfigError, DatasetCheckError, DatasetLoadError) as e:
         sys.exit(f"train_net.py: error: {e}")

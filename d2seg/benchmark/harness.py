@@ -116,6 +116,9 @@ class Target:
         <= ``threshold``
       * "reference_img_per_s": ``reference``'s train img/s in ``case`` compared with a stated
         number (``threshold``); informational (no pass/fail), e.g. plain detectron2's 49 img/s
+
+    ``informational``: status "info" instead of pass / FAIL (a bar shown for context, e.g. the
+    GPU target next to a smoke run's CPU ratio, which no tiny CPU run is meant to reach).
     """
 
     name: str
@@ -124,6 +127,7 @@ class Target:
     threshold: float
     reference: str = ""
     other_case: str = ""
+    informational: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -658,7 +662,7 @@ def evaluate_targets(cases: Sequence[Dict], targets: Sequence[Target]) -> List[D
             why = f"missing number: {e}"
         if value is None:
             status = "not measured"
-        elif t.kind == "reference_img_per_s":
+        elif t.kind == "reference_img_per_s" or t.informational:
             status = "info"
         elif t.kind == "step_time_ratio":
             status = "pass" if value <= t.threshold else "FAIL"

@@ -186,6 +186,12 @@ class BestCheckpointer(hooks.BestCheckpointer):
                 f"D2SEG.BEST_CHECKPOINT.METRIC '{self._val_metric}' was not computed; metrics "
                 f"available: {sorted(k for k in latest if '/' in k or k.startswith('val_'))}")
             return
+        value = latest[self._val_metric][0]
+        if not math.isfinite(float(value)):  # e.g. AP of a model without detections yet
+            self._logger.warning(
+                f"D2SEG.BEST_CHECKPOINT.METRIC '{self._val_metric}' is {value} at iteration "
+                f"{self.trainer.iter}: no {self._file_prefix}.pth for this evaluation")
+            return
         before = (self.best_metric, self.best_iter)
         self._check_and_keep_last()
         if (self.best_metric, self.best_iter) != before and self._checkpointer.save_dir:

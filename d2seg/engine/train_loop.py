@@ -19,7 +19,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import CfgNode, load_config, naming_config_file
+from ..config import CfgNode, ConfigError, load_config, naming_config_file
 from ..data.catalogs import register_shapes_from_cfg
 from ..data.checks import run_pre_training_checks
 from ..data.register import register_datasets_from_cfg
@@ -148,6 +148,25 @@ def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False,
     cfg.SEED = seed
 
 
+def _check_resume_matches(cfg: CfgNode, recorded: Dict[str, Any]) -> None:
+    """A ``--resume`` whose ``D2SEG.FINETUNE.FREEZE`` differs from the run it continues would
+    fail in torch's optimizer loading (other parameter groups), after ``config.yaml`` was
+    rewritten: stop first, in one line, naming both values."""
+    if not recorded or not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    try:
+        before = list(recorded["D2SEG"]["FINETUNE"]["FREEZE"] or [])
+    except (KeyError, TypeError):
+        return
+    now = list(cfg.D2SEG.FINETUNE.FREEZE)
+    if before != now:
+        raise ConfigError(
+            f"--resume: D2SEG.FINETUNE.FREEZE {now} differs from the run in {cfg.OUTPUT_DIR} "
+            f"({before}, its config.yaml): the optimizer state holds other parameters; resume "
+            f"with D2SEG.FINETUNE.FREEZE \"{tuple(before)}\" (or the run's config.yaml as "
+            f"--config-file), or train anew in another OUTPUT_DIR")
+
+
 def setup(args: argparse.Namespace) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts``, adapted to the hardware, frozen.
 
@@ -157,6 +176,8 @@ def setup(args: argparse.Namespace) -> CfgNode:
     cfg = load_config(args.config_file, args.opts)
     resume, eval_only = bool(getattr(args, "resume", False)), bool(getattr(args, "eval_only", False))
     recorded = _recorded_config(cfg, resume, eval_only)  # read once, before it is rewritten
+    if resume and not eval_only:
+        _check_resume_matches(cfg, recorded)  # before default_setup rewrites config.yaml
     adapted = adapt_to_hardware(cfg, recorded)
     _fix_seed(cfg, resume=resume, eval_only=eval_only, recorded=recorded)
     cfg.freeze()

@@ -55,9 +55,11 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     dataset = dataset or (names[0] if names else "")
     if dataset and dataset not in DatasetCatalog.list():
-        raise KeyError(f"dataset '{dataset}' (classes and ids of the predictions) is not "
-                       "registered; give --dataset NAME of a registered dataset or register it "
-                       "with D2SEG.DATASETS.REGISTER")
+        from ..config import ConfigError
+        from ..data.register import not_registered
+
+        raise ConfigError(f"--dataset (the classes and ids of the predictions): "
+                          f"{not_registered(dataset, DatasetCatalog.list())}")
     metadata = MetadataCatalog.get(dataset) if dataset else MetadataCatalog.get("__unused")
     if dataset and getattr(metadata, "json_file", None) and \
             not hasattr(metadata, "thing_dataset_id_to_contiguous_id"):
