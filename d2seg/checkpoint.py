@@ -90,10 +90,14 @@ class FinetuneCheckpointer(DetectionCheckpointer):
     weights in one line. ``last_summary`` (after :meth:`load`): dict with ``file``,
     ``format`` ("d2seg/detectron2", "torchvision-resnet", ...), ``loaded`` (number of tensors),
     ``skipped_shape`` [(key, checkpoint shape, model shape)], ``missing``, ``unexpected``.
+    ``for_inference``: the caller refuses skipped weights (:func:`require_complete_weights`),
+    so the fine-tuning message about them is not logged.
     """
 
-    def __init__(self, model: nn.Module, save_dir: str = "", **kwargs):
+    def __init__(self, model: nn.Module, save_dir: str = "", for_inference: bool = False,
+                 **kwargs):
         super().__init__(model, save_dir, **kwargs)
+        self.for_inference = for_inference
         self.last_summary: Dict[str, Any] = {}
         self._format = ""
         self._file = ""
@@ -198,7 +202,7 @@ class FinetuneCheckpointer(DetectionCheckpointer):
             "missing": missing,
             "unexpected": list(incompatible.unexpected_keys),
         }
-        if shapes:
+        if shapes and not self.for_inference:
             self.logger.warning(
                 f"Fine-tuning: {len(shapes)} weight(s) of {self._file} skipped because their "
                 "shape differs from the model's (trained from scratch, e.g. a head with another "
@@ -224,7 +228,7 @@ def load_weights(model: nn.Module, path: str, complete: bool = False,
                  context: str = "") -> Dict[str, Any]:
     """Load ``path`` into ``model`` with :class:`FinetuneCheckpointer`; returns its summary.
     With ``complete``, :func:`require_complete_weights` (inference: no random layers)."""
-    ck = FinetuneCheckpointer(model)
+    ck = FinetuneCheckpointer(model, for_inference=complete)
     ck.load(path, checkpointables=[])
     if complete:
         require_complete_weights(ck.last_summary, model, context)

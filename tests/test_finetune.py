@@ -81,6 +81,13 @@ def test_head_with_other_class_count_is_skipped_in_one_line(five_class_ckpt, fvc
     assert "roi_heads.box_predictor.cls_score.weight (6, 512)->(4, 512)" in lines[0]
     # no per-tensor warnings of fvcore on top of the one line
     assert not [r for r in fvcore_log if "Skip loading parameter" in r.getMessage()]
+    # for inference (--eval-only, predict, export) the same file is an error, and the
+    # fine-tuning line, which would say the weights were skipped to train, is not logged
+    fvcore_log.clear()
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS: .*five.pth: \d+ tensor\(s\) have "
+                                         r"other shapes"):
+        load_weights(build_model(_cfg()), path, complete=True, context="MODEL.WEIGHTS")
+    assert not [r for r in fvcore_log if "shape differs" in r.getMessage()]
 
 
 def test_model_zoo_pkl_format(five_class_ckpt, tmp_path):

@@ -243,7 +243,7 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
     """
     from ..checkpoint import FinetuneCheckpointer, require_complete_weights
 
-    ck = FinetuneCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    ck = FinetuneCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True)
     ck.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     if ck.last_summary:
         require_complete_weights(ck.last_summary, model, "--eval-only")
