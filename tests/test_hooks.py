@@ -122,9 +122,10 @@ def test_best_checkpointer_keeps_last_checkpoint(tmp_path, caplog):
     assert os.path.isfile(other / "model_best.pth") and not ck2.has_checkpoint()
 
 
-def test_best_checkpointer_names_available_metrics(tmp_path):
+def _best_checking_log(tmp_path, metric: str, scalars):
+    """(hook, what it logged) after one ``_best_checking`` with ``scalars`` in the storage."""
     model = nn.Linear(2, 2)
-    hook = BestCheckpointer(10, DetectionCheckpointer(model, str(tmp_path)), "segm/APP", "max")
+    hook = BestCheckpointer(10, DetectionCheckpointer(model, str(tmp_path)), metric, "max")
     hook.trainer = _trainer(model)
     records = []
     h = logging.Handler()
@@ -132,31 +133,22 @@ def test_best_checkpointer_names_available_metrics(tmp_path):
     hook._logger.addHandler(h)
     try:
         with hook.trainer.storage as st:
-            st.put_scalars(**{"segm/AP": 1.0, "bbox/AP": 2.0}, smoothing_hint=False)
+            st.put_scalars(**scalars, smoothing_hint=False)
             hook._best_checking()
     finally:
         hook._logger.removeHandler(h)
-    msg = " ".join(r.getMessage() for r in records)
+    return hook, " ".join(r.getMessage() for r in records)
+
+
+def test_best_checkpointer_names_available_metrics(tmp_path):
+    _, msg = _best_checking_log(tmp_path, "segm/APP", {"segm/AP": 1.0, "bbox/AP": 2.0})
     assert "'segm/APP' was not computed" in msg and "'segm/AP'" in msg
     assert not os.path.exists(tmp_path / "model_best.pth")
 
 
 def test_best_checkpointer_says_why_a_nan_metric_saves_nothing(tmp_path):
     """segm/AP is NaN while a young model detects nothing: detectron2 skips it silently."""
-    model = nn.Linear(2, 2)
-    hook = BestCheckpointer(10, DetectionCheckpointer(model, str(tmp_path)), "segm/AP", "max")
-    hook.trainer = _trainer(model)
-    records = []
-    h = logging.Handler()
-    h.emit = records.append
-    hook._logger.addHandler(h)
-    try:
-        with hook.trainer.storage as st:
-            st.put_scalars(**{"segm/AP": float("nan")}, smoothing_hint=False)
-            hook._best_checking()
-    finally:
-        hook._logger.removeHandler(h)
-    msg = " ".join(r.getMessage() for r in records)
+    hook, msg = _best_checking_log(tmp_path, "segm/AP", {"segm/AP": float("nan")})
     assert "'segm/AP' is nan" in msg and "no model_best.pth" in msg
     assert not os.path.exists(tmp_path / "model_best.pth") and hook.best_metric is None
 

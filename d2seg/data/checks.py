@@ -238,15 +238,16 @@ def _safe(fn: Callable, *a) -> Tuple[Any, Optional[str]]:
 # ----------------------------------------------------------------------------------------
 # COCO json (before detectron2's loader, which stops at the first of these)
 # ----------------------------------------------------------------------------------------
-def check_coco_json(json_file: str, report: DatasetReport) -> bool:
+def check_coco_json(json_file: str, report: DatasetReport) -> Optional[Dict[str, Any]]:
     """Checks that need the raw json: duplicated ids and file names, unknown category ids,
-    polygons that detectron2's loader drops. Returns False when the json cannot be read."""
+    polygons that detectron2's loader drops. Returns the json, or None when it cannot be
+    read."""
     try:
         with open(json_file) as f:
             data = json.load(f)
     except Exception as e:  # noqa: BLE001
         report.add(ERROR, "unreadable_json", json_file, None, type(e).__name__, str(e))
-        return False
+        return None
     cats = data.get("categories", [])
     cat_ids = [c.get("id") for c in cats]
     for cid, n in collections.Counter(cat_ids).items():
@@ -306,7 +307,7 @@ def check_coco_json(json_file: str, report: DatasetReport) -> bool:
                            [len(p) for p in segm],
                            "no polygon with >= 3 points and an even number of coordinates "
                            "(detectron2's loader drops the annotation)")
-    return True
+    return data
 
 
 # ----------------------------------------------------------------------------------------
@@ -648,11 +649,11 @@ def check_dataset_dicts(dicts: List[Dict], metadata, name: str = "",
     return report
 
 
-def _check_json_images(json_file: str, meta, report: DatasetReport, decode: bool) -> None:
+def _check_json_images(json_file: str, data: Dict[str, Any], meta, report: DatasetReport,
+                       decode: bool) -> None:
     """With json-level errors (detectron2's loader would stop at the first one): what the raw
-    json still allows: its image files and sizes, the image, annotation and class counts."""
-    with open(json_file) as f:
-        data = json.load(f)
+    json (``data``, read from ``json_file``) still allows: its image files and sizes, the
+    image, annotation and class counts."""
     image_root = getattr(meta, "image_root", "") or ""
     images = [im for im in data.get("images", []) if isinstance(im.get("file_name"), str)]
     dicts = [{"file_name": os.path.join(image_root, im["file_name"]), "image_id": im.get("id"),
@@ -689,11 +690,11 @@ def check_dataset(name: str, decode_images: bool = True) -> DatasetReport:
     json_file = getattr(meta, "panoptic_json", None) or getattr(meta, "json_file", None)
     pre = DatasetReport(name=name, kind="instances")
     if json_file and os.path.isfile(json_file):
-        readable = check_coco_json(json_file, pre)
+        data = check_coco_json(json_file, pre)
         if pre.errors:  # detectron2's loader would stop at the first one
             pre.kind = _kind(meta, [])
-            if readable:
-                _check_json_images(json_file, meta, pre, decode_images)
+            if data is not None:
+                _check_json_images(json_file, data, meta, pre, decode_images)
             return pre
     try:
         dicts = DatasetCatalog.get(name)

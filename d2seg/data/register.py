@@ -582,13 +582,13 @@ def _register_entry(e: Dict[str, Any]) -> None:
         kw = dict(classes=e["classes"], ignore_label=e["ignore_label"],
                   label_map=e.get("label_map"), colors=e.get("colors"),
                   mask_suffix=e["mask_suffix"])
-        problem = pairing_problem(e["image_root"], e["sem_seg_root"], e["mask_suffix"])
-        if problem:  # an empty dataset (and empty splits) would only fail later
-            raise ValueError(problem)
+        images, masks = list_pairs(e["image_root"], e["sem_seg_root"], e["mask_suffix"])
+        stems = [s for s in images if s in masks]
+        if not stems:  # an empty dataset (and empty splits) would only fail later
+            raise ValueError(pairing_problem(e["image_root"], e["sem_seg_root"],
+                                             e["mask_suffix"]))
         register_sem_seg_folder(name, e["image_root"], e["sem_seg_root"], **kw)
         if frac:
-            images, masks = list_pairs(e["image_root"], e["sem_seg_root"], e["mask_suffix"])
-            stems = [s for s in images if s in masks]
             tr, va = split_items(stems, frac, seed)
             register_sem_seg_folder(f"{name}_train", e["image_root"], e["sem_seg_root"],
                                     stems=tr, **kw)
