@@ -206,3 +206,27 @@ def test_two_processes_with_compiled_modules(tmp_path):
     init = c0["init"]
     assert all(torch.equal(init[k], runs["eager"][0]["init"][k]) for k in init)  # same start
     assert sum(not torch.equal(w0[k], init[k]) for k in w0) > len(w0) // 2  # it trained
+
+
+def test_an_error_in_a_launched_worker_is_one_line(tmp_path):
+    """``--num-gpus 2`` with MODEL.WEIGHTS that fit nothing: the ConfigError is raised inside
+    the workers (at loading), yet the terminal gets it in one line, not torch's
+    ProcessRaisedException with the worker's traceback as text."""
+    import subprocess
+    import sys
+
+    from d2seg.engine.train_loop import USER_ERROR_EXIT
+
+    bad = tmp_path / "other.pth"
+    torch.save({"model": {"foo.weight": torch.zeros(3)}}, bad)
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--num-gpus", "2",
+         "--config-file", CFG, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", str(bad),
+         "D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", "4", "D2SEG.SHAPES.IMAGE_SIZE",
+         "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == USER_ERROR_EXIT, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("train_net.py: error")]
+    assert errors and all(f"of 2): {bad}: none of its 1 tensors fits the model" in ln
+                          for ln in errors), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "ProcessRaisedException" not in r.stderr

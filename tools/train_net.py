@@ -16,10 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import d2seg  # noqa: E402,F401  (registers datasets and models)
-from d2seg.config import ConfigError, load_config_or_exit  # noqa: E402
-from d2seg.data.checks import DatasetCheckError  # noqa: E402
-from d2seg.data.errors import DatasetLoadError  # noqa: E402
+from d2seg.config import load_config_or_exit  # noqa: E402
 from d2seg.engine import default_argument_parser, run  # noqa: E402
+from d2seg.engine.train_loop import USER_ERRORS  # noqa: E402
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
@@ -39,6 +38,7 @@ if __name__ == "__main__":
     try:
         run(args)
     # a bad value found while building the model, loader, optimizer or loading MODEL.WEIGHTS,
-    # or data the pre-training checks refuse: the message names file, key and value
-    except (ConfigError, DatasetCheckError, DatasetLoadError) as e:
+    # or data the pre-training checks refuse: the message names file, key and value (a
+    # launched worker prints its own and exits; run() then exits with its status)
+    except USER_ERRORS as e:
         sys.exit(f"train_net.py: error: {e}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -21,14 +22,15 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import CfgNode, ConfigError, load_config, naming_config_file
 from ..data.catalogs import register_shapes_from_cfg
-from ..data.checks import run_pre_training_checks
+from ..data.checks import DatasetCheckError, run_pre_training_checks
+from ..data.errors import DatasetLoadError
 from ..data.register import register_datasets_from_cfg
 from . import fast_paths
 from .trainer import Trainer
 
 logger = logging.getLogger("d2seg")
 
-__all__ = ["setup", "main", "default_argument_parser", "launch", "run"]
+__all__ = ["setup", "main", "default_argument_parser", "launch", "run", "USER_ERRORS"]
 
 
 def _recorded_config(cfg: CfgNode, resume: bool, eval_only: bool) -> Dict[str, Any]:
@@ -249,13 +251,44 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
         require_complete_weights(ck.last_summary, model, "--eval-only")
 
 
-def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """``main`` through detectron2's ``launch`` (multi-GPU / multi-machine per ``args``)."""
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+#: errors whose message names the file, the key and the value: ``tools/train_net.py`` prints
+#: them in one line (no traceback), from the main process or from a launched worker
+USER_ERRORS: Tuple[type, ...] = (ConfigError, DatasetCheckError, DatasetLoadError)
+#: exit status of a launched worker that printed one of USER_ERRORS
+USER_ERROR_EXIT = 3
+
+
+def _main_in_worker(args: argparse.Namespace, prog: str) -> Optional[Dict[str, Any]]:
+    """``main`` in a process started by ``launch``: a user error is printed there in one line
+    and the process exits with USER_ERROR_EXIT (torch would otherwise hand the parent the
+    whole traceback as text, and the parent would print it)."""
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        world = comm.get_world_size()
+        where = f" (process {comm.get_rank()} of {world})" if world > 1 else ""
+        print(f"{prog}: error{where}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT)
+
+
+def run(args: argparse.Namespace, prog: str = "train_net.py") -> Optional[Dict[str, Any]]:
+    """``main`` through detectron2's ``launch`` (multi-GPU / multi-machine per ``args``).
+
+    Raises:
+        USER_ERRORS: in a single process, as ``main`` raises them.
+        SystemExit: with USER_ERROR_EXIT, when a launched worker stopped on one of
+            USER_ERRORS; the worker has printed it as ``<prog>: error (process r of n): ...``.
+    """
+    if args.num_gpus * args.num_machines <= 1:
+        return launch(main, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    from torch.multiprocessing import ProcessExitedException
+
+    try:
+        return launch(_main_in_worker, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url,
+                      args=(args, prog))
+    except ProcessExitedException as e:
+        if e.exit_code == USER_ERROR_EXIT:
+            raise SystemExit(USER_ERROR_EXIT) from None
+        raise
