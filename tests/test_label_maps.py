@@ -71,6 +71,28 @@ def test_read_sem_seg_follows_exif_orientation_like_the_image(tmp_path):
     assert np.array_equal(got, img[..., 0])
 
 
+
+def test_folder_dataset_records_the_size_of_an_exif_rotated_photo_as_read(tmp_path):
+    """A phone photo stored 40 wide x 20 high with EXIF orientation 6 is read 20 x 40; its
+    label map is drawn on the upright photo (40 high x 20 wide). The dataset dict records the
+    size as read, so the mapper's size check and the evaluator's resize agree with the image."""
+    from detectron2.data import detection_utils
+
+    from d2seg.data.sem_seg_folder import load_sem_seg_folder
+    from d2seg.data.sem_seg_mapper import SemSegDatasetMapper
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "img" / "a.jpg", exif=exif)
+    Image.fromarray(np.ones((40, 20), np.uint8)).save(tmp_path / "lab" / "a.png")
+    (d,) = load_sem_seg_folder(str(tmp_path / "img"), str(tmp_path / "lab"))
+    img = detection_utils.read_image(d["file_name"], "RGB")
+    assert (d["height"], d["width"]) == img.shape[:2] == (40, 20)
+    out = SemSegDatasetMapper(is_train=True, augmentations=[], image_format="RGB")(d)
+    assert tuple(out["image"].shape[1:]) == tuple(out["sem_seg"].shape) == (40, 20)
+
 def _mapper(label_dtype, resize=None):
     from detectron2.data import transforms as T
 

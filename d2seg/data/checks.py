@@ -42,7 +42,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .image_io import LabelMapError, read_sem_seg
+from .image_io import LabelMapError, image_size, read_sem_seg
 
 logger = logging.getLogger(__name__)
 
@@ -201,21 +201,6 @@ class DatasetReport:
 # ----------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------
-def _image_size(path: str, decode: bool = True) -> Tuple[int, int]:
-    """(height, width) as detectron2's ``read_image`` sees it (EXIF orientation applied).
-
-    Raises OSError/ValueError for missing, unreadable or (with ``decode``) corrupt files.
-    """
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-        if decode:
-            im.load()
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return h, w
-
-
 def _parallel(fn: Callable, items: Sequence) -> List:
     workers = min(8, os.cpu_count() or 1)
     if len(items) < 8 or workers == 1:
@@ -429,7 +414,7 @@ def _kind(meta, dicts: List[Dict]) -> str:
 
 
 def _check_images(dicts: List[Dict], report: DatasetReport, decode: bool) -> None:
-    sizes = _parallel(lambda d: _safe(_image_size, d["file_name"], decode), dicts)
+    sizes = _parallel(lambda d: _safe(image_size, d["file_name"], decode), dicts)
     for d, (size, err) in zip(dicts, sizes):
         iid = d.get("image_id")
         if err == "missing":

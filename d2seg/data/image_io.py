@@ -21,7 +21,7 @@ called when ``d2seg`` is imported. 8-bit images give exactly what detectron2's r
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -31,8 +31,8 @@ from detectron2.utils.file_io import PathManager
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_image", "read_sem_seg", "LabelMapError", "to_uint8", "HIGH_BIT_MODES",
-           "install"]
+__all__ = ["read_image", "read_sem_seg", "image_size", "LabelMapError", "to_uint8",
+           "HIGH_BIT_MODES", "install"]
 
 # PIL modes of one-channel images with more than 8 bits (integer or float)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -87,6 +87,27 @@ def read_image(file_name: str, format: Optional[str] = None,
         if image.mode in HIGH_BIT_MODES:
             image = Image.fromarray(to_uint8(np.asarray(image), str(file_name)), mode="L")
         return detection_utils.convert_PIL_to_numpy(image, format)
+
+
+def image_size(path: str, decode: bool = False) -> Tuple[int, int]:
+    """(height, width) of an image file as :func:`read_image` returns it: EXIF orientations
+    5-8 (rotated by 90 degrees, as phone photos often are) swap the header's width and height.
+
+    Args:
+        decode: also decode the pixels (finds truncated / corrupt files); False reads the
+            header only.
+
+    Raises:
+        OSError / ValueError: missing, unreadable or (with ``decode``) corrupt files.
+    """
+    with PathManager.open(path, "rb") as f, Image.open(f) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        if decode:
+            im.load()
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return h, w
 
 
 class LabelMapError(ValueError):

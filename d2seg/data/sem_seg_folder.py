@@ -24,7 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .catalog_utils import unregister
 from .errors import guard_load
-from .image_io import read_sem_seg
+from .image_io import image_size, read_sem_seg
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,7 @@ def load_sem_seg_folder(
     for s, m in zip(stems, mask_files):
         d = {"file_name": images[s], "sem_seg_file_name": m, "image_id": s}
         try:  # the header only; a corrupt image is reported by the checker / mapper by name
-            with Image.open(images[s]) as im:
-                d["width"], d["height"] = im.size
+            d["height"], d["width"] = image_size(images[s])  # as read: EXIF rotation applied
         except Exception as e:  # noqa: BLE001
             logger.warning(f"{images[s]}: cannot read the image size ({type(e).__name__}: {e})")
         dicts.append(d)
