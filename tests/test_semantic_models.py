@@ -124,6 +124,19 @@ def test_forward_backward_odd_sizes(arch, num_classes):
         assert torch.all(out[0]["sem_seg"][0] == 0)
 
 
+
+def test_a_label_map_of_another_size_than_its_image_is_refused():
+    """Images and labels are padded apart and the logits resized to the labels: a 32x48 label
+    map with a 64x64 image would give a finite loss on misaligned pixels. It names the file."""
+    name, opts = TINY["unet"]
+    model = build_model(cfg_from(os.path.join(SHAPES, name), opts, 2)).train()
+    batch = [{"image": torch.rand(3, 64, 64) * 255, "sem_seg": torch.zeros(64, 64, dtype=torch.long),
+              "file_name": "ok.png"},
+             {"image": torch.rand(3, 64, 64) * 255, "sem_seg": torch.zeros(32, 48, dtype=torch.long),
+              "file_name": "b.png"}]
+    with pytest.raises(ValueError, match=r"sizes differ .*\('b\.png', \(64, 64\), \(32, 48\)\)"):
+        model(batch)
+
 def test_eval_pads_to_size_divisibility_and_crops_back():
     """The output for a 24x30 input is the top-left 24x30 of the prediction on the input
     normalised and zero-padded to 24x32 (size divisibility 8)."""

@@ -181,6 +181,15 @@ class EncoderDecoderSegmentor(nn.Module):
                 raise ValueError(f"training inputs need 'sem_seg', missing in {missing[:3]} "
                                  "(use a sem_seg dataset and INPUT.DATASET_MAPPER_NAME 'sem_seg' "
                                  "or detectron2's mapper)")
+            # plain ints: no device sync. Images and labels are padded apart and the logits
+            # resized to the labels, so a label map of another size would train misaligned.
+            wrong = [(x.get("file_name", f"input {i}"), tuple(x["image"].shape[-2:]),
+                      tuple(x["sem_seg"].shape[-2:])) for i, x in enumerate(batched_inputs)
+                     if x["image"].shape[-2:] != x["sem_seg"].shape[-2:]]
+            if wrong:
+                raise ValueError("image and 'sem_seg' sizes differ (file, image HxW, label HxW): "
+                                 f"{wrong[:3]}; the label map must be drawn on the image it "
+                                 "comes with, transformed by the same augmentations")
             # Labels are queued for the device before the backbone runs: a blocking copy
             # after it would make the host wait for the whole encoder (a GPU bubble per step).
             # uint8 labels (D2SEG.SPEED.COMPACT_LABELS) are widened there, after the copy.
