@@ -345,3 +345,27 @@ def test_best_checkpoint_auto_mode_finds_loss_in_any_case():
 
     assert best_checkpoint_mode("val_Loss", "auto") == "min"
     assert best_checkpoint_mode("sem_seg/mIoU", "auto") == "max"
+
+
+@pytest.mark.parametrize("config", ["deeplabv3plus_cpu.yaml", "segformer_b0_cpu.yaml"])
+def test_validation_loss_is_deterministic_with_dropout_and_stochastic_depth(config):
+    """DeepLab's ASPP dropout and SegFormer's attention dropout and stochastic depth are off
+    while the validation loss runs: the same weights and data give the same loss twice."""
+    from detectron2.modeling import build_model
+
+    from conftest import REPO
+    from d2seg.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation", config),
+                      ["MODEL.DEVICE", "cpu", "MODEL.MIT.ATTN_DROP_RATE", "0.3",
+                       "MODEL.MIT.DROP_PATH_RATE", "0.5", "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT",
+                       "0.5"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    data = [[{"image": torch.rand(3, 64, 64) * 255,
+              "sem_seg": torch.randint(0, 5, (64, 64))} for _ in range(2)]]
+    hook = ValidationLoss(10, lambda: data)
+    hook.trainer = _trainer(model)
+    first, second = hook._compute(), hook._compute()
+    assert first["val_total_loss"] == second["val_total_loss"]
+    assert model.training and all(m.training for m in model.modules())

@@ -69,12 +69,28 @@ def build_val_loss_loader(cfg: CfgNode, dataset_names: Sequence[str]):
                                        num_workers=cfg.DATALOADER.NUM_WORKERS)
 
 
+def _eval_in_validation() -> tuple:
+    """Module types put in eval mode while the validation loss runs: normalisation (running
+    statistics used, not updated) and everything random in training (dropout, torchvision's
+    stochastic depth, SegFormer's attention dropout), so that the loss is deterministic."""
+    from torchvision.ops import StochasticDepth
+
+    from ..modeling.backbone.mit import EfficientSelfAttention
+
+    return (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, StochasticDepth,
+            EfficientSelfAttention)
+
+
+_EVAL_IN_VALIDATION = _eval_in_validation()
+
+
 class ValidationLoss(HookBase):
     """Mean training losses over a validation loader, every ``period`` iterations and after the
     last one; stored as ``val_<loss name>`` and ``val_total_loss``.
 
     The model runs in training mode (so it computes losses) under ``torch.no_grad``, with its
-    normalisation and dropout layers in eval mode: BatchNorm statistics are used, not updated.
+    normalisation, dropout and stochastic-depth layers in eval mode: BatchNorm statistics are
+    used, not updated, and the same weights give the same loss.
     In distributed runs every process computes its shard; the means are over all images.
     """
 
@@ -95,7 +111,7 @@ class ValidationLoss(HookBase):
         was_training = model.training
         model.train()
         for m in model.modules():
-            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
+            if isinstance(m, _EVAL_IN_VALIDATION):
                 m.eval()
         sums: Dict[str, float] = collections.defaultdict(float)
         count = 0

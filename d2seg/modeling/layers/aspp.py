@@ -55,6 +55,7 @@ class ASPP(nn.Module):
         self.dilations = dilations
         self.image_pooling = image_pooling
         self.dropout = dropout
+        self.drop = nn.Dropout(dropout)  # a module: eval mode turns it off (validation loss)
         branches: List[nn.Module] = [conv_norm_act(in_channels, out_channels, 1, norm=norm)]
         for d in dilations:
             if depthwise_separable:
@@ -78,5 +79,5 @@ class ASPP(nn.Module):
             outs.append(pooled.expand(-1, -1, x.shape[-2], x.shape[-1]))
         y = self.project(torch.cat(outs, dim=1))
         if self.dropout > 0:
-            y = F.dropout(y, self.dropout, training=self.training)
+            y = self.drop(y)
         return y
