@@ -175,9 +175,16 @@ def test_sem_seg_loss_from_config():
     cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Focal", "Dice"]
     cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = [2.0, 1.0]
     cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = [0.25]
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 1
     loss = SemSegLoss(cfg)
     assert loss.names == ["Focal", "Dice"] and loss.weights == [2.0, 1.0]
     assert loss.focal_alpha == 0.25 and loss.ignore_index == 255
+    # two classes (softmax over background, foreground): the same meaning as binary
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 2
+    assert SemSegLoss(cfg).focal_alpha == [0.75, 0.25]
+    # the default WEIGHTS ([]) weigh every name 1
+    cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = []
+    assert SemSegLoss(cfg).weights == [1.0, 1.0]
     # every setting reaches the loss, none is a default re-read
     cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Tversky", "Dice", "Focal"]
     cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = [1.0, 1.0, 1.0]
@@ -289,6 +296,10 @@ def test_ce_and_bce_together_is_an_error():
     (1, "CLASS_WEIGHTS", [1.0], r"needs 2 values \(\[background, foreground\]"),
     (3, "FOCAL_ALPHA", [0.2, 0.8], "FOCAL_ALPHA"),
     (1, "FOCAL_ALPHA", [0.2, 0.8], "FOCAL_ALPHA"),
+    (3, "FOCAL_ALPHA", [0.25], r"needs one value \(the foreground's weight, with NUM_CLASSES 1 "
+                               r"or 2\) or one per class"),
+    (2, "NAMES", ["BCE", "Dice"], r"'BCE' needs one output channel .* NUM_CLASSES is 2; use "
+                                  r"'CE' with 2 classes"),
 ])
 def test_loss_list_lengths_are_checked_when_built(num_classes, key, value, match):
     from d2seg.config import get_cfg
@@ -391,3 +402,38 @@ def test_cross_entropy_rejects_too_many_class_weights():
     """More class weights than classes is an error, not silently truncated."""
     with pytest.raises(ValueError, match="3 class weights for 2 classes"):
         cross_entropy_loss(two_class_logits(), targets(), class_weights=[1.0, 2.0, 3.0])
+
+
+def test_two_class_focal_alpha_from_the_config_weighs_the_foreground_as_binary_does():
+    """FOCAL_ALPHA [a] means the foreground's weight whether the problem is one sigmoid
+    channel (NUM_CLASSES 1) or a softmax over [background, foreground] (NUM_CLASSES 2): at
+    gamma 0 both give alpha-weighted cross-entropy of the same probabilities."""
+    from d2seg.config import get_cfg
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 1, 6, 6)
+    t = torch.randint(0, 2, (2, 6, 6))
+    t[0, 0] = 255
+    losses = []
+    for k, logits in ((1, z), (2, torch.cat([torch.zeros_like(z), z], 1))):
+        cfg = get_cfg()
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = k
+        cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Focal"]
+        cfg.MODEL.SEM_SEG_LOSS.FOCAL_GAMMA = 0.0
+        cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = [0.9]
+        losses.append(SemSegLoss(cfg)(logits, t)["loss_sem_seg_focal"])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_head_and_loss_must_ignore_the_same_value(caplog):
+    from detectron2.layers import ShapeSpec
+
+    from d2seg.modeling.heads.unet_head import UNetHead
+
+    shape = {"s1": ShapeSpec(channels=8, stride=1), "s2": ShapeSpec(channels=8, stride=2)}
+    with pytest.raises(ValueError, match=r"ignore_value 100 .* differs from its loss's "
+                                         r"ignore_index 255"):
+        UNetHead(shape, num_classes=3, ignore_value=100, loss=SemSegLoss(names=["CE", "Dice"]))
+    with caplog.at_level("WARNING"):
+        UNetHead(shape, num_classes=3, ignore_value=0)
+    assert "IGNORE_VALUE 0 is a class id (NUM_CLASSES 3): class 0 is never trained" in caplog.text

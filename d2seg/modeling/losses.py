@@ -391,10 +391,16 @@ class SemSegLoss(nn.Module):
             raise ValueError(f"MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS {list(c.CLASS_WEIGHTS)} needs "
                              f"{n_cw} values ({'[background, foreground] for ' if k == 1 else ''}"
                              f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {k}), got {len(c.CLASS_WEIGHTS)}")
-        if len(alpha) > 1 and (k == 1 or len(alpha) != k):
-            raise ValueError(f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} needs one value, or (with "
-                             f"NUM_CLASSES > 1) one per class: MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
-                             f"{k}")
+        if len(alpha) > 1 and (k == 1 or len(alpha) != k) or len(alpha) == 1 and k > 2:
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} needs one value (the "
+                             f"foreground's weight, with NUM_CLASSES 1 or 2) or one per class: "
+                             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {k}")
+        if len(alpha) == 1 and k == 2:  # softmax over [background, foreground]: as binary
+            alpha = [1.0 - alpha[0], alpha[0]]
+        if any(n.lower() == "bce" for n in c.NAMES) and k != 1:
+            raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES {list(c.NAMES)}: 'BCE' needs one output "
+                             f"channel (MODEL.SEM_SEG_HEAD.NUM_CLASSES 1), NUM_CLASSES is {k}; "
+                             f"use 'CE' with {k} classes")
         return {
             "names": list(c.NAMES),
             "weights": list(c.WEIGHTS),

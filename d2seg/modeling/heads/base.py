@@ -1,6 +1,7 @@
 """What every d2seg semantic segmentation head shares: the forward protocol and the losses."""
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional, Tuple
 
 from torch import Tensor, nn
@@ -10,6 +11,8 @@ from ..layers.resize import resize_bilinear
 from ..losses import SemSegLoss
 
 __all__ = ["SemSegHeadBase", "resize_logits"]
+
+logger = logging.getLogger(__name__)
 
 
 def resize_logits(logits: Tensor, size: Tuple[int, int], impl: str = "interpolate") -> Tensor:
@@ -31,8 +34,12 @@ class SemSegHeadBase(nn.Module):
     * training: ``targets`` (N, H, W) long at the (padded) input resolution, ``ignore_value``
       where unlabelled; returns ``(None, dict of losses)`` with the logits upsampled to the
       targets' size before the loss.
-    * inference: returns ``((N, K, H, W) float32 logits upsampled by s, {})`` (fp32 also under
-      autocast, ``D2SEG.SPEED.INFERENCE_AMP``).
+    * inference: returns ``((N, K, s * h, s * w) float32 logits, {})``: the layers' output
+      upsampled by s, which is the input's (H, W) when H and W are multiples of the head's
+      deepest stride (the meta-architectures pad the batch to their ``size_divisibility`` and
+      crop the result back); fp32 also under autocast (``D2SEG.SPEED.INFERENCE_AMP``).
+
+    A ``loss`` given must ignore the same ``ignore_value`` (targets are padded with it).
     """
 
     def __init__(self, *, num_classes: int, ignore_value: int, common_stride: int,
@@ -40,6 +47,14 @@ class SemSegHeadBase(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES must be >= 1, got {num_classes}")
+        if loss is not None and loss.ignore_index != ignore_value:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE: the head's ignore_value "
+                             f"{ignore_value} (padding and unlabelled pixels) differs from its "
+                             f"loss's ignore_index {loss.ignore_index}; give both the same value")
+        if 0 <= ignore_value < max(num_classes, 2):
+            logger.warning(f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE {ignore_value} is a class id "
+                           f"(NUM_CLASSES {num_classes}): class {ignore_value} is never trained "
+                           f"and scores no loss; datasets mark unlabelled pixels with 255")
         self.num_classes = num_classes
         self.ignore_value = ignore_value
         self.common_stride = int(common_stride)

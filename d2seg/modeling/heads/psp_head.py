@@ -56,7 +56,8 @@ class PSPHead(SemSegHeadBase):
         Args:
             input_shape: the backbone's features (must contain ``in_feature`` and, if set,
                 ``aux_in_feature``).
-            aux_in_feature: "" = no auxiliary head.
+            aux_in_feature: "" = no auxiliary head (built from a config it is
+                ``MODEL.PSP.AUX_IN_FEATURE``, "res4" by default, as in the PSPNet paper).
             aux_loss: the auxiliary losses (their ``loss_weight`` includes the aux weight);
                 default: ``loss``'s settings times 0.4.
         """
