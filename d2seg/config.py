@@ -188,11 +188,12 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # "Focal", "Tversky". One output channel (SEM_SEG_HEAD.NUM_CLASSES = 1) = binary/sigmoid.
     cfg.MODEL.SEM_SEG_LOSS = CN()
     cfg.MODEL.SEM_SEG_LOSS.NAMES = ["CE"]
-    cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = [1.0]
+    cfg.MODEL.SEM_SEG_LOSS.WEIGHTS = []  # one per name; [] = all 1
     cfg.MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS = []  # CE weight per class ([bg, fg] if binary); []=1
     cfg.MODEL.SEM_SEG_LOSS.SMOOTH = 1.0  # Dice / Tversky smoothing
     cfg.MODEL.SEM_SEG_LOSS.FOCAL_GAMMA = 2.0
-    cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = []  # [] none; [a] binary positive weight; [a_c] per class
+    # [] none; [a] foreground weight (NUM_CLASSES 1, or 2 as [1 - a, a]); [a_c] one per class
+    cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = []
     cfg.MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA = 0.3  # weight of false positives
     cfg.MODEL.SEM_SEG_LOSS.TVERSKY_BETA = 0.7  # weight of false negatives
 
@@ -434,21 +435,29 @@ class ConfigError(ValueError):
 
 # a message that starts with a config key, as d2seg's and its modules' value checks do
 _KEY_FIRST = re.compile(r"(MODEL|INPUT|SOLVER|DATALOADER|DATASETS|TEST|D2SEG)\.[A-Z0-9_]")
+_KEY = re.compile(r"\b(?:MODEL|INPUT|SOLVER|DATALOADER|DATASETS|TEST|D2SEG)(?:\.[A-Z0-9_]+)+")
 
 
 @contextlib.contextmanager
-def naming_config_file(config_file: str) -> Iterator[None]:
+def naming_config_file(config_file: str, opts: Sequence[str] = ()) -> Iterator[None]:
     """Re-raise a plain ``ValueError`` whose message starts with a config key (``"MODEL.UNET.
     DEPTH must be >= 1, got -1"``: the checks of d2seg's modules, run when the model, the
-    loader or the optimizer is built) as a :class:`ConfigError` that also names
-    ``config_file``. Other exceptions pass unchanged."""
+    loader or the optimizer is built) as a :class:`ConfigError` that also says where the value
+    came from: "command line override" when a key the message names is among the ``KEY VALUE``
+    ``opts``, else ``config_file``. Other exceptions pass unchanged."""
     try:
         yield
     except ValueError as e:
         if type(e) is not ValueError or not config_file or not _KEY_FIRST.match(str(e)):
             raise
-        raise ConfigError(f"{config_file} (or the command line): "
-                          f"{' '.join(str(e).split())}") from e
+        given = {str(k) for k in list(opts)[0::2]}
+        named = set(_KEY.findall(str(e)))
+        if named & given:
+            where = "command line override"
+        else:
+            where = f"{config_file} (or a file in its _BASE_)" if not given else \
+                f"{config_file} (or the command line)"
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from e
 
 
 def _all_keys(node, prefix: str = "") -> List[str]:
@@ -475,9 +484,11 @@ def _explain(err: BaseException, cfg) -> str:
             out += ('; YAML reads an unquoted on / off / yes / no as true / false: quote the '
                     'value (e.g. "off")')
         elif re.search(r"\(<class '(list|tuple)'> vs\. <class 'str'>\)", msg):
-            # a list key given one string on the command line
-            out += ("; the key takes a list: on the command line write it as a tuple, e.g. "
-                    "\"('backbone\\.',)\" or \"('a', 'b')\"")
+            # a list key given one string on the command line: the tuple of that string
+            given = re.search(r"with values \(.* vs\. (.*)\) for config key", msg)
+            one = given.group(1) if given else "a"
+            out += (f"; the key takes a list: on the command line write it as a tuple, e.g. "
+                    f"\"('{one}',)\" (one item) or \"('a', 'b')\"")
         return out
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
@@ -510,6 +521,7 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
         raise ConfigError(f"command line override: {_explain(e, cfg)}") from e
     _check_names(cfg, config_file, opts)
     _check_ranges(cfg, config_file, opts)
+    _check_channels(cfg, config_file, opts)
     _check_speed(cfg, config_file, opts)
     return cfg
 
@@ -525,6 +537,9 @@ _RANGES = (
     ("MODEL.SEM_SEG_LOSS.WEIGHTS", lambda v: all(w >= 0 for w in v), "weights >= 0"),
     ("MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS", lambda v: all(w >= 0 for w in v), "weights >= 0"),
     ("MODEL.SEM_SEG_LOSS.FOCAL_GAMMA", lambda v: v >= 0, ">= 0"),
+    ("MODEL.SEM_SEG_LOSS.FOCAL_ALPHA", lambda v: all(0 <= a <= 1 for a in v), "values in [0, 1]"),
+    ("MODEL.SEM_SEG_LOSS.SMOOTH", lambda v: v >= 0, ">= 0"),
+    ("MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.TVERSKY_BETA", lambda v: v >= 0, ">= 0"),
     ("D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -543,6 +558,30 @@ def _check_ranges(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
             where = "command line override" if key in given else \
                 (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
             raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+
+
+# channels of the images detectron2's read_image gives in each INPUT.FORMAT
+_FORMAT_CHANNELS = {"L": 1, "BGR": 3, "RGB": 3, "YUV-BT.601": 3}
+
+
+def _check_channels(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
+    """MODEL.PIXEL_MEAN / PIXEL_STD: one value per channel of the images INPUT.FORMAT reads
+    (checked at load time, not at the first training step)."""
+    mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+    fmt = cfg.INPUT.FORMAT
+    given = {str(k) for k in list(opts)[0::2]}
+    keys = [k for k in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT") if k in given]
+    where = f"command line override ({', '.join(keys)})" if keys else \
+        (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+    if len(mean) != len(std):
+        raise ConfigError(f"{where}: MODEL.PIXEL_MEAN {mean} and MODEL.PIXEL_STD {std} need "
+                          f"the same number of values (one per image channel)")
+    want = _FORMAT_CHANNELS.get(fmt)
+    if want is not None and len(mean) != want:
+        fix = "INPUT.FORMAT L for grey images" if len(mean) == 1 else \
+            f"MODEL.PIXEL_MEAN and MODEL.PIXEL_STD to {want} value(s) each"
+        raise ConfigError(f"{where}: MODEL.PIXEL_MEAN has {len(mean)} value(s) {mean}, but "
+                          f"INPUT.FORMAT {fmt!r} reads {want}-channel images; set {fix}")
 
 
 def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:

@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 
 import pytest
 
@@ -152,3 +153,34 @@ def test_weights_given_as_a_url_are_left_to_detectron2():
     cfg = get_cfg()
     cfg.MODEL.WEIGHTS = "https://example.invalid/model.pth"
     _check_weights_path(cfg, "x.yaml")
+
+
+@pytest.mark.parametrize("opts, match", [
+    (["MODEL.PIXEL_MEAN", "[125.3]", "MODEL.PIXEL_STD", "[43.7]"],
+     r"^command line override \(MODEL\.PIXEL_MEAN, MODEL\.PIXEL_STD\): MODEL\.PIXEL_MEAN has 1 "
+     r"value\(s\) \[125\.3\], but INPUT\.FORMAT 'BGR' reads 3-channel images; set INPUT\.FORMAT L"),
+    (["MODEL.PIXEL_MEAN", "[125.3]"], r"need the same number of values"),
+    (["INPUT.FORMAT", "L"], r"INPUT\.FORMAT 'L' reads 1-channel images; set MODEL\.PIXEL_MEAN "
+                            r"and MODEL\.PIXEL_STD to 1 value\(s\) each"),
+])
+def test_pixel_mean_must_fit_the_input_format_at_load_time(opts, match):
+    from d2seg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"), opts)
+    load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                ["INPUT.FORMAT", "L", "MODEL.PIXEL_MEAN", "[125.3]", "MODEL.PIXEL_STD", "[43.7]"])
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("MODEL.SEM_SEG_LOSS.SMOOTH", "-1.0", ">= 0"),
+    ("MODEL.SEM_SEG_LOSS.FOCAL_ALPHA", "[1.5]", r"values in \[0, 1\]"),
+    ("MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", "-1.0", ">= 0"),
+])
+def test_loss_values_no_run_can_use_are_refused_at_load_time(key, value, what):
+    from d2seg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"^command line override: {re.escape(key)} must be "
+                                          rf"{what}, got"):
+        load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                    [key, value])

@@ -11,9 +11,17 @@ from d2seg.modeling.layers.blocks import norm_layer
 
 
 def test_naming_config_file_adds_the_file_to_key_first_value_errors():
-    with pytest.raises(ConfigError, match=r"^a\.yaml \(or the command line\): MODEL\.UNET\.DEPTH "
-                                          r"must be >= 1, got -1$"):
+    with pytest.raises(ConfigError, match=r"^a\.yaml \(or a file in its _BASE_\): MODEL\.UNET\."
+                                          r"DEPTH must be >= 1, got -1$"):
         with naming_config_file("a.yaml"):
+            raise ValueError("MODEL.UNET.DEPTH must be >= 1, got -1")
+    # a key the message names was given on the command line: it says so
+    with pytest.raises(ConfigError, match=r"^command line override: MODEL\.UNET\.DEPTH must"):
+        with naming_config_file("a.yaml", ["SOLVER.MAX_ITER", "5", "MODEL.UNET.DEPTH", "-1"]):
+            raise ValueError("MODEL.UNET.DEPTH must be >= 1, got -1")
+    # other keys on the command line: either place
+    with pytest.raises(ConfigError, match=r"^a\.yaml \(or the command line\): MODEL\.UNET"):
+        with naming_config_file("a.yaml", ["SOLVER.MAX_ITER", "5"]):
             raise ValueError("MODEL.UNET.DEPTH must be >= 1, got -1")
     # other messages, ValueError subclasses and other exceptions pass unchanged
     for err in (ValueError("no key here"), KeyError("MODEL.X"), ConfigError("MODEL.X bad")):
@@ -26,6 +34,8 @@ def test_naming_config_file_adds_the_file_to_key_first_value_errors():
 def test_unknown_norm_names_the_keys_and_the_value():
     with pytest.raises(ValueError, match=r"MODEL\.UNET\.NORM.*'BatchNorm' is not one of"):
         norm_layer("BatchNorm", 8)
+    with pytest.raises(ValueError, match=r"'bn' is not one of .* \(did you mean 'BN'\?\)"):
+        norm_layer("bn", 8)
 
 
 def test_bad_freeze_regex_names_the_key():

@@ -428,3 +428,20 @@ def test_segmentor_pads_targets_with_the_ignore_value_and_normalises_uint8_image
     x = torch.full((3, 2, 2), 200, dtype=torch.uint8)
     expected = (x.float() - model.pixel_mean.cpu()) / model.pixel_std.cpu()
     assert torch.allclose(model._normalize(x), expected)
+
+
+def test_search_threshold_tool_refuses_a_multi_class_config_in_one_line():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "search_threshold.py"),
+                        "--config-file", os.path.join(REPO, "configs/Shapes-SemanticSegmentation/"
+                                                            "unet_cpu.yaml")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES 5: the threshold search is for binary problems "
+        "(NUM_CLASSES 1 or 2)")

@@ -277,3 +277,8 @@ def test_a_list_key_given_one_string_says_how_to_write_a_list():
     with pytest.raises(ConfigError, match=r"D2SEG.FINETUNE.FREEZE; the key takes a list: .*"
                                           r"as a tuple"):
         load_config("", ["D2SEG.FINETUNE.FREEZE", "backbone\\."])
+    # the example is the value given, as a one-item tuple
+    with pytest.raises(ConfigError, match=r"MODEL.SEM_SEG_LOSS.NAMES; the key takes a list: on "
+                                          r"the command line write it as a tuple, e\.g\. "
+                                          r"\"\('Dice',\)\" \(one item\)"):
+        load_config("", ["MODEL.SEM_SEG_LOSS.NAMES", "Dice"])

@@ -119,6 +119,10 @@ def main(argv=None) -> Dict:
 
     cfg = load_config_or_exit(args.config_file, args.opts, "search_threshold.py",
                               () if args.dataset else ("DATASETS.TEST",))
+    if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 2:
+        sys.exit(f"search_threshold.py: error: {args.config_file} (or the command line): "
+                 f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: the "
+                 f"threshold search is for binary problems (NUM_CLASSES 1 or 2)")
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = False  # raw probabilities
@@ -129,7 +133,12 @@ def main(argv=None) -> Dict:
         ap.error("no --dataset and DATASETS.TEST is empty")
     post = dict(open_kernel=args.open, close_kernel=args.close, min_area=args.min_area,
                 keep_largest=args.keep_largest)
-    res = run(cfg, dataset, thresholds, post)
+    from d2seg.engine.train_loop import USER_ERRORS
+
+    try:
+        res = run(cfg, dataset, thresholds, post)
+    except USER_ERRORS as e:  # MODEL.WEIGHTS that do not fit, unreadable data: one line
+        sys.exit(f"search_threshold.py: error: {e}")
     print(f"{dataset}: {res['num_images']} images; Dice (pooled) per threshold:")
     for t, d in res["scores"]:
         mark = "  <- best" if t == res["threshold"] else ""

@@ -203,13 +203,13 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """
     cfg = setup(args)
     if args.eval_only:
-        with naming_config_file(args.config_file):  # a bad value: the file, the key, the value
+        with naming_config_file(args.config_file, args.opts):  # file or command line, key, value
             run_pre_training_checks(cfg, eval_only=True)  # DATASETS.TEST only
             model = Trainer.build_model(cfg)
         load_eval_weights(model, cfg, resume=args.resume)
         res = Trainer.test(cfg, model)
     else:
-        with naming_config_file(args.config_file):  # a bad value: the file, the key, the value
+        with naming_config_file(args.config_file, args.opts):  # file or command line, key, value
             run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
             trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)

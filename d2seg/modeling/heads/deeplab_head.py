@@ -154,15 +154,16 @@ class ASPPDecoderHead(SemSegHeadBase):
                                  f"head's inputs {list(input_shape.keys())}")
         deep = [k for k in input_shape if k not in project_features]
         if not deep:
-            raise ValueError(f"ASPPDecoderHead needs an ASPP feature besides PROJECT_FEATURES "
-                             f"{project_features}, got only {list(input_shape.keys())}")
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.PROJECT_FEATURES {project_features}: the "
+                             f"DeepLabV3+ head (ASPPDecoderHead) needs a deeper feature for "
+                             f"ASPP besides them, got only {list(input_shape.keys())}")
         # as ASPPHead: the deepest of the others (a backbone's whole output_shape() works)
         deep_name = _deepest({k: input_shape[k] for k in deep})[0]
         low = sorted(((n, c) for n, c in zip(project_features, project_channels)),
                      key=lambda nc: input_shape[nc[0]].stride, reverse=True)
         if any(input_shape[n].stride >= input_shape[deep_name].stride for n, _ in low):
-            raise ValueError(f"PROJECT_FEATURES {project_features} must be shallower than the "
-                             f"ASPP feature '{deep_name}'")
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.PROJECT_FEATURES {project_features} must "
+                             f"be shallower than the ASPP feature '{deep_name}'")
         super().__init__(num_classes=num_classes, ignore_value=ignore_value,
                          common_stride=input_shape[low[-1][0]].stride, loss=loss)
         self.in_feature = deep_name

@@ -98,18 +98,22 @@ class UNetHead(SemSegHeadBase):
         super().__init__(num_classes=num_classes, ignore_value=ignore_value, common_stride=1,
                          loss=loss)
         if len(input_shape) < 1:
-            raise ValueError("UNetHead needs at least one input feature (MODEL.UNET.IN_FEATURES)")
+            raise ValueError("MODEL.UNET.IN_FEATURES is empty: UNetHead needs at least one "
+                             "input feature")
         feats = sorted(input_shape.items(), key=lambda kv: kv[1].stride, reverse=True)
         self.in_features = [k for k, _ in feats]  # deep to shallow
         strides = [v.stride for _, v in feats]
         channels = [v.channels for _, v in feats]
         for a, b in zip(strides, strides[1:]):
             if a == b or a % b:
-                raise ValueError(f"UNetHead: feature strides {strides} ({self.in_features}) must "
-                                 "be distinct and each divide the next deeper one")
+                raise ValueError(f"MODEL.UNET.IN_FEATURES {self.in_features}: their strides "
+                                 f"{strides} must be distinct and each divide the next deeper "
+                                 "one (UNetHead; a dilated backbone, e.g. "
+                                 "MODEL.RESNETS.RES5_DILATION > 1, repeats a stride)")
         s_min = strides[-1]
         if s_min & (s_min - 1):
-            raise ValueError(f"UNetHead: the shallowest stride {s_min} must be a power of 2")
+            raise ValueError(f"MODEL.UNET.IN_FEATURES {self.in_features}: the shallowest "
+                             f"stride {s_min} must be a power of 2 (UNetHead)")
         n_extra = int(s_min).bit_length() - 1
         n_stages = len(feats) - 1 + n_extra
         decoder_channels = list(decoder_channels)

@@ -1,6 +1,7 @@
 """Small building blocks shared by d2seg's heads and backbones (detectron2 ``Conv2d`` based)."""
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Optional, Union
 
 import fvcore.nn.weight_init as weight_init
@@ -45,9 +46,12 @@ def norm_layer(norm: Norm, channels: int) -> Optional[nn.Module]:
     except KeyError:
         if not isinstance(norm, str):
             raise
+        close = [n for n in NORM_NAMES if n and n.lower() == norm.lower()] or \
+            difflib.get_close_matches(norm, [n for n in NORM_NAMES if n], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NORM / MODEL.UNET.NORM / MODEL.HRNET.NORM: "
                          f"{norm!r} is not one of detectron2's get_norm names "
-                         f"{list(NORM_NAMES)}") from None
+                         f"{list(NORM_NAMES)}{hint}") from None
 
 
 def conv_norm_act(
