@@ -282,3 +282,27 @@ def test_a_list_key_given_one_string_says_how_to_write_a_list():
                                           r"the command line write it as a tuple, e\.g\. "
                                           r"\"\('Dice',\)\" \(one item\)"):
         load_config("", ["MODEL.SEM_SEG_LOSS.NAMES", "Dice"])
+
+
+def test_skip_policy_does_not_skip_a_mapper_that_cannot_work_with_the_dataset(tmp_path):
+    """D2SEG.BAD_INPUT.POLICY skip is for bad files: a semantic mapper given a dataset without
+    label maps fails on every input alike, so it raises at once instead of skipping 100."""
+    import numpy as np
+    from PIL import Image
+
+    from d2seg.data.errors import MapperSetupError
+    from d2seg.data.safe_mapper import SafeMapper
+    from d2seg.data.sem_seg_mapper import SemSegDatasetMapper
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    mapper = SafeMapper(SemSegDatasetMapper(is_train=True, augmentations=[], image_format="RGB"),
+                        policy="skip")
+    d = {"file_name": str(tmp_path / "a.png"), "height": 8, "width": 8}
+    with pytest.raises(MapperSetupError, match="no 'sem_seg_file_name' in the dataset dict"):
+        mapper(d)
+    assert mapper.skipped == 0
+    # a broken file is still skipped
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    assert mapper({**d, "file_name": str(tmp_path / "b.png"),
+                   "sem_seg_file_name": str(tmp_path / "b.png")}) is None
+    assert mapper.skipped == 1

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-__all__ = ["BadInputError", "DatasetLoadError", "guard_load"]
+__all__ = ["BadInputError", "DatasetLoadError", "MapperSetupError", "guard_load"]
 
 T = TypeVar("T")
 
 
 class BadInputError(RuntimeError):
     """An input file (image, mask) that cannot be used for training."""
+
+
+class MapperSetupError(ValueError):
+    """A mapper that cannot work with the dataset or config it was given (e.g. a dataset
+    without label maps for a semantic mapper): raised for every input alike, so
+    ``D2SEG.BAD_INPUT.POLICY: skip`` never skips it as one bad file."""
 
 
 class DatasetLoadError(ValueError):

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BadInputError", "SafeMapper", "INPUT_ERRORS", "is_input_error"]
 
-from .errors import BadInputError  # noqa: E402
+from .errors import BadInputError, MapperSetupError  # noqa: E402
 
 # What reading a broken image / mask / annotation raises (PIL raises SyntaxError for some
 # malformed PNG chunks, cv2 raises cv2.error, a subclass of Exception we match by name).
@@ -28,7 +28,10 @@ INPUT_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, SizeMi
 
 
 def is_input_error(e: BaseException) -> bool:
-    """Whether ``e`` is what reading a broken or non-image file raises."""
+    """Whether ``e`` is what reading a broken or non-image file raises (not a
+    :class:`~d2seg.data.errors.MapperSetupError`: every input would fail alike)."""
+    if isinstance(e, MapperSetupError):
+        return False
     return isinstance(e, INPUT_ERRORS) or type(e).__name__ == "error"  # cv2.error
 
 

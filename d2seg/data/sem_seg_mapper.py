@@ -12,6 +12,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .errors import MapperSetupError
 from .image_io import read_image, read_sem_seg
 from .sem_seg_transforms import (
     ForegroundCenteredCrop,
@@ -135,9 +136,9 @@ class SemSegDatasetMapper:
         if 0 <= lo and hi <= 255:
             return sem_seg.astype(np.uint8)
         if self.label_dtype == torch.uint8:
-            raise ValueError(f"{path}: label values {lo}..{hi} do not fit the uint8 label "
-                             f"maps of D2SEG.SPEED.COMPACT_LABELS; set it 'off' for class ids "
-                             f"outside 0-255")
+            raise MapperSetupError(f"{path}: label values {lo}..{hi} do not fit the uint8 "
+                                   f"label maps of D2SEG.SPEED.COMPACT_LABELS; set it 'off' "
+                                   f"for class ids outside 0-255")
         if max(-lo, hi) >= 2 ** 24:
             raise ValueError(f"{path}: label values {lo}..{hi}; class ids must lie below 2**24")
         return sem_seg.astype(np.float32)
@@ -152,8 +153,9 @@ class SemSegDatasetMapper:
             if sem_seg.dtype != np.uint8:  # 16/32-bit ids
                 sem_seg = self._narrow_labels(sem_seg, d["sem_seg_file_name"])
         elif self.is_train:
-            raise ValueError(f"{d.get('file_name')}: no 'sem_seg_file_name' in the dataset dict; "
-                             "SemSegDatasetMapper trains on semantic segmentation datasets")
+            raise MapperSetupError(f"{d.get('file_name')}: no 'sem_seg_file_name' in the "
+                                   "dataset dict; SemSegDatasetMapper trains on semantic "
+                                   "segmentation datasets")
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug_input)
         image, sem_seg = aug_input.image, aug_input.sem_seg
