@@ -413,3 +413,15 @@ def test_masks_with_a_suffix_pair_with_mask_suffix_and_are_named_without_it(tmp_
 
 def _unpaired(report):
     return [p for p in report.problems if p.code.startswith("unpaired")]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"label_map": {0: 0, 255: 300}}, r"label_map maps to class ids \[300\] outside 0-255"),
+    ({"label_map": {0: 0, 255: 1}, "ignore_label": -1}, r"ignore_label=-1 is outside 0-255"),
+])
+def test_a_label_map_that_does_not_fit_8_bit_label_maps_is_refused_at_parse(tmp_path, extra,
+                                                                            match):
+    spec = {"name": "lm_range", "type": "sem_seg", "image_root": str(tmp_path),
+            "sem_seg_root": str(tmp_path), "classes": ["bg", "fg"], **extra}
+    with pytest.raises(ValueError, match=r"entry 'lm_range': " + match):
+        parse_dataset_spec(spec)

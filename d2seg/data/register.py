@@ -65,7 +65,8 @@ from detectron2.data.datasets import load_coco_json
 from ..utils.files import umask_mode
 from .catalog_utils import unregister
 from .errors import DatasetLoadError, guard_load
-from .sem_seg_folder import list_pairs, pairing_problem, register_sem_seg_folder
+from .sem_seg_folder import (label_map_problem, list_pairs, pairing_problem,
+                             register_sem_seg_folder)
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,9 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': label_map {lm!r} "
                                  "must map integers to integers") from e
+            problem = label_map_problem(entry["label_map"], entry["ignore_label"])
+            if problem:
+                raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': {problem}")
     if entry.get("val_fraction") is not None:
         f = _number(float, entry, "val_fraction", name)
         if not 0.0 < f < 1.0:

@@ -28,7 +28,8 @@ from .image_io import image_size, read_sem_seg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "list_pairs", "guess_mask_suffix"]
+__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "list_pairs", "guess_mask_suffix",
+           "label_map_problem"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -106,8 +107,24 @@ def _remap_cache_dir(mask_files: List[str], label_map: Dict[int, int], ignore_la
     return os.path.join(root, "remapped_masks", h.hexdigest()[:16])
 
 
+def label_map_problem(label_map: Dict[int, int], ignore_label: int) -> str:
+    """Why ``label_map`` / ``ignore_label`` cannot be written as the 8-bit remapped label maps
+    ("" when they can): the class ids and the ignore label must lie in 0-255."""
+    bad = sorted({int(v) for v in label_map.values() if not 0 <= int(v) <= 255})
+    if bad:
+        return (f"label_map maps to class ids {bad[:5]} outside 0-255 (the remapped label maps "
+                f"are 8-bit)")
+    if not 0 <= int(ignore_label) <= 255:
+        return (f"ignore_label={ignore_label} is outside 0-255 (with a label_map, the remapped "
+                f"label maps are 8-bit)")
+    return ""
+
+
 def _remap_masks(mask_files: List[str], label_map: Dict[int, int], ignore_label: int) -> List[str]:
     """Write remapped copies of ``mask_files`` (raw value -> class id; unmapped -> ignore)."""
+    problem = label_map_problem(label_map, ignore_label)
+    if problem:
+        raise ValueError(problem)
     out_dir = _remap_cache_dir(mask_files, label_map, ignore_label)
     outs = [os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")
             for p in mask_files]
