@@ -57,8 +57,14 @@ class SkipSampler(Sampler):
 
     A resumed run rebuilds its sampler from the same seed; skipping the indices the first
     ``start_iter`` iterations consumed makes it continue the same data order. detectron2
-    shards the stream among data-loader workers in chunks of one batch, so batch ``k`` is
-    always indices ``[k*B, (k+1)*B)`` of this rank's stream, for any number of workers.
+    shards the stream among data-loader workers in chunks of one batch. Without aspect-ratio
+    grouping each worker collates its chunk, so batch ``k`` is always indices
+    ``[k*B, (k+1)*B)`` of this rank's stream, for any number of workers. With
+    ``DATALOADER.ASPECT_RATIO_GROUPING`` the workers hand out single samples in turn and the
+    training process groups them by aspect ratio: the first ``k*B`` indices are exactly the
+    ones consumed only when ``k`` is a multiple of the number of workers and no group was left
+    partly filled (images of one orientation), so a resume elsewhere continues from the same
+    place in the stream but may batch a few images differently.
     """
 
     def __init__(self, sampler: Sampler, skip: int):
