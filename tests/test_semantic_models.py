@@ -258,7 +258,8 @@ def test_build_without_config():
     assert h.in_feature == "res5" and h.aspp.branches[0].weight.shape[1] == 16
     h = ASPPHead(dilated, num_classes=2, aspp_channels=8)
     assert h.in_feature == "res5" and h.aspp.branches[0].weight.shape[1] == 16
-    with pytest.raises(ValueError, match="besides PROJECT_FEATURES"):
+    with pytest.raises(ValueError, match=r"^MODEL\.SEM_SEG_HEAD\.PROJECT_FEATURES \[.res2.\]: .* "
+                                         r"needs a deeper feature for ASPP besides them"):
         ASPPDecoderHead({"res2": shapes["res2"]}, project_features=["res2"], project_channels=[4],
                         num_classes=2)
     # a 1-channel image for a 3-channel model: an error naming MODEL.PIXEL_MEAN, not a silent

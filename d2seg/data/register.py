@@ -64,6 +64,7 @@ from detectron2.data.datasets import load_coco_json
 
 from ..utils.files import umask_mode
 from .catalog_utils import unregister
+from .cache import build_once
 from .errors import DatasetLoadError, guard_load
 from .sem_seg_folder import (label_map_problem, list_pairs, pairing_problem,
                              register_sem_seg_folder)
@@ -382,40 +383,43 @@ def _convert_panoptic(panoptic_json: str, panoptic_root: str) -> Tuple[str, str]
     # "id-order": stuff maps numbered in category-id order (earlier caches: file order)
     key = _file_key(panoptic_json, extra=[os.path.abspath(panoptic_root), "id-order"])
     out = os.path.join(_cache_root(), "panoptic_separated", key)
-    inst_path, sem_dir = os.path.join(out, "instances.json"), os.path.join(out, "sem_seg")
-    if os.path.isfile(inst_path):
-        return inst_path, sem_dir
-    with open(panoptic_json) as f:
-        data = json.load(f)
-    meta = _panoptic_meta(data["categories"])
-    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
-    thing_ids = set(meta["thing_dataset_id_to_contiguous_id"])
-    os.makedirs(sem_dir, exist_ok=True)
-    anns = []
-    for pan in data["annotations"]:
-        png = os.path.join(panoptic_root, pan["file_name"])
-        seg = rgb2id(np.asarray(Image.open(png).convert("RGB"), dtype=np.uint32))
-        sem = np.full(seg.shape, 255, np.uint8)
-        for s in pan["segments_info"]:
-            m = seg == s["id"]
-            if s["category_id"] in thing_ids:
-                sem[m] = 0
-                rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                anns.append({
-                    "id": len(anns) + 1, "image_id": pan["image_id"],
-                    "category_id": s["category_id"], "segmentation": rle,
-                    "area": float(s.get("area", int(m.sum()))), "bbox": list(s["bbox"]),
-                    "iscrowd": int(s.get("iscrowd", 0)),
-                })
-            elif s["category_id"] in stuff_map:
-                sem[m] = stuff_map[s["category_id"]]
-        stem = os.path.splitext(pan["file_name"])[0]
-        Image.fromarray(sem).save(os.path.join(sem_dir, stem + ".png"))
-    inst = {"images": data["images"], "annotations": anns,
-            "categories": [c for c in data["categories"] if c.get("isthing", 1)]}
-    _atomic_json(inst, inst_path)
-    return inst_path, sem_dir
+
+    def build(tmp: str) -> None:
+        with open(panoptic_json) as f:
+            data = json.load(f)
+        meta = _panoptic_meta(data["categories"])
+        stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+        thing_ids = set(meta["thing_dataset_id_to_contiguous_id"])
+        os.makedirs(os.path.join(tmp, "sem_seg"))
+        anns = []
+        for pan in data["annotations"]:
+            png = os.path.join(panoptic_root, pan["file_name"])
+            seg = rgb2id(np.asarray(Image.open(png).convert("RGB"), dtype=np.uint32))
+            sem = np.full(seg.shape, 255, np.uint8)
+            for s in pan["segments_info"]:
+                m = seg == s["id"]
+                if s["category_id"] in thing_ids:
+                    sem[m] = 0
+                    rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+                    rle["counts"] = rle["counts"].decode("ascii")
+                    anns.append({
+                        "id": len(anns) + 1, "image_id": pan["image_id"],
+                        "category_id": s["category_id"], "segmentation": rle,
+                        "area": float(s.get("area", int(m.sum()))), "bbox": list(s["bbox"]),
+                        "iscrowd": int(s.get("iscrowd", 0)),
+                    })
+                elif s["category_id"] in stuff_map:
+                    sem[m] = stuff_map[s["category_id"]]
+            stem = os.path.splitext(pan["file_name"])[0]
+            Image.fromarray(sem).save(os.path.join(tmp, "sem_seg", stem + ".png"))
+        inst = {"images": data["images"], "annotations": anns,
+                "categories": [c for c in data["categories"] if c.get("isthing", 1)]}
+        with open(os.path.join(tmp, "instances.json"), "w") as f:  # last: complete
+            json.dump(inst, f)
+
+    # once across processes: every rank of a distributed run registers its datasets
+    build_once(out, "instances.json", build)
+    return os.path.join(out, "instances.json"), os.path.join(out, "sem_seg")
 
 
 def _load_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_json: str,

@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +20,7 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .cache import build_once
 from .catalog_utils import unregister
 from .errors import guard_load
 from .image_io import image_size, read_sem_seg
@@ -128,15 +127,12 @@ def _remap_masks(mask_files: List[str], label_map: Dict[int, int], ignore_label:
     out_dir = _remap_cache_dir(mask_files, label_map, ignore_label)
     outs = [os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")
             for p in mask_files]
-    if os.path.isfile(os.path.join(out_dir, "done")):
-        return outs
     lut = np.full(256, ignore_label, np.uint8)
     for raw, cls in label_map.items():
         if 0 <= int(raw) <= 255:
             lut[int(raw)] = int(cls)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".remap-", dir=os.path.dirname(out_dir))
-    try:
+
+    def build(tmp: str) -> None:
         for src, dst in zip(mask_files, outs):
             m = read_sem_seg(src)
             if m.dtype == np.uint8:
@@ -147,11 +143,8 @@ def _remap_masks(mask_files: List[str], label_map: Dict[int, int], ignore_label:
                     out[m == int(raw)] = int(cls)
             Image.fromarray(out).save(os.path.join(tmp, os.path.basename(dst)))
         open(os.path.join(tmp, "done"), "w").close()
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_once(out_dir, "done", build)  # once across processes (file lock, atomic rename)
     return outs
 
 

@@ -26,20 +26,18 @@ folder name carries a hash of every parameter, so changing one regenerates.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
+
+from .cache import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -340,21 +338,6 @@ def _categories() -> Tuple[List[Dict], List[Dict]]:
     return things, stuff
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _is_complete(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "params.json"))
-
-
 def generate_shapes(params: ShapesParams, root: Optional[str] = None, workers: int = 0) -> str:
     """Generate one split if its cache folder does not exist yet; return the folder.
 
@@ -365,51 +348,41 @@ def generate_shapes(params: ShapesParams, root: Optional[str] = None, workers: i
     """
     root = root or shapes_cache_root()
     folder = os.path.join(root, params.key())
-    if _is_complete(folder):
-        return folder
-    with _locked(os.path.join(root, ".lock")):
-        if _is_complete(folder):  # another process finished it while we waited
-            return folder
-        if os.path.exists(folder):  # incomplete leftovers of an older layout: replace
-            shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{params.key()}.tmp-", dir=root)
-        try:
-            for sub in ("images", "sem_seg", "panoptic", "panoptic_sem_seg"):
-                os.makedirs(os.path.join(tmp, sub))
-            logger.info(
-                f"Generating {params.num_images} shapes images ({params.split}, "
-                f"{params.image_size}px) into {folder} ..."
+
+    def build(tmp: str) -> None:
+        for sub in ("images", "sem_seg", "panoptic", "panoptic_sem_seg"):
+            os.makedirs(os.path.join(tmp, sub))
+        logger.info(
+            f"Generating {params.num_images} shapes images ({params.split}, "
+            f"{params.image_size}px) into {folder} ..."
+        )
+        jobs = [(params, i, tmp) for i in range(params.num_images)]
+        n = workers or min(4, os.cpu_count() or 1)
+        if n > 1 and params.num_images >= 16:
+            with get_context("fork").Pool(n) as pool:
+                results = pool.map(_make_one, jobs, chunksize=16)
+        else:
+            results = [_make_one(j) for j in jobs]
+        things, stuff = _categories()
+        images = [r["image"] for r in results]
+        annos = []
+        for r in results:
+            for a in r["annotations"]:
+                a["id"] = len(annos) + 1
+                annos.append(a)
+        info = {"description": "d2seg synthetic shapes", "params": asdict(params)}
+        with open(os.path.join(tmp, "instances.json"), "w") as f:
+            json.dump(
+                {"info": info, "images": images, "annotations": annos,
+                 "categories": things, "licenses": []}, f
             )
-            jobs = [(params, i, tmp) for i in range(params.num_images)]
-            workers = workers or min(4, os.cpu_count() or 1)
-            if workers > 1 and params.num_images >= 16:
-                with get_context("fork").Pool(workers) as pool:
-                    results = pool.map(_make_one, jobs, chunksize=16)
-            else:
-                results = [_make_one(j) for j in jobs]
-            things, stuff = _categories()
-            images = [r["image"] for r in results]
-            annos = []
-            for r in results:
-                for a in r["annotations"]:
-                    a["id"] = len(annos) + 1
-                    annos.append(a)
-            info = {"description": "d2seg synthetic shapes", "params": asdict(params)}
-            with open(os.path.join(tmp, "instances.json"), "w") as f:
-                json.dump(
-                    {"info": info, "images": images, "annotations": annos,
-                     "categories": things, "licenses": []}, f
-                )
-            with open(os.path.join(tmp, "panoptic.json"), "w") as f:
-                json.dump(
-                    {"info": info, "images": images,
-                     "annotations": [r["panoptic"] for r in results],
-                     "categories": things + stuff, "licenses": []}, f
-                )
-            with open(os.path.join(tmp, "params.json"), "w") as f:
-                json.dump({**asdict(params), "version": GENERATOR_VERSION}, f)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        with open(os.path.join(tmp, "panoptic.json"), "w") as f:
+            json.dump(
+                {"info": info, "images": images,
+                 "annotations": [r["panoptic"] for r in results],
+                 "categories": things + stuff, "licenses": []}, f
+            )
+        with open(os.path.join(tmp, "params.json"), "w") as f:  # last: the folder is complete
+            json.dump({**asdict(params), "version": GENERATOR_VERSION}, f)
+
+    return build_once(folder, "params.json", build)
