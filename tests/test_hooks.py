@@ -369,3 +369,22 @@ def test_validation_loss_is_deterministic_with_dropout_and_stochastic_depth(conf
     first, second = hook._compute(), hook._compute()
     assert first["val_total_loss"] == second["val_total_loss"]
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_validation_batches_do_not_log_into_the_training_iteration():
+    """What the model logs itself during the validation forward (detectron2's R-CNN heads put
+    accuracies and sample counts) stays out of the trainer's storage."""
+    from detectron2.utils.events import get_event_storage
+
+    class Logging(ToyModel):
+        def forward(self, batch):
+            get_event_storage().put_scalar("fast_rcnn/cls_accuracy", 0.123)
+            return super().forward(batch)
+
+    model = Logging().train()
+    hook = ValidationLoss(10, lambda: [[{"x": torch.randn(3)} for _ in range(2)]])
+    hook.trainer = _trainer(model)
+    with hook.trainer.storage:
+        hook.after_step()
+        latest = hook.trainer.storage.latest()
+    assert "val_total_loss" in latest and "fast_rcnn/cls_accuracy" not in latest

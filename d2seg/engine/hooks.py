@@ -29,6 +29,7 @@ from torch import nn
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
 
 from ..config import best_checkpoint_mode
 
@@ -116,7 +117,9 @@ class ValidationLoss(HookBase):
         sums: Dict[str, float] = collections.defaultdict(float)
         count = 0
         try:
-            with torch.no_grad():
+            # the heads' own statistics (R-CNN accuracies, sample counts) of validation
+            # batches go to a storage of their own, not into the training iteration's values
+            with torch.no_grad(), EventStorage(self.trainer.iter):
                 for batch in self._loader:
                     losses = model(batch)
                     for k, v in losses.items():
