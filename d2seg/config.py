@@ -522,6 +522,7 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     _check_names(cfg, config_file, opts)
     _check_ranges(cfg, config_file, opts)
     _check_channels(cfg, config_file, opts)
+    _check_sem_seg_loss(cfg, config_file, opts)
     _check_speed(cfg, config_file, opts)
     return cfg
 
@@ -582,6 +583,30 @@ def _check_channels(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None
             f"MODEL.PIXEL_MEAN and MODEL.PIXEL_STD to {want} value(s) each"
         raise ConfigError(f"{where}: MODEL.PIXEL_MEAN has {len(mean)} value(s) {mean}, but "
                           f"INPUT.FORMAT {fmt!r} reads {want}-channel images; set {fix}")
+
+
+def _check_sem_seg_loss(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
+    """``MODEL.SEM_SEG_LOSS`` against ``NUM_CLASSES`` (lengths, 'BCE'), at load time rather than
+    when the model is built after the dataset checks, for the models that use it: d2seg's
+    meta-architectures and semantic heads."""
+    from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+    def ours(registry, name: str) -> bool:
+        return name in registry and registry.get(name).__module__.startswith("d2seg.")
+
+    if not (ours(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
+            or ours(SEM_SEG_HEADS_REGISTRY, cfg.MODEL.SEM_SEG_HEAD.NAME)):
+        return
+    from .modeling.losses import SemSegLoss
+
+    try:
+        SemSegLoss(cfg)
+    except ValueError as e:
+        given = {str(k) for k in list(opts)[0::2]}
+        named = set(_KEY.findall(str(e)))
+        where = "command line override" if named & given else \
+            f"{config_file or 'config'} (or the command line)"
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from e
 
 
 def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:

@@ -184,3 +184,16 @@ def test_loss_values_no_run_can_use_are_refused_at_load_time(key, value, what):
                                           rf"{what}, got"):
         load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
                     [key, value])
+
+
+def test_sem_seg_loss_settings_are_checked_against_num_classes_at_load_time():
+    """Before the dataset checks and the model build, for d2seg's semantic models only."""
+    from d2seg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^command line override: MODEL\.SEM_SEG_LOSS\.NAMES "
+                                          r"\['BCE', 'Dice'\]: 'BCE' needs one output channel"):
+        load_config(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml"),
+                    ["MODEL.SEM_SEG_LOSS.NAMES", "['BCE', 'Dice']"])
+    # Panoptic FPN's semantic head is detectron2's and does not read these keys
+    load_config(os.path.join(REPO, "configs/Shapes-PanopticSegmentation/panoptic_fpn_R_18_cpu.yaml"),
+                ["MODEL.SEM_SEG_LOSS.NAMES", "['BCE', 'Dice']"])
