@@ -112,7 +112,8 @@ class ASPPDecoderHead(SemSegHeadBase):
     feature from deep to shallow, up-samples to it, concatenates its 1x1 projection and
     applies two 3x3 convs. Logits at the shallowest low-level feature's stride (4 for res2):
     (N, K, H / 4, W / 4) in ``layers``; see :class:`SemSegHeadBase` for the forward protocol
-    (training: losses at the targets' resolution; inference: logits up-sampled to (N, K, H, W)).
+    (training: losses at the targets' resolution; inference: logits up-sampled 4x, the input's
+    (H, W) when it is a multiple of the backbone's stride; the meta-architecture pads and crops).
     """
 
     @configurable

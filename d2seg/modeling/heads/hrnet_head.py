@@ -26,8 +26,9 @@ class HRNetV2Head(SemSegHeadBase):
     With HRNet's ``hr1..hr4`` the logits are at stride 4; a single input (e.g. ``"hrcat"``, the
     concatenation already made by the backbone) is used as it is. Works on any backbone's
     features (e.g. ResNet ``res2..res5``). See :class:`SemSegHeadBase` for the forward
-    protocol: (N, K, H / 4, W / 4) logits in ``layers``; training returns losses, inference
-    (N, K, H, W) logits.
+    protocol: (N, K, ceil(H / 4), ceil(W / 4)) logits in ``layers``; training returns losses,
+    inference those logits up-sampled 4x (the input's (H, W) when it is a multiple of the
+    backbone's stride; the meta-architecture pads and crops).
     """
 
     @configurable
