@@ -131,3 +131,27 @@ def test_eval_speed_semantic_section_compares_identical_results(tmp_path):
     r = time_semantic(3, 40, 64, 5, str(tmp_path), repeats=1)
     assert r["results_identical"] and r["images"] == 3 and r["size"] == [40, 64]
     assert r["ms_per_image_one_pass"] > 0 and r["speedup"] > 0
+
+
+@needs_fce
+def test_faster_coco_eval_prints_the_summary_lines_pycocotools_prints(gt_file):
+    """detectron2 users read the 12 "Average Precision / Recall" lines on stdout: the same
+    lines, with the same numbers, through either implementation."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
+
+    from d2seg.evaluation.coco_backend import _faster_cocoeval_class
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_file)
+        preds = synthetic_predictions(gt, 200, seed=2)
+    outs = []
+    for fn in (COCOeval, _faster_cocoeval_class()):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            _evaluate_predictions_on_coco(gt, copy.deepcopy(preds), "bbox", cocoeval_fn=fn)
+        outs.append([ln for ln in buf.getvalue().splitlines() if ln.lstrip().startswith("Average")])
+    # faster-coco-eval adds two lines (AR at IoU 0.50 and 0.75) after the twelve
+    assert len(outs[0]) == 12 and [ln for ln in outs[1] if ln in outs[0]] == outs[0]
+    assert len(outs[1]) == 14

@@ -71,9 +71,14 @@ def _faster_cocoeval_class():
     class FasterCOCOeval(COCOeval_faster):
         """faster-coco-eval's COCOeval taking pycocotools ``COCO`` objects, as
         detectron2's ``_evaluate_predictions_on_coco`` passes them (it accepts them as they
-        are; the subclass only marks it as d2seg's choice)."""
+        are), printing its progress and the 12-line AP / AR summary on stdout as pycocotools
+        does (faster-coco-eval's default sends them to a logger nobody configures)."""
 
         _d2seg_faster_coco_eval = True
+
+        def __init__(self, cocoGt=None, cocoDt=None, iouType="segm", **kwargs):
+            kwargs.setdefault("print_function", print)
+            super().__init__(cocoGt, cocoDt, iouType, **kwargs)
 
     return FasterCOCOeval
 
