@@ -297,6 +297,6 @@ def format_scaling(sc: Dict) -> str:
                          f"{lb['capacity_mb']:.0f} MB")
         lines.append("")
         lines.append(f"largest batch for {name} at {lb['size'][0]}x{lb['size'][1]}: "
-                     f"{lb['largest_batch']} (tried up to {lb['max_batch']}; {lb['rule']}"
+                     f"{lb['largest_batch']} (search limit {lb['max_batch']}; {lb['rule']}"
                      f"{extra})")
     return "\n".join(lines) + "\n"

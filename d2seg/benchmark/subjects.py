@@ -495,6 +495,11 @@ class D2SegSubject(_D2Stepped):
         prof = _LoopProfiler(self.device, warmup + iters, warmup + iters + profile) \
             if profile > 0 else None
         tr.register_hooks([timer.hook] + ([prof.hook] if prof else []))
+        from detectron2.engine.hooks import IterationTimer
+
+        for h in tr._hooks:  # its "time" from the first iteration on (default: after 3), so
+            if isinstance(h, IterationTimer):  # that every timed iteration has a run_step time
+                h._warmup_iter = 0
         tr.start_iter = 0
         self._model.train()
         if self.outer_autocast:  # the same precision as the step alone (no AMP trainer)
