@@ -154,3 +154,25 @@ def test_resume_with_another_freeze_stops_before_rewriting_config_yaml(tmp_path)
         _check_resume_matches(cfg, recorded)
     cfg.D2SEG.FINETUNE.FREEZE = ["backbone\\."]
     _check_resume_matches(cfg, recorded)
+
+
+def test_a_fine_tuning_config_without_weights_is_warned_about(caplog):
+    """The _frozenbn config is the zoo network made for loading a checkpoint: from random
+    initialization its FrozenBN stays the identity and the stem never trains."""
+    from d2seg.config import load_config
+    from d2seg.engine.train_loop import _warn_frozen_from_scratch
+
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                         "mask_rcnn_R_50_FPN_1x_frozenbn.yaml"))
+    with caplog.at_level("WARNING", logger="d2seg"):
+        _warn_frozen_from_scratch(cfg)
+    assert "MODEL.WEIGHTS is empty) with MODEL.RESNETS.NORM FrozenBN (never updated) and " \
+           "MODEL.BACKBONE.FREEZE_AT 2" in caplog.text
+    caplog.clear()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = "x.pth"
+    _warn_frozen_from_scratch(cfg)
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                         "mask_rcnn_R_50_FPN_1x.yaml"))
+    _warn_frozen_from_scratch(cfg)
+    assert caplog.text == ""

@@ -196,6 +196,24 @@ def setup(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
+def _warn_frozen_from_scratch(cfg: CfgNode) -> None:
+    """Training without MODEL.WEIGHTS a backbone that is made to be loaded (FrozenBN, frozen
+    stages): its normalisation stays at the identity and the frozen stages at random values."""
+    if cfg.MODEL.WEIGHTS or "resnet" not in cfg.MODEL.BACKBONE.NAME:
+        return
+    frozen = []
+    if cfg.MODEL.RESNETS.NORM == "FrozenBN":
+        frozen.append("MODEL.RESNETS.NORM FrozenBN (never updated)")
+    if cfg.MODEL.BACKBONE.FREEZE_AT > 0:
+        frozen.append(f"MODEL.BACKBONE.FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT} (the stem and "
+                      f"first stages never train)")
+    if frozen:
+        logger.warning(f"Training from random initialization (MODEL.WEIGHTS is empty) with "
+                       f"{' and '.join(frozen)}: these settings are for fine-tuning a "
+                       f"pre-trained checkpoint; set MODEL.WEIGHTS to a local one, or use a "
+                       f"from-scratch config (configs/Base-Scratch.yaml: GN, FREEZE_AT 0)")
+
+
 def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Train (or evaluate with ``--eval-only``); return the last evaluation results.
 
@@ -209,6 +227,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         load_eval_weights(model, cfg, resume=args.resume)
         res = Trainer.test(cfg, model)
     else:
+        _warn_frozen_from_scratch(cfg)
         with naming_config_file(args.config_file, args.opts):  # file or command line, key, value
             run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
             trainer = Trainer(cfg)
