@@ -11,7 +11,12 @@ with _warnings.catch_warnings():
     # d2seg user can act on. Silenced for these imports only; other calls still warn.
     _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                              category=FutureWarning)
+    # detectron2's model zoo (zoo:// config bases) imports pkg_resources, which setuptools
+    # flags as deprecated on every import (the setuptools<81 pin keeps it available)
+    _warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated",
+                             category=UserWarning)
     import detectron2.modeling  # noqa: F401
+    import detectron2.model_zoo  # noqa: F401
 
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers models)

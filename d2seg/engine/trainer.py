@@ -184,6 +184,9 @@ class Trainer(DefaultTrainer):
             # machine; build_hooks replaces that trainer and its scaler (_install_reliability)
             warnings.filterwarnings("ignore", message=r"torch\.cuda\.amp\.GradScaler is enabled, "
                                     r"but CUDA is not available")
+            # ... through the torch.cuda.amp alias that torch now flags as deprecated
+            warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)`"
+                                    r" is deprecated", category=FutureWarning)
             super().__init__(cfg)
 
     def build_writers(self):
