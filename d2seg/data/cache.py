@@ -58,6 +58,7 @@ def build_once(folder: str, marker: str, build: Callable[[str], None]) -> str:
             build(tmp)
             if not os.path.isfile(os.path.join(tmp, marker)):
                 raise RuntimeError(f"building {folder} wrote no {marker}")
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
