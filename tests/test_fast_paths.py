@@ -781,3 +781,41 @@ def test_resume_keeps_the_recorded_cpu_precision(monkeypatch, tmp_path, recorded
     cfg = _cfg(UNET, "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(out))
     adapt_to_hardware(cfg, _recorded_config(cfg, resume=True, eval_only=False))
     assert bool(cfg.SOLVER.AMP.ENABLED) != recorded_bf16
+
+
+def test_gradient_clipping_sees_unscaled_gradients_with_a_fused_optimizer_and_fp16_scaler():
+    """A fused optimizer takes the grad scaler's scale into its kernel, after detectron2's
+    clipping (inside optimizer.step) has run: the clipping then cut gradients still multiplied
+    by the loss scale. The AMP step unscales first when SOLVER.CLIP_GRADIENTS is on: the fused
+    run moves the weights as the foreach run does (a gradient norm of 0.2, clipped at 1.0,
+    i.e. not clipped)."""
+    from detectron2.solver.build import maybe_add_gradient_clipping
+
+    from d2seg.engine.train_step import _AnyDeviceAMPTrainer
+
+    cfg = _cfg(UNET, "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+               "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0")
+    moved = {}
+    for impl in ("fused", "foreach"):
+        w = nn.Parameter(torch.zeros(4))
+        opt = maybe_add_gradient_clipping(cfg, torch.optim.SGD)([w], lr=1.0, **{impl: True})
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = w
+
+            def forward(self, batch):
+                return {"loss": (self.w * torch.tensor([0.1, 0.1, 0.1, 0.1])).sum()}
+
+        tr = _AnyDeviceAMPTrainer(Model().train(), [[{}]] * 2, opt, precision=torch.bfloat16,
+                                  grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+        tr.unscale_before_step = True
+        from detectron2.utils.events import EventStorage
+
+        with EventStorage(0):
+            tr.iter = 0
+            tr.run_step()
+        moved[impl] = w.detach().clone()
+    assert torch.allclose(moved["foreach"], torch.full((4,), -0.1))
+    assert torch.allclose(moved["fused"], moved["foreach"])

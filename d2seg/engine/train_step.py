@@ -320,7 +320,14 @@ class _AnyDeviceAMPTrainer(AMPTrainer):
     the model's device (CUDA, or CPU with bfloat16) with ``self.precision``. A disabled grad
     scaler (bfloat16: see ``d2seg.engine.fast_paths.make_grad_scaler``) makes ``scale`` /
     ``step`` / ``update`` plain backward / ``optimizer.step()``.
+
+    ``unscale_before_step`` (``SOLVER.CLIP_GRADIENTS.ENABLED``): the gradients are unscaled
+    before ``optimizer.step``, where detectron2's clipping runs. A fused optimizer otherwise
+    takes the scale into its kernel and unscales after the clipping, which then clips
+    gradients still multiplied by the fp16 loss scale (65536 at first).
     """
+
+    unscale_before_step: bool = False
 
     def run_step(self) -> None:
         assert self.model.training, "[AMPTrainer] model was changed to eval mode!"
@@ -349,6 +356,8 @@ class _AnyDeviceAMPTrainer(AMPTrainer):
                                             iter=self.iter)
         else:
             self._write_metrics(loss_dict, data_time)
+        if self.unscale_before_step and self.grad_scaler.is_enabled():
+            self.grad_scaler.unscale_(self.optimizer)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 

@@ -232,6 +232,8 @@ class Trainer(DefaultTrainer):
             self._trainer = GuardedAMPTrainer(
                 old.model, old.data_loader, old.optimizer, precision=dtype,
                 grad_scaler=fast_paths.make_grad_scaler(dtype, device))
+            # clipping (inside optimizer.step) must see unscaled gradients, fused or not
+            self._trainer.unscale_before_step = bool(cfg.SOLVER.CLIP_GRADIENTS.ENABLED)
         else:
             self._trainer = GuardedSimpleTrainer(old.model, old.data_loader, old.optimizer)
         self._trainer.configure_guard(
