@@ -73,3 +73,27 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # same weights as the uninterrupted run: same data order, LR schedule and optimizer state
     assert all(torch.equal(w_a[k], w_c[k]) for k in w_a), "resumed run diverged"
     assert state_c["hooks"]["LRScheduler"] == _final(ref)[2]["hooks"]["LRScheduler"]
+
+
+def test_evaluating_does_not_change_training(tmp_path):
+    """Evaluation at checkpoint iterations starts data loaders (their worker seeds come from
+    torch's generator) and samples: the trainer undoes what the hooks draw, so a run that
+    evaluates every 4 iterations trains exactly as one that does not, and a checkpoint's RNG
+    states are the ones the next step starts from (what --resume restores)."""
+    from d2seg.engine import default_argument_parser, main
+
+    opts = [o for o in OPTS]
+    i = opts.index("DATASETS.TEST")
+    opts[i + 1] = "('shapes_instance_val',)"
+    opts[opts.index("DATALOADER.NUM_WORKERS") + 1] = "0"
+    weights = {}
+    for period in (0, 4):
+        out = tmp_path / f"eval{period}"
+        args = default_argument_parser().parse_args(
+            ["--config-file", CFG, "OUTPUT_DIR", str(out), *opts, "TEST.EVAL_PERIOD", str(period),
+             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+        main(args)
+        log = (out / "log.txt").read_text()
+        assert log.count("Evaluation results for shapes_instance_val") == (3 if period else 1)
+        weights[period] = _final(out)[1]
+    assert all(torch.equal(weights[0][k], weights[4][k]) for k in weights[0])

@@ -340,9 +340,8 @@ class SyncAcrossRanks(HookBase):
             model = self.trainer.model
             average_norm_statistics(getattr(model, "module", model))
         if ckpt:
-            from .trainer import get_rng_state
-
-            self.trainer.rank_rng_states = (self.trainer.iter, comm.all_gather(get_rng_state()))
+            self.trainer.rank_rng_states = (self.trainer.iter,
+                                            comm.all_gather(self.trainer.rng_state()))
 
 
 # ----------------------------------------------------------------------------------------

@@ -113,16 +113,33 @@ def build_evaluators(cfg: CfgNode, dataset_name: str,
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
-def get_rng_state() -> dict:
-    """This process's python / numpy / torch (and CUDA) RNG states."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
-    state = {"python": random.getstate(),
+def _rng_snapshot() -> tuple:
+    """This process's RNG states as the libraries return them (cheap: every iteration)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else None  # the current device's generator only
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_rng_snapshot(snap: tuple) -> None:
+    py, npy, cpu, cuda = snap
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+def get_rng_state(snapshot: Optional[tuple] = None) -> dict:
+    """This process's python / numpy / torch (and current CUDA device's) RNG states, as plain
+    types and tensors (checkpoints load with ``torch.load(weights_only=True)``); of
+    ``snapshot`` (:func:`_rng_snapshot`) when given."""
+    py, (name, keys, pos, has_gauss, gauss), cpu, cuda = snapshot or _rng_snapshot()
+    state = {"python": py,
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
                        float(gauss)),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+             "torch": cpu}
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
@@ -132,8 +149,14 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's
+            i = torch.cuda.current_device()
+            if i >= len(cuda):
+                return
+            cuda = cuda[i]
+        torch.cuda.set_rng_state(cuda)
 
 
 # detectron2's DefaultTrainer writes metrics (PeriodicWriter) every 20 iterations
@@ -284,12 +307,32 @@ class Trainer(DefaultTrainer):
         FinetuneCheckpointer(self.checkpointer.model).load(self.cfg.MODEL.WEIGHTS,
                                                            checkpointables=[])
 
+    def after_step(self):
+        """detectron2's hooks; what they draw from the RNGs (evaluation, the validation loss
+        and PreciseBN start data loaders, which seed their workers from torch's generator, and
+        sample) is undone afterwards. The next step then starts from the states that the
+        checkpoint of this iteration records, so a resumed run continues the uninterrupted
+        run's random streams also where it evaluated, and the evaluation period does not
+        change training."""
+        self._rng_after_step = _rng_snapshot()
+        try:
+            super().after_step()
+        finally:
+            _restore_rng_snapshot(self._rng_after_step)
+            self._rng_after_step = None
+
+    def rng_state(self) -> dict:
+        """The RNG states a checkpoint records: those of the end of the current step (before
+        the hooks) while the hooks run, else the current ones."""
+        return get_rng_state(getattr(self, "_rng_after_step", None))
+
     def state_dict(self):
-        """detectron2's trainer state plus the RNG states (python, numpy, torch, CUDA): this
-        process's, and in a distributed run every process's (gathered by
-        :class:`~d2seg.engine.hooks.SyncAcrossRanks` at this iteration)."""
+        """detectron2's trainer state plus the RNG states (python, numpy, torch, CUDA) of the
+        end of the step (:meth:`rng_state`): this process's, and in a distributed run every
+        process's (gathered by :class:`~d2seg.engine.hooks.SyncAcrossRanks` at this
+        iteration)."""
         ret = super().state_dict()
-        ret["rng"] = get_rng_state()
+        ret["rng"] = self.rng_state()
         gathered = getattr(self, "rank_rng_states", None)
         if gathered is not None and gathered[0] == self.iter:
             ret["rng_per_rank"] = gathered[1]
