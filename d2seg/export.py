@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ def compare_outputs(fmt: str, path: str, reference, sample_inputs: Sequence[Tupl
 
 def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: int = 256,
                     formats: Sequence[str] = ("torchscript", "onnx"),
-                    check_sizes: Sequence[Tuple[int, int]] = ((192, 320), (256, 256)),
+                    check_sizes: Sequence[Tuple[int, int]] = ((192, 320), (250, 333)),
                     seed: int = 0) -> List[ExportResult]:
     """Export a semantic model to ``out_dir/model.ts`` and/or ``out_dir/model.onnx``, checked.
 
@@ -156,10 +156,12 @@ def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: in
         model: the model (eval mode is set).
         height, width: the example input size used for tracing.
         check_sizes: (H, W) of the random images used to compare with PyTorch (for a fixed-size
-            ONNX file, the export size is used instead).
+            ONNX file, the export size is used instead); the default includes a size that is
+            not a multiple of the model's size divisibility (padding inside the graph).
 
     Returns:
-        One :class:`ExportResult` per format.
+        One :class:`ExportResult` per format. A format that fails to export or to run is
+        reported in its ``error`` rather than raised, as :func:`export_rcnn` does.
     """
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
@@ -172,38 +174,52 @@ def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: in
 
     results = []
     for fmt in formats:
-        if fmt == "torchscript":
-            path = os.path.join(out_dir, "model.ts")
-            with torch.no_grad():
-                traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-            traced.save(path)
-            dynamic = True
-        elif fmt == "onnx":
-            path = os.path.join(out_dir, "model.onnx")
-            axes = {"image": {1: "height", 2: "width"}, "sem_seg": {1: "height", 2: "width"}}
-            try:
-                with onnx_friendly_ops():
-                    _onnx_export(adapter, adapter.flattened_inputs, path, ["image"], ["sem_seg"],
-                                 axes)
-                dynamic = True
-            except Exception as e:  # noqa: BLE001 - e.g. PSPNet's adaptive pooling
-                logger.warning(f"ONNX export with a dynamic input size failed ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); exporting for a fixed "
-                               f"{height}x{width} input instead")
-                with onnx_friendly_ops():
-                    _onnx_export(adapter, adapter.flattened_inputs, path, ["image"], ["sem_seg"],
-                                 None)
-                dynamic = False
-        else:
+        if fmt not in ("torchscript", "onnx"):
             raise ValueError(f"unknown export format '{fmt}' (torchscript, onnx)")
-        sizes = list(check_sizes) if dynamic else [(height, width)]
-        diff = compare_outputs(fmt, path, adapter, samples(sizes))
-        res = ExportResult(format=fmt, path=path, dynamic=dynamic, max_abs_diff=diff,
-                           checked_shapes=[list(s) for s in sizes], error="")
-        logger.info(f"{fmt}: {path} ({'dynamic' if dynamic else 'fixed'} size); max |exported - "
-                    f"PyTorch| on {len(sizes)} random images: {diff:.3g}")
-        results.append(res)
+        try:
+            results.append(_export_semantic_format(fmt, adapter, out_dir, height, width,
+                                                   check_sizes, samples))
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            err = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:600] if str(e) else ''}"
+            logger.warning(f"{fmt} export: {err}")
+            results.append(ExportResult(format=fmt, path="", dynamic=False,
+                                        max_abs_diff=float("nan"), checked_shapes=[], error=err))
     return results
+
+
+def _export_semantic_format(fmt: str, adapter: nn.Module, out_dir: str, height: int, width: int,
+                            check_sizes: Sequence[Tuple[int, int]], samples: Callable
+                            ) -> ExportResult:
+    """One format of :func:`export_semantic`: export, then compare with PyTorch."""
+    if fmt == "torchscript":
+        path = os.path.join(out_dir, "model.ts")
+        with torch.no_grad():
+            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+        traced.save(path)
+        dynamic = True
+    else:
+        path = os.path.join(out_dir, "model.onnx")
+        axes = {"image": {1: "height", 2: "width"}, "sem_seg": {1: "height", 2: "width"}}
+        try:
+            with onnx_friendly_ops():
+                _onnx_export(adapter, adapter.flattened_inputs, path, ["image"], ["sem_seg"],
+                             axes)
+            dynamic = True
+        except Exception as e:  # noqa: BLE001 - e.g. PSPNet's adaptive pooling
+            logger.warning(f"ONNX export with a dynamic input size failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); exporting for a fixed "
+                           f"{height}x{width} input instead")
+            with onnx_friendly_ops():
+                _onnx_export(adapter, adapter.flattened_inputs, path, ["image"], ["sem_seg"],
+                             None)
+            dynamic = False
+    sizes = list(check_sizes) if dynamic else [(height, width)]
+    diff = compare_outputs(fmt, path, adapter, samples(sizes))
+    res = ExportResult(format=fmt, path=path, dynamic=dynamic, max_abs_diff=diff,
+                       checked_shapes=[list(s) for s in sizes], error="")
+    logger.info(f"{fmt}: {path} ({'dynamic' if dynamic else 'fixed'} size); max |exported - "
+                f"PyTorch| on {len(sizes)} random images: {diff:.3g}")
+    return res
 
 
 class TraceableGroupNorm(nn.Module):

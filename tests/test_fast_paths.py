@@ -424,6 +424,11 @@ def test_cuda_amp_dtype_and_cudnn_benchmark_interplay(fake_cuda, monkeypatch):
     assert fast_paths.amp_dtype(cfg) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert fast_paths.amp_dtype(cfg) is torch.float16
+    # a pre-Ampere GPU (V100, T4): torch says bf16 is "supported" there by emulation, which
+    # is slow; "auto" takes fp16 with a GradScaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert fast_paths.amp_dtype(cfg) is torch.float16
     cfg.D2SEG.SPEED.AMP_DTYPE = "bfloat16"
     assert fast_paths.amp_dtype(cfg) is torch.bfloat16
     cfg.SOLVER.AMP.ENABLED = False

@@ -367,6 +367,33 @@ def test_export_tool_writes_report(tmp_path):
     assert out.shape == (5, 80, 112)
 
 
+
+def test_export_tool_fails_on_a_wrong_semantic_export_and_reports_errors(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Exit 1 when the exported logits differ from PyTorch's beyond MAX_LOGIT_DIFF, and a
+    format that fails is reported in export_report.json (not a traceback), as for R-CNN."""
+    import d2seg.export as export_mod
+
+    assert export_tool.MAX_LOGIT_DIFF == 1e-2
+    monkeypatch.setattr(export_mod, "compare_outputs", lambda *a, **k: 0.5)
+    with pytest.raises(SystemExit) as e:
+        export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "a"), "--format",
+                          "torchscript", "--height", "64", "--width", "96", *TINY_UNET])
+    assert e.value.code == 1
+    assert "max |diff| 0.5 (above 0.01: the exported model computes otherwise)" in \
+        capsys.readouterr().out
+
+    def broken(*a, **k):
+        raise RuntimeError("tracing failed here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    with pytest.raises(SystemExit) as e:
+        export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "b"), "--format",
+                          "torchscript", "--height", "64", "--width", "96", *TINY_UNET])
+    assert e.value.code == 1
+    (rep,) = json.load(open(tmp_path / "b" / "export_report.json"))
+    assert rep["error"] == "RuntimeError: tracing failed here"
+
 def test_exported_semantic_model_with_its_input_spec_predicts_as_the_predictor(tmp_path):
     """The test resize is outside the graph: the exported model, with the resize written to
     input_spec.json done before and after it, gives SegPredictor's logits."""

@@ -12,7 +12,10 @@ of the exported graph: OUT/input_spec.json says what to do before and after, as
 tools/predict.py does. R-CNN (Mask R-CNN): detectron2's tracing export, outputs boxes, classes,
 28x28 mask probabilities, scores (at the input resolution) and image_size; loading model.ts
 needs `import torchvision` first (its nms op). The comparison with PyTorch on random images is
-written to OUT/export_report.json; the command exits 1 when an export fails. Without
+written to OUT/export_report.json (for semantic models at two sizes, one not a multiple of 32);
+the command exits 1 when an export fails, when a semantic model's exported logits differ from
+PyTorch's by more than MAX_LOGIT_DIFF, or when an R-CNN reproduces under MIN_MATCH_RATE of
+PyTorch's detections. An ONNX file that could only be exported for a fixed size says so. Without
 MODEL.WEIGHTS the model has random weights (a warning says so). See d2seg/export.py and
 docs/own_data.md.
 """
@@ -24,6 +27,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MIN_MATCH_RATE = 0.9  # R-CNN: share of PyTorch's detections the exported model must reproduce
+# semantic models: largest |exported - PyTorch| logit allowed on the check images (fp32 traces
+# and ONNX Runtime agree to about 1e-5 .. 1e-4 on them)
+MAX_LOGIT_DIFF = 1e-2
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -124,6 +130,12 @@ def main(argv=None) -> list:
                 failed = True
         if "match_rate" in r and not r["error"] and not any(r["detections"]):
             status += " (no detection on the check images: only the empty output was compared)"
+        if "match_rate" not in r and not r["error"]:  # semantic logits: compared directly
+            if r["max_abs_diff"] > MAX_LOGIT_DIFF:
+                status += f" (above {MAX_LOGIT_DIFF:g}: the exported model computes otherwise)"
+                failed = True
+            if not r["dynamic"]:
+                status += f" (fixed {args.height}x{args.width} input: resize images to it)"
         failed = failed or bool(r["error"])
         print(f"{r['format']:12s} {r['path']}  {status}")
     if failed:

@@ -259,6 +259,16 @@ def _tf32_capable() -> bool:
         return False
 
 
+def cuda_has_native_bf16() -> bool:
+    """Whether the current GPU computes bf16 in hardware (Ampere and newer).
+    ``torch.cuda.is_bf16_supported()`` alone also says True where bf16 is only emulated (V100,
+    T4): slow there, so "auto" precision takes fp16 with a GradScaler instead."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without the argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles), as torch
     reports them. Without them bf16 is emulated and :func:`cpu_bf16_speedup` is not measured."""
@@ -365,7 +375,7 @@ def _resolve_amp(cfg, device: str, notes: List[str]) -> Optional[torch.dtype]:
     want = _AMP_DTYPES[raw]
     if device == "cuda":
         if want is None:  # auto: bf16 (no GradScaler, no overflow) where the GPU has it
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
         return want
     # CPU: only bf16 autocast exists in a usable form
     if want is torch.bfloat16:
@@ -404,7 +414,7 @@ def _resolve_inference_amp(cfg, family: str, device: str,
     if amp is not None:
         return amp
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     return torch.bfloat16
 
 
