@@ -520,6 +520,27 @@ def test_compile_failure_falls_back_to_eager_with_one_warning():
     assert "deliberately broken" in st["failed"]
 
 
+
+def test_an_error_of_the_forward_itself_is_raised_as_is_and_keeps_compiling():
+    """A forward that fails eagerly too (a bad target, a device assert) raises its own error,
+    without the compile-failure warning and without turning compiling off."""
+    torch._dynamo.reset()
+
+    class Picky(nn.Module):
+        def forward(self, x):
+            if x.shape[0] == 3:
+                raise ValueError("target value 7 is outside [0, 5)")
+            return x * 2
+
+    m = Picky()
+    wrapper = fast_paths.compile_module(m, "picky", backend="eager")
+    with _Records() as rec:
+        with pytest.raises(ValueError, match="target value 7"):
+            m(torch.ones(3, 2))
+        assert torch.equal(m(torch.ones(2, 2)), torch.full((2, 2), 2.0))
+    assert wrapper.failed is None
+    assert not [msg for msg in rec.messages if "torch.compile of 'picky' failed" in msg]
+
 def test_compile_eager_backend_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)

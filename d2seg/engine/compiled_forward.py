@@ -1,8 +1,8 @@
 """``torch.compile`` of a sub-module's forward with an eager fallback (``D2SEG.SPEED.COMPILE``).
 
 :func:`compile_module` swaps a module's ``forward`` for a :class:`CompiledForward`: it compiles
-at the first call, runs eagerly from then on if compiling or the compiled call fails (logged
-once, with the reason), leaves CUDA-graph modes for calls outside training or inside a user's
+at the first call, runs eagerly from then on if compiling or the compiled call fails while
+the eager forward runs (logged once, with the reason), leaves CUDA-graph modes for calls outside training or inside a user's
 dispatch mode, and reports its state (:func:`compiled_modules`). ``fast_paths.prepare_model``
 applies it to the modules ``D2SEG.SPEED.COMPILE_MODULES`` names; ``fast_paths`` re-exports
 these names.
@@ -63,9 +63,11 @@ _CUDA_GRAPH_MODES = {"reduce-overhead": "default",
 class CompiledForward:
     """A module's ``forward`` compiled with ``torch.compile``, falling back to eager.
 
-    The first call that raises (a dynamo / backend failure, at first use or at a later
-    re-compilation) logs one warning, and this and every later call run the eager forward.
-    Out-of-memory errors are re-raised. The module's parameters, ``state_dict`` keys and hooks
+    The first compiled call that raises while the same call runs eagerly (a dynamo / backend
+    failure, at first use or at a later re-compilation) logs one warning, and this and every
+    later call run the eager forward. A call that fails eagerly too raises the eager call's
+    error (the forward's own: a bad target, a device assert), without the warning and with
+    compiling kept on. Out-of-memory errors are re-raised. The module's parameters, ``state_dict`` keys and hooks
     are untouched (the compiled function is stored as the instance attribute ``forward``).
 
     A mode that records CUDA graphs ("reduce-overhead", "max-autotune") is used for training
@@ -143,11 +145,16 @@ class CompiledForward:
                                  "D2SEG.SPEED.COMPILE_MODE %s needs less memory", self.name,
                                  self._other_mode)
                 raise
-            except Exception as e:  # noqa: BLE001 - any compile failure: run eagerly
+            except Exception as e:  # noqa: BLE001 - decided by the eager call below
+                # The same call eagerly: if it fails too, the forward itself is at fault (a
+                # bad target, a device assert), not the compiler: its own error, compiling
+                # stays on. If it runs, the compiled call failed: eager from now on.
+                out = self.eager(*args, **kwargs)
                 self.failed = e
                 logger.warning("torch.compile of '%s' failed (%s); running it eagerly from "
                                "now on (D2SEG.SPEED.COMPILE 'off' skips compiling)",
                                self.name, _one_line(e))
+                return out
         return self.eager(*args, **kwargs)
 
 
