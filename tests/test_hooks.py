@@ -388,3 +388,33 @@ def test_validation_batches_do_not_log_into_the_training_iteration():
         hook.after_step()
         latest = hook.trainer.storage.latest()
     assert "val_total_loss" in latest and "fast_rcnn/cls_accuracy" not in latest
+
+
+def test_validation_loss_runs_in_the_training_steps_precision():
+    """With AMP the losses are computed under the step's autocast dtype (bf16 here), as the
+    training losses they are compared with; without it in fp32."""
+    from d2seg.engine.train_step import _AnyDeviceAMPTrainer
+
+    seen = []
+
+    class Recording(ToyModel):
+        def forward(self, batch):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                        else None)
+            return super().forward(batch)
+
+    model = Recording().train()
+    data = [[{"x": torch.randn(3)} for _ in range(2)]]
+    for inner, want in ((SimpleNamespace(), None),
+                        (_AnyDeviceAMPTrainer(model, data, torch.optim.SGD(model.parameters(),
+                                                                         lr=0.1),
+                                              precision=torch.bfloat16,
+                                              grad_scaler=torch.amp.GradScaler("cpu",
+                                                                               enabled=False)),
+                         torch.bfloat16)):
+        hook = ValidationLoss(10, lambda: data)
+        hook.trainer = _trainer(model)
+        hook.trainer._trainer = inner
+        seen.clear()
+        hook._compute()
+        assert seen == [want]

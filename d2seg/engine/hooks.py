@@ -17,6 +17,7 @@ TensorBoard event files come from detectron2's default writers (``TensorboardXWr
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -89,7 +90,8 @@ class ValidationLoss(HookBase):
     """Mean training losses over a validation loader, every ``period`` iterations and after the
     last one; stored as ``val_<loss name>`` and ``val_total_loss``.
 
-    The model runs in training mode (so it computes losses) under ``torch.no_grad``, with its
+    The model runs in training mode (so it computes losses) under ``torch.no_grad`` and, with
+    AMP, under the training step's autocast dtype, with its
     normalisation, dropout and stochastic-depth layers in eval mode: BatchNorm statistics are
     used, not updated, and the same weights give the same loss.
     In distributed runs every process computes its shard; the means are over all images.
@@ -116,10 +118,17 @@ class ValidationLoss(HookBase):
                 m.eval()
         sums: Dict[str, float] = collections.defaultdict(float)
         count = 0
+        # the precision the training step runs in (AMP: its autocast dtype), so that the
+        # validation loss compares with the training loss
+        inner = getattr(self.trainer, "_trainer", None)
+        dtype = getattr(inner, "precision", None) if hasattr(inner, "grad_scaler") else None
+        param = next(model.parameters(), None)
+        amp = torch.autocast(param.device.type, dtype=dtype) \
+            if dtype is not None and param is not None else contextlib.nullcontext()
         try:
             # the heads' own statistics (R-CNN accuracies, sample counts) of validation
             # batches go to a storage of their own, not into the training iteration's values
-            with torch.no_grad(), EventStorage(self.trainer.iter):
+            with torch.no_grad(), EventStorage(self.trainer.iter), amp:
                 for batch in self._loader:
                     losses = model(batch)
                     for k, v in losses.items():
@@ -340,8 +349,11 @@ class SyncAcrossRanks(HookBase):
             model = self.trainer.model
             average_norm_statistics(getattr(model, "module", model))
         if ckpt:
-            self.trainer.rank_rng_states = (self.trainer.iter,
-                                            comm.all_gather(self.trainer.rng_state()))
+            from .trainer import get_rng_state
+
+            # d2seg's Trainer: the states of the step's end (what its checkpoint records)
+            state = getattr(self.trainer, "rng_state", get_rng_state)()
+            self.trainer.rank_rng_states = (self.trainer.iter, comm.all_gather(state))
 
 
 # ----------------------------------------------------------------------------------------
