@@ -107,7 +107,12 @@ def test_ratios_come_from_the_measured_numbers(unet_result):
     t = {x["name"]: x for x in unet_result["targets"]}
     assert t["speed-up"]["value"] == ratio["train_step_speedup"]
     assert t["speed-up"]["status"] == ("pass" if ratio["train_step_speedup"] >= 1.5 else "FAIL")
-    assert t["loop"]["value"] == case["loop"]["fraction_of_step"]
+    # the loop's 64x64 crops are not the step's 32x32 batch: pixels per second compared
+    lp = case["loop"]
+    assert lp["sizes_match_step"] is False and lp["mean_pixels"] == 64 * 64
+    assert lp["pixel_fraction_of_step"] == pytest.approx(lp["fraction_of_step"] * 4)
+    assert t["loop"]["value"] == lp["pixel_fraction_of_step"]
+    assert "compared per pixel" in t["loop"]["why"]
     assert t["absent"]["status"] == "not measured"
     report = format_report(unet_result)
     assert "| plain_unet |" in report and "train_net loop" in report and "### targets" in report
@@ -631,3 +636,23 @@ def test_torchvision_deeplabv3_reference_runs_at_the_configs_output_stride():
         aspp = sub._model.classifier[0]
         got = tuple(m[0].dilation[0] for m in list(aspp.convs)[1:-1])
         assert got == tuple(rates or cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS)
+
+
+def test_plain_detectron2_trains_with_the_configs_optimizer_and_freezing():
+    """SegFormer's config asks for AdamW, which detectron2's build_optimizer (SGD only) cannot
+    give: the reference uses AdamW too, and freezes what D2SEG.FINETUNE.FREEZE freezes, so
+    the ratio compares the same training."""
+    from d2seg.benchmark.references import build_plain_detectron2
+    from d2seg.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/"
+                                         "segformer_b0_cpu.yaml"),
+                      ["MODEL.DEVICE", "cpu", "D2SEG.FINETUNE.FREEZE", "('backbone\\\\.',)"])
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW"
+    model, opt = build_plain_detectron2(cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == tuple(cfg.SOLVER.BETAS)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("backbone.") for n in frozen)
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                         "mask_rcnn_R_18_FPN_cpu.yaml"), ["MODEL.DEVICE", "cpu"])
+    assert isinstance(build_plain_detectron2(cfg)[1], torch.optim.SGD)

@@ -330,8 +330,59 @@ def test_cli_exits_4_when_a_case_failed(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--preset", "cpu-smoke", "--json", str(tmp_path / "r.json")])
     assert e.value.code == 4
-    assert "1 case(s) failed: unet2" in capsys.readouterr().err
+    assert "1 part(s) failed: unet2" in capsys.readouterr().err
     assert json.load(open(tmp_path / "r.json"))["cases"][1]["error"] == "RuntimeError: x"
+
+
+def test_a_failed_loop_or_d2seg_inference_fails_the_run_and_its_target_regresses(tmp_path,
+                                                                                 monkeypatch,
+                                                                                 capsys):
+    """The step numbers stand, but the run did not succeed (exit 4); a target that passed in
+    the baseline and is "not measured" now is a regression."""
+    cli = _cli()
+
+    def fake_run(cases, settings, targets, preset="", scaling=None):
+        case = _result()["cases"][0]
+        case["loop"] = {"error": "RuntimeError: loader died"}
+        case["d2seg"]["inference_error"] = "RuntimeError: oom"
+        return {"machine": {"summary": MACHINE}, "settings": {"device": "cpu"},
+                "cases": [case], "targets": []}
+
+    monkeypatch.setattr(cli, "run_benchmark", fake_run)
+    monkeypatch.setattr(cli, "format_report", lambda r: "report")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--preset", "cpu-smoke", "--json", str(tmp_path / "r.json")])
+    assert e.value.code == 4
+    assert "2 part(s) failed: unet (train_net loop), unet (d2seg inference)" in \
+        capsys.readouterr().err
+    new = _result(target="not measured")
+    (tgt,) = _rows(compare_results(_result(), new), kind="target")
+    assert tgt["status"] == "regression"
+
+
+def test_fail_on_regression_also_fails_when_nothing_was_compared_like_for_like(tmp_path,
+                                                                               capsys):
+    """A reference of the baseline that did not run (its targets unchecked), or other
+    settings (every row "settings differ"): --fail-on-regression exits 3 and says why."""
+    cli = _cli()
+    base = str(tmp_path / "base.json")
+    with open(base, "w") as f:
+        json.dump(_result(), f)
+    for name, new in (("noref", _result()), ("warmup", _result(warmup=1))):
+        if name == "noref":
+            new["cases"][0]["references"] = []
+            new["cases"][0]["ratios"] = {}
+            new["cases"][0]["skipped_references"] = {"plain": "not installed"}
+        path = str(tmp_path / f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(new, f)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--compare", base, "--against", path, "--fail-on-regression",
+                      "--json", str(tmp_path / f"cmp_{name}.json")])
+        assert e.value.code == 3
+        err = capsys.readouterr().err
+        assert ("1 reference(s) of the baseline did not run" if name == "noref" else
+                "the settings differ from the baseline's: warmup") in err
 
 
 def test_cli_refuses_a_device_this_machine_lacks_in_one_line():

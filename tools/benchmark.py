@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tolerance", type=float, default=0.05,
                     help="--compare: relative change counted as a regression (default 0.05)")
     ap.add_argument("--fail-on-regression", action="store_true",
-                    help="--compare: exit with status 3 when a number regressed")
+                    help="--compare: exit with status 3 when a number regressed, a "
+                         "reference of the baseline did not run, or the settings differ")
     ap.add_argument("--json", default="", help="JSON file to write (default: "
                     "output/benchmark/<preset or config>_<device>_<time>.json)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
@@ -246,14 +247,29 @@ def main(argv=None) -> dict:
         print()
         print(format_comparison(result["comparison"]))
     print(f"JSON: {path}")
-    if baseline is not None and args.fail_on_regression and result["comparison"]["regressions"]:
-        raise SystemExit(3)
-    failed = [c["name"] for c in result["cases"] if "error" in c]
+    if baseline is not None and args.fail_on_regression:
+        _fail_on_regression(result["comparison"])
+    failed = failed_parts(result)
     if failed:  # recorded in the JSON, the other cases measured; the run did not succeed
-        print(f"benchmark.py: {len(failed)} case(s) failed: {', '.join(failed)} (their errors "
+        print(f"benchmark.py: {len(failed)} part(s) failed: {', '.join(failed)} (their errors "
               f"are in {path})", file=sys.stderr)
         raise SystemExit(4)
     return result
+
+
+def failed_parts(result: dict) -> list:
+    """What failed in a run: a case, or d2seg's train_net loop or inference in a case (the
+    targets that need them say "not measured"; the run did not succeed)."""
+    out = []
+    for c in result["cases"]:
+        if "error" in c:
+            out.append(c["name"])
+            continue
+        if isinstance(c.get("loop"), dict) and "error" in c["loop"]:
+            out.append(f"{c['name']} (train_net loop)")
+        if "inference_error" in (c.get("d2seg") or {}):
+            out.append(f"{c['name']} (d2seg inference)")
+    return out
 
 
 def _read_json(path: str, flag: str) -> dict:
@@ -288,9 +304,25 @@ def _report_comparison(old: dict, new: dict, args) -> dict:
         with open(args.json, "w") as f:
             json.dump(cmp, f, indent=1, default=str)
         print(f"JSON: {args.json}")
-    if args.fail_on_regression and cmp["regressions"]:
-        raise SystemExit(3)
+    if args.fail_on_regression:
+        _fail_on_regression(cmp)
     return cmp
+
+
+def _fail_on_regression(cmp: dict) -> None:
+    """``--fail-on-regression``: exit 3 on a regression, and also when the run could not be
+    checked against the baseline: a reference of the baseline that did not run (its ratios and
+    targets went unchecked), or other settings (no row compared like for like)."""
+    why = []
+    if cmp["regressions"]:
+        why.append(f"{cmp['regressions']} regression(s)")
+    if cmp["missing_references"]:
+        why.append(f"{cmp['missing_references']} reference(s) of the baseline did not run")
+    if cmp["settings_differ"]:
+        why.append("the settings differ from the baseline's: " + ", ".join(cmp["settings_differ"]))
+    if why:
+        print(f"benchmark.py: --fail-on-regression: {'; '.join(why)}", file=sys.stderr)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ Two kinds of numbers are compared:
   name the same machine (``machine.summary``: CPU or GPU model, torch threads, torch build).
 
 Either kind is compared only when the runs measured the same experiment: the same device type,
-precision, batch, input size, torch threads and config overrides (:data:`SAME_EXPERIMENT`).
+precision, batch, input size, torch threads, warm-up steps and config overrides
+(:data:`SAME_EXPERIMENT`).
 Otherwise the rows are listed as "settings differ" and never count as regressions.
 
 A row is a *regression* when it got worse by more than ``tolerance`` (relative) and by more
 than the spread of the repeated measurements behind it in either run (:func:`_spread`: the
-train step's rounds, the latency calls); for host syncs when their count rose at all; for a target
-when it went from pass to FAIL. A reference's own absolute numbers are the yardstick, not
-d2seg: their changes are shown ("reference moved") and never counted (a slower or faster
+train step's rounds, the latency calls); for host syncs when their count rose at all; for a
+target when it went from pass to FAIL or to "not measured" (what it needs failed or is gone).
+A reference's own absolute numbers are the yardstick, not d2seg: their changes are shown ("reference moved") and never counted (a slower or faster
 yardstick shows in the ratios). Where references measured the same thing in the run, d2seg's
 own img/s and latency count only if its ratio to them moved too ("ratio held" otherwise: the
 machine, not d2seg, changed). A reference's inference numbers are compared only when both runs
@@ -37,7 +38,10 @@ __all__ = ["SAME_EXPERIMENT", "compare_results", "format_comparison"]
 #: settings that must agree for two runs' numbers to measure the same thing (the trailing
 #: ``opts`` are compared per case, with the case's own options: see :func:`_effective_opts`)
 SAME_EXPERIMENT = ("precision", "batch", "size", "threads", "ref_backend",
-                   "instances_per_image", "statistic")
+                   "instances_per_image", "statistic",
+                   # warm-up steps: with torch.compile / CUDA graphs, too few put compiling
+                   # or graph recording inside the timed rounds
+                   "warmup")
 #: settings that only the inference rows (``INFERENCE``) or the loop row (``LOOP``) depend on
 INFERENCE_SETTINGS = ("infer_batch",)
 LOOP_SETTINGS = ("loop_iters", "loop_warmup")
@@ -372,8 +376,8 @@ def compare_results(old: Dict, new: Dict, tolerance: float = 0.05) -> Dict[str, 
         if ot is None:
             continue
         status = "ok"
-        if ot.get("status") == "pass" and t.get("status") == "FAIL":
-            status = "regression"
+        if ot.get("status") == "pass" and t.get("status") in ("FAIL", "not measured"):
+            status = "regression"  # not measured any more: what it needs failed or is gone
         elif ot.get("status") == "FAIL" and t.get("status") == "pass":
             status = "improvement"
         elif t.get("status") == "not measured" or ot.get("status") == "not measured":

@@ -247,13 +247,32 @@ def build_reference(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 def build_plain_detectron2(cfg) -> Tuple[nn.Module, torch.optim.Optimizer]:
     """"Plain detectron2": detectron2's ``build_model`` and ``build_optimizer`` for ``cfg``,
-    without anything d2seg's ``Trainer`` adds (no freezing, no SOLVER.OPTIMIZER, no fast
-    paths). Train it with detectron2's ``SimpleTrainer`` / ``AMPTrainer``."""
+    without d2seg's fast paths. Train it with detectron2's ``SimpleTrainer`` / ``AMPTrainer``.
+
+    The same training as d2seg's: where the config asks for what detectron2's
+    ``build_optimizer`` cannot give (``SOLVER.OPTIMIZER`` ADAM / ADAMW, e.g. SegFormer), torch's
+    Adam / AdamW over detectron2's parameter groups (its default multi-tensor implementation);
+    ``D2SEG.FINETUNE.FREEZE`` freezes the same parameters."""
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
+    from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
     model = build_model(cfg)
-    return model, build_optimizer(cfg, model)
+    freeze = list(cfg.D2SEG.FINETUNE.FREEZE) if "D2SEG" in cfg else []
+    if freeze:
+        from ..checkpoint import freeze_parameters
+
+        freeze_parameters(model, freeze)
+    name = str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper()
+    if name == "SGD":
+        return model, build_optimizer(cfg, model)
+    params = get_default_optimizer_params(
+        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+    opt_cls = torch.optim.Adam if name == "ADAM" else torch.optim.AdamW
+    return model, maybe_add_gradient_clipping(cfg, opt_cls)(
+        params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=True)
 
 
 def reference_names() -> List[str]:

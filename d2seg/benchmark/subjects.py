@@ -535,7 +535,11 @@ class D2SegSubject(_D2Stepped):
                 # host CPU per iteration by thread (the training process's: loader workers
                 # are other processes); against s_per_iter, how busy each thread was
                 "thread_cpu_s_per_iter": thread_cpu_per_iter(timer.thread_cpu_s, iters),
-                "input_sizes": sorted(set(rec.sizes))}
+                "input_sizes": sorted(set(rec.sizes)),
+                # mean pixels of an image (the first of each batch loaded): the loop's work
+                # per image when its images are not the step's size
+                "mean_pixels": (sum(h * w for h, w in rec.sizes) / len(rec.sizes))
+                if rec.sizes else None}
 
     def close(self) -> None:
         self.inner._data_loader_iter_obj = None
