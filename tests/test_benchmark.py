@@ -656,3 +656,23 @@ def test_plain_detectron2_trains_with_the_configs_optimizer_and_freezing():
     cfg = load_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
                                          "mask_rcnn_R_18_FPN_cpu.yaml"), ["MODEL.DEVICE", "cpu"])
     assert isinstance(build_plain_detectron2(cfg)[1], torch.optim.SGD)
+
+
+def test_a_plain_reference_of_another_network_is_skipped_with_the_keys():
+    """plain_unet follows only BASE_CHANNELS / DEPTH: with GN or bilinear up-sampling d2seg's
+    U-Net is another network, so the reference is not built (the harness lists it under
+    skipped_references with this reason) instead of being called the same network."""
+    from d2seg.benchmark.subjects import _network_differences
+    from d2seg.config import load_config
+
+    cfg = load_config(UNET_CPU, ["MODEL.UNET.NORM", "GN", "MODEL.UNET.UPSAMPLE", "bilinear"])
+    assert _network_differences("plain_unet", cfg) == [
+        "MODEL.UNET.NORM 'GN' (the reference: 'BN')",
+        "MODEL.UNET.UPSAMPLE 'bilinear' (the reference: 'transposed')"]
+    assert _network_differences("plain_unet", load_config(UNET_CPU)) == []
+    dl = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/"
+                                        "deeplabv3plus_R_50.yaml"))
+    assert _network_differences("plain_deeplabv3plus_r50", dl) == []
+    dl.defrost()
+    dl.MODEL.RESNETS.RES4_DILATION, dl.MODEL.RESNETS.RES5_DILATION = 2, 4
+    assert "output stride 16" in _network_differences("plain_deeplabv3plus_r50", dl)[0]

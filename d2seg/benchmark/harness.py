@@ -333,13 +333,16 @@ def run_case(case: Case, s: Settings, device: torch.device,
             free_memory(device)
     dynamo = {"after_warmup": _dynamo_counters()}
     for r in range(s.repeats):
-        for sub in subjects:
+        # every other round in reverse order: no subject always runs first (or right after
+        # another one's heat and caches)
+        for sub in (subjects if r % 2 == 0 else subjects[::-1]):
             with backend_flags(sub.backend_flags):
                 if r == 0:  # memory of the first timed round (not timed itself)
                     with MemoryMeter(device) as mem:
                         sub.train_steps(1)
                     results.setdefault(sub.name, {})["train_memory"] = mem.result
-                with Timer(device) as t, ThreadCPU() as cpu:
+                # the thread snapshots outside the timed block (about 1 ms each)
+                with ThreadCPU() as cpu, Timer(device) as t:
                     sub.train_steps(s.iters)
             times[sub.name].append(t.seconds)
             acc = thread_cpu.setdefault(sub.name, {})

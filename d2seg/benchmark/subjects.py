@@ -635,6 +635,32 @@ class _TorchSubject(Subject):
             self._model.train()
 
 
+
+def _network_differences(name: str, cfg) -> List[str]:
+    """Config keys that make d2seg's network other than the plain reference ``name`` builds
+    (which follows only the keys it takes): the ratio would then compare two networks."""
+    out = []
+    if name == "plain_unet":  # BN, transposed-conv up-sampling, biased convs, skip widths
+        u = cfg.MODEL.UNET
+        for key, want in (("NORM", "BN"), ("UPSAMPLE", "transposed"), ("CONV_BIAS", True)):
+            if u.get(key, want) != want:
+                out.append(f"MODEL.UNET.{key} {u.get(key)!r} (the reference: {want!r})")
+        if list(u.get("DECODER_CHANNELS", [])):
+            out.append(f"MODEL.UNET.DECODER_CHANNELS {list(u.DECODER_CHANNELS)} (the "
+                       f"reference: the skips' widths)")
+    elif name == "plain_deeplabv3plus_r50":  # output stride 16, rates 6/12/18, decoder 256
+        r, h = cfg.MODEL.RESNETS, cfg.MODEL.SEM_SEG_HEAD
+        if (r.RES4_DILATION, r.RES5_DILATION) != (1, 2):
+            out.append(f"MODEL.RESNETS.RES4/RES5_DILATION {r.RES4_DILATION}/{r.RES5_DILATION} "
+                       f"(the reference: output stride 16, 1/2)")
+        if list(h.get("ASPP_DILATIONS", [6, 12, 18])) != [6, 12, 18]:
+            out.append(f"MODEL.SEM_SEG_HEAD.ASPP_DILATIONS {list(h.ASPP_DILATIONS)} (the "
+                       f"reference: [6, 12, 18])")
+        if h.CONVS_DIM != 256:
+            out.append(f"MODEL.SEM_SEG_HEAD.CONVS_DIM {h.CONVS_DIM} (the reference: 256)")
+    return out
+
+
 class TorchSemanticSubject(_TorchSubject):
     """A semantic reference: input normalised with ``MODEL.PIXEL_MEAN/STD`` (done once,
     outside the step), loss = the config's CE (+ a plain soft Dice when
@@ -643,6 +669,9 @@ class TorchSemanticSubject(_TorchSubject):
     def __init__(self, name: str, cfg, device: torch.device, precision: str):
         spec = REFERENCES[name]
         k = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        differs = _network_differences(name, cfg)
+        if differs:  # reported by the harness as a skipped reference, with this reason
+            raise ValueError(f"{name} is not the config's network: {'; '.join(differs)}")
         kw = {}
         if name == "plain_unet":
             kw = {"base": cfg.MODEL.UNET.BASE_CHANNELS, "depth": cfg.MODEL.UNET.DEPTH}
