@@ -194,7 +194,10 @@ def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch
     out["latency_batch1_ms"] = 1000 * _median(lat)
     out["latency_ms_all"] = [1000 * x for x in lat]
     sub.set_infer_batch(_batch_for(sub, cfg, task, infer_batch, s.size, device, s))
-    dets = sub.detections(sub.infer())
+    # peak memory of one untimed call (on a CPU the meter samples RSS from a thread, which
+    # would compete with the timed calls below)
+    with MemoryMeter(device) as mem:
+        dets = sub.detections(sub.infer())
     if dets is not None:
         out["detections_per_image"] = dets
     # two timed blocks (one synchronisation between them), so that a comparison of runs
@@ -202,12 +205,11 @@ def _measure_inference(sub: Subject, cfg, task, device, s: Settings, infer_batch
     sizes = [s.infer_iters - s.infer_iters // 2, s.infer_iters // 2] if s.infer_iters > 1 \
         else [s.infer_iters]
     blocks = []
-    with MemoryMeter(device) as mem:
-        for n in sizes:
-            with Timer(device) as t:
-                for _ in range(n):
-                    sub.infer()
-            blocks.append(t.seconds)
+    for n in sizes:
+        with Timer(device) as t:
+            for _ in range(n):
+                sub.infer()
+        blocks.append(t.seconds)
     total = sum(blocks)
     out.update(throughput_batch=infer_batch, throughput_seconds=total,
                throughput_calls=s.infer_iters,

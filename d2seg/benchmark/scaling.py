@@ -39,8 +39,14 @@ def _step_point(sub, cfg, task, n: int, size: Tuple[int, int], device, settings,
         with backend_flags(sub.backend_flags):
             sub.set_batch(_batch_for(sub, cfg, task, n, size, device, settings))
             sub.train_steps(warmup)
-            with MemoryMeter(device) as mem, Timer(device) as t:
-                sub.train_steps(iters)
+            if device.type == "cuda":  # peak statistics only: measured in the timed steps
+                with MemoryMeter(device) as mem, Timer(device) as t:
+                    sub.train_steps(iters)
+            else:  # a CPU's meter samples RSS from a thread: one untimed step of its own
+                with MemoryMeter(device) as mem:
+                    sub.train_steps(1)
+                with Timer(device) as t:
+                    sub.train_steps(iters)
         row.update(status="ok", s_per_iter=t.seconds / iters,
                    img_per_s=n * iters / t.seconds, peak_mb=mem.peak_mb, memory=mem.result)
         if device.type == "cuda":
