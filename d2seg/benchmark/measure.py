@@ -304,10 +304,18 @@ def capture_backend_flags() -> Dict[str, object]:
     makes torch 2.14 raise."""
     return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
             "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-            "matmul_precision": torch.get_float32_matmul_precision()}
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            # D2SEG.DETERMINISTIC sets these for the whole process
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
 
 
 def _apply(flags: Dict[str, object]) -> None:
     torch.backends.cudnn.benchmark = bool(flags["cudnn_benchmark"])
     torch.backends.cudnn.allow_tf32 = bool(flags["cudnn_tf32"])
     torch.set_float32_matmul_precision(str(flags["matmul_precision"]))
+    if "cudnn_deterministic" in flags:
+        torch.backends.cudnn.deterministic = bool(flags["cudnn_deterministic"])
+    if "deterministic_algorithms" in flags and \
+            bool(flags["deterministic_algorithms"]) != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(bool(flags["deterministic_algorithms"]))
