@@ -86,6 +86,9 @@ def _shape(channels: int, stride: int):
     ("D2SEG.SHAPES.NUM_TRAIN", "-5", ">= 1"),
     ("MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA", "-1.0", ">= 0"),
     ("MODEL.SEM_SEG_LOSS.WEIGHTS", "[1.0, -0.5]", "weights >= 0"),
+    ("MODEL.SEM_SEG_LOSS.SMOOTH", "-1.0", ">= 0"),
+    ("MODEL.SEM_SEG_LOSS.FOCAL_ALPHA", "[1.5]", r"values in \[0, 1\]"),
+    ("MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", "-1.0", ">= 0"),
     ("D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", "1.0", r"in \[0, 1\)"),
     ("D2SEG.EVAL.COCO_BACKEND", "foo", "one of 'auto'"),
 ])
