@@ -192,7 +192,8 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     cfg.MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS = []  # CE weight per class ([bg, fg] if binary); []=1
     cfg.MODEL.SEM_SEG_LOSS.SMOOTH = 1.0  # Dice / Tversky smoothing
     cfg.MODEL.SEM_SEG_LOSS.FOCAL_GAMMA = 2.0
-    # [] none; [a] foreground weight (NUM_CLASSES 1, or 2 as [1 - a, a]); [a_c] one per class
+    # [] none; [a] foreground weight (NUM_CLASSES 1, or 2 as [1 - a, a]; with more classes one
+    # factor for all); [a_c] one per class
     cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = []
     cfg.MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA = 0.3  # weight of false positives
     cfg.MODEL.SEM_SEG_LOSS.TVERSKY_BETA = 0.7  # weight of false negatives
@@ -450,14 +451,20 @@ def naming_config_file(config_file: str, opts: Sequence[str] = ()) -> Iterator[N
     except ValueError as e:
         if type(e) is not ValueError or not config_file or not _KEY_FIRST.match(str(e)):
             raise
-        given = {str(k) for k in list(opts)[0::2]}
-        named = set(_KEY.findall(str(e)))
-        if named & given:
-            where = "command line override"
-        else:
-            where = f"{config_file} (or a file in its _BASE_)" if not given else \
-                f"{config_file} (or the command line)"
-        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from e
+        raise ConfigError(f"{_where(str(e), config_file, opts)}: "
+                          f"{' '.join(str(e).split())}") from e
+
+
+def _where(message: str, config_file: str, opts: Sequence[str]) -> str:
+    """Where the value a module's ``message`` is about came from: "command line override"
+    when a key the message names is among the ``KEY VALUE`` ``opts``, else ``config_file``."""
+    given = {str(k) for k in list(opts)[0::2]}
+    if set(_KEY.findall(message)) & given:
+        return "command line override"
+    if not config_file:
+        return "default config" if not given else "the command line or the default config"
+    return f"{config_file} (or a file in its _BASE_)" if not given else \
+        f"{config_file} (or the command line)"
 
 
 def _all_keys(node, prefix: str = "") -> List[str]:
@@ -597,16 +604,21 @@ def _check_sem_seg_loss(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> 
     if not (ours(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
             or ours(SEM_SEG_HEADS_REGISTRY, cfg.MODEL.SEM_SEG_HEAD.NAME)):
         return
-    from .modeling.losses import SemSegLoss
+    from .modeling import losses
 
+    # quiet here: what the loss logs (e.g. how FOCAL_ALPHA is read) is logged when the model
+    # is built, after the log file is set up
+    log, seen = logging.getLogger(losses.__name__), set(losses._logged)
+    was, log.disabled = log.disabled, True
     try:
-        SemSegLoss(cfg)
+        losses.SemSegLoss(cfg)
     except ValueError as e:
-        given = {str(k) for k in list(opts)[0::2]}
-        named = set(_KEY.findall(str(e)))
-        where = "command line override" if named & given else \
-            f"{config_file or 'config'} (or the command line)"
-        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from e
+        raise ConfigError(f"{_where(str(e), config_file, opts)}: "
+                          f"{' '.join(str(e).split())}") from e
+    finally:
+        log.disabled = was
+        losses._logged.clear()
+        losses._logged.update(seen)
 
 
 def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:

@@ -121,7 +121,8 @@ def _run_exported(fmt: str, path: str, inputs: Sequence[torch.Tensor]) -> List[n
 
 
 def compare_outputs(fmt: str, path: str, reference, sample_inputs: Sequence[Tuple]) -> float:
-    """Largest |exported - PyTorch| over ``sample_inputs``.
+    """Largest |exported - PyTorch| over ``sample_inputs``; ``inf`` where the export gives NaN
+    or inf and PyTorch a finite value.
 
     Args:
         fmt: "torchscript" or "onnx".
@@ -142,7 +143,13 @@ def compare_outputs(fmt: str, path: str, reference, sample_inputs: Sequence[Tupl
         for g, r in zip(got, ref):
             assert g.shape == r.shape, f"{path}: output shape {g.shape}, PyTorch {r.shape}"
             if r.size:
-                worst = max(worst, float(np.abs(g.astype(np.float64) - r).max()))
+                d = np.abs(g.astype(np.float64) - r)
+                # a NaN / inf where PyTorch is finite is the worst difference (max() would
+                # drop a NaN)
+                bad = ~np.isfinite(d) & np.isfinite(r)
+                worst = float("inf") if bad.any() else max(worst, float(np.nanmax(d)))
+                if worst == float("inf"):
+                    return worst
     return worst
 
 

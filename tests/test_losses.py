@@ -296,8 +296,6 @@ def test_ce_and_bce_together_is_an_error():
     (1, "CLASS_WEIGHTS", [1.0], r"needs 2 values \(\[background, foreground\]"),
     (3, "FOCAL_ALPHA", [0.2, 0.8], "FOCAL_ALPHA"),
     (1, "FOCAL_ALPHA", [0.2, 0.8], "FOCAL_ALPHA"),
-    (3, "FOCAL_ALPHA", [0.25], r"needs one value \(the foreground's weight, with NUM_CLASSES 1 "
-                               r"or 2\) or one per class"),
     (2, "NAMES", ["BCE", "Dice"], r"'BCE' needs one output channel .* NUM_CLASSES is 2; use "
                                   r"'CE' with 2 classes"),
 ])
@@ -437,3 +435,17 @@ def test_head_and_loss_must_ignore_the_same_value(caplog):
     with caplog.at_level("WARNING"):
         UNetHead(shape, num_classes=3, ignore_value=0)
     assert "IGNORE_VALUE 0 is a class id (NUM_CLASSES 3): class 0 is never trained" in caplog.text
+
+
+def test_one_focal_alpha_with_more_than_two_classes_scales_every_class_and_warns(caplog):
+    """As before (a config a model was trained with still loads for inference), with a warning
+    that one value does not weigh the classes."""
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 3
+    cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = [0.4]
+    with caplog.at_level("WARNING"):
+        loss = SemSegLoss(cfg)
+    assert loss.focal_alpha == 0.4
+    assert "FOCAL_ALPHA [0.4] with 3 classes scales every class's focal term alike" in caplog.text

@@ -592,3 +592,31 @@ def test_predict_with_an_unregistered_dataset_names_the_closest(tmp_path):
     with pytest.raises(ConfigError, match=r"--dataset .*: dataset 'isbi2012_membrane_tset' is "
                                           r"not registered; did you mean 'isbi2012_membrane_"):
         predict_files(cfg, [], str(tmp_path), "isbi2012_membrane_tset")
+
+
+def test_an_export_computing_nan_is_the_worst_difference(tmp_path):
+    """max() would drop a NaN and report the export as exact: a NaN / inf where PyTorch is
+    finite counts as an infinite difference, which the tool's check fails."""
+    import d2seg.export as export_mod
+
+    class Adapter(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    ref = Adapter()
+    bad = {"n": 0}
+
+    def run(fmt, path, inputs):
+        bad["n"] += 1
+        out = (inputs[0] * 2).numpy()
+        out.flat[0] = np.nan
+        return [out]
+
+    orig = export_mod._run_exported
+    export_mod._run_exported = run
+    try:
+        diff = export_mod.compare_outputs("onnx", "x.onnx", ref, [(torch.ones(3, 4, 4),)])
+    finally:
+        export_mod._run_exported = orig
+    assert diff == float("inf") and bad["n"] == 1
+    assert not diff <= export_tool.MAX_LOGIT_DIFF

@@ -131,7 +131,7 @@ def main(argv=None) -> list:
         if "match_rate" in r and not r["error"] and not any(r["detections"]):
             status += " (no detection on the check images: only the empty output was compared)"
         if "match_rate" not in r and not r["error"]:  # semantic logits: compared directly
-            if r["max_abs_diff"] > MAX_LOGIT_DIFF:
+            if not r["max_abs_diff"] <= MAX_LOGIT_DIFF:  # NaN / inf fail too
                 status += f" (above {MAX_LOGIT_DIFF:g}: the exported model computes otherwise)"
                 failed = True
             if not r["dynamic"]:

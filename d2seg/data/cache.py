@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from typing import Callable, Iterator
 
+from ..utils.files import umask_mode
+
 __all__ = ["build_once", "file_lock"]
 
 
@@ -58,7 +60,8 @@ def build_once(folder: str, marker: str, build: Callable[[str], None]) -> str:
             build(tmp)
             if not os.path.isfile(os.path.join(tmp, marker)):
                 raise RuntimeError(f"building {folder} wrote no {marker}")
-            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+            # mkdtemp's 0700 would hide a shared cache from the other users the umask admits
+            os.chmod(tmp, umask_mode(0o777))
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

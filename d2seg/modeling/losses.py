@@ -24,6 +24,7 @@ training.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -315,6 +316,16 @@ def cross_entropy_loss(
     return num.sum() / den.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
+_logged = set()
+
+
+def _log_once(level: int, msg: str) -> None:
+    """Log ``msg`` once per process (the loss is built at config load and with the model)."""
+    if msg not in _logged:
+        _logged.add(msg)
+        logging.getLogger(__name__).log(level, msg)
+
+
 class SemSegLoss(nn.Module):
     """Weighted sum of named losses; returns one entry per loss so each is logged.
 
@@ -391,12 +402,19 @@ class SemSegLoss(nn.Module):
             raise ValueError(f"MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS {list(c.CLASS_WEIGHTS)} needs "
                              f"{n_cw} values ({'[background, foreground] for ' if k == 1 else ''}"
                              f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {k}), got {len(c.CLASS_WEIGHTS)}")
-        if len(alpha) > 1 and (k == 1 or len(alpha) != k) or len(alpha) == 1 and k > 2:
+        if len(alpha) > 1 and (k == 1 or len(alpha) != k):
             raise ValueError(f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} needs one value (the "
                              f"foreground's weight, with NUM_CLASSES 1 or 2) or one per class: "
                              f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {k}")
         if len(alpha) == 1 and k == 2:  # softmax over [background, foreground]: as binary
+            _log_once(logging.INFO, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with 2 classes: "
+                                    f"focal weights [{1.0 - alpha[0]:g}, {alpha[0]:g}] "
+                                    f"(background, foreground), as for one sigmoid channel")
             alpha = [1.0 - alpha[0], alpha[0]]
+        elif len(alpha) == 1 and k > 2:
+            _log_once(logging.WARNING, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with {k} "
+                                       f"classes scales every class's focal term alike; give "
+                                       f"one value per class to weigh the classes")
         if any(n.lower() == "bce" for n in c.NAMES) and k != 1:
             raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES {list(c.NAMES)}: 'BCE' needs one output "
                              f"channel (MODEL.SEM_SEG_HEAD.NUM_CLASSES 1), NUM_CLASSES is {k}; "
