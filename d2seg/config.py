@@ -604,21 +604,13 @@ def _check_sem_seg_loss(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> 
     if not (ours(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE)
             or ours(SEM_SEG_HEADS_REGISTRY, cfg.MODEL.SEM_SEG_HEAD.NAME)):
         return
-    from .modeling import losses
+    from .modeling.losses import SemSegLoss
 
-    # quiet here: what the loss logs (e.g. how FOCAL_ALPHA is read) is logged when the model
-    # is built, after the log file is set up
-    log, seen = logging.getLogger(losses.__name__), set(losses._logged)
-    was, log.disabled = log.disabled, True
-    try:
-        losses.SemSegLoss(cfg)
+    try:  # config_args: the checks without from_config's log lines (said at the model build)
+        SemSegLoss(**SemSegLoss.config_args(cfg))
     except ValueError as e:
         raise ConfigError(f"{_where(str(e), config_file, opts)}: "
                           f"{' '.join(str(e).split())}") from e
-    finally:
-        log.disabled = was
-        losses._logged.clear()
-        losses._logged.update(seen)
 
 
 def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:

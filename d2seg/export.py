@@ -146,10 +146,9 @@ def compare_outputs(fmt: str, path: str, reference, sample_inputs: Sequence[Tupl
                 d = np.abs(g.astype(np.float64) - r)
                 # a NaN / inf where PyTorch is finite is the worst difference (max() would
                 # drop a NaN)
-                bad = ~np.isfinite(d) & np.isfinite(r)
-                worst = float("inf") if bad.any() else max(worst, float(np.nanmax(d)))
-                if worst == float("inf"):
-                    return worst
+                if (~np.isfinite(d) & np.isfinite(r)).any():
+                    return float("inf")
+                worst = max(worst, float(np.nanmax(d)))
     return worst
 
 

@@ -393,6 +393,26 @@ class SemSegLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "loss_sem_seg"):
+        args = cls.config_args(cfg, prefix)
+        alpha, k = list(cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA), int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        if len(alpha) == 1 and k == 2:
+            _log_once(logging.INFO, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with 2 classes: "
+                                    f"focal weights [{1.0 - alpha[0]:g}, {alpha[0]:g}] "
+                                    f"(background, foreground), as for one sigmoid channel")
+        elif len(alpha) == 1 and k > 2:
+            _log_once(logging.WARNING, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with {k} "
+                                       f"classes scales every class's focal term alike; give "
+                                       f"one value per class to weigh the classes")
+        return args
+
+    @classmethod
+    def config_args(cls, cfg, prefix: str = "loss_sem_seg") -> Dict[str, object]:
+        """The constructor's arguments for ``cfg`` (``from_config`` without its log lines).
+
+        Raises:
+            ValueError: lengths that do not fit ``NUM_CLASSES`` (CLASS_WEIGHTS, FOCAL_ALPHA),
+                'BCE' with more than one output channel.
+        """
         c = cfg.MODEL.SEM_SEG_LOSS
         alpha = list(c.FOCAL_ALPHA)
         # lengths checked when the model is built, not at the first forward
@@ -407,14 +427,7 @@ class SemSegLoss(nn.Module):
                              f"foreground's weight, with NUM_CLASSES 1 or 2) or one per class: "
                              f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {k}")
         if len(alpha) == 1 and k == 2:  # softmax over [background, foreground]: as binary
-            _log_once(logging.INFO, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with 2 classes: "
-                                    f"focal weights [{1.0 - alpha[0]:g}, {alpha[0]:g}] "
-                                    f"(background, foreground), as for one sigmoid channel")
             alpha = [1.0 - alpha[0], alpha[0]]
-        elif len(alpha) == 1 and k > 2:
-            _log_once(logging.WARNING, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with {k} "
-                                       f"classes scales every class's focal term alike; give "
-                                       f"one value per class to weigh the classes")
         if any(n.lower() == "bce" for n in c.NAMES) and k != 1:
             raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES {list(c.NAMES)}: 'BCE' needs one output "
                              f"channel (MODEL.SEM_SEG_HEAD.NUM_CLASSES 1), NUM_CLASSES is {k}; "
