@@ -551,3 +551,31 @@ def test_an_empty_split_is_not_advised_to_train_anyway(tmp_path):
     with pytest.raises(DatasetCheckError) as e:
         check_datasets_from_cfg(cfg, log=False)
     assert "empty_dataset" in str(e.value) and "'warn'" not in str(e.value)
+
+
+def test_dataset_ignore_label_other_than_the_heads_ignore_value(tmp_path):
+    """A dataset registered with ignore_label=254 under a model ignoring 255: the loss would
+    read 254 as a class (it stopped at iteration 0 after 0 fatal problems); fatal for training
+    data, naming both values and the key to set; a warning for test-only data."""
+    for sub in ("im", "lab"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "im" / "a.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[:4], m[8:] = 254, 1
+    Image.fromarray(m).save(tmp_path / "lab" / "a.png")
+    register_dataset(f"name=ign254,type=sem_seg,image_root={tmp_path}/im,"
+                     f"sem_seg_root={tmp_path}/lab,classes=[bg,fg],ignore_label=254")
+    config = os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml")
+    cfg = load_config(config, ["DATASETS.TRAIN", "('ign254',)", "DATASETS.TEST", "()"])
+    with pytest.raises(DatasetCheckError, match=r"ignore_value_mismatch.*ignore_label is 254 but "
+                                                r"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is 255.*set "
+                                                r"MODEL.SEM_SEG_HEAD.IGNORE_VALUE 254"):
+        run_pre_training_checks(cfg)
+    cfg = load_config(config, ["DATASETS.TRAIN", "('ign254',)", "DATASETS.TEST", "()",
+                               "MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "254"])
+    (r,) = run_pre_training_checks(cfg)
+    assert not _problems(r, "ignore_value_mismatch")
+    cfg = load_config(config, ["DATASETS.TEST", "('ign254',)"])
+    reports = run_pre_training_checks(cfg, eval_only=True)
+    (p,) = [p for r in reports for p in _problems(r, "ignore_value_mismatch")]
+    assert p.severity == "warning"

@@ -71,6 +71,13 @@ def _train(tmp_path, name, *opts, config=UNET):
     return trainer, losses, params
 
 
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The default 2-iteration run of :func:`_train` (no overrides), trained once per module:
+    (trainer, losses, params). The tests below compare their switch against it."""
+    return _train(tmp_path_factory.mktemp("baseline"), "default")
+
+
 # ----------------------------------------------------------------------------------------
 # the decision table
 # ----------------------------------------------------------------------------------------
@@ -551,9 +558,9 @@ def test_compile_eager_backend_matches_eager():
     assert torch.allclose(m(x), ref) and wrapper.failed is None
 
 
-def test_compile_fallback_trains_like_eager(tmp_path):
+def test_compile_fallback_trains_like_eager(tmp_path, baseline):
     torch._dynamo.reset()
-    _, loss0, p0 = _train(tmp_path, "eager")
+    _, loss0, p0 = baseline
     with _Records() as rec:
         trainer, loss1, p1 = _train(tmp_path, "compiled", "D2SEG.SPEED.COMPILE", "on",
                                     "D2SEG.SPEED.COMPILE_BACKEND", "d2seg_test_broken")
@@ -570,15 +577,17 @@ torch._dynamo.register_backend(_failing_backend, name="d2seg_test_broken")
 # ----------------------------------------------------------------------------------------
 # the other switches, 2 iterations each on CPU
 # ----------------------------------------------------------------------------------------
-def test_identical_runs_are_identical(tmp_path):
-    _, loss0, p0 = _train(tmp_path, "a")
-    _, loss1, p1 = _train(tmp_path, "b")
+def test_identical_runs_are_identical(tmp_path, baseline):
+    # the baseline may have run earlier in this process, with other tests in between
+    _, loss0, p0 = baseline
+    _, loss1, p1 = _train(tmp_path, "again")
     assert loss0 == loss1 and torch.equal(p0, p1)
 
 
-def test_channels_last_matches_fp32_within_tolerance(tmp_path):
+def test_channels_last_matches_fp32_within_tolerance(tmp_path, baseline):
     _, loss0, p0 = _train(tmp_path, "nchw", "D2SEG.SPEED.CHANNELS_LAST", "off")
-    trainer, loss1, p1 = _train(tmp_path, "nhwc", "D2SEG.SPEED.CHANNELS_LAST", "on")
+    trainer, loss1, p1 = baseline  # "auto": on for the semantic models on CPU
+    assert fast_paths.resolve(trainer.cfg).channels_last
     conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert loss1 == pytest.approx(loss0, rel=1e-4)
@@ -660,7 +669,7 @@ def test_prime_momentum_buffers_only_where_needed():
         assert fast_paths.prime_momentum_buffers(opt) == 0
 
 
-def test_bf16_autocast_on_cpu_trains(tmp_path):
+def test_bf16_autocast_on_cpu_trains(tmp_path, baseline):
     trainer, losses, params = _train(tmp_path, "bf16", "SOLVER.AMP.ENABLED", "True",
                                      "D2SEG.SPEED.AMP_DTYPE", "bfloat16")
     inner = trainer._trainer
@@ -668,7 +677,7 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
     assert not inner.grad_scaler.is_enabled()
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert torch.isfinite(params).all()
-    _, losses32, _ = _train(tmp_path, "fp32")
+    _, losses32, _ = baseline  # fp32: conftest pins the CPU bf16 measurement to "no faster"
     assert losses[0] == pytest.approx(losses32[0], rel=0.05)  # same init and batch
     # the checkpoint of a bf16 run has an (empty) scaler state and resumes anywhere
     state = inner.state_dict()
@@ -696,12 +705,33 @@ def test_amp_auto_on_cpu_where_bf16_is_faster_trains_bf16(tmp_path, monkeypatch)
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_pinned_memory_loader_trains(tmp_path):
-    # on a machine without CUDA, DataLoader ignores pin_memory (with a warning): the option
-    # must still pass through detectron2's loader builder
-    _, loss0, p0 = _train(tmp_path, "plain")
-    _, loss1, p1 = _train(tmp_path, "pinned", "D2SEG.SPEED.PIN_MEMORY", "on")
-    assert loss0 == loss1 and torch.equal(p0, p1)
+def _torch_loader(loader) -> torch.utils.data.DataLoader:
+    """The torch DataLoader inside detectron2's train loader (aspect-ratio grouping wraps it)."""
+    while not isinstance(loader, torch.utils.data.DataLoader):
+        inner = getattr(loader, "dataset", None)  # (no truth test: some have no len())
+        loader = inner if inner is not None else loader._dataset
+    return loader
+
+
+@pytest.mark.parametrize("config,workers", [(UNET, 2), (RCNN, 2), (UNET, 0)])
+def test_loader_switches_reach_the_torch_loader(config, workers):
+    """D2SEG.SPEED's loader keys arrive at torch's DataLoader (with and without detectron2's
+    aspect-ratio grouping, which builds its own); without workers only pin_memory applies."""
+    from d2seg.data.build import build_train_loader
+
+    opts = ["DATALOADER.NUM_WORKERS", str(workers), "D2SEG.SHAPES.NUM_TRAIN", "6",
+            "D2SEG.SHAPES.NUM_VAL", "2", "D2SEG.SHAPES.IMAGE_SIZE", "96"]
+    plain = _torch_loader(build_train_loader(_cfg(config, *opts)))
+    assert not plain.pin_memory and not plain.persistent_workers
+    loader = _torch_loader(build_train_loader(_cfg(
+        config, *opts, "D2SEG.SPEED.PIN_MEMORY", "on", "D2SEG.SPEED.PERSISTENT_WORKERS", "on",
+        "D2SEG.SPEED.PREFETCH_FACTOR", "4")))
+    assert loader.pin_memory
+    assert loader.num_workers == workers
+    if workers:
+        assert loader.persistent_workers and loader.prefetch_factor == 4
+    else:
+        assert not loader.persistent_workers and loader.prefetch_factor is None
 
 
 @pytest.mark.parametrize("rank0_bf16,mine", [(True, 1.0), (False, 1.8)])

@@ -409,6 +409,13 @@ def test_masks_with_a_suffix_pair_with_mask_suffix_and_are_named_without_it(tmp_
         [(f"c{i}", f"c{i}_mask.png") for i in range(4)]
     r = check_dataset("one_folder")
     assert r.ok and not _unpaired(r)
+    # ... and without mask_suffix every file would pair with itself: refused, with the suffix
+    same = one.replace("name=one_folder", "name=self_paired").replace(",mask_suffix=_mask", "")
+    with pytest.raises(ConfigError, match=r"'self_paired': images and masks are in one folder "
+                                          r".* no mask_suffix.*set mask_suffix=_mask"):
+        check_register_entries(load_config("", ["D2SEG.DATASETS.REGISTER", str((same,))]))
+    with pytest.raises(ValueError, match="set mask_suffix=_mask"):
+        load_sem_seg_folder(str(tmp_path / "im"), str(tmp_path / "im"))
 
 
 def _unpaired(report):

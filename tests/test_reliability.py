@@ -306,3 +306,62 @@ def test_skip_policy_does_not_skip_a_mapper_that_cannot_work_with_the_dataset(tm
     assert mapper({**d, "file_name": str(tmp_path / "b.png"),
                    "sem_seg_file_name": str(tmp_path / "b.png")}) is None
     assert mapper.skipped == 1
+
+
+def test_skip_policy_stops_after_max_skips(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from d2seg.data.errors import BadInputError
+    from d2seg.data.safe_mapper import SafeMapper
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    for name in ("bad1.png", "bad2.png"):
+        (tmp_path / name).write_bytes(b"not a png")
+    mapper = SafeMapper(lambda d: Image.open(d["file_name"]).size, policy="skip", max_skips=1)
+    assert mapper({"file_name": str(tmp_path / "bad1.png")}) is None
+    assert mapper({"file_name": str(tmp_path / "good.png")}) == (8, 8)
+    with pytest.raises(BadInputError, match=r"bad2\.png: UnidentifiedImageError.*more than "
+                                            r"D2SEG.BAD_INPUT.MAX_SKIPS bad inputs"):
+        mapper({"file_name": str(tmp_path / "bad2.png")})
+    assert mapper.skipped == 1
+
+
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_training_past_an_unreadable_image(tmp_path, policy):
+    """train_net with D2SEG.BAD_INPUT.POLICY skip trains on past a file that cannot be read
+    (the dataset checks off, or the file broken after them), logging the file; "fail" stops
+    there with the file's name."""
+    import numpy as np
+    from PIL import Image
+
+    from d2seg.data.errors import BadInputError
+
+    img, lab = tmp_path / "image", tmp_path / "label"
+    img.mkdir()
+    lab.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(img / f"{i}.png")
+        Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8)).save(lab / f"{i}.png")
+    (img / "2.png").write_bytes(b"not a png")
+    spec = f"name=skip_{policy},type=sem_seg,image_root={img},sem_seg_root={lab},classes=[a,b]"
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml"),
+        "OUTPUT_DIR", str(tmp_path / "out"), "D2SEG.DATASETS.REGISTER", str((spec,)),
+        "DATASETS.TRAIN", f"('skip_{policy}',)", "DATASETS.TEST", "()",
+        "D2SEG.DATASETS.CHECK", "off", "D2SEG.BAD_INPUT.POLICY", policy,
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2", "MODEL.UNET.BASE_CHANNELS", "4",
+        "MODEL.UNET.DEPTH", "2", "INPUT.MIN_SIZE_TRAIN", "(32,)", "INPUT.MAX_SIZE_TRAIN", "32",
+        "INPUT.CROP.ENABLED", "False", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2",
+        "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0", "TEST.NUM_VIS", "0",
+        "D2SEG.PLOT_CURVES", "False", "SEED", "1"])
+    if policy == "fail":
+        with pytest.raises(BadInputError, match=r"2\.png: UnidentifiedImageError.*set "
+                                                r"D2SEG.BAD_INPUT.POLICY skip"):
+            main(args)
+        return
+    main(args)
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert re.search(r"Skipping bad input \(1/100\): \S+/image/2\.png", log)
+    assert (tmp_path / "out" / "model_final.pth").exists()

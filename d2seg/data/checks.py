@@ -750,11 +750,30 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
                   f"{r.num_stuff_classes_implied} classes (stuff classes + 1 for all things)"
                   + (f"; set MODEL.SEM_SEG_HEAD.NUM_CLASSES {r.num_stuff_classes_implied}"
                      if fatal else ""))
+    _check_ignore_value(cfg, name, r)
     if r.rle_annotations and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
         training = name in cfg.DATASETS.TRAIN
         r.add(ERROR if training else WARNING, "mask_format", name, None, "polygon",
               f"{r.rle_annotations} instance masks are RLE, which INPUT.MASK_FORMAT 'polygon' "
               f"cannot load{'' if training else ' for training'}: set INPUT.MASK_FORMAT bitmask")
+
+
+def _check_ignore_value(cfg, name: str, r: DatasetReport) -> None:
+    """The label maps' ignore value (the dataset's ``ignore_label``) against the one the
+    model's loss ignores (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``): fatal for training data, where
+    the loss would read the dataset's ignored pixels as a class id out of range."""
+    uses_labels = (r.kind == "sem_seg" and expected_num_classes(cfg, "sem_seg")) or \
+        (r.kind == "panoptic" and cfg.MODEL.META_ARCHITECTURE == "PanopticFPN")
+    ignore = getattr(MetadataCatalog.get(name), "ignore_label", None)
+    value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    if not uses_labels or ignore is None or int(ignore) == int(value):
+        return
+    training = name in cfg.DATASETS.TRAIN
+    r.add(ERROR if training else WARNING, "ignore_value_mismatch", name, None, int(ignore),
+          f"the dataset's ignore_label is {ignore} but MODEL.SEM_SEG_HEAD.IGNORE_VALUE is "
+          f"{value}: " + (f"the loss would take its ignored pixels for class {ignore}; set "
+                          f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE {ignore}" if training else
+                          "evaluation ignores the dataset's value, training the config's"))
 
 
 def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None,

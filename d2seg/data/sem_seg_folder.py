@@ -77,7 +77,15 @@ def guess_mask_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> 
 def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "") -> Optional[str]:
     """Why no image of ``image_dir`` pairs with a mask of ``mask_dir`` (None when some do):
     the counts, an example of each side and, when the masks carry a common suffix, the
-    ``mask_suffix`` that pairs them."""
+    ``mask_suffix`` that pairs them. One folder for both without ``suffix`` is a problem too:
+    every file would pair with itself."""
+    if not suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir):
+        stems = list(_list_by_stem(image_dir))
+        guess = guess_mask_suffix(stems, stems)
+        return (f"images and masks are in one folder ({image_dir}) but no mask_suffix is set, "
+                f"so every file would pair with itself; set mask_suffix="
+                f"{guess or '<suffix of the mask names>'} (a D2SEG.DATASETS.REGISTER key, and "
+                f"register_sem_seg_folder's argument), e.g. _mask for 12.png / 12_mask.png")
     images, masks = list_pairs(image_dir, mask_dir, suffix)
     if set(images) & set(masks):
         return None
@@ -176,6 +184,8 @@ def load_sem_seg_folder(
     images, masks = list_pairs(image_dir, mask_dir, mask_suffix)
     if not images:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
+    if not mask_suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir):
+        raise ValueError(pairing_problem(image_dir, mask_dir))
     if stems is None:
         stems = [s for s in images if s in masks]
         if not stems:
