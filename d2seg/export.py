@@ -5,8 +5,8 @@ outputs of detectron2 models into tensors), as detectron2's ``tools/deploy/expor
 "tracing" mode does:
 
 * semantic models (``UNet``, ``DeepLabV3``, ``DeepLabV3Plus``, ``PSPNet``, detectron2's
-  ``SemanticSegmentor``): input ``image`` (3, H, W) float, 0-255, channels in the config's
-  ``INPUT.FORMAT``; output ``sem_seg`` (K, H, W) logits (K = 2 for a binary model). H and W are
+  ``SemanticSegmentor``): input ``image`` (C, H, W) float, 0-255, channels in the config's
+  ``INPUT.FORMAT`` (C = 3, or 1 for ``L``); output ``sem_seg`` (K, H, W) logits (K = 2 for a binary model). H and W are
   dynamic (padding to the size divisibility happens inside). torch's ONNX exporter cannot
   export ``adaptive_avg_pool2d`` to sizes other than 1x1 without a known input size (PSPNet's
   pyramid pooling: 2x2, 3x3, 6x6), so during ONNX export it is computed as two matrix products
@@ -87,9 +87,17 @@ def onnx_friendly_ops():
         F.adaptive_avg_pool2d = original
 
 
+def input_channels(model: nn.Module) -> int:
+    """Channels of the images ``model`` takes: one per ``pixel_mean`` value (3 for RGB / BGR,
+    1 for ``INPUT.FORMAT L``); 3 for a model without ``pixel_mean``."""
+    mean = getattr(model, "pixel_mean", None)
+    return int(mean.numel()) if isinstance(mean, torch.Tensor) else 3
+
+
 def semantic_adapter(model: nn.Module, height: int, width: int) -> TracingAdapter:
-    """``TracingAdapter`` of a semantic model: (3, H, W) image -> (K, H, W) logits."""
-    image = torch.rand(3, height, width, device=_device(model)) * 255
+    """``TracingAdapter`` of a semantic model: (C, H, W) image -> (K, H, W) logits, C =
+    :func:`input_channels`."""
+    image = torch.rand(input_channels(model), height, width, device=_device(model)) * 255
     return TracingAdapter(model, [{"image": image}]).eval()
 
 
@@ -175,8 +183,10 @@ def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: in
     gen = torch.Generator().manual_seed(seed)
     dev = _device(model)
 
+    c = input_channels(model)
+
     def samples(sizes):
-        return [(torch.rand(3, h, w, generator=gen).to(dev) * 255,) for h, w in sizes]
+        return [(torch.rand(c, h, w, generator=gen).to(dev) * 255,) for h, w in sizes]
 
     results = []
     for fmt in formats:
@@ -318,7 +328,7 @@ def export_rcnn(model: nn.Module, out_dir: str, height: int = 256, width: int = 
     or to run is reported in ``error`` rather than raised, so the caller sees what blocks it.
 
     Args:
-        check_images: (3, H, W) float images (0-255, as the model takes them) to compare on;
+        check_images: (C, H, W) float images (0-255, as the model takes them) to compare on;
             default two random images (a trained model may detect nothing on them).
     """
     model.eval()
@@ -326,13 +336,14 @@ def export_rcnn(model: nn.Module, out_dir: str, height: int = 256, width: int = 
         make_group_norm_traceable(model)
     os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    image = torch.rand(3, height, width, generator=gen) * 255
+    c = input_channels(model)
+    image = torch.rand(c, height, width, generator=gen) * 255
     adapter = TracingAdapter(model, [{"image": image}], _rcnn_inference).eval()
     if check_images:
         samples = [(img.float(),) for img in check_images]
     else:
-        samples = [(torch.rand(3, height, width, generator=gen) * 255,),
-                   (torch.rand(3, height + 32, width - 32, generator=gen) * 255,)]
+        samples = [(torch.rand(c, height, width, generator=gen) * 255,),
+                   (torch.rand(c, height + 32, width - 32, generator=gen) * 255,)]
     results = []
     for fmt in formats:
         path = os.path.join(out_dir, "model.ts" if fmt == "torchscript" else "model.onnx")

@@ -108,10 +108,18 @@ def test_softmax_focal_closed_form():
     pts = [0.8, 0.8, 0.6, 0.4]
     assert got.item() == pytest.approx(
         sum(-(1 - p) ** 2 * math.log(p) for p in pts) / 4, rel=1e-5)
-    # one alpha for all classes scales the loss
+    # one alpha with two classes weighs the foreground by it, the background by 1 - alpha
+    # (targets 1, 0, 1, 1), as the binary loss does; with more classes it scales every class
     got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=0.25)
-    assert got.item() == pytest.approx(
-        0.25 * sum(-(1 - p) ** 2 * math.log(p) for p in pts) / 4, rel=1e-5)
+    assert got.item() == pytest.approx(sum(
+        -a * (1 - p) ** 2 * math.log(p) for a, p in zip([0.25, 0.75, 0.25, 0.25], pts)) / 4,
+        rel=1e-5)
+    assert got.item() == focal_loss(two_class_logits(), targets(), gamma=2.0,
+                                    alpha=[0.75, 0.25]).item()
+    torch.manual_seed(2)
+    logits3, t3 = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    assert focal_loss(logits3, t3, alpha=0.25).item() == pytest.approx(
+        0.25 * focal_loss(logits3, t3).item(), rel=1e-6)
     # per-class alpha
     got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=[0.3, 0.7])
     w = [0.7, 0.3, 0.7, 0.7]
@@ -210,8 +218,9 @@ def test_sem_seg_loss_forward_passes_its_settings_on():
         -(math.log(0.8) + math.log(0.6) + math.log(0.4)) / 3, rel=1e-5)
     out = SemSegLoss(names=["Focal"], focal_gamma=2.0, focal_alpha=0.25)(
         two_class_logits(), targets())
-    assert out["loss_sem_seg_focal"].item() == pytest.approx(
-        0.25 * sum(-(1 - p) ** 2 * math.log(p) for p in [0.8, 0.8, 0.6, 0.4]) / 4, rel=1e-5)
+    assert out["loss_sem_seg_focal"].item() == pytest.approx(sum(
+        -a * (1 - p) ** 2 * math.log(p)
+        for a, p in zip([0.25, 0.75, 0.25, 0.25], [0.8, 0.8, 0.6, 0.4])) / 4, rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -420,6 +429,9 @@ def test_two_class_focal_alpha_from_the_config_weighs_the_foreground_as_binary_d
         cfg.MODEL.SEM_SEG_LOSS.FOCAL_GAMMA = 0.0
         cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = [0.9]
         losses.append(SemSegLoss(cfg)(logits, t)["loss_sem_seg_focal"])
+        # built without a config, one alpha means the same (it scaled both classes alike)
+        direct = SemSegLoss(names=["Focal"], focal_gamma=0.0, focal_alpha=0.9)(logits, t)
+        assert torch.allclose(direct["loss_sem_seg_focal"], losses[-1], atol=1e-6)
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
 
 
@@ -449,3 +461,25 @@ def test_one_focal_alpha_with_more_than_two_classes_scales_every_class_and_warns
         loss = SemSegLoss(cfg)
     assert loss.focal_alpha == 0.4
     assert "FOCAL_ALPHA [0.4] with 3 classes scales every class's focal term alike" in caplog.text
+
+
+def test_loss_settings_no_named_loss_uses_are_a_warning(caplog):
+    """CLASS_WEIGHTS with only Focal + Dice trained unweighted without a word."""
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 3
+    cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Focal", "Dice"]
+    cfg.MODEL.SEM_SEG_LOSS.CLASS_WEIGHTS = [1.0, 50.0, 50.0]
+    cfg.MODEL.SEM_SEG_LOSS.TVERSKY_BETA = 0.9
+    with caplog.at_level("WARNING"):
+        SemSegLoss(cfg)
+    assert "CLASS_WEIGHTS [1.0, 50.0, 50.0] has no effect: no loss in MODEL.SEM_SEG_LOSS.NAMES " \
+           "['Focal', 'Dice'] uses it" in caplog.text
+    assert "TVERSKY_ALPHA / TVERSKY_BETA [0.3, 0.9] has no effect" in caplog.text
+    caplog.clear()
+    cfg.MODEL.SEM_SEG_LOSS.NAMES = ["CE", "Tversky"]
+    cfg.MODEL.SEM_SEG_LOSS.FOCAL_ALPHA = []
+    with caplog.at_level("WARNING"):
+        SemSegLoss(cfg)
+    assert "has no effect" not in caplog.text

@@ -274,6 +274,9 @@ def test_predict_tool_panoptic(tmp_path):
 
 @pytest.mark.parametrize("config, opts", [
     (UNET, TINY_UNET),
+    # a grey model takes (1, H, W) images (the export built 3-channel ones and failed)
+    (UNET, TINY_UNET + ["INPUT.FORMAT", "L", "MODEL.PIXEL_MEAN", "[128.0]",
+                        "MODEL.PIXEL_STD", "[64.0]"]),
     (os.path.join(REPO, "configs/Shapes-SemanticSegmentation/deeplabv3plus_cpu.yaml"),
      ["MODEL.DEVICE", "cpu"]),
 ])
@@ -283,9 +286,12 @@ def test_export_semantic_dynamic_size(config, opts, tmp_path):
     results = export_semantic(model, str(tmp_path), 64, 64, check_sizes=((64, 96), (96, 64)))
     assert [r["format"] for r in results] == ["torchscript", "onnx"]
     for r in results:
-        assert r["dynamic"] and os.path.isfile(r["path"])
+        assert r["dynamic"] and os.path.isfile(r["path"]) and not r["error"], r
         assert r["checked_shapes"] == [[64, 96], [96, 64]]
         assert r["max_abs_diff"] < 1e-3, r
+    channels = len(model.pixel_mean.flatten())
+    ts = torch.jit.load(results[0]["path"])
+    assert ts(torch.rand(channels, 32, 48) * 255)[0].shape[-2:] == (32, 48)
 
 
 def test_exportable_adaptive_pool_equals_torch():
@@ -620,3 +626,15 @@ def test_an_export_computing_nan_is_the_worst_difference(tmp_path):
         export_mod._run_exported = orig
     assert diff == float("inf") and bad["n"] == 1
     assert not diff <= export_tool.MAX_LOGIT_DIFF
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--overlap", "1.0"], "argument --overlap: must be in [0, 1), got 1.0"),
+    (["--overlap", "-0.1"], "argument --overlap: must be in [0, 1), got -0.1"),
+    (["--sliding-window", "0", "64"], "argument --sliding-window: must be a positive number"),
+])
+def test_predict_tool_checks_window_options_before_loading_anything(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict_tool.main(["--config-file", "missing.yaml", "--input", "x", "--output", "y",
+                           *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -118,3 +118,22 @@ def test_training_with_prefetch_is_identical(tmp_path):
                                 "DATALOADER.NUM_WORKERS", "1")
     assert isinstance(trainer._trainer.data_loader, DevicePrefetcher)
     assert loss0 == loss1 and torch.equal(p0, p1)
+
+
+def test_without_workers_device_prefetch_stays_off(caplog):
+    """With DATALOADER.NUM_WORKERS 0 the mapper, and PositionSeededMapper's seeding and
+    restoring of the process-wide random states, would run in the prefetch thread, racing the
+    training step's own draws: the prefetcher is not used, with a warning."""
+    import logging
+
+    from d2seg.data.build import build_train_loader
+
+    opts = ["D2SEG.SPEED.DEVICE_PREFETCH", "on", "D2SEG.SHAPES.NUM_TRAIN", "6",
+            "D2SEG.SHAPES.NUM_VAL", "2", "D2SEG.SHAPES.IMAGE_SIZE", "96"]
+    with caplog.at_level(logging.WARNING, logger="d2seg.data.build"):
+        loader = build_train_loader(_cfg(UNET, *opts, "DATALOADER.NUM_WORKERS", "0"))
+    assert not isinstance(loader, DevicePrefetcher)
+    assert "DEVICE_PREFETCH is left off: it needs DATALOADER.NUM_WORKERS > 0" in caplog.text
+    loader = build_train_loader(_cfg(UNET, *opts, "DATALOADER.NUM_WORKERS", "1"))
+    assert isinstance(loader, DevicePrefetcher)
+

@@ -5,7 +5,7 @@
         [--height 256 --width 256] MODEL.WEIGHTS output/model_final.pth [KEY VALUE ...]
 
 Semantic models (UNet, DeepLabV3(Plus), PSPNet, SegFormer, HRNet, SemanticSegmentor):
-OUT/model.ts, OUT/model.onnx taking a (3, H, W) float image (0-255, INPUT.FORMAT channel order)
+OUT/model.ts, OUT/model.onnx taking a (C, H, W) float image (0-255, INPUT.FORMAT channel order; C = 1 for L)
 and returning (K, H, W) logits; H, W dynamic (PSPNet's pooling included: it is exported as
 matrix products). The config's test resize (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) is not part
 of the exported graph: OUT/input_spec.json says what to do before and after, as

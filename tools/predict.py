@@ -20,6 +20,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _overlap(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _window_side(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text}")
+    return v
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
@@ -28,9 +42,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="minimum score of instances drawn and written")
-    p.add_argument("--sliding-window", type=int, nargs=2, metavar=("H", "W"), default=None,
+    p.add_argument("--sliding-window", type=_window_side, nargs=2, metavar=("H", "W"), default=None,
                    help="semantic models: window size in pixels (D2SEG.INFERENCE.SLIDING_WINDOW)")
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap share")
+    p.add_argument("--overlap", type=_overlap, default=None,
+                   help="sliding-window overlap share, in [0, 1) (default: the config's, 0.25)")
     p.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--rot90", action="store_true",
                    help="semantic models: also average the 90/180/270-degree rotations")

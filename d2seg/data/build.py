@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from typing import Callable, Dict, Iterable, Iterator, List
 
@@ -32,6 +33,8 @@ from detectron2.utils import comm
 
 from .pack import PackedBatchCollator, PackedMapper
 from .safe_mapper import SafeMapper
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["build_train_loader", "build_test_loader", "build_mapper", "MAPPER_NAMES",
            "SkipSampler", "PositionSeededMapper"]
@@ -195,7 +198,14 @@ def build_train_loader(cfg: CfgNode, start_iter: int = 0) -> Iterable[List[Dict]
     if start_iter > 0:
         kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)
     loader = build_detection_train_loader(**kwargs)
-    if plan.device_prefetch:
+    if plan.device_prefetch and cfg.DATALOADER.NUM_WORKERS == 0:
+        # the mapper would run in the prefetch thread: PositionSeededMapper's seeding and
+        # restoring of the process-wide random states would race the training step's draws
+        logger.warning("D2SEG.SPEED.DEVICE_PREFETCH is left off: it needs "
+                       "DATALOADER.NUM_WORKERS > 0 (with 0 the augmentations would run in its "
+                       "thread, and their seeded random state would mix with the training "
+                       "step's)")
+    elif plan.device_prefetch:
         from .prefetch import DevicePrefetcher
 
         device = cfg.MODEL.DEVICE if plan.device == "cuda" else "cpu"

@@ -169,9 +169,17 @@ class SemSegDatasetMapper:
             both = torch.from_numpy(buf)
             d["image"], d["sem_seg"] = both[:c], both[c]
         else:
-            d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            d["image"] = _tensor(image.transpose(2, 0, 1))
             if sem_seg is not None:
-                d["sem_seg"] = torch.from_numpy(np.ascontiguousarray(
-                    sem_seg, dtype=np.uint8 if self.label_dtype == torch.uint8 else np.int64))
+                d["sem_seg"] = _tensor(
+                    sem_seg, np.uint8 if self.label_dtype == torch.uint8 else np.int64)
         d.pop("annotations", None)
         return d
+
+
+def _tensor(a: np.ndarray, dtype=None) -> torch.Tensor:
+    """``a`` as a contiguous tensor of ``dtype``, copied when it is read-only (an array PIL
+    hands out, e.g. a one-channel image whose transpose needs no copy): torch warns about
+    non-writable arrays."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())

@@ -277,12 +277,26 @@ USER_ERRORS: Tuple[type, ...] = (ConfigError, DatasetCheckError, DatasetLoadErro
 USER_ERROR_EXIT = 3
 
 
+def _end_process_group() -> None:
+    """After a finished run of several processes: wait for every rank, then take the process
+    group down before the interpreter exits (left to exit, gloo's teardown could abort a rank
+    whose peer was already gone: "terminate called without an active exception", a SIGABRT
+    that made a finished run exit 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
+
+
 def _main_in_worker(args: argparse.Namespace, prog: str) -> Optional[Dict[str, Any]]:
     """``main`` in a process started by ``launch``: a user error is printed there in one line
     and the process exits with USER_ERROR_EXIT (torch would otherwise hand the parent the
     whole traceback as text, and the parent would print it)."""
     try:
-        return main(args)
+        result = main(args)
+        _end_process_group()
+        return result
     except USER_ERRORS as e:
         world = comm.get_world_size()
         where = f" (process {comm.get_rank()} of {world})" if world > 1 else ""

@@ -28,7 +28,12 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
     if sliding_window:
         cfg.D2SEG.INFERENCE.SLIDING_WINDOW.SIZE = tuple(int(s) for s in sliding_window)
     if overlap is not None:
+        if not 0 <= float(overlap) < 1:
+            raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
         cfg.D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP = float(overlap)
+        if not all(cfg.D2SEG.INFERENCE.SLIDING_WINDOW.SIZE):
+            logger.warning("--overlap has no effect without a window: pass --sliding-window H W "
+                           "(or set D2SEG.INFERENCE.SLIDING_WINDOW.SIZE)")
     if flip:
         cfg.D2SEG.INFERENCE.FLIP = True
     if rot90:

@@ -78,7 +78,8 @@ class _IdMatcher:
     """Input path -> the json's image id, never another image's.
 
     * With ``image_root`` (the registered dataset's): only the file at ``image_root/<file_name>``
-      (same real path) has that entry's id; another file with the same name does not.
+      (the same path once folders are resolved, or the same real path) has that entry's id;
+      another file with the same name does not.
     * Without it (``--coco-json``): the entry whose ``file_name`` is the longest trailing part
       of the input's path; inputs that share that best match (``a/0.jpg`` and ``b/0.jpg``
       against ``0.jpg``) are ambiguous, and none of them gets the id.
@@ -99,7 +100,11 @@ class _IdMatcher:
     def match(self, path: str) -> Optional[int]:
         """The id of the json entry that ``path`` is, or None."""
         if self.image_root:
-            return self.exact.get(os.path.realpath(path))
+            # the folders resolved, the file itself not: a dataset of symlinked files (a
+            # folder of links into a data store) keeps its ids; a link to it from elsewhere too
+            folder, name = os.path.split(os.path.abspath(path))
+            hit = self.exact.get(os.path.join(os.path.realpath(folder), name))
+            return hit if hit is not None else self.exact.get(os.path.realpath(path))
         parts = _parts(os.path.abspath(path))
         best = None
         for fparts, i in self.by_name.get(parts[-1] if parts else "", []):

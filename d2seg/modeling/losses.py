@@ -228,7 +228,9 @@ def focal_loss(
       (a float in [0, 1] weighting positives, ``1 - alpha`` negatives; None or < 0 = no
       weighting);
     * multi-class: ``-alpha_y (1 - p_y)^gamma log p_y`` with p the softmax; ``alpha`` None
-      (all 1), a float (all classes), or one float per class.
+      (all 1), one float per class, or one float: with 2 classes (a softmax over background
+      and foreground) the foreground's weight and ``1 - alpha`` the background's, as in the
+      binary case (< 0 = no weighting); with more classes a factor on every class.
 
     ``gamma = 0`` and no alpha gives the (binary) cross-entropy. Gradients stay finite for
     any ``gamma >= 0``, also with saturated logits; ignored pixels get zero gradients.
@@ -261,6 +263,8 @@ def focal_loss(
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     loss = -_focal_factor(-torch.expm1(logp_t), gamma) * logp_t
+    if isinstance(alpha, (int, float)) and c == 2:  # [background, foreground]: as binary
+        alpha = None if alpha < 0 else [1.0 - float(alpha), float(alpha)]
     if alpha is not None:
         if isinstance(alpha, (int, float)):
             loss = loss * float(alpha)
@@ -403,6 +407,17 @@ class SemSegLoss(nn.Module):
             _log_once(logging.WARNING, f"MODEL.SEM_SEG_LOSS.FOCAL_ALPHA {alpha} with {k} "
                                        f"classes scales every class's focal term alike; give "
                                        f"one value per class to weigh the classes")
+        c, names = cfg.MODEL.SEM_SEG_LOSS, {n.lower() for n in cfg.MODEL.SEM_SEG_LOSS.NAMES}
+        unused = [(key, given) for key, given, users in (
+            ("CLASS_WEIGHTS", list(c.CLASS_WEIGHTS), ("ce", "bce")),
+            ("FOCAL_ALPHA", list(c.FOCAL_ALPHA), ("focal",)),
+            ("TVERSKY_ALPHA / TVERSKY_BETA", [c.TVERSKY_ALPHA, c.TVERSKY_BETA]
+             if (c.TVERSKY_ALPHA, c.TVERSKY_BETA) != (0.3, 0.7) else [], ("tversky",)),
+        ) if given and not names & set(users)]
+        for key, given in unused:
+            _log_once(logging.WARNING, f"MODEL.SEM_SEG_LOSS.{key} {given} has no effect: no "
+                                       f"loss in MODEL.SEM_SEG_LOSS.NAMES {list(c.NAMES)} uses "
+                                       f"it")
         return args
 
     @classmethod

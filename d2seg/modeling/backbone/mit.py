@@ -42,6 +42,11 @@ for _p in MIT_PRESETS.values():
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
+#: eps of the LayerNorms in the transformer blocks and after each stage, as in the official
+#: mit_b0..b5 (the patch-embedding and sequence-reduction LayerNorms keep torch's 1e-5), so
+#: that converted official weights give the official activations.
+BLOCK_NORM_EPS = 1e-6
+
 
 def mit_settings(name: str, **overrides) -> Dict[str, List[int]]:
     """The preset ``name`` ("b0".."b5") with non-empty ``overrides`` (embed_dims, depths,
@@ -147,11 +152,11 @@ class MiTBlock(nn.Module):
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
         # stochastic depth on whole samples of the residual branch (torchvision's)
         self.drop_path = StochasticDepth(drop_path, "row")
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
@@ -173,7 +178,7 @@ class MiTStage(nn.Module):
         self.blocks = nn.ModuleList([
             MiTBlock(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, drop, attn_drop, dp)
             for dp in drop_paths])
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
