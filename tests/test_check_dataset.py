@@ -579,3 +579,16 @@ def test_dataset_ignore_label_other_than_the_heads_ignore_value(tmp_path):
     reports = run_pre_training_checks(cfg, eval_only=True)
     (p,) = [p for r in reports for p in _problems(r, "ignore_value_mismatch")]
     assert p.severity == "warning"
+
+
+def test_a_panoptic_json_registered_as_coco_says_which_type(shared_data, capsys):
+    root = os.path.join(shared_data, "coco_panoptic_sample")
+    spec = (f"name=pan_as_coco,type=coco,json_file={root}/panoptic_examples.json,"
+            f"image_root={root}/input_images")
+    assert check_tool.main(["D2SEG.DATASETS.REGISTER", str((spec,)),
+                            "DATASETS.TRAIN", "('pan_as_coco',)"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("check_dataset.py: error: ") and "panoptic_examples.json: a COCO " \
+        "panoptic json (its annotations have 'segments_info'), registered as type=coco: " \
+        "register it with type=coco_panoptic" in err
+    assert "pan_as_coco" not in DatasetCatalog.list()

@@ -124,7 +124,6 @@ def test_command_line_tools_stop_in_one_line_on_a_missing_weights_file(tmp_path)
 ])
 def test_range_table_names_the_key_and_where_the_value_came_from(opts, expect):
     """Load-time range checks name the source (command line / file), the key and the value."""
-    import re
 
     from d2seg.config import ConfigError, load_config
 

@@ -638,3 +638,24 @@ def test_predict_tool_checks_window_options_before_loading_anything(argv, words,
         predict_tool.main(["--config-file", "missing.yaml", "--input", "x", "--output", "y",
                            *argv])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_image_ids_of_a_dataset_of_symlinked_files(tmp_path):
+    """A registered dataset whose image folder holds links into a data store: each input still
+    gets its json id (resolving the link itself led out of image_root: made-up ids, scoring
+    nothing); a file of the same name elsewhere still gets none."""
+    from d2seg.inference.writer import _IdMatcher
+
+    store, root, other = tmp_path / "store", tmp_path / "links", tmp_path / "other"
+    for d in (store, root, other):
+        d.mkdir()
+    for name in ("0.jpg", "3.jpg"):
+        (store / name).write_bytes(b"x")
+        os.symlink(store / name, root / name)
+    (other / "3.jpg").write_bytes(b"x")
+    os.symlink(root, tmp_path / "alias")  # a linked folder leading to the image root
+    m = _IdMatcher({"0.jpg": 5, "3.jpg": 11}, str(root))
+    assert m.match(str(root / "3.jpg")) == 11 and m.match(str(root / "0.jpg")) == 5
+    assert m.match(str(tmp_path / "alias" / "3.jpg")) == 11
+    assert m.match(str(other / "3.jpg")) is None
+    assert m.match(str(store / "3.jpg")) is None

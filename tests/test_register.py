@@ -262,6 +262,28 @@ def test_coco_panoptic_check_against_panoptic_fpn_config(shared_data):
     assert p.severity == "error" and f"NUM_CLASSES {n_stuff}" in p.message
 
 
+def test_panoptic_json_with_an_unknown_category_counts_things_and_stuff_apart(shared_data,
+                                                                              tmp_path):
+    """With json errors the report falls back on the raw json: for panoptic data its
+    NUM_CLASSES are the things (and stuff + 1), not every category (it called 132 categories
+    the thing count and printed all their ids in every error line)."""
+    from d2seg.data.checks import check_dataset
+
+    root = os.path.join(shared_data, "coco_panoptic_sample")
+    pan = json.load(open(f"{root}/panoptic_examples.json"))
+    pan["categories"] = [c for c in pan["categories"] if c["id"] != 1]  # person, used
+    with open(tmp_path / "pan.json", "w") as f:
+        json.dump(pan, f)
+    register_dataset(f"name=pan_unknown_cat,type=coco_panoptic,image_root={root}/input_images,"
+                     f"panoptic_root={root}/panoptic_examples,panoptic_json={tmp_path}/pan.json")
+    r = check_dataset("pan_unknown_cat")
+    things = sum(1 for c in pan["categories"] if c["isthing"])
+    assert r.num_classes_implied == things
+    assert r.num_stuff_classes_implied == len(pan["categories"]) - things + 1
+    unknown = [p for p in r.errors if p.code == "unknown_category_id"]
+    assert unknown and all(f"({len(pan['categories'])} ids)]" in p.message for p in unknown)
+
+
 def test_coco_panoptic_with_unsorted_categories_and_a_detection_format_instances_json(
         shared_data, tmp_path):
     """Categories in any order (numbered by id, as detectron2's load_coco_json numbers the

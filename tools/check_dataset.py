@@ -36,13 +36,18 @@ def main(argv=None) -> int:
 
     from d2seg.config import load_config_or_exit
     from d2seg.data.checks import check_datasets_from_cfg
+    from d2seg.data.errors import DatasetLoadError
     from d2seg.data.register import not_registered, register_datasets_from_cfg
     from detectron2.data import DatasetCatalog
 
     cfg = load_config_or_exit(args.config_file, args.opts, "check_dataset.py",
                               () if args.dataset else ("DATASETS.TRAIN", "DATASETS.TEST"))
     cfg.freeze()
-    register_datasets_from_cfg(cfg)
+    try:
+        register_datasets_from_cfg(cfg)
+    except DatasetLoadError as e:  # names the file and what to do
+        print(f"check_dataset.py: error: {e}", file=sys.stderr)
+        return 2
     known = DatasetCatalog.list()
     for n in args.dataset:
         if n not in known:

@@ -281,7 +281,7 @@ def check_coco_json(json_file: str, report: DatasetReport) -> Optional[Dict[str,
                 report.add(ERROR, "unknown_category_id", where, s.get("id"),
                            s.get("category_id"),
                            f"category id not in the category list of "
-                           f"{os.path.basename(json_file)}, {sorted(known)}")
+                           f"{os.path.basename(json_file)}, {_short_list(sorted(known))}")
         if is_panoptic:
             continue
         segm = a.get("segmentation")
@@ -298,6 +298,13 @@ def check_coco_json(json_file: str, report: DatasetReport) -> Optional[Dict[str,
 # ----------------------------------------------------------------------------------------
 # per-annotation geometry (shared by the checker and the training filter)
 # ----------------------------------------------------------------------------------------
+def _short_list(values: List[Any], n: int = 20) -> str:
+    """``values`` printed in full up to ``n`` items, else the first ``n`` and the count."""
+    if len(values) <= n:
+        return str(values)
+    return f"[{', '.join(map(str, values[:n]))}, ... ({len(values)} ids)]"
+
+
 def _poly_area(p: Sequence[float]) -> float:
     x, y = np.asarray(p[0::2], float), np.asarray(p[1::2], float)
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
@@ -651,6 +658,11 @@ def _check_json_images(json_file: str, data: Dict[str, Any], meta, report: Datas
     report.num_classes_implied = len(cats)
     anns = data.get("annotations", [])
     panoptic = bool(anns) and "segments_info" in anns[0]
+    if panoptic or report.kind == "panoptic":
+        # things go to the instance heads, stuff (+ 1 for all things) to the semantic head
+        things = [c for c in cats if c.get("isthing", 1)]
+        report.num_classes_implied = len(things)
+        report.num_stuff_classes_implied = len(cats) - len(things) + 1
     per_image: Dict[int, set] = collections.defaultdict(set)
     for a in anns:
         for seg in (a.get("segments_info", []) if panoptic else [a]):

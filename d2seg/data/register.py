@@ -341,7 +341,16 @@ def _register_coco(name: str, json_file: str, image_root: str,
                                   source_json_file=source_json_file or json_file)
     # thing_classes are known before the first load (predict / visualizers need them)
     with open(json_file) as f:
-        cats = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
+        data = json.load(f)
+    anns = data.get("annotations") or [{}]
+    if isinstance(anns[0], dict) and "segments_info" in anns[0]:
+        unregister(name)
+        raise DatasetLoadError(
+            f"{json_file}: a COCO panoptic json (its annotations have 'segments_info'), "
+            f"registered as type=coco: register it with type=coco_panoptic (image_root, "
+            f"panoptic_root, panoptic_json; docs/own_data.md)")
+    cats = sorted(data.get("categories", []), key=lambda c: c["id"])
+    del data
     MetadataCatalog.get(name).set(
         thing_classes=[c["name"] for c in cats],
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
