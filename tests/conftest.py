@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,6 +13,9 @@ sys.path.insert(0, REPO)
 # chose one (CI may keep a cache between steps).
 if "D2SEG_DATASETS" not in os.environ:
     os.environ["D2SEG_DATASETS"] = tempfile.mkdtemp(prefix="d2seg-test-cache-")
+    # removed when the session's process ends (processes it starts inherit the variable and
+    # register nothing); ~60 MB were left in /tmp by every run
+    atexit.register(shutil.rmtree, os.environ["D2SEG_DATASETS"], True)
 
 # CPU AMP "auto" measures bf16 against fp32 on the CPU it runs on (d2seg/engine/fast_paths.py);
 # the suite pins that measurement to "no faster", so every CPU runs the same (fp32) numerics.
@@ -28,6 +33,27 @@ def shared_data() -> str:
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"real data not found at {SHARED_DATA} (set D2SEG_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def isbi_registered(shared_data) -> str:
+    """The builtin ISBI catalogs registered from ``shared_data`` (once per session, whatever
+    the order of the tests; the environment is left as it was); returns ``shared_data``."""
+    from detectron2.data import DatasetCatalog
+
+    if "isbi2012_membrane_train" not in DatasetCatalog.list():
+        from d2seg.data import register_all_builtin
+
+        old = os.environ.get("D2SEG_SHARED_DATA")
+        os.environ["D2SEG_SHARED_DATA"] = shared_data
+        try:
+            register_all_builtin()
+        finally:
+            if old is None:
+                del os.environ["D2SEG_SHARED_DATA"]
+            else:
+                os.environ["D2SEG_SHARED_DATA"] = old
+    return shared_data
 
 
 @pytest.fixture(scope="session")

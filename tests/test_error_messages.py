@@ -1,4 +1,6 @@
 """Bad config values fail with the key and the value (and, through train_net, the file)."""
+import os
+
 import pytest
 from torch import nn
 
@@ -8,6 +10,8 @@ from d2seg.config import ConfigError, get_cfg, naming_config_file
 from d2seg.engine import Trainer
 from d2seg.inference import window_starts
 from d2seg.modeling.layers.blocks import norm_layer
+
+from conftest import REPO
 
 
 def test_naming_config_file_adds_the_file_to_key_first_value_errors():
@@ -98,5 +102,6 @@ def test_values_no_run_can_use_fail_at_load(key, value, what):
     with pytest.raises(ConfigError, match=rf"^command line override: {key.replace('.', '[.]')} "
                                           rf"must be {what}"):
         load_config("", [key, value])
-    cfg = load_config("configs/Shapes-SemanticSegmentation/unet_cpu.yaml")  # defaults pass
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml"))
+    # (the defaults pass)
     assert cfg.TEST.NUM_VIS >= 0

@@ -23,6 +23,7 @@ from detectron2.config import get_cfg as d2_get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 
 SETTINGS = dict(max_examples=int(os.environ.get("D2SEG_FUZZ_EXAMPLES", "25")), deadline=None, derandomize=True,
+                database=None,  # (no .hypothesis/ folder in the repo)
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 

@@ -155,7 +155,7 @@ def test_meta_arch_applies_post_processing():
     assert torch.equal(out["sem_seg"].argmax(0), expected)
 
 
-def test_search_threshold_tool_on_isbi(tmp_path, shared_data):
+def test_search_threshold_tool_on_isbi(tmp_path, shared_data, isbi_registered):
     """tools/search_threshold.py on a (random) tiny U-Net over the 5 ISBI validation slices."""
     import importlib.util
     import json
@@ -163,17 +163,11 @@ def test_search_threshold_tool_on_isbi(tmp_path, shared_data):
 
     import d2seg  # noqa: F401
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
 
     from conftest import REPO
     from d2seg.config import get_cfg
 
-    if "isbi2012_membrane_val" not in DatasetCatalog.list():
-        os.environ["D2SEG_SHARED_DATA"] = shared_data
-        from d2seg.data import register_all_builtin
-
-        register_all_builtin()
     config = os.path.join(REPO, "configs", "ISBI-SemanticSegmentation", "unet_cpu.yaml")
     cfg = get_cfg()
     cfg.merge_from_file(config)

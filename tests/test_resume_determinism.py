@@ -37,16 +37,12 @@ def _losses(out):
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     env = dict(os.environ)
-    ref, again, killed = tmp_path / "ref", tmp_path / "again", tmp_path / "killed"
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cmd(ref), check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(_cmd(again), check=True, env=env, capture_output=True, timeout=600)
-
-    # determinism: two runs with the same seed are identical, losses and weights
-    assert _losses(ref) == _losses(again) and _losses(ref)
     it_a, w_a, _ = _final(ref)
-    it_b, w_b, _ = _final(again)
-    assert it_a == it_b == 9
-    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert it_a == 9 and _losses(ref)
+    # (a second fresh run is not needed: the resumed run below must equal this one bit for
+    # bit, which two runs differing from each other could not)
 
     # kill -9 once a few checkpoints exist (the kill may land in the middle of a write)
     p = subprocess.Popen(_cmd(killed), env=env, stdout=subprocess.DEVNULL,

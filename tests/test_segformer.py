@@ -309,14 +309,7 @@ def test_folded_decoder_equals_the_published_concatenation(norm):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
 
 
-def test_isbi_config_trains_and_reports_membrane(tmp_path, shared_data):
-    from detectron2.data import DatasetCatalog
-
-    if "isbi2012_membrane_train" not in DatasetCatalog.list():
-        os.environ["D2SEG_SHARED_DATA"] = shared_data
-        from d2seg.data import register_all_builtin
-
-        register_all_builtin()
+def test_isbi_config_trains_and_reports_membrane(tmp_path, shared_data, isbi_registered):
     res = run_train_net(os.path.join(ISBI, "segformer_b0_cpu.yaml"), tmp_path, *TINY,
                         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
                         "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1")

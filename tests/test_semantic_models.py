@@ -422,14 +422,7 @@ def test_integer_pixel_mean_and_an_unused_head_name(caplog):
     assert "MODEL.SEM_SEG_HEAD.NAME='ASPPHead' is not used" in caplog.text
 
 
-def test_isbi_config_trains_and_reports_membrane(tmp_path, shared_data):
-    from detectron2.data import DatasetCatalog
-
-    if "isbi2012_membrane_train" not in DatasetCatalog.list():
-        os.environ["D2SEG_SHARED_DATA"] = shared_data
-        from d2seg.data import register_all_builtin
-
-        register_all_builtin()
+def test_isbi_config_trains_and_reports_membrane(tmp_path, shared_data, isbi_registered):
     res = run_train_net(os.path.join(ISBI, "unet_cpu.yaml"), tmp_path, "SOLVER.MAX_ITER", "2",
                         "SOLVER.IMS_PER_BATCH", "2", "MODEL.UNET.BASE_CHANNELS", "4",
                         "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1")

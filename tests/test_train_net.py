@@ -26,8 +26,10 @@ def run(config, out, *extra, flags=()):
 
 
 def test_mask_rcnn_train_eval(tmp_path):
+    # (score threshold 0: a 3-iteration model's detections reach the results file)
     res = run("configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml", tmp_path,
-              "SOLVER.MAX_ITER", "3")
+              "SOLVER.MAX_ITER", "3", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+              "TEST.DETECTIONS_PER_IMAGE", "20")
     assert set(res) == {"bbox", "segm"}
     for task in ("bbox", "segm"):
         assert {"AP", "AP50", "AP75"} <= set(res[task])
@@ -40,8 +42,8 @@ def test_mask_rcnn_train_eval(tmp_path):
     from detectron2.data import MetadataCatalog
 
     preds = json.load(open(tmp_path / "inference" / "shapes_instance_val" / "coco_instances_results.json"))
-    if preds:
-        COCO(MetadataCatalog.get("shapes_instance_val").json_file).loadRes(preds)
+    assert preds and {"bbox", "segmentation", "score", "category_id"} <= set(preds[0])
+    COCO(MetadataCatalog.get("shapes_instance_val").json_file).loadRes(preds)
 
 
 def test_panoptic_fpn_train_eval(tmp_path):
@@ -87,6 +89,9 @@ def test_optimizer_choice(name, cls):
     assert type(opt).__name__ == cls and opt.param_groups[0]["lr"] == 0.001
     if name != "SGD":
         assert tuple(opt.param_groups[0]["betas"]) == (0.9, 0.999)
+        cfg.defrost()
+        cfg.SOLVER.BETAS = (0.8, 0.95)
+        assert tuple(Trainer.build_optimizer(cfg, model).param_groups[0]["betas"]) == (0.8, 0.95)
 
 
 def test_poly_lr_scheduler():
