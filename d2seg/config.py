@@ -213,6 +213,15 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # d2seg.data.sem_seg_mapper.SemSegDatasetMapper (INPUT.DATASET_MAPPER_NAME = "sem_seg").
     # INPUT.RANDOM_FLIP also accepts "both" (independent horizontal and vertical flips).
     cfg.INPUT.RANDOM_ROT90 = False  # random multiples of 90 degrees (square crops advised)
+    # How images with more than 8 bits (16-bit / float PNG, TIFF) become the models' 0-255
+    # (d2seg/data/image_io.py): "minmax" each image by its own range; "window" every image by
+    # WINDOW (low, high) raw values, e.g. CT Hounsfield units (-160, 240); "percentile" each
+    # image by its own PERCENTILES (low, high). Values outside are clipped; 8-bit images are
+    # used as they are.
+    cfg.INPUT.INTENSITY = CN()
+    cfg.INPUT.INTENSITY.SCALING = "minmax"
+    cfg.INPUT.INTENSITY.WINDOW = (0.0, 0.0)
+    cfg.INPUT.INTENSITY.PERCENTILES = (0.5, 99.5)
     cfg.INPUT.FG_CROP = CN()
     cfg.INPUT.FG_CROP.ENABLED = False  # needs INPUT.CROP.ENABLED
     cfg.INPUT.FG_CROP.PROB = 0.5  # share of crops centred on a foreground pixel
@@ -529,6 +538,7 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     _check_names(cfg, config_file, opts)
     _check_ranges(cfg, config_file, opts)
     _check_channels(cfg, config_file, opts)
+    _check_intensity(cfg, config_file, opts)
     _check_sem_seg_loss(cfg, config_file, opts)
     _check_speed(cfg, config_file, opts)
     return cfg
@@ -590,6 +600,20 @@ def _check_channels(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None
             f"MODEL.PIXEL_MEAN and MODEL.PIXEL_STD to {want} value(s) each"
         raise ConfigError(f"{where}: MODEL.PIXEL_MEAN has {len(mean)} value(s) {mean}, but "
                           f"INPUT.FORMAT {fmt!r} reads {want}-channel images; set {fix}")
+
+
+def _check_intensity(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
+    """``INPUT.INTENSITY``: a known SCALING with the range it needs."""
+    from .data.image_io import IntensityScaling
+
+    try:
+        IntensityScaling.from_cfg(cfg)
+    except ValueError as e:
+        given = {str(k) for k in list(opts)[0::2]}
+        keys = [k for k in given if k.startswith("INPUT.INTENSITY")]
+        where = f"command line override ({', '.join(sorted(keys))})" if keys else \
+            (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _check_sem_seg_loss(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:

@@ -659,3 +659,54 @@ def test_image_ids_of_a_dataset_of_symlinked_files(tmp_path):
     assert m.match(str(tmp_path / "alias" / "3.jpg")) == 11
     assert m.match(str(other / "3.jpg")) is None
     assert m.match(str(store / "3.jpg")) is None
+
+
+def test_intensity_window_and_percentile_scaling(tmp_path):
+    """INPUT.INTENSITY: "window" maps one raw value to one 8-bit value in every image (CT
+    Hounsfield units; "minmax" gave the same raw value different inputs by the image's other
+    pixels), "percentile" clips a few extreme pixels; the semantic mapper, SegPredictor and
+    predict_config (the process default, for detectron2's mapper) all follow the config."""
+    from d2seg.config import ConfigError
+    from d2seg.data import image_io
+    from d2seg.data.image_io import IntensityScaling, to_uint8
+    from d2seg.data.sem_seg_mapper import SemSegDatasetMapper
+    from d2seg.inference.run import predict_config
+
+    ct = np.array([[-1000.0, -160.0, 0.0, 240.0, 1000.0]])
+    assert to_uint8(ct, scaling=IntensityScaling("window", -160, 240)).tolist() == \
+        [[0, 0, 102, 255, 255]]
+    hot = np.arange(100.0).reshape(10, 10)
+    hot[0, 0] = 1e6
+    p = to_uint8(hot, scaling=IntensityScaling("percentile", 0, 98))
+    assert p[0, 0] == 255 and p[9, 8] == 255 and 120 < p[5, 0] < 135  # minmax: 0
+    assert to_uint8(hot)[5, 0] == 0
+    # the same raw value in two images of other ranges: one input with a window only
+    a = np.float32([[0, 1000, 2000]])
+    b = np.float32([[0, 1000, 4000]])
+    Image.fromarray(a).save(tmp_path / "a.tif")
+    Image.fromarray(b).save(tmp_path / "b.tif")
+    opts = TINY_UNET + ["INPUT.MIN_SIZE_TEST", "0"]
+    win = opts + ["INPUT.INTENSITY.SCALING", "window", "INPUT.INTENSITY.WINDOW", "(0, 4000)"]
+    for extra, same in (([], False), (win[len(opts):], True)):
+        mapper = SemSegDatasetMapper(load_config(UNET, opts + extra), is_train=False)
+        px = [mapper({"file_name": str(tmp_path / f), "height": 1, "width": 3})["image"][0, 0, 1]
+              for f in ("a.tif", "b.tif")]
+        assert (px[0] == px[1]) == same, (extra, px)
+    assert SegPredictor(load_config(UNET, win)).intensity == IntensityScaling("window", 0, 4000)
+    try:
+        predict_config(UNET, win)
+        assert image_io.intensity_scaling() == IntensityScaling("window", 0, 4000)
+        from detectron2.data import detection_utils  # detectron2's mapper reads with it
+
+        assert detection_utils.read_image(str(tmp_path / "a.tif"), "BGR")[0, :, 0].tolist() == \
+            [0, 64, 128]
+    finally:
+        image_io.set_intensity_scaling(IntensityScaling())
+    # bad settings: one line at load time, naming the key and the value
+    for bad, words in ((["INPUT.INTENSITY.SCALING", "hu"], "SCALING must be one of"),
+                       (["INPUT.INTENSITY.SCALING", "window"], r"WINDOW must be \(low, high\) "
+                                                               r"with high > low.*\(0, 0\)"),
+                       (["INPUT.INTENSITY.SCALING", "percentile",
+                         "INPUT.INTENSITY.PERCENTILES", "(5, 120)"], r"PERCENTILES .* \(5, 120\)")):
+        with pytest.raises(ConfigError, match=r"^command line override \(INPUT.INTENSITY.*" + words):
+            load_config(UNET, bad)

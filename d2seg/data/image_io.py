@@ -3,9 +3,18 @@ data often are).
 
 detectron2's ``read_image`` converts every image to the 8-bit format the models take through
 PIL, which clips a 16-bit image at 255 (almost all white) and a float one to 0 or 1 (black):
-the model then trains on, or predicts, a constant image without any message. d2seg reads such
-images by scaling each one by its own minimum and maximum to 0-255 (logged for the first such
-image in a process), then converts as detectron2 does.
+the model then trains on, or predicts, a constant image without any message. d2seg scales such
+images to 0-255 (logged for the first such image in a process), then converts as detectron2
+does. How (``INPUT.INTENSITY.SCALING``, :class:`IntensityScaling`):
+
+* ``"minmax"`` (default): each image by its own minimum and maximum;
+* ``"window"``: every image by one fixed range ``INPUT.INTENSITY.WINDOW: (lo, hi)``, values
+  outside clipped (CT in Hounsfield units, e.g. a soft-tissue window (-160, 240); 16-bit
+  microscopy of a known range), so that one raw value is one model input in every image;
+* ``"percentile"``: each image by its own ``INPUT.INTENSITY.PERCENTILES: (low, high)``
+  percentiles, values outside clipped (robust to a few hot or dead pixels).
+
+8-bit images are used as they are in every mode.
 
 Label maps (semantic segmentation ground truth) follow one rule, :func:`read_sem_seg`, wherever
 d2seg reads them (training mapper, evaluators, dataset checks, repeat-factor sampler, folder
@@ -20,6 +29,7 @@ called when ``d2seg`` is imported. 8-bit images give exactly what detectron2's r
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional, Tuple
 
@@ -32,7 +42,8 @@ from detectron2.utils.file_io import PathManager
 logger = logging.getLogger(__name__)
 
 __all__ = ["read_image", "read_sem_seg", "image_size", "LabelMapError", "to_uint8",
-           "HIGH_BIT_MODES", "install"]
+           "HIGH_BIT_MODES", "install", "IntensityScaling", "set_intensity_scaling",
+           "intensity_scaling", "INTENSITY_MODES"]
 
 # PIL modes of one-channel images with more than 8 bits (integer or float)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -42,33 +53,117 @@ _warned = False
 _detectron2_read_image = detection_utils.read_image
 
 
-def to_uint8(array: np.ndarray, what: str = "image") -> np.ndarray:
-    """``array`` (any integer or float dtype) scaled by its own minimum and maximum to uint8
-    0-255; uint8 is returned unchanged, a constant array becomes 0. NaN / inf are refused."""
+#: ``INPUT.INTENSITY.SCALING`` values (module docstring)
+INTENSITY_MODES = ("minmax", "window", "percentile")
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensityScaling:
+    """How images with more than 8 bits become 0-255 (module docstring).
+
+    Attributes:
+        mode: one of :data:`INTENSITY_MODES`.
+        low, high: the window's raw values ("window") or the percentiles ("percentile");
+            unused for "minmax".
+    """
+    mode: str = "minmax"
+    low: float = 0.0
+    high: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in INTENSITY_MODES:
+            raise ValueError(f"INPUT.INTENSITY.SCALING must be one of {list(INTENSITY_MODES)}, "
+                             f"got {self.mode!r}")
+        if self.mode == "window" and not self.high > self.low:
+            raise ValueError(f"INPUT.INTENSITY.WINDOW must be (low, high) with high > low for "
+                             f"SCALING 'window', got ({self.low:g}, {self.high:g})")
+        if self.mode == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"INPUT.INTENSITY.PERCENTILES must be (low, high) with 0 <= low < "
+                             f"high <= 100, got ({self.low:g}, {self.high:g})")
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "IntensityScaling":
+        """``cfg.INPUT.INTENSITY`` (SCALING, WINDOW, PERCENTILES); raises ValueError naming the
+        key and the value."""
+        c = cfg.INPUT.INTENSITY
+        mode = str(c.SCALING).lower()
+        pair = {"window": c.WINDOW, "percentile": c.PERCENTILES}.get(mode, (0.0, 0.0))
+        if len(pair) != 2:
+            key = "WINDOW" if mode == "window" else "PERCENTILES"
+            raise ValueError(f"INPUT.INTENSITY.{key} must be two numbers (low, high), got "
+                             f"{list(pair)}")
+        return cls(mode, float(pair[0]), float(pair[1]))
+
+    def range_of(self, a: np.ndarray) -> Tuple[float, float]:
+        """The raw values that become 0 and 255 in the float64 image ``a``."""
+        if self.mode == "window":
+            return self.low, self.high
+        if not a.size:
+            return 0.0, 0.0
+        if self.mode == "percentile":
+            lo, hi = np.percentile(a, (self.low, self.high))
+            return float(lo), float(hi)
+        return float(a.min()), float(a.max())
+
+    def describe(self) -> str:
+        if self.mode == "window":
+            return f"the fixed window {self.low:g}..{self.high:g} (INPUT.INTENSITY.WINDOW)"
+        if self.mode == "percentile":
+            return (f"the image's own {self.low:g}th..{self.high:g}th percentiles "
+                    f"(INPUT.INTENSITY.PERCENTILES)")
+        return "the image's own minimum and maximum (INPUT.INTENSITY.SCALING minmax)"
+
+
+_scaling = IntensityScaling()
+
+
+def set_intensity_scaling(scaling: IntensityScaling) -> None:
+    """The process's default :class:`IntensityScaling` (what :func:`read_image` uses when not
+    given one, e.g. inside detectron2's ``DatasetMapper``); ``d2seg.engine.setup`` and
+    ``tools/predict.py`` set it from the config. Data-loader workers forked later inherit it."""
+    global _scaling
+    _scaling = scaling
+
+
+def intensity_scaling() -> IntensityScaling:
+    """The process's default :class:`IntensityScaling`."""
+    return _scaling
+
+
+def to_uint8(array: np.ndarray, what: str = "image",
+             scaling: Optional[IntensityScaling] = None) -> np.ndarray:
+    """``array`` (any integer or float dtype) scaled to uint8 0-255 by ``scaling`` (default:
+    the process's, :func:`set_intensity_scaling`; "minmax" unless set): values outside its
+    range clipped. uint8 is returned unchanged; a constant array (an empty range) becomes 0.
+    NaN / inf are refused."""
     a = np.asarray(array)
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
         return a.astype(np.uint8) * 255
+    scaling = scaling or _scaling
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
         raise ValueError(f"{what}: NaN or infinite pixel values")
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    lo, hi = scaling.range_of(a)
     global _warned
     if not _warned:
         _warned = True
-        logger.warning(f"{what}: {array.dtype} pixels ({lo:g}..{hi:g}) scaled to 0-255 by the "
-                       f"image's own minimum and maximum, as is every such image (the models "
-                       f"take 8-bit input); convert them beforehand for another scaling")
+        logger.warning(f"{what}: {array.dtype} pixels ({float(a.min()) if a.size else 0:g}.."
+                       f"{float(a.max()) if a.size else 0:g}) scaled to 0-255 by "
+                       f"{scaling.describe()}, as is every such image (the models take 8-bit "
+                       f"input; INPUT.INTENSITY chooses the scaling)")
     if hi <= lo:
         return np.zeros(a.shape, np.uint8)
-    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return np.rint((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def read_image(file_name: str, format: Optional[str] = None,
-               scale: Optional[bool] = None) -> np.ndarray:
+               scale: Optional[bool] = None,
+               scaling: Optional[IntensityScaling] = None) -> np.ndarray:
     """detectron2's ``read_image`` (EXIF orientation applied; (H, W, C) uint8 in ``format``),
-    with 16-bit and float images scaled to 0-255 by their own range instead of clipped.
+    with 16-bit and float images scaled to 0-255 (``scaling``, default the process's:
+    :func:`set_intensity_scaling`) instead of clipped.
 
     Args:
         scale: whether the file is an image whose values are intensities (scaled when it has
@@ -85,7 +180,8 @@ def read_image(file_name: str, format: Optional[str] = None,
         image = Image.open(f)
         image = detection_utils._apply_exif_orientation(image)
         if image.mode in HIGH_BIT_MODES:
-            image = Image.fromarray(to_uint8(np.asarray(image), str(file_name)), mode="L")
+            image = Image.fromarray(to_uint8(np.asarray(image), str(file_name), scaling),
+                                    mode="L")
         return detection_utils.convert_PIL_to_numpy(image, format)
 
 

@@ -13,7 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .errors import MapperSetupError
-from .image_io import read_image, read_sem_seg
+from .image_io import IntensityScaling, read_image, read_sem_seg
 from .sem_seg_transforms import (
     ForegroundCenteredCrop,
     RandomElasticDeformation,
@@ -94,6 +94,7 @@ class SemSegDatasetMapper:
         image_format: str = "BGR",
         load_gt_in_eval: bool = False,
         label_dtype: torch.dtype = torch.int64,
+        intensity: Optional[IntensityScaling] = None,
     ):
         """
         Args:
@@ -105,6 +106,8 @@ class SemSegDatasetMapper:
             label_dtype: torch.int64 or torch.uint8 (no value lost: label maps with ids outside
                 0-255 raise a ValueError naming the file). Label maps are read by
                 :func:`~d2seg.data.image_io.read_sem_seg` (stored values are the ids).
+            intensity: how images with more than 8 bits become 0-255 (``INPUT.INTENSITY``);
+                None: the process's default (:func:`~d2seg.data.image_io.set_intensity_scaling`).
         """
         if label_dtype not in (torch.int64, torch.uint8):
             raise ValueError(f"label_dtype must be torch.int64 or torch.uint8, got {label_dtype}")
@@ -113,6 +116,7 @@ class SemSegDatasetMapper:
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
         self.load_gt_in_eval = load_gt_in_eval
+        self.intensity = intensity
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(
             f"[SemSegDatasetMapper] Augmentations used in {mode}: {list(augmentations)}")
@@ -126,6 +130,7 @@ class SemSegDatasetMapper:
             "augmentations": build_sem_seg_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "label_dtype": torch.uint8 if resolve(cfg).compact_labels else torch.int64,
+            "intensity": IntensityScaling.from_cfg(cfg),
         }
 
     def _narrow_labels(self, sem_seg: np.ndarray, path: str) -> np.ndarray:
@@ -145,7 +150,8 @@ class SemSegDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         d = copy.deepcopy(dataset_dict)
-        image = read_image(d["file_name"], format=self.image_format, scale=True)
+        image = read_image(d["file_name"], format=self.image_format, scale=True,
+                           scaling=self.intensity)
         utils.check_image_size(d, image)
         sem_seg: Optional[np.ndarray] = None
         if "sem_seg_file_name" in d and (self.is_train or self.load_gt_in_eval):

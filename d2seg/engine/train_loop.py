@@ -24,6 +24,7 @@ from ..config import CfgNode, ConfigError, load_config, naming_config_file
 from ..data.catalogs import register_shapes_from_cfg
 from ..data.checks import DatasetCheckError, run_pre_training_checks
 from ..data.errors import DatasetLoadError
+from ..data.image_io import IntensityScaling, set_intensity_scaling
 from ..data.register import register_datasets_from_cfg
 from . import fast_paths
 from .trainer import Trainer
@@ -193,6 +194,9 @@ def setup(args: argparse.Namespace) -> CfgNode:
     for level, msg in adapted:  # said before the log file existed: into it now
         logger.log(level, msg)
     register_datasets_from_cfg(cfg)  # D2SEG.DATASETS.REGISTER (d2seg/data/register.py)
+    # INPUT.INTENSITY for every reader of this process and its loader workers (detectron2's
+    # DatasetMapper, the visualizer; d2seg's semantic mapper is also given it)
+    set_intensity_scaling(IntensityScaling.from_cfg(cfg))
     return cfg
 
 

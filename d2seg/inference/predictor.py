@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
 import cv2
 import numpy as np
@@ -28,7 +28,7 @@ from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_m
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
 
 from ..checkpoint import load_weights
-from ..data.image_io import to_uint8
+from ..data.image_io import IntensityScaling, to_uint8
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..engine import fast_paths
 from .tta import SemanticSegmentorWithTTA
@@ -87,10 +87,10 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     return model
 
 
-def _as_uint8(image: np.ndarray) -> np.ndarray:
-    """uint8 pixels: unsigned 16/32-bit and out-of-range values scaled by the image's range
-    (as d2seg reads such files), bool as 0/255; other integer and float arrays already in 0-255
-    as they are."""
+def _as_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> np.ndarray:
+    """uint8 pixels: unsigned 16/32-bit and out-of-range values scaled by ``scaling`` (as d2seg
+    reads such files), bool as 0/255; other integer and float arrays already in 0-255 as they
+    are."""
     if image.dtype == np.uint8:
         return image
     if image.dtype == bool:  # a mask: True is white (255), as d2seg reads bool images, not 1
@@ -99,20 +99,20 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
     if not high_bit and image.size and np.isfinite(image).all() and \
             image.min() >= 0 and image.max() <= 255:
         return np.rint(image).astype(np.uint8)
-    return to_uint8(image, "SegPredictor input")
+    return to_uint8(image, "SegPredictor input", scaling)
 
 
-def _as_bgr_uint8(image: np.ndarray) -> np.ndarray:
+def _as_bgr_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> np.ndarray:
     """(H, W, 3) uint8 from what a user may hand the predictor (see ``SegPredictor.__call__``)."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 2:
-        image = np.repeat(_as_uint8(image)[:, :, None], 3, axis=2)
+        image = np.repeat(_as_uint8(image, scaling)[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"SegPredictor takes an (H, W, 3) BGR image or an (H, W) grey one, got "
                          f"shape {tuple(image.shape)}")
-    return _as_uint8(image)
+    return _as_uint8(image, scaling)
 
 
 class SegPredictor(DefaultPredictor):
@@ -130,6 +130,7 @@ class SegPredictor(DefaultPredictor):
         self.aug = ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
+        self.intensity = IntensityScaling.from_cfg(cfg)
         if self.input_format not in ("RGB", "BGR", "L"):
             raise ValueError(f"INPUT.FORMAT '{self.input_format}': SegPredictor takes BGR, RGB "
                              f"and L (grey) models")
@@ -170,14 +171,15 @@ class SegPredictor(DefaultPredictor):
         Args:
             original_image: (H, W, 3) uint8 image in BGR order (as cv2.imread); an (H, W) or
                 (H, W, 1) grey image is repeated over the 3 channels; a 16- or 32-bit unsigned
-                one (or any with values outside 0-255) is scaled to 0-255 by its own minimum
-                and maximum, as d2seg reads such files; float or signed arrays in 0-255 are
+                one (or any with values outside 0-255) is scaled to 0-255 as the config's
+                ``INPUT.INTENSITY`` says (default: by its own minimum and maximum), as d2seg
+                reads such files; float or signed arrays in 0-255 are
                 taken as they are. A grey model (INPUT.FORMAT "L") gets the image's grey.
 
         Returns:
             the model's output for the image, at the original size.
         """
-        original_image = _as_bgr_uint8(original_image)
+        original_image = _as_bgr_uint8(original_image, self.intensity)
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
         elif self.input_format == "L":  # PIL's (ITU-R 601-2) grey, as the loader reads "L"
