@@ -185,6 +185,21 @@ def test_evaluator_pools_over_images(tmp_path, distributed):
     written = json.loads((tmp_path / "out" / "sem_seg_metrics.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert written["IoU-unused"] is None and written["IoU-fg"] == pytest.approx(100 * 2 / 5)
+    # per image (valid pixels only): image 1 Dice bg 6/8, fg 4/6; image 2 bg 14/15, fg 0 (one
+    # false positive pixel, no foreground), "unused" neither present nor predicted: left out
+    img = [(6 / 8 + 4 / 6) / 2, (14 / 15 + 0) / 2]
+    assert res["mDiceImg"] == pytest.approx(100 * sum(img) / 2)
+    assert res["mDiceImgSD"] == pytest.approx(100 * abs(img[0] - img[1]) / math.sqrt(2))
+    assert res["DiceImg-fg"] == pytest.approx(100 * (4 / 6 + 0) / 2)
+    assert res["DiceImg-bg"] == pytest.approx(100 * (6 / 8 + 14 / 15) / 2)
+    assert math.isnan(res["DiceImg-unused"])
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sem_seg_per_image.csv")))
+    assert [r["file_name"] for r in rows] == [d["file_name"] for d in dicts]
+    assert float(rows[0]["Dice-fg"]) == pytest.approx(100 * 4 / 6, abs=1e-4)
+    assert float(rows[1]["IoU-bg"]) == pytest.approx(100 * 7 / 8, abs=1e-4)
+    assert rows[1]["Dice-unused"] == "" and float(rows[1]["Dice-fg"]) == 0.0
     # detectron2's print_csv_format accepts the flat dict
     from detectron2.evaluation import print_csv_format
 

@@ -77,8 +77,9 @@ class SemSegEvaluator(_D2SemSegEvaluator):
         if self._metrics is not None:
             self._metrics.reset()
 
-    def accumulate(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        """Add one image: ``pred`` (H, W) int64 labels in ``[0, C)``, ``gt`` (H, W) ids."""
+    def accumulate(self, pred: np.ndarray, gt: np.ndarray, name: str = "") -> None:
+        """Add one image: ``pred`` (H, W) int64 labels in ``[0, C)``, ``gt`` (H, W) ids;
+        ``name``: its file (the metrics' per-image table)."""
         c = self._num_classes
         if pred.size and (pred.min() < 0 or pred.max() >= c):
             raise ValueError(f"predicted labels {pred.min()}..{pred.max()} outside [0, {c}): "
@@ -99,7 +100,7 @@ class SemSegEvaluator(_D2SemSegEvaluator):
         if m is not None:
             # the same pixels' counts, rows = ground truth, without the ignore row / column
             same = m._num_classes == c and m._ignore_label == self._ignore_label
-            m.accumulate(pred, gt, cm=counts[:c, :c].T if same else None)
+            m.accumulate(pred, gt, cm=counts[:c, :c].T if same else None, name=name)
 
     def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
         """inputs: the model inputs ("file_name", optionally "sem_seg_file_name"); outputs:
@@ -115,7 +116,7 @@ class SemSegEvaluator(_D2SemSegEvaluator):
             if pred.shape != gt.shape:
                 raise ValueError(f"{inp['file_name']}: prediction {pred.shape} and ground truth "
                                  f"{path} {gt.shape} differ in size")
-            self.accumulate(pred, gt)
+            self.accumulate(pred, gt, inp["file_name"])
             if self._write_predictions:
                 self._predictions.extend(self.encode_json_sem_seg(pred, inp["file_name"]))
 

@@ -6,10 +6,12 @@ and ``tools/train_net.py --eval-only`` it is fed by d2seg's ``SemSegEvaluator``
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -53,6 +55,13 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     whole dataset is NaN and left out of the means; a class predicted but never present
     scores 0 (detectron2's ``SemSegEvaluator`` instead leaves out every class absent from the
     ground truth).
+
+    Per image (the per-case figures of medical papers): "DiceImg-<class>", the mean over the
+    images in which the class is present or predicted of that image's Dice; "mDiceImg" and
+    "mDiceImgSD", the mean and standard deviation over images of each image's mean Dice over
+    such classes. With ``output_dir``, ``sem_seg_per_image.csv``
+    has one row per image: its file name, then Dice and IoU per class (empty where the class is
+    neither present nor predicted).
     """
 
     def __init__(
@@ -107,6 +116,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         self._b_inter = np.zeros(c, dtype=np.int64)
         self._b_union = np.zeros(c, dtype=np.int64)
         self._num_images = 0
+        self._per_image: List[tuple] = []  # (file name, Dice (C,), IoU (C,)) per image
 
     def _load_gt(self, inp: Dict) -> np.ndarray:
         path = inp.get("sem_seg_file_name") or self._gt_files.get(inp["file_name"])
@@ -123,18 +133,25 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
             if pred.shape != gt.shape:
                 raise ValueError(f"{inp['file_name']}: prediction {pred.shape} and ground truth "
                                  f"{gt.shape} differ in size")
-            self.accumulate(pred, gt)
+            self.accumulate(pred, gt, name=inp["file_name"])
 
-    def accumulate(self, pred: np.ndarray, gt: np.ndarray, cm: Optional[np.ndarray] = None
-                   ) -> None:
+    def accumulate(self, pred: np.ndarray, gt: np.ndarray, cm: Optional[np.ndarray] = None,
+                   name: str = "") -> None:
         """Add one image: ``pred`` (H, W) labels in ``[0, C)``, ``gt`` (H, W) ids (what
         :meth:`process` does after reading them; d2seg's ``SemSegEvaluator`` calls it with the
         maps it has read itself, and ``cm``, their (C, C) confusion matrix, rows = ground
-        truth, when it has counted it already)."""
+        truth, when it has counted it already); ``name``: the image's file, for the per-image
+        table."""
         if cm is None:
             cm = confusion_matrix(pred, gt, self._num_classes, self._ignore_label)
         self._cm += cm
         self._num_images += 1
+        tp = np.diag(cm).astype(np.float64)
+        both = cm.sum(0) + cm.sum(1)  # predicted + ground-truth pixels per class
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = np.where(both > 0, 2 * tp / both, np.nan)
+            iou = np.where(both > 0, tp / (both - tp), np.nan)
+        self._per_image.append((str(name), dice.astype(np.float32), iou.astype(np.float32)))
         if self._boundary:
             self._accumulate_boundary(pred, gt)
 
@@ -150,13 +167,16 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         cm, bi, bu, n = self._cm, self._b_inter, self._b_union, self._num_images
         if self._distributed:
             comm.synchronize()
-            parts = comm.gather((cm, bi, bu, n), dst=0)
+            parts = comm.gather((cm, bi, bu, n, self._per_image), dst=0)
             if not comm.is_main_process():
                 return {}
             cm = sum(p[0] for p in parts)
             bi = sum(p[1] for p in parts)
             bu = sum(p[2] for p in parts)
             n = sum(p[3] for p in parts)
+            per_image = [row for p in parts for row in p[4]]
+        else:
+            per_image = self._per_image
         if n == 0:
             self._logger.warning(f"[SemSegMetricsEvaluator] no predictions for "
                                  f"'{self._dataset_name}'")
@@ -170,8 +190,10 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
                             else float("nan"))
             for name, v in zip(self._class_names, biou):
                 res[f"BIoU-{name}"] = 100.0 * float(v)
+        res.update(self._per_image_summary(per_image))
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)
+            self._write_per_image(per_image)
             with PathManager.open(os.path.join(self._output_dir, "sem_seg_metrics.json"), "w") as f:
                 # strict JSON: null (not NaN) for a class absent from ground truth and
                 # predictions alike
@@ -179,3 +201,35 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
                            **{k: (v if math.isfinite(v) else None) for k, v in res.items()}},
                           f, indent=1, allow_nan=False)
         return OrderedDict({RESULT_KEY: res})
+
+    def _per_image_summary(self, per_image: List[tuple]) -> Dict[str, float]:
+        """The per-image means (class docstring), in percent."""
+        if not per_image:
+            return {}
+        dice = np.stack([row[1] for row in per_image]).astype(np.float64)  # (images, C)
+        out: Dict[str, float] = OrderedDict()
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns / rows
+            per_class = np.nanmean(dice, axis=0)
+            means = np.nanmean(dice, axis=1)
+        means = means[np.isfinite(means)]
+        out["mDiceImg"] = 100.0 * float(means.mean()) if means.size else float("nan")
+        out["mDiceImgSD"] = (100.0 * float(means.std(ddof=1)) if means.size > 1
+                                        else float("nan"))
+        for name, v in zip(self._class_names, per_class):
+            out[f"DiceImg-{name}"] = 100.0 * float(v)
+        return out
+
+    def _write_per_image(self, per_image: List[tuple]) -> None:
+        """``sem_seg_per_image.csv``: file, Dice-<class>..., IoU-<class>... in percent."""
+        def cell(v: float) -> str:
+            return "" if not math.isfinite(v) else f"{100.0 * v:.4f}"
+
+        path = os.path.join(self._output_dir, "sem_seg_per_image.csv")
+        with PathManager.open(path, "w") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name"] + [f"Dice-{c}" for c in self._class_names]
+                       + [f"IoU-{c}" for c in self._class_names])
+            for name, dice, iou in per_image:
+                w.writerow([name] + [cell(float(v)) for v in dice]
+                           + [cell(float(v)) for v in iou])
