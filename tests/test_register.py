@@ -454,3 +454,38 @@ def test_a_label_map_that_does_not_fit_8_bit_label_maps_is_refused_at_parse(tmp_
             "sem_seg_root": str(tmp_path), "classes": ["bg", "fg"], **extra}
     with pytest.raises(ValueError, match=r"entry 'lm_range': " + match):
         parse_dataset_spec(spec)
+
+
+def test_sub_folders_pair_by_their_path_with_recursive(tmp_path):
+    """recursive=true: images and masks in case sub-folders pair by the path below each root
+    (the same file name in two cases stays two images, also through the label_map remapping,
+    which wrote both to one file); without it the error says to set it."""
+    from d2seg.config import ConfigError
+    from d2seg.data.checks import check_dataset
+    from d2seg.data.register import check_register_entries
+
+    for case, fg in (("case01", 255), ("case02", 0)):
+        for sub in ("im", "lab"):
+            (tmp_path / sub / case).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "im" / case / f"{i}.png")
+            m = np.zeros((8, 8), np.uint8)
+            m[:4] = fg
+            Image.fromarray(m).save(tmp_path / "lab" / case / f"{i}.png")
+    spec = (f"name=nested,type=sem_seg,image_root={tmp_path}/im,sem_seg_root={tmp_path}/lab,"
+            f"classes=[bg,fg],label_map={{0:0,255:1}}")
+    with pytest.raises(ConfigError, match="in sub-folders: set recursive=true"):
+        check_register_entries(load_config("", ["D2SEG.DATASETS.REGISTER", str((spec,))]))
+    with pytest.raises(ValueError, match="recursive=.maybe. must be true or false"):
+        register_dataset(spec + ",recursive=maybe")
+    assert register_dataset(spec + ",recursive=true,val_fraction=0.5") == \
+        ["nested", "nested_train", "nested_val"]
+    dicts = DatasetCatalog.get("nested")
+    assert [d["image_id"] for d in dicts] == ["case01/0", "case01/1", "case02/0", "case02/1"]
+    assert len({d["sem_seg_file_name"] for d in dicts}) == 4
+    fg = [int((np.asarray(Image.open(d["sem_seg_file_name"])) == 1).sum()) for d in dicts]
+    assert fg == [32, 32, 0, 0]
+    assert sorted(d["image_id"] for n in ("nested_train", "nested_val")
+                  for d in DatasetCatalog.get(n)) == [d["image_id"] for d in dicts]
+    r = check_dataset("nested")
+    assert r.ok and not _unpaired(r)

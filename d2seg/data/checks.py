@@ -524,7 +524,8 @@ def _check_unpaired(meta, report: DatasetReport) -> None:
         return
     from .sem_seg_folder import list_pairs
 
-    images, masks = list_pairs(image_root, root, getattr(meta, "mask_suffix", "") or "")
+    images, masks = list_pairs(image_root, root, getattr(meta, "mask_suffix", "") or "",
+                               bool(getattr(meta, "recursive", False)))
     for stem in sorted(set(images) - set(masks)):
         report.add(WARNING, "unpaired_image", images[stem], stem, None,
                    f"no mask with this stem in {root}: the image is left out")
@@ -557,9 +558,11 @@ def _check_raw_masks(meta, report: DatasetReport, dicts: List[Dict]) -> None:
     from .sem_seg_folder import list_pairs
 
     keys = {int(k) for k in label_map}
-    mine = {_stem(d["file_name"]) for d in dicts}
+    # (a folder dataset's image_id is its stem: "case01/7" in sub-folders)
+    mine = {str(d.get("image_id", _stem(d["file_name"]))) for d in dicts}
     image_root = getattr(meta, "image_root", None) or root
-    _, masks = list_pairs(image_root, root, getattr(meta, "mask_suffix", "") or "")
+    _, masks = list_pairs(image_root, root, getattr(meta, "mask_suffix", "") or "",
+                          bool(getattr(meta, "recursive", False)))
     for stem, path in masks.items():
         if stem not in mine:
             continue

@@ -28,7 +28,9 @@ Types and their keys:
   :func:`d2seg.data.sem_seg_folder.register_sem_seg_folder`): ``image_root``,
   ``sem_seg_root``, ``classes``; optional ``ignore_label`` (255), ``label_map`` (raw mask value
   -> class id; unmapped values become ``ignore_label``), ``colors``, ``mask_suffix`` (masks
-  named ``<image stem><mask_suffix>``, e.g. ``_mask``). ``evaluator_type="sem_seg"``.
+  named ``<image stem><mask_suffix>``, e.g. ``_mask``), ``recursive`` (false; true: the
+  sub-folders too, paired by their path below each root, ``case01/7.png``).
+  ``evaluator_type="sem_seg"``.
 * ``coco_panoptic`` (COCO panoptic json + PNG folder): ``image_root``, ``panoptic_root``,
   ``panoptic_json``; optional ``instances_json`` (COCO instances of the same images; derived
   from the PNGs when absent). Registered in the "separated" format Panoptic FPN trains on
@@ -91,7 +93,7 @@ _REQUIRED = {
 }
 _OPTIONAL = {
     "coco": (),
-    "sem_seg": ("ignore_label", "label_map", "colors", "mask_suffix"),
+    "sem_seg": ("ignore_label", "label_map", "colors", "mask_suffix", "recursive"),
     "coco_panoptic": ("instances_json",),
 }
 _COMMON = ("name", "type", "val_fraction", "seed")
@@ -203,6 +205,7 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
         entry["ignore_label"] = _number(int, entry, "ignore_label", name, 255)
         entry["mask_suffix"] = "" if entry.get("mask_suffix") is None else \
             str(entry["mask_suffix"])
+        entry["recursive"] = _flag(entry, "recursive", name)
         lm = entry.get("label_map")
         if lm:
             try:
@@ -221,6 +224,18 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
         entry["val_fraction"] = f
     entry["seed"] = _number(int, entry, "seed", name, 0)
     return entry
+
+
+def _flag(entry: Dict[str, Any], key: str, name: str) -> bool:
+    """A true / false entry value (YAML booleans, or the words from the command line)."""
+    v = entry.get(key, False)
+    if isinstance(v, bool):
+        return v
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if str(v).strip().lower() not in words:
+        raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': {key}={v!r} must be true or "
+                         f"false")
+    return words[str(v).strip().lower()]
 
 
 def _number(kind, entry: Dict[str, Any], key: str, name: str, default: Any = None):
@@ -566,7 +581,8 @@ def check_register_entries(cfg: CfgNode, config_file: str = "",
             entry = parse_dataset_spec(spec)
             _check_paths(entry)
             problem = pairing_problem(entry["image_root"], entry["sem_seg_root"],
-                                      entry["mask_suffix"]) if entry["type"] == "sem_seg" else None
+                                      entry["mask_suffix"], entry["recursive"]) \
+                if entry["type"] == "sem_seg" else None
             if problem:
                 raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{entry['name']}': {problem}")
         except (ValueError, FileNotFoundError) as err:
@@ -598,12 +614,13 @@ def _register_entry(e: Dict[str, Any]) -> None:
     elif kind == "sem_seg":
         kw = dict(classes=e["classes"], ignore_label=e["ignore_label"],
                   label_map=e.get("label_map"), colors=e.get("colors"),
-                  mask_suffix=e["mask_suffix"])
-        images, masks = list_pairs(e["image_root"], e["sem_seg_root"], e["mask_suffix"])
+                  mask_suffix=e["mask_suffix"], recursive=e["recursive"])
+        images, masks = list_pairs(e["image_root"], e["sem_seg_root"], e["mask_suffix"],
+                                   e["recursive"])
         stems = [s for s in images if s in masks]
         if not stems:  # an empty dataset (and empty splits) would only fail later
             raise ValueError(pairing_problem(e["image_root"], e["sem_seg_root"],
-                                             e["mask_suffix"]))
+                                             e["mask_suffix"], e["recursive"]))
         register_sem_seg_folder(name, e["image_root"], e["sem_seg_root"], **kw)
         if frac:
             tr, va = split_items(stems, frac, seed)

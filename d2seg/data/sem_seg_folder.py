@@ -33,25 +33,30 @@ __all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "list_pairs", "gues
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def _list_by_stem(folder: str) -> Dict[str, str]:
+def _list_by_stem(folder: str, recursive: bool = False) -> Dict[str, str]:
+    """Image files of ``folder`` by stem; ``recursive``: of its sub-folders too, the stem then
+    being the path below ``folder`` without the extension ("case01/slice007")."""
     out = {}
-    for p in sorted(glob.glob(os.path.join(folder, "*"))):
-        stem, ext = os.path.splitext(os.path.basename(p))
-        if ext.lower() in IMAGE_EXTS:
-            out[stem] = p
+    pattern = os.path.join(folder, "**", "*") if recursive else os.path.join(folder, "*")
+    for p in sorted(glob.glob(pattern, recursive=recursive)):
+        stem, ext = os.path.splitext(os.path.relpath(p, folder) if recursive else
+                                     os.path.basename(p))
+        if ext.lower() in IMAGE_EXTS and os.path.isfile(p):
+            out[stem.replace(os.sep, "/")] = p
     return out
 
 
-def list_pairs(image_dir: str, mask_dir: str,
-               mask_suffix: str = "") -> Tuple[Dict[str, str], Dict[str, str]]:
+def list_pairs(image_dir: str, mask_dir: str, mask_suffix: str = "",
+               recursive: bool = False) -> Tuple[Dict[str, str], Dict[str, str]]:
     """(images by stem, masks by the image stem they belong to): what
     :func:`load_sem_seg_folder` pairs. With ``mask_suffix`` a mask named ``<stem><suffix>``
     belongs to ``<stem>``; when images and masks share one folder, the files named so are the
-    masks and the others the images."""
-    images = _list_by_stem(image_dir)
+    masks and the others the images. ``recursive``: sub-folders too, paired by their path
+    below the two roots (``image_root/case01/7.png`` <-> ``sem_seg_root/case01/7.png``)."""
+    images = _list_by_stem(image_dir, recursive)
     if not mask_suffix:
-        return images, _list_by_stem(mask_dir)
-    n, raw = len(mask_suffix), _list_by_stem(mask_dir)
+        return images, _list_by_stem(mask_dir, recursive)
+    n, raw = len(mask_suffix), _list_by_stem(mask_dir, recursive)
     named = {s: p for s, p in raw.items() if s.endswith(mask_suffix) and len(s) > n}
     if os.path.realpath(image_dir) == os.path.realpath(mask_dir):
         images = {s: p for s, p in images.items() if s not in named}
@@ -74,19 +79,20 @@ def guess_mask_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> 
     return suffix if 2 * n >= len(masks) else None
 
 
-def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "") -> Optional[str]:
+def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "",
+                    recursive: bool = False) -> Optional[str]:
     """Why no image of ``image_dir`` pairs with a mask of ``mask_dir`` (None when some do):
     the counts, an example of each side and, when the masks carry a common suffix, the
     ``mask_suffix`` that pairs them. One folder for both without ``suffix`` is a problem too:
     every file would pair with itself."""
     if not suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir):
-        stems = list(_list_by_stem(image_dir))
+        stems = list(_list_by_stem(image_dir, recursive))
         guess = guess_mask_suffix(stems, stems)
         return (f"images and masks are in one folder ({image_dir}) but no mask_suffix is set, "
                 f"so every file would pair with itself; set mask_suffix="
                 f"{guess or '<suffix of the mask names>'} (a D2SEG.DATASETS.REGISTER key, and "
                 f"register_sem_seg_folder's argument), e.g. _mask for 12.png / 12_mask.png")
-    images, masks = list_pairs(image_dir, mask_dir, suffix)
+    images, masks = list_pairs(image_dir, mask_dir, suffix, recursive)
     if set(images) & set(masks):
         return None
     msg = (f"{len(images)} images in {image_dir} and {len(masks)} masks in {mask_dir} share no "
@@ -94,10 +100,16 @@ def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "") -> Optional
     msg += f" after removing mask_suffix '{suffix}')" if suffix else ")"
     if images and masks:
         msg += f", e.g. image '{next(iter(images))}', mask '{next(iter(masks))}'"
-    guess = guess_mask_suffix(images, _list_by_stem(mask_dir)) if images and masks else None
+    guess = guess_mask_suffix(images, _list_by_stem(mask_dir, recursive)) \
+        if images and masks else None
     if guess and guess != suffix:
         msg += (f"; the masks are named <image stem>{guess}: set mask_suffix={guess} (a "
                 f"D2SEG.DATASETS.REGISTER key, and register_sem_seg_folder's argument)")
+    elif not recursive and (not images or not masks) and \
+            list_pairs(image_dir, mask_dir, suffix, recursive=True)[0]:
+        msg += ("; the files are in sub-folders: set recursive=true to pair them by their path "
+                "below each folder (a D2SEG.DATASETS.REGISTER key, and "
+                "register_sem_seg_folder's argument)")
     return msg
 
 
@@ -133,8 +145,10 @@ def _remap_masks(mask_files: List[str], label_map: Dict[int, int], ignore_label:
     if problem:
         raise ValueError(problem)
     out_dir = _remap_cache_dir(mask_files, label_map, ignore_label)
-    outs = [os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")
-            for p in mask_files]
+    names = [os.path.splitext(os.path.basename(p))[0] for p in mask_files]
+    if len(set(names)) < len(names):  # one name in several sub-folders (recursive)
+        names = [f"{i:06d}_{n}" for i, n in enumerate(names)]
+    outs = [os.path.join(out_dir, n + ".png") for n in names]
     lut = np.full(256, ignore_label, np.uint8)
     for raw, cls in label_map.items():
         if 0 <= int(raw) <= 255:
@@ -163,6 +177,7 @@ def load_sem_seg_folder(
     ignore_label: int = 255,
     stems: Optional[Sequence[str]] = None,
     mask_suffix: str = "",
+    recursive: bool = False,
 ) -> List[dict]:
     """Dataset dicts (``file_name``, ``sem_seg_file_name``, ``height``, ``width``, ``image_id``).
 
@@ -176,20 +191,23 @@ def load_sem_seg_folder(
         stems: keep only these stems, in this order (e.g. a train/val split).
         mask_suffix: masks are named ``<image stem><mask_suffix>`` (e.g. "_mask" for
             ``12.png`` / ``12_mask.png``); "" = the same stem.
+        recursive: also the sub-folders of both, paired by the path below each folder
+            ("case01/slice007", also the ``image_id``).
 
     Raises:
         FileNotFoundError: no image in ``image_dir``; ValueError: no image pairs with a mask
             (the message says why and, when the masks share a suffix, which ``mask_suffix``).
     """
-    images, masks = list_pairs(image_dir, mask_dir, mask_suffix)
+    images, masks = list_pairs(image_dir, mask_dir, mask_suffix, recursive)
     if not images:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
+        where = f"{image_dir} or its sub-folders" if recursive else image_dir
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {where}")
     if not mask_suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir):
-        raise ValueError(pairing_problem(image_dir, mask_dir))
+        raise ValueError(pairing_problem(image_dir, mask_dir, recursive=recursive))
     if stems is None:
         stems = [s for s in images if s in masks]
         if not stems:
-            raise ValueError(pairing_problem(image_dir, mask_dir, mask_suffix))
+            raise ValueError(pairing_problem(image_dir, mask_dir, mask_suffix, recursive))
         missing = sorted(set(images) - set(masks))
         if missing:
             logger.warning(f"{len(missing)} images in {image_dir} have no mask in {mask_dir}, "
@@ -227,19 +245,21 @@ def register_sem_seg_folder(
     stems: Optional[Sequence[str]] = None,
     colors: Optional[Sequence[Sequence[int]]] = None,
     mask_suffix: str = "",
+    recursive: bool = False,
 ) -> None:
     """Register a mask-folder dataset under ``name`` (``evaluator_type="sem_seg"``); the
     arguments are :func:`load_sem_seg_folder`'s."""
     unregister(name)
     DatasetCatalog.register(name, lambda: guard_load(
         mask_dir, load_sem_seg_folder, image_dir, mask_dir, label_map, ignore_label, stems,
-        mask_suffix))
+        mask_suffix, recursive))
     meta = dict(
         stuff_classes=list(classes),
         ignore_label=ignore_label,
         image_root=image_dir,
         sem_seg_root=mask_dir,
         mask_suffix=mask_suffix,
+        recursive=bool(recursive),
         evaluator_type="sem_seg",
     )
     if colors is not None:
