@@ -70,7 +70,10 @@ def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_di
                 out = model([{"image": tensor, "height": img.shape[0], "width": img.shape[1]}])[0]
             pred = draw_prediction(rgb, out, metadata)
             gt = Visualizer(rgb, metadata).draw_dataset_dict(_ground_truth_to_draw(d)).get_image()
-            path = os.path.join(out_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
+            stem = os.path.splitext(os.path.basename(d["file_name"]))[0]
+            path = os.path.join(out_dir, stem + ".png")
+            if path in paths:  # one name in two sub-folders (a recursive folder dataset)
+                path = os.path.join(out_dir, f"{stem}_{len(paths)}.png")
             cv2.imwrite(path, np.concatenate([pred, gt], axis=1)[..., ::-1])
             paths.append(path)
     finally:
