@@ -271,6 +271,9 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     cfg.D2SEG.INFERENCE.FLIP = False
     # Semantic models: also average the 90/180/270-degree rotations (x2 with FLIP: 8 views).
     cfg.D2SEG.INFERENCE.ROT90 = False
+    # Semantic models: multi-scale test, factors of the test-resized image, e.g.
+    # (0.75, 1.0, 1.25); the logits of every scale resized back and averaged.
+    cfg.D2SEG.INFERENCE.SCALES = (1.0,)
     # TEST.AUG.ENABLED (detectron2's key) makes train_net also evaluate with test-time
     # augmentation after training / in --eval-only, results keyed "<task>_TTA": R-CNN models
     # through detectron2's GeneralizedRCNNWithTTA (TEST.AUG.MIN_SIZES / MAX_SIZE / FLIP),
@@ -561,6 +564,8 @@ _RANGES = (
     ("MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.TVERSKY_BETA", lambda v: v >= 0, ">= 0"),
     ("D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("D2SEG.INFERENCE.SCALES", lambda v: len(v) > 0 and all(s > 0 for s in v),
+     "one or more factors > 0"),
     ("D2SEG.EVAL.COCO_BACKEND", lambda v: v in ("auto", "faster_coco_eval", "pycocotools"),
      "one of 'auto', 'faster_coco_eval', 'pycocotools'"),
 )

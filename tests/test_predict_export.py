@@ -632,6 +632,7 @@ def test_an_export_computing_nan_is_the_worst_difference(tmp_path):
     (["--overlap", "1.0"], "argument --overlap: must be in [0, 1), got 1.0"),
     (["--overlap", "-0.1"], "argument --overlap: must be in [0, 1), got -0.1"),
     (["--sliding-window", "0", "64"], "argument --sliding-window: must be a positive number"),
+    (["--scales", "1", "0"], "argument --scales: must be a factor > 0, got 0"),
 ])
 def test_predict_tool_checks_window_options_before_loading_anything(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -710,3 +711,47 @@ def test_intensity_window_and_percentile_scaling(tmp_path):
                          "INPUT.INTENSITY.PERCENTILES", "(5, 120)"], r"PERCENTILES .* \(5, 120\)")):
         with pytest.raises(ConfigError, match=r"^command line override \(INPUT.INTENSITY.*" + words):
             load_config(UNET, bad)
+
+
+def test_multi_scale_tta_averages_the_resized_views():
+    """D2SEG.INFERENCE.SCALES: the image resized by each factor (bilinear), its logits resized
+    back to the image and averaged, with flips at every scale; 1.0 alone is plain inference."""
+    from d2seg.inference import SemanticSegmentorWithTTA
+
+    torch.manual_seed(0)
+    model = PixelModel(kernel=3).eval()
+    image = torch.rand(3, 40, 52) * 255
+    f = lambda x: model([{"image": x, "height": x.shape[-2], "width": x.shape[-1]}])[0]["sem_seg"]  # noqa: E731
+
+    def back(y):
+        return F.interpolate(y[None], size=(40, 52), mode="bilinear", align_corners=False)[0]
+
+    views = []
+    for size in ((20, 26), (40, 52), (60, 78)):
+        x = image if size == (40, 52) else F.interpolate(image[None], size=size, mode="bilinear",
+                                                         align_corners=False)[0]
+        views += [back(f(x)), back(f(x.flip(-1)).flip(-1))]
+    got = semantic_logits(model, image, flip=True, scales=(0.5, 1.0, 1.5))
+    assert got.shape == (3, 40, 52)
+    assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-5)
+    assert torch.equal(semantic_logits(model, image, scales=(1.0,)), semantic_logits(model, image))
+    with pytest.raises(ValueError, match="scales must be > 0"):
+        semantic_logits(model, image, scales=(0.0,))
+    # the wrapper (train_net's TEST.AUG.ENABLED, SegPredictor) takes them from the config
+    cfg = load_config(UNET, TINY_UNET + ["D2SEG.INFERENCE.SCALES", "(0.5, 1.0)"])
+    tta = SemanticSegmentorWithTTA(cfg, model)
+    assert tta.scales == (0.5, 1.0)
+    assert SegPredictor(cfg).semantic_model.scales == (0.5, 1.0)
+    from d2seg.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"D2SEG.INFERENCE.SCALES must be one or more factors "
+                                          r"> 0, got \(0.5, -1.0\)"):
+        load_config(UNET, ["D2SEG.INFERENCE.SCALES", "(0.5, -1.0)"])
+    from d2seg.inference.run import predict_config
+
+    try:
+        assert predict_config(UNET, [], scales=[0.75, 1.25]).D2SEG.INFERENCE.SCALES == (0.75, 1.25)
+    finally:
+        from d2seg.data import image_io
+
+        image_io.set_intensity_scaling(image_io.IntensityScaling())

@@ -2,7 +2,7 @@
 """Predict on images with a trained d2seg / detectron2 model.
 
     python tools/predict.py --config-file CFG --input IMG|FOLDER|"GLOB" [...] --output OUT \\
-        [--score-threshold 0.5] [--sliding-window H W [--overlap 0.25]] [--flip] [--rot90] \\
+        [--score-threshold 0.5] [--sliding-window H W [--overlap 0.25]] [--flip] [--rot90] [--scales S ...] \\
         [--dataset NAME] [--coco-json JSON] [--no-overlays] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
 
 Writes OUT/overlays/*.png and, by model type, OUT/coco_instances_results.json (instances),
@@ -34,6 +34,13 @@ def _window_side(text: str) -> int:
     return v
 
 
+def _scale(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a factor > 0, got {text}")
+    return v
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
@@ -47,6 +54,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=_overlap, default=None,
                    help="sliding-window overlap share, in [0, 1) (default: the config's, 0.25)")
     p.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--scales", type=_scale, nargs="+", default=None, metavar="S",
+                   help="semantic models: multi-scale test, e.g. 0.75 1 1.25 "
+                        "(D2SEG.INFERENCE.SCALES; it takes every word up to the next option)")
     p.add_argument("--rot90", action="store_true",
                    help="semantic models: also average the 90/180/270-degree rotations")
     p.add_argument("--dataset", default="", help="registered dataset giving classes and ids")

@@ -401,7 +401,7 @@ class Trainer(DefaultTrainer):
         ``tools/train_net.py`` convention, run by train_net when ``TEST.AUG.ENABLED``).
 
         R-CNN models: detectron2's ``GeneralizedRCNNWithTTA`` (``TEST.AUG.*``); semantic models:
-        :class:`d2seg.inference.SemanticSegmentorWithTTA` (flip, ``D2SEG.INFERENCE.ROT90``,
+        :class:`d2seg.inference.SemanticSegmentorWithTTA` (flip, ``D2SEG.INFERENCE.ROT90``, SCALES,
         sliding windows). Returns the evaluators' results with "_TTA" appended to each task
         name; evaluator files go to OUTPUT_DIR/inference_TTA. Panoptic FPN has no TTA: {}.
         """

@@ -140,6 +140,9 @@ class SegPredictor(DefaultPredictor):
         if inf.ROT90 and not self.semantic:
             logger.warning(f"D2SEG.INFERENCE.ROT90: semantic models only, not "
                            f"{type(self.model).__name__}; predicting without it")
+        if tuple(inf.SCALES) != (1.0,) and not self.semantic:
+            logger.warning(f"D2SEG.INFERENCE.SCALES {tuple(inf.SCALES)}: semantic models only, "
+                           f"not {type(self.model).__name__}; predicting at one scale")
         if min(inf.SLIDING_WINDOW.SIZE) > 0 and not self.semantic:
             logger.warning(f"D2SEG.INFERENCE.SLIDING_WINDOW.SIZE "
                            f"{tuple(inf.SLIDING_WINDOW.SIZE)}: semantic models only, not "
@@ -148,7 +151,8 @@ class SegPredictor(DefaultPredictor):
         if self.semantic:  # windows, flips and rotations as D2SEG.INFERENCE says
             self.semantic_model = SemanticSegmentorWithTTA(
                 self.model, flip=self.flip, rot90=bool(inf.ROT90),
-                window=tuple(inf.SLIDING_WINDOW.SIZE), overlap=float(inf.SLIDING_WINDOW.OVERLAP)).eval()
+                window=tuple(inf.SLIDING_WINDOW.SIZE), overlap=float(inf.SLIDING_WINDOW.OVERLAP),
+                scales=tuple(inf.SCALES)).eval()
         if self.flip and not self.semantic:
             if isinstance(self.model, PanopticFPN) or not isinstance(self.model, GeneralizedRCNN):
                 logger.warning(f"D2SEG.INFERENCE.FLIP: no flip TTA for "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
@@ -22,7 +22,8 @@ __all__ = ["predict_config", "predict_files", "predict_from_args"]
 
 def predict_config(config_file: str, opts: List[str], score_threshold: float = 0.5,
                    sliding_window=None, overlap: Optional[float] = None,
-                   flip: bool = False, rot90: bool = False) -> CfgNode:
+                   flip: bool = False, rot90: bool = False,
+                   scales: Optional[Sequence[float]] = None) -> CfgNode:
     """The config for prediction: file + opts, registrations applied, CLI options merged."""
     cfg = load_config(config_file, opts)
     if sliding_window:
@@ -38,6 +39,10 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
         cfg.D2SEG.INFERENCE.FLIP = True
     if rot90:
         cfg.D2SEG.INFERENCE.ROT90 = True
+    if scales:
+        if any(not float(v) > 0 for v in scales):
+            raise ValueError(f"test scales must be > 0, got {list(scales)}")
+        cfg.D2SEG.INFERENCE.SCALES = tuple(float(v) for v in scales)
     # as detectron2's demo: the threshold also applies inside the models
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
@@ -108,6 +113,6 @@ def predict_from_args(args) -> Dict[str, str]:
     setup_logger(name="d2seg")
     setup_logger(name="fvcore")
     cfg = predict_config(args.config_file, args.opts, args.score_threshold, args.sliding_window,
-                         args.overlap, args.flip, args.rot90)
+                         args.overlap, args.flip, args.rot90, getattr(args, "scales", None))
     return predict_files(cfg, list_inputs(args.input), args.output, args.dataset, args.coco_json,
                          args.score_threshold, not args.no_overlays)

@@ -11,6 +11,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..modeling.postprocessing import pixel_major
 
@@ -101,12 +102,15 @@ def sliding_window_logits(model: nn.Module, image: Tensor, window: Sequence[int]
 
 @torch.no_grad()
 def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (0, 0),
-                    overlap: float = 0.25, flip: bool = False, rot90: bool = False) -> Tensor:
+                    overlap: float = 0.25, flip: bool = False, rot90: bool = False,
+                    scales: Sequence[float] = (1.0,)) -> Tensor:
     """(K, H, W) logits of a (C, H, W) image: whole image or sliding windows (``window`` with
     both sides > 0), averaged over test-time views mapped back to the image: with ``flip`` the
     horizontally flipped image, with ``rot90`` the rotations by 90, 180 and 270 degrees (with
     both, the 8 views of the square's symmetry group: for images without a preferred
-    orientation, e.g. microscopy). On a CPU the result is stored with the classes innermost
+    orientation, e.g. microscopy), and at each of ``scales`` (the image resized by that factor,
+    bilinear; its logits resized back to (H, W)), as MMSegmentation's multi-scale test. On a
+    CPU the result is stored with the classes innermost
     (:func:`~d2seg.modeling.postprocessing.pixel_major`).
     """
     window = tuple(int(s) for s in window) if window else (0, 0)
@@ -120,15 +124,27 @@ def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (
             return sliding_window_logits(model, img, window, overlap)
         return _run(model, [img])[0].float()
 
+    scales = [float(s) for s in scales] or [1.0]
+    if any(not s > 0 for s in scales):
+        raise ValueError(f"test scales must be > 0 (D2SEG.INFERENCE.SCALES / --scales), got "
+                         f"{scales}")
+    h, w = image.shape[-2:]
     total, n = None, 0
     with without_postprocessor(model):
-        for k in (0, 1, 2, 3) if rot90 else (0,):
-            view = torch.rot90(image, k, (-2, -1)) if k else image
-            for flipped in (False, True) if flip else (False,):
-                out = once(view.flip(-1)).flip(-1) if flipped else once(view)
-                out = torch.rot90(out, -k, (-2, -1)) if k else out
-                total = out if total is None else total + out
-                n += 1
+        for s in scales:
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            scaled = image if size == (h, w) else F.interpolate(
+                image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            for k in (0, 1, 2, 3) if rot90 else (0,):
+                view = torch.rot90(scaled, k, (-2, -1)) if k else scaled
+                for flipped in (False, True) if flip else (False,):
+                    out = once(view.flip(-1)).flip(-1) if flipped else once(view)
+                    out = torch.rot90(out, -k, (-2, -1)) if k else out
+                    if tuple(out.shape[-2:]) != (h, w):
+                        out = F.interpolate(out[None], size=(h, w), mode="bilinear",
+                                            align_corners=False)[0]
+                    total = out if total is None else total + out
+                    n += 1
     total = total / n if n > 1 else total
     # classes innermost on CPU, as the models return them (argmax(0) reads contiguous memory)
     return pixel_major(total)

@@ -3,7 +3,7 @@ detectron2's ``inference_on_dataset`` and every evaluator see exactly what ``too
 writes (the counterpart of detectron2's ``GeneralizedRCNNWithTTA``)."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ __all__ = ["SemanticSegmentorWithTTA"]
 
 class SemanticSegmentorWithTTA(nn.Module):
     """Wrap a semantic model (``SemanticSegmentor`` contract); each image's logits are averaged
-    over flips / rotations and, optionally, sliding windows (:func:`semantic_logits`).
+    over flips / rotations / scales and, optionally, sliding windows (:func:`semantic_logits`).
 
     Input: detectron2's list of dicts with "image" (C, H, W) and optionally "height"/"width".
     Output, in eval mode only: ``[{"sem_seg": (K, height, width) logits}]`` per image; where
@@ -29,7 +29,8 @@ class SemanticSegmentorWithTTA(nn.Module):
 
     @configurable
     def __init__(self, model: nn.Module, *, flip: bool = True, rot90: bool = False,
-                 window: Tuple[int, int] = (0, 0), overlap: float = 0.25):
+                 window: Tuple[int, int] = (0, 0), overlap: float = 0.25,
+                 scales: Sequence[float] = (1.0,)):
         """
         Args:
             model: a semantic model, e.g. d2seg's UNet or detectron2's SemanticSegmentor.
@@ -37,18 +38,23 @@ class SemanticSegmentorWithTTA(nn.Module):
             rot90: average over 90/180/270-degree rotations too.
             window: (h, w) sliding window; (0, 0) = the whole image at once.
             overlap: share of the window that consecutive windows overlap.
+            scales: factors the (test-resized) image is also resized by, e.g. (0.75, 1.0,
+                1.25); logits resized back and averaged.
         """
         super().__init__()
         self.model = model.module if hasattr(model, "module") else model
         self.flip, self.rot90 = bool(flip), bool(rot90)
         self.window, self.overlap = tuple(int(s) for s in window), float(overlap)
+        self.scales = tuple(float(s) for s in scales) or (1.0,)
+        if any(not s > 0 for s in self.scales):
+            raise ValueError(f"D2SEG.INFERENCE.SCALES must be > 0, got {list(self.scales)}")
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module) -> Dict:
         inf = cfg.D2SEG.INFERENCE
         return {"model": model, "flip": bool(cfg.TEST.AUG.FLIP or inf.FLIP),
                 "rot90": bool(inf.ROT90), "window": tuple(inf.SLIDING_WINDOW.SIZE),
-                "overlap": float(inf.SLIDING_WINDOW.OVERLAP)}
+                "overlap": float(inf.SLIDING_WINDOW.OVERLAP), "scales": tuple(inf.SCALES)}
 
     @torch.no_grad()
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
@@ -59,7 +65,7 @@ class SemanticSegmentorWithTTA(nn.Module):
         for x in batched_inputs:
             image = x["image"].to(device)
             logits = semantic_logits(self.model, image, self.window, self.overlap, self.flip,
-                                     self.rot90)
+                                     self.rot90, self.scales)
             h, w = int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1]))
             if tuple(logits.shape[-2:]) != (h, w):
                 logits = F.interpolate(logits[None], size=(h, w), mode="bilinear",
