@@ -433,6 +433,10 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # classes on a 2-core CPU, and every process sends them all to the main one. Off: the
     # metrics only (d2seg/evaluation/sem_seg_evaluator.py).
     cfg.D2SEG.EVAL.SEM_SEG_PREDICTIONS_JSON = False
+    # Semantic datasets: also HD95 and ASSD (symmetric surface distances, in pixels) per class
+    # and image, in sem_seg_metrics and sem_seg_per_image.csv (two distance transforms per
+    # class and image: off by default).
+    cfg.D2SEG.EVAL.SURFACE_DISTANCE = False
 
 
 def get_cfg() -> CfgNode:

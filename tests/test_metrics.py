@@ -440,3 +440,80 @@ def test_build_evaluators_reads_each_semantic_label_map_once(tmp_path):
     assert not ev._write_predictions
     cfg.D2SEG.EVAL.SEM_SEG_PREDICTIONS_JSON = True
     assert build_evaluators(cfg, "d2seg_test_metrics_build", str(tmp_path))._write_predictions
+
+
+def _brute_surface_distances(a, b):
+    """All-pairs version: surface = mask pixels with a background 8-neighbour (outside the
+    image is background); distances to the other surface's nearest pixel, both directions."""
+    def surface(m):
+        p = np.pad(m, 1)
+        out = np.zeros_like(m)
+        for y, x in zip(*np.nonzero(m)):
+            out[y, x] = not p[y:y + 3, x:x + 3].all()
+        return np.argwhere(out)
+
+    sa, sb = surface(a), surface(b)
+    d = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1))
+    return np.concatenate([d.min(1), d.min(0)])
+
+
+def test_surface_distances_hd95_assd_against_all_pairs():
+    from d2seg.metrics import average_surface_distance, hausdorff95, surface_distances
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = np.zeros((24, 30), bool)
+        b = np.zeros((24, 30), bool)
+        for m in (a, b):
+            y, x = rng.integers(0, 18), rng.integers(0, 24)
+            m[y:y + rng.integers(2, 7), x:x + rng.integers(2, 7)] = True
+            m[rng.random(m.shape) < 0.02] = True  # scattered pixels: several components
+        ref = _brute_surface_distances(a, b)
+        got = surface_distances(a, b)
+        assert np.allclose(np.sort(got), np.sort(ref))
+        assert hausdorff95(a, b) == pytest.approx(np.percentile(ref, 95))
+        assert average_surface_distance(a, b) == pytest.approx(ref.mean())
+    empty = np.zeros((5, 5), bool)
+    one = empty.copy()
+    one[2, 2] = True
+    assert hausdorff95(empty, empty) == 0.0 and math.isinf(hausdorff95(one, empty))
+    assert math.isinf(average_surface_distance(empty, one)) and hausdorff95(one, one) == 0.0
+    # spacing: anisotropic pixels (row, column size)
+    a, b = np.zeros((9, 9), bool), np.zeros((9, 9), bool)
+    a[4, 2], b[4, 6] = True, True
+    assert hausdorff95(a, b, spacing=(1.0, 0.5)) == pytest.approx(2.0)
+
+
+def test_evaluator_surface_distances_per_class_and_image(tmp_path):
+    from d2seg.evaluation import SemSegMetricsEvaluator
+    from d2seg.metrics import average_surface_distance, hausdorff95
+
+    g1 = np.zeros((20, 20), np.int64)
+    g1[4:10, 4:10] = 1
+    g2 = np.zeros((20, 20), np.int64)  # no foreground
+    p1 = np.zeros((20, 20), np.int64)
+    p1[5:12, 4:9] = 1
+    p2 = np.zeros((20, 20), np.int64)
+    p2[0, 0] = 1  # a false positive: only predicted, distance inf
+    dicts = _register("d2seg_test_surface", tmp_path, [g1, g2], ["bg", "fg"])
+    ev = SemSegMetricsEvaluator("d2seg_test_surface", distributed=False,
+                                output_dir=str(tmp_path / "out"), surface_distance=True)
+    ev.reset()
+    ev.process([{"file_name": d["file_name"]} for d in dicts],
+               [{"sem_seg": _onehot_logits(p, 2)} for p in (p1, p2)])
+    res = ev.evaluate()["sem_seg_metrics"]
+    # fg: image 1 only (image 2 has it predicted but not present: inf, left out of the mean)
+    assert res["HD95-fg"] == pytest.approx(hausdorff95(p1 == 1, g1 == 1))
+    assert res["ASSD-fg"] == pytest.approx(average_surface_distance(p1 == 1, g1 == 1))
+    bg = [hausdorff95(p == 0, g == 0) for p, g in ((p1, g1), (p2, g2))]
+    assert res["HD95-bg"] == pytest.approx(np.mean(bg))
+    assert res["mHD95"] == pytest.approx((res["HD95-bg"] + res["HD95-fg"]) / 2)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sem_seg_per_image.csv")))
+    assert rows[1]["HD95-fg"] == "inf" and float(rows[0]["HD95-fg"]) == pytest.approx(
+        res["HD95-fg"], abs=1e-3)
+    # off by default: no distance keys
+    ev = SemSegMetricsEvaluator("d2seg_test_surface", distributed=False)
+    ev.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p1, 2)}])
+    assert not [k for k in ev.evaluate()["sem_seg_metrics"] if "HD95" in k]

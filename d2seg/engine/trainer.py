@@ -96,8 +96,9 @@ def build_evaluators(cfg: CfgNode, dataset_name: str,
     tasks = evaluation_tasks(cfg, dataset_name)
     evaluators: List[DatasetEvaluator] = []
     if "sem_seg" in tasks:
-        metrics = (SemSegMetricsEvaluator(dataset_name, distributed=True,
-                                          output_dir=output_folder)
+        metrics = (SemSegMetricsEvaluator(
+            dataset_name, distributed=True, output_dir=output_folder,
+            surface_distance=bool(cfg.D2SEG.EVAL.SURFACE_DISTANCE))
                    if "sem_seg_metrics" in tasks else None)
         evaluators.append(SemSegEvaluator(
             dataset_name, distributed=True, output_dir=output_folder,

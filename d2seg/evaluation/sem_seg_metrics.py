@@ -23,7 +23,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..data.image_io import read_sem_seg
-from ..metrics import class_boundary_counts, confusion_matrix, segmentation_metrics
+from ..metrics import (class_boundary_counts, confusion_matrix, segmentation_metrics,
+                       surface_distances)
 from ..modeling.postprocessing import class_labels
 
 __all__ = ["SemSegMetricsEvaluator", "load_sem_seg_gt"]
@@ -59,9 +60,13 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     Per image (the per-case figures of medical papers): "DiceImg-<class>", the mean over the
     images in which the class is present or predicted of that image's Dice; "mDiceImg" and
     "mDiceImgSD", the mean and standard deviation over images of each image's mean Dice over
-    such classes. With ``output_dir``, ``sem_seg_per_image.csv``
-    has one row per image: its file name, then Dice and IoU per class (empty where the class is
-    neither present nor predicted).
+    such classes. With ``surface_distance``: "HD95-<class>" and "ASSD-<class>", the 95th
+    percentile and the mean of the symmetric surface distances (in pixels,
+    :func:`d2seg.metrics.surface_distances`), averaged over the images in which the class is
+    both present and predicted, and "mHD95" / "mASSD" over classes. With ``output_dir``,
+    ``sem_seg_per_image.csv`` has one row per image: its file name, then Dice and IoU (and
+    HD95, ASSD) per class: empty where the class is neither present nor predicted, ``inf`` for
+    a distance where it is only one of them.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         ignore_label: Optional[int] = None,
         boundary_iou: bool = True,
         boundary_dilation_ratio: float = 0.02,
+        surface_distance: bool = False,
     ):
         """
         Args:
@@ -86,6 +92,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
             num_classes, ignore_label: override the metadata's.
             boundary_iou: also compute Boundary IoU per class (Cheng et al., 2021), pooled.
             boundary_dilation_ratio: boundary width as a fraction of the image diagonal.
+            surface_distance: also HD95 and ASSD per class and image (``D2SEG.EVAL.
+                SURFACE_DISTANCE``; two distance transforms per class and image).
         """
         self._logger = logging.getLogger(__name__)
         self._dataset_name = dataset_name
@@ -108,6 +116,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
                           for d in DatasetCatalog.get(dataset_name) if "sem_seg_file_name" in d}
         self._boundary = boundary_iou
         self._ratio = boundary_dilation_ratio
+        self._surface = bool(surface_distance)
         self.reset()
 
     def reset(self) -> None:
@@ -116,7 +125,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         self._b_inter = np.zeros(c, dtype=np.int64)
         self._b_union = np.zeros(c, dtype=np.int64)
         self._num_images = 0
-        self._per_image: List[tuple] = []  # (file name, Dice (C,), IoU (C,)) per image
+        # (file name, Dice (C,), IoU (C,), HD95 (C,) or None, ASSD (C,) or None) per image
+        self._per_image: List[tuple] = []
 
     def _load_gt(self, inp: Dict) -> np.ndarray:
         path = inp.get("sem_seg_file_name") or self._gt_files.get(inp["file_name"])
@@ -151,9 +161,26 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         with np.errstate(invalid="ignore", divide="ignore"):
             dice = np.where(both > 0, 2 * tp / both, np.nan)
             iou = np.where(both > 0, tp / (both - tp), np.nan)
-        self._per_image.append((str(name), dice.astype(np.float32), iou.astype(np.float32)))
+        hd95 = assd = None
+        if self._surface:
+            hd95, assd = self._surface_distances(pred, gt, both)
+        self._per_image.append((str(name), dice.astype(np.float32), iou.astype(np.float32),
+                                hd95, assd))
         if self._boundary:
             self._accumulate_boundary(pred, gt)
+
+    def _surface_distances(self, pred: np.ndarray, gt: np.ndarray, both: np.ndarray):
+        """Per class (C,) HD95 and ASSD of the image (valid pixels only): NaN where the class
+        is neither present nor predicted, inf where it is only one of them."""
+        c = self._num_classes
+        hd95, assd = np.full(c, np.nan), np.full(c, np.nan)
+        valid = gt != self._ignore_label
+        for k in np.flatnonzero(both > 0):
+            d = surface_distances((pred == k) & valid, (gt == k) & valid)
+            if d.size:
+                hd95[k] = np.inf if np.isinf(d).any() else np.percentile(d, 95)
+                assd[k] = d.mean()
+        return hd95, assd
 
     def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
         """Per-class boundary intersections / unions on the image's valid pixels
@@ -218,18 +245,34 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
                                         else float("nan"))
         for name, v in zip(self._class_names, per_class):
             out[f"DiceImg-{name}"] = 100.0 * float(v)
+        if self._surface:
+            for key, col in (("HD95", 3), ("ASSD", 4)):
+                d = np.stack([row[col] for row in per_image])  # (images, C), pixels
+                d = np.where(np.isfinite(d), d, np.nan)  # present and predicted only
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    cls = np.nanmean(d, axis=0)
+                    out[f"m{key}"] = float(np.nanmean(cls)) if np.isfinite(cls).any() \
+                        else float("nan")
+                for name, v in zip(self._class_names, cls):
+                    out[f"{key}-{name}"] = float(v)
         return out
 
     def _write_per_image(self, per_image: List[tuple]) -> None:
         """``sem_seg_per_image.csv``: file, Dice-<class>..., IoU-<class>... in percent."""
-        def cell(v: float) -> str:
-            return "" if not math.isfinite(v) else f"{100.0 * v:.4f}"
+        def cell(v: float, scale: float = 100.0) -> str:
+            if math.isnan(v):
+                return ""
+            return "inf" if math.isinf(v) else f"{scale * v:.4f}"
 
         path = os.path.join(self._output_dir, "sem_seg_per_image.csv")
         with PathManager.open(path, "w") as f:
             w = csv.writer(f)
-            w.writerow(["file_name"] + [f"Dice-{c}" for c in self._class_names]
-                       + [f"IoU-{c}" for c in self._class_names])
-            for name, dice, iou in per_image:
+            surface = ("HD95", "ASSD") if self._surface else ()
+            w.writerow(["file_name"] + [f"{m}-{c}" for m in ("Dice", "IoU") + surface
+                                        for c in self._class_names])
+            for name, dice, iou, hd95, assd in per_image:
                 w.writerow([name] + [cell(float(v)) for v in dice]
-                           + [cell(float(v)) for v in iou])
+                           + [cell(float(v)) for v in iou]
+                           + [cell(float(v), 1.0) for d in (hd95, assd) if d is not None
+                              for v in d])
