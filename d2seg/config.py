@@ -287,8 +287,9 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # (checked every TEST.EVAL_PERIOD) or "val_total_loss" (every VAL_LOSS_PERIOD, MODE "min").
     cfg.D2SEG.BEST_CHECKPOINT = CN()
     cfg.D2SEG.BEST_CHECKPOINT.METRIC = ""
-    # "auto": "min" for a metric whose name holds "loss" (val_total_loss), "max" otherwise
-    # (AP, mIoU, mDice, PQ); or "max" / "min" as detectron2's BestCheckpointer takes them
+    # "auto": "min" for a metric whose name holds "loss" (val_total_loss) or a distance (HD95,
+    # ASSD), "max" otherwise (AP, mIoU, mDice, PQ); or "max" / "min" as detectron2's
+    # BestCheckpointer takes them
     cfg.D2SEG.BEST_CHECKPOINT.MODE = "auto"
     # Plot losses, learning rate and evaluation metrics to OUTPUT_DIR/curves.png after training.
     cfg.D2SEG.PLOT_CURVES = True
@@ -717,13 +718,15 @@ BEST_CHECKPOINT_MODES = ("auto", "max", "min")
 
 
 def best_checkpoint_mode(metric: str, mode: str) -> str:
-    """``D2SEG.BEST_CHECKPOINT.MODE`` resolved for ``metric``: "auto" is "min" for a loss
-    (a name holding "loss", e.g. ``val_total_loss``) and "max" for a score."""
+    """``D2SEG.BEST_CHECKPOINT.MODE`` resolved for ``metric``: "auto" is "min" for a loss or
+    a distance (a name holding "loss", e.g. ``val_total_loss``, or "HD95" / "ASSD", e.g.
+    ``sem_seg_metrics/mHD95``) and "max" for a score."""
     if mode not in BEST_CHECKPOINT_MODES:
         raise ValueError(f"D2SEG.BEST_CHECKPOINT.MODE must be one of {BEST_CHECKPOINT_MODES}, "
                          f"got {mode!r}")
     if mode == "auto":
-        return "min" if "loss" in metric.lower() else "max"
+        lower = metric.lower()
+        return "min" if any(w in lower for w in ("loss", "hd95", "assd")) else "max"
     return mode
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "class_boundary_counts",
     "segmentation_metrics",
     "surface_distances",
+    "surface_distance_stats",
     "hausdorff95",
     "average_surface_distance",
 ]
@@ -287,16 +288,10 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def surface_distances(pred: ArrayLike, target: ArrayLike,
-                      spacing: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
-    """The symmetric surface distances of two (H, W) binary masks: for every surface pixel of
-    each mask (a pixel of the mask with a background 8-neighbour), the Euclidean distance to
-    the other mask's surface, in units of ``spacing`` (row, column; default pixels).
-
-    Returns:
-        1-D float64 array of the distances (both directions), empty when both masks are empty;
-        ``[inf]`` when exactly one is empty (no surface to reach).
-    """
+def _directed_distances(pred: ArrayLike, target: ArrayLike, spacing: Sequence[float]
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """(distances from pred's surface pixels to target's surface, target's to pred's); both
+    empty when both masks are empty, ``[inf]`` each when exactly one is."""
     from scipy import ndimage
 
     if tuple(pred.shape) != tuple(target.shape):
@@ -306,32 +301,58 @@ def surface_distances(pred: ArrayLike, target: ArrayLike,
         raise ValueError(f"surface distances take (H, W) masks, got shape {p.shape}")
     sp, st = _surface(p), _surface(t)
     if not sp.any() and not st.any():
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0)
     if not sp.any() or not st.any():
-        return np.array([np.inf])
+        return np.array([np.inf]), np.array([np.inf])
     to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
     to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return np.concatenate([to_t[sp], to_p[st]])
+    return to_t[sp], to_p[st]
+
+
+def surface_distances(pred: ArrayLike, target: ArrayLike,
+                      spacing: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
+    """The symmetric surface distances of two (H, W) binary masks: for every surface pixel of
+    each mask (a pixel of the mask with a background 8-neighbour; outside the image counts as
+    background, as in MONAI), the Euclidean distance to the other mask's surface, in units of
+    ``spacing`` (row, column; default pixels).
+
+    Returns:
+        1-D float64 array of the distances (both directions), empty when both masks are empty;
+        ``[inf, inf]`` when exactly one is (no surface to reach).
+    """
+    return np.concatenate(_directed_distances(pred, target, spacing))
+
+
+def surface_distance_stats(pred: ArrayLike, target: ArrayLike,
+                           spacing: Sequence[float] = (1.0, 1.0),
+                           empty_score: float = 0.0) -> Tuple[float, float]:
+    """(HD95, ASSD) of two (H, W) binary masks from one pair of distance transforms:
+    :func:`hausdorff95` and :func:`average_surface_distance`."""
+    a, b = _directed_distances(pred, target, spacing)
+    if not a.size:
+        return float(empty_score), float(empty_score)
+    if np.isinf(a).any():
+        return float("inf"), float("inf")
+    hd95 = max(float(np.percentile(a, 95)), float(np.percentile(b, 95)))
+    return hd95, float(np.concatenate([a, b]).mean())
 
 
 def hausdorff95(pred: ArrayLike, target: ArrayLike, spacing: Sequence[float] = (1.0, 1.0),
                 empty_score: float = 0.0) -> float:
-    """95th percentile of :func:`surface_distances` (HD95, as MONAI's
-    ``compute_hausdorff_distance(percentile=95)`` pools both directions): ``empty_score`` when
-    both masks are empty, ``inf`` when exactly one is."""
-    d = surface_distances(pred, target, spacing)
-    if not d.size:
-        return float(empty_score)
-    return float("inf") if np.isinf(d).any() else float(np.percentile(d, 95))
+    """95 % Hausdorff distance as MONAI's ``compute_hausdorff_distance(percentile=95)``: the
+    larger of the two directed 95th percentiles of :func:`surface_distances` (medpy's ``hd95``
+    pools both directions instead, which can be lower); ``empty_score`` when both masks are
+    empty, ``inf`` when exactly one is."""
+    return surface_distance_stats(pred, target, spacing, empty_score)[0]
 
 
 def average_surface_distance(pred: ArrayLike, target: ArrayLike,
                              spacing: Sequence[float] = (1.0, 1.0),
                              empty_score: float = 0.0) -> float:
-    """Average symmetric surface distance (ASSD): the mean of :func:`surface_distances`;
-    ``empty_score`` when both masks are empty, ``inf`` when exactly one is."""
-    d = surface_distances(pred, target, spacing)
-    return float(d.mean()) if d.size else float(empty_score)
+    """Average symmetric surface distance (ASSD, MONAI's symmetric average surface distance):
+    the mean of :func:`surface_distances`; ``empty_score`` when both masks are empty, ``inf``
+    when exactly one is."""
+    return surface_distance_stats(pred, target, spacing, empty_score)[1]
 
 
 def segmentation_metrics(cm: np.ndarray, class_names: Optional[Sequence[str]] = None

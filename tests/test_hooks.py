@@ -345,6 +345,9 @@ def test_best_checkpoint_auto_mode_finds_loss_in_any_case():
 
     assert best_checkpoint_mode("val_Loss", "auto") == "min"
     assert best_checkpoint_mode("sem_seg/mIoU", "auto") == "max"
+    # distances: lower is better
+    assert best_checkpoint_mode("sem_seg_metrics/mHD95", "auto") == "min"
+    assert best_checkpoint_mode("sem_seg_metrics/ASSD-fg", "auto") == "min"
 
 
 @pytest.mark.parametrize("config", ["deeplabv3plus_cpu.yaml", "segformer_b0_cpu.yaml"])

@@ -116,10 +116,15 @@ def test_softmax_focal_closed_form():
         rel=1e-5)
     assert got.item() == focal_loss(two_class_logits(), targets(), gamma=2.0,
                                     alpha=[0.75, 0.25]).item()
+    assert got.item() == focal_loss(two_class_logits(), targets(), gamma=2.0,
+                                    alpha=[0.25]).item()  # a list of one: the same
+    assert focal_loss(two_class_logits(), targets(), alpha=-1.0).item() == \
+        focal_loss(two_class_logits(), targets()).item()  # < 0: no weighting
     torch.manual_seed(2)
     logits3, t3 = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
     assert focal_loss(logits3, t3, alpha=0.25).item() == pytest.approx(
         0.25 * focal_loss(logits3, t3).item(), rel=1e-6)
+    assert focal_loss(logits3, t3, alpha=-1.0).item() == focal_loss(logits3, t3).item()
     # per-class alpha
     got = focal_loss(two_class_logits(), targets(), gamma=2.0, alpha=[0.3, 0.7])
     w = [0.7, 0.3, 0.7, 0.7]

@@ -415,6 +415,15 @@ def test_exported_semantic_model_with_its_input_spec_predicts_as_the_predictor(t
                       str(tmp_path / "x"), *opts])
     spec = json.load(open(tmp_path / "x" / "input_spec.json"))
     assert (spec["min_size_test"], spec["channel_order"]) == (96, "BGR")
+    assert spec["intensity"]["scaling"] == "minmax" and not spec["not_exported"]
+    # what predict.py does outside the graph is in the spec: the intensity window, scales
+    from importlib import import_module
+
+    other = import_module("export_model").input_spec(load_config(UNET, opts + [
+        "INPUT.INTENSITY.SCALING", "window", "INPUT.INTENSITY.WINDOW", "(-160, 240)",
+        "D2SEG.INFERENCE.SCALES", "(0.75, 1.0)"]))
+    assert other["intensity"]["window"] == [-160.0, 240.0]
+    assert "scales (0.75, 1.0)" in other["not_exported"]
     image = np.random.RandomState(0).randint(0, 256, (83, 111, 3), dtype=np.uint8)
     want = SegPredictor(load_config(UNET, opts))(image)["sem_seg"]
     resized = ResizeShortestEdge([spec["min_size_test"]] * 2, spec["max_size_test"]) \
@@ -673,6 +682,11 @@ def test_intensity_window_and_percentile_scaling(tmp_path):
     from d2seg.data.sem_seg_mapper import SemSegDatasetMapper
     from d2seg.inference.run import predict_config
 
+    # percentiles that meet (a sparse bright structure on a flat background): its own range,
+    # not a black image
+    sparse = np.zeros((100, 100), np.uint16)
+    sparse[:3, :10] = 4000
+    assert to_uint8(sparse, scaling=IntensityScaling("percentile", 0.5, 99.5)).max() == 255
     ct = np.array([[-1000.0, -160.0, 0.0, 240.0, 1000.0]])
     assert to_uint8(ct, scaling=IntensityScaling("window", -160, 240)).tolist() == \
         [[0, 0, 102, 255, 255]]
@@ -693,7 +707,12 @@ def test_intensity_window_and_percentile_scaling(tmp_path):
         px = [mapper({"file_name": str(tmp_path / f), "height": 1, "width": 3})["image"][0, 0, 1]
               for f in ("a.tif", "b.tif")]
         assert (px[0] == px[1]) == same, (extra, px)
-    assert SegPredictor(load_config(UNET, win)).intensity == IntensityScaling("window", 0, 4000)
+    wpred = SegPredictor(load_config(UNET, win))
+    assert wpred.intensity == IntensityScaling("window", 0, 4000)
+    # under a window every array that is not uint8 is windowed, also one within 0-255 (a
+    # float crop in Hounsfield units); uint8 is taken as it is
+    crop = np.full((8, 8), 200.0, np.float32)
+    assert torch.equal(wpred(crop)["sem_seg"], wpred(np.full((8, 8), 13, np.uint8))["sem_seg"])
     try:
         predict_config(UNET, win)
         assert image_io.intensity_scaling() == IntensityScaling("window", 0, 4000)

@@ -110,6 +110,9 @@ def test_auto_is_off_and_on_is_on():
     assert plan.device_prefetch and plan.device_prefetch_depth == 3
     assert "device_prefetch=on" in fast_paths.describe(
         _cfg(UNET, "D2SEG.SPEED.DEVICE_PREFETCH", "on"))
+    # without loader workers the plan says off (what the loader then does)
+    assert not fast_paths.resolve(_cfg(UNET, "D2SEG.SPEED.DEVICE_PREFETCH", "on",
+                                       "DATALOADER.NUM_WORKERS", "0")).device_prefetch
 
 
 def test_training_with_prefetch_is_identical(tmp_path):

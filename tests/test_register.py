@@ -487,5 +487,10 @@ def test_sub_folders_pair_by_their_path_with_recursive(tmp_path):
     assert fg == [32, 32, 0, 0]
     assert sorted(d["image_id"] for n in ("nested_train", "nested_val")
                   for d in DatasetCatalog.get(n)) == [d["image_id"] for d in dicts]
+    # the split keeps each case on one side (slices of one patient in train and val inflated
+    # the validation scores)
+    cases = [{d["image_id"].split("/")[0] for d in DatasetCatalog.get(n)}
+             for n in ("nested_train", "nested_val")]
+    assert len(cases[0]) == len(cases[1]) == 1 and not cases[0] & cases[1]
     r = check_dataset("nested")
     assert r.ok and not _unpaired(r)

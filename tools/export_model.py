@@ -58,10 +58,21 @@ def input_spec(cfg) -> dict:
     inf = cfg.D2SEG.INFERENCE
     tta = [name for name, on in (("sliding windows " + str(tuple(inf.SLIDING_WINDOW.SIZE)),
                                   min(inf.SLIDING_WINDOW.SIZE) > 0),
-                                 ("horizontal flip", inf.FLIP), ("90-degree rotations", inf.ROT90))
+                                 ("horizontal flip", inf.FLIP), ("90-degree rotations", inf.ROT90),
+                                 ("scales " + str(tuple(inf.SCALES)),
+                                  tuple(inf.SCALES) != (1.0,)))
            if on]
+    from d2seg.data.image_io import IntensityScaling
+
+    scaling = IntensityScaling.from_cfg(cfg)
+    intensity = {"scaling": scaling.mode,
+                 "how": f"images with more than 8 bits (16-bit / float) become 0-255 by "
+                        f"{scaling.describe()}, values outside clipped; 8-bit images as they are"}
+    if scaling.mode != "minmax":
+        intensity["window" if scaling.mode == "window" else "percentiles"] = \
+            [scaling.low, scaling.high]
     return {"channel_order": cfg.INPUT.FORMAT, "value_range": [0, 255],
-            "layout": f"({len(cfg.MODEL.PIXEL_MEAN)}, H, W)",
+            "layout": f"({len(cfg.MODEL.PIXEL_MEAN)}, H, W)", "intensity": intensity,
             "min_size_test": lo, "max_size_test": hi, "resize": resize,
             "not_exported": ("D2SEG.INFERENCE " + ", ".join(tta) + ": predict.py averages the "
                              "model's logits over these, the exported model is one pass")
@@ -101,11 +112,13 @@ def main(argv=None) -> list:
         if args.check_images:
             import numpy as np
             from detectron2.data import transforms as T
-            from detectron2.data.detection_utils import read_image
+
+            from d2seg.data.image_io import IntensityScaling, read_image
 
             aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
             for path in args.check_images:
-                img = read_image(path, format=cfg.INPUT.FORMAT)
+                img = read_image(path, format=cfg.INPUT.FORMAT,
+                                 scaling=IntensityScaling.from_cfg(cfg))
                 img = aug.get_transform(img).apply_image(img)
                 images.append(torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))))
         results = export_rcnn(model, args.output, args.height, args.width, args.format,

@@ -2,7 +2,7 @@
 """Predict on images with a trained d2seg / detectron2 model.
 
     python tools/predict.py --config-file CFG --input IMG|FOLDER|"GLOB" [...] --output OUT \\
-        [--score-threshold 0.5] [--sliding-window H W [--overlap 0.25]] [--flip] [--rot90] [--scales S ...] \\
+        [--score-threshold 0.5] [--scales S ...] [--sliding-window H W [--overlap 0.25]] [--flip] [--rot90] \\
         [--dataset NAME] [--coco-json JSON] [--no-overlays] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
 
 Writes OUT/overlays/*.png and, by model type, OUT/coco_instances_results.json (instances),

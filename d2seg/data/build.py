@@ -198,14 +198,14 @@ def build_train_loader(cfg: CfgNode, start_iter: int = 0) -> Iterable[List[Dict]
     if start_iter > 0:
         kwargs["sampler"] = SkipSampler(sampler, start_iter * per_rank)
     loader = build_detection_train_loader(**kwargs)
-    if plan.device_prefetch and cfg.DATALOADER.NUM_WORKERS == 0:
-        # the mapper would run in the prefetch thread: PositionSeededMapper's seeding and
-        # restoring of the process-wide random states would race the training step's draws
+    if not plan.device_prefetch and cfg.DATALOADER.NUM_WORKERS == 0 and \
+            str(cfg.D2SEG.SPEED.DEVICE_PREFETCH).lower() in ("on", "true", "1"):
+        # resolve() leaves it off: the mapper would run in the prefetch thread
         logger.warning("D2SEG.SPEED.DEVICE_PREFETCH is left off: it needs "
                        "DATALOADER.NUM_WORKERS > 0 (with 0 the augmentations would run in its "
                        "thread, and their seeded random state would mix with the training "
                        "step's)")
-    elif plan.device_prefetch:
+    if plan.device_prefetch:
         from .prefetch import DevicePrefetcher
 
         device = cfg.MODEL.DEVICE if plan.device == "cuda" else "cpu"

@@ -12,7 +12,8 @@ does. How (``INPUT.INTENSITY.SCALING``, :class:`IntensityScaling`):
   outside clipped (CT in Hounsfield units, e.g. a soft-tissue window (-160, 240); 16-bit
   microscopy of a known range), so that one raw value is one model input in every image;
 * ``"percentile"``: each image by its own ``INPUT.INTENSITY.PERCENTILES: (low, high)``
-  percentiles, values outside clipped (robust to a few hot or dead pixels).
+  percentiles, values outside clipped (robust to a few hot or dead pixels); an image whose two
+  percentiles are equal (a sparse bright structure on a flat background) by its own range.
 
 8-bit images are used as they are in every mode.
 
@@ -102,7 +103,10 @@ class IntensityScaling:
             return 0.0, 0.0
         if self.mode == "percentile":
             lo, hi = np.percentile(a, (self.low, self.high))
-            return float(lo), float(hi)
+            if hi > lo:
+                return float(lo), float(hi)
+            # most pixels one value (a sparse bright structure on a flat background): the
+            # percentiles meet, and would make the image black; its own range instead
         return float(a.min()), float(a.max())
 
     def describe(self) -> str:

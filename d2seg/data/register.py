@@ -29,7 +29,8 @@ Types and their keys:
   ``sem_seg_root``, ``classes``; optional ``ignore_label`` (255), ``label_map`` (raw mask value
   -> class id; unmapped values become ``ignore_label``), ``colors``, ``mask_suffix`` (masks
   named ``<image stem><mask_suffix>``, e.g. ``_mask``), ``recursive`` (false; true: the
-  sub-folders too, paired by their path below each root, ``case01/7.png``).
+  sub-folders too, paired by their path below each root, ``case01/7.png``; ``val_fraction``
+  then splits by top-level sub-folder, so that no case has images on both sides).
   ``evaluator_type="sem_seg"``.
 * ``coco_panoptic`` (COCO panoptic json + PNG folder): ``image_root``, ``panoptic_root``,
   ``panoptic_json``; optional ``instances_json`` (COCO instances of the same images; derived
@@ -623,7 +624,15 @@ def _register_entry(e: Dict[str, Any]) -> None:
                                              e["mask_suffix"], e["recursive"]))
         register_sem_seg_folder(name, e["image_root"], e["sem_seg_root"], **kw)
         if frac:
-            tr, va = split_items(stems, frac, seed)
+            if e["recursive"]:  # whole sub-folders (cases, patients) to one side
+                groups: Dict[str, List[str]] = {}
+                for s in stems:
+                    groups.setdefault(s.split("/", 1)[0], []).append(s)
+                tr_g, va_g = split_items(list(groups), frac, seed)
+                tr = [s for g in tr_g for s in groups[g]]
+                va = [s for g in va_g for s in groups[g]]
+            else:
+                tr, va = split_items(stems, frac, seed)
             register_sem_seg_folder(f"{name}_train", e["image_root"], e["sem_seg_root"],
                                     stems=tr, **kw)
             register_sem_seg_folder(f"{name}_val", e["image_root"], e["sem_seg_root"],

@@ -528,7 +528,10 @@ def resolve(cfg: CfgNode) -> SpeedPlan:
     if workers == 0:
         prefetch = 0
     dev_prefetch = _switch(cfg, "DEVICE_PREFETCH")
-    dev_prefetch = bool(dev_prefetch)  # auto: off (not yet measured on a GPU)
+    # auto: off (not yet measured on a GPU). Without loader workers the mapper would run in
+    # its thread, where PositionSeededMapper's seeding and restoring of the process-wide
+    # random states would race the training step's draws: off (d2seg.data.build warns)
+    dev_prefetch = bool(dev_prefetch) and workers > 0
     depth = int(sp.get("DEVICE_PREFETCH_DEPTH", 2))
     if depth < 1:
         raise ValueError(f"D2SEG.SPEED.DEVICE_PREFETCH_DEPTH must be >= 1, got {depth}")

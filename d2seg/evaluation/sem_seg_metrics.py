@@ -24,7 +24,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..data.image_io import read_sem_seg
 from ..metrics import (class_boundary_counts, confusion_matrix, segmentation_metrics,
-                       surface_distances)
+                       surface_distance_stats)
 from ..modeling.postprocessing import class_labels
 
 __all__ = ["SemSegMetricsEvaluator", "load_sem_seg_gt"]
@@ -62,8 +62,9 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     "mDiceImgSD", the mean and standard deviation over images of each image's mean Dice over
     such classes. With ``surface_distance``: "HD95-<class>" and "ASSD-<class>", the 95th
     percentile and the mean of the symmetric surface distances (in pixels,
-    :func:`d2seg.metrics.surface_distances`), averaged over the images in which the class is
-    both present and predicted, and "mHD95" / "mASSD" over classes. With ``output_dir``,
+    :func:`d2seg.metrics.hausdorff95`, MONAI's definitions), averaged over the images in which
+    the class is both present and predicted, and "mHD95" / "mASSD" over the classes but class 0
+    (taken as background, as MONAI's ``include_background=False``). With ``output_dir``,
     ``sem_seg_per_image.csv`` has one row per image: its file name, then Dice and IoU (and
     HD95, ASSD) per class: empty where the class is neither present nor predicted, ``inf`` for
     a distance where it is only one of them.
@@ -176,10 +177,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         hd95, assd = np.full(c, np.nan), np.full(c, np.nan)
         valid = gt != self._ignore_label
         for k in np.flatnonzero(both > 0):
-            d = surface_distances((pred == k) & valid, (gt == k) & valid)
-            if d.size:
-                hd95[k] = np.inf if np.isinf(d).any() else np.percentile(d, 95)
-                assd[k] = d.mean()
+            hd95[k], assd[k] = surface_distance_stats((pred == k) & valid, (gt == k) & valid,
+                                                      empty_score=float("nan"))
         return hd95, assd
 
     def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
@@ -252,7 +251,9 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     cls = np.nanmean(d, axis=0)
-                    out[f"m{key}"] = float(np.nanmean(cls)) if np.isfinite(cls).any() \
+                    # class 0 taken as background, as MONAI's include_background=False
+                    fg = cls[1:] if len(cls) > 1 else cls
+                    out[f"m{key}"] = float(np.nanmean(fg)) if np.isfinite(fg).any() \
                         else float("nan")
                 for name, v in zip(self._class_names, cls):
                     out[f"{key}-{name}"] = float(v)

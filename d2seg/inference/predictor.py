@@ -96,7 +96,11 @@ def _as_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> 
     if image.dtype == bool:  # a mask: True is white (255), as d2seg reads bool images, not 1
         return to_uint8(image, "SegPredictor input")
     high_bit = image.dtype.kind == "u" and image.dtype.itemsize > 1
-    if not high_bit and image.size and np.isfinite(image).all() and \
+    # a fixed window or percentiles scale every non-8-bit array (a float / int16 CT crop may
+    # lie within 0-255 and still be Hounsfield units); with min-max scaling (the default)
+    # arrays already in 0-255 are taken as they are
+    configured = scaling is not None and scaling.mode != "minmax"
+    if not high_bit and not configured and image.size and np.isfinite(image).all() and \
             image.min() >= 0 and image.max() <= 255:
         return np.rint(image).astype(np.uint8)
     return to_uint8(image, "SegPredictor input", scaling)
@@ -177,8 +181,8 @@ class SegPredictor(DefaultPredictor):
                 (H, W, 1) grey image is repeated over the 3 channels; a 16- or 32-bit unsigned
                 one (or any with values outside 0-255) is scaled to 0-255 as the config's
                 ``INPUT.INTENSITY`` says (default: by its own minimum and maximum), as d2seg
-                reads such files; float or signed arrays in 0-255 are
-                taken as they are. A grey model (INPUT.FORMAT "L") gets the image's grey.
+                reads such files; with a "window" or "percentile" scaling every array that is
+                not uint8, otherwise float or signed arrays in 0-255 are taken as they are. A grey model (INPUT.FORMAT "L") gets the image's grey.
 
         Returns:
             the model's output for the image, at the original size.

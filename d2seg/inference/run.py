@@ -88,7 +88,7 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
     skipped = []
     for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
         try:
-            bgr = read_image(path, format="BGR")
+            bgr = read_image(path, format="BGR", scaling=predictor.intensity)
         except Exception as e:  # noqa: BLE001 - only unreadable files, filtered right below
             if not is_input_error(e):
                 raise

@@ -228,9 +228,10 @@ def focal_loss(
       (a float in [0, 1] weighting positives, ``1 - alpha`` negatives; None or < 0 = no
       weighting);
     * multi-class: ``-alpha_y (1 - p_y)^gamma log p_y`` with p the softmax; ``alpha`` None
-      (all 1), one float per class, or one float: with 2 classes (a softmax over background
-      and foreground) the foreground's weight and ``1 - alpha`` the background's, as in the
-      binary case (< 0 = no weighting); with more classes a factor on every class.
+      (all 1), one float per class, or one float (or a list of one): with 2 classes (a
+      softmax over background and foreground) the foreground's weight and ``1 - alpha`` the
+      background's, as in the binary case; with more classes a factor on every class; < 0 =
+      no weighting.
 
     ``gamma = 0`` and no alpha gives the (binary) cross-entropy. Gradients stay finite for
     any ``gamma >= 0``, also with saturated logits; ignored pixels get zero gradients.
@@ -263,8 +264,12 @@ def focal_loss(
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     loss = -_focal_factor(-torch.expm1(logp_t), gamma) * logp_t
+    if isinstance(alpha, (list, tuple)) and len(alpha) == 1:  # [a]: as the float a
+        alpha = alpha[0]
+    if isinstance(alpha, (int, float)) and alpha < 0:  # < 0: no weighting, as binary
+        alpha = None
     if isinstance(alpha, (int, float)) and c == 2:  # [background, foreground]: as binary
-        alpha = None if alpha < 0 else [1.0 - float(alpha), float(alpha)]
+        alpha = [1.0 - float(alpha), float(alpha)]
     if alpha is not None:
         if isinstance(alpha, (int, float)):
             loss = loss * float(alpha)

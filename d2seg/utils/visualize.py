@@ -72,8 +72,10 @@ def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_di
             gt = Visualizer(rgb, metadata).draw_dataset_dict(_ground_truth_to_draw(d)).get_image()
             stem = os.path.splitext(os.path.basename(d["file_name"]))[0]
             path = os.path.join(out_dir, stem + ".png")
-            if path in paths:  # one name in two sub-folders (a recursive folder dataset)
-                path = os.path.join(out_dir, f"{stem}_{len(paths)}.png")
+            k = 1
+            while path in paths:  # one name in two sub-folders (a recursive folder dataset)
+                path = os.path.join(out_dir, f"{stem}_{k}.png")
+                k += 1
             cv2.imwrite(path, np.concatenate([pred, gt], axis=1)[..., ::-1])
             paths.append(path)
     finally:
