@@ -163,8 +163,13 @@ def compare_outputs(fmt: str, path: str, reference, sample_inputs: Sequence[Tupl
 def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: int = 256,
                     formats: Sequence[str] = ("torchscript", "onnx"),
                     check_sizes: Sequence[Tuple[int, int]] = ((192, 320), (250, 333)),
-                    seed: int = 0) -> List[ExportResult]:
+                    seed: int = 0, check_images: Optional[Sequence[torch.Tensor]] = None
+                    ) -> List[ExportResult]:
     """Export a semantic model to ``out_dir/model.ts`` and/or ``out_dir/model.onnx``, checked.
+
+    The exported graph returns the logits: a post-processor (``MODEL.SEM_SEG_POSTPROCESS``,
+    numpy / OpenCV code a trace would freeze into constants) is left out, as are the test-time
+    augmentations; ``tools/export_model.py`` names both in ``input_spec.json``.
 
     Args:
         model: the model (eval mode is set).
@@ -172,12 +177,22 @@ def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: in
         check_sizes: (H, W) of the random images used to compare with PyTorch (for a fixed-size
             ONNX file, the export size is used instead); the default includes a size that is
             not a multiple of the model's size divisibility (padding inside the graph).
+        check_images: (C, H, W) images (0-255, as the model takes them) compared as well,
+            where the export has a dynamic size (e.g. real images of the dataset).
 
     Returns:
         One :class:`ExportResult` per format. A format that fails to export or to run is
         reported in its ``error`` rather than raised, as :func:`export_rcnn` does.
     """
+    from .inference.sliding_window import without_postprocessor
+
     model.eval()
+    with without_postprocessor(model):
+        return _export_semantic(model, out_dir, height, width, formats, check_sizes, seed,
+                                list(check_images or []))
+
+
+def _export_semantic(model, out_dir, height, width, formats, check_sizes, seed, check_images):
     os.makedirs(out_dir, exist_ok=True)
     adapter = semantic_adapter(model, height, width)
     gen = torch.Generator().manual_seed(seed)
@@ -194,7 +209,8 @@ def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: in
             raise ValueError(f"unknown export format '{fmt}' (torchscript, onnx)")
         try:
             results.append(_export_semantic_format(fmt, adapter, out_dir, height, width,
-                                                   check_sizes, samples))
+                                                   check_sizes, samples,
+                                                   [im.float().to(dev) for im in check_images]))
         except Exception as e:  # noqa: BLE001 - reported to the caller
             err = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:600] if str(e) else ''}"
             logger.warning(f"{fmt} export: {err}")
@@ -204,8 +220,8 @@ def export_semantic(model: nn.Module, out_dir: str, height: int = 256, width: in
 
 
 def _export_semantic_format(fmt: str, adapter: nn.Module, out_dir: str, height: int, width: int,
-                            check_sizes: Sequence[Tuple[int, int]], samples: Callable
-                            ) -> ExportResult:
+                            check_sizes: Sequence[Tuple[int, int]], samples: Callable,
+                            images: Sequence[torch.Tensor] = ()) -> ExportResult:
     """One format of :func:`export_semantic`: export, then compare with PyTorch."""
     if fmt == "torchscript":
         path = os.path.join(out_dir, "model.ts")
@@ -230,11 +246,13 @@ def _export_semantic_format(fmt: str, adapter: nn.Module, out_dir: str, height: 
                              None)
             dynamic = False
     sizes = list(check_sizes) if dynamic else [(height, width)]
-    diff = compare_outputs(fmt, path, adapter, samples(sizes))
+    inputs = samples(sizes) + ([(im,) for im in images] if dynamic else [])
+    diff = compare_outputs(fmt, path, adapter, inputs)
     res = ExportResult(format=fmt, path=path, dynamic=dynamic, max_abs_diff=diff,
-                       checked_shapes=[list(s) for s in sizes], error="")
+                       checked_shapes=[list(x[0].shape[1:]) for x in inputs], error="")
     logger.info(f"{fmt}: {path} ({'dynamic' if dynamic else 'fixed'} size); max |exported - "
-                f"PyTorch| on {len(sizes)} random images: {diff:.3g}")
+                f"PyTorch| on {len(sizes)} random and {len(inputs) - len(sizes)} given "
+                f"images: {diff:.3g}")
     return res
 
 

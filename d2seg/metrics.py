@@ -280,12 +280,11 @@ def boundary_iou(pred: ArrayLike, target: ArrayLike, *, dilation_ratio: float = 
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """The mask's pixels with a background 8-neighbour (outside the image counts as
-    background)."""
+    """The mask's pixels with a background 4-neighbour (outside the image counts as
+    background): MONAI's ``get_mask_edges`` (scipy's erosion with its default cross)."""
     from scipy import ndimage
 
-    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
-    return mask & ~inner
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 def _directed_distances(pred: ArrayLike, target: ArrayLike, spacing: Sequence[float]
@@ -312,7 +311,7 @@ def _directed_distances(pred: ArrayLike, target: ArrayLike, spacing: Sequence[fl
 def surface_distances(pred: ArrayLike, target: ArrayLike,
                       spacing: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
     """The symmetric surface distances of two (H, W) binary masks: for every surface pixel of
-    each mask (a pixel of the mask with a background 8-neighbour; outside the image counts as
+    each mask (a pixel of the mask with a background 4-neighbour; outside the image counts as
     background, as in MONAI), the Euclidean distance to the other mask's surface, in units of
     ``spacing`` (row, column; default pixels).
 

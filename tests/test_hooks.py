@@ -223,6 +223,14 @@ def test_a_mistyped_best_checkpoint_metric_is_reported_at_start(caplog):
     assert "isbi2012_membrane_val/sem_seg/mIoU" in names
     assert "isbi2012_membrane_val/sem_seg_metrics/mDice" in names
     assert "fruits_nuts_val/segm/AP" in names
+    # per-image Dice always, the surface distances with D2SEG.EVAL.SURFACE_DISTANCE
+    cfg.DATASETS.TEST = ("isbi2012_membrane_val",)
+    names, prefixes = evaluation_metric_names(cfg)
+    assert "sem_seg_metrics/mDiceImg" in names and "sem_seg_metrics/DiceImg-" in prefixes
+    assert "sem_seg_metrics/mHD95" not in names
+    cfg.D2SEG.EVAL.SURFACE_DISTANCE = True
+    names, prefixes = evaluation_metric_names(cfg)
+    assert "sem_seg_metrics/mHD95" in names and "sem_seg_metrics/ASSD-" in prefixes
 
 
 def test_best_checkpointer_remembers_its_best_across_a_resume(tmp_path):

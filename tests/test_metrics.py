@@ -443,13 +443,13 @@ def test_build_evaluators_reads_each_semantic_label_map_once(tmp_path):
 
 
 def _brute_surface_distances(a, b):
-    """All-pairs version: surface = mask pixels with a background 8-neighbour (outside the
+    """All-pairs version: surface = mask pixels with a background 4-neighbour (outside the
     image is background); distances to the other surface's nearest pixel, both directions."""
     def surface(m):
         p = np.pad(m, 1)
         out = np.zeros_like(m)
         for y, x in zip(*np.nonzero(m)):
-            out[y, x] = not p[y:y + 3, x:x + 3].all()
+            out[y, x] = not (p[y, x + 1] and p[y + 2, x + 1] and p[y + 1, x] and p[y + 1, x + 2])
         return np.argwhere(out)
 
     sa, sb = surface(a), surface(b)
@@ -480,6 +480,17 @@ def test_surface_distances_hd95_assd_against_all_pairs():
     one[2, 2] = True
     assert hausdorff95(empty, empty) == 0.0 and math.isinf(hausdorff95(one, empty))
     assert math.isinf(average_surface_distance(empty, one)) and hausdorff95(one, one) == 0.0
+    # MONAI 1.4's compute_hausdorff_distance(percentile=95) / compute_average_surface_distance
+    # (symmetric=True) on these masks (computed once with MONAI; float32 results)
+    yy, xx = np.mgrid[:64, :64]
+    for p, t, hd, asd in (
+            ((yy - 32) ** 2 + (xx - 32) ** 2 <= 100, (yy - 32) ** 2 + (xx - 32) ** 2 <= 169,
+             3.1622776985168457, 2.7786922454833984),
+            ((yy - 30) ** 2 + (xx - 30) ** 2 <= 144, (yy - 33) ** 2 + (xx - 30) ** 2 <= 144,
+             3.0, 1.8218436241149902),
+            ((yy < 20) & (xx < 30), (yy < 24) & (xx > 5) & (xx < 40), 10.0, 4.241251468658447)):
+        assert hausdorff95(p, t) == pytest.approx(hd, rel=1e-6)
+        assert average_surface_distance(p, t) == pytest.approx(asd, rel=1e-6)
     # spacing: anisotropic pixels (row, column size)
     a, b = np.zeros((9, 9), bool), np.zeros((9, 9), bool)
     a[4, 2], b[4, 6] = True, True
@@ -504,17 +515,20 @@ def test_evaluator_surface_distances_per_class_and_image(tmp_path):
     ev.process([{"file_name": d["file_name"]} for d in dicts],
                [{"sem_seg": _onehot_logits(p, 2)} for p in (p1, p2)])
     res = ev.evaluate()["sem_seg_metrics"]
-    # fg: image 1 only (image 2 has it predicted but not present: inf, left out of the mean)
-    assert res["HD95-fg"] == pytest.approx(hausdorff95(p1 == 1, g1 == 1))
-    assert res["ASSD-fg"] == pytest.approx(average_surface_distance(p1 == 1, g1 == 1))
+    # fg: image 2 has it predicted but not present: a miss, scored as the image's diagonal
+    # (skipped, a model that misses objects would score better)
+    diag = math.hypot(20, 20)
+    assert res["HD95-fg"] == pytest.approx((hausdorff95(p1 == 1, g1 == 1) + diag) / 2)
+    assert res["ASSD-fg"] == pytest.approx((average_surface_distance(p1 == 1, g1 == 1)
+                                            + diag) / 2)
     bg = [hausdorff95(p == 0, g == 0) for p, g in ((p1, g1), (p2, g2))]
     assert res["HD95-bg"] == pytest.approx(np.mean(bg))
     assert res["mHD95"] == res["HD95-fg"]  # class 0 is background, left out as MONAI does
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "out" / "sem_seg_per_image.csv")))
-    assert rows[1]["HD95-fg"] == "inf" and float(rows[0]["HD95-fg"]) == pytest.approx(
-        res["HD95-fg"], abs=1e-3)
+    assert float(rows[1]["HD95-fg"]) == pytest.approx(diag, abs=1e-3)
+    assert float(rows[0]["HD95-fg"]) == pytest.approx(hausdorff95(p1 == 1, g1 == 1), abs=1e-3)
     # off by default: no distance keys
     ev = SemSegMetricsEvaluator("d2seg_test_surface", distributed=False)
     ev.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p1, 2)}])

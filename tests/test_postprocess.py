@@ -1,5 +1,6 @@
 """Post-processing on hand-made masks, the config-built post-processor, the threshold search."""
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -439,3 +440,31 @@ def test_search_threshold_tool_refuses_a_multi_class_config_in_one_line():
     assert r.stderr.strip().splitlines()[-1].endswith(
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES 5: the threshold search is for binary problems "
         "(NUM_CLASSES 1 or 2)")
+
+
+def test_postprocess_config_applies_to_detectron2_semantic_segmentor():
+    """MODEL.SEM_SEG_POSTPROCESS with detectron2's SemanticSegmentor (the Semantic FPN
+    configs) was silently ignored, though search_threshold.py recommends it: the built model
+    gets the post-processor, applied in eval mode like d2seg's segmentors, and lifted by
+    without_postprocessor for windows and views."""
+    import torch
+
+    from d2seg.config import load_config
+    from d2seg.engine import Trainer
+    from d2seg.inference import build_inference_model
+    from d2seg.inference.sliding_window import without_postprocessor
+
+    from conftest import REPO
+
+    cfg = load_config(os.path.join(REPO, "configs/Shapes-SemanticSegmentation/semantic_fpn_cpu.yaml"),
+                      ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_POSTPROCESS.ENABLED", "True",
+                       "MODEL.SEM_SEG_POSTPROCESS.MIN_AREA", "50"])
+    torch.manual_seed(0)
+    for model in (Trainer.build_model(cfg).eval(), build_inference_model(cfg)):
+        x = [{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}]
+        with torch.no_grad():
+            out = model(x)[0]
+            assert set(out) == {"sem_seg", "sem_seg_logits"}
+            assert set(out["sem_seg"].unique().tolist()) <= {0.0, 1.0}  # one-hot
+            with without_postprocessor(model):
+                assert set(model(x)[0]) == {"sem_seg"}

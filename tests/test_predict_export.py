@@ -774,3 +774,62 @@ def test_multi_scale_tta_averages_the_resized_views():
         from d2seg.data import image_io
 
         image_io.set_intensity_scaling(image_io.IntensityScaling())
+
+
+def test_export_leaves_the_postprocessor_out_and_checks_given_images(tmp_path):
+    """A config with MODEL.SEM_SEG_POSTPROCESS (e.g. search_threshold.py's "apply with" line)
+    exports the logits (the trace froze the numpy post-processing into a constant and the
+    check failed on a shape); --check-images are compared for semantic models too; the spec
+    names the post-processing and the classes."""
+    img = np.random.RandomState(0).randint(0, 256, (70, 90, 3), np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit, match="--check-images: no such file 'MODEL.WEIGHTS'"):
+        export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "x"),
+                          "--check-images", str(tmp_path / "a.png"), "MODEL.WEIGHTS", "w.pth"])
+    export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "x"), "--check-images",
+                      str(tmp_path / "a.png"), "--format", "torchscript", "--height", "64",
+                      "--width", "64", *TINY_UNET,
+                      "MODEL.SEM_SEG_POSTPROCESS.ENABLED", "True",
+                      "MODEL.SEM_SEG_POSTPROCESS.MIN_AREA", "20"])
+    (rep,) = json.load(open(tmp_path / "x" / "export_report.json"))
+    assert rep["error"] == "" and rep["max_abs_diff"] < 1e-3
+    assert [256, 329] in rep["checked_shapes"]  # a.png, test-resized (shorter side 256)
+    spec = json.load(open(tmp_path / "x" / "input_spec.json"))
+    assert "MODEL.SEM_SEG_POSTPROCESS" in spec["not_exported"]
+    assert len(spec["classes"]) == 5
+
+
+def test_grey_16_bit_images_through_detectron2_dataset_mapper_are_scaled(tmp_path):
+    """detectron2's DatasetMapper reads a grey model's image and its label map both as "L":
+    d2seg's build_mapper marks the image, so a 16-bit image is scaled (it was clipped to
+    almost white) while a 16-bit label map keeps its ids; pickling (spawned workers) works."""
+    import pickle
+
+    from d2seg.data.build import build_mapper
+
+    img = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 2)  # 0..3998
+    Image.fromarray(img).save(tmp_path / "g16.png")
+    lab = (np.arange(40 * 50).reshape(40, 50) % 3).astype(np.uint16)
+    Image.fromarray(lab).save(tmp_path / "lab16.png")
+    cfg = load_config(UNET, TINY_UNET + ["INPUT.DATASET_MAPPER_NAME", "", "INPUT.FORMAT", "L",
+                                         "MODEL.PIXEL_MEAN", "[128.0]", "MODEL.PIXEL_STD", "[50.0]",
+                                         "INPUT.MIN_SIZE_TEST", "0"])
+    mapper = build_mapper(cfg, False)
+    mapper = pickle.loads(pickle.dumps(mapper))
+    out = mapper({"file_name": str(tmp_path / "g16.png"), "height": 40, "width": 50,
+                  "sem_seg_file_name": str(tmp_path / "lab16.png")})
+    assert out["image"].shape == (1, 40, 50)
+    assert out["image"].max() == 255 and out["image"].min() == 0
+    assert (out["image"] == 255).float().mean() < 0.01  # scaled, not clipped
+    assert torch.equal(out["sem_seg"], torch.from_numpy(lab.astype(np.int64)))
+
+
+def test_a_folder_of_case_sub_folders_gets_a_glob_hint(tmp_path):
+    from d2seg.inference.writer import list_inputs
+
+    (tmp_path / "case01").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "case01" / "0.png")
+    with pytest.raises(FileNotFoundError, match=r"sub-folders hold images: pass a quoted glob "
+                                                r"such as .*\*\*/\*\.png"):
+        list_inputs([str(tmp_path)])
+    assert list_inputs([str(tmp_path / "**" / "*.png")]) == [str(tmp_path / "case01" / "0.png")]

@@ -60,7 +60,9 @@ def input_spec(cfg) -> dict:
                                   min(inf.SLIDING_WINDOW.SIZE) > 0),
                                  ("horizontal flip", inf.FLIP), ("90-degree rotations", inf.ROT90),
                                  ("scales " + str(tuple(inf.SCALES)),
-                                  tuple(inf.SCALES) != (1.0,)))
+                                  tuple(inf.SCALES) != (1.0,)),
+                                 ("MODEL.SEM_SEG_POSTPROCESS (threshold, morphology, regions)",
+                                  cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED))
            if on]
     from d2seg.data.image_io import IntensityScaling
 
@@ -74,9 +76,57 @@ def input_spec(cfg) -> dict:
     return {"channel_order": cfg.INPUT.FORMAT, "value_range": [0, 255],
             "layout": f"({len(cfg.MODEL.PIXEL_MEAN)}, H, W)", "intensity": intensity,
             "min_size_test": lo, "max_size_test": hi, "resize": resize,
-            "not_exported": ("D2SEG.INFERENCE " + ", ".join(tta) + ": predict.py averages the "
-                             "model's logits over these, the exported model is one pass")
-            if tta else ""}
+            "not_exported": (", ".join(tta) + ": predict.py does these around the model "
+                             "(averages its logits over the views; post-processes the "
+                             "average), the exported model is one pass returning logits")
+            if tta else "",
+            "classes": _classes(cfg)}
+
+
+def _classes(cfg) -> list:
+    """The class names of the model's outputs, from its first test (else train) dataset."""
+    from detectron2.data import MetadataCatalog
+
+    from d2seg.data.register import register_datasets_from_cfg
+
+    names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+    if not names:
+        return []
+    try:  # D2SEG.DATASETS.REGISTER entries (the builtin ones are registered on import)
+        register_datasets_from_cfg(cfg)
+    except Exception:  # noqa: BLE001 - the export does not need the data; no names then
+        return []
+    meta = MetadataCatalog.get(names[0])
+    return list(getattr(meta, "stuff_classes", None) or getattr(meta, "thing_classes", None)
+                or [])
+
+
+def _check_images(cfg, paths) -> list:
+    """--check-images as the model takes them: read as predict.py reads (INPUT.FORMAT,
+    INPUT.INTENSITY), test-resized; a path that is no file stops with one line (a KEY VALUE
+    override placed right after the option is taken as an image)."""
+    import numpy as np
+    import torch
+    from detectron2.data import transforms as T
+
+    from d2seg.data.image_io import IntensityScaling, read_image
+
+    missing = [p for p in paths or [] if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"export_model.py: error: --check-images: no such file {missing[0]!r} "
+                         f"(KEY VALUE overrides go last, after an option other than "
+                         f"--check-images)")
+    images = []
+    lo = int(cfg.INPUT.MIN_SIZE_TEST)
+    aug = T.ResizeShortestEdge([lo, lo], cfg.INPUT.MAX_SIZE_TEST) if lo > 0 else None
+    for path in paths or []:
+        img = read_image(path, format=cfg.INPUT.FORMAT, scale=True,
+                         scaling=IntensityScaling.from_cfg(cfg))
+        img = aug.get_transform(img).apply_image(img) if aug else img
+        if img.ndim == 2:
+            img = img[:, :, None]
+        images.append(torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))))
+    return images
 
 
 def main(argv=None) -> list:
@@ -105,22 +155,11 @@ def main(argv=None) -> list:
     else:
         print("export_model.py: warning: MODEL.WEIGHTS is empty: exporting random weights",
               file=sys.stderr)
+    images = _check_images(cfg, args.check_images)
     if is_semantic_model(model):
-        results = export_semantic(model, args.output, args.height, args.width, args.format)
+        results = export_semantic(model, args.output, args.height, args.width, args.format,
+                                  check_images=images)
     elif isinstance(model, GeneralizedRCNN) and not isinstance(model, PanopticFPN):
-        images = []
-        if args.check_images:
-            import numpy as np
-            from detectron2.data import transforms as T
-
-            from d2seg.data.image_io import IntensityScaling, read_image
-
-            aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-            for path in args.check_images:
-                img = read_image(path, format=cfg.INPUT.FORMAT,
-                                 scaling=IntensityScaling.from_cfg(cfg))
-                img = aug.get_transform(img).apply_image(img)
-                images.append(torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))))
         results = export_rcnn(model, args.output, args.height, args.width, args.format,
                               check_images=images)
     else:

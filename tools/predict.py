@@ -41,6 +41,10 @@ def _scale(text: str) -> float:
     return v
 
 
+# (argparse names the type in "invalid <type> value" errors)
+_overlap.__name__, _window_side.__name__, _scale.__name__ = "overlap", "window side", "scale"
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")

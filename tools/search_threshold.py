@@ -67,8 +67,18 @@ def collect(cfg, dataset: str):
     if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 2:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: "
                          "the threshold search is for binary problems (1 or 2 classes)")
-    # the model as evaluation and tools/predict.py run it (fast paths, INFERENCE_AMP)
+    # the model as evaluation and tools/predict.py run it (fast paths, INFERENCE_AMP), with
+    # the test-time views they average (D2SEG.INFERENCE: sliding windows, flips, rotations,
+    # scales), whose averaged logits are what the threshold then applies to
     model = build_inference_model(cfg)
+    inf = cfg.D2SEG.INFERENCE
+    if min(inf.SLIDING_WINDOW.SIZE) > 0 or inf.FLIP or inf.ROT90 or tuple(inf.SCALES) != (1.0,):
+        from d2seg.inference import SemanticSegmentorWithTTA
+
+        model = SemanticSegmentorWithTTA(  # as SegPredictor (tools/predict.py) builds it
+            model, flip=bool(inf.FLIP), rot90=bool(inf.ROT90),
+            window=tuple(inf.SLIDING_WINDOW.SIZE), overlap=float(inf.SLIDING_WINDOW.OVERLAP),
+            scales=tuple(inf.SCALES)).eval()
     gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(dataset)}
     probs, gts = [], []
     with torch.no_grad():

@@ -47,12 +47,33 @@ def build_mapper(cfg: CfgNode, is_train: bool) -> Callable[[Dict], Dict]:
     """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
     name = cfg.INPUT.DATASET_MAPPER_NAME
     if name == "":
-        return DatasetMapper(cfg, is_train)
+        return _ImageFileMapper(DatasetMapper(cfg, is_train))
     if name == "sem_seg":
         from .sem_seg_mapper import SemSegDatasetMapper
 
         return SemSegDatasetMapper(cfg, is_train)
     raise ValueError(f"INPUT.DATASET_MAPPER_NAME '{name}' is not one of {MAPPER_NAMES}")
+
+
+class _ImageFileMapper:
+    """detectron2's ``DatasetMapper``, reading each dict's image under
+    :func:`~d2seg.data.image_io.mapping_image`: a grey model's ("L") 16-bit images are scaled
+    as d2seg's semantic mapper and ``predict.py`` scale them, not clipped, while the label maps
+    it also reads as "L" stay the stored ids."""
+
+    def __init__(self, mapper: Callable[[Dict], Dict]):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        from .image_io import mapping_image
+
+        with mapping_image(dataset_dict.get("file_name", "")):
+            return self.mapper(dataset_dict)
+
+    def __getattr__(self, name: str):  # is_train, augmentations, ... of the wrapped mapper
+        if "mapper" not in self.__dict__:  # (while unpickling)
+            raise AttributeError(name)
+        return getattr(self.__dict__["mapper"], name)
 
 
 class SkipSampler(Sampler):

@@ -30,9 +30,11 @@ called when ``d2seg`` is imported. 8-bit images give exactly what detectron2's r
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["read_image", "read_sem_seg", "image_size", "LabelMapError", "to_uint8",
            "HIGH_BIT_MODES", "install", "IntensityScaling", "set_intensity_scaling",
-           "intensity_scaling", "INTENSITY_MODES"]
+           "intensity_scaling", "INTENSITY_MODES", "mapping_image"]
 
 # PIL modes of one-channel images with more than 8 bits (integer or float)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -113,7 +115,7 @@ class IntensityScaling:
         if self.mode == "window":
             return f"the fixed window {self.low:g}..{self.high:g} (INPUT.INTENSITY.WINDOW)"
         if self.mode == "percentile":
-            return (f"the image's own {self.low:g}th..{self.high:g}th percentiles "
+            return (f"the image's own percentiles {self.low:g} and {self.high:g} "
                     f"(INPUT.INTENSITY.PERCENTILES)")
         return "the image's own minimum and maximum (INPUT.INTENSITY.SCALING minmax)"
 
@@ -162,6 +164,25 @@ def to_uint8(array: np.ndarray, what: str = "image",
     return np.rint((np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+# the image file a mapper is mapping (set by :func:`mapping_image`): detectron2's DatasetMapper
+# reads the image and the label map of a grey ("L") model both with format "L", and only the
+# image may be scaled
+_mapping = contextvars.ContextVar("d2seg_mapping_image", default="")
+
+
+@contextlib.contextmanager
+def mapping_image(file_name: str) -> Iterator[None]:
+    """Within the block, :func:`read_image` of ``file_name`` with format "L" (and ``scale``
+    unset) treats it as an image, scaling a 16-bit / float file: what a mapper of a grey model
+    that reads it through detectron2's ``read_image`` (detectron2's ``DatasetMapper``) needs.
+    Its label map, read as "L" too, stays the stored ids."""
+    token = _mapping.set(str(file_name))
+    try:
+        yield
+    finally:
+        _mapping.reset(token)
+
+
 def read_image(file_name: str, format: Optional[str] = None,
                scale: Optional[bool] = None,
                scaling: Optional[IntensityScaling] = None) -> np.ndarray:
@@ -173,11 +194,11 @@ def read_image(file_name: str, format: Optional[str] = None,
         scale: whether the file is an image whose values are intensities (scaled when it has
             more than 8 bits) rather than a mask of class ids (never scaled). None: decided by
             ``format``: colour formats ("BGR", "RGB", "YUV-BT.601") scale, "L" (how detectron2
-            reads masks) does not; d2seg's mappers pass True for images in any format (a grey
-            model's "L").
+            reads masks) does not, except for the image of :func:`mapping_image`; d2seg's
+            mappers pass True for images in any format (a grey model's "L").
     """
     if scale is None:
-        scale = format in _COLOR_FORMATS
+        scale = format in _COLOR_FORMATS or (format == "L" and str(file_name) == _mapping.get())
     if not scale or format not in _COLOR_FORMATS + ("L",):
         return _detectron2_read_image(file_name, format)
     with PathManager.open(file_name, "rb") as f:

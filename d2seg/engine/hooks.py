@@ -245,12 +245,14 @@ _TASK_METRICS = {
     "bbox": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
     "segm": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
     "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC"),
-    "sem_seg_metrics": ("mIoU", "mDice", "pACC", "mBIoU"),
+    "sem_seg_metrics": ("mIoU", "mDice", "pACC", "mBIoU", "mDiceImg", "mDiceImgSD"),
     "panoptic_seg": tuple(f"{m}{s}" for m in ("PQ", "SQ", "RQ") for s in ("", "_th", "_st")),
 }
 # per-class metrics: "<task>/<prefix>-<class name>"
 _TASK_CLASS_PREFIXES = {"bbox": ("AP",), "segm": ("AP",), "sem_seg": ("IoU", "ACC"),
-                        "sem_seg_metrics": ("IoU", "Dice", "BIoU")}
+                        "sem_seg_metrics": ("IoU", "Dice", "BIoU", "DiceImg")}
+# with D2SEG.EVAL.SURFACE_DISTANCE
+_SURFACE_METRICS, _SURFACE_PREFIXES = ("mHD95", "mASSD"), ("HD95", "ASSD")
 
 
 def evaluation_metric_names(cfg: CfgNode) -> Tuple[List[str], List[str]]:
@@ -264,8 +266,11 @@ def evaluation_metric_names(cfg: CfgNode) -> Tuple[List[str], List[str]]:
     for d in cfg.DATASETS.TEST:
         tasks = evaluation_tasks(cfg, d)
         lead = f"{d}/" if len(cfg.DATASETS.TEST) > 1 else ""
-        names += [f"{lead}{t}/{m}" for t in tasks for m in _TASK_METRICS[t]]
-        prefixes += [f"{lead}{t}/{p}-" for t in tasks for p in _TASK_CLASS_PREFIXES.get(t, ())]
+        surface = bool(cfg.D2SEG.EVAL.SURFACE_DISTANCE)
+        names += [f"{lead}{t}/{m}" for t in tasks for m in _TASK_METRICS[t]
+                  + (_SURFACE_METRICS if surface and t == "sem_seg_metrics" else ())]
+        prefixes += [f"{lead}{t}/{p}-" for t in tasks for p in _TASK_CLASS_PREFIXES.get(t, ())
+                     + (_SURFACE_PREFIXES if surface and t == "sem_seg_metrics" else ())]
     return names, prefixes
 
 
@@ -473,7 +478,7 @@ def extend_hooks(trainer, hooks_list: List[HookBase]) -> List[HookBase]:
         if metric:
             _check_best_metric(cfg, metric)
             mode = best_checkpoint_mode(metric, cfg.D2SEG.BEST_CHECKPOINT.MODE)
-            if ("loss" in metric.lower()) != (mode == "min"):
+            if best_checkpoint_mode(metric, "auto") != mode:
                 logger.warning(f"D2SEG.BEST_CHECKPOINT: keeping the checkpoint with the "
                                f"{'lowest' if mode == 'min' else 'highest'} '{metric}' "
                                f"(MODE {cfg.D2SEG.BEST_CHECKPOINT.MODE}); 'auto' would pick "

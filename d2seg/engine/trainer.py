@@ -273,8 +273,11 @@ class Trainer(DefaultTrainer):
         TF32 for this model family, channels_last, torch.compile)."""
         from ..checkpoint import freeze_parameters
 
+        from ..modeling.postprocessing import attach_postprocessor
+
         plan = fast_paths.configure_backends(cfg)
         model = super().build_model(cfg)
+        attach_postprocessor(model, cfg)  # MODEL.SEM_SEG_POSTPROCESS for SemanticSegmentor
         freeze_parameters(model, cfg.D2SEG.FINETUNE.FREEZE)
         fast_paths.prepare_model(model, cfg, plan)
         logger.info("Fast paths: %s", fast_paths.describe(cfg))

@@ -63,11 +63,12 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     such classes. With ``surface_distance``: "HD95-<class>" and "ASSD-<class>", the 95th
     percentile and the mean of the symmetric surface distances (in pixels,
     :func:`d2seg.metrics.hausdorff95`, MONAI's definitions), averaged over the images in which
-    the class is both present and predicted, and "mHD95" / "mASSD" over the classes but class 0
-    (taken as background, as MONAI's ``include_background=False``). With ``output_dir``,
-    ``sem_seg_per_image.csv`` has one row per image: its file name, then Dice and IoU (and
-    HD95, ASSD) per class: empty where the class is neither present nor predicted, ``inf`` for
-    a distance where it is only one of them.
+    the class is present or predicted (where it is only one of them, a miss, the image's
+    diagonal: the largest distance in it, as BraTS scores a miss), and "mHD95" / "mASSD" over
+    the classes but class 0 (taken as background, as MONAI's ``include_background=False``).
+    With ``output_dir``, ``sem_seg_per_image.csv`` has one row per image: its file name, then
+    Dice and IoU (and HD95, ASSD) per class, empty where the class is neither present nor
+    predicted.
     """
 
     def __init__(
@@ -172,13 +173,17 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
 
     def _surface_distances(self, pred: np.ndarray, gt: np.ndarray, both: np.ndarray):
         """Per class (C,) HD95 and ASSD of the image (valid pixels only): NaN where the class
-        is neither present nor predicted, inf where it is only one of them."""
+        is neither present nor predicted; the image's diagonal, the largest distance in it,
+        where it is only one of them (a miss: without it, missing objects would lower the
+        means)."""
         c = self._num_classes
         hd95, assd = np.full(c, np.nan), np.full(c, np.nan)
         valid = gt != self._ignore_label
+        worst = float(np.hypot(*gt.shape))
         for k in np.flatnonzero(both > 0):
-            hd95[k], assd[k] = surface_distance_stats((pred == k) & valid, (gt == k) & valid,
-                                                      empty_score=float("nan"))
+            h, a = surface_distance_stats((pred == k) & valid, (gt == k) & valid,
+                                          empty_score=float("nan"))
+            hd95[k], assd[k] = (worst, worst) if math.isinf(h) else (h, a)
         return hd95, assd
 
     def _accumulate_boundary(self, pred: np.ndarray, gt: np.ndarray) -> None:
@@ -247,7 +252,6 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         if self._surface:
             for key, col in (("HD95", 3), ("ASSD", 4)):
                 d = np.stack([row[col] for row in per_image])  # (images, C), pixels
-                d = np.where(np.isfinite(d), d, np.nan)  # present and predicted only
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     cls = np.nanmean(d, axis=0)
@@ -262,9 +266,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     def _write_per_image(self, per_image: List[tuple]) -> None:
         """``sem_seg_per_image.csv``: file, Dice-<class>..., IoU-<class>... in percent."""
         def cell(v: float, scale: float = 100.0) -> str:
-            if math.isnan(v):
-                return ""
-            return "inf" if math.isinf(v) else f"{scale * v:.4f}"
+            return "" if math.isnan(v) else f"{scale * v:.4f}"
 
         path = os.path.join(self._output_dir, "sem_seg_per_image.csv")
         with PathManager.open(path, "w") as f:

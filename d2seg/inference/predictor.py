@@ -74,8 +74,11 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     (cuDNN benchmark, TF32) are left as they are. Gradients are off (predicting only: folded
     norms are cached on CPU).
     """
+    from ..modeling.postprocessing import attach_postprocessor
+
     cfg = _runnable(cfg)
     model = build_model(cfg)
+    attach_postprocessor(model, cfg)  # MODEL.SEM_SEG_POSTPROCESS for SemanticSegmentor
     model.eval()
     model.requires_grad_(False)
     plan = dataclasses.replace(fast_paths.resolve(cfg), compile=False)
@@ -85,6 +88,15 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     else:
         logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
     return model
+
+
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logger.warning(msg)
 
 
 def _as_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> np.ndarray:
@@ -102,6 +114,9 @@ def _as_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> 
     configured = scaling is not None and scaling.mode != "minmax"
     if not high_bit and not configured and image.size and np.isfinite(image).all() and \
             image.min() >= 0 and image.max() <= 255:
+        if image.dtype.kind == "f" and image.max() <= 1.0 and image.max() > 0:
+            _warn_once("SegPredictor got a float image with values in 0-1; it takes 0-255 "
+                       "(multiply by 255), or set INPUT.INTENSITY.SCALING to scale it")
         return np.rint(image).astype(np.uint8)
     return to_uint8(image, "SegPredictor input", scaling)
 

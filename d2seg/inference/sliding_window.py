@@ -109,7 +109,8 @@ def semantic_logits(model: nn.Module, image: Tensor, window: Tuple[int, int] = (
     horizontally flipped image, with ``rot90`` the rotations by 90, 180 and 270 degrees (with
     both, the 8 views of the square's symmetry group: for images without a preferred
     orientation, e.g. microscopy), and at each of ``scales`` (the image resized by that factor,
-    bilinear; its logits resized back to (H, W)), as MMSegmentation's multi-scale test. On a
+    bilinear; its logits resized back to (H, W)); every view's logits are averaged (where
+    MMSegmentation's multi-scale test averages probabilities). On a
     CPU the result is stored with the classes innermost
     (:func:`~d2seg.modeling.postprocessing.pixel_major`).
     """

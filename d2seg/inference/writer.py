@@ -55,7 +55,14 @@ def list_inputs(inputs: Sequence[str]) -> List[str]:
             found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
                            if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTS))
         if not found:
-            raise FileNotFoundError(f"--input '{item}' matches no image ({', '.join(IMAGE_EXTS)})")
+            hint = ""
+            if os.path.isdir(item) and any(
+                    p.lower().endswith(IMAGE_EXTS)
+                    for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)):
+                hint = (f"; its sub-folders hold images: pass a quoted glob such as "
+                        f"\"{os.path.join(item, '**', '*.png')}\"")
+            raise FileNotFoundError(f"--input '{item}' matches no image "
+                                    f"({', '.join(IMAGE_EXTS)}){hint}")
         out += found
     return list(dict.fromkeys(out))
 

@@ -266,6 +266,32 @@ def semantic_output(logits: Tensor,
     return {"sem_seg": onehot.to(logits.dtype), "sem_seg_logits": logits}
 
 
+def _postprocess_outputs(module: torch.nn.Module, args, outputs):
+    """Forward hook of :func:`attach_postprocessor`: the outputs in eval mode post-processed
+    by ``module.postprocessor`` (read at each call, so ``without_postprocessor`` works)."""
+    post = getattr(module, "postprocessor", None)
+    if module.training or post is None or not isinstance(outputs, list):
+        return None
+    return [{**r, **semantic_output(r["sem_seg"], post)} if "sem_seg" in r else r
+            for r in outputs]
+
+
+def attach_postprocessor(model: torch.nn.Module, cfg) -> bool:
+    """``MODEL.SEM_SEG_POSTPROCESS`` for a semantic model that does not build one itself
+    (detectron2's ``SemanticSegmentor``, the Semantic FPN configs): its ``postprocessor`` and
+    a forward hook that applies it in eval mode, as d2seg's segmentors do. Returns whether it
+    attached one (nothing when the key is off or the model has its own ``postprocessor``)."""
+    if not cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED or hasattr(model, "postprocessor"):
+        return False
+    from detectron2.modeling import SemanticSegmentor
+
+    if not isinstance(model, SemanticSegmentor):
+        return False
+    model.postprocessor = SemSegPostProcessor(cfg)
+    model.register_forward_hook(_postprocess_outputs)
+    return True
+
+
 def search_threshold(
     probabilities: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
