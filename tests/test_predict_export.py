@@ -150,6 +150,8 @@ def test_predict_tool_semantic_folder_and_glob(tmp_path):
         assert lab.shape == (h, w) and lab.max() < 5
         assert Image.open(out / "overlays" / f"{stem}.png").size == (w, h)
     assert len(json.load(open(out / "image_ids.json"))) == 2  # a.png listed once
+    assert json.load(open(out / "outputs.json")) == {str(imgs / "a.png"): "a",
+                                                     str(imgs / "b.jpg"): "b"}
     with pytest.raises(FileNotFoundError, match="matches no image"):
         predict_tool.main(["--config-file", UNET, "--input", str(tmp_path / "none*.png"),
                            "--output", str(out), *TINY_UNET])

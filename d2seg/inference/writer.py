@@ -9,7 +9,8 @@ Under the output folder:
   ``COCO.loadRes``;
 * every kind: ``image_ids.json``, each input path with the image id it was given (the ids of
   the COCO results and of ``panoptic.json``; for semantic output the list of inputs
-  predicted);
+  predicted), and ``outputs.json``, each input path with the name of its output files (inputs
+  of one name from several folders: ``<stem>``, ``<stem>_1``, ...);
 * semantic: ``sem_seg/<stem>.png`` label maps (class index per pixel; 8-bit, 16-bit above 256
   classes);
 * panoptic: ``panoptic/<stem>.png`` (COCO panoptic RGB ids) and ``panoptic.json`` (COCO
@@ -278,6 +279,9 @@ class PredictionWriter:
                            "pass --coco-json whose file names tell them apart")
         with open(os.path.join(self.out_dir, "image_ids.json"), "w") as f:
             json.dump(self.used_ids, f, indent=1)
+        with open(os.path.join(self.out_dir, "outputs.json"), "w") as f:
+            # input path -> the name of its files (sem_seg/<name>.png, overlays/<name>.png, ...)
+            json.dump({p: stem for stem, p in self._stems.items()}, f, indent=1)
         if "instances" in self.kinds:
             p = os.path.join(self.out_dir, "coco_instances_results.json")
             with open(p, "w") as f:
