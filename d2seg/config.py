@@ -287,9 +287,9 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # (checked every TEST.EVAL_PERIOD) or "val_total_loss" (every VAL_LOSS_PERIOD, MODE "min").
     cfg.D2SEG.BEST_CHECKPOINT = CN()
     cfg.D2SEG.BEST_CHECKPOINT.METRIC = ""
-    # "auto": "min" for a metric whose name holds "loss" (val_total_loss) or a distance (HD95,
-    # ASSD), "max" otherwise (AP, mIoU, mDice, PQ); or "max" / "min" as detectron2's
-    # BestCheckpointer takes them
+    # "auto": "min" for a metric whose name holds "loss" (val_total_loss), a distance (HD95,
+    # ASSD) or a spread (mDiceImgSD), "max" otherwise (AP, mIoU, mDice, PQ); or "max" / "min"
+    # as detectron2's BestCheckpointer takes them
     cfg.D2SEG.BEST_CHECKPOINT.MODE = "auto"
     # Plot losses, learning rate and evaluation metrics to OUTPUT_DIR/curves.png after training.
     cfg.D2SEG.PLOT_CURVES = True
@@ -726,7 +726,8 @@ def best_checkpoint_mode(metric: str, mode: str) -> str:
                          f"got {mode!r}")
     if mode == "auto":
         lower = metric.lower()
-        return "min" if any(w in lower for w in ("loss", "hd95", "assd")) else "max"
+        low_is_good = ("loss", "hd95", "assd", "imgsd")  # losses, distances, a spread
+        return "min" if any(w in lower for w in low_is_good) else "max"
     return mode
 
 

@@ -246,6 +246,9 @@ def _export_semantic_format(fmt: str, adapter: nn.Module, out_dir: str, height: 
                              None)
             dynamic = False
     sizes = list(check_sizes) if dynamic else [(height, width)]
+    if images and not dynamic:
+        logger.warning(f"{fmt}: a fixed-size file takes only {height}x{width} images: the "
+                       f"{len(images)} check images are not compared")
     inputs = samples(sizes) + ([(im,) for im in images] if dynamic else [])
     diff = compare_outputs(fmt, path, adapter, inputs)
     res = ExportResult(format=fmt, path=path, dynamic=dynamic, max_abs_diff=diff,

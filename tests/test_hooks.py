@@ -356,6 +356,8 @@ def test_best_checkpoint_auto_mode_finds_loss_in_any_case():
     # distances: lower is better
     assert best_checkpoint_mode("sem_seg_metrics/mHD95", "auto") == "min"
     assert best_checkpoint_mode("sem_seg_metrics/ASSD-fg", "auto") == "min"
+    assert best_checkpoint_mode("sem_seg_metrics/mDiceImgSD", "auto") == "min"
+    assert best_checkpoint_mode("sem_seg_metrics/mDiceImg", "auto") == "max"
 
 
 @pytest.mark.parametrize("config", ["deeplabv3plus_cpu.yaml", "segformer_b0_cpu.yaml"])
@@ -429,3 +431,21 @@ def test_validation_loss_runs_in_the_training_steps_precision():
         seen.clear()
         hook._compute()
         assert seen == [want]
+
+
+def test_validation_loss_loader_reads_images_as_training_does():
+    """detectron2's DatasetMapper in the validation-loss loader is marked as build_mapper
+    marks it (a grey model's 16-bit images scaled, not clipped, as in training)."""
+    from d2seg.config import load_config
+    from d2seg.data.build import _ImageFileMapper
+    from d2seg.engine.hooks import build_val_loss_loader
+
+    from conftest import REPO
+
+    cfg = load_config(os.path.join(
+        REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml"),
+        ["D2SEG.SHAPES.NUM_TRAIN", "4", "D2SEG.SHAPES.NUM_VAL", "2",
+         "D2SEG.SHAPES.IMAGE_SIZE", "64", "DATALOADER.NUM_WORKERS", "0"])
+    loader = build_val_loss_loader(cfg, ["shapes_instance_val"])
+    # detectron2's MapDataset -> PicklableWrapper -> the mapper
+    assert isinstance(loader.dataset._map_func._obj, _ImageFileMapper)

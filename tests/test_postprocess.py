@@ -468,3 +468,24 @@ def test_postprocess_config_applies_to_detectron2_semantic_segmentor():
             assert set(out["sem_seg"].unique().tolist()) <= {0.0, 1.0}  # one-hot
             with without_postprocessor(model):
                 assert set(model(x)[0]) == {"sem_seg"}
+
+
+def test_postprocess_hook_takes_one_channel_logits():
+    """A SemanticSegmentor whose head returns one channel (NUM_CLASSES 1): the hook makes the
+    two-class logits d2seg's segmentors return before post-processing (it failed on them)."""
+    import torch
+
+    from detectron2.modeling import SemanticSegmentor
+
+    from d2seg.config import load_config
+    from d2seg.modeling.postprocessing import _postprocess_outputs, SemSegPostProcessor
+
+    cfg = load_config("", ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1",
+                           "MODEL.SEM_SEG_POSTPROCESS.ENABLED", "True",
+                           "MODEL.SEM_SEG_POSTPROCESS.MIN_AREA", "5"])
+    model = SemanticSegmentor.__new__(SemanticSegmentor)
+    torch.nn.Module.__init__(model)
+    model.eval()
+    model.postprocessor = SemSegPostProcessor(cfg)
+    out = _postprocess_outputs(model, None, [{"sem_seg": torch.randn(1, 16, 16)}])[0]
+    assert out["sem_seg"].shape == (2, 16, 16) and out["sem_seg_logits"].shape == (2, 16, 16)

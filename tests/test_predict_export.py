@@ -835,3 +835,14 @@ def test_a_folder_of_case_sub_folders_gets_a_glob_hint(tmp_path):
                                                 r"such as .*\*\*/\*\.png"):
         list_inputs([str(tmp_path)])
     assert list_inputs([str(tmp_path / "**" / "*.png")]) == [str(tmp_path / "case01" / "0.png")]
+
+
+def test_input_spec_names_the_classes_the_model_outputs():
+    """R-CNN outputs thing classes, semantic models stuff classes (a panoptic-style dataset
+    has both lists)."""
+    from importlib import import_module
+
+    spec = import_module("export_model").input_spec
+    rcnn = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml")
+    assert spec(load_config(rcnn))["classes"] == ["circle", "triangle", "rectangle"]
+    assert len(spec(load_config(UNET))["classes"]) == 5

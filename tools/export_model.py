@@ -41,7 +41,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=256, help="example input height for tracing")
     p.add_argument("--width", type=int, default=256, help="example input width for tracing")
     p.add_argument("--check-images", nargs="+", default=[], metavar="IMG",
-                   help="R-CNN: compare on these images (test-resized) instead of random ones")
+                   help="compare on these images (read as predict.py reads them, "
+                        "test-resized): R-CNN instead of random ones, semantic models besides "
+                        "them")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return p
 
@@ -83,6 +85,13 @@ def input_spec(cfg) -> dict:
             "classes": _classes(cfg)}
 
 
+def _class_key(cfg) -> str:
+    """The metadata list naming the model's outputs: R-CNN detects things, the semantic
+    models label stuff."""
+    return "thing_classes" if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" \
+        else "stuff_classes"
+
+
 def _classes(cfg) -> list:
     """The class names of the model's outputs, from its first test (else train) dataset."""
     from detectron2.data import MetadataCatalog
@@ -96,9 +105,7 @@ def _classes(cfg) -> list:
         register_datasets_from_cfg(cfg)
     except Exception:  # noqa: BLE001 - the export does not need the data; no names then
         return []
-    meta = MetadataCatalog.get(names[0])
-    return list(getattr(meta, "stuff_classes", None) or getattr(meta, "thing_classes", None)
-                or [])
+    return list(getattr(MetadataCatalog.get(names[0]), _class_key(cfg), None) or [])
 
 
 def _check_images(cfg, paths) -> list:
@@ -171,6 +178,9 @@ def main(argv=None) -> list:
     spec = input_spec(cfg)
     with open(os.path.join(args.output, "input_spec.json"), "w") as f:
         json.dump(spec, f, indent=1)
+    if not spec["classes"]:
+        print("export_model.py: warning: input_spec.json names no classes (the config's "
+              "dataset is not registered here or has no class names)", file=sys.stderr)
     print(f"input: {spec['resize']}")
     failed = False
     for r in results:

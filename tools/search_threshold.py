@@ -7,8 +7,9 @@
     python tools/search_threshold.py --config-file CFG --dataset isbi2012_membrane_val \\
         --thresholds 0.2:0.8:0.02 --min-area 30 --output thr.json MODEL.WEIGHTS W.pth
 
-Runs the model (post-processing off) on ``--dataset`` (default: the first of
-``DATASETS.TEST``), takes the foreground probability (sigmoid of a one-channel model, softmax
+Runs the model as ``tools/predict.py`` runs it (post-processing off; the test-time views of
+``D2SEG.INFERENCE``: sliding windows, flips, rotations, scales, averaged) on ``--dataset``
+(default: the first of ``DATASETS.TEST``), takes the foreground probability (sigmoid of a one-channel model, softmax
 of class 1 for two classes), and scores each threshold by the Dice pooled over all valid
 pixels, optionally after the mask post-processing (``--open``, ``--close``, ``--min-area``,
 ``--keep-largest``). Prints the table and the config options that apply the best threshold.
@@ -67,9 +68,9 @@ def collect(cfg, dataset: str):
     if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 2:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: "
                          "the threshold search is for binary problems (1 or 2 classes)")
-    # the model as evaluation and tools/predict.py run it (fast paths, INFERENCE_AMP), with
-    # the test-time views they average (D2SEG.INFERENCE: sliding windows, flips, rotations,
-    # scales), whose averaged logits are what the threshold then applies to
+    # the model as tools/predict.py runs it (fast paths, INFERENCE_AMP, the test-time views of
+    # D2SEG.INFERENCE: sliding windows, flips, rotations, scales): the threshold then applies
+    # to the averaged logits it applies to there
     model = build_inference_model(cfg)
     inf = cfg.D2SEG.INFERENCE
     if min(inf.SLIDING_WINDOW.SIZE) > 0 or inf.FLIP or inf.ROT90 or tuple(inf.SCALES) != (1.0,):

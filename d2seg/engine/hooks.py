@@ -64,7 +64,10 @@ def build_val_loss_loader(cfg: CfgNode, dataset_names: Sequence[str]):
     else:
         augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)] \
             if cfg.INPUT.MIN_SIZE_TEST > 0 else []
-        mapper = DatasetMapper(cfg, True, augmentations=augs)
+        from ..data.build import _ImageFileMapper
+
+        # (marked as build_mapper marks it: a grey model's 16-bit images scaled as in training)
+        mapper = _ImageFileMapper(DatasetMapper(cfg, True, augmentations=augs))
     dicts = get_detection_dataset_dicts(list(dataset_names), filter_empty=False)
     dicts = filter_invalid_annotations(dicts, ",".join(dataset_names))
     return build_detection_test_loader(dataset=dicts, mapper=mapper,

@@ -64,7 +64,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     percentile and the mean of the symmetric surface distances (in pixels,
     :func:`d2seg.metrics.hausdorff95`, MONAI's definitions), averaged over the images in which
     the class is present or predicted (where it is only one of them, a miss, the image's
-    diagonal: the largest distance in it, as BraTS scores a miss), and "mHD95" / "mASSD" over
+    diagonal: a bound on any distance in it, as BraTS scores a miss), and "mHD95" / "mASSD" over
     the classes but class 0 (taken as background, as MONAI's ``include_background=False``).
     With ``output_dir``, ``sem_seg_per_image.csv`` has one row per image: its file name, then
     Dice and IoU (and HD95, ASSD) per class, empty where the class is neither present nor
@@ -173,8 +173,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
 
     def _surface_distances(self, pred: np.ndarray, gt: np.ndarray, both: np.ndarray):
         """Per class (C,) HD95 and ASSD of the image (valid pixels only): NaN where the class
-        is neither present nor predicted; the image's diagonal, the largest distance in it,
-        where it is only one of them (a miss: without it, missing objects would lower the
+        is neither present nor predicted; the image's diagonal, a bound on any distance in
+        it, where it is only one of them (a miss: without it, missing objects would lower the
         means)."""
         c = self._num_classes
         hd95, assd = np.full(c, np.nan), np.full(c, np.nan)

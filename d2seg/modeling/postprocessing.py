@@ -272,7 +272,12 @@ def _postprocess_outputs(module: torch.nn.Module, args, outputs):
     post = getattr(module, "postprocessor", None)
     if module.training or post is None or not isinstance(outputs, list):
         return None
-    return [{**r, **semantic_output(r["sem_seg"], post)} if "sem_seg" in r else r
+    from .meta_arch.segmentor import binary_to_two_class_logits
+
+    def logits(x: Tensor) -> Tensor:  # a one-channel head: two-class logits, as d2seg's
+        return binary_to_two_class_logits(x) if x.shape[0] == 1 else x  # segmentors return
+
+    return [{**r, **semantic_output(logits(r["sem_seg"]), post)} if "sem_seg" in r else r
             for r in outputs]
 
 
