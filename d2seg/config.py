@@ -438,6 +438,9 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
     # and image, in sem_seg_metrics and sem_seg_per_image.csv (two distance transforms per
     # class and image: off by default).
     cfg.D2SEG.EVAL.SURFACE_DISTANCE = False
+    # The size of a pixel (row, column) the distances are measured in, e.g. (0.7, 0.7) mm for
+    # a CT slice; (1.0, 1.0) = pixels. One value for the dataset (images at their own size).
+    cfg.D2SEG.EVAL.PIXEL_SPACING = (1.0, 1.0)
 
 
 def get_cfg() -> CfgNode:
@@ -571,6 +574,8 @@ _RANGES = (
     ("D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("D2SEG.INFERENCE.SCALES", lambda v: len(v) > 0 and all(s > 0 for s in v),
      "one or more factors > 0"),
+    ("D2SEG.EVAL.PIXEL_SPACING", lambda v: len(v) == 2 and all(s > 0 for s in v),
+     "two sizes > 0 (row, column)"),
     ("D2SEG.EVAL.COCO_BACKEND", lambda v: v in ("auto", "faster_coco_eval", "pycocotools"),
      "one of 'auto', 'faster_coco_eval', 'pycocotools'"),
 )

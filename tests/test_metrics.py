@@ -529,6 +529,14 @@ def test_evaluator_surface_distances_per_class_and_image(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "sem_seg_per_image.csv")))
     assert float(rows[1]["HD95-fg"]) == pytest.approx(diag, abs=1e-3)
     assert float(rows[0]["HD95-fg"]) == pytest.approx(hausdorff95(p1 == 1, g1 == 1), abs=1e-3)
+    # in mm: D2SEG.EVAL.PIXEL_SPACING (row, column), the miss bound in mm as well
+    mm = SemSegMetricsEvaluator("d2seg_test_surface", distributed=False, surface_distance=True,
+                                pixel_spacing=(0.5, 2.0))
+    mm.process([{"file_name": d["file_name"]} for d in dicts],
+               [{"sem_seg": _onehot_logits(p, 2)} for p in (p1, p2)])
+    got = mm.evaluate()["sem_seg_metrics"]
+    assert got["HD95-fg"] == pytest.approx(
+        (hausdorff95(p1 == 1, g1 == 1, spacing=(0.5, 2.0)) + math.hypot(10, 40)) / 2)
     # off by default: no distance keys
     ev = SemSegMetricsEvaluator("d2seg_test_surface", distributed=False)
     ev.process([{"file_name": dicts[0]["file_name"]}], [{"sem_seg": _onehot_logits(p1, 2)}])

@@ -98,7 +98,8 @@ def build_evaluators(cfg: CfgNode, dataset_name: str,
     if "sem_seg" in tasks:
         metrics = (SemSegMetricsEvaluator(
             dataset_name, distributed=True, output_dir=output_folder,
-            surface_distance=bool(cfg.D2SEG.EVAL.SURFACE_DISTANCE))
+            surface_distance=bool(cfg.D2SEG.EVAL.SURFACE_DISTANCE),
+            pixel_spacing=tuple(cfg.D2SEG.EVAL.PIXEL_SPACING))
                    if "sem_seg_metrics" in tasks else None)
         evaluators.append(SemSegEvaluator(
             dataset_name, distributed=True, output_dir=output_folder,

@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,7 +61,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
     images in which the class is present or predicted of that image's Dice; "mDiceImg" and
     "mDiceImgSD", the mean and standard deviation over images of each image's mean Dice over
     such classes. With ``surface_distance``: "HD95-<class>" and "ASSD-<class>", the 95th
-    percentile and the mean of the symmetric surface distances (in pixels,
+    percentile and the mean of the symmetric surface distances (in pixels, or in the units of
+    ``pixel_spacing``,
     :func:`d2seg.metrics.hausdorff95`, MONAI's definitions), averaged over the images in which
     the class is present or predicted (where it is only one of them, a miss, the image's
     diagonal: a bound on any distance in it, as BraTS scores a miss), and "mHD95" / "mASSD" over
@@ -82,6 +83,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         boundary_iou: bool = True,
         boundary_dilation_ratio: float = 0.02,
         surface_distance: bool = False,
+        pixel_spacing: Tuple[float, float] = (1.0, 1.0),
     ):
         """
         Args:
@@ -96,6 +98,8 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
             boundary_dilation_ratio: boundary width as a fraction of the image diagonal.
             surface_distance: also HD95 and ASSD per class and image (``D2SEG.EVAL.
                 SURFACE_DISTANCE``; two distance transforms per class and image).
+            pixel_spacing: (row, column) size of a pixel the distances are given in
+                (``D2SEG.EVAL.PIXEL_SPACING``, e.g. mm); (1, 1): pixels.
         """
         self._logger = logging.getLogger(__name__)
         self._dataset_name = dataset_name
@@ -119,6 +123,7 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         self._boundary = boundary_iou
         self._ratio = boundary_dilation_ratio
         self._surface = bool(surface_distance)
+        self._spacing = tuple(float(v) for v in pixel_spacing)
         self.reset()
 
     def reset(self) -> None:
@@ -179,10 +184,10 @@ class SemSegMetricsEvaluator(DatasetEvaluator):
         c = self._num_classes
         hd95, assd = np.full(c, np.nan), np.full(c, np.nan)
         valid = gt != self._ignore_label
-        worst = float(np.hypot(*gt.shape))
+        worst = float(np.hypot(gt.shape[0] * self._spacing[0], gt.shape[1] * self._spacing[1]))
         for k in np.flatnonzero(both > 0):
             h, a = surface_distance_stats((pred == k) & valid, (gt == k) & valid,
-                                          empty_score=float("nan"))
+                                          self._spacing, empty_score=float("nan"))
             hd95[k], assd[k] = (worst, worst) if math.isinf(h) else (h, a)
         return hd95, assd
 
