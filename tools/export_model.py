@@ -126,9 +126,9 @@ def _check_images(cfg, paths) -> list:
     images = []
     lo = int(cfg.INPUT.MIN_SIZE_TEST)
     aug = T.ResizeShortestEdge([lo, lo], cfg.INPUT.MAX_SIZE_TEST) if lo > 0 else None
+    scaling = IntensityScaling.from_cfg(cfg)
     for path in paths or []:
-        img = read_image(path, format=cfg.INPUT.FORMAT, scale=True,
-                         scaling=IntensityScaling.from_cfg(cfg))
+        img = read_image(path, format=cfg.INPUT.FORMAT, scale=True, scaling=scaling)
         img = aug.get_transform(img).apply_image(img) if aug else img
         if img.ndim == 2:
             img = img[:, :, None]

@@ -79,13 +79,19 @@ def guess_mask_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> 
     return suffix if 2 * n >= len(masks) else None
 
 
+def _self_paired(image_dir: str, mask_dir: str, suffix: str) -> bool:
+    """One folder for images and masks without a ``suffix``: every file would pair with
+    itself."""
+    return not suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir)
+
+
 def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "",
                     recursive: bool = False) -> Optional[str]:
     """Why no image of ``image_dir`` pairs with a mask of ``mask_dir`` (None when some do):
     the counts, an example of each side and, when the masks carry a common suffix, the
     ``mask_suffix`` that pairs them. One folder for both without ``suffix`` is a problem too:
     every file would pair with itself."""
-    if not suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir):
+    if _self_paired(image_dir, mask_dir, suffix):
         stems = list(_list_by_stem(image_dir, recursive))
         guess = guess_mask_suffix(stems, stems)
         return (f"images and masks are in one folder ({image_dir}) but no mask_suffix is set, "
@@ -202,7 +208,7 @@ def load_sem_seg_folder(
     if not images:
         where = f"{image_dir} or its sub-folders" if recursive else image_dir
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) in {where}")
-    if not mask_suffix and os.path.realpath(image_dir) == os.path.realpath(mask_dir):
+    if _self_paired(image_dir, mask_dir, mask_suffix):
         raise ValueError(pairing_problem(image_dir, mask_dir, recursive=recursive))
     if stems is None:
         stems = [s for s in images if s in masks]

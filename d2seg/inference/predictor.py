@@ -26,6 +26,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
+from detectron2.utils.logger import log_first_n
 
 from ..checkpoint import load_weights
 from ..data.image_io import IntensityScaling, to_uint8
@@ -90,15 +91,6 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     return model
 
 
-_warned: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        logger.warning(msg)
-
-
 def _as_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> np.ndarray:
     """uint8 pixels: unsigned 16/32-bit and out-of-range values scaled by ``scaling`` (as d2seg
     reads such files), bool as 0/255; other integer and float arrays already in 0-255 as they
@@ -115,8 +107,9 @@ def _as_uint8(image: np.ndarray, scaling: Optional[IntensityScaling] = None) -> 
     if not high_bit and not configured and image.size and np.isfinite(image).all() and \
             image.min() >= 0 and image.max() <= 255:
         if image.dtype.kind == "f" and image.max() <= 1.0 and image.max() > 0:
-            _warn_once("SegPredictor got a float image with values in 0-1; it takes 0-255 "
-                       "(multiply by 255), or set INPUT.INTENSITY.SCALING to scale it")
+            log_first_n(logging.WARNING, "SegPredictor got a float image with values in 0-1; "
+                        "it takes 0-255 (multiply by 255), or set INPUT.INTENSITY.SCALING to "
+                        "scale it", name=__name__, key="message")
         return np.rint(image).astype(np.uint8)
     return to_uint8(image, "SegPredictor input", scaling)
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
+from detectron2.utils.logger import log_first_n
 
 __all__ = [
     "soft_dice_loss",
@@ -325,14 +326,9 @@ def cross_entropy_loss(
     return num.sum() / den.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-_logged = set()
-
-
 def _log_once(level: int, msg: str) -> None:
     """Log ``msg`` once per process (the loss is built at config load and with the model)."""
-    if msg not in _logged:
-        _logged.add(msg)
-        logging.getLogger(__name__).log(level, msg)
+    log_first_n(level, msg, n=1, name=__name__, key="message")
 
 
 class SemSegLoss(nn.Module):

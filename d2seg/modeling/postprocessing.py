@@ -18,6 +18,7 @@ from detectron2.config import configurable
 __all__ = [
     "class_labels",
     "pixel_major",
+    "binary_to_two_class_logits",
     "use_pixel_major_outputs",
     "morphological_open",
     "morphological_close",
@@ -266,14 +267,23 @@ def semantic_output(logits: Tensor,
     return {"sem_seg": onehot.to(logits.dtype), "sem_seg_logits": logits}
 
 
+def binary_to_two_class_logits(logits: Tensor) -> Tensor:
+    """(1, H, W) sigmoid logit z -> (2, H, W) logits [0, z].
+
+    Their softmax is [1 - sigmoid(z), sigmoid(z)] and their argmax thresholds at 0.5, so
+    detectron2's evaluators (which argmax ``sem_seg``) work on binary models unchanged. Stored
+    with the classes innermost (see :func:`d2seg.modeling.postprocessing.pixel_major`).
+    """
+    z = logits[0]
+    return torch.stack([torch.zeros_like(z), z], dim=-1).permute(2, 0, 1)
+
+
 def _postprocess_outputs(module: torch.nn.Module, args, outputs):
     """Forward hook of :func:`attach_postprocessor`: the outputs in eval mode post-processed
     by ``module.postprocessor`` (read at each call, so ``without_postprocessor`` works)."""
     post = getattr(module, "postprocessor", None)
     if module.training or post is None or not isinstance(outputs, list):
         return None
-    from .meta_arch.segmentor import binary_to_two_class_logits
-
     def logits(x: Tensor) -> Tensor:  # a one-channel head: two-class logits, as d2seg's
         return binary_to_two_class_logits(x) if x.shape[0] == 1 else x  # segmentors return
 

@@ -28,7 +28,7 @@ class SemSegFPNLossHead(SemSegFPNHead):
     Training returns ``(None, {"loss_sem_seg_<name>": ...})`` (lower-case loss names);
     inference (N, C, H, W) fp32 logits. ``NUM_CLASSES: 1`` (binary, sigmoid) trains one
     channel and infers the two channels [0, z] that d2seg's own models return
-    (:func:`d2seg.modeling.meta_arch.segmentor.binary_to_two_class_logits`), so that
+    (:func:`d2seg.modeling.postprocessing.binary_to_two_class_logits`), so that
     detectron2's ``SemanticSegmentor`` and the evaluators (which argmax) see class 1 where
     sigmoid(z) > 0.5.
     """

@@ -15,22 +15,12 @@ from detectron2.structures import ImageList
 from ..batching import batch_size, pad_to_batch
 from ..heads.base import resize_logits
 from ..losses import check_targets
-from ..postprocessing import SemSegPostProcessor, pixel_major, semantic_output
+from ..postprocessing import (  # noqa: F401  (binary_to_two_class_logits: re-exported)
+    SemSegPostProcessor, binary_to_two_class_logits, pixel_major, semantic_output)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EncoderDecoderSegmentor", "binary_to_two_class_logits", "logits_to_output_size"]
-
-
-def binary_to_two_class_logits(logits: Tensor) -> Tensor:
-    """(1, H, W) sigmoid logit z -> (2, H, W) logits [0, z].
-
-    Their softmax is [1 - sigmoid(z), sigmoid(z)] and their argmax thresholds at 0.5, so
-    detectron2's evaluators (which argmax ``sem_seg``) work on binary models unchanged. Stored
-    with the classes innermost (see :func:`d2seg.modeling.postprocessing.pixel_major`).
-    """
-    z = logits[0]
-    return torch.stack([torch.zeros_like(z), z], dim=-1).permute(2, 0, 1)
 
 
 def logits_to_output_size(logits: Tensor, image_size: Tuple[int, int], height: int,
