@@ -15,7 +15,7 @@ import difflib
 import logging
 import os
 import re
-from typing import IO, Iterator, List, Sequence
+from typing import IO, Iterator, List, Optional, Sequence
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
@@ -112,7 +112,10 @@ def _add_d2seg_keys(cfg: _D2CfgNode) -> None:
 
     add_deeplab_config(cfg)
     cfg.MODEL.RESNETS.STEM_TYPE = "basic"  # detectron2's default stem unless a config says so
-    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"  # only read by detectron2's DeepLab heads
+    # detectron2's DeepLab key, read by d2seg's models too: "cross_entropy", or
+    # "hard_pixel_mining" (CE / BCE averaged over the hardest LOSS_TOP_K fraction of pixels)
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TOP_K = 0.2  # as detectron2's DeepLab heads (Panoptic-DeepLab's key)
     # DeepLab / ASPP: image-level pooling branch on or off (rates: SEM_SEG_HEAD.ASPP_DILATIONS).
     cfg.MODEL.SEM_SEG_HEAD.ASPP_IMAGE_POOLING = True
     # Inputs are padded to a multiple of this; -1 = the backbone's size_divisibility, or 32
@@ -475,15 +478,22 @@ def naming_config_file(config_file: str, opts: Sequence[str] = ()) -> Iterator[N
                           f"{' '.join(str(e).split())}") from e
 
 
-def _where(message: str, config_file: str, opts: Sequence[str]) -> str:
-    """Where the value a module's ``message`` is about came from: "command line override"
-    when a key the message names is among the ``KEY VALUE`` ``opts``, else ``config_file``."""
-    given = {str(k) for k in list(opts)[0::2]}
-    if set(_KEY.findall(message)) & given:
-        return "command line override"
+def _where(message: str, config_file: str, opts: Sequence[str],
+           keys: Optional[Sequence[str]] = None, name_keys: bool = False) -> str:
+    """Where the value an error is about came from: "command line override" when one of
+    ``keys`` (or of a key under one of them; default: the keys ``message`` names) is among
+    the ``KEY VALUE`` ``opts`` (listed in parentheses with ``name_keys``), else
+    ``config_file`` or the default config. Without ``keys``, a message that names no
+    overridden key leaves the command line open."""
+    given = [str(k) for k in list(opts)[0::2]]
+    named = set(_KEY.findall(message)) if keys is None else set(keys)
+    hit = sorted(k for k in given if any(k == n or k.startswith(n + ".") for n in named))
+    if hit:
+        return "command line override" + (f" ({', '.join(hit)})" if name_keys else "")
+    sure = keys is not None or not given
     if not config_file:
-        return "default config" if not given else "the command line or the default config"
-    return f"{config_file} (or a file in its _BASE_)" if not given else \
+        return "default config" if sure else "the command line or the default config"
+    return f"{config_file} (or a file in its _BASE_)" if sure else \
         f"{config_file} (or the command line)"
 
 
@@ -560,6 +570,8 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
 _RANGES = (
     ("D2SEG.SHAPES.NUM_TRAIN", lambda v: v >= 1, ">= 1"),
     ("D2SEG.SHAPES.NUM_VAL", lambda v: v >= 1, ">= 1"),
+    ("D2SEG.SHAPES.MAX_OBJECTS", lambda v: v >= 1, ">= 1"),
+    ("D2SEG.SHAPES.IMAGE_SIZE", lambda v: v >= 32, ">= 32 (smaller images hold hardly any shape)"),
     ("TEST.NUM_VIS", lambda v: v >= 0, ">= 0"),
     ("D2SEG.NONFINITE.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
     ("D2SEG.BAD_INPUT.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
@@ -568,6 +580,7 @@ _RANGES = (
     ("MODEL.SEM_SEG_LOSS.FOCAL_GAMMA", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.FOCAL_ALPHA", lambda v: all(0 <= a <= 1 for a in v), "values in [0, 1]"),
     ("MODEL.SEM_SEG_LOSS.SMOOTH", lambda v: v >= 0, ">= 0"),
+    ("MODEL.SEM_SEG_HEAD.LOSS_TOP_K", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.TVERSKY_ALPHA", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.TVERSKY_BETA", lambda v: v >= 0, ">= 0"),
@@ -584,13 +597,11 @@ _RANGES = (
 def _check_ranges(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
     """The :data:`_RANGES` table: a ConfigError naming where the value came from, the key and
     the value."""
-    given = {str(k) for k in list(opts)[0::2]}
     for key, ok, what in _RANGES:
         value = _get(cfg, key)
         if not ok(value):
-            where = "command line override" if key in given else \
-                (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
-            raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+            raise ConfigError(f"{_where('', config_file, opts, [key])}: {key} must be {what}, "
+                              f"got {value!r}")
 
 
 # channels of the images detectron2's read_image gives in each INPUT.FORMAT
@@ -602,10 +613,8 @@ def _check_channels(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None
     (checked at load time, not at the first training step)."""
     mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
     fmt = cfg.INPUT.FORMAT
-    given = {str(k) for k in list(opts)[0::2]}
-    keys = [k for k in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT") if k in given]
-    where = f"command line override ({', '.join(keys)})" if keys else \
-        (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+    where = _where("", config_file, opts, ["MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD",
+                                           "INPUT.FORMAT"], name_keys=True)
     if len(mean) != len(std):
         raise ConfigError(f"{where}: MODEL.PIXEL_MEAN {mean} and MODEL.PIXEL_STD {std} need "
                           f"the same number of values (one per image channel)")
@@ -624,10 +633,7 @@ def _check_intensity(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> Non
     try:
         IntensityScaling.from_cfg(cfg)
     except ValueError as e:
-        given = {str(k) for k in list(opts)[0::2]}
-        keys = [k for k in given if k.startswith("INPUT.INTENSITY")]
-        where = f"command line override ({', '.join(sorted(keys))})" if keys else \
-            (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+        where = _where("", config_file, opts, ["INPUT.INTENSITY"], name_keys=True)
         raise ConfigError(f"{where}: {e}") from e
 
 
@@ -661,9 +667,7 @@ def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
         fast_paths.validate(cfg)
     except ValueError as e:
         key = str(e).split(" ", 1)[0]
-        where = "command line override" if key in opts else \
-            f"{config_file or 'config'} (or the command line)"
-        raise ConfigError(f"{where}: {e}") from e
+        raise ConfigError(f"{_where('', config_file, opts, [key])}: {e}") from e
 
 
 def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str,
@@ -742,11 +746,8 @@ def _check_names(cfg, config_file: str, opts: Sequence[str]) -> None:
     from, the key, the value and the closest valid names."""
     from .modeling.losses import LOSS_NAMES
 
-    given = {str(k) for k in list(opts)[0::2]}
-
     def fail(key: str, value: str, what: str, valid: Sequence[str]) -> None:
-        where = "command line override" if key in given else \
-            (f"{config_file} (or a file in its _BASE_)" if config_file else "default config")
+        where = _where("", config_file, opts, [key])
         close = difflib.get_close_matches(value, list(valid), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"{where}: {key}={value!r} is not {what}; {hint}"

@@ -121,6 +121,9 @@ def test_command_line_tools_stop_in_one_line_on_a_missing_weights_file(tmp_path)
     (["D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP", "1.0"],
      "command line override: D2SEG.INFERENCE.SLIDING_WINDOW.OVERLAP must be in [0, 1), got 1.0"),
     (["D2SEG.NONFINITE.MAX_SKIPS", "-1"], "D2SEG.NONFINITE.MAX_SKIPS must be >= 0, got -1"),
+    (["D2SEG.SHAPES.MAX_OBJECTS", "0"], "D2SEG.SHAPES.MAX_OBJECTS must be >= 1, got 0"),
+    (["D2SEG.SHAPES.IMAGE_SIZE", "0"], "D2SEG.SHAPES.IMAGE_SIZE must be >= 32"),
+    (["MODEL.SEM_SEG_HEAD.LOSS_TOP_K", "0.0"], "MODEL.SEM_SEG_HEAD.LOSS_TOP_K must be in (0, 1]"),
 ])
 def test_range_table_names_the_key_and_where_the_value_came_from(opts, expect):
     """Load-time range checks name the source (command line / file), the key and the value."""
@@ -143,6 +146,11 @@ def test_range_table_accepts_gamma_zero_and_names_the_config_file(tmp_path):
     f.write_text(f'_BASE_: "{base}"\nTEST:\n  NUM_VIS: -1\n')
     with pytest.raises(ConfigError, match=r"bad\.yaml \(or a file in its _BASE_\): TEST.NUM_VIS"):
         load_config(str(f))
+    # every load-time check says it alike (the speed check said "(or the command line)")
+    f.write_text(f'_BASE_: "{base}"\nD2SEG:\n  SPEED:\n    COMPILE: "maybe"\n')
+    with pytest.raises(ConfigError, match=r"bad\.yaml \(or a file in its _BASE_\): "
+                                          r"D2SEG.SPEED.COMPILE"):
+        load_config(str(f), ["SOLVER.MAX_ITER", "3"])
 
 
 def test_weights_given_as_a_url_are_left_to_detectron2():

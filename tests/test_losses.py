@@ -488,3 +488,78 @@ def test_loss_settings_no_named_loss_uses_are_a_warning(caplog):
     with caplog.at_level("WARNING"):
         SemSegLoss(cfg)
     assert "has no effect" not in caplog.text
+
+
+def test_targets_with_a_channel_dimension_give_the_same_loss():
+    """segmentation_models_pytorch passes binary masks as (N, 1, H, W): the region losses
+    broadcast that against the probabilities and mixed the images (a wrong value, no error)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 4, 4), torch.randint(0, 2, (2, 4, 4))
+    for fn in (soft_dice_loss, tversky_loss, focal_loss, cross_entropy_loss):
+        assert torch.equal(fn(x, y.unsqueeze(1)), fn(x, y)), fn.__name__
+    x3, y3 = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    assert torch.equal(soft_dice_loss(x3, y3.unsqueeze(1)), soft_dice_loss(x3, y3))
+    with pytest.raises(ValueError, match=r"targets of shape \(2, 2, 4, 4\) .* targets are "
+                                         r"\(N, H, W\) \(or \(N, 1, H, W\)\)"):
+        soft_dice_loss(x3, y3[:, None].expand(2, 2, 4, 4))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_hard_pixel_mining_averages_the_hardest_pixels(binary):
+    """top_k: detectron2's DeepLabCE's int(top_k * pixels) hardest pixels, ignored ones never
+    among them; top_k 1 is the plain (weighted) mean."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 1 if binary else 3, 5, 4)
+    y = torch.randint(0, 2 if binary else 3, (2, 5, 4))
+    y[0, 0, :3] = 255
+    valid = y != 255
+    safe = torch.where(valid, y, torch.zeros_like(y))
+    if binary:
+        px = F.binary_cross_entropy_with_logits(x[:, 0], safe.float(), reduction="none")
+    else:
+        px = F.cross_entropy(x, safe, reduction="none")
+    k = int(0.25 * y.numel())  # 10 of 40 pixels
+    want = px[valid].topk(k).values.mean()
+    assert torch.allclose(cross_entropy_loss(x, y, top_k=0.25), want)
+    assert torch.allclose(cross_entropy_loss(x, y, top_k=1.0), px[valid].mean())
+    # fewer valid pixels than k: all valid ones, never an ignored one
+    y_few = torch.full_like(y, 255)
+    y_few[1, 2, :2] = 1
+    if binary:
+        px_few = F.binary_cross_entropy_with_logits(x[1, 0, 2, :2], torch.ones(2),
+                                                    reduction="none")
+    else:
+        px_few = F.cross_entropy(x[1:2, :, 2, :2], torch.ones(1, 2, dtype=torch.long),
+                                 reduction="none")
+    assert torch.allclose(cross_entropy_loss(x, y_few, top_k=0.5), px_few.mean())
+    with pytest.raises(ValueError, match=r"LOSS_TOP_K\) must be in \(0, 1\], got 0"):
+        cross_entropy_loss(x, y, top_k=0)
+
+
+def test_hard_pixel_mining_from_detectron2s_deeplab_key(caplog):
+    """MODEL.SEM_SEG_HEAD.LOSS_TYPE "hard_pixel_mining" (detectron2's DeepLab default) was
+    silently ignored by d2seg's models; now CE uses the LOSS_TOP_K hardest pixels, an unknown
+    type is an error, and the type with no CE/BCE named warns."""
+    from d2seg.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 3
+    assert SemSegLoss(cfg).top_k == 1.0
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "hard_pixel_mining"
+    loss = SemSegLoss(cfg)
+    assert loss.top_k == 0.2 and "hardest 0.2 of pixels" in repr(loss)
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 3, 8, 8), torch.randint(0, 3, (1, 8, 8))
+    assert torch.equal(loss(x, y)["loss_sem_seg_ce"], cross_entropy_loss(x, y, top_k=0.2))
+    cfg.MODEL.SEM_SEG_LOSS.NAMES = ["Dice"]
+    with caplog.at_level("WARNING"):
+        SemSegLoss(cfg)
+    assert "MODEL.SEM_SEG_HEAD.LOSS_TYPE ['hard_pixel_mining'] has no effect" in caplog.text
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "ohem"
+    with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.LOSS_TYPE 'ohem'"):
+        SemSegLoss(cfg)
+
+
+def test_sem_seg_loss_takes_one_name_and_one_weight_unlisted():
+    loss = SemSegLoss(names="Dice", weights=0.5)
+    assert loss.names == ["Dice"] and loss.weights == [0.5]

@@ -449,3 +449,22 @@ def test_registered_names_are_the_documented_modules():
         assert inspect.isclass(obj) and not n.startswith("_"), n
     for n, obj in META_ARCH_REGISTRY:
         assert inspect.isclass(obj), n
+
+
+def test_size_divisibility_is_checked_against_a_resnets_deepest_stride():
+    """detectron2's ResNet reports no size_divisibility: a padding of 8 with a stride-32
+    ResNet was accepted, and eval logits were then stretched onto the input (not cropped)."""
+    from detectron2.modeling.backbone.resnet import BasicStem, ResNet
+
+    from d2seg.modeling.heads import ASPPHead
+    from d2seg.modeling.meta_arch import DeepLabV3
+
+    b = ResNet(BasicStem(3, 8, norm="BN"), ResNet.make_default_stages(18, norm="BN"),
+               out_features=["res5"])
+    head = ASPPHead(b.output_shape(), num_classes=2, aspp_channels=8)
+    kw = dict(backbone=b, sem_seg_head=head, pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+    with pytest.raises(ValueError, match="SIZE_DIVISIBILITY=8 is not a multiple of the "
+                                         "backbone's deepest stride 32"):
+        DeepLabV3(size_divisibility=8, **kw)
+    assert DeepLabV3(**kw).size_divisibility == 32
+    assert DeepLabV3(size_divisibility=64, **kw).size_divisibility == 64

@@ -138,8 +138,6 @@ def _check_images(cfg, paths) -> list:
 
 def main(argv=None) -> list:
     args = get_parser().parse_args(argv)
-    import torch
-
     import d2seg  # noqa: F401  (registers models)
     from detectron2.modeling import GeneralizedRCNN, build_model
     from detectron2.modeling.meta_arch.panoptic_fpn import PanopticFPN
@@ -148,13 +146,12 @@ def main(argv=None) -> list:
     from d2seg.checkpoint import load_weights
     from d2seg.config import load_config_or_exit
     from d2seg.export import export_rcnn, export_semantic
-    from d2seg.inference import is_semantic_model
+    from d2seg.inference import cpu_fallback, is_semantic_model
 
     setup_logger(name="d2seg")
     setup_logger(name="fvcore")
     cfg = load_config_or_exit(args.config_file, args.opts, "export_model.py")
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = cpu_fallback(cfg, "exporting")
     cfg.freeze()
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:

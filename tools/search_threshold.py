@@ -122,11 +122,10 @@ def main(argv=None) -> Dict:
     except ValueError as e:
         ap.error(str(e))
 
-    import torch
-
     from d2seg.config import load_config_or_exit
     from d2seg.data.catalogs import register_shapes_from_cfg
     from d2seg.data.register import register_datasets_from_cfg
+    from d2seg.inference import cpu_fallback
 
     cfg = load_config_or_exit(args.config_file, args.opts, "search_threshold.py",
                               () if args.dataset else ("DATASETS.TEST",))
@@ -134,8 +133,7 @@ def main(argv=None) -> Dict:
         sys.exit(f"search_threshold.py: error: {args.config_file} (or the command line): "
                  f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: the "
                  f"threshold search is for binary problems (NUM_CLASSES 1 or 2)")
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = cpu_fallback(cfg, "searching")
     cfg.MODEL.SEM_SEG_POSTPROCESS.ENABLED = False  # raw probabilities
     register_shapes_from_cfg(cfg)
     register_datasets_from_cfg(cfg)  # D2SEG.DATASETS.REGISTER (your own data)

@@ -42,18 +42,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["SyntheticBatch", "Subject", "D2SegSubject", "PlainD2Subject",
            "TorchSemanticSubject", "TorchMaskRCNNSubject", "task_of", "build_reference_subject"]
 
-SEMANTIC_ARCHS = ("UNet", "DeepLabV3", "DeepLabV3Plus", "PSPNet", "SegFormer", "HRNetV2",
-                  "SemanticSegmentor")
-
-
 def task_of(cfg: CfgNode) -> str:
-    """"semantic", "instance" or "panoptic" from ``MODEL.META_ARCHITECTURE``."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "PanopticFPN":
-        return "panoptic"
-    if arch in ("GeneralizedRCNN", "ProposalNetwork"):
-        return "instance"
-    return "semantic"
+    """"semantic", "instance" or "panoptic" for ``MODEL.META_ARCHITECTURE``, by its registered
+    class (subclasses included; see :func:`d2seg.engine.fast_paths.model_family`).
+
+    Raises:
+        ValueError: an architecture of none of these families (e.g. RetinaNet).
+    """
+    from ..engine.fast_paths import model_family
+
+    family = model_family(cfg)
+    task = {"semantic": "semantic", "rcnn": "instance", "panoptic": "panoptic"}.get(family)
+    if task is None:
+        raise ValueError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}: the "
+                         f"benchmark measures semantic, R-CNN and Panoptic FPN models only")
+    return task
 
 
 class SyntheticBatch:

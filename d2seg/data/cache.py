@@ -10,14 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..utils.files import umask_mode
 
-__all__ = ["build_once", "file_lock"]
+__all__ = ["build_once", "file_lock", "cache_root", "file_key"]
+
+
+def cache_root() -> str:
+    """The root of d2seg's derived data: ``$D2SEG_DATASETS`` if set, else ``~/.cache/d2seg``."""
+    return os.environ.get("D2SEG_DATASETS") or os.path.join(
+        os.path.expanduser("~"), ".cache", "d2seg")
+
+
+def file_key(*paths: str, extra: Any = None) -> str:
+    """16 hex digits naming the content of ``paths`` (absolute path, size and modification
+    time of each) and ``extra`` (any json-able settings): a cache folder's name."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager

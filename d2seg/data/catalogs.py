@@ -38,9 +38,8 @@ from .shapes import (
     shapes_cache_root,
 )
 
-__all__ = ["register_shapes_catalogs", "prepare_dataset", "SHAPES_SPLITS"]
+__all__ = ["register_shapes_catalogs", "prepare_dataset"]
 
-SHAPES_SPLITS = ("train", "val")
 
 # dataset name -> function that generates its files (if needed) and returns nothing
 _PREPARE: Dict[str, Callable[[], None]] = {}

@@ -223,9 +223,15 @@ def image_size(path: str, decode: bool = False) -> Tuple[int, int]:
     """
     with PathManager.open(path, "rb") as f, Image.open(f) as im:
         w, h = im.size
-        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
         if decode:
             im.load()
+        if im.format == "PNG" and "exif" not in im.info and not decode:
+            # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
+            # image data (10 ms of a 512x512 slice, for every image of a folder dataset); the
+            # chunk belongs before it, where the header read has already found it
+            orientation = 1
+        else:
+            orientation = im.getexif().get(0x0112, 1)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     return h, w

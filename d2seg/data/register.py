@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -67,7 +66,7 @@ from detectron2.data.datasets import load_coco_json
 
 from ..utils.files import umask_mode
 from .catalog_utils import unregister
-from .cache import build_once
+from .cache import build_once, cache_root, file_key
 from .errors import DatasetLoadError, guard_load
 from .sem_seg_folder import (label_map_problem, list_pairs, pairing_problem,
                              register_sem_seg_folder)
@@ -83,7 +82,6 @@ __all__ = [
     "register_datasets_from_cfg",
     "split_items",
     "split_coco_json",
-    "registered_names",
 ]
 
 DATASET_TYPES = ("coco", "sem_seg", "coco_panoptic")
@@ -278,20 +276,6 @@ def split_items(items: Sequence, val_fraction: float, seed: int = 0) -> Tuple[li
     return train, val
 
 
-def _cache_root() -> str:
-    return os.environ.get("D2SEG_DATASETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "d2seg")
-
-
-def _file_key(*paths: str, extra: Any = None) -> str:
-    h = hashlib.sha1()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
 def _atomic_json(obj: Any, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
@@ -319,8 +303,8 @@ def split_coco_json(json_file: str, val_fraction: float, seed: int = 0,
     """
     cached = out_dir is None
     if cached:
-        key = _file_key(json_file, extra=[val_fraction, seed])
-        out_dir = os.path.join(_cache_root(), "splits", key)
+        key = file_key(json_file, extra=[val_fraction, seed])
+        out_dir = os.path.join(cache_root(), "splits", key)
     tr_path, va_path = os.path.join(out_dir, "train.json"), os.path.join(out_dir, "val.json")
     if cached and os.path.isfile(tr_path) and os.path.isfile(va_path):
         return tr_path, va_path
@@ -406,8 +390,8 @@ def _convert_panoptic(panoptic_json: str, panoptic_root: str) -> Tuple[str, str]
     from pycocotools import mask as mask_util
 
     # "id-order": stuff maps numbered in category-id order (earlier caches: file order)
-    key = _file_key(panoptic_json, extra=[os.path.abspath(panoptic_root), "id-order"])
-    out = os.path.join(_cache_root(), "panoptic_separated", key)
+    key = file_key(panoptic_json, extra=[os.path.abspath(panoptic_root), "id-order"])
+    out = os.path.join(cache_root(), "panoptic_separated", key)
 
     def build(tmp: str) -> None:
         with open(panoptic_json) as f:
@@ -507,7 +491,7 @@ def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_
                                    if a["image_id"] in ids and a["category_id"] in things]
             full["categories"] = [c for c in full["categories"] if c["id"] in things]
             inst = os.path.join(os.path.dirname(derived_inst),
-                                f"instances_{_file_key(instances_json, panoptic_json)}.json")
+                                f"instances_{file_key(instances_json, panoptic_json)}.json")
             _atomic_json(full, inst)
     unregister(name)
     DatasetCatalog.register(name, lambda: guard_load(
@@ -519,14 +503,6 @@ def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_
         source_json_file=source_json_file or panoptic_json,
         ignore_label=255, label_divisor=1000, **meta,
     )
-
-
-_REGISTERED: Dict[str, List[str]] = {}
-
-
-def registered_names(entry_name: str) -> List[str]:
-    """The dataset names that the entry ``entry_name`` registered (``[name, name_train, ...]``)."""
-    return list(_REGISTERED.get(entry_name, []))
 
 
 def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
@@ -545,7 +521,6 @@ def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
     if kind == "sem_seg" and e.get("label_map"):
         for n in names:  # lets the checker report raw values the map leaves out
             MetadataCatalog.get(n).set(label_map=dict(e["label_map"]))
-    _REGISTERED[name] = names
     logger.info(f"Registered {kind} dataset(s) {names} from D2SEG.DATASETS.REGISTER")
     return names
 

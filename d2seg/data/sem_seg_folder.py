@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import hashlib
-import json
 import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -20,7 +18,7 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .cache import build_once
+from .cache import build_once, cache_root, file_key
 from .catalog_utils import unregister
 from .errors import guard_load
 from .image_io import image_size, read_sem_seg
@@ -120,16 +118,8 @@ def pairing_problem(image_dir: str, mask_dir: str, suffix: str = "",
 
 
 def _remap_cache_dir(mask_files: List[str], label_map: Dict[int, int], ignore_label: int) -> str:
-    h = hashlib.sha1()
-    for p in mask_files:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(json.dumps(sorted(label_map.items())).encode())
-    h.update(str(ignore_label).encode())
-    root = os.environ.get("D2SEG_DATASETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "d2seg"
-    )
-    return os.path.join(root, "remapped_masks", h.hexdigest()[:16])
+    key = file_key(*mask_files, extra=[sorted(label_map.items()), ignore_label])
+    return os.path.join(cache_root(), "remapped_masks", key)
 
 
 def label_map_problem(label_map: Dict[int, int], ignore_label: int) -> str:

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .cache import build_once
+from .cache import build_once, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ class ShapesParams:
 
 def shapes_cache_root() -> str:
     """``$D2SEG_DATASETS`` if set, else ``~/.cache/d2seg``."""
-    root = os.environ.get("D2SEG_DATASETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "d2seg"
-    )
-    return os.path.join(root, "shapes")
+    return os.path.join(cache_root(), "shapes")
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,7 +186,7 @@ def render_scene(
         classes: thing class index (0..2) of each object, back to front.
     """
     img, stuff = _background(rng, size)
-    n_target = int(rng.integers(min_objects, max_objects + 1))
+    n_target = int(rng.integers(min(min_objects, max_objects), max_objects + 1))
     full_masks: List[np.ndarray] = []
     classes: List[int] = []
     inst = np.zeros((size, size), np.uint8)

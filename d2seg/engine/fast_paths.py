@@ -49,14 +49,12 @@ if TYPE_CHECKING:  # for annotations only
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FAMILIES", "FAMILY_DEFAULTS", "SpeedPlan", "model_family", "resolve", "configure_backends",
+    "FAMILY_DEFAULTS", "SpeedPlan", "model_family", "resolve", "configure_backends",
     "amp_dtype", "make_grad_scaler", "prepare_model", "compile_module", "CompiledForward",
     "to_channels_last", "optimizer_impl_kwargs", "loader_kwargs", "apply_sharing_strategy",
     "describe", "user_dispatch_mode_active", "compiled_modules", "cpu_has_native_bf16",
     "cpu_bf16_speedup", "resolve_amp", "CPU_BF16_MIN_SPEEDUP", "CPU_BF16_SPEEDUP_ENV",
 ]
-
-FAMILIES = ("semantic", "rcnn", "panoptic", "other")
 
 #: What ``"auto"`` means, per device and model family (measured; docs/benchmarks.md):
 #:

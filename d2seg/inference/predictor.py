@@ -36,23 +36,24 @@ from .tta import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SegPredictor", "build_inference_model", "is_semantic_model"]
+__all__ = ["SegPredictor", "build_inference_model", "is_semantic_model", "cpu_fallback"]
 
 
 def is_semantic_model(model: nn.Module) -> bool:
-    """Whether ``model`` returns only ``"sem_seg"`` (not an R-CNN / RetinaNet / Panoptic FPN)."""
-    from detectron2.modeling import RetinaNet
+    """Whether ``model`` returns only ``"sem_seg"`` (not an R-CNN, a proposal network,
+    RetinaNet or Panoptic FPN)."""
+    from detectron2.modeling import ProposalNetwork, RetinaNet
 
     model = model.module if hasattr(model, "module") else model
-    return not isinstance(model, (GeneralizedRCNN, RetinaNet))
+    return not isinstance(model, (GeneralizedRCNN, ProposalNetwork, RetinaNet))
 
 
-def _runnable(cfg):
-    """``cfg``, or a copy with ``MODEL.DEVICE`` "cpu" (and a warning) where it names CUDA and
-    this machine has none, as ``tools/train_net.py`` and ``tools/predict.py`` do."""
+def cpu_fallback(cfg: CfgNode, doing: str = "predicting") -> CfgNode:
+    """``cfg``, or a copy with ``MODEL.DEVICE`` "cpu" (and a warning: "... ``doing`` on CPU")
+    where it names CUDA and this machine has none, as ``tools/train_net.py`` does."""
     if not (cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()):
         return cfg
-    logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available: predicting "
+    logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available: {doing} "
                    "on CPU")
     frozen = cfg.is_frozen()
     cfg = cfg.clone()
@@ -77,7 +78,7 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     """
     from ..modeling.postprocessing import attach_postprocessor
 
-    cfg = _runnable(cfg)
+    cfg = cpu_fallback(cfg)
     model = build_model(cfg)
     attach_postprocessor(model, cfg)  # MODEL.SEM_SEG_POSTPROCESS for SemanticSegmentor
     model.eval()
@@ -134,7 +135,7 @@ class SegPredictor(DefaultPredictor):
 
     def __init__(self, cfg: CfgNode):
         # DefaultPredictor.__init__, with d2seg's model preparation, loader and TTA wrapper
-        self.cfg = _runnable(cfg).clone()
+        self.cfg = cpu_fallback(cfg).clone()
         self.model = build_inference_model(self.cfg)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])

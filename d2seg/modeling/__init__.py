@@ -10,11 +10,13 @@
 """
 from . import backbone, heads, meta_arch  # noqa: F401  (registration side effects)
 from .losses import SemSegLoss, cross_entropy_loss, focal_loss, soft_dice_loss, tversky_loss
-from .meta_arch import DeepLabV3, DeepLabV3Plus, EncoderDecoderSegmentor, PSPNet, UNet
+from .meta_arch import (DeepLabV3, DeepLabV3Plus, EncoderDecoderSegmentor, HRNetV2, PSPNet,
+                        SegFormer, UNet)
 from .postprocessing import SemSegPostProcessor, postprocess_mask, search_threshold
 
 __all__ = [
     "SemSegLoss", "cross_entropy_loss", "focal_loss", "soft_dice_loss", "tversky_loss",
-    "EncoderDecoderSegmentor", "UNet", "DeepLabV3", "DeepLabV3Plus", "PSPNet",
+    "EncoderDecoderSegmentor", "UNet", "DeepLabV3", "DeepLabV3Plus", "PSPNet", "SegFormer",
+    "HRNetV2",
     "SemSegPostProcessor", "postprocess_mask", "search_threshold",
 ]

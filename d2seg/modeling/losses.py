@@ -60,13 +60,19 @@ def _is_binary(logits: Tensor) -> bool:
     return logits.dim() == 3 or logits.shape[1] == 1
 
 
-def _check_targets(logits: Tensor, targets: Tensor) -> None:
-    spatial = logits.shape[-2:]
-    if targets.shape[-2:] != spatial or targets.shape[0] != logits.shape[0]:
+def _check_targets(logits: Tensor, targets: Tensor) -> Tensor:
+    """``targets`` as (N, H, W); an (N, 1, H, W) target (segmentation_models_pytorch's binary
+    mask shape) loses its channel dimension. Any other shape is an error naming both."""
+    if targets.dim() == 4 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    if (targets.dim() != 3 or targets.shape[-2:] != logits.shape[-2:]
+            or targets.shape[0] != logits.shape[0]):
         raise ValueError(
             f"targets of shape {tuple(targets.shape)} do not match logits of shape "
-            f"{tuple(logits.shape)}"
+            f"{tuple(logits.shape)}: targets are (N, H, W) (or (N, 1, H, W)) class ids at the "
+            f"logits' N, H and W"
         )
+    return targets
 
 
 class TargetValueError(ValueError):
@@ -94,11 +100,13 @@ def check_targets(targets: Tensor, num_classes: int, ignore_index: int) -> None:
                          f"({ignore_index})")
 
 
-def _host_check(logits: Tensor, targets: Tensor, ignore_index: int) -> None:
-    """Shape check always; value check only where it costs no device synchronisation."""
-    _check_targets(logits, targets)
+def _host_check(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """Shape check always; value check only where it costs no device synchronisation.
+    Returns the targets as (N, H, W)."""
+    targets = _check_targets(logits, targets)
     if targets.device.type == "cpu":
         check_targets(targets, 1 if _is_binary(logits) else logits.shape[1], ignore_index)
+    return targets
 
 
 def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
@@ -106,7 +114,7 @@ def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
 
     K = C for multi-class (softmax) and K = 1 for binary (sigmoid, the foreground channel).
     """
-    _host_check(logits, targets, ignore_index)
+    targets = _host_check(logits, targets, ignore_index)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     if _is_binary(logits):
@@ -169,7 +177,8 @@ def soft_dice_loss(
 
     Args:
         logits: (N, C, H, W) or binary (N, 1, H, W) raw scores.
-        targets: (N, H, W) integer class ids (binary: 0/1), ``ignore_index`` ignored.
+        targets: (N, H, W) integer class ids (binary: 0/1; (N, 1, H, W) is taken too),
+            ``ignore_index`` ignored.
         smooth: added to numerator and denominator. With ``smooth > 0`` a class absent from
             the targets scores about 1 while little probability falls on it; with
             ``smooth = 0`` it scores 0 as soon as any probability falls on it (only an exact
@@ -240,7 +249,7 @@ def focal_loss(
     Returns:
         scalar tensor; 0 when no pixel is valid.
     """
-    _host_check(logits, targets, ignore_index)
+    targets = _host_check(logits, targets, ignore_index)
     valid = targets != ignore_index
     w = valid.float()
     if _is_binary(logits):
@@ -283,12 +292,27 @@ def focal_loss(
     return _masked_mean(loss, w)
 
 
+def _hardest_mean(loss: Tensor, weight: Tensor, top_k: float) -> Tensor:
+    """``sum(loss * weight) / sum(weight)`` over all pixels (``top_k`` >= 1), or over the
+    ``int(top_k * numel)`` pixels with the largest ``loss * weight`` (hard pixel mining, as
+    detectron2's ``DeepLabCE``; pixels of weight 0, i.e. ignored, are never among them). The
+    pixel count comes from the shape: no host synchronisation."""
+    if top_k >= 1.0:
+        return _masked_mean(loss, weight)
+    loss, weight = loss.reshape(-1), weight.reshape(-1)
+    k = max(1, int(top_k * loss.numel()))
+    score = torch.where(weight > 0, loss * weight, torch.full_like(loss, -1.0))
+    idx = score.topk(k, sorted=False).indices
+    return _masked_mean(loss[idx], weight[idx])
+
+
 def cross_entropy_loss(
     logits: Tensor,
     targets: Tensor,
     *,
     class_weights: Optional[Sequence[float]] = None,
     ignore_index: int = 255,
+    top_k: float = 1.0,
 ) -> Tensor:
     """Class-weighted cross-entropy, averaged over valid pixels.
 
@@ -297,8 +321,18 @@ def cross_entropy_loss(
     * binary: ``F.binary_cross_entropy_with_logits`` with per-pixel weight
       ``class_weights[target]`` (``class_weights = [w_background, w_foreground]``), normalised
       the same way (weighted mean).
+
+    ``top_k`` in (0, 1): hard pixel mining (OHEM): the mean over only the ``top_k`` fraction
+    of the batch's pixels with the largest (weighted) loss, as detectron2's DeepLab heads do
+    with ``MODEL.SEM_SEG_HEAD.LOSS_TYPE "hard_pixel_mining"``; ignored pixels never count.
+
+    Returns:
+        scalar tensor; 0 when no pixel is valid.
     """
-    _host_check(logits, targets, ignore_index)
+    if not 0.0 < float(top_k) <= 1.0:
+        raise ValueError(f"cross-entropy top_k (MODEL.SEM_SEG_HEAD.LOSS_TOP_K) must be in "
+                         f"(0, 1], got {top_k}")
+    targets = _host_check(logits, targets, ignore_index)
     valid = targets != ignore_index
     if _is_binary(logits):
         x = _binary_logits(logits).float()
@@ -309,21 +343,19 @@ def cross_entropy_loss(
                 raise ValueError(f"binary cross-entropy takes 2 class weights [background, "
                                  f"foreground], got {list(class_weights)}")
             w = w * torch.where(y > 0.5, float(class_weights[1]), float(class_weights[0]))
-        return _masked_mean(F.binary_cross_entropy_with_logits(x, y, reduction="none"), w)
+        return _hardest_mean(F.binary_cross_entropy_with_logits(x, y, reduction="none"), w,
+                             top_k)
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    mask = valid.float()
-    den = mask
-    weight = None
+    w = valid.float()
     if class_weights is not None and len(class_weights) > 0:
         if len(class_weights) != logits.shape[1]:
             raise ValueError(f"{len(class_weights)} class weights for {logits.shape[1]} classes: "
                              f"{list(class_weights)}")
         weight = torch.as_tensor(list(class_weights), dtype=torch.float32, device=logits.device)
-        den = den * weight[safe]
-    # the weighted mean F.cross_entropy(reduction="mean") computes, with 0 (not 0/0 = NaN)
-    # when every pixel is ignored
-    num = F.cross_entropy(logits.float(), safe, weight=weight, reduction="none") * mask
-    return num.sum() / den.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        w = w * weight[safe]
+    # the weighted mean F.cross_entropy(weight=..., reduction="mean") computes, with 0 (not
+    # 0/0 = NaN) when every pixel is ignored
+    return _hardest_mean(F.cross_entropy(logits.float(), safe, reduction="none"), w, top_k)
 
 
 def _log_once(level: int, msg: str) -> None:
@@ -351,6 +383,7 @@ class SemSegLoss(nn.Module):
         focal_alpha: Union[None, float, Sequence[float]] = None,
         tversky_alpha: float = 0.3,
         tversky_beta: float = 0.7,
+        top_k: float = 1.0,
         loss_weight: float = 1.0,
         prefix: str = "loss_sem_seg",
     ):
@@ -363,11 +396,15 @@ class SemSegLoss(nn.Module):
             smooth: Dice/Tversky smoothing.
             focal_gamma, focal_alpha: see :func:`focal_loss`.
             tversky_alpha, tversky_beta: see :func:`tversky_loss`.
+            top_k: "CE"/"BCE" average only this fraction of hardest pixels (hard pixel
+                mining, see :func:`cross_entropy_loss`); 1 = all.
             loss_weight: multiplies every term (``MODEL.SEM_SEG_HEAD.LOSS_WEIGHT``).
             prefix: key prefix of the returned dict.
         """
         super().__init__()
-        names = list(names)
+        names = [names] if isinstance(names, str) else list(names)
+        if isinstance(weights, (int, float)):
+            weights = [weights]
         if not names:
             raise ValueError("MODEL.SEM_SEG_LOSS.NAMES is empty: name at least one loss")
         canon = {n.lower(): n for n in LOSS_NAMES}
@@ -393,6 +430,9 @@ class SemSegLoss(nn.Module):
         self.focal_alpha = focal_alpha
         self.tversky_alpha = tversky_alpha
         self.tversky_beta = tversky_beta
+        if not 0.0 < float(top_k) <= 1.0:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.LOSS_TOP_K must be in (0, 1], got {top_k}")
+        self.top_k = float(top_k)
         self.loss_weight = loss_weight
         self.prefix = prefix
 
@@ -414,9 +454,12 @@ class SemSegLoss(nn.Module):
             ("FOCAL_ALPHA", list(c.FOCAL_ALPHA), ("focal",)),
             ("TVERSKY_ALPHA / TVERSKY_BETA", [c.TVERSKY_ALPHA, c.TVERSKY_BETA]
              if (c.TVERSKY_ALPHA, c.TVERSKY_BETA) != (0.3, 0.7) else [], ("tversky",)),
+            ("LOSS_TYPE", [cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE]
+             if cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE == "hard_pixel_mining" else [], ("ce", "bce")),
         ) if given and not names & set(users)]
         for key, given in unused:
-            _log_once(logging.WARNING, f"MODEL.SEM_SEG_LOSS.{key} {given} has no effect: no "
+            where = "MODEL.SEM_SEG_HEAD" if key == "LOSS_TYPE" else "MODEL.SEM_SEG_LOSS"
+            _log_once(logging.WARNING, f"{where}.{key} {given} has no effect: no "
                                        f"loss in MODEL.SEM_SEG_LOSS.NAMES {list(c.NAMES)} uses "
                                        f"it")
         return args
@@ -444,6 +487,12 @@ class SemSegLoss(nn.Module):
                              f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {k}")
         if len(alpha) == 1 and k == 2:  # softmax over [background, foreground]: as binary
             alpha = [1.0 - alpha[0], alpha[0]]
+        loss_type = cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE
+        if loss_type not in ("cross_entropy", "hard_pixel_mining"):
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}: d2seg's models take "
+                             f"'cross_entropy' (every pixel) or 'hard_pixel_mining' (CE / BCE "
+                             f"over the MODEL.SEM_SEG_HEAD.LOSS_TOP_K hardest pixels)")
+        top_k = float(cfg.MODEL.SEM_SEG_HEAD.LOSS_TOP_K) if loss_type == "hard_pixel_mining" else 1.0
         if any(n.lower() == "bce" for n in c.NAMES) and k != 1:
             raise ValueError(f"MODEL.SEM_SEG_LOSS.NAMES {list(c.NAMES)}: 'BCE' needs one output "
                              f"channel (MODEL.SEM_SEG_HEAD.NUM_CLASSES 1), NUM_CLASSES is {k}; "
@@ -458,12 +507,14 @@ class SemSegLoss(nn.Module):
             "focal_alpha": None if not alpha else (alpha[0] if len(alpha) == 1 else alpha),
             "tversky_alpha": c.TVERSKY_ALPHA,
             "tversky_beta": c.TVERSKY_BETA,
+            "top_k": top_k,
             "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
             "prefix": prefix,
         }
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{w} * {n}" for n, w in zip(self.names, self.weights))
+        terms = ", ".join(f"{w} * {n}" for n, w in zip(self.names, self.weights))
+        return terms + (f", hardest {self.top_k:g} of pixels for CE" if self.top_k < 1 else "")
 
     def derived(self, weight_factor: float = 1.0, prefix: Optional[str] = None) -> "SemSegLoss":
         """A copy with every setting of this one, ``loss_weight`` times ``weight_factor`` and
@@ -486,7 +537,7 @@ class SemSegLoss(nn.Module):
                         f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES = 1), got {logits.shape[1]}; use 'CE'"
                     )
                 loss = cross_entropy_loss(logits, targets, class_weights=self.class_weights,
-                                          ignore_index=self.ignore_index)
+                                          ignore_index=self.ignore_index, top_k=self.top_k)
             elif name == "Dice":
                 loss = soft_dice_loss(logits, targets, ignore_index=self.ignore_index,
                                       smooth=self.smooth)

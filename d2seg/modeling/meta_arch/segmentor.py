@@ -82,7 +82,7 @@ class EncoderDecoderSegmentor(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation of the 0-255 input.
             size_divisibility: pad inputs to a multiple of this; -1 = the backbone's
                 ``size_divisibility``, or 32 when it reports none. Must be a multiple of the
-                backbone's own.
+                backbone's own, or of its deepest output stride when it reports none.
             postprocessor: optional post-processing applied at inference.
         """
         super().__init__()
@@ -97,11 +97,16 @@ class EncoderDecoderSegmentor(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)
                              .view(-1, 1, 1), False)
         own = int(getattr(backbone, "size_divisibility", 0) or 0)
+        # a backbone that reports none (detectron2's ResNet): its deepest output stride, below
+        # which odd sizes round and the logits no longer map onto the input pixel for pixel
+        need = own or max((int(s.stride or 1) for s in backbone.output_shape().values()),
+                          default=1)
         if size_divisibility is None or size_divisibility < 0:
-            size_divisibility = own or 32
-        if own and size_divisibility % own:
+            size_divisibility = own or max(32, need)
+        if size_divisibility % need:
             raise ValueError(f"MODEL.SEM_SEG_HEAD.SIZE_DIVISIBILITY={size_divisibility} is not a "
-                             f"multiple of the backbone's size_divisibility {own}")
+                             f"multiple of the backbone's "
+                             f"{'size_divisibility' if own else 'deepest stride'} {need}")
         self.size_divisibility = int(size_divisibility)
         self.postprocessor = postprocessor
         # the target values are checked on the first training batch only: the losses never
