@@ -110,23 +110,25 @@ def _host_check(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
 
 
 def _probs_and_onehot(logits: Tensor, targets: Tensor, ignore_index: int):
-    """(probs, onehot, valid) as (N, K, H, W), (N, K, H, W), (N, 1, H, W) float tensors.
+    """(probs, onehot, valid) as (N, K, H, W), (N, K, H, W), (N, 1, H, W) float tensors; the
+    one-hot is 0 at ignored pixels.
 
     K = C for multi-class (softmax) and K = 1 for binary (sigmoid, the foreground channel).
     """
     targets = _host_check(logits, targets, ignore_index)
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    valid = (targets != ignore_index).unsqueeze(1)
+    safe = targets.unsqueeze(1).masked_fill(~valid, 0).long()
+    mask = valid.float()
     if _is_binary(logits):
         probs = torch.sigmoid(_binary_logits(logits).float()).unsqueeze(1)
-        onehot = (safe == 1).unsqueeze(1).float()
+        onehot = (safe == 1).float() * mask
     else:
         # out-of-range values on a GPU: scatter_'s device-side index assert
         probs = F.softmax(logits.float(), dim=1)
-        # (N, C, H, W) float one-hot written directly (F.one_hot makes an int64 (N, H, W, C)
-        # tensor that then needs a permuted float copy)
-        onehot = torch.zeros_like(probs).scatter_(1, safe.unsqueeze(1), 1.0)
-    return probs, onehot, valid.unsqueeze(1).float()
+        # (N, C, H, W) float one-hot of the valid pixels written directly (F.one_hot makes an
+        # int64 (N, H, W, C) tensor that then needs a permuted float copy)
+        onehot = torch.zeros_like(probs).scatter_(1, safe, mask)
+    return probs, onehot, mask
 
 
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -147,8 +149,7 @@ def _region_index(tp: Tensor, fp: Tensor, fn: Tensor, a: float, b: float, smooth
 
 def _counts(logits: Tensor, targets: Tensor, ignore_index: int, classes: Optional[Sequence[int]]):
     probs, onehot, valid = _probs_and_onehot(logits, targets, ignore_index)
-    probs = probs * valid
-    onehot = onehot * valid
+    probs = probs * valid  # the one-hot is 0 at ignored pixels already
     dims = (0, 2, 3)
     tp = (probs * onehot).sum(dims)
     # FP = sum p (1 - y) = sum p - TP and FN = sum (1 - p) y = sum y - TP: no more full-size
@@ -345,9 +346,14 @@ def cross_entropy_loss(
             w = w * torch.where(y > 0.5, float(class_weights[1]), float(class_weights[0]))
         return _hardest_mean(F.binary_cross_entropy_with_logits(x, y, reduction="none"), w,
                              top_k)
+    weighted = class_weights is not None and len(class_weights) > 0
+    if not weighted and top_k >= 1.0:  # one fused kernel, no per-pixel temporaries
+        return (F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_index,
+                                reduction="sum")
+                / valid.sum().clamp_min(1).to(torch.float32))
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     w = valid.float()
-    if class_weights is not None and len(class_weights) > 0:
+    if weighted:
         if len(class_weights) != logits.shape[1]:
             raise ValueError(f"{len(class_weights)} class weights for {logits.shape[1]} classes: "
                              f"{list(class_weights)}")
