@@ -104,6 +104,12 @@ def test_ratios_come_from_the_measured_numbers(unet_result):
         ref["inference"]["latency_batch1_ms"] / d2["inference"]["latency_batch1_ms"])
     assert case["loop"]["fraction_of_step"] == pytest.approx(
         case["loop"]["img_per_s"] / d2["train_step"]["img_per_s"])
+    # and its range over every step round, one of them right after the loop
+    lo, hi = case["loop"]["fraction_of_step_range"]
+    steps = [2 / x for x in d2["train_step"]["round_seconds"]] + \
+        [case["loop"]["step_img_per_s_after_loop"]]
+    assert lo == pytest.approx(case["loop"]["img_per_s"] / max(steps))
+    assert hi == pytest.approx(case["loop"]["img_per_s"] / min(steps))
     t = {x["name"]: x for x in unet_result["targets"]}
     assert t["speed-up"]["value"] == ratio["train_step_speedup"]
     assert t["speed-up"]["status"] == ("pass" if ratio["train_step_speedup"] >= 1.5 else "FAIL")

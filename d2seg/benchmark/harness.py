@@ -394,6 +394,19 @@ def run_case(case: Case, s: Settings, device: torch.device,
         if "error" not in loop:
             step_ips = results[d2.name]["train_step"]["img_per_s"]
             loop["fraction_of_step"] = loop["img_per_s"] / step_ips
+            # one more round of the step alone right after the loop: on a shared machine the
+            # step rounds (minutes before) and the loop can see different load, so the ratio
+            # comes with its range over every step round (2026-11-29, 2-core Xeon with four
+            # other jobs: 70-100 % from three runs of one command)
+            with backend_flags(d2.backend_flags):
+                d2.set_batch(data)
+                with Timer(device) as t_after:
+                    d2.train_steps(s.iters)
+            after = s.batch * s.iters / t_after.seconds
+            all_ips = [s.batch * s.iters / x for x in times[d2.name]] + [after]
+            loop["step_img_per_s_after_loop"] = after
+            loop["fraction_of_step_range"] = [loop["img_per_s"] / max(all_ips),
+                                              loop["img_per_s"] / min(all_ips)]
             loop["sizes_match_step"] = loop["input_sizes"] == [tuple(s.size)]
             loop["input_sizes"] = [list(x) for x in loop["input_sizes"]]
             if loop.get("mean_pixels"):
@@ -401,8 +414,10 @@ def run_case(case: Case, s: Settings, device: torch.device,
                 # in proportion to their pixels (R-CNN's ROI heads do not scale with them)
                 loop["pixel_fraction_of_step"] = loop["fraction_of_step"] * \
                     loop["mean_pixels"] / float(s.size[0] * s.size[1])
+            lo, hi = loop["fraction_of_step_range"]
             print(f"[benchmark] {case.name}: train_net loop {loop['img_per_s']:.3f} img/s = "
-                  f"{100 * loop['fraction_of_step']:.1f}% of the step alone", flush=True)
+                  f"{100 * loop['fraction_of_step']:.1f}% of the step alone ({100 * lo:.1f}-"
+                  f"{100 * hi:.1f}% against each step round, one after the loop)", flush=True)
     # The diagnostics last: the profile, then one step under the sync audit (a
     # TorchDispatchMode and CUDA's sync debug mode). On the H100 (torch 2.11, 2026-11-26) the
     # compiled modules ran eagerly in every step after the audit: dynamo skips frames under a
@@ -852,8 +867,11 @@ def format_report(result: Dict) -> str:
             same = "" if lp["sizes_match_step"] else \
                 f" (loader sizes {lp['input_sizes'][:4]} differ from the step's)"
             lines.append("")
+            rng = lp.get("fraction_of_step_range")
+            spread = f" ({100 * rng[0]:.1f}-{100 * rng[1]:.1f}% against each step round)" \
+                if rng else ""
             lines.append(f"train_net loop with real data: {_f(lp['img_per_s'])} img/s = "
-                         f"{100 * lp['fraction_of_step']:.1f}% of the step alone; mean "
+                         f"{100 * lp['fraction_of_step']:.1f}% of the step alone{spread}; mean "
                          f"data_time {_f(lp['data_time_s'])} s; run_step median "
                          f"{_f(lp.get('run_step_median_s'))} s, max "
                          f"{_f(lp.get('run_step_max_s'))} s (loop {_f(lp['s_per_iter'])} "
