@@ -7,6 +7,9 @@ differs) plus:
 * torchvision ResNet state dicts (``torchvision.models.resnet*().state_dict()`` saved with
   ``torch.save``): keys converted to detectron2's ResNet names and placed under the model's
   ResNet (``backbone.bottom_up.`` in R-CNN/FPN models, ``backbone.`` in DeepLab/U-Net);
+* SegFormer's ImageNet-pretrained Mix Transformer encoders in the official (NVlabs) layout
+  (``mit_b0.pth`` ... ``mit_b5.pth``: ``patch_embed1.*``, ``block1.0.*``, ``norm1.*``):
+  converted to d2seg's :class:`~d2seg.modeling.backbone.MixVisionTransformer` names;
 * one log line listing the weights skipped because their shape differs (a head with another
   number of classes), instead of one warning per tensor; ``last_summary`` keeps the numbers.
 
@@ -35,6 +38,8 @@ __all__ = [
     "FinetuneCheckpointer",
     "is_torchvision_resnet",
     "convert_torchvision_resnet",
+    "is_segformer_mit",
+    "convert_segformer_mit",
     "freeze_parameters",
     "load_weights",
     "require_complete_weights",
@@ -85,6 +90,52 @@ def convert_torchvision_resnet(state_dict: Dict[str, torch.Tensor], prefix: str 
     return out
 
 
+_MIT_KEY = re.compile(r"^(patch_embed|block|norm)([1-4])\.(.+)$")
+
+
+def is_segformer_mit(state_dict: Dict[str, Any]) -> bool:
+    """Whether ``state_dict`` is a Mix Transformer in SegFormer's official layout
+    (``patch_embed1.proj.weight``, ``block1.0.attn.q.weight``, ...)."""
+    return "patch_embed1.proj.weight" in state_dict and "block1.0.attn.q.weight" in state_dict
+
+
+def convert_segformer_mit(state_dict: Dict[str, torch.Tensor], prefix: str = ""
+                          ) -> Dict[str, torch.Tensor]:
+    """SegFormer (NVlabs) Mix Transformer keys -> d2seg's ``MixVisionTransformer`` keys.
+
+    ``patch_embed{s}.*`` -> ``stages.{s-1}.patch_embed.*``; ``block{s}.{j}.*`` ->
+    ``stages.{s-1}.blocks.{j}.*`` (``mlp.dwconv.dwconv`` -> ``mlp.dwconv``); ``norm{s}.*`` ->
+    ``stages.{s-1}.norm.*``; the ImageNet classifier (``head.*``) is dropped.
+
+    Args:
+        prefix: prepended to every key (where the encoder sits in the model, ``backbone.``).
+    Raises:
+        KeyError: a key outside that layout.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("head."):
+            continue
+        m = _MIT_KEY.match(k)
+        if m is None:
+            raise KeyError(f"SegFormer Mix Transformer key '{k}' has no d2seg equivalent")
+        part, stage, rest = m.group(1), int(m.group(2)) - 1, m.group(3)
+        if part == "block":
+            rest = re.sub(r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv.", "." + rest)[1:]
+            nk = f"stages.{stage}.blocks.{rest}"
+        else:
+            nk = f"stages.{stage}.{'patch_embed' if part == 'patch_embed' else 'norm'}.{rest}"
+        out[prefix + nk] = v
+    return out
+
+
+def _pretrained_layout(sd: Dict[str, Any]) -> str:
+    """"torchvision-resnet", "segformer-mit" or "" for a state dict's key layout."""
+    if is_torchvision_resnet(sd):
+        return "torchvision-resnet"
+    return "segformer-mit" if is_segformer_mit(sd) else ""
+
+
 class FinetuneCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that also loads torchvision ResNets and logs skipped head
     weights in one line. ``last_summary`` (after :meth:`load`): dict with ``file``,
@@ -116,19 +167,21 @@ class FinetuneCheckpointer(DetectionCheckpointer):
             keys = sd if isinstance(sd, dict) else loaded
             raise ConfigError(f"{filename}: holds no model weights (no tensors under 'model' or "
                              f"'state_dict'; its keys: {sorted(map(str, keys))[:8]})")
-        # a ResNet saved inside another model: DataParallel's "module.", a whole
-        # segmentation_models_pytorch model's "encoder." (its decoder left out), ...
+        # an encoder saved inside another model: DataParallel's "module.", a whole
+        # segmentation_models_pytorch model's "encoder." (its decoder left out), an mmseg
+        # SegFormer's "backbone." ...
         for p in _WRAPPER_PREFIXES:
-            if is_torchvision_resnet(sd):
+            if _pretrained_layout(sd):
                 break
             sub = {k[len(p):]: v for k, v in sd.items() if str(k).startswith(p)}
-            if is_torchvision_resnet(sub):
+            if _pretrained_layout(sub):
                 rest = len(sd) - len(sub)
-                self.logger.info(f"{filename}: the ResNet under '{p}' taken" + (
+                self.logger.info(f"{filename}: the encoder under '{p}' taken" + (
                     f"; its {rest} other tensors (e.g. {next(k for k in sd if not str(k).startswith(p))})"
                     f" left out" if rest else ""))
                 sd = sub
-        if is_torchvision_resnet(sd):
+        layout = _pretrained_layout(sd)
+        if layout == "torchvision-resnet":
             anchors = [k for k in self.model.state_dict() if k.endswith("stem.conv1.weight")]
             if not anchors:
                 raise ConfigError(f"{filename} is a torchvision ResNet state dict, but the model "
@@ -141,6 +194,18 @@ class FinetuneCheckpointer(DetectionCheckpointer):
             self._format = "torchvision-resnet"
             self.logger.info(f"{filename}: torchvision ResNet state dict, loaded under "
                              f"'{prefix}' with detectron2 key names")
+        elif layout == "segformer-mit":
+            anchor = "stages.0.patch_embed.proj.weight"
+            anchors = [k for k in self.model.state_dict() if k.endswith(anchor)]
+            if not anchors:
+                raise ConfigError(f"{filename} is a SegFormer Mix Transformer (mit_b*), but the "
+                                  f"model has no MixVisionTransformer ('...{anchor}') to load it "
+                                  f"into: use MODEL.META_ARCHITECTURE SegFormer")
+            prefix = anchors[0][: -len(anchor)]
+            loaded = {"model": convert_segformer_mit(sd, prefix), "__author__": "SegFormer"}
+            self._format = "segformer-mit"
+            self.logger.info(f"{filename}: SegFormer Mix Transformer, loaded under '{prefix}' "
+                             f"with d2seg key names (its ImageNet classifier left out)")
         else:
             self._format = str(loaded.get("__author__", "d2seg/detectron2"))
         return loaded
@@ -220,8 +285,8 @@ class FinetuneCheckpointer(DetectionCheckpointer):
                 f"{self._file}: none of its {len(self._file_keys)} tensors fits the model "
                 f"(names in the file start with {prefixes(self._file_keys)}, the model's with "
                 f"{prefixes(model_keys)}{'; shapes differ for ' + str(len(shapes)) if shapes else ''}"
-                f"). Give MODEL.WEIGHTS a checkpoint of this model, a detectron2 model-zoo file "
-                f"or a torchvision ResNet state dict (docs/own_data.md)")
+                f"). Give MODEL.WEIGHTS a checkpoint of this model, a detectron2 model-zoo file, "
+                f"a torchvision ResNet state dict or SegFormer's mit_b*.pth (docs/own_data.md)")
 
 
 def load_weights(model: nn.Module, path: str, complete: bool = False,

@@ -250,3 +250,80 @@ def test_torchvision_resnet50_into_a_deeplab_stem_and_the_fix(tmp_path, fvcore_l
     summary = load_weights(model, str(tmp_path / "r50.pth"))
     assert summary["loaded"] == n_tv and summary["skipped_shape"] == []
     assert torch.equal(model.state_dict()["backbone.stem.conv1.weight"], tvsd["conv1.weight"])
+
+
+def _nvlabs_mit_state_dict(embed_dims, depths, sr_ratios, in_channels=3, mlp_ratio=4):
+    """A Mix Transformer in SegFormer's official (NVlabs) key layout, as its mit_b*.pth files
+    hold it (written from that layout, not from d2seg's names), with random values."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    sd, prev = {}, in_channels
+    for s, (c, n, sr) in enumerate(zip(embed_dims, depths, sr_ratios), start=1):
+        k = 7 if s == 1 else 3
+        sd.update({f"patch_embed{s}.proj.weight": r(c, prev, k, k),
+                   f"patch_embed{s}.proj.bias": r(c),
+                   f"patch_embed{s}.norm.weight": r(c), f"patch_embed{s}.norm.bias": r(c)})
+        h = c * mlp_ratio
+        for j in range(n):
+            b = f"block{s}.{j}."
+            sd.update({b + "norm1.weight": r(c), b + "norm1.bias": r(c),
+                       b + "attn.q.weight": r(c, c), b + "attn.q.bias": r(c),
+                       b + "attn.kv.weight": r(2 * c, c), b + "attn.kv.bias": r(2 * c),
+                       b + "attn.proj.weight": r(c, c), b + "attn.proj.bias": r(c),
+                       b + "norm2.weight": r(c), b + "norm2.bias": r(c),
+                       b + "mlp.fc1.weight": r(h, c), b + "mlp.fc1.bias": r(h),
+                       b + "mlp.dwconv.dwconv.weight": r(h, 1, 3, 3),
+                       b + "mlp.dwconv.dwconv.bias": r(h),
+                       b + "mlp.fc2.weight": r(c, h), b + "mlp.fc2.bias": r(c)})
+            if sr > 1:
+                sd.update({b + "attn.sr.weight": r(c, c, sr, sr), b + "attn.sr.bias": r(c),
+                           b + "attn.norm.weight": r(c), b + "attn.norm.bias": r(c)})
+        sd.update({f"norm{s}.weight": r(c), f"norm{s}.bias": r(c)})
+        prev = c
+    sd.update({"head.weight": r(1000, prev), "head.bias": r(1000)})  # ImageNet classifier
+    return sd
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "mmseg"])
+def test_segformer_imagenet_encoder_loads_into_d2segs_mix_transformer(tmp_path, wrap):
+    """SegFormer's published mit_b*.pth (NVlabs layout) fine-tunes d2seg's SegFormer: every
+    encoder tensor lands on its counterpart; also inside {"state_dict"} and a whole mmseg
+    SegFormer (its "backbone." encoder taken, the decode head left out)."""
+    from d2seg.checkpoint import is_segformer_mit
+
+    path = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/segformer_b0_cpu.yaml")
+    dims, depths = (8, 16, 16, 32), (1, 2, 1, 1)
+    cfg = load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.MIT.EMBED_DIMS", str(list(dims)),
+                             "MODEL.MIT.DEPTHS", str(list(depths)), "MODEL.MIT.NUM_HEADS",
+                             "[1, 2, 2, 4]", "MODEL.SEGFORMER.DECODER_DIM", "16"])
+    model = build_model(cfg)
+    nv = _nvlabs_mit_state_dict(dims, depths, (8, 4, 2, 1))  # MiT's reductions (every size)
+    assert is_segformer_mit(nv)
+    obj = nv if wrap == "plain" else {"state_dict": nv} if wrap == "state_dict" else \
+        {"state_dict": {**{"backbone." + k: v for k, v in nv.items() if k[:5] != "head."},
+                        "decode_head.linear_pred.weight": torch.zeros(19, 256, 1, 1)}}
+    torch.save(obj, tmp_path / "mit.pth")
+    summary = load_weights(model, str(tmp_path / "mit.pth"))
+    assert summary["format"] == "segformer-mit" and summary["skipped_shape"] == []
+    assert summary["loaded"] == len(nv) - 2  # all but the classifier
+    assert summary["unexpected"] == []
+    sd = model.state_dict()
+    enc = {k for k in sd if k.startswith("backbone.")}
+    assert not enc & set(summary["missing"])  # the whole encoder came from the file
+    for d2k, nvk in {"backbone.stages.0.patch_embed.proj.weight": "patch_embed1.proj.weight",
+                     "backbone.stages.1.blocks.1.mlp.dwconv.weight":
+                         "block2.1.mlp.dwconv.dwconv.weight",
+                     "backbone.stages.0.blocks.0.attn.sr.weight": "block1.0.attn.sr.weight",
+                     "backbone.stages.3.norm.bias": "norm4.bias"}.items():
+        assert torch.equal(sd[d2k], nv[nvk]), d2k
+
+
+def test_segformer_encoder_into_a_model_without_one_is_an_error(tmp_path):
+    torch.save(_nvlabs_mit_state_dict((8, 16, 16, 32), (1, 1, 1, 1), (8, 4, 2, 1)),
+               tmp_path / "mit.pth")
+    with pytest.raises(ValueError, match="mit.pth is a SegFormer Mix Transformer .* use "
+                                         "MODEL.META_ARCHITECTURE SegFormer"):
+        load_weights(build_model(_cfg()), str(tmp_path / "mit.pth"))
