@@ -125,6 +125,25 @@ def test_eval_with_tta_semantic(tmp_path):
         tmp_path / "log.txt").read()
 
 
+def test_eval_only_in_a_training_folder_keeps_its_config_yaml(tmp_path):
+    """--eval-only with post-processing overrides in the training run's folder used to rewrite
+    its config.yaml, the file predict.py and export_model.py are told to take: predictions
+    then came out post-processed without anyone asking."""
+    opts = ("MODEL.UNET.BASE_CHANNELS", "8", "MODEL.UNET.DEPTH", "3", "TEST.NUM_VIS", "0")
+    run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, "SOLVER.MAX_ITER", "1",
+        *opts)
+    trained = (tmp_path / "config.yaml").read_text()
+    run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, *opts,
+        "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+        "MODEL.SEM_SEG_POSTPROCESS.ENABLED", "True", flags=("--eval-only",))
+    assert (tmp_path / "config.yaml").read_text() == trained
+    import yaml
+
+    evaluated = yaml.safe_load((tmp_path / "config_eval.yaml").read_text())
+    assert evaluated["MODEL"]["SEM_SEG_POSTPROCESS"]["ENABLED"] is True
+    assert "its config.yaml is kept" in (tmp_path / "log.txt").read_text()
+
+
 def test_eval_only_keeps_the_recorded_random_seed(tmp_path):
     """SEED -1 draws a seed recorded in OUTPUT_DIR/config.yaml for --resume; --eval-only in
     that folder rewrites the file and must keep it (else a later --resume reorders the data)."""

@@ -170,6 +170,41 @@ def _check_resume_matches(cfg: CfgNode, recorded: Dict[str, Any]) -> None:
             f"--config-file), or train anew in another OUTPUT_DIR")
 
 
+def _read_training_config(cfg: CfgNode) -> Optional[str]:
+    """The text of ``OUTPUT_DIR/config.yaml`` where a training run wrote it (its folder has a
+    ``last_checkpoint``), on the main process; else None."""
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if not (comm.is_main_process() and os.path.isfile(path)
+            and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        return None
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _restore_training_config(cfg: CfgNode, kept: Optional[str]) -> str:
+    """After detectron2's ``default_setup`` wrote this ``--eval-only`` config over a training
+    run's ``config.yaml`` (``kept``): move it to ``config_eval.yaml`` and put the training
+    config back, so that the file the docs say to predict and export with keeps what was
+    trained (an evaluation with ``MODEL.SEM_SEG_POSTPROCESS`` overrides changed it silently).
+    Returns the path of ``config_eval.yaml``, or "" where nothing was moved."""
+    if kept is None:
+        return ""
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    with open(path) as f:
+        now = f.read()
+    if now == kept:
+        return ""
+    moved = os.path.join(cfg.OUTPUT_DIR, "config_eval.yaml")
+    with open(moved, "w") as f:
+        f.write(now)
+    with open(path, "w") as f:
+        f.write(kept)
+    return moved
+
+
 def setup(args: argparse.Namespace) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts``, adapted to the hardware, frozen.
 
@@ -184,7 +219,9 @@ def setup(args: argparse.Namespace) -> CfgNode:
     adapted = adapt_to_hardware(cfg, recorded)
     _fix_seed(cfg, resume=resume, eval_only=eval_only, recorded=recorded)
     cfg.freeze()
+    kept = _read_training_config(cfg) if eval_only else None
     default_setup(cfg, args)
+    eval_config = _restore_training_config(cfg, kept)
     if cfg.D2SEG.DETERMINISTIC:
         set_deterministic(cfg)
     register_shapes_from_cfg(cfg)
@@ -193,6 +230,10 @@ def setup(args: argparse.Namespace) -> CfgNode:
                  abbrev_name="d2seg")
     for level, msg in adapted:  # said before the log file existed: into it now
         logger.log(level, msg)
+    if eval_config:
+        logger.info(f"--eval-only in a training run's folder: its config.yaml is kept (what "
+                    f"predict.py and export_model.py take); this evaluation's config is "
+                    f"{eval_config}")
     register_datasets_from_cfg(cfg)  # D2SEG.DATASETS.REGISTER (d2seg/data/register.py)
     # INPUT.INTENSITY for every reader of this process and its loader workers (detectron2's
     # DatasetMapper, the visualizer; d2seg's semantic mapper is also given it)
