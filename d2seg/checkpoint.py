@@ -278,9 +278,21 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(rest)
         self.logger.info(f"Loaded {self.last_summary['loaded']} of {len(model_keys)} model "
                          f"tensors from {self._file} ({self._format})")
+        def prefixes(names):
+            return sorted({n.split(".")[0] + "." for n in names})[:6]
+
+        # a checkpoint of another architecture can share a tensor or two with the model
+        # (a 2-class head's bias): that is no fine-tuning start either
+        few = len(loaded) < 0.1 * len(self._file_keys) and len(loaded) < 0.1 * len(model_keys)
+        if loaded and few:
+            raise ConfigError(
+                f"{self._file}: only {len(loaded)} of its {len(self._file_keys)} tensors fit the "
+                f"model's {len(model_keys)} ({', '.join(loaded[:3])}): it is a checkpoint of "
+                f"another model (names in the file start with {prefixes(self._file_keys)}, the "
+                f"model's with {prefixes(model_keys)}). Give MODEL.WEIGHTS a checkpoint of this "
+                f"model, a detectron2 model-zoo file, a torchvision ResNet state dict or "
+                f"SegFormer's mit_b*.pth (docs/own_data.md)")
         if not loaded:
-            def prefixes(names):
-                return sorted({n.split(".")[0] + "." for n in names})[:6]
             raise ConfigError(
                 f"{self._file}: none of its {len(self._file_keys)} tensors fits the model "
                 f"(names in the file start with {prefixes(self._file_keys)}, the model's with "

@@ -544,11 +544,27 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
         if not os.path.isfile(config_file):
             raise ConfigError(f"{config_file}: no such config file")
         try:
+            with open(config_file) as f:
+                top = yaml.safe_load(f)
+        except yaml.YAMLError:
+            top = {}  # reported with its line below, by detectron2's reader
+        except OSError as e:
+            raise ConfigError(f"{config_file}: cannot be read ({e})") from e
+        if not isinstance(top, dict):
+            what = "empty" if top is None else f"a YAML {type(top).__name__}"
+            raise ConfigError(f"{config_file}: is {what}, not a mapping of config keys "
+                              f"(e.g. '_BASE_: ...' and 'MODEL:' on their own lines)")
+        try:
             cfg.merge_from_file(config_file)
         except (KeyError, ValueError, AssertionError, TypeError, yaml.YAMLError,
                 FileNotFoundError) as e:
             raise ConfigError(f"{config_file} (or a file in its _BASE_): {_explain(e, cfg)}") from e
     opts = list(opts)
+    options = [str(o) for o in opts[0::2] if str(o).startswith("--")]
+    if options:
+        raise ConfigError(f"command line: {options[0]} comes after the KEY VALUE overrides; put "
+                          f"options first and the overrides last (detectron2's convention), "
+                          f"e.g. '--config-file CFG {options[0]} ... SOLVER.BASE_LR 0.01'")
     if len(opts) % 2:
         raise ConfigError(f"command line overrides must be KEY VALUE pairs; got {len(opts)} "
                           f"items: {opts}")
@@ -573,6 +589,10 @@ _RANGES = (
     ("D2SEG.SHAPES.MAX_OBJECTS", lambda v: v >= 1, ">= 1"),
     ("D2SEG.SHAPES.IMAGE_SIZE", lambda v: v >= 32, ">= 32 (smaller images hold hardly any shape)"),
     ("TEST.NUM_VIS", lambda v: v >= 0, ">= 0"),
+    ("SOLVER.BASE_LR", lambda v: v > 0, "> 0"),
+    ("SOLVER.MAX_ITER", lambda v: v >= 1, ">= 1"),
+    ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, ">= 1"),
+    ("SOLVER.CHECKPOINT_PERIOD", lambda v: v >= 1, ">= 1"),
     ("D2SEG.NONFINITE.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
     ("D2SEG.BAD_INPUT.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.WEIGHTS", lambda v: all(w >= 0 for w in v), "weights >= 0"),
@@ -694,6 +714,9 @@ def _check_weights_path(cfg: CfgNode, config_file: str) -> None:
     """A local ``MODEL.WEIGHTS`` that does not exist (URLs and ``scheme://`` paths are left to
     detectron2's path handlers)."""
     w = cfg.MODEL.WEIGHTS
+    if w and "://" not in w and os.path.isdir(w):
+        raise ConfigError(f"{config_file} (or the command line): MODEL.WEIGHTS '{w}' is a folder; "
+                          f"give the checkpoint file in it (e.g. {os.path.join(w, 'model_final.pth')})")
     if w and "://" not in w and not os.path.exists(w):
         raise ConfigError(f"{config_file} (or the command line): MODEL.WEIGHTS '{w}' does not "
                           f"exist (relative paths resolve against the working directory "
@@ -764,6 +787,18 @@ def _check_names(cfg, config_file: str, opts: Sequence[str]) -> None:
     if mode not in BEST_CHECKPOINT_MODES:
         fail("D2SEG.BEST_CHECKPOINT.MODE", mode, "a best-checkpoint mode",
              BEST_CHECKPOINT_MODES)
+    # names detectron2 (and d2seg's trainer) look up only when the trainer is built, or in
+    # an assert without a message
+    for key, valid, upper in (
+            ("SOLVER.OPTIMIZER", ("SGD", "ADAM", "ADAMW"), True),
+            ("SOLVER.LR_SCHEDULER_NAME", ("WarmupMultiStepLR", "WarmupCosineLR",
+                                          "WarmupStepWithFixedGammaLR", "WarmupPolyLR"), False),
+            ("INPUT.CROP.TYPE", ("relative_range", "relative", "absolute", "absolute_range"),
+             False),
+            ("INPUT.FORMAT", tuple(_FORMAT_CHANNELS), False)):
+        value = str(_get(cfg, key))
+        if (value.upper() if upper else value) not in valid:
+            fail(key, value, "a known name" + (" (case-insensitive)" if upper else ""), valid)
     canon = {n.lower() for n in LOSS_NAMES}
     for key in ("MODEL.SEM_SEG_LOSS.NAMES",):
         for name in _get(cfg, key):

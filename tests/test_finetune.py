@@ -327,3 +327,18 @@ def test_segformer_encoder_into_a_model_without_one_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="mit.pth is a SegFormer Mix Transformer .* use "
                                          "MODEL.META_ARCHITECTURE SegFormer"):
         load_weights(build_model(_cfg()), str(tmp_path / "mit.pth"))
+
+
+def test_a_file_of_another_architecture_sharing_a_tensor_or_two_is_an_error(tmp_path):
+    """A 2-class U-Net checkpoint shares only its predictor's bias with a DeepLabV3: 'Loaded 1
+    of 370 model tensors' and training from scratch, without an error."""
+    unet = build_model(load_config(os.path.join(
+        REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml"),
+        ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2"]))
+    torch.save({"model": unet.state_dict()}, tmp_path / "unet.pth")
+    deeplab = build_model(load_config(os.path.join(
+        REPO, "configs/Shapes-SemanticSegmentation/deeplabv3_cpu.yaml"),
+        ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2"]))
+    with pytest.raises(ValueError, match=r"unet\.pth: only \d of its \d+ tensors fit the "
+                                         r"model's \d+ .* another model"):
+        load_weights(deeplab, str(tmp_path / "unet.pth"))

@@ -200,3 +200,18 @@ def test_a_fine_tuning_config_without_weights_is_warned_about(caplog):
                                          "mask_rcnn_R_50_FPN_1x.yaml"))
     _warn_frozen_from_scratch(cfg)
     assert caplog.text == ""
+
+
+def test_eval_only_without_weights_is_an_error(tmp_path):
+    """--eval-only with an empty MODEL.WEIGHTS scored an untrained model and exited 0."""
+    from d2seg.config import ConfigError
+
+    opts = ("MODEL.UNET.BASE_CHANNELS", "8", "MODEL.UNET.DEPTH", "3", "TEST.NUM_VIS", "0")
+    with pytest.raises(ConfigError, match="--eval-only: no weights to evaluate: MODEL.WEIGHTS "
+                                          "is empty .*or --resume"):
+        run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, *opts,
+            flags=("--eval-only",))
+    with pytest.raises(ConfigError, match=f"MODEL.WEIGHTS is empty and {tmp_path} has no "
+                                          f"last_checkpoint"):
+        run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, *opts,
+            flags=("--eval-only", "--resume"))

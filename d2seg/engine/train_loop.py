@@ -302,6 +302,7 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
     ResNets; one line for skipped tensors).
 
     Raises:
+        ConfigError: no weights at all (an empty ``MODEL.WEIGHTS`` and no last checkpoint).
         ValueError: when tensors of the file have other shapes than the model's, or parameters
             of the model are not in it: the model would be evaluated with randomly
             initialised layers (usually another ``NUM_CLASSES`` or meta-architecture than the
@@ -310,6 +311,12 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
     from ..checkpoint import FinetuneCheckpointer, require_complete_weights
 
     ck = FinetuneCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True)
+    if not cfg.MODEL.WEIGHTS and not (resume and ck.has_checkpoint()):
+        raise ConfigError(
+            "--eval-only: no weights to evaluate: MODEL.WEIGHTS is empty" +
+            (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else
+             " (give MODEL.WEIGHTS path/model_final.pth, or --resume to take OUTPUT_DIR's "
+             "last checkpoint)") + "; an untrained model's metrics would mean nothing")
     ck.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     if ck.last_summary:
         require_complete_weights(ck.last_summary, model, "--eval-only")
