@@ -19,6 +19,7 @@ match regexes and turns the BatchNorms among them into ``FrozenBatchNorm2d``.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from typing import Any, Dict, List, Sequence
 
@@ -155,7 +156,16 @@ class FinetuneCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._file = filename
-        loaded = super()._load_file(filename)
+        try:
+            loaded = super()._load_file(filename)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError,
+                KeyError) as e:  # a png, a truncated download, another pickle
+            # torch's weights-only message: the reason is the line between its boilerplate
+            boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            why = next((x for x in lines if not x.startswith(boiler)), lines[0] if lines else "")
+            raise ConfigError(f"MODEL.WEIGHTS '{filename}': not a readable checkpoint "
+                              f"({type(e).__name__}: {why[:160]})") from e
         sd = loaded.get("model", {})
         # {"state_dict": ...} (timm, mmcv, Lightning) and similar wrappers
         wrapped = [k for k in _WRAPPER_KEYS if isinstance(sd, dict) and isinstance(sd.get(k), dict)]

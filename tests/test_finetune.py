@@ -171,6 +171,15 @@ def test_a_file_that_fits_nothing_is_an_error(tmp_path):
     torch.save({"optimizer": {}}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="empty.pth"):
         load_weights(build_model(_cfg()), str(tmp_path / "empty.pth"))
+    # not a checkpoint at all (an image saved as .pth), a truncated download: one line
+    (tmp_path / "image.pth").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS '.*image.pth': not a readable "
+                                         r"checkpoint \(UnpicklingError: "):
+        load_weights(build_model(_cfg()), str(tmp_path / "image.pth"))
+    torch.save({"model": {"w": torch.zeros(100)}}, tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"cut.pth': not a readable checkpoint"):
+        load_weights(build_model(_cfg()), str(tmp_path / "cut.pth"))
 
 
 def test_torchvision_bottleneck_keys_match_detectron2_resnet50():
