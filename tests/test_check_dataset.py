@@ -299,6 +299,21 @@ def test_rle_masks_under_polygon_format_are_fatal_for_training(fruits_copy):
     assert not _problems(r, "mask_format")
 
 
+def test_a_training_json_without_annotations_is_fatal(fruits_copy):
+    """"annotations": [] passed the checks (one warning per image), then detectron2 stopped with
+    "No valid data found" from its loader."""
+    data, path, img_dir = fruits_copy
+    spec = (f"name=fruits_noann,type=coco,json_file={_write(dict(data, annotations=[]), path)},"
+            f"image_root={img_dir}")
+    cfg = load_config(os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                         "mask_rcnn_R_18_FPN_cpu.yaml"),
+                      ["D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TRAIN",
+                       "('fruits_noann',)", "DATASETS.TEST", "()"])
+    register_dataset(spec)
+    with pytest.raises(DatasetCheckError, match="none of the 18 images has an annotation"):
+        run_pre_training_checks(cfg)
+
+
 def test_check_tool_without_config_checks_the_data_alone(shared_data, capsys):
     assert check_tool.main(["--dataset", "fruits_nuts_all", "--fast"]) == 0
     out = capsys.readouterr().out

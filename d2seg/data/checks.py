@@ -765,6 +765,13 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
                   + (f"; set MODEL.SEM_SEG_HEAD.NUM_CLASSES {r.num_stuff_classes_implied}"
                      if fatal else ""))
     _check_ignore_value(cfg, name, r)
+    empty = sum(p.code == "no_annotations" for p in r.problems)
+    if r.kind == "instances" and name in cfg.DATASETS.TRAIN and r.num_images and \
+            empty == r.num_images and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        # detectron2 filters every image out and stops with "No valid data found in <name>"
+        r.add(ERROR, "no_annotations", name, None, 0,
+              f"none of the {r.num_images} images has an annotation: nothing to train on "
+              f"(check the json's 'annotations' and their 'image_id's)")
     if r.rle_annotations and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
         training = name in cfg.DATASETS.TRAIN
         r.add(ERROR if training else WARNING, "mask_format", name, None, "polygon",
