@@ -47,12 +47,24 @@ def test_parse_mapping_form_makes_paths_absolute():
     ("name=x,type=coco,json_file=a,image_root=b,val_fraction=abc",
      ["'x'", "val_fraction='abc' is not a number"]),
     ("name=x,type=coco,json_file=a,image_root=b,seed=1.5x", ["'x'", "seed='1.5x' is not an integer"]),
+    # an unclosed bracket swallowed the keys after it (val_fraction became a class name)
+    ("name=x,type=sem_seg,image_root=a,sem_seg_root=b,classes=[a,b,val_fraction=0.3",
+     ["REGISTER entry", "1 '[' or '{' not closed"]),
+    ("name=x,type=sem_seg,image_root=a,sem_seg_root=b,classes=a,b]", ["']' closes no bracket"]),
 ])
 def test_parse_errors_name_entry_and_key(spec, words):
     with pytest.raises(ValueError) as e:
         parse_dataset_spec(spec)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_split_name_of_an_entry_without_val_fraction_says_so():
+    from d2seg.data.register import not_registered
+
+    msg = not_registered("tiny_train", ["coco_2017_train", "tiny"])
+    assert "'tiny' is, and 'tiny_train' / 'tiny_val' exist only where" in msg
+    assert "val_fraction" in msg
 
 
 def test_missing_path_is_reported(tmp_path):

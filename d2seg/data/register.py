@@ -104,18 +104,26 @@ _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panop
 # spec parsing
 # ----------------------------------------------------------------------------------------
 def _split_top_level(text: str, sep: str = ",") -> List[str]:
-    """Split on ``sep`` outside of [] and {} brackets."""
+    """Split on ``sep`` outside of [] and {} brackets.
+
+    Raises:
+        ValueError: brackets that do not pair up (an unclosed ``[`` swallowed the keys after
+            it: ``classes=[a,b,val_fraction=0.3`` made ``val_fraction`` a class name)."""
     parts, depth, cur = [], 0, []
     for ch in text:
         if ch in "[{":
             depth += 1
         elif ch in "]}":
             depth -= 1
+            if depth < 0:
+                raise ValueError(f"'{text}': a '{ch}' closes no bracket")
         if ch == sep and depth == 0:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
+    if depth:
+        raise ValueError(f"'{text}': {depth} '[' or '{{' not closed")
     parts.append("".join(cur))
     return [p.strip() for p in parts if p.strip()]
 
@@ -159,7 +167,11 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     """
     if isinstance(spec, str):
         entry: Dict[str, Any] = {}
-        for item in _split_top_level(spec):
+        try:
+            items = _split_top_level(spec)
+        except ValueError as e:
+            raise ValueError(f"D2SEG.DATASETS.REGISTER entry {e}") from None
+        for item in items:
             if "=" not in item:
                 raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{spec}': '{item}' is not "
                                  "key=value")
@@ -572,7 +584,14 @@ def check_register_entries(cfg: CfgNode, config_file: str = "",
 
 def not_registered(name: str, names: Iterable[str]) -> str:
     """"dataset 'name' is not registered", with the closest of ``names`` or how to register."""
-    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    names = sorted(names)
+    for split in ("_train", "_val"):
+        base = name[: -len(split)]
+        if name.endswith(split) and base in names:
+            return (f"dataset '{name}' is not registered: '{base}' is, and '{base}_train' / "
+                    f"'{base}_val' exist only where its D2SEG.DATASETS.REGISTER entry has "
+                    f"val_fraction")
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
         ("; register it with D2SEG.DATASETS.REGISTER (docs/own_data.md) or detectron2's "
          "DatasetCatalog")
