@@ -325,6 +325,14 @@ def test_skip_policy_stops_after_max_skips(tmp_path):
                                             r"D2SEG.BAD_INPUT.MAX_SKIPS bad inputs"):
         mapper({"file_name": str(tmp_path / "bad2.png")})
     assert mapper.skipped == 1
+    # a dataset of which every input fails: said, instead of detectron2's "Sample larger
+    # than population" once its loader has no input left to fall back on
+    mapper = SafeMapper(lambda d: Image.open(d["file_name"]).size, policy="skip", num_inputs=2)
+    assert mapper({"file_name": str(tmp_path / "bad1.png")}) is None
+    assert mapper({"file_name": str(tmp_path / "bad1.png")}) is None  # the same one again
+    with pytest.raises(BadInputError, match=r"Every one of the 2 training inputs failed to load; "
+                                            r"the last: .*bad2\.png"):
+        mapper({"file_name": str(tmp_path / "bad2.png")})
 
 
 @pytest.mark.parametrize("policy", ["skip", "fail"])

@@ -200,7 +200,7 @@ def build_train_loader(cfg: CfgNode, start_iter: int = 0) -> Iterable[List[Dict]
     sampler = _build_sampler(cfg, dataset)
     per_rank = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     mapper = SafeMapper(build_mapper(cfg, True), cfg.D2SEG.BAD_INPUT.POLICY,
-                        cfg.D2SEG.BAD_INPUT.MAX_SKIPS)
+                        cfg.D2SEG.BAD_INPUT.MAX_SKIPS, num_inputs=len(dataset))
     mapper = PositionSeededMapper(mapper, max(cfg.SEED, 0), per_rank, start_iter * per_rank)
     from ..engine.fast_paths import apply_sharing_strategy, loader_kwargs, resolve
 

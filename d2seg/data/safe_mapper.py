@@ -42,13 +42,19 @@ class SafeMapper:
         mapper: e.g. detectron2's ``DatasetMapper``.
         policy: "fail" (raise :class:`BadInputError` naming the file) or "skip".
         max_skips: skips allowed in one process before failing anyway.
+        num_inputs: the dataset's size, where known: once that many different inputs failed
+            in this process, every input is bad (detectron2's loader would stop with "Sample
+            larger than population"), and the error says so.
     """
 
-    def __init__(self, mapper: Callable[[Dict], Any], policy: str = "fail", max_skips: int = 100):
+    def __init__(self, mapper: Callable[[Dict], Any], policy: str = "fail", max_skips: int = 100,
+                 num_inputs: int = 0):
         if policy not in ("fail", "skip"):
             raise ValueError(f"D2SEG.BAD_INPUT.POLICY must be 'fail' or 'skip', got '{policy}'")
         self.mapper, self.policy, self.max_skips = mapper, policy, int(max_skips)
+        self.num_inputs = int(num_inputs)
         self.skipped = 0
+        self._failed: set = set()
 
     def __call__(self, dataset_dict: Dict) -> Optional[Any]:
         try:
@@ -60,6 +66,12 @@ class SafeMapper:
                                                     "pan_seg_file_name") if dataset_dict.get(k)]
             what = f"{' / '.join(map(str, files)) or dataset_dict.get('image_id', '?')}: " \
                    f"{type(e).__name__}: {e}"
+            self._failed.add(str(files[0]) if files else str(dataset_dict.get("image_id")))
+            if self.num_inputs and len(self._failed) >= self.num_inputs:
+                raise BadInputError(f"Every one of the {self.num_inputs} training inputs failed "
+                                    f"to load; the last: {what} (the settings that read them, "
+                                    f"e.g. INPUT.FORMAT, or the data: tools/check_dataset.py)"
+                                    ) from e
             if self.policy == "skip" and self.skipped < self.max_skips:
                 self.skipped += 1
                 logger.warning(f"Skipping bad input ({self.skipped}/{self.max_skips}): {what}")
