@@ -868,3 +868,24 @@ def test_semantic_overlay_blends_the_class_colours_and_leaves_ignored_pixels():
     logits = torch.from_numpy(np.stack([labels == 0, labels == 1]).astype(np.float32))
     assert np.array_equal(draw_prediction(img, {"sem_seg": logits}, meta)[4:],
                           draw_sem_seg(img, np.where(labels == 255, 0, labels), meta)[4:])
+
+
+def test_tools_refuse_an_output_path_they_cannot_write_before_any_work(tmp_path):
+    """A file where the output folder goes was a FileExistsError traceback after the model was
+    built and loaded (predict.py, export_model.py), or after every check (check_dataset.py)."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import check_dataset as check_tool
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit, match="predict.py: error: --output: '.*taken' is a file"):
+        predict_tool.main(["--config-file", UNET, "--input", str(tmp_path), "--output",
+                           str(tmp_path / "taken"), *TINY_UNET])
+    with pytest.raises(SystemExit, match="export_model.py: error: --output: '.*taken/x' cannot "
+                                         "be created"):
+        export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "taken" / "x"),
+                          *TINY_UNET])
+    assert check_tool.main(["--config-file", UNET, "--json",
+                            str(tmp_path / "taken" / "r.json"), *TINY_UNET]) == 2
+    with pytest.raises(SystemExit):  # argparse: --height must be >= 32
+        export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "e"), "--height",
+                          "0"])

@@ -215,3 +215,11 @@ def test_eval_only_without_weights_is_an_error(tmp_path):
                                           f"last_checkpoint"):
         run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, *opts,
             flags=("--eval-only", "--resume"))
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    from d2seg.config import ConfigError
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="OUTPUT_DIR: '.*f' is a file, not a folder"):
+        run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path / "f")

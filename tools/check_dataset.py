@@ -42,6 +42,13 @@ def main(argv=None) -> int:
 
     cfg = load_config_or_exit(args.config_file, args.opts, "check_dataset.py",
                               () if args.dataset else ("DATASETS.TRAIN", "DATASETS.TEST"))
+    if args.json:  # before the checks, which can take minutes
+        from d2seg.utils.files import writable_dir_problem
+
+        problem = writable_dir_problem(os.path.dirname(os.path.abspath(args.json)))
+        if problem:
+            print(f"check_dataset.py: error: --json: {problem}", file=sys.stderr)
+            return 2
     cfg.freeze()
     try:
         register_datasets_from_cfg(cfg)

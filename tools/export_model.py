@@ -32,14 +32,23 @@ MIN_MATCH_RATE = 0.9  # R-CNN: share of PyTorch's detections the exported model 
 MAX_LOGIT_DIFF = 1e-2
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 32 (a traceable image), got {value}")
+    return value
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--format", nargs="+", default=["torchscript", "onnx"],
                    choices=["torchscript", "onnx"])
-    p.add_argument("--height", type=int, default=256, help="example input height for tracing")
-    p.add_argument("--width", type=int, default=256, help="example input width for tracing")
+    p.add_argument("--height", type=_positive, default=256,
+                   help="example input height for tracing (>= 32)")
+    p.add_argument("--width", type=_positive, default=256,
+                   help="example input width for tracing (>= 32)")
     p.add_argument("--check-images", nargs="+", default=[], metavar="IMG",
                    help="compare on these images (read as predict.py reads them, "
                         "test-resized): R-CNN instead of random ones, semantic models besides "
@@ -128,7 +137,11 @@ def _check_images(cfg, paths) -> list:
     aug = T.ResizeShortestEdge([lo, lo], cfg.INPUT.MAX_SIZE_TEST) if lo > 0 else None
     scaling = IntensityScaling.from_cfg(cfg)
     for path in paths or []:
-        img = read_image(path, format=cfg.INPUT.FORMAT, scale=True, scaling=scaling)
+        try:
+            img = read_image(path, format=cfg.INPUT.FORMAT, scale=True, scaling=scaling)
+        except Exception as e:  # noqa: BLE001 - a truncated or non-image file: named
+            raise SystemExit(f"export_model.py: error: --check-images: {path} cannot be read "
+                             f"({type(e).__name__}: {e})") from e
         img = aug.get_transform(img).apply_image(img) if aug else img
         if img.ndim == 2:
             img = img[:, :, None]
@@ -150,7 +163,12 @@ def main(argv=None) -> list:
 
     setup_logger(name="d2seg")
     setup_logger(name="fvcore")
+    from d2seg.utils.files import writable_dir_problem
+
     cfg = load_config_or_exit(args.config_file, args.opts, "export_model.py")
+    problem = writable_dir_problem(args.output)  # before the model is built and traced
+    if problem:
+        raise SystemExit(f"export_model.py: error: --output: {problem}")
     cfg = cpu_fallback(cfg, "exporting")
     cfg.freeze()
     model = build_model(cfg).eval()

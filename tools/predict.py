@@ -76,7 +76,12 @@ def main(argv=None) -> dict:
     from d2seg.config import load_config_or_exit
     from d2seg.inference.run import predict_from_args
 
+    from d2seg.utils.files import writable_dir_problem
+
     load_config_or_exit(args.config_file, args.opts, "predict.py")  # a bad config: one line
+    problem = writable_dir_problem(args.output)  # before the model is built and loaded
+    if problem:
+        sys.exit(f"predict.py: error: --output: {problem}")
     return predict_from_args(args)
 
 

@@ -121,6 +121,18 @@ def main(argv=None) -> Dict:
         thresholds = parse_thresholds(args.thresholds)
     except ValueError as e:
         ap.error(str(e))
+    for name in ("open", "close"):
+        k = getattr(args, name)
+        if k < 0 or (k and k % 2 == 0):
+            ap.error(f"--{name} {k}: a kernel size is odd (or 0 = off)")
+    if args.min_area < 0:
+        ap.error(f"--min-area {args.min_area}: must be >= 0")
+    if args.output:
+        from d2seg.utils.files import writable_dir_problem
+
+        problem = writable_dir_problem(os.path.dirname(os.path.abspath(args.output)))
+        if problem:
+            ap.error(f"--output: {problem}")
 
     from d2seg.config import load_config_or_exit
     from d2seg.data.catalogs import register_shapes_from_cfg
@@ -140,6 +152,12 @@ def main(argv=None) -> Dict:
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
     if not dataset:
         ap.error("no --dataset and DATASETS.TEST is empty")
+    from detectron2.data import DatasetCatalog
+
+    from d2seg.data.register import not_registered
+
+    if dataset not in DatasetCatalog.list():
+        ap.error(f"--dataset: {not_registered(dataset, DatasetCatalog.list())}")
     post = dict(open_kernel=args.open, close_kernel=args.close, min_area=args.min_area,
                 keep_largest=args.keep_largest)
     from d2seg.engine.train_loop import USER_ERRORS

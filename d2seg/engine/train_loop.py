@@ -219,6 +219,12 @@ def setup(args: argparse.Namespace) -> CfgNode:
     adapted = adapt_to_hardware(cfg, recorded)
     _fix_seed(cfg, resume=resume, eval_only=eval_only, recorded=recorded)
     cfg.freeze()
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        from ..utils.files import writable_dir_problem
+
+        problem = writable_dir_problem(cfg.OUTPUT_DIR)
+        if problem:  # detectron2's default_setup would fail with a bare PermissionError
+            raise ConfigError(f"OUTPUT_DIR: {problem}")
     kept = _read_training_config(cfg) if eval_only else None
     default_setup(cfg, args)
     eval_config = _restore_training_config(cfg, kept)

@@ -97,7 +97,9 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
             continue
         writer.add(path, i, bgr, predictor(bgr))
     if skipped and len(skipped) == len(paths):
-        raise ValueError(f"none of the {len(paths)} inputs is a readable image: "
+        from ..data.errors import DatasetLoadError
+
+        raise DatasetLoadError(f"--input: none of the {len(paths)} inputs is a readable image: "
                          f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     written = writer.finish()
     if skipped:
