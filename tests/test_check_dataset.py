@@ -76,7 +76,13 @@ def test_coco_json_level_problems(fruits_copy):
         anns[7]["image_id"])]["file_name"]
     (img,) = _problems(r, "duplicate_image_id")
     assert img.ann_id == data["images"][2]["id"]
-    assert "trainval.json" in cat.message  # names the json as well as the image
+    assert str(path) in cat.message  # names the json as well as the image
+    # a val_fraction split (a cached json written from the user's): the user's file is named
+    register_dataset(f"name=broken_split,type=coco,json_file={path},image_root={img_dir},"
+                     f"val_fraction=0.5")
+    msgs = [p.message for n in ("broken_split_train", "broken_split_val")
+            for p in _problems(check_dataset(n), "unknown_category_id")]
+    assert msgs and all(str(path) in m for m in msgs)
 
 
 def test_json_level_errors_do_not_hide_image_problems(fruits_copy, capsys):

@@ -222,10 +222,12 @@ def _safe(fn: Callable, *a) -> Tuple[Any, Optional[str]]:
 # ----------------------------------------------------------------------------------------
 # COCO json (before detectron2's loader, which stops at the first of these)
 # ----------------------------------------------------------------------------------------
-def check_coco_json(json_file: str, report: DatasetReport) -> Optional[Dict[str, Any]]:
+def check_coco_json(json_file: str, report: DatasetReport,
+                    source: str = "") -> Optional[Dict[str, Any]]:
     """Checks that need the raw json: duplicated ids and file names, unknown category ids,
     polygons that detectron2's loader drops. Returns the json, or None when it cannot be
-    read."""
+    read. ``source``: the user's json a cached ``val_fraction`` split was written from, named
+    in the messages instead of the split file."""
     try:
         with open(json_file) as f:
             data = json.load(f)
@@ -280,7 +282,7 @@ def check_coco_json(json_file: str, report: DatasetReport) -> Optional[Dict[str,
                 report.add(ERROR, "unknown_category_id", where, s.get("id"),
                            s.get("category_id"),
                            f"category id not in the category list of "
-                           f"{os.path.basename(json_file)}, {_short_list(sorted(known))}")
+                           f"{source or json_file}, {_short_list(sorted(known))}")
         if is_panoptic:
             continue
         segm = a.get("segmentation")
@@ -689,7 +691,7 @@ def check_dataset(name: str, decode_images: bool = True) -> DatasetReport:
     json_file = getattr(meta, "panoptic_json", None) or getattr(meta, "json_file", None)
     pre = DatasetReport(name=name, kind="instances")
     if json_file and os.path.isfile(json_file):
-        data = check_coco_json(json_file, pre)
+        data = check_coco_json(json_file, pre, getattr(meta, "source_json_file", "") or "")
         if pre.errors:  # detectron2's loader would stop at the first one
             pre.kind = _kind(meta, [])
             if data is not None:
