@@ -686,8 +686,8 @@ def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
     try:
         fast_paths.validate(cfg)
     except ValueError as e:
-        key = str(e).split(" ", 1)[0]
-        raise ConfigError(f"{_where('', config_file, opts, [key])}: {e}") from e
+        keys = _KEY.findall(str(e)) or [str(e).split(" ", 1)[0]]  # every key it names
+        raise ConfigError(f"{_where('', config_file, opts, keys)}: {e}") from e
 
 
 def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str,

@@ -316,8 +316,20 @@ def test_a_training_json_without_annotations_is_fatal(fruits_copy):
                       ["D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TRAIN",
                        "('fruits_noann',)", "DATASETS.TEST", "()"])
     register_dataset(spec)
-    with pytest.raises(DatasetCheckError, match="none of the 18 images has an annotation"):
+    with pytest.raises(DatasetCheckError, match="no image of DATASETS.TRAIN has an annotation"):
         run_pre_training_checks(cfg)
+    # beside a dataset with annotations (background images): a warning, and training goes on
+    pos = f"name=fruits_pos,type=coco,json_file={_write(data, path.parent / 'pos.json')}," \
+          f"image_root={img_dir}"
+    register_dataset(pos)
+    cfg = load_config(os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                         "mask_rcnn_R_18_FPN_cpu.yaml"),
+                      ["D2SEG.DATASETS.REGISTER", str((spec, pos)), "DATASETS.TRAIN",
+                       "('fruits_pos', 'fruits_noann')", "DATASETS.TEST", "()"])
+    reports = {r.name: r for r in run_pre_training_checks(cfg)}
+    (p,) = [p for p in reports["fruits_noann"].problems
+            if p.file == "fruits_noann" and p.code == "no_annotations"]
+    assert p.severity == "warning" and "leaves the whole dataset out" in p.message
 
 
 def test_check_tool_without_config_checks_the_data_alone(shared_data, capsys):

@@ -215,13 +215,16 @@ def test_an_error_in_a_launched_worker_is_one_line(tmp_path):
     import subprocess
     import sys
 
+    from detectron2.engine.launch import _find_free_port
+
     from d2seg.engine.train_loop import USER_ERROR_EXIT
 
     bad = tmp_path / "other.pth"
     torch.save({"model": {"foo.weight": torch.zeros(3)}}, bad)
     r = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools/train_net.py"), "--num-gpus", "2",
-         "--config-file", CFG, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", str(bad),
+         # a free port: detectron2's default one is fixed per user (another run holds it)
+         "--dist-url", f"tcp://127.0.0.1:{_find_free_port()}", "--config-file", CFG, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", str(bad),
          "D2SEG.SHAPES.NUM_TRAIN", "8", "D2SEG.SHAPES.NUM_VAL", "4", "D2SEG.SHAPES.IMAGE_SIZE",
          "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2"],
         capture_output=True, text=True, timeout=300)

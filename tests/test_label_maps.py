@@ -99,7 +99,7 @@ def test_image_size_reads_a_pngs_header_only(tmp_path, monkeypatch):
     every catalog load); the eXIf chunk before the pixels is still followed."""
     from PIL import PngImagePlugin
 
-    from d2seg.data.image_io import image_size
+    from d2seg.data.image_io import image_size, read_image
 
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -109,6 +109,13 @@ def test_image_size_reads_a_pngs_header_only(tmp_path, monkeypatch):
 
     def no_decode(self):
         raise AssertionError("decoded")
+
+    # EXIF as ImageMagick writes it into a PNG: a "Raw profile type exif" text chunk
+    raw = exif.tobytes().hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw) // 2:8d}\n{raw}\n")
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(tmp_path / "raw.png", pnginfo=info)
+    assert image_size(str(tmp_path / "raw.png")) == read_image(str(tmp_path / "raw.png")).shape[:2]
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
     assert image_size(str(tmp_path / "rot.png")) == (40, 20)

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     if args.json:  # before the checks, which can take minutes
         from d2seg.utils.files import writable_dir_problem
 
-        problem = writable_dir_problem(os.path.dirname(os.path.abspath(args.json)))
+        problem = f"'{args.json}' is a folder, not a file" if os.path.isdir(args.json) else \
+            writable_dir_problem(os.path.dirname(os.path.abspath(args.json)))
         if problem:
             print(f"check_dataset.py: error: --json: {problem}", file=sys.stderr)
             return 2

@@ -130,7 +130,8 @@ def main(argv=None) -> Dict:
     if args.output:
         from d2seg.utils.files import writable_dir_problem
 
-        problem = writable_dir_problem(os.path.dirname(os.path.abspath(args.output)))
+        problem = f"'{args.output}' is a folder, not a file" if os.path.isdir(args.output) else \
+            writable_dir_problem(os.path.dirname(os.path.abspath(args.output)))
         if problem:
             ap.error(f"--output: {problem}")
 

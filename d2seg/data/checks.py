@@ -767,18 +767,25 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
                   + (f"; set MODEL.SEM_SEG_HEAD.NUM_CLASSES {r.num_stuff_classes_implied}"
                      if fatal else ""))
     _check_ignore_value(cfg, name, r)
-    empty = sum(p.code == "no_annotations" for p in r.problems)
-    if r.kind == "instances" and name in cfg.DATASETS.TRAIN and r.num_images and \
-            empty == r.num_images and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
-        # detectron2 filters every image out and stops with "No valid data found in <name>"
-        r.add(ERROR, "no_annotations", name, None, 0,
-              f"none of the {r.num_images} images has an annotation: nothing to train on "
-              f"(check the json's 'annotations' and their 'image_id's)")
+    if _without_annotations(cfg, name, r):
+        # fatal only where every training dataset is so (check_datasets_from_cfg): detectron2
+        # then finds nothing to train on ("No valid data found"); another one's images remain
+        r.add(WARNING, "no_annotations", name, None, 0,
+              f"none of the {r.num_images} images has an annotation: detectron2 leaves the "
+              f"whole dataset out of training (DATALOADER.FILTER_EMPTY_ANNOTATIONS)")
     if r.rle_annotations and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
         training = name in cfg.DATASETS.TRAIN
         r.add(ERROR if training else WARNING, "mask_format", name, None, "polygon",
               f"{r.rle_annotations} instance masks are RLE, which INPUT.MASK_FORMAT 'polygon' "
               f"cannot load{'' if training else ' for training'}: set INPUT.MASK_FORMAT bitmask")
+
+
+def _without_annotations(cfg, name: str, r: DatasetReport) -> bool:
+    """A training instance dataset none of whose images has an annotation, which detectron2's
+    empty-annotation filter removes entirely."""
+    empty = sum(p.code == "no_annotations" and p.file != name for p in r.problems)  # per image
+    return (r.kind == "instances" and name in cfg.DATASETS.TRAIN and r.num_images > 0
+            and empty >= r.num_images and bool(cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
 
 
 def _check_ignore_value(cfg, name: str, r: DatasetReport) -> None:
@@ -836,6 +843,14 @@ def check_datasets_from_cfg(cfg: CfgNode, names: Optional[Iterable[str]] = None,
         if log:
             (logger.warning if r.problems else logger.info)("Dataset check\n" + r.format())
         reports.append(r)
+    train = [r for r in reports if r.name in cfg.DATASETS.TRAIN]
+    if compare_with_cfg and train and all(
+            any(p.code == "no_annotations" and p.file == r.name for p in r.problems)
+            for r in train):
+        for r in train:  # nothing at all to train on
+            r.add(ERROR, "no_annotations", r.name, None, 0,
+                  "no image of DATASETS.TRAIN has an annotation: nothing to train on (check "
+                  "the json's 'annotations' and their 'image_id's)")
     bad = [r for r in reports if not r.ok]
     if bad and mode == "error":
         lines = [str(p) for r in bad for p in r.errors[:10]]

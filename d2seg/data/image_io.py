@@ -225,10 +225,12 @@ def image_size(path: str, decode: bool = False) -> Tuple[int, int]:
         w, h = im.size
         if decode:
             im.load()
-        if im.format == "PNG" and "exif" not in im.info and not decode:
+        if im.format == "PNG" and not decode and \
+                not any("exif" in str(k).lower() for k in im.info):
             # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
             # image data (10 ms of a 512x512 slice, for every image of a folder dataset); the
-            # chunk belongs before it, where the header read has already found it
+            # chunk belongs before it, where the header read has already found it (as it
+            # finds ImageMagick's "Raw profile type exif" text chunk)
             orientation = 1
         else:
             orientation = im.getexif().get(0x0112, 1)

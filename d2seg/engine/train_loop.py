@@ -132,9 +132,9 @@ def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False,
 
     The data order is a function of the seed, so a ``--resume``d run can only continue the
     same order if it knows the seed: it reuses the one recorded in ``OUTPUT_DIR/config.yaml``.
-    ``--eval-only`` (which rewrites that file, as detectron2's ``default_setup`` does) keeps
-    the recorded seed too, so that evaluating in the training folder does not change the data
-    order of a later ``--resume``. All processes of a distributed run use rank 0's choice.
+    ``--eval-only`` keeps the recorded seed too (its config goes to ``config_eval.yaml`` in
+    a training folder, or to ``config.yaml`` in a folder no training wrote), so that no
+    evaluation changes the data order of a later ``--resume``. All processes of a distributed run use rank 0's choice.
     ``recorded``: that file as :func:`_recorded_config` read it (read here when not given).
     """
     if cfg.SEED >= 0:
@@ -219,6 +219,14 @@ def setup(args: argparse.Namespace) -> CfgNode:
     adapted = adapt_to_hardware(cfg, recorded)
     _fix_seed(cfg, resume=resume, eval_only=eval_only, recorded=recorded)
     cfg.freeze()
+    if eval_only and not cfg.MODEL.WEIGHTS and not (
+            resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        # said before the dataset checks and the model build
+        raise ConfigError(
+            "--eval-only: no weights to evaluate: MODEL.WEIGHTS is empty" +
+            (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else
+             " (give MODEL.WEIGHTS path/model_final.pth, or --resume to take OUTPUT_DIR's "
+             "last checkpoint)") + "; an untrained model's metrics would mean nothing")
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         from ..utils.files import writable_dir_problem
 
@@ -308,7 +316,6 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
     ResNets; one line for skipped tensors).
 
     Raises:
-        ConfigError: no weights at all (an empty ``MODEL.WEIGHTS`` and no last checkpoint).
         ValueError: when tensors of the file have other shapes than the model's, or parameters
             of the model are not in it: the model would be evaluated with randomly
             initialised layers (usually another ``NUM_CLASSES`` or meta-architecture than the
@@ -317,12 +324,6 @@ def load_eval_weights(model: torch.nn.Module, cfg: CfgNode, resume: bool = False
     from ..checkpoint import FinetuneCheckpointer, require_complete_weights
 
     ck = FinetuneCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True)
-    if not cfg.MODEL.WEIGHTS and not (resume and ck.has_checkpoint()):
-        raise ConfigError(
-            "--eval-only: no weights to evaluate: MODEL.WEIGHTS is empty" +
-            (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else
-             " (give MODEL.WEIGHTS path/model_final.pth, or --resume to take OUTPUT_DIR's "
-             "last checkpoint)") + "; an untrained model's metrics would mean nothing")
     ck.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     if ck.last_summary:
         require_complete_weights(ck.last_summary, model, "--eval-only")

@@ -28,7 +28,7 @@ def _class_colors(metadata, n: int) -> np.ndarray:
     colors = palette[np.arange(n) % len(palette)]
     given = getattr(metadata, "stuff_colors", None) or []
     for c, rgb in enumerate(given[:n]):
-        colors[c] = np.asarray(rgb, np.uint8)[:3]
+        colors[c] = np.clip(np.asarray(rgb, np.float64)[:3], 0, 255).astype(np.uint8)
     return colors
 
 
@@ -40,7 +40,7 @@ def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata,
     polygons.
 
     Args:
-        image_rgb: (H, W, 3) uint8 RGB.
+        image_rgb: (H, W, 3) uint8 RGB (a grey (H, W) or (H, W, 1) image is drawn in grey).
         labels: (H, W) integer class ids; values outside the dataset's ``stuff_classes`` (the
             ignore value) are left undrawn.
         metadata: the dataset's metadata (``stuff_classes``, optional ``stuff_colors``).
@@ -49,6 +49,16 @@ def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata,
         (H, W, 3) uint8 RGB.
     """
     labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":  # bool masks, float maps of class ids
+        labels = labels.astype(np.int64)
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.ndim == 2 or (image_rgb.ndim == 3 and image_rgb.shape[2] == 1):
+        image_rgb = np.repeat(image_rgb.reshape(image_rgb.shape[:2] + (1,)), 3, axis=2)
+    if image_rgb.shape[:2] != labels.shape:
+        raise ValueError(f"draw_sem_seg: the image is {image_rgb.shape[:2]} but the label map "
+                         f"{labels.shape} (H, W)")
+    if labels.size == 0:
+        return np.ascontiguousarray(image_rgb, dtype=np.uint8).copy()
     names = list(getattr(metadata, "stuff_classes", None) or [])
     n = len(names) if names else int(min(labels.max(initial=0), 254)) + 1
     drawn = (labels >= 0) & (labels < n)
@@ -100,8 +110,6 @@ def draw_prediction(image_rgb: np.ndarray, output: Dict, metadata, score_thresh:
         inst = output["instances"].to("cpu")
         inst = inst[inst.scores >= score_thresh]
         vis = v.draw_instance_predictions(inst)
-    elif "sem_seg" in output:
-        vis = v.draw_sem_seg(class_labels(output["sem_seg"]).to("cpu"))
     else:
         raise ValueError(f"Nothing to draw in the model output (keys: {sorted(output)})")
     return vis.get_image()
