@@ -691,19 +691,20 @@ def _check_speed(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
 
 
 def load_config_or_exit(config_file: str, opts: Sequence[str], prog: str,
-                        dataset_keys: Sequence[str] = ()) -> CfgNode:
+                        dataset_keys: Sequence[str] = (), data_optional: bool = False) -> CfgNode:
     """:func:`load_config` for command-line tools, with the ``D2SEG.DATASETS.REGISTER`` entries
     parsed and their paths checked (nothing registered yet), the dataset names under
     ``dataset_keys`` (those the tool uses, e.g. ``("DATASETS.TRAIN", "DATASETS.TEST")``) known
     and a local ``MODEL.WEIGHTS`` present: a :class:`ConfigError` exits with the one line
-    ``<prog>: error: <file>: <key> ...`` instead of a traceback."""
+    ``<prog>: error: <file>: <key> ...`` instead of a traceback. ``data_optional``: entries
+    whose files are missing are no error (tools that need only a dataset's class names)."""
     import sys
 
     from .data.register import check_register_entries
 
     try:
         cfg = load_config(config_file, opts)
-        check_register_entries(cfg, config_file, dataset_keys)
+        check_register_entries(cfg, config_file, dataset_keys, data_optional)
         _check_weights_path(cfg, config_file)
     except ConfigError as e:
         sys.exit(f"{prog}: error: {e}")

@@ -889,3 +889,32 @@ def test_tools_refuse_an_output_path_they_cannot_write_before_any_work(tmp_path)
     with pytest.raises(SystemExit):  # argparse: --height must be >= 32
         export_tool.main(["--config-file", UNET, "--output", str(tmp_path / "e"), "--height",
                           "0"])
+
+
+def test_predict_and_export_with_a_run_config_whose_data_is_elsewhere(tmp_path, capsys):
+    """The docs say to predict and export with the run's config.yaml; on another machine its
+    D2SEG.DATASETS.REGISTER paths do not exist, and both tools refused to start. They now
+    register the entry without data (its class names) and say so."""
+    src = open(os.path.join(REPO, "configs/ISBI-SemanticSegmentation/unet_cpu_folder.yaml")).read()
+    cfg_file = tmp_path / "deploy.yaml"
+    cfg_file.write_text(src.replace('_BASE_: "unet_cpu.yaml"', '_BASE_: "' + os.path.join(
+        REPO, "configs/ISBI-SemanticSegmentation/unet_cpu.yaml") + '"').replace(
+        "../shared/data", str(tmp_path / "elsewhere")))
+    Image.fromarray((np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)).save(
+        tmp_path / "slice.png")
+    small = ["MODEL.DEVICE", "cpu", "MODEL.UNET.BASE_CHANNELS", "8", "MODEL.UNET.DEPTH", "3"]
+    written = predict_tool.main(["--config-file", str(cfg_file), "--input",
+                                 str(tmp_path / "slice.png"), "--output", str(tmp_path / "p"),
+                                 *small])
+    assert os.path.isfile(tmp_path / "p" / "sem_seg" / "slice.png") and "sem_seg" in written
+    assert "registered ['isbi_folder', 'isbi_folder_train', 'isbi_folder_val'] without data, " \
+           "with its class names ['cell', 'membrane']" in capsys.readouterr().out
+    export_tool.main(["--config-file", str(cfg_file), "--output", str(tmp_path / "e"),
+                      "--format", "torchscript", "--height", "64", "--width", "64", *small])
+    spec = json.load(open(tmp_path / "e" / "input_spec.json"))
+    assert spec["classes"] == ["cell", "membrane"]
+    # training with it still stops at the missing folder, in one line
+    from d2seg.config import load_config_or_exit
+
+    with pytest.raises(SystemExit, match="image_root '.*elsewhere.*' does not exist"):
+        load_config_or_exit(str(cfg_file), [], "train_net.py")

@@ -111,7 +111,7 @@ def _classes(cfg) -> list:
     if not names:
         return []
     try:  # D2SEG.DATASETS.REGISTER entries (the builtin ones are registered on import)
-        register_datasets_from_cfg(cfg)
+        register_datasets_from_cfg(cfg, data_optional=True)
     except Exception:  # noqa: BLE001 - the export does not need the data; no names then
         return []
     return list(getattr(MetadataCatalog.get(names[0]), _class_key(cfg), None) or [])
@@ -165,7 +165,7 @@ def main(argv=None) -> list:
     setup_logger(name="fvcore")
     from d2seg.utils.files import writable_dir_problem
 
-    cfg = load_config_or_exit(args.config_file, args.opts, "export_model.py")
+    cfg = load_config_or_exit(args.config_file, args.opts, "export_model.py", data_optional=True)
     problem = writable_dir_problem(args.output)  # before the model is built and traced
     if problem:
         raise SystemExit(f"export_model.py: error: --output: {problem}")

@@ -78,7 +78,9 @@ def main(argv=None) -> dict:
 
     from d2seg.utils.files import writable_dir_problem
 
-    load_config_or_exit(args.config_file, args.opts, "predict.py")  # a bad config: one line
+    # a bad config: one line; a dataset entry whose files are not on this machine is fine
+    # (its class names are all prediction needs)
+    load_config_or_exit(args.config_file, args.opts, "predict.py", data_optional=True)
     problem = writable_dir_problem(args.output)  # before the model is built and loaded
     if problem:
         sys.exit(f"predict.py: error: --output: {problem}")

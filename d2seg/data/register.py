@@ -517,8 +517,16 @@ def _register_panoptic(name: str, image_root: str, panoptic_root: str, panoptic_
     )
 
 
-def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
+def register_dataset(spec: Union[str, Mapping[str, Any]],
+                     data_optional: bool = False) -> List[str]:
     """Register one dataset described by a ``D2SEG.DATASETS.REGISTER`` entry.
+
+    Args:
+        data_optional: where the entry's files are not on this machine (predicting or
+            exporting with a training run's config elsewhere), register what the entry itself
+            says (a ``sem_seg`` entry's class names, colours and ignore label) with a warning,
+            instead of raising; loading such a dataset then raises a
+            :class:`~d2seg.data.errors.DatasetLoadError` that says why.
 
     Returns:
         The names registered: ``[name]``, plus ``name_train`` and ``name_val`` with
@@ -526,7 +534,12 @@ def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
     """
     e = parse_dataset_spec(spec)
     name, kind, frac = e["name"], e["type"], e.get("val_fraction")
-    _check_paths(e)
+    try:
+        _check_paths(e)
+    except FileNotFoundError as err:
+        if not data_optional:
+            raise
+        return _register_without_data(e, str(err))
     main_file = {"coco": "json_file", "sem_seg": "sem_seg_root", "coco_panoptic": "panoptic_json"}
     guard_load(e[main_file[kind]], _register_entry, e)
     names = [name] + ([f"{name}_train", f"{name}_val"] if frac else [])
@@ -534,6 +547,33 @@ def register_dataset(spec: Union[str, Mapping[str, Any]]) -> List[str]:
         for n in names:  # lets the checker report raw values the map leaves out
             MetadataCatalog.get(n).set(label_map=dict(e["label_map"]))
     logger.info(f"Registered {kind} dataset(s) {names} from D2SEG.DATASETS.REGISTER")
+    return names
+
+
+def _register_without_data(e: Dict[str, Any], why: str) -> List[str]:
+    """An entry whose files are missing, for a tool that needs only its metadata."""
+    from .errors import DatasetLoadError
+
+    names = registered_names_of_entry(e)
+    meta: Dict[str, Any] = {}
+    if e["type"] == "sem_seg":
+        meta = dict(stuff_classes=list(e["classes"]), ignore_label=e["ignore_label"],
+                    evaluator_type="sem_seg")
+        if e.get("colors"):
+            meta["stuff_colors"] = [tuple(c) for c in e["colors"]]
+
+    def missing(name: str):
+        def load():
+            raise DatasetLoadError(f"dataset '{name}' has no data on this machine: {why}")
+        return load
+
+    for n in names:
+        unregister(n)
+        DatasetCatalog.register(n, missing(n))
+        MetadataCatalog.get(n).set(**meta)
+    what = f"its class names {meta['stuff_classes']}" if meta.get("stuff_classes") else \
+        "no class names (a COCO entry takes them from its json)"
+    logger.warning(f"{why}; registered {names} without data, with {what}")
     return names
 
 
@@ -550,12 +590,15 @@ def _check_paths(e: Dict[str, Any]) -> None:
 
 
 def check_register_entries(cfg: CfgNode, config_file: str = "",
-                           dataset_keys: Sequence[str] = ()) -> None:
+                           dataset_keys: Sequence[str] = (), data_optional: bool = False) -> None:
     """Parse every ``D2SEG.DATASETS.REGISTER`` entry and check its paths, without registering:
     what the command-line tools run before they start, so that a bad entry fails in one line.
     The dataset names under ``dataset_keys`` (e.g. "DATASETS.TRAIN") must be registered
     (builtins and the shapes catalogs are, on import) or be registered by an entry (with close
     matches in the error).
+
+    ``data_optional``: missing files are no error (predict / export, which register such an
+    entry without data: :func:`register_dataset`).
 
     Raises:
         d2seg.config.ConfigError: naming the config file, the entry, the key and the value.
@@ -567,7 +610,13 @@ def check_register_entries(cfg: CfgNode, config_file: str = "",
     for spec in cfg.D2SEG.DATASETS.REGISTER:
         try:
             entry = parse_dataset_spec(spec)
-            _check_paths(entry)
+            try:
+                _check_paths(entry)
+            except FileNotFoundError:
+                if not data_optional:
+                    raise
+                names.update(registered_names_of_entry(entry))
+                continue
             problem = pairing_problem(entry["image_root"], entry["sem_seg_root"],
                                       entry["mask_suffix"], entry["recursive"]) \
                 if entry["type"] == "sem_seg" else None
@@ -642,9 +691,10 @@ def _register_entry(e: Dict[str, Any]) -> None:
                                e["panoptic_json"])
 
 
-def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
-    """Register every entry of ``cfg.D2SEG.DATASETS.REGISTER``; returns all names registered."""
+def register_datasets_from_cfg(cfg: CfgNode, data_optional: bool = False) -> List[str]:
+    """Register every entry of ``cfg.D2SEG.DATASETS.REGISTER``; returns all names registered.
+    ``data_optional``: see :func:`register_dataset`."""
     names: List[str] = []
     for spec in cfg.D2SEG.DATASETS.REGISTER:
-        names += register_dataset(spec)
+        names += register_dataset(spec, data_optional=data_optional)
     return names

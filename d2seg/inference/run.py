@@ -48,7 +48,7 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = score_threshold
     cfg.freeze()  # MODEL.DEVICE "cuda" without CUDA: SegPredictor predicts on the CPU
-    register_datasets_from_cfg(cfg)
+    register_datasets_from_cfg(cfg, data_optional=True)  # class names, also without the data
     set_intensity_scaling(IntensityScaling.from_cfg(cfg))  # how 16-bit / float files are read
     return cfg
 
