@@ -212,6 +212,7 @@ class FinetuneCheckpointer(DetectionCheckpointer):
                                   f"model has no MixVisionTransformer ('...{anchor}') to load it "
                                   f"into: use MODEL.META_ARCHITECTURE SegFormer")
             prefix = anchors[0][: -len(anchor)]
+            self._check_mit_fit(filename, sd, prefix)
             loaded = {"model": convert_segformer_mit(sd, prefix), "__author__": "SegFormer"}
             self._format = "segformer-mit"
             self.logger.info(f"{filename}: SegFormer Mix Transformer, loaded under '{prefix}' "
@@ -219,6 +220,37 @@ class FinetuneCheckpointer(DetectionCheckpointer):
         else:
             self._format = str(loaded.get("__author__", "d2seg/detectron2"))
         return loaded
+
+    def _check_mit_fit(self, filename: str, sd: Dict[str, torch.Tensor], prefix: str) -> None:
+        """A Mix Transformer of another size (mit_b2 into MODEL.MIT.NAME b1: same widths,
+        other depths) loaded its first blocks and dropped the rest without an error."""
+        from .modeling.backbone.mit import MIT_PRESETS
+
+        def size(keys, block_re, width_key, first: int):
+            depths = tuple(1 + max((int(m.group(2)) for m in map(block_re.match, keys)
+                                    if m and int(m.group(1)) == s + first), default=-1)
+                           for s in range(4))
+            widths = tuple(int(keys[width_key.format(s + first)].shape[0]) for s in range(4)
+                           if width_key.format(s + first) in keys)
+            return widths, depths
+
+        theirs = size(sd, re.compile(r"^block(\d)\.(\d+)\."), "patch_embed{}.proj.weight", 1)
+        model_sd = self.model.state_dict()
+        mine = size(model_sd, re.compile(re.escape(prefix) + r"stages\.(\d)\.blocks\.(\d+)\."),
+                    prefix + "stages.{}.patch_embed.proj.weight", 0)
+        if theirs == mine:
+            return
+
+        def named(widths, depths) -> str:
+            for n, p in MIT_PRESETS.items():
+                if (tuple(p["embed_dims"]), tuple(p["depths"])) == (widths, depths):
+                    return f" (mit_{n})"
+            return ""
+
+        raise ConfigError(
+            f"{filename} is a Mix Transformer with widths {list(theirs[0])} and depths "
+            f"{list(theirs[1])}{named(*theirs)}; the model's has {list(mine[0])} and "
+            f"{list(mine[1])}{named(*mine)}: set MODEL.MIT.NAME to the file's size")
 
     def _check_torchvision_fit(self, filename: str, converted: Dict[str, torch.Tensor],
                                prefix: str) -> None:

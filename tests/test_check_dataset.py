@@ -437,6 +437,29 @@ def test_binary_masks_read_as_ignore_are_fatal(tmp_path):
     assert not _problems(check_dataset_dicts(d, meta_lm, "bin_lm"), "foreground_is_ignore")
 
 
+def test_a_binary_model_with_one_class_name_says_to_name_the_background(tmp_path):
+    """smp's "binary = classes=1": one class name with NUM_CLASSES 1 made label 1 out of range
+    and the class table call the background by that name."""
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.config import get_cfg
+    from d2seg.data.checks import _check_against_cfg, check_dataset_dicts
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((20, 20), np.uint8)
+    m[5:15, 5:15] = 1
+    Image.fromarray(m).save(tmp_path / "m.png")
+    d = [{"file_name": str(tmp_path / "a.png"), "image_id": 0, "height": 20, "width": 20,
+          "sem_seg_file_name": str(tmp_path / "m.png")}]
+    r = check_dataset_dicts(d, Metadata(name="one_name").set(stuff_classes=["membrane"],
+                                                             ignore_label=255), "one_name")
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = "UNet", 1
+    _check_against_cfg(cfg, "one_name", r)
+    (p,) = _problems(r, "binary_class_names")
+    assert p.severity == "error" and "classes=[background, membrane]" in p.message
+
+
 def test_annotation_problems_edges_polygons_and_box_modes():
     """annotation_problems: boxes starting at the right/bottom edge are outside, a box past
     the bottom is partly outside, polygons need >= 3 points and an even length, a bbox needs

@@ -351,3 +351,16 @@ def test_a_file_of_another_architecture_sharing_a_tensor_or_two_is_an_error(tmp_
     with pytest.raises(ValueError, match=r"unet\.pth: only \d of its \d+ tensors fit the "
                                          r"model's \d+ .* another model"):
         load_weights(deeplab, str(tmp_path / "unet.pth"))
+
+
+def test_a_mix_transformer_of_another_size_is_an_error(tmp_path):
+    """mit_b2 (depths 3, 4, 6, 3) into MODEL.MIT.NAME b1 (same widths, depths 2, 2, 2, 2)
+    loaded the first blocks of each stage and dropped the rest, with a normal-looking count."""
+    path = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/segformer_b0_cpu.yaml")
+    model = build_model(load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.MIT.NAME", "b1"]))
+    torch.save(_nvlabs_mit_state_dict((64, 128, 320, 512), (3, 4, 6, 3), (8, 4, 2, 1)),
+               tmp_path / "mit_b2.pth")
+    with pytest.raises(ValueError, match=r"mit_b2.pth is a Mix Transformer with widths \[64, "
+                                         r"128, 320, 512\] and depths \[3, 4, 6, 3\] \(mit_b2\); "
+                                         r"the model's has .* \[2, 2, 2, 2\] \(mit_b1\)"):
+        load_weights(model, str(tmp_path / "mit_b2.pth"))

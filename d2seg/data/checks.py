@@ -734,6 +734,13 @@ def _check_against_cfg(cfg, name: str, r: DatasetReport) -> None:
     beyond_names = r.kind == "sem_seg" and r.classes and \
         r.num_classes_implied > len(r.classes) and \
         any(p.code == "label_out_of_range" for p in r.errors)
+    if exp and exp[1] == 1 and r.kind == "sem_seg" and len(r.classes or []) == 1:
+        # "binary = one class" (segmentation_models_pytorch's classes=1): label 1 then reads
+        # as out of range, and the class table calls the background by the one name
+        r.add(ERROR, "binary_class_names", name, None, list(r.classes),
+              f"MODEL.SEM_SEG_HEAD.NUM_CLASSES 1 is a binary model (labels 0 and 1), so the "
+              f"dataset names two classes, background first: classes=[background, "
+              f"{r.classes[0]}]; it names one: {list(r.classes)}")
     if exp and r.num_classes_implied:
         key, value, covers = exp
         if beyond_names and covers >= len(r.classes):

@@ -87,8 +87,11 @@ def draw_sem_seg(image_rgb: np.ndarray, labels: np.ndarray, metadata,
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         x = int(np.clip(cx - tw / 2, 0, max(w - tw, 0)))
         y = int(np.clip(cy + th / 2, th, h - 1))
-        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3,
-                    cv2.LINE_AA)
+        # a dark outline: the same thin text shifted by a pixel each way (thicker Hershey text
+        # is wider, so a thick outline under thin text drifts to the right)
+        for dx, dy in ((-1, -1), (-1, 1), (1, -1), (1, 1), (-1, 0), (1, 0), (0, -1), (0, 1)):
+            cv2.putText(out, text, (x + dx, y + dy), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                        1, cv2.LINE_AA)
         cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (240, 240, 240), 1,
                     cv2.LINE_AA)
     return out
