@@ -918,3 +918,20 @@ def test_predict_and_export_with_a_run_config_whose_data_is_elsewhere(tmp_path, 
 
     with pytest.raises(SystemExit, match="image_root '.*elsewhere.*' does not exist"):
         load_config_or_exit(str(cfg_file), [], "train_net.py")
+
+
+def test_predict_registers_the_runs_shapes_catalog():
+    """predict.py with a shapes run's config used the default 100-image catalog's image ids
+    (the run's D2SEG.SHAPES sizes were never registered)."""
+    from detectron2.data import MetadataCatalog
+
+    from d2seg.inference.run import predict_config
+
+    try:
+        predict_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                          "mask_rcnn_R_18_FPN_cpu.yaml"),
+                       ["D2SEG.SHAPES.NUM_VAL", "4", "D2SEG.SHAPES.IMAGE_SIZE", "96"])
+        assert "val_n4_s96" in MetadataCatalog.get("shapes_instance_val").json_file
+    finally:  # the default catalog again for the other tests
+        predict_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
+                                          "mask_rcnn_R_18_FPN_cpu.yaml"), [])

@@ -142,6 +142,18 @@ def test_eval_only_in_a_training_folder_keeps_its_config_yaml(tmp_path):
     evaluated = yaml.safe_load((tmp_path / "config_eval.yaml").read_text())
     assert evaluated["MODEL"]["SEM_SEG_POSTPROCESS"]["ENABLED"] is True
     assert "its config.yaml is kept" in (tmp_path / "log.txt").read_text()
+    # evaluated as trained (--resume: the last checkpoint): no stale config_eval.yaml stays
+    run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, "SOLVER.MAX_ITER", "1",
+        *opts, flags=("--eval-only", "--resume"))
+    assert not (tmp_path / "config_eval.yaml").exists()
+    assert (tmp_path / "config.yaml").read_text() == trained
+    # a run killed before its first periodic checkpoint has no last_checkpoint: its metrics
+    # and checkpoints still mark the folder as a training run's
+    os.remove(tmp_path / "last_checkpoint")
+    run("configs/Shapes-SemanticSegmentation/unet_cpu.yaml", tmp_path, *opts,
+        "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+        "MODEL.SEM_SEG_POSTPROCESS.ENABLED", "True", flags=("--eval-only",))
+    assert (tmp_path / "config.yaml").read_text() == trained
 
 
 def test_eval_only_keeps_the_recorded_random_seed(tmp_path):

@@ -51,6 +51,9 @@ def main(argv=None) -> int:
             print(f"check_dataset.py: error: --json: {problem}", file=sys.stderr)
             return 2
     cfg.freeze()
+    from d2seg.data.catalogs import register_shapes_from_cfg
+
+    register_shapes_from_cfg(cfg)  # the config's D2SEG.SHAPES sizes, not the defaults
     try:
         register_datasets_from_cfg(cfg)
     except DatasetLoadError as e:  # names the file and what to do

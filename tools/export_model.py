@@ -32,6 +32,14 @@ MIN_MATCH_RATE = 0.9  # R-CNN: share of PyTorch's detections the exported model 
 MAX_LOGIT_DIFF = 1e-2
 
 
+def _format(text: str) -> str:
+    if text not in ("torchscript", "onnx"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not torchscript or onnx (KEY VALUE overrides go last, after an option "
+            f"other than --format, which takes every word up to the next option)")
+    return text
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 32:
@@ -43,8 +51,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--format", nargs="+", default=["torchscript", "onnx"],
-                   choices=["torchscript", "onnx"])
+    p.add_argument("--format", nargs="+", default=["torchscript", "onnx"], type=_format,
+                   metavar="{torchscript,onnx}")
     p.add_argument("--height", type=_positive, default=256,
                    help="example input height for tracing (>= 32)")
     p.add_argument("--width", type=_positive, default=256,

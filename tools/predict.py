@@ -35,7 +35,12 @@ def _window_side(text: str) -> int:
 
 
 def _scale(text: str) -> float:
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number (KEY VALUE overrides go last, after an option other "
+            f"than --scales, which takes every word up to the next option)") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be a factor > 0, got {text}")
     return v

@@ -172,10 +172,15 @@ def _check_resume_matches(cfg: CfgNode, recorded: Dict[str, Any]) -> None:
 
 def _read_training_config(cfg: CfgNode) -> Optional[str]:
     """The text of ``OUTPUT_DIR/config.yaml`` where a training run wrote it (its folder has a
-    ``last_checkpoint``), on the main process; else None."""
+    ``last_checkpoint``, a ``metrics.json`` or a checkpoint: a run killed before its first
+    periodic checkpoint has the latter two), on the main process; else None."""
     path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if not (comm.is_main_process() and os.path.isfile(path)
-            and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+    if not (comm.is_main_process() and os.path.isfile(path)):
+        return None
+    trained = any(n in ("last_checkpoint", "metrics.json") or
+                  (n.startswith("model_") and n.endswith(".pth"))
+                  for n in os.listdir(cfg.OUTPUT_DIR))
+    if not trained:
         return None
     try:
         with open(path) as f:
@@ -193,11 +198,13 @@ def _restore_training_config(cfg: CfgNode, kept: Optional[str]) -> str:
     if kept is None:
         return ""
     path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    moved = os.path.join(cfg.OUTPUT_DIR, "config_eval.yaml")
     with open(path) as f:
         now = f.read()
-    if now == kept:
+    if now == kept:  # evaluated as trained: an older evaluation's file would mislead
+        if os.path.isfile(moved):
+            os.remove(moved)
         return ""
-    moved = os.path.join(cfg.OUTPUT_DIR, "config_eval.yaml")
     with open(moved, "w") as f:
         f.write(now)
     with open(path, "w") as f:
@@ -227,7 +234,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
             (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else
              " (give MODEL.WEIGHTS path/model_final.pth, or --resume to take OUTPUT_DIR's "
              "last checkpoint)") + "; an untrained model's metrics would mean nothing")
-    if comm.is_main_process() and cfg.OUTPUT_DIR:
+    if cfg.OUTPUT_DIR:  # on every rank: each writes its own log (the probe is per process)
         from ..utils.files import writable_dir_problem
 
         problem = writable_dir_problem(cfg.OUTPUT_DIR)

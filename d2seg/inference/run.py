@@ -10,6 +10,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import CfgNode, load_config
 from ..data.image_io import IntensityScaling, read_image, set_intensity_scaling
+from ..data.catalogs import register_shapes_from_cfg
 from ..data.register import register_datasets_from_cfg
 from ..data.safe_mapper import is_input_error
 from .predictor import SegPredictor
@@ -48,6 +49,7 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = score_threshold
     cfg.freeze()  # MODEL.DEVICE "cuda" without CUDA: SegPredictor predicts on the CPU
+    register_shapes_from_cfg(cfg)  # the run's D2SEG.SHAPES catalog (its image ids)
     register_datasets_from_cfg(cfg, data_optional=True)  # class names, also without the data
     set_intensity_scaling(IntensityScaling.from_cfg(cfg))  # how 16-bit / float files are read
     return cfg
