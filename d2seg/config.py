@@ -593,6 +593,8 @@ _RANGES = (
     ("SOLVER.MAX_ITER", lambda v: v >= 1, ">= 1"),
     ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, ">= 1"),
     ("SOLVER.CHECKPOINT_PERIOD", lambda v: v >= 1, ">= 1"),
+    ("SOLVER.STEPS", lambda v: all(a < b for a, b in zip(v, v[1:])),
+     "increasing (the iterations the learning rate drops at)"),
     ("D2SEG.NONFINITE.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
     ("D2SEG.BAD_INPUT.MAX_SKIPS", lambda v: v >= 0, ">= 0"),
     ("MODEL.SEM_SEG_LOSS.WEIGHTS", lambda v: all(w >= 0 for w in v), "weights >= 0"),
@@ -796,7 +798,11 @@ def _check_names(cfg, config_file: str, opts: Sequence[str]) -> None:
                                           "WarmupStepWithFixedGammaLR", "WarmupPolyLR"), False),
             ("INPUT.CROP.TYPE", ("relative_range", "relative", "absolute", "absolute_range"),
              False),
-            ("INPUT.FORMAT", tuple(_FORMAT_CHANNELS), False)):
+            ("INPUT.FORMAT", tuple(_FORMAT_CHANNELS), False),
+            ("INPUT.MASK_FORMAT", ("polygon", "bitmask"), False),
+            ("INPUT.MIN_SIZE_TRAIN_SAMPLING", ("choice", "range"), False),
+            ("SOLVER.WARMUP_METHOD", ("linear", "constant"), False),
+            ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", ("value", "norm", "full_model"), False)):
         value = str(_get(cfg, key))
         if (value.upper() if upper else value) not in valid:
             fail(key, value, "a known name" + (" (case-insensitive)" if upper else ""), valid)

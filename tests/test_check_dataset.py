@@ -332,6 +332,41 @@ def test_a_training_json_without_annotations_is_fatal(fruits_copy):
     assert p.severity == "warning" and "leaves the whole dataset out" in p.message
 
 
+
+def test_crowd_annotations_are_not_trained_on_and_their_rle_needs_no_bitmask(fruits_copy):
+    """iscrowd=1 RLE regions (as in COCO) made the polygon-format check fatal, though
+    detectron2's mapper drops them; a json of crowd regions only passed, then detectron2 found
+    "No valid data"."""
+    from pycocotools import mask as mask_util
+
+    data, path, img_dir = fruits_copy
+    size = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    for k, a in enumerate(data["annotations"]):
+        if k % 2 == 0:
+            h, w = size[a["image_id"]]
+            rle = mask_util.merge(mask_util.frPyObjects(a["segmentation"], h, w))
+            a["segmentation"] = dict(rle, counts=rle["counts"].decode("ascii"))
+            a["iscrowd"] = 1
+    cfg_file = os.path.join(REPO, "configs/FruitsNuts-InstanceSegmentation/"
+                                  "mask_rcnn_R_18_FPN_cpu.yaml")
+    spec = f"name=fruits_crowd,type=coco,json_file={_write(data, path)},image_root={img_dir}"
+    register_dataset(spec)
+    cfg = load_config(cfg_file, ["D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TRAIN",
+                                 "('fruits_crowd',)", "DATASETS.TEST", "()"])
+    (r,) = run_pre_training_checks(cfg)  # polygon format: fine, the RLE ones are crowd
+    assert not _problems(r, "mask_format")
+    for a in data["annotations"]:
+        a["iscrowd"] = 1
+    spec = f"name=fruits_allcrowd,type=coco,json_file={_write(data, path.parent / 'c.json')}," \
+           f"image_root={img_dir}"
+    register_dataset(spec)
+    cfg = load_config(cfg_file, ["D2SEG.DATASETS.REGISTER", str((spec,)), "DATASETS.TRAIN",
+                                 "('fruits_allcrowd',)", "DATASETS.TEST", "()",
+                                 "INPUT.MASK_FORMAT", "bitmask"])
+    with pytest.raises(DatasetCheckError, match="no image of DATASETS.TRAIN has an annotation"):
+        run_pre_training_checks(cfg)
+
+
 def test_check_tool_without_config_checks_the_data_alone(shared_data, capsys):
     assert check_tool.main(["--dataset", "fruits_nuts_all", "--fast"]) == 0
     out = capsys.readouterr().out

@@ -124,6 +124,15 @@ def test_command_line_tools_stop_in_one_line_on_a_missing_weights_file(tmp_path)
     (["D2SEG.SHAPES.MAX_OBJECTS", "0"], "D2SEG.SHAPES.MAX_OBJECTS must be >= 1, got 0"),
     (["D2SEG.SHAPES.IMAGE_SIZE", "0"], "D2SEG.SHAPES.IMAGE_SIZE must be >= 32"),
     (["MODEL.SEM_SEG_HEAD.LOSS_TOP_K", "0.0"], "MODEL.SEM_SEG_HEAD.LOSS_TOP_K must be in (0, 1]"),
+    (["SOLVER.STEPS", "(3, 2)"], "SOLVER.STEPS must be increasing"),
+    (["SOLVER.BASE_LR", "-0.1"], "SOLVER.BASE_LR must be > 0, got -0.1"),
+    (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER must be >= 1, got 0"),
+    (["INPUT.MASK_FORMAT", "bitmasks"], "INPUT.MASK_FORMAT='bitmasks' is not a known name; did "
+                                        "you mean bitmask?"),
+    (["SOLVER.WARMUP_METHOD", "lin"], "SOLVER.WARMUP_METHOD='lin'"),
+    (["INPUT.FORMAT", "GRAY"], "INPUT.FORMAT='GRAY' is not a known name"),
+    (["SOLVER.OPTIMIZER", "ADAMWW"], "did you mean ADAMW"),
+    (["OUTPUT_DIR", "x", "--eval-only", "y"], "--eval-only comes after the KEY VALUE overrides"),
 ])
 def test_range_table_names_the_key_and_where_the_value_came_from(opts, expect):
     """Load-time range checks name the source (command line / file), the key and the value."""
@@ -190,3 +199,14 @@ def test_sem_seg_loss_settings_are_checked_against_num_classes_at_load_time():
     # Panoptic FPN's semantic head is detectron2's and does not read these keys
     load_config(os.path.join(REPO, "configs/Shapes-PanopticSegmentation/panoptic_fpn_R_18_cpu.yaml"),
                 ["MODEL.SEM_SEG_LOSS.NAMES", "['BCE', 'Dice']"])
+
+
+def test_an_empty_or_non_mapping_yaml_is_one_line(tmp_path):
+    from d2seg.config import ConfigError, load_config
+
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- MODEL\n- SOLVER\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: is empty, not a mapping of config keys"):
+        load_config(str(tmp_path / "empty.yaml"))
+    with pytest.raises(ConfigError, match=r"list\.yaml: is a YAML list, not a mapping"):
+        load_config(str(tmp_path / "list.yaml"))

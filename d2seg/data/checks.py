@@ -446,6 +446,11 @@ def _check_instances(dicts: List[Dict], report: DatasetReport, num_things: int) 
             report.add(WARNING, "no_annotations", d["file_name"], d.get("image_id"), 0,
                        "image without annotations (detectron2 leaves it out of training "
                        "unless DATALOADER.FILTER_EMPTY_ANNOTATIONS is False)")
+        elif all(a.get("iscrowd", 0) for a in anns):
+            report.add(WARNING, "no_annotations", d["file_name"], d.get("image_id"), 0,
+                       f"all {len(anns)} annotations are iscrowd=1 (detectron2 trains on none "
+                       f"and leaves the image out unless DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+                       f"is False)")
         h, w = d.get("height"), d.get("width")
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (h, w)):
             h, w = d.get("_size") or (None, None)  # malformed sizes are _check_images' report
@@ -458,8 +463,8 @@ def _check_instances(dicts: List[Dict], report: DatasetReport, num_things: int) 
                            f"category index outside [0, {num_things})")
                 continue
             report.num_annotations += 1
-            if isinstance(a.get("segmentation"), dict):
-                report.rle_annotations += 1
+            if isinstance(a.get("segmentation"), dict) and not a.get("iscrowd", 0):
+                report.rle_annotations += 1  # crowd regions: detectron2's mapper drops them
             if h is not None:
                 for sev, code, value, msg in annotation_problems(a, h, w):
                     report.add(sev, code, d["file_name"], aid, value, msg)
