@@ -51,6 +51,9 @@ def test_parse_mapping_form_makes_paths_absolute():
     ("name=x,type=sem_seg,image_root=a,sem_seg_root=b,classes=[a,b,val_fraction=0.3",
      ["REGISTER entry", "1 '[' or '{' not closed"]),
     ("name=x,type=sem_seg,image_root=a,sem_seg_root=b,classes=a,b]", ["']' closes no bracket"]),
+    # a class id beyond the classes: said here, not against d2seg's remapped cache copies
+    ("name=x,type=sem_seg,image_root=a,sem_seg_root=b,classes=[bg,fg],label_map={0:0,5:7}",
+     ["'x'", "label_map maps 5: 7 to class ids outside the 2 classes ['bg', 'fg']"]),
 ])
 def test_parse_errors_name_entry_and_key(spec, words):
     with pytest.raises(ValueError) as e:

@@ -225,6 +225,13 @@ def parse_dataset_spec(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
                 raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': label_map {lm!r} "
                                  "must map integers to integers") from e
             problem = label_map_problem(entry["label_map"], entry["ignore_label"])
+            n = len(entry.get("classes") or [])
+            beyond = sorted({(k, v) for k, v in entry["label_map"].items()
+                             if n and not 0 <= v < n and v != int(entry["ignore_label"])})
+            if not problem and beyond:  # else reported against d2seg's remapped cache copies
+                problem = (f"label_map maps {', '.join(f'{k}: {v}' for k, v in beyond[:5])} to "
+                           f"class ids outside the {n} classes {list(entry['classes'])} (ids "
+                           f"0..{n - 1}, or ignore_label {entry['ignore_label']})")
             if problem:
                 raise ValueError(f"D2SEG.DATASETS.REGISTER entry '{name}': {problem}")
     if entry.get("val_fraction") is not None:
