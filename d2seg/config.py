@@ -507,8 +507,15 @@ def _all_keys(node, prefix: str = "") -> List[str]:
     return out
 
 
-def _explain(err: BaseException, cfg) -> str:
+def _explain(err: BaseException, cfg, in_file: bool = False) -> str:
     msg = str(err.args[0]) if getattr(err, "args", None) else str(err)
+    inherit = re.search(r"Cannot inherit key '(.*)' from base", msg)
+    as_mapping = re.search(r"\(<class '(?:list|tuple)'> vs\. <class '[\w.]*CfgNode'>\).*"
+                           r"for config key: (\S+)", " ".join(msg.split()))
+    if inherit or as_mapping:  # a list key written as a mapping: the "- " left out
+        key = inherit.group(1) if inherit else as_mapping.group(1)
+        return (f"{key} takes a list, but the YAML gives a mapping: start each entry with "
+                f"'- ' (e.g. 'REGISTER:' then '  - name: mydata' and its keys indented below)")
     if "Non-existent" in msg and "key" in msg:  # merge_from_file (KeyError) / _list (Assert)
         key = msg.split(":", 1)[1].strip()
         close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
@@ -524,7 +531,9 @@ def _explain(err: BaseException, cfg) -> str:
             # a list key given one string on the command line: the tuple of that string
             given = re.search(r"with values \(.* vs\. (.*)\) for config key", msg)
             one = given.group(1) if given else "a"
-            out += (f"; the key takes a list: on the command line write it as a tuple, e.g. "
+            out += (f"; the key takes a list: in YAML write [{one}] (or one '- {one}' line per "
+                    f"item)" if in_file else
+                    f"; the key takes a list: on the command line write it as a tuple, e.g. "
                     f"\"('{one}',)\" (one item) or \"('a', 'b')\"")
         return out
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -558,7 +567,8 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
             cfg.merge_from_file(config_file)
         except (KeyError, ValueError, AssertionError, TypeError, yaml.YAMLError,
                 FileNotFoundError) as e:
-            raise ConfigError(f"{config_file} (or a file in its _BASE_): {_explain(e, cfg)}") from e
+            raise ConfigError(f"{config_file} (or a file in its _BASE_): "
+                              f"{_explain(e, cfg, in_file=True)}") from e
     opts = list(opts)
     options = [str(o) for o in opts[0::2] if str(o).startswith("--")]
     if options:

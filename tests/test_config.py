@@ -210,3 +210,20 @@ def test_an_empty_or_non_mapping_yaml_is_one_line(tmp_path):
         load_config(str(tmp_path / "empty.yaml"))
     with pytest.raises(ConfigError, match=r"list\.yaml: is a YAML list, not a mapping"):
         load_config(str(tmp_path / "list.yaml"))
+
+
+def test_a_list_key_written_as_a_mapping_says_to_start_entries_with_a_dash(tmp_path):
+    """REGISTER without the '- ' gave yacs's type message with five lines of YAML in it."""
+    from d2seg.config import ConfigError, load_config
+
+    base = os.path.join(REPO, "configs/Shapes-SemanticSegmentation/unet_cpu.yaml")
+    (tmp_path / "m.yaml").write_text(f'_BASE_: "{base}"\nD2SEG:\n  DATASETS:\n    REGISTER:\n'
+                                     f'      name: mydata\n      type: sem_seg\n')
+    with pytest.raises(ConfigError, match=r"D2SEG.DATASETS.REGISTER takes a list, but the YAML "
+                                          r"gives a mapping: start each entry with '- '") as e:
+        load_config(str(tmp_path / "m.yaml"))
+    assert "\n" not in str(e.value)
+    (tmp_path / "l.yaml").write_text(f'_BASE_: "{base}"\nMODEL:\n  SEM_SEG_LOSS:\n'
+                                     f'    NAMES: "Dice"\n')
+    with pytest.raises(ConfigError, match=r"in YAML write \[Dice\]"):
+        load_config(str(tmp_path / "l.yaml"))

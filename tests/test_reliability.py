@@ -230,7 +230,11 @@ def test_train_net_reports_config_error_in_one_line(tmp_path, args, words):
      "json_file 'no/such.json' does not exist"),
 ])
 def test_tools_report_bad_register_entries_in_one_line(tmp_path, spec, expect):
-    for tool in ("train_net.py", "predict.py", "search_threshold.py", "check_dataset.py"):
+    # predict.py takes an entry whose files are missing (it needs only its class names:
+    # tests/test_predict_export.py); a malformed entry stops it too
+    tools = ("train_net.py", "search_threshold.py", "check_dataset.py") + \
+        (() if "does not exist" in expect else ("predict.py",))
+    for tool in tools:
         extra = ["--input", "x.png", "--output", str(tmp_path)] if tool == "predict.py" else []
         r = subprocess.run(
             [sys.executable, os.path.join(REPO, "tools", tool), "--config-file", CPU_CFG, *extra,
