@@ -42,3 +42,11 @@ if __name__ == "__main__":
     # launched worker prints its own and exits; run() then exits with its status)
     except USER_ERRORS as e:
         sys.exit(f"train_net.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: where --resume would continue, not a traceback
+        last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+        name = open(last).read().strip() if os.path.isfile(last) else ""
+        print(f"\ntrain_net.py: interrupted; " + (
+            f"--resume continues from {os.path.join(cfg.OUTPUT_DIR, name)}" if name else
+            f"no checkpoint was written yet (SOLVER.CHECKPOINT_PERIOD "
+            f"{cfg.SOLVER.CHECKPOINT_PERIOD}): --resume would start over"), file=sys.stderr)
+        sys.exit(130)

@@ -31,7 +31,10 @@ def guard_load(path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file's name
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        # a file the description names that is missing is the problem itself (the dataset
+        # check cannot list more: it needs the loaded dataset)
+        hint = "" if isinstance(e, FileNotFoundError) else \
+            "; tools/check_dataset.py lists every problem"
         raise DatasetLoadError(
-            f"{path}: cannot be loaded as a dataset ({detail}); "
-            f"tools/check_dataset.py lists every problem"
+            f"{path}: cannot be loaded as a dataset ({detail}){hint}"
         ) from e

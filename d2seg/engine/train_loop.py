@@ -294,6 +294,11 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         res = Trainer.test(cfg, model)
     else:
         _warn_frozen_from_scratch(cfg)
+        if cfg.SOLVER.WARMUP_ITERS >= cfg.SOLVER.MAX_ITER and cfg.SOLVER.WARMUP_FACTOR < 1:
+            logger.warning(f"SOLVER.WARMUP_ITERS {cfg.SOLVER.WARMUP_ITERS} >= SOLVER.MAX_ITER "
+                           f"{cfg.SOLVER.MAX_ITER}: the whole run stays in the learning-rate "
+                           f"warm-up (below SOLVER.BASE_LR {cfg.SOLVER.BASE_LR:g}); shorten it "
+                           f"for a short run")
         with naming_config_file(args.config_file, args.opts):  # file or command line, key, value
             run_pre_training_checks(cfg)  # D2SEG.DATASETS.CHECK (d2seg/data/checks.py)
             trainer = Trainer(cfg)
