@@ -45,7 +45,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C: where --resume would continue, not a traceback
         last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
         name = open(last).read().strip() if os.path.isfile(last) else ""
-        print(f"\ntrain_net.py: interrupted; " + (
+        print("\ntrain_net.py: interrupted; " + (
             f"--resume continues from {os.path.join(cfg.OUTPUT_DIR, name)}" if name else
             f"no checkpoint was written yet (SOLVER.CHECKPOINT_PERIOD "
             f"{cfg.SOLVER.CHECKPOINT_PERIOD}): --resume would start over"), file=sys.stderr)
