@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Shapes-InstanceSegmentation/mask_rcnn_R_18_FPN_cpu.yaml
 DEMO_OUT ?= output/demo
 # extra KEY VALUE overrides for the demo, shell-quoted, e.g.
-#   make demo DEMO_OPTS="SOLVER.MAX_ITER 20 SOLVER.STEPS '(15, 18)' SEED 7"
+#   make demo DEMO_OPTS="SOLVER.MAX_ITER 20 SOLVER.STEPS '(15, 18)' SOLVER.WARMUP_ITERS 5 SEED 7"
 DEMO_OPTS ?=
 PYTEST_ARGS ?=
 # `make bench`: the CPU benchmark preset, compared with the last recorded run of it
