@@ -512,10 +512,21 @@ def _explain(err: BaseException, cfg, in_file: bool = False) -> str:
     inherit = re.search(r"Cannot inherit key '(.*)' from base", msg)
     as_mapping = re.search(r"\(<class '(?:list|tuple)'> vs\. <class '[\w.]*CfgNode'>\).*"
                            r"for config key: (\S+)", " ".join(msg.split()))
-    if inherit or as_mapping:  # a list key written as a mapping: the "- " left out
+    if inherit or as_mapping:  # a value key written as a mapping (a list: the "- " left out)
         key = inherit.group(1) if inherit else as_mapping.group(1)
-        return (f"{key} takes a list, but the YAML gives a mapping: start each entry with "
-                f"'- ' (e.g. 'REGISTER:' then '  - name: mydata' and its keys indented below)")
+        if "." not in key:  # detectron2's "Cannot inherit" names the last part only
+            full = [k for k in _all_keys(cfg) if k == key or k.endswith("." + key)]
+            key = full[0] if len(full) == 1 else key
+        try:
+            value = _get(cfg, key)
+        except KeyError:
+            value = None
+        if isinstance(value, (list, tuple)):
+            return (f"{key} takes a list, but the YAML gives a mapping: start each entry with "
+                    f"'- ' (e.g. 'REGISTER:' then '  - name: mydata' and its keys indented "
+                    f"below)")
+        kind = type(value).__name__ if value is not None else "value"
+        return f"{key} takes a {kind}, but the YAML gives a mapping (keys indented below it)"
     if "Non-existent" in msg and "key" in msg:  # merge_from_file (KeyError) / _list (Assert)
         key = msg.split(":", 1)[1].strip()
         close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)

@@ -227,3 +227,8 @@ def test_a_list_key_written_as_a_mapping_says_to_start_entries_with_a_dash(tmp_p
                                      f'    NAMES: "Dice"\n')
     with pytest.raises(ConfigError, match=r"in YAML write \[Dice\]"):
         load_config(str(tmp_path / "l.yaml"))
+    # a scalar key written as a mapping: its type, not the list advice
+    (tmp_path / "s.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  BASE_LR:\n    value: 0.02\n')
+    with pytest.raises(ConfigError, match=r"SOLVER.BASE_LR takes a float, but the YAML gives a "
+                                          r"mapping"):
+        load_config(str(tmp_path / "s.yaml"))

@@ -944,3 +944,22 @@ def test_predict_registers_the_runs_shapes_catalog():
     finally:  # the default catalog again for the other tests
         predict_config(os.path.join(REPO, "configs/Shapes-InstanceSegmentation/"
                                           "mask_rcnn_R_18_FPN_cpu.yaml"), [])
+
+
+def test_outputs_without_class_names_get_placeholders_for_the_overlays():
+    """A COCO-panoptic entry registered without its json has no class names; detectron2's
+    Visualizer indexed stuff_classes and predict.py stopped at the first overlay."""
+    from detectron2.data.catalog import Metadata
+
+    from d2seg.config import get_cfg
+    from d2seg.inference.run import _with_class_names
+
+    cfg = get_cfg()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 3, 1
+    empty = Metadata(name="no_names")
+    named = _with_class_names(cfg, empty)
+    assert named.thing_classes == ["class 0", "class 1", "class 2"]
+    assert named.stuff_classes == ["class 0", "class 1"]  # binary: two labels
+    assert not hasattr(empty, "stuff_classes")  # the catalog's entry stays as registered
+    full = Metadata(name="names").set(thing_classes=["a"], stuff_classes=["b"])
+    assert _with_class_names(cfg, full) is full

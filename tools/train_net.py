@@ -43,6 +43,8 @@ if __name__ == "__main__":
     except USER_ERRORS as e:
         sys.exit(f"train_net.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: where --resume would continue, not a traceback
+        if args.eval_only:
+            sys.exit("\ntrain_net.py: interrupted")
         last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
         name = open(last).read().strip() if os.path.isfile(last) else ""
         print("\ntrain_net.py: interrupted; " + (

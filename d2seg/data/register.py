@@ -579,7 +579,9 @@ def _register_without_data(e: Dict[str, Any], why: str) -> List[str]:
         DatasetCatalog.register(n, missing(n))
         MetadataCatalog.get(n).set(**meta)
     what = f"its class names {meta['stuff_classes']}" if meta.get("stuff_classes") else \
-        "no class names (a COCO entry takes them from its json)"
+        ("no class names and no category ids (a COCO entry takes them from its json): "
+         "predictions name classes 'class 0', ... and their category_id is the model's "
+         "0-based class index, not the json's id")
     logger.warning(f"{why}; registered {names} without data, with {what}")
     return names
 

@@ -55,6 +55,22 @@ def predict_config(config_file: str, opts: List[str], score_threshold: float = 0
     return cfg
 
 
+def _with_class_names(cfg: CfgNode, metadata):
+    """``metadata``, or a copy of it with class names "class 0", ... for the outputs where the
+    dataset gives none (no dataset, or a COCO / panoptic entry registered without its json),
+    so that the overlays can be drawn: detectron2's Visualizer indexes ``stuff_classes`` for
+    panoptic and semantic outputs. (A copy: the catalog's entry stays as registered.)"""
+    from detectron2.data.catalog import Metadata
+
+    sem = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    missing = {key: [f"class {i}" for i in range(n)] for key, n in (
+        ("thing_classes", int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)),
+        ("stuff_classes", 2 if sem == 1 else sem)) if not getattr(metadata, key, None)}
+    if not missing:
+        return metadata
+    return Metadata(**{**metadata.as_dict(), **missing})
+
+
 def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "",
                   coco_json: str = "", score_threshold: float = 0.5,
                   overlays: bool = True, progress: bool = True) -> Dict[str, str]:
@@ -77,6 +93,7 @@ def predict_files(cfg: CfgNode, paths: List[str], out_dir: str, dataset: str = "
     if dataset and getattr(metadata, "json_file", None) and \
             not hasattr(metadata, "thing_dataset_id_to_contiguous_id"):
         DatasetCatalog.get(dataset)  # load_coco_json sets the category id map
+    metadata = _with_class_names(cfg, metadata)
     # image ids from the unsplit json where the dataset is a split of one (a split's json
     # lists only its own images); only the files in the dataset's image folder take its ids
     image_root = ""
