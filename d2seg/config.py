@@ -550,6 +550,22 @@ def _explain(err: BaseException, cfg, in_file: bool = False) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
+def _check_top_level(config_file: str) -> None:
+    """After detectron2's reader failed on ``config_file``: a ConfigError where the file is
+    empty or not a mapping (its TypeError / AttributeError said nothing of that)."""
+    import yaml
+
+    try:
+        with open(config_file) as f:
+            top = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return  # the reader's own error says it, with the line
+    if not isinstance(top, dict):
+        what = "empty" if top is None else f"a YAML {type(top).__name__}"
+        raise ConfigError(f"{config_file}: is {what}, not a mapping of config keys "
+                          f"(e.g. '_BASE_: ...' and 'MODEL:' on their own lines)")
+
+
 def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     """``get_cfg()`` merged with ``config_file`` and ``KEY VALUE`` ``opts``.
 
@@ -564,20 +580,10 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
         if not os.path.isfile(config_file):
             raise ConfigError(f"{config_file}: no such config file")
         try:
-            with open(config_file) as f:
-                top = yaml.safe_load(f)
-        except yaml.YAMLError:
-            top = {}  # reported with its line below, by detectron2's reader
-        except OSError as e:
-            raise ConfigError(f"{config_file}: cannot be read ({e})") from e
-        if not isinstance(top, dict):
-            what = "empty" if top is None else f"a YAML {type(top).__name__}"
-            raise ConfigError(f"{config_file}: is {what}, not a mapping of config keys "
-                              f"(e.g. '_BASE_: ...' and 'MODEL:' on their own lines)")
-        try:
             cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError, TypeError, yaml.YAMLError,
-                FileNotFoundError) as e:
+        except (KeyError, ValueError, AssertionError, TypeError, AttributeError,
+                yaml.YAMLError, FileNotFoundError) as e:
+            _check_top_level(config_file)  # an empty or non-mapping file: said so
             raise ConfigError(f"{config_file} (or a file in its _BASE_): "
                               f"{_explain(e, cfg, in_file=True)}") from e
     opts = list(opts)

@@ -69,7 +69,7 @@ from .catalog_utils import unregister
 from .cache import build_once, cache_root, file_key
 from .errors import DatasetLoadError, guard_load
 from .sem_seg_folder import (label_map_problem, list_pairs, pairing_problem,
-                             register_sem_seg_folder)
+                             register_sem_seg_folder, sem_seg_metadata)
 
 logger = logging.getLogger(__name__)
 
@@ -562,12 +562,8 @@ def _register_without_data(e: Dict[str, Any], why: str) -> List[str]:
     from .errors import DatasetLoadError
 
     names = registered_names_of_entry(e)
-    meta: Dict[str, Any] = {}
-    if e["type"] == "sem_seg":
-        meta = dict(stuff_classes=list(e["classes"]), ignore_label=e["ignore_label"],
-                    evaluator_type="sem_seg")
-        if e.get("colors"):
-            meta["stuff_colors"] = [tuple(c) for c in e["colors"]]
+    meta = sem_seg_metadata(e["classes"], e["ignore_label"], e.get("colors")) \
+        if e["type"] == "sem_seg" else {}
 
     def missing(name: str):
         def load():

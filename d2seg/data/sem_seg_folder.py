@@ -11,7 +11,7 @@ import collections
 import glob
 import logging
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -231,6 +231,17 @@ def load_sem_seg_folder(
     return dicts
 
 
+def sem_seg_metadata(classes: Sequence[str], ignore_label: int = 255,
+                     colors: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, Any]:
+    """The metadata a semantic dataset's class list gives (names, ignore label, colours,
+    ``evaluator_type="sem_seg"``), with or without its files."""
+    meta: Dict[str, Any] = dict(stuff_classes=list(classes), ignore_label=ignore_label,
+                                evaluator_type="sem_seg")
+    if colors:
+        meta["stuff_colors"] = [tuple(c) for c in colors]
+    return meta
+
+
 def register_sem_seg_folder(
     name: str,
     image_dir: str,
@@ -249,17 +260,8 @@ def register_sem_seg_folder(
     DatasetCatalog.register(name, lambda: guard_load(
         mask_dir, load_sem_seg_folder, image_dir, mask_dir, label_map, ignore_label, stems,
         mask_suffix, recursive))
-    meta = dict(
-        stuff_classes=list(classes),
-        ignore_label=ignore_label,
-        image_root=image_dir,
-        sem_seg_root=mask_dir,
-        mask_suffix=mask_suffix,
-        recursive=bool(recursive),
-        evaluator_type="sem_seg",
-    )
-    if colors is not None:
-        meta["stuff_colors"] = [tuple(c) for c in colors]
+    meta = dict(sem_seg_metadata(classes, ignore_label, colors), image_root=image_dir,
+                sem_seg_root=mask_dir, mask_suffix=mask_suffix, recursive=bool(recursive))
     if label_map:
         meta["label_map"] = {int(k): int(v) for k, v in label_map.items()}
     MetadataCatalog.get(name).set(**meta)

@@ -134,7 +134,8 @@ def _fix_seed(cfg: CfgNode, resume: bool, eval_only: bool = False,
     same order if it knows the seed: it reuses the one recorded in ``OUTPUT_DIR/config.yaml``.
     ``--eval-only`` keeps the recorded seed too (its config goes to ``config_eval.yaml`` in
     a training folder, or to ``config.yaml`` in a folder no training wrote), so that no
-    evaluation changes the data order of a later ``--resume``. All processes of a distributed run use rank 0's choice.
+    evaluation changes the data order of a later ``--resume``. All processes of a distributed
+    run use rank 0's choice.
     ``recorded``: that file as :func:`_recorded_config` read it (read here when not given).
     """
     if cfg.SEED >= 0:
